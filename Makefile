@@ -1,0 +1,30 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+# Both create .venv (if needed), install the toolkit into it, then run.
+PYTHON ?= python3
+VENV ?= .venv
+# torch is not pinned by the package; this pin matches the wheels cached on the dev machines.
+# Override with `make TORCH="torch torchvision"` (or your CUDA build) elsewhere.
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+BIN := $(VENV)/bin
+
+.PHONY: install demo test bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/mora-ret demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,52 @@
+"""``mora-ret``: the Typer application.
+
+Each command group lives in its own small module exposing ``register(app)``. Modules import
+only typer/rich at import time (torch, open_clip and faiss are imported inside the commands),
+so ``mora-ret --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+app = typer.Typer(
+    name="mora-ret",
+    help="MoRA for open_clip: composed image retrieval and missing-modality recognition.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+
+@app.callback()
+def _root() -> None:
+    """MoRA for open_clip: composed image retrieval and missing-modality recognition."""
+
+
+# Command modules, in the order their commands appear in --help.
+COMMAND_MODULES = ("models",)
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(f"mora_retrieval_cli.{_name}").register(app)
+
+
+def main() -> None:
+    """Console-script entry point: user errors become one line on stderr and exit status 1."""
+    from mora_retrieval.errors import MoraError
+
+    try:
+        app()
+    except MoraError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""``mora-ret models``: list the architectures and their pretrained tags."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("models")
+    def models(pattern: str = typer.Argument("*", help="Glob over architecture names, e.g. 'ViT-B*'.")) -> None:
+        """List open_clip architectures (the toolkit's tiny ones included) and their tags."""
+        import fnmatch
+
+        import open_clip
+        from rich.console import Console
+        from rich.table import Table
+
+        from mora_retrieval.backbone import list_architectures, toolkit_architectures
+
+        table = Table("architecture", "pretrained tags")
+        own = set(toolkit_architectures())
+        for arch in list_architectures():
+            if fnmatch.fnmatch(arch, pattern):
+                tags = ", ".join(open_clip.list_pretrained_tags_by_model(arch))
+                table.add_row(arch, tags or ("(toolkit; train with `mora-ret pretrain`)" if arch in own else "-"))
+        Console().print(table)

@@ -1,0 +1,172 @@
+"""Backbones: open_clip models, their preprocessing and tokenizers, from tags or local files.
+
+The toolkit's own small architectures (``mora-tiny``, ``mora-small``) live in
+``model_configs/`` as open_clip JSON configs and are registered with open_clip's own config
+registry, so ``open_clip.create_model("mora-tiny")`` works once :func:`register_model_configs`
+has run (``load_backbone`` calls it).
+
+``pretrained`` may be
+  * an open_clip tag (``openai``, ``laion2b_s34b_b88k``, ...): downloaded and cached by open_clip;
+  * a local checkpoint file (``.pt``, ``.pth``, ``.bin``, ``.safetensors``), e.g. a checkpoint
+    written by ``mora-ret merge`` or ``mora-ret pretrain``;
+  * ``None``: random weights (a warning says so).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from .errors import BackboneError
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+def register_model_configs() -> None:
+    """Add the toolkit's architectures to open_clip's registry (idempotent)."""
+    import open_clip
+
+    if not all(name in open_clip.list_models() for name in toolkit_architectures()):
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+def toolkit_architectures() -> list[str]:
+    """Names of the small architectures shipped with the toolkit."""
+    return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
+
+
+def list_architectures() -> list[str]:
+    """Every architecture open_clip can build, the toolkit's own included."""
+    import open_clip
+
+    register_model_configs()
+    return open_clip.list_models()
+
+
+@dataclass
+class Backbone:
+    """An open_clip model with its eval preprocessing and tokenizer.
+
+    Unpacks like open_clip's factory: ``model, preprocess, tokenizer = load_backbone(...)``.
+    """
+
+    model: Any
+    preprocess: Callable
+    tokenizer: Callable
+    arch: str
+    pretrained: str | None
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.model, self.preprocess, self.tokenizer))
+
+
+def _classify_pretrained(arch: str, pretrained: str | None) -> str:
+    """Return ``'none'``, ``'file'`` or ``'tag'``; raise for anything else."""
+    import open_clip
+
+    if pretrained in (None, "", "none"):
+        return "none"
+    path = Path(pretrained)
+    if path.suffix in CHECKPOINT_SUFFIXES or path.exists():
+        if not path.is_file():
+            raise BackboneError(f"{path}: checkpoint file not found (expected an open_clip .pt/.bin/.safetensors file)")
+        return "file"
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    if pretrained in tags:
+        return "tag"
+    known = ", ".join(tags) if tags else "none"
+    raise BackboneError(
+        f"'{pretrained}' is neither a local checkpoint file nor a pretrained tag of {arch} (known tags: {known})"
+    )
+
+
+def load_backbone(
+    arch: str,
+    pretrained: str | None = None,
+    device: str = "cpu",
+    precision: str = "fp32",
+    cache_dir: str | None = None,
+) -> Backbone:
+    """Create an open_clip model, its eval transform and tokenizer.
+
+    Errors are :class:`BackboneError` with one line: an unknown architecture, a missing or
+    incompatible checkpoint file, or a tag that cannot be downloaded (offline), in which case
+    the message names the local-file alternative.
+    """
+    import open_clip
+
+    register_model_configs()
+    if arch not in open_clip.list_models():
+        raise BackboneError(f"unknown architecture '{arch}' (see `mora-ret models`; e.g. ViT-B-16, mora-tiny)")
+    kind = _classify_pretrained(arch, pretrained)
+    if kind == "none":
+        warnings.warn(f"{arch}: no pretrained weights given, the model is randomly initialised", stacklevel=2)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            arch,
+            pretrained=None if kind == "none" else str(pretrained),
+            device=device,
+            precision=precision,
+            cache_dir=cache_dir,
+        )
+    except RuntimeError as exc:
+        text = str(exc)
+        if kind == "tag":
+            raise BackboneError(
+                f"could not download '{pretrained}' weights for {arch} (offline?): download the open_clip "
+                f"checkpoint on a connected machine and pass its path, e.g. --pretrained "
+                f"/path/to/open_clip_pytorch_model.bin"
+            ) from None
+        if kind == "file":
+            first = text.splitlines()[0] if text else exc.__class__.__name__
+            raise BackboneError(f"{pretrained}: not a checkpoint of {arch} ({first[:300]})") from None
+        raise
+    except Exception as exc:  # unreadable files: pickle errors, safetensors header errors, ...
+        if kind == "file":
+            raise BackboneError(f"{pretrained}: unreadable checkpoint ({exc.__class__.__name__}: {exc})") from None
+        if kind == "tag":
+            raise BackboneError(
+                f"could not download '{pretrained}' weights for {arch} ({exc.__class__.__name__}); offline, "
+                f"pass a local checkpoint file instead: --pretrained /path/to/open_clip_pytorch_model.bin"
+            ) from None
+        raise
+    tokenizer = open_clip.get_tokenizer(arch)
+    return Backbone(model=model, preprocess=preprocess, tokenizer=tokenizer, arch=arch, pretrained=pretrained)
+
+
+def weights_fingerprint(model: Any, length: int = 16) -> str:
+    """A short SHA-256 over the names, shapes, dtypes and values of a model's state dict.
+
+    Used to check that an adapter or an index belongs to the weights it is used with.
+    Values are hashed in float32 so the fingerprint does not depend on the device.
+    """
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        data = tensor.detach().to("cpu", torch.float32).contiguous()
+        digest.update(data.numpy().tobytes())
+    return digest.hexdigest()[:length]
+
+
+def image_size_of(model: Any) -> int:
+    """The square input size of an open_clip visual tower."""
+    size = getattr(model.visual, "image_size", 224)
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def tower_widths(model: Any) -> tuple[int, int]:
+    """``(d_v, d_t)``: the transformer widths of the vision and text towers."""
+    try:
+        return int(model.visual.transformer.width), int(model.transformer.width)
+    except AttributeError:
+        raise BackboneError(
+            f"{type(model).__name__}: expected an open_clip CLIP with transformer towers "
+            "(timm or Hugging Face towers are not supported by the adapters)"
+        ) from None

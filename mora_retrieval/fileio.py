@@ -1,0 +1,76 @@
+"""Atomic file writes and safe (non-pickle) tensor I/O.
+
+Every file the toolkit writes goes through :func:`atomic_write`: the content is written to a
+temporary file in the same folder, flushed, fsynced and renamed over the target, so a crash or
+Ctrl-C never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import MoraError
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
+    """Open a temporary file beside ``path``; on success rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    with atomic_write(path, "w") as handle:
+        json.dump(obj, handle, indent=2, sort_keys=False)
+        handle.write("\n")
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    """Read JSON, turning a missing or malformed file into a one-line :class:`MoraError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise MoraError(f"{path}: {what} not found")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MoraError(f"{path}: not a valid {what} ({exc.__class__.__name__}: {exc})") from None
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """Save a flat ``{name: tensor}`` dict as safetensors, atomically."""
+    from safetensors.torch import save
+
+    payload = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    with atomic_write(path, "wb") as handle:
+        handle.write(payload)
+
+
+def load_tensors(path: str | os.PathLike, what: str = "safetensors file") -> dict:
+    """Load a safetensors file (never unpickles); corrupt or missing files give one line."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise MoraError(f"{path}: {what} not found")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises several types for damaged headers/payloads
+        raise MoraError(f"{path}: corrupted or unreadable {what} ({exc})") from None

@@ -1,0 +1,12 @@
+"""Image retrieval over FAISS indexes: encode, index, search and evaluate.
+
+Submodules (imported on demand; this package imports nothing heavy):
+
+* :mod:`.encoder`  – :func:`load_encoder`: a (merged) open_clip model behind one interface
+  for image, text and composed queries, with the fingerprint of its final weights.
+* :mod:`.embed`    – the batched, sharded, resumable embedding pipeline.
+* :mod:`.index`    – index folders: FAISS index, items table, float16 embeddings, manifest.
+* :mod:`.search`   – query encoding and k-NN search against an index folder.
+* :mod:`.evaluate` – Recall@K, the COCO image-to-image protocol (METHOD.md §5).
+* :mod:`.gallery`  – a self-contained HTML page of a query and its results.
+"""

@@ -1,0 +1,208 @@
+"""From a collection of images to an index folder, in one process or in shards.
+
+Single process: embeddings are computed into ``<out>/shards/`` (resumable chunks, see
+:mod:`.embed`), then the index folder is written and the chunk files removed.
+
+Sharded (``shard=(i, n)``, or automatically from torchrun's ``RANK``/``WORLD_SIZE``): process
+``i`` takes the contiguous block ``[i·N/n, (i+1)·N/n)`` of the item list and writes a *part*
+to ``<out>/parts/<i>-of-<n>/`` (``embeddings.npy``, ``items.jsonl``, ``part.json``; its
+resumable chunks live in ``chunks/`` until the part is complete). Whichever process finds all
+``n`` parts complete merges them (:func:`merge_parts`, also ``mora-ret index merge``): the
+index is trained on a sample drawn across parts and the parts are added in order, so the
+rows are those of a single-process run. Parts are kept after merging (delete ``parts/`` to
+reclaim the space, or keep it to merge again with another ``--index-type``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import IndexError_, MoraError
+from ..fileio import read_json, write_json
+from .embed import EmbedConfig, Reporter, embed_paths
+from .index import (
+    EMBEDDINGS_FILE,
+    ITEMS_FILE,
+    IndexFolder,
+    _save_npy,
+    build_faiss_index,
+    load_embeddings,
+    read_items,
+    resolve_index_type,
+    write_index_folder,
+    write_items,
+)
+from .items import Item, items_digest
+
+WORK_DIR = "shards"
+PARTS_DIR = "parts"
+PART_FILE = "part.json"
+
+
+@dataclass
+class BuildConfig:
+    """What to build: index type and sharding, plus the embedding pipeline settings."""
+
+    index_type: str = "auto"
+    search_params: str | None = None
+    shard: tuple[int, int] | None = None
+    embed: EmbedConfig | None = None
+
+
+@dataclass
+class BuildResult:
+    """What a call did: the folder (``None`` for a part awaiting its siblings), counts."""
+
+    folder: IndexFolder | None
+    encoded: int
+    skipped: list[str]
+    part_dir: Path | None = None
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"i/n"`` → ``(i, n)``; ``None`` → from torchrun's RANK/WORLD_SIZE when set."""
+    if text is None:
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        return (int(os.environ.get("RANK", "0")), world) if world > 1 else None
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise MoraError(f"--shard '{text}': expected i/n, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise MoraError(f"--shard '{text}': expected 0 <= i < n")
+    return i, n
+
+
+def shard_bounds(count: int, shard: tuple[int, int]) -> tuple[int, int]:
+    """The contiguous block of rows of shard ``i`` of ``n``."""
+    i, n = shard
+    return i * count // n, (i + 1) * count // n
+
+
+def encoder_info(encoder: Any) -> dict[str, Any]:
+    """The manifest fields that describe the model."""
+    return {
+        "arch": encoder.source.get("arch"),
+        "fingerprint": encoder.fingerprint,
+        "source": encoder.source,
+        "preprocess": encoder.preprocess_cfg,
+    }
+
+
+def build_index(
+    encoder: Any,
+    items: Sequence[Item],
+    out: str | Path,
+    config: BuildConfig | None = None,
+    *,
+    collection: dict[str, Any] | None = None,
+    reporter: Reporter | None = None,
+    on_chunk: Any = None,
+) -> BuildResult:
+    """Embed ``items`` and write the index folder ``out`` (or this process's part of it)."""
+    config = config or BuildConfig()
+    embed_cfg = config.embed or EmbedConfig()
+    out = Path(out)
+    items = list(items)
+    if not items:
+        raise IndexError_(f"{out}: nothing to index (the collection is empty)")
+    shard = config.shard if config.shard and config.shard[1] > 1 else None
+    if shard is None:
+        work = out / WORK_DIR
+        result = embed_paths(
+            encoder, [it.path for it in items], embed_cfg, work_dir=work, run_key=items_digest(items),
+            reporter=reporter, on_chunk=on_chunk,
+        )
+        kept = [items[p] for p in result.positions]
+        skipped = [items[p].path for p in result.skipped]
+        spec = resolve_index_type(config.index_type, len(kept), config.search_params)
+        folder = write_index_folder(
+            out, result.features, kept, spec=spec, encoder_info=encoder_info(encoder),
+            collection=collection, skipped=skipped,
+        )
+        shutil.rmtree(work, ignore_errors=True)
+        return BuildResult(folder, result.encoded, skipped)
+
+    lo, hi = shard_bounds(len(items), shard)
+    part_dir = out / PARTS_DIR / f"{shard[0]}-of-{shard[1]}"
+    mine = items[lo:hi]
+    result = embed_paths(
+        encoder, [it.path for it in mine], embed_cfg, work_dir=part_dir / "chunks",
+        run_key=items_digest(mine), reporter=reporter, on_chunk=on_chunk,
+    )
+    kept = [mine[p] for p in result.positions]
+    skipped = [mine[p].path for p in result.skipped]
+    (part_dir / PART_FILE).unlink(missing_ok=True)
+    _save_npy(part_dir / EMBEDDINGS_FILE, result.features)
+    write_items(part_dir / ITEMS_FILE, kept)
+    write_json(
+        part_dir / PART_FILE,
+        {
+            "shard": list(shard),
+            "rows": [lo, hi],
+            "total_items": len(items),
+            "items_digest": items_digest(items),
+            "count": len(kept),
+            "skipped": skipped,
+            "encoder": encoder_info(encoder),
+            "collection": collection or {},
+        },
+    )
+    shutil.rmtree(part_dir / "chunks", ignore_errors=True)
+    folder = None
+    if _all_parts_complete(out, shard[1]):
+        folder = merge_parts(out, config.index_type, config.search_params)
+    return BuildResult(folder, result.encoded, skipped, part_dir)
+
+
+def _all_parts_complete(out: Path, n: int) -> bool:
+    return all((out / PARTS_DIR / f"{i}-of-{n}" / PART_FILE).is_file() for i in range(n))
+
+
+def merge_parts(out: str | Path, index_type: str = "auto", search_params: str | None = None) -> IndexFolder:
+    """Combine the parts under ``<out>/parts/`` into the index folder ``out``."""
+    out = Path(out)
+    parts_root = out / PARTS_DIR
+    found = sorted(parts_root.glob(f"*-of-*/{PART_FILE}")) if parts_root.is_dir() else []
+    if not found:
+        raise IndexError_(f"{parts_root}: no index parts found (run `mora-ret index ... --shard i/n` first)")
+    metas = []
+    for path in found:
+        try:
+            metas.append(read_json(path, "index part description"))
+        except MoraError as exc:
+            raise IndexError_(str(exc)) from None
+    n = int(metas[0]["shard"][1])
+    by_index = {int(m["shard"][0]): (m, p.parent) for m, p in zip(metas, found) if int(m["shard"][1]) == n}
+    missing = [i for i in range(n) if i not in by_index]
+    if missing:
+        raise IndexError_(f"{parts_root}: parts {', '.join(f'{i}-of-{n}' for i in missing)} are missing or unfinished")
+    first = by_index[0][0]
+    for i in range(n):
+        meta, part_dir = by_index[i]
+        if meta["encoder"]["fingerprint"] != first["encoder"]["fingerprint"]:
+            raise IndexError_(f"{part_dir / PART_FILE}: embedded with other weights than part 0-of-{n}")
+        if meta["items_digest"] != first["items_digest"]:
+            raise IndexError_(f"{part_dir / PART_FILE}: was cut from another item list than part 0-of-{n}")
+    embeddings, items, skipped = [], [], []
+    for i in range(n):
+        meta, part_dir = by_index[i]
+        emb = load_embeddings(part_dir / EMBEDDINGS_FILE)
+        part_items = read_items(part_dir / ITEMS_FILE)
+        if emb.shape[0] != len(part_items) or emb.shape[0] != int(meta["count"]):
+            raise IndexError_(f"{part_dir}: {emb.shape[0]} embeddings, {len(part_items)} items, part.json says {meta['count']}")
+        embeddings.append(emb)
+        items.extend(part_items)
+        skipped.extend(meta.get("skipped", []))
+    spec = resolve_index_type(index_type, len(items), search_params)
+    index = build_faiss_index([np.asarray(e, dtype=np.float32) for e in embeddings], spec)
+    return write_index_folder(
+        out, np.concatenate([np.asarray(e) for e in embeddings]), items, spec=spec,
+        encoder_info=first["encoder"], collection=first.get("collection"), skipped=skipped, index=index,
+    )

@@ -1,0 +1,182 @@
+"""Image-to-image Recall@K on COCO (METHOD.md §5).
+
+Protocol: the gallery is the index (every image of the split with an instance annotation);
+each gallery image is also a query and is removed from its own ranking. Relevance between
+two images is one of
+
+* ``exact``       – the same set of category ids (the default);
+* ``primary``     – the same primary category (largest total annotated area);
+* ``any``         – at least one category in common;
+* ``jaccard:T``   – Jaccard similarity of the category sets ≥ T.
+
+Queries with no relevant image left in the gallery are left out of the mean and counted.
+Recall@K is the percentage of evaluated queries with at least one relevant image in their
+top K. The ranking comes from the index itself (approximate indexes are evaluated as built).
+Mode ``image`` uses the stored embeddings as queries; mode ``cir`` re-encodes every image
+through the composed-query path with an empty caption.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import IndexError_, MoraError
+from .items import Item
+
+RELEVANCE_RULES = ("exact", "primary", "any", "jaccard:T")
+
+
+@dataclass
+class RecallResult:
+    """Recall@K in percent over the evaluated queries, with the counts behind it."""
+
+    ks: tuple[int, ...]
+    hits: dict[int, int]
+    evaluated: int
+    no_relevant: int
+
+    @property
+    def recall(self) -> dict[int, float]:
+        return {k: (100.0 * self.hits[k] / self.evaluated if self.evaluated else float("nan")) for k in self.ks}
+
+    def __add__(self, other: "RecallResult") -> "RecallResult":
+        return RecallResult(
+            self.ks, {k: self.hits[k] + other.hits[k] for k in self.ks},
+            self.evaluated + other.evaluated, self.no_relevant + other.no_relevant,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "recall": {f"R@{k}": self.recall[k] for k in self.ks},
+            "evaluated_queries": self.evaluated,
+            "queries_without_relevant": self.no_relevant,
+        }
+
+
+def recall_at_k(
+    scores_or_rankings: np.ndarray,
+    relevance: np.ndarray,
+    ks: Sequence[int] = (1, 5, 10),
+    query_rows: Sequence[int] | None = None,
+) -> RecallResult:
+    """Recall@K of queries against a gallery.
+
+    ``scores_or_rankings``: float scores ``[Q, N]`` (higher is better; ties keep the lower
+    row first) or integer rankings ``[Q, M]`` of gallery rows, best first (``-1`` = none).
+    ``relevance``: bool ``[Q, N]``. ``query_rows[q]`` is the gallery row of query ``q``,
+    removed from its ranking and from its relevant set (``None``: nothing removed).
+    """
+    ks = tuple(int(k) for k in ks)
+    relevance = np.asarray(relevance, dtype=bool)
+    arr = np.asarray(scores_or_rankings)
+    q = relevance.shape[0]
+    if arr.shape[0] != q:
+        raise MoraError(f"recall_at_k: {arr.shape[0]} rankings for {q} queries")
+    if np.issubdtype(arr.dtype, np.floating):
+        rankings = np.argsort(-arr, axis=1, kind="stable")
+    else:
+        rankings = arr.astype(np.int64)
+    relevance = relevance.copy()
+    if query_rows is not None:
+        query_rows = np.asarray(query_rows, dtype=np.int64)
+        relevance[np.arange(q), query_rows] = False
+    has_relevant = relevance.any(axis=1)
+    hits = {k: 0 for k in ks}
+    for i in np.flatnonzero(has_relevant):
+        ranked = rankings[i]
+        ranked = ranked[ranked >= 0]
+        if query_rows is not None:
+            ranked = ranked[ranked != query_rows[i]]
+        rel = relevance[i, ranked]
+        for k in ks:
+            hits[k] += bool(rel[:k].any())
+    return RecallResult(ks, hits, int(has_relevant.sum()), int(q - has_relevant.sum()))
+
+
+@dataclass
+class RelevanceRule:
+    """A parsed ``--relevance`` value."""
+
+    kind: str
+    threshold: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str) -> "RelevanceRule":
+        if text in ("exact", "primary", "any"):
+            return cls(text)
+        if text.startswith("jaccard:"):
+            try:
+                threshold = float(text.split(":", 1)[1])
+            except ValueError:
+                threshold = -1.0
+            if 0.0 < threshold <= 1.0:
+                return cls("jaccard", threshold)
+        raise MoraError(f"--relevance '{text}': expected one of exact, primary, any, jaccard:T with 0 < T <= 1")
+
+
+@dataclass
+class CategoryTable:
+    """Category sets of the gallery as a multi-hot matrix, for block-wise relevance."""
+
+    multi_hot: np.ndarray  # [N, C] float32
+    sizes: np.ndarray  # [N]
+    primary: np.ndarray  # [N] int64 (-1 if unknown)
+
+    @classmethod
+    def from_items(cls, items: Sequence[Item], where: str = "index") -> "CategoryTable":
+        if not items or all(not it.categories for it in items):
+            raise IndexError_(f"{where}: items carry no COCO category labels (build it with `mora-ret index coco`)")
+        ids = sorted({c for it in items for c in it.categories})
+        col = {c: j for j, c in enumerate(ids)}
+        multi_hot = np.zeros((len(items), len(ids)), dtype=np.float32)
+        for i, it in enumerate(items):
+            multi_hot[i, [col[c] for c in it.categories]] = 1.0
+        primary = np.asarray([-1 if it.primary_category is None else it.primary_category for it in items], np.int64)
+        return cls(multi_hot, multi_hot.sum(axis=1), primary)
+
+    def relevance(self, rows: np.ndarray, rule: RelevanceRule) -> np.ndarray:
+        """Bool ``[len(rows), N]``: which gallery images are relevant to the images ``rows``."""
+        if rule.kind == "primary":
+            p = self.primary[rows][:, None]
+            return (p == self.primary[None, :]) & (p >= 0)
+        inter = self.multi_hot[rows] @ self.multi_hot.T
+        if rule.kind == "any":
+            return inter > 0
+        sq, sg = self.sizes[rows][:, None], self.sizes[None, :]
+        if rule.kind == "exact":
+            return (inter == sq) & (inter == sg)
+        union = sq + sg - inter
+        return inter / np.maximum(union, 1.0) >= rule.threshold - 1e-9
+
+
+@dataclass
+class CocoEvalResult:
+    """Recall per query mode, with the settings that produced it."""
+
+    relevance: str
+    results: dict[str, RecallResult] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"relevance": self.relevance, **{mode: r.to_json() for mode, r in self.results.items()}}
+
+
+def evaluate_queries(
+    folder: Any, queries: np.ndarray, rule: RelevanceRule, ks: Sequence[int] = (1, 5, 10), block: int = 1024
+) -> RecallResult:
+    """Recall@K of ``queries[i]`` (the query of gallery row ``i``) against the index."""
+    from .search import search_vectors
+
+    table = CategoryTable.from_items(folder.items, str(folder.path / "items.jsonl"))
+    n = folder.count
+    if queries.shape[0] != n:
+        raise IndexError_(f"{folder.path}: {queries.shape[0]} queries for {n} gallery images")
+    depth = min(n, max(ks) + 1)
+    total = RecallResult(tuple(ks), {k: 0 for k in ks}, 0, 0)
+    for start in range(0, n, block):
+        rows = np.arange(start, min(n, start + block))
+        _, ranked = search_vectors(folder, queries[rows], depth)
+        total = total + recall_at_k(ranked, table.relevance(rows, rule), ks, query_rows=rows)
+    return total

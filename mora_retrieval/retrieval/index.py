@@ -1,0 +1,354 @@
+"""Index folders: a FAISS index with its items table, embeddings and manifest.
+
+Layout of ``indexes/<name>/``::
+
+    manifest.json     architecture, weights fingerprint, model source, preprocessing, dim,
+                      metric, count, FAISS factory string + search parameters, toolkit
+                      version, creation time, collection description, skipped images
+    index.faiss       the FAISS index (faiss.write_index), inner-product metric
+    items.jsonl       one JSON object per row: row, path, image_id, categories, primary_category
+    embeddings.npy    the L2-normalised embeddings as float16 [count, dim] (the index is built
+                      from exactly these values, so it can be rebuilt without re-encoding)
+
+Index types are FAISS factory strings (``Flat``, ``IVF1024,Flat``, ``HNSW32``,
+``IVF4096,PQ64``, ``IVF16384_HNSW32,Flat``, ...) with the inner-product metric, so scores are
+cosine similarities. ``auto`` (:func:`choose_index_type`) picks by collection size:
+
+* fewer than 100,000 vectors: ``Flat`` (exact search);
+* up to 2,000,000: ``IVF{nlist},Flat`` with ``nlist`` the power of two nearest ``4·sqrt(n)``;
+* more: ``IVF{nlist}_HNSW32,Flat`` (an HNSW coarse quantizer), ``nlist`` nearest ``8·sqrt(n)``.
+
+Search parameters (a ``faiss.ParameterSpace`` string stored in the manifest and applied on
+load): IVF ``nprobe = max(16, nlist/16)``; HNSW ``efSearch = 128``; an HNSW quantizer gets
+``quantizer_efSearch = 2·nprobe``. IVF and PQ are trained on a random sample of at most
+``256·nlist`` vectors (seed 0).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import IndexError_, MoraError
+from ..fileio import atomic_write, read_json, write_json
+from .items import Item
+
+MANIFEST_FILE = "manifest.json"
+INDEX_FILE = "index.faiss"
+ITEMS_FILE = "items.jsonl"
+EMBEDDINGS_FILE = "embeddings.npy"
+FORMAT_NAME = "mora-retrieval-index"
+FORMAT_VERSION = 1
+EXACT_LIMIT = 100_000
+IVF_FLAT_LIMIT = 2_000_000
+REQUIRED_MANIFEST_KEYS = ("format", "arch", "fingerprint", "source", "dim", "metric", "count", "index_type")
+
+
+@dataclass
+class IndexFolder:
+    """A loaded, validated index folder."""
+
+    path: Path
+    manifest: dict[str, Any]
+    items: list[Item]
+    embeddings: np.ndarray  # float16 [count, dim], memory-mapped
+    index: Any = None  # faiss.Index; None when loaded with ``load_index=False``
+
+    @property
+    def count(self) -> int:
+        return int(self.manifest["count"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """A FAISS factory string and the search parameters to apply after loading."""
+
+    factory: str
+    search_params: str = ""
+
+
+def _pow2(x: float) -> int:
+    return int(2 ** round(math.log2(max(x, 1.0))))
+
+
+def default_search_params(factory: str) -> str:
+    """Sensible ``nprobe``/``efSearch`` for a factory string (see the module docstring)."""
+    params = []
+    ivf = re.search(r"IVF(\d+)", factory)
+    if ivf:
+        nprobe = max(16, int(ivf.group(1)) // 16)
+        params.append(f"nprobe={nprobe}")
+        if re.search(r"IVF\d+_HNSW", factory):
+            params.append(f"quantizer_efSearch={2 * nprobe}")
+    elif "HNSW" in factory:
+        params.append("efSearch=128")
+    return ",".join(params)
+
+
+def choose_index_type(count: int) -> IndexSpec:
+    """The ``auto`` rule: exact below 100k vectors, IVF up to 2M, IVF with HNSW quantizer above."""
+    if count < EXACT_LIMIT:
+        factory = "Flat"
+    elif count <= IVF_FLAT_LIMIT:
+        factory = f"IVF{_pow2(4 * math.sqrt(count))},Flat"
+    else:
+        factory = f"IVF{_pow2(8 * math.sqrt(count))}_HNSW32,Flat"
+    return IndexSpec(factory, default_search_params(factory))
+
+
+def resolve_index_type(index_type: str, count: int, search_params: str | None = None) -> IndexSpec:
+    """``auto`` or a factory string, with explicit search parameters taking precedence."""
+    spec = choose_index_type(count) if index_type in ("", "auto") else IndexSpec(index_type, default_search_params(index_type))
+    return IndexSpec(spec.factory, spec.search_params if search_params is None else search_params)
+
+
+def apply_search_params(index: Any, params: str, where: str = "index") -> None:
+    """Set ``nprobe``/``efSearch``/... from a ParameterSpace string."""
+    import faiss
+
+    if not params:
+        return
+    try:
+        faiss.ParameterSpace().set_index_parameters(index, params)
+    except RuntimeError as exc:
+        raise IndexError_(f"{where}: bad search parameters '{params}' ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for line in lines:
+        if line.startswith("Error") or "error" in line.lower():
+            return line[:200]
+    return (lines[0] if lines else exc.__class__.__name__)[:200]
+
+
+def build_faiss_index(
+    parts: Sequence[np.ndarray] | np.ndarray,
+    spec: IndexSpec,
+    seed: int = 0,
+    max_train_per_list: int = 256,
+) -> Any:
+    """Build an inner-product FAISS index over ``parts`` (arrays added one after the other).
+
+    Trainable indexes (IVF, PQ) are trained on a random sample drawn across all parts.
+    """
+    import faiss
+
+    if isinstance(parts, np.ndarray):
+        parts = [parts]
+    parts = [p for p in parts if p.shape[0] > 0]
+    if not parts:
+        raise IndexError_("cannot build an index over zero images")
+    dim = int(parts[0].shape[1])
+    total = sum(int(p.shape[0]) for p in parts)
+    try:
+        index = faiss.index_factory(dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise IndexError_(f"'{spec.factory}': not a valid FAISS factory string ({_first_line(exc)})") from None
+    if not index.is_trained:
+        ivf = re.search(r"IVF(\d+)", spec.factory)
+        nlist = int(ivf.group(1)) if ivf else 256
+        if ivf and total < nlist:
+            raise IndexError_(f"'{spec.factory}': needs at least {nlist} vectors to train, the collection has {total}")
+        n_train = min(total, max_train_per_list * nlist)
+        rng = np.random.default_rng(seed)
+        chosen = np.sort(rng.choice(total, size=n_train, replace=False))
+        offsets = np.cumsum([0] + [p.shape[0] for p in parts])
+        sample = np.concatenate(
+            [np.asarray(p[chosen[(chosen >= lo) & (chosen < hi)] - lo], dtype=np.float32) for p, lo, hi in zip(parts, offsets[:-1], offsets[1:])]
+        )
+        try:
+            index.train(np.ascontiguousarray(sample))
+        except RuntimeError as exc:
+            raise IndexError_(f"'{spec.factory}': training failed on {n_train} vectors ({_first_line(exc)})") from None
+    for part in parts:
+        for start in range(0, part.shape[0], 65536):
+            index.add(np.ascontiguousarray(part[start : start + 65536], dtype=np.float32))
+    apply_search_params(index, spec.search_params, spec.factory)
+    return index
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    with atomic_write(path, "wb") as handle:
+        handle.write(buffer.getvalue())
+
+
+def write_items(path: Path, items: Sequence[Item]) -> None:
+    """Write the items table (one JSON object per line), atomically."""
+    with atomic_write(path, "w") as handle:
+        for row, item in enumerate(items):
+            handle.write(json.dumps(item.to_row(row)) + "\n")
+
+
+def read_items(path: Path) -> list[Item]:
+    """Read an items table; a missing or malformed file is a one-line IndexError_."""
+    if not path.is_file():
+        raise IndexError_(f"{path}: items table not found (is this an index folder?)")
+    items = []
+    with open(path, encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+                if data["row"] != len(items):
+                    raise ValueError(f"row {data['row']} out of order")
+                items.append(Item.from_row(data))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise IndexError_(f"{path}:{lineno}: malformed items row ({exc.__class__.__name__}: {exc})") from None
+    return items
+
+
+def write_faiss(path: Path, index: Any) -> None:
+    """faiss.write_index through an atomic write."""
+    import faiss
+
+    data = faiss.serialize_index(index)
+    with atomic_write(path, "wb") as handle:
+        handle.write(data.tobytes())
+
+
+def write_index_folder(
+    path: str | Path,
+    embeddings: np.ndarray,
+    items: Sequence[Item],
+    *,
+    spec: IndexSpec,
+    encoder_info: dict[str, Any],
+    collection: dict[str, Any] | None = None,
+    skipped: Sequence[str] = (),
+    index: Any = None,
+) -> IndexFolder:
+    """Write a complete index folder; ``index`` is built from ``embeddings`` when not given.
+
+    ``encoder_info`` holds ``arch``, ``fingerprint``, ``source`` and ``preprocess``. The
+    manifest is written last, so a folder with a manifest is complete.
+    """
+    import mora_retrieval
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    embeddings = np.asarray(embeddings, dtype=np.float16)
+    if embeddings.ndim != 2 or embeddings.shape[0] != len(items):
+        raise IndexError_(f"{path}: {embeddings.shape[0]} embeddings for {len(items)} items")
+    if index is None:
+        index = build_faiss_index(embeddings.astype(np.float32), spec)
+    manifest_path = path / MANIFEST_FILE
+    if manifest_path.exists():
+        manifest_path.unlink()  # the folder is incomplete until the new manifest lands
+    _save_npy(path / EMBEDDINGS_FILE, embeddings)
+    write_items(path / ITEMS_FILE, items)
+    write_faiss(path / INDEX_FILE, index)
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "toolkit_version": mora_retrieval.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "arch": encoder_info["arch"],
+        "fingerprint": encoder_info["fingerprint"],
+        "source": encoder_info["source"],
+        "preprocess": encoder_info.get("preprocess", {}),
+        "dim": int(embeddings.shape[1]),
+        "metric": "inner_product",
+        "count": int(embeddings.shape[0]),
+        "index_type": spec.factory,
+        "search_params": spec.search_params,
+        "embeddings_dtype": "float16",
+        "collection": collection or {},
+        "skipped": list(skipped),
+    }
+    write_json(manifest_path, manifest)
+    return IndexFolder(path=path, manifest=manifest, items=list(items), embeddings=embeddings, index=index)
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of an index folder, checked for the required keys."""
+    path = Path(path)
+    if not path.is_dir():
+        raise IndexError_(f"{path}: index folder not found")
+    try:
+        manifest = read_json(path / MANIFEST_FILE, "index manifest")
+    except MoraError as exc:
+        raise IndexError_(f"{exc} (an incomplete or damaged index folder: rebuild it with `mora-ret index`)") from None
+    missing = [k for k in REQUIRED_MANIFEST_KEYS if not isinstance(manifest, dict) or k not in manifest]
+    if missing or manifest.get("format") != FORMAT_NAME:
+        raise IndexError_(f"{path / MANIFEST_FILE}: not a mora-retrieval index manifest (missing {', '.join(missing) or 'format'})")
+    return manifest
+
+
+def load_embeddings(path: Path) -> np.ndarray:
+    """Memory-map ``embeddings.npy``; missing or corrupt files give one line."""
+    if not path.is_file():
+        raise IndexError_(f"{path}: embeddings file not found")
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise IndexError_(f"{path}: corrupt embeddings file ({exc.__class__.__name__}: {_first_line(exc)})") from None
+    if array.ndim != 2:
+        raise IndexError_(f"{path}: expected a 2-D embeddings array, found shape {array.shape}")
+    return array
+
+
+def read_faiss(path: Path) -> Any:
+    """faiss.read_index with one-line errors."""
+    import faiss
+
+    if not path.is_file():
+        raise IndexError_(f"{path}: FAISS index file not found")
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError as exc:
+        raise IndexError_(f"{path}: corrupt or unreadable FAISS index ({_first_line(exc)})") from None
+
+
+def load_index_folder(path: str | Path, load_index: bool = True) -> IndexFolder:
+    """Load and cross-check an index folder: every file present, counts and dims agree."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    count, dim = int(manifest["count"]), int(manifest["dim"])
+    items = read_items(path / ITEMS_FILE)
+    embeddings = load_embeddings(path / EMBEDDINGS_FILE)
+    if len(items) != count:
+        raise IndexError_(f"{path / ITEMS_FILE}: {len(items)} rows, but the manifest says {count}")
+    if embeddings.shape != (count, dim):
+        raise IndexError_(f"{path / EMBEDDINGS_FILE}: shape {tuple(embeddings.shape)}, the manifest says ({count}, {dim})")
+    index = None
+    if load_index:
+        index = read_faiss(path / INDEX_FILE)
+        if index.ntotal != count or index.d != dim:
+            raise IndexError_(
+                f"{path / INDEX_FILE}: holds {index.ntotal} vectors of dim {index.d}, the manifest says {count} of dim {dim}"
+            )
+        apply_search_params(index, manifest.get("search_params", ""), str(path / MANIFEST_FILE))
+    return IndexFolder(path=path, manifest=manifest, items=items, embeddings=embeddings, index=index)
+
+
+def rebuild_index(path: str | Path, index_type: str = "auto", search_params: str | None = None) -> IndexFolder:
+    """Rebuild ``index.faiss`` of a folder from its stored embeddings (no re-encoding)."""
+    folder = load_index_folder(path, load_index=False)
+    spec = resolve_index_type(index_type, folder.count, search_params)
+    info = {k: folder.manifest[k] for k in ("arch", "fingerprint", "source", "preprocess") if k in folder.manifest}
+    return write_index_folder(
+        folder.path,
+        np.array(folder.embeddings),
+        folder.items,
+        spec=spec,
+        encoder_info=info,
+        collection=folder.manifest.get("collection"),
+        skipped=folder.manifest.get("skipped", ()),
+    )

@@ -138,16 +138,17 @@ def load_backbone(
     return Backbone(model=model, preprocess=preprocess, tokenizer=tokenizer, arch=arch, pretrained=pretrained)
 
 
-def weights_fingerprint(model: Any, length: int = 16) -> str:
-    """A short SHA-256 over the names, shapes, dtypes and values of a model's state dict.
+def weights_fingerprint(model_or_state: Any, length: int = 16) -> str:
+    """A short SHA-256 over the names, shapes and values of a model's (or a state dict's) tensors.
 
     Used to check that an adapter or an index belongs to the weights it is used with.
-    Values are hashed in float32 so the fingerprint does not depend on the device.
+    Values are hashed in float32 so the fingerprint does not depend on device or precision.
     """
     import torch
 
+    state = model_or_state if isinstance(model_or_state, dict) else model_or_state.state_dict()
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(state.items()):
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
         data = tensor.detach().to("cpu", torch.float32).contiguous()

@@ -1,0 +1,58 @@
+"""The strategy interface: one ``ProjectionAdapter`` per adapted square projection.
+
+An adapter owns its trainable tensors and a pure weight function ``W' = weight(W0)``. The
+weight is attached to open_clip's attention with ``torch.nn.utils.parametrize`` (see
+``inject.py``), so the model's own forward code runs unchanged and merging is a single
+evaluation of the weight function.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def column_norm(weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """L2 norm of each input column of a ``[d_out, d_in]`` weight, clamped below at ``eps``."""
+    return weight.norm(dim=0).clamp_min(eps)
+
+
+class ProjectionAdapter(nn.Module):
+    """Base class: maps the frozen weight ``W0`` of one projection to its adapted weight."""
+
+    #: ``{file-name suffix: attribute}`` of the tensors saved in ``adapter.safetensors``.
+    tensor_names: dict[str, str] = {}
+
+    def __init__(self, d_out: int, d_in: int):
+        super().__init__()
+        self.d_out = d_out
+        self.d_in = d_in
+
+    def forward(self, w0: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def named_adapter_tensors(self) -> dict[str, nn.Parameter]:
+        return {suffix: getattr(self, attr) for suffix, attr in self.tensor_names.items()}
+
+
+class AdaptedWeight(nn.Module):
+    """Parametrization of one stored weight holding one or more projections as row blocks.
+
+    ``nn.MultiheadAttention.in_proj_weight`` stacks q, k, v as rows ``[0:d]``, ``[d:2d]``,
+    ``[2d:3d]``; an ``out_proj.weight`` is a single block. Blocks without an adapter pass
+    through unchanged.
+    """
+
+    def __init__(self, row_blocks: dict[str, tuple[int, int]], adapters: dict[str, ProjectionAdapter]):
+        super().__init__()
+        self.row_blocks = dict(row_blocks)
+        self.projections = nn.ModuleDict(adapters)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        pieces = []
+        for name, (start, stop) in self.row_blocks.items():
+            block = weight[start:stop]
+            if name in self.projections:
+                block = self.projections[name](block).to(weight.dtype)
+            pieces.append(block)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)

@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny open_clip models with deterministic random weights."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_random_weights_warning():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*randomly initialised.*")
+        yield
+
+
+@pytest.fixture
+def tiny_model():
+    """``mora-tiny`` (vision 64 wide x 4 blocks, text 48 wide x 3 blocks) with seeded weights."""
+    from mora_retrieval.backbone import load_backbone
+
+    torch.manual_seed(0)
+    backbone = load_backbone("mora-tiny")
+    backbone.model.eval()
+    return backbone

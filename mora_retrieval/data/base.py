@@ -1,0 +1,86 @@
+"""The part every image dataset shares: a transform and a reader with the bad-image policy."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from torch.utils.data import Dataset
+
+from .images import BadImageLog, ImageReader
+
+
+class ImageDataset(Dataset):
+    """Base class: ``_image(path)`` decodes (or skips) and applies ``transform``."""
+
+    def __init__(self, transform: Callable | None = None, skip_bad_images: bool = False) -> None:
+        self.transform = transform
+        self._reader = ImageReader(skip_bad_images)
+
+    @property
+    def skip_bad_images(self) -> bool:
+        return self._reader.skip_bad_images
+
+    @property
+    def bad_images(self) -> BadImageLog:
+        """The images skipped so far (always empty unless ``skip_bad_images=True``)."""
+        return self._reader.log
+
+    def _image(self, path: str | os.PathLike) -> Any:
+        """The transformed image (PIL if no transform), or ``None`` if it was bad and skipped."""
+        image = self._reader.read(path)
+        if image is None or self.transform is None:
+            return image
+        return self.transform(image)
+
+
+def read_json_data(path: str | os.PathLike, what: str) -> Any:
+    """:func:`fileio.read_json`, with its errors raised as :class:`DataError`."""
+    from ..errors import DataError, MoraError
+    from ..fileio import read_json
+
+    try:
+        return read_json(path, what)
+    except DataError:
+        raise
+    except MoraError as exc:
+        raise DataError(str(exc)) from None
+
+
+class ClassificationDataset(ImageDataset):
+    """Image + text + label samples: items ``{"image", "text", "label", "index"}``.
+
+    Subclasses fill ``paths``, ``texts`` and ``labels`` (class indices, or multi-hot lists for
+    ``task == "multilabel"``) and set ``name``, ``task`` and ``class_names``.
+    """
+
+    name: str = ""
+    task: str = "multiclass"
+
+    def __init__(self, transform: Callable | None = None, skip_bad_images: bool = False) -> None:
+        super().__init__(transform, skip_bad_images)
+        self.paths: list[os.PathLike] = []
+        self.texts: list[str] = []
+        self.labels: list[Any] = []
+        self.class_names: list[str] = []
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def label_tensor(self, index: int) -> Any:
+        """The label as a tensor: ``long`` scalar, or a ``float`` multi-hot vector."""
+        import torch
+
+        if self.task == "multilabel":
+            return torch.tensor(self.labels[index], dtype=torch.float32)
+        return torch.tensor(self.labels[index], dtype=torch.long)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        image = self._image(self.paths[index])
+        if image is None:
+            return None
+        return {"image": image, "text": self.texts[index], "label": self.label_tensor(index), "index": index}

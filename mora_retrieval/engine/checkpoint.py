@@ -1,0 +1,122 @@
+"""The run folder: config, resumable checkpoint, best weights, and the resume check.
+
+Layout of ``<run>/``:
+
+- ``config.json``: ``{"train": TrainConfig, "resolved": {device, precision, world_size,
+  effective_batch_size}, "extra": <the caller's extra_config>}``;
+- ``metrics.jsonl``: one JSON object per finished epoch (rewritten whole, atomically);
+- ``checkpoints/last.pt``: resumable state (``torch.save``; read back with ``weights_only=True``):
+  trainable state, optimiser, scheduler, position (epoch, micro-batch within the epoch, global
+  optimiser step), per-rank RNG states, best metric/epoch, early-stopping counter, history;
+- ``checkpoints/best.safetensors``: trainable state of the best epoch (metadata: epoch, metric);
+- ``curves.png``: train loss and validation metrics per epoch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import MoraError, TrainingError
+from ..fileio import atomic_write, load_tensors, read_json, save_tensors
+from .config import TrainConfig
+
+CHECKPOINT_FORMAT = "mora-engine-checkpoint/1"
+
+
+def config_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "config.json"
+
+
+def last_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints" / "last.pt"
+
+
+def best_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints" / "best.safetensors"
+
+
+def metrics_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "metrics.jsonl"
+
+
+def curves_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "curves.png"
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write a resumable checkpoint atomically (a crash never leaves half a file)."""
+    state = {"format": CHECKPOINT_FORMAT, **state}
+    with atomic_write(path, "wb") as handle:
+        torch.save(state, handle)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint the engine wrote (``weights_only=True``: nothing is unpickled)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingError(f"{path}: checkpoint not found (nothing to resume)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for damaged or foreign files
+        raise TrainingError(f"{path}: not a readable engine checkpoint ({exc.__class__.__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise TrainingError(f"{path}: not an engine checkpoint (expected format {CHECKPOINT_FORMAT})")
+    return state
+
+
+def save_best(path: Path, trainable: dict[str, torch.Tensor], epoch: int, metric: str, value: float) -> None:
+    """Write the best epoch's trainable state as safetensors (tensors cloned: no shared storage)."""
+    tensors = {key: tensor.detach().cpu().clone() for key, tensor in trainable.items()}
+    save_tensors(path, tensors, metadata={"epoch": str(epoch), "metric": metric, "value": repr(value)})
+
+
+def load_best(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The best epoch's trainable state of a run folder."""
+    try:
+        return load_tensors(best_path(run_dir), "best checkpoint")
+    except TrainingError:
+        raise
+    except MoraError as exc:
+        raise TrainingError(str(exc)) from None
+
+
+def resume_or_fail(run_dir: Path, config: TrainConfig, extra_config: dict | None = None,
+                   world_size: int = 1) -> Path:
+    """Path of ``last.pt`` if ``run_dir`` can be resumed with this setup, else a one-line error.
+
+    A resume must keep :data:`~mora_retrieval.engine.config.TRAINING_FIELDS`, the number of
+    processes and the caller's ``extra_config`` (put only settings that define the model and
+    data there); device, workers, logging, checkpoint cadence and patience may change.
+    """
+    run_dir = Path(run_dir)
+    try:
+        saved = read_json(config_path(run_dir), "run config")
+    except MoraError as exc:
+        raise TrainingError(f"cannot resume: {exc}") from None
+    where = config_path(run_dir)
+    try:
+        old = TrainConfig.from_dict(saved["train"]).training_signature()
+    except (KeyError, TypeError) as exc:
+        raise TrainingError(f"{where}: malformed run config ({exc})") from None
+    new = config.training_signature()
+    for key in old:
+        if old[key] != new[key]:
+            raise TrainingError(f"{where}: cannot resume: {key} was {old[key]!r}, now {new[key]!r} "
+                                f"(this changes training; use a new run folder)")
+    old_world = saved.get("resolved", {}).get("world_size", 1)
+    if old_world != world_size:
+        raise TrainingError(f"{where}: cannot resume: the run used {old_world} process(es), now {world_size}")
+    old_extra = saved.get("extra") or {}
+    new_extra = json.loads(json.dumps(extra_config or {}))  # tuples → lists, as on disk
+    if old_extra != new_extra:
+        changed = sorted(k for k in set(old_extra) | set(new_extra) if old_extra.get(k) != new_extra.get(k))
+        raise TrainingError(f"{where}: cannot resume: task settings changed ({', '.join(changed)}); "
+                            f"use a new run folder")
+    path = last_path(run_dir)
+    if not path.is_file():
+        raise TrainingError(f"{path}: checkpoint not found (nothing to resume)")
+    return path

@@ -1,0 +1,112 @@
+"""``TrainConfig``: every setting of the training engine, as one typed dataclass.
+
+The resolved config is written to ``<run>/config.json`` (under ``"train"``) and checked again
+on ``--resume``: the fields in :data:`TRAINING_FIELDS` change what training computes, so a
+resumed run must keep them (and the number of processes); the others (device, workers,
+logging, checkpoint cadence, patience) may change between an interrupted run and its resume.
+
+Batch semantics: ``batch_size`` is the micro-batch of ONE process (one DataLoader batch); an
+optimiser step sees ``batch_size × grad_accum × world_size`` samples (the effective batch,
+also recorded in ``config.json``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from ..errors import TrainingError
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+#: Fields whose change alters the computation; a resume must keep them identical.
+TRAINING_FIELDS = (
+    "epochs",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "betas",
+    "eps",
+    "warmup_ratio",
+    "grad_accum",
+    "seed",
+    "max_grad_norm",
+    "max_steps",
+)
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser, schedule, precision, data loading and bookkeeping of one training run.
+
+    Defaults follow the paper's recipe (METHOD.md §1): AdamW with betas (0.9, 0.98), eps 1e-8,
+    lr 1e-2, weight decay 0.02, 10% linear warm-up then cosine decay to 0 (per optimiser step).
+    """
+
+    epochs: int = 20
+    batch_size: int = 256
+    lr: float = 1e-2
+    weight_decay: float = 0.02
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    warmup_ratio: float = 0.1
+    grad_accum: int = 1
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "bf16" | "fp32"
+    seed: int = 0
+    patience: int | None = None  # epochs without improvement before stopping; None = off
+    num_workers: int = 0
+    device: str = "auto"  # "auto" (cuda:LOCAL_RANK if available, else cpu) or a torch device
+    checkpoint_every: int | None = None  # optimiser steps between mid-epoch checkpoints
+    max_grad_norm: float | None = None  # gradient clipping; None = off
+    log_every: int = 50  # optimiser steps between loss syncs (progress, NaN guard)
+    max_steps: int | None = None  # stop after this many optimiser steps (quick runs)
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)  # JSON gives lists
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a one-line :class:`TrainingError` for an impossible setting."""
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                    "log_every": self.log_every}
+        for name, value in positive.items():
+            if int(value) != value or value < 1:
+                raise TrainingError(f"train config: {name} must be a positive integer, got {value!r}")
+        for name in ("checkpoint_every", "max_steps", "patience"):
+            value = getattr(self, name)
+            if value is not None and (int(value) != value or value < 1):
+                raise TrainingError(f"train config: {name} must be a positive integer or None, got {value!r}")
+        if self.lr <= 0 or self.eps <= 0 or self.weight_decay < 0:
+            raise TrainingError(f"train config: need lr > 0, eps > 0, weight_decay >= 0 "
+                                f"(got {self.lr}, {self.eps}, {self.weight_decay})")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise TrainingError(f"train config: warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise TrainingError(f"train config: betas must be two numbers in [0, 1), got {self.betas}")
+        if self.precision not in PRECISIONS:
+            raise TrainingError(f"train config: precision must be one of {', '.join(PRECISIONS)}, "
+                                f"got {self.precision!r}")
+        if self.num_workers < 0:
+            raise TrainingError(f"train config: num_workers must be >= 0, got {self.num_workers}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise TrainingError(f"train config: max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict (betas as a list)."""
+        out = asdict(self)
+        out["betas"] = list(self.betas)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        """Inverse of :meth:`to_dict`; unknown keys are a one-line :class:`TrainingError`."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise TrainingError(f"train config: unknown field(s) {', '.join(unknown)}")
+        return cls(**data)
+
+    def training_signature(self) -> dict[str, Any]:
+        """The subset of fields that a resumed run must keep unchanged."""
+        full = self.to_dict()
+        return {name: full[name] for name in TRAINING_FIELDS}

@@ -1,0 +1,37 @@
+"""``curves.png``: train loss and validation metrics per epoch (matplotlib, Agg, no pyplot)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+from ..fileio import atomic_write
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path, main_metric: str) -> None:
+    """Two panels (train loss; validation metrics) written atomically to ``path``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    loss_ax, val_ax = fig.subplots(1, 2)
+    epochs = [record["epoch"] for record in history]
+    loss_ax.plot(epochs, [record["train_loss"] for record in history], marker="o")
+    loss_ax.set(title="train loss", xlabel="epoch", ylabel="loss")
+    names = sorted({k for r in history for k, v in r["val"].items() if isinstance(v, (int, float))})
+    for name in names:
+        points = [(r["epoch"], r["val"][name]) for r in history if name in r["val"]]
+        style = {"linewidth": 2.5} if name == main_metric else {"linewidth": 1, "alpha": 0.8}
+        val_ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name, **style)
+    val_ax.set(title=f"validation (main: {main_metric})", xlabel="epoch")
+    if names:
+        val_ax.legend(fontsize="small")
+    for ax in (loss_ax, val_ax):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    with atomic_write(path, "wb") as handle:
+        handle.write(buffer.getvalue())

@@ -1,0 +1,93 @@
+"""``torchrun`` support: detect the launch, pick the device, set up and tear down the group.
+
+Under ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set) the engine initialises the
+default process group (``nccl`` on CUDA, ``gloo`` on CPU) unless the caller already did, wraps
+the task in ``DistributedDataParallel`` and shards the data with the sampler. Only rank 0
+writes files and prints. Validation runs on rank 0 alone (on the unwrapped module); its
+metrics are broadcast so every rank takes the same best/early-stopping decisions.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def detect() -> DistInfo:
+    """Read the torchrun environment (a plain ``python`` run is rank 0 of 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world <= 1:
+        return DistInfo()
+    return DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def resolve_device(spec: str, info: DistInfo) -> torch.device:
+    """``"auto"`` → ``cuda:LOCAL_RANK`` when CUDA is present, else ``cpu``."""
+    if spec == "auto":
+        spec = f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(spec)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", info.local_rank)
+    return device
+
+
+def init_if_needed(info: DistInfo, device: torch.device) -> bool:
+    """Start the default process group for a torchrun job; True if this call created it."""
+    if not info.enabled or dist.is_initialized():
+        return False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum ``tensor`` over ranks in place (no-op for a single process)."""
+    if info.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(obj, info: DistInfo):
+    """Rank 0's ``obj`` on every rank."""
+    if not info.enabled:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def gather_objects(obj, info: DistInfo) -> list:
+    """``[obj of rank 0, obj of rank 1, …]`` on every rank."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()

@@ -1,0 +1,390 @@
+"""``Trainer``: the one training loop behind every task (CIR stage 1/2, classification).
+
+Per optimiser step: ``grad_accum`` micro-batches (forward under autocast, ``loss / grad_accum``
+backward, DDP gradient sync on the last one only), optional gradient clipping, AdamW step,
+scheduler step. Once per epoch: validation, ``metrics.jsonl``, ``curves.png``, best checkpoint,
+early stopping, ``last.pt``. The folder layout is described in :mod:`.checkpoint`.
+
+Host syncs: the loss stays on the device and is read (``.item()``) only every ``log_every``
+optimiser steps, before each checkpoint and at the end of an epoch. The non-finite-loss guard
+fires at those points: it raises :class:`TrainingError` naming the epoch and step window and
+leaves ``last.pt`` as it was (the in-memory state is never saved once a NaN/inf was seen).
+
+The epoch length is ``floor(batches per rank / grad_accum)`` optimiser steps; micro-batches
+that would not complete an accumulation group are skipped, like the partial last batch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import TrainingError
+from ..fileio import atomic_write, write_json
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .curves import plot_curves
+from .data import ResumableSampler, build_loader, to_device
+from .distributed import (all_reduce_sum, barrier, broadcast_object, detect, gather_objects,
+                          init_if_needed, resolve_device)
+from .interrupt import StopFlag, TrainingInterrupted
+from .module import TrainModule
+from .precision import autocast_context, resolve_precision
+from .progress import TrainProgress
+from .rng import capture_rng, restore_rng, seed_everything
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :meth:`Trainer.fit` (epochs are 1-based, as in ``metrics.jsonl``)."""
+
+    best_metric: float | None
+    best_epoch: int | None
+    history: list[dict[str, Any]]
+    stopped_early: bool
+    best_checkpoint: Path | None
+    global_step: int = 0
+    run_dir: Path | None = None
+
+
+@dataclass
+class _Position:
+    """Where training stands; what a resumable checkpoint records besides the weights."""
+
+    epoch: int = 0  # 0-based index of the epoch in progress (= epochs completed)
+    micro_batch: int = 0  # micro-batches of this epoch already consumed (per rank)
+    global_step: int = 0  # optimiser steps taken
+    loss_sum: float = 0.0  # summed micro-batch losses of this epoch (all ranks)
+    loss_count: int = 0  # micro-batches in loss_sum (all ranks)
+    best_metric: float | None = None
+    best_epoch: int | None = None
+    bad_epochs: int = 0
+    finished: bool = False
+    stopped_early: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_state(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Trainer:
+    """Train a :class:`TrainModule` on ``train_dataset`` into ``run_dir``.
+
+    ``extra_config`` (JSON-ready) is stored in ``config.json`` and must match on resume;
+    ``quiet`` silences all console output (rank 0 is the only rank that prints anyway).
+    """
+
+    def __init__(self, module: TrainModule, config: TrainConfig, run_dir: str | Path, train_dataset: Dataset,
+                 collate_fn: Callable | None = None, console=None, *, extra_config: dict | None = None,
+                 quiet: bool = False) -> None:
+        if not isinstance(module, TrainModule):
+            raise TypeError(f"Trainer needs a TrainModule, got {type(module).__name__}")
+        config.validate()
+        self.module = module
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.dataset = train_dataset
+        self.collate_fn = collate_fn
+        self.console = console
+        self.quiet = quiet
+        self.extra_config = extra_config or {}
+        self.dist = detect()
+        self.device = resolve_device(config.device, self.dist)
+        self.precision = resolve_precision(config.precision, self.device)
+
+    # ------------------------------------------------------------------ public
+    def fit(self, resume: bool = False) -> TrainResult:
+        """Train (or continue an interrupted run with ``resume=True``) and return the outcome."""
+        created = init_if_needed(self.dist, self.device)
+        try:
+            with StopFlag() as stop:
+                return self._fit(resume, stop)
+        finally:
+            if created:
+                torch.distributed.destroy_process_group()
+
+    # ------------------------------------------------------------------ setup
+    def _fit(self, resume: bool, stop: StopFlag) -> TrainResult:
+        cfg, info = self.config, self.dist
+        state = None
+        if resume:
+            state = ckpt.load_checkpoint(ckpt.resume_or_fail(self.run_dir, cfg, self.extra_config, info.world_size))
+        elif ckpt.last_path(self.run_dir).exists():
+            raise TrainingError(f"{self.run_dir}: already holds a run (checkpoints/last.pt); "
+                                f"resume it or choose a new run folder")
+
+        self.module.to(self.device)
+        sampler = ResumableSampler(len(self.dataset), cfg.batch_size, cfg.seed, info.rank, info.world_size)
+        self.steps_per_epoch = sampler.batches_per_epoch() // cfg.grad_accum
+        if self.steps_per_epoch == 0:
+            raise TrainingError(
+                f"training set of {len(self.dataset)} samples gives no full optimiser step with batch_size "
+                f"{cfg.batch_size} × grad_accum {cfg.grad_accum} × {info.world_size} process(es)")
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+
+        groups = [g for g in self.module.optimizer_param_groups(cfg) if g["params"]]
+        self.params = [p for g in groups for p in g["params"]]
+        if not self.params:
+            raise TrainingError(f"{type(self.module).__name__} has no trainable parameters")
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                           weight_decay=cfg.weight_decay)
+        from .schedule import build_scheduler
+
+        self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.warmup_ratio)
+
+        if state is not None:
+            pos = self._restore(state)
+        else:
+            pos = _Position()
+            seed_everything(cfg.seed + info.rank)
+            if info.is_main:
+                write_json(ckpt.config_path(self.run_dir), self._config_record())
+
+        self.model = self.module
+        if info.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.model = DistributedDataParallel(
+                self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=False)
+        loader = build_loader(self.dataset, sampler, self.collate_fn, cfg.num_workers,
+                              pin_memory=self.device.type == "cuda")
+        self.progress = TrainProgress(self.console, self.quiet, enabled=info.is_main)
+        with self.progress:
+            self.progress.start(self.total_steps, pos.global_step, cfg.batch_size * cfg.grad_accum * info.world_size,
+                                pos.epoch + 1)
+            while not pos.finished:
+                self._run_epoch(pos, sampler, loader, stop)
+        barrier(info)
+        result = self._result(pos)
+        if info.is_main:
+            self.progress.final_table(result, self.module.main_metric)
+        return result
+
+    def _config_record(self) -> dict[str, Any]:
+        cfg, info = self.config, self.dist
+        return {
+            "train": cfg.to_dict(),
+            "resolved": {"device": str(self.device), "precision": self.precision, "world_size": info.world_size,
+                         "effective_batch_size": cfg.batch_size * cfg.grad_accum * info.world_size,
+                         "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps},
+            "extra": self.extra_config,
+        }
+
+    def _restore(self, state: dict[str, Any]) -> _Position:
+        self.module.load_trainable_state_dict(state["trainable"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise TrainingError(f"{ckpt.last_path(self.run_dir)}: optimiser state does not fit this model "
+                                f"({exc.__class__.__name__})") from None
+        rng = state["rng"]
+        restore_rng(rng[self.dist.rank] if self.dist.rank < len(rng) else rng[0])
+        known = _Position.__dataclass_fields__
+        return _Position(**{k: v for k, v in state["position"].items() if k in known})
+
+    # ------------------------------------------------------------------ loop
+    def _run_epoch(self, pos: _Position, sampler: ResumableSampler, loader, stop: StopFlag) -> None:
+        cfg, info = self.config, self.dist
+        accum = cfg.grad_accum
+        limit = self.steps_per_epoch * accum
+        start_micro = pos.micro_batch
+        sampler.set_epoch(pos.epoch, start_batch=start_micro)
+        loader.generator.manual_seed(cfg.seed * 100_003 + pos.epoch)
+        self.progress.update(epoch=pos.epoch + 1)
+        self.module.train()
+        window = torch.zeros((), device=self.device)  # losses of finished steps, not yet synced
+        group = torch.zeros((), device=self.device)  # losses of the accumulation group in progress
+        window_count = 0
+        boundary_rng = capture_rng() if not info.enabled else None
+        t_start = time.perf_counter()
+        reached_max = cfg.max_steps is not None and pos.global_step >= cfg.max_steps
+        remaining = 0 if reached_max else limit - start_micro
+        stop_pending = False  # a stop the ranks agreed on at the epoch's last step
+        try:
+            for batch in itertools.islice(loader, remaining):
+                batch = to_device(batch, self.device)
+                last = (pos.micro_batch + 1) % accum == 0
+                sync = self.model.no_sync() if info.enabled and not last else _null()
+                with sync:
+                    with autocast_context(self.device, self.precision):
+                        loss = self.model(batch)
+                    if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+                        raise TrainingError(f"{type(self.module).__name__}.forward must return a scalar loss tensor")
+                    (loss.float() / accum).backward()
+                group += loss.detach().float()
+                pos.micro_batch += 1
+                if not last:
+                    continue
+                if cfg.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                pos.global_step += 1
+                window += group
+                group.zero_()
+                window_count += accum
+                self.progress.advance()
+                reached_max = cfg.max_steps is not None and pos.global_step >= cfg.max_steps
+                end = reached_max or pos.micro_batch >= limit
+                ckpt_due = cfg.checkpoint_every is not None and pos.global_step % cfg.checkpoint_every == 0
+                log_due = pos.global_step % cfg.log_every == 0 or end or ckpt_due
+                stop_now = stop.requested and not info.enabled
+                if log_due or stop_now:
+                    stop_now = self._sync_window(pos, window, window_count, stop.requested) or stop_now
+                    window.zero_()
+                    window_count = 0
+                if stop_now and end:
+                    stop_pending = True  # finish the epoch (validation, last.pt), then stop
+                elif stop_now:
+                    self._save_last(pos)
+                    raise self._interrupted(pos)
+                elif ckpt_due and not end:
+                    self._save_last(pos)
+                if not info.enabled:
+                    boundary_rng = capture_rng()
+                if reached_max:
+                    break
+            train_time = time.perf_counter() - t_start
+            t_eval = time.perf_counter()
+            metrics = self._evaluate()
+        except KeyboardInterrupt:
+            self._save_after_keyboard_interrupt(pos, window, window_count, boundary_rng)
+            raise self._interrupted(pos) from None
+        self._end_epoch(pos, metrics, start_micro, train_time, time.perf_counter() - t_eval, reached_max)
+        if (stop_pending or (stop.requested and not info.enabled)) and not pos.finished:
+            raise self._interrupted(pos)
+
+    def _sync_window(self, pos: _Position, window: torch.Tensor, count: int, stop: bool) -> bool:
+        """Read the window's loss (all ranks), fold it into the epoch, NaN-check; True if any rank stops."""
+        vec = torch.stack([window.float(), torch.tensor(float(count), device=self.device),
+                           torch.tensor(float(stop), device=self.device)])
+        total, n, stops = all_reduce_sum(vec, self.dist).tolist()
+        if not math.isfinite(total):
+            steps = count // self.config.grad_accum
+            raise TrainingError(
+                f"non-finite training loss ({total}) in epoch {pos.epoch + 1}, optimiser steps "
+                f"{pos.global_step - steps + 1}-{pos.global_step}; {ckpt.last_path(self.run_dir)} was left "
+                f"untouched (try a lower lr, max_grad_norm or fp32)")
+        pos.loss_sum += total
+        pos.loss_count += int(n)
+        if n:
+            self.progress.update(loss=total / n)
+        return stops > 0
+
+    def _evaluate(self) -> dict[str, float]:
+        """Rank 0 validates the unwrapped module; the metrics are broadcast to every rank."""
+        metrics = None
+        if self.dist.is_main:
+            self.module.eval()
+            with torch.no_grad():
+                raw = self.module.evaluate(self.device)
+            self.module.train()
+            metric = self.module.main_metric
+            if not isinstance(raw, dict) or metric not in raw:
+                raise TrainingError(f"{type(self.module).__name__}.evaluate() returned no '{metric}' "
+                                    f"(got {sorted(raw) if isinstance(raw, dict) else type(raw).__name__})")
+            metrics = {k: float(v) for k, v in raw.items()}
+        return broadcast_object(metrics, self.dist)
+
+    def _end_epoch(self, pos: _Position, metrics: dict[str, float], start_micro: int, train_time: float,
+                   eval_time: float, reached_max: bool) -> None:
+        cfg, info, module = self.config, self.dist, self.module
+        samples = (pos.micro_batch - start_micro) * cfg.batch_size * info.world_size
+        record = {
+            "epoch": pos.epoch + 1,
+            "step": pos.global_step,
+            "train_loss": pos.loss_sum / max(1, pos.loss_count),
+            "lr": self.scheduler.get_last_lr()[0],
+            "val": metrics,
+            "samples_per_s": samples / train_time if train_time > 0 else 0.0,
+            "time_s": train_time,
+            "eval_time_s": eval_time,
+        }
+        value = metrics[module.main_metric]
+        improved = math.isfinite(value) and (
+            pos.best_metric is None
+            or (value > pos.best_metric if module.higher_is_better else value < pos.best_metric))
+        if improved:
+            pos.best_metric, pos.best_epoch, pos.bad_epochs = value, pos.epoch + 1, 0
+        else:
+            pos.bad_epochs += 1
+        pos.history.append(record)
+        pos.stopped_early = cfg.patience is not None and pos.bad_epochs >= cfg.patience
+        pos.epoch += 1
+        pos.micro_batch, pos.loss_sum, pos.loss_count = 0, 0.0, 0
+        pos.finished = pos.stopped_early or reached_max or pos.epoch >= cfg.epochs
+        if info.is_main:
+            if improved:
+                ckpt.save_best(ckpt.best_path(self.run_dir), module.trainable_state_dict(), record["epoch"],
+                               module.main_metric, value)
+            self._write_metrics(pos.history)
+            plot_curves(pos.history, ckpt.curves_path(self.run_dir), module.main_metric)
+            self.progress.epoch_line(record)
+            if pos.stopped_early:
+                self.progress.print(f"early stopping: no better {module.main_metric} for {pos.bad_epochs} epoch(s)")
+        self._save_last(pos)
+
+    # ------------------------------------------------------------------ files
+    def _write_metrics(self, history: list[dict[str, Any]]) -> None:
+        import json
+
+        with atomic_write(ckpt.metrics_path(self.run_dir), "w") as handle:
+            for record in history:
+                handle.write(json.dumps(record) + "\n")
+
+    def _save_last(self, pos: _Position, rng: dict | None = None) -> None:
+        """Collective: gather every rank's RNG state; rank 0 checks the weights and writes last.pt."""
+        rngs = gather_objects(rng if rng is not None else capture_rng(), self.dist)
+        if not self.dist.is_main:
+            return
+        trainable = self.module.trainable_state_dict()
+        bad = [k for k, v in trainable.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise TrainingError(f"non-finite trainable weights ({bad[0]}) at optimiser step {pos.global_step}; "
+                                f"{ckpt.last_path(self.run_dir)} was left untouched")
+        ckpt.save_checkpoint(ckpt.last_path(self.run_dir), {
+            "trainable": trainable,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "position": pos.to_state(),
+            "rng": rngs,
+        })
+
+    def _save_after_keyboard_interrupt(self, pos: _Position, window: torch.Tensor, count: int,
+                                       boundary_rng: dict | None) -> None:
+        """Roll back to the last finished optimiser step and save it (single process only)."""
+        if self.dist.enabled or boundary_rng is None:
+            raise KeyboardInterrupt  # ranks cannot agree here; the last periodic checkpoint stays
+        self.optimizer.zero_grad(set_to_none=True)
+        pos.micro_batch -= pos.micro_batch % self.config.grad_accum
+        self._sync_window(pos, window, count, False)
+        self._save_last(pos, rng=boundary_rng)
+
+    def _interrupted(self, pos: _Position) -> TrainingInterrupted:
+        return TrainingInterrupted(
+            f"interrupted in epoch {pos.epoch + 1} after optimiser step {pos.global_step}/{self.total_steps}; "
+            f"resumable checkpoint {ckpt.last_path(self.run_dir)}: run the same command with --resume to continue")
+
+    def _result(self, pos: _Position) -> TrainResult:
+        best = ckpt.best_path(self.run_dir)
+        return TrainResult(best_metric=pos.best_metric, best_epoch=pos.best_epoch, history=list(pos.history),
+                           stopped_early=pos.stopped_early, best_checkpoint=best if best.is_file() else None,
+                           global_step=pos.global_step, run_dir=self.run_dir)
+
+
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()

@@ -1,0 +1,165 @@
+"""Trainer behaviour: exact resume, Ctrl-C, NaN guard, best/early stopping, accumulation, files."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+from rich.console import Console
+
+from engine_toys import ToyData, ToyTask, params_of
+from mora_retrieval.engine import Trainer, TrainConfig, TrainingInterrupted, lr_factor, resume_or_fail
+from mora_retrieval.engine.checkpoint import best_path, last_path, load_checkpoint
+from mora_retrieval.errors import TrainingError
+from mora_retrieval.fileio import load_tensors
+
+
+def cfg(**kw) -> TrainConfig:
+    base = dict(epochs=3, batch_size=4, lr=0.05, weight_decay=0.01, seed=7, log_every=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def fit(task, run, config, data=None, resume=False, **kw):
+    return Trainer(task, config, run, data or ToyData(48), quiet=True, **kw).fit(resume=resume)
+
+
+def history_without_times(run):
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    out = []
+    for line in lines:
+        rec = json.loads(line)
+        for key in ("samples_per_s", "time_s", "eval_time_s"):
+            rec.pop(key)
+        out.append(rec)
+    return out
+
+
+# 48 samples / batch 4 = 12 micro-batches per epoch; 3 epochs.
+@pytest.mark.parametrize("accum,interrupt_at", [(1, 17), (2, 16), (2, 13), (1, 25)])
+def test_interrupt_then_resume_is_bit_exact(tmp_path, accum, interrupt_at):
+    config = cfg(grad_accum=accum)
+    reference = ToyTask(dropout=0.3)
+    fit(reference, tmp_path / "a", config)
+
+    with pytest.raises(TrainingInterrupted, match="--resume"):
+        fit(ToyTask(dropout=0.3, interrupt_at=interrupt_at), tmp_path / "b", config)
+    state = load_checkpoint(last_path(tmp_path / "b"))
+    # rolled back to the last finished optimiser step before the failing forward
+    done = interrupt_at - 1
+    assert state["position"]["global_step"] == done // accum
+    assert state["position"]["micro_batch"] == (done - done % accum) % 12
+    resumed = ToyTask(dropout=0.3)
+    result = fit(resumed, tmp_path / "b", config, resume=True)
+
+    for key, value in params_of(reference).items():
+        assert torch.equal(value, params_of(resumed)[key]), key
+    hist_a, hist_b = history_without_times(tmp_path / "a"), history_without_times(tmp_path / "b")
+    for rec_a, rec_b in zip(hist_a, hist_b, strict=True):
+        # the logged loss is summed in fp32 over log windows, which the interruption splits
+        assert rec_b.pop("train_loss") == pytest.approx(rec_a.pop("train_loss"), rel=1e-6)
+        assert rec_a == rec_b
+    assert result.global_step == 3 * 12 // accum
+
+
+def test_sigint_stops_at_step_boundary_and_resumes_exactly(tmp_path):
+    config = cfg()
+    reference = ToyTask(dropout=0.2)
+    fit(reference, tmp_path / "a", config)
+    with pytest.raises(TrainingInterrupted, match="after optimiser step 20/36"):
+        fit(ToyTask(dropout=0.2, sigint_at=20), tmp_path / "b", config)  # the step in flight completes
+    resumed = ToyTask(dropout=0.2)
+    fit(resumed, tmp_path / "b", config, resume=True)
+    for key, value in params_of(reference).items():
+        assert torch.equal(value, params_of(resumed)[key]), key
+
+
+def test_nan_guard_keeps_last_good_checkpoint(tmp_path):
+    config = cfg(log_every=100, checkpoint_every=16)
+    with pytest.raises(TrainingError, match=r"non-finite training loss \(nan\) in epoch 2, optimiser steps 13-16"):
+        fit(ToyTask(nan_at=14), tmp_path, config)
+    state = load_checkpoint(last_path(tmp_path))  # still the end of epoch 1, loadable
+    assert state["position"]["epoch"] == 1 and state["position"]["global_step"] == 12
+    assert all(torch.isfinite(v).all() for v in state["trainable"].values())
+    best = load_tensors(best_path(tmp_path))
+    assert all(torch.equal(best[k], state["trainable"][k]) for k in best)
+    task = ToyTask()
+    task.load_trainable_state_dict(state["trainable"])
+
+
+def test_best_checkpoint_and_early_stopping(tmp_path):
+    script = [0.5, 0.4, 0.45, 0.3, 0.35, 0.36, 0.2, 0.1]
+    task = ToyTask(script=script)
+    result = fit(task, tmp_path, cfg(epochs=8, patience=2))
+    assert result.stopped_early and len(result.history) == 6
+    assert (result.best_epoch, result.best_metric) == (4, 0.3)
+    best = load_tensors(result.best_checkpoint)
+    assert set(best) == set(task.snapshots[3])
+    assert all(torch.equal(best[k], task.snapshots[3][k]) for k in best)
+    assert [r["val"]["aux"] for r in result.history] == [1, 2, 3, 4, 5, 6]
+
+    up = ToyTask(script=[0.1, 0.7, 0.2], higher_is_better=True)
+    result = fit(up, tmp_path / "up", cfg(epochs=3))
+    assert (result.best_epoch, result.best_metric, result.stopped_early) == (2, 0.7, False)
+    # a finished run resumes to the same result without training
+    again = fit(ToyTask(script=[9.0]), tmp_path / "up", cfg(epochs=3), resume=True)
+    assert (again.best_epoch, len(again.history)) == (2, 3)
+
+
+def test_grad_accumulation_matches_larger_batch(tmp_path):
+    big, small = ToyTask(), ToyTask()
+    fit(big, tmp_path / "big", cfg(epochs=2, batch_size=8))
+    fit(small, tmp_path / "small", cfg(epochs=2, batch_size=4, grad_accum=2))
+    for key, value in params_of(big).items():
+        torch.testing.assert_close(params_of(small)[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_run_folder_files(tmp_path):
+    task = ToyTask()
+    out = io.StringIO()
+    config = cfg(epochs=2, max_grad_norm=1.0)
+    result = Trainer(task, config, tmp_path, ToyData(48), console=Console(file=out, width=200),
+                     extra_config={"task": "toy", "dims": (8, 16)}).fit()
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert TrainConfig.from_dict(saved["train"]) == config
+    assert saved["extra"] == {"task": "toy", "dims": [8, 16]}
+    assert saved["resolved"]["effective_batch_size"] == 4 and saved["resolved"]["precision"] == "fp32"
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2] and [r["step"] for r in records] == [12, 24]
+    assert records[0]["lr"] == pytest.approx(0.05 * lr_factor(12, 24, 2))
+    assert records[1]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert all(r["samples_per_s"] > 0 and "mse" in r["val"] for r in records)
+    assert [r["val"]["mse"] for r in records] == [r["val"]["mse"] for r in result.history]
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # frozen weights are in neither checkpoint
+    last = load_checkpoint(last_path(tmp_path))
+    for keys in (set(last["trainable"]), set(load_tensors(best_path(tmp_path)))):
+        assert keys == {"net.0.weight", "net.0.bias", "net.3.weight", "net.3.bias", "scale"}
+    text = out.getvalue()  # not a terminal: no bar, one line per epoch, then the table
+    assert "epoch 1: train loss" in text and "epoch 2: train loss" in text and "best epoch" in text
+
+
+def test_resume_checks(tmp_path):
+    with pytest.raises(TrainingError, match="cannot resume: .*config.json"):
+        fit(ToyTask(), tmp_path, cfg(), resume=True)
+    fit(ToyTask(), tmp_path, cfg(epochs=1))
+    with pytest.raises(TrainingError, match="already holds a run"):
+        fit(ToyTask(), tmp_path, cfg(epochs=1))
+    with pytest.raises(TrainingError, match=r"cannot resume: lr was 0.05, now 0.01"):
+        fit(ToyTask(), tmp_path, cfg(epochs=1, lr=0.01), resume=True)
+    with pytest.raises(TrainingError, match="task settings changed \\(rank\\)"):
+        fit(ToyTask(), tmp_path, cfg(epochs=1), resume=True, extra_config={"rank": 4})
+    # settings that do not change training may differ
+    assert resume_or_fail(tmp_path, cfg(epochs=1, log_every=1, num_workers=2, patience=3)).name == "last.pt"
+    (last_path(tmp_path)).write_bytes(b"garbage")
+    with pytest.raises(TrainingError, match="not a readable engine checkpoint"):
+        fit(ToyTask(), tmp_path, cfg(epochs=1), resume=True)
+
+
+def test_max_steps_and_too_small_dataset(tmp_path):
+    result = fit(ToyTask(), tmp_path / "m", cfg(epochs=5, max_steps=7))
+    assert result.global_step == 7 and len(result.history) == 1 and result.history[0]["step"] == 7
+    with pytest.raises(TrainingError, match="no full optimiser step"):
+        fit(ToyTask(), tmp_path / "s", cfg(batch_size=32, grad_accum=2))

@@ -360,3 +360,12 @@ def test_trainable_share_matches_the_paper_for_vit_b16():
     expected = 2 * 2 * (per_projection[768] + per_projection[512]) + 2 * 4 * (768 + 512) + 1024 * 101 + 101
     assert trainable == expected
     assert round(percent, 2) == 0.11
+
+
+def test_merging_a_copy_leaves_the_original_working(tiny_model):
+    """deepcopy shares parametrized classes; merging the copy must not break the original."""
+    model = add_adapters(tiny_model.model, AdapterConfig(method="mora"))
+    before = _outputs(model)
+    merge_adapters(copy.deepcopy(model))
+    for a, b in zip(before, _outputs(model)):
+        torch.testing.assert_close(a, b)

@@ -59,7 +59,9 @@ class ToyTask(TrainModule):
             raise KeyboardInterrupt
         if self.forwards == self.sigint_at:
             os.kill(os.getpid(), signal.SIGINT)
-        pred = self.net(self.frozen(batch["x"])) * self.scale
+        out = self.net(self.frozen(batch["x"]))
+        self.last_dtype = out.dtype  # bf16 under autocast
+        pred = out * self.scale
         loss = nn.functional.mse_loss(pred, batch["y"])
         if self.forwards == self.nan_at:
             loss = loss * float("nan")

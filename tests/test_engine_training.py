@@ -163,3 +163,28 @@ def test_max_steps_and_too_small_dataset(tmp_path):
     assert result.global_step == 7 and len(result.history) == 1 and result.history[0]["step"] == 7
     with pytest.raises(TrainingError, match="no full optimiser step"):
         fit(ToyTask(), tmp_path / "s", cfg(batch_size=32, grad_accum=2))
+
+
+def test_workers_give_the_same_run_and_bf16_autocast(tmp_path):
+    serial, workers = ToyTask(), ToyTask()
+    fit(serial, tmp_path / "w0", cfg(epochs=2))
+    fit(workers, tmp_path / "w2", cfg(epochs=2, num_workers=2))
+    for key, value in params_of(serial).items():
+        assert torch.equal(value, params_of(workers)[key]), key
+    assert serial.last_dtype == torch.float32  # "auto" is fp32 on CPU
+
+    half = ToyTask()
+    result = fit(half, tmp_path / "bf16", cfg(epochs=2, precision="bf16"))
+    assert half.last_dtype == torch.bfloat16  # the forward ran under bf16 autocast
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["resolved"]["precision"] == "bf16"
+    assert half.net[0].weight.dtype == torch.float32  # master weights stay fp32
+    assert result.history[1]["train_loss"] < result.history[0]["train_loss"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_auto_precision_is_bf16(tmp_path):
+    task = ToyTask()
+    result = fit(task, tmp_path, cfg(epochs=2, device="auto"))
+    assert task.last_dtype == torch.bfloat16 and task.net[0].weight.device.type == "cuda"
+    assert result.history[1]["train_loss"] < result.history[0]["train_loss"]

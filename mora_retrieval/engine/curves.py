@@ -14,7 +14,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path, main_metric: str) -> 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 4), dpi=100)
+    fig = Figure(figsize=(10, 4), dpi=80)
     FigureCanvasAgg(fig)
     loss_ax, val_ax = fig.subplots(1, 2)
     epochs = [record["epoch"] for record in history]
@@ -30,7 +30,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path, main_metric: str) -> 
         val_ax.legend(fontsize="small")
     for ax in (loss_ax, val_ax):
         ax.grid(alpha=0.3)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.9, wspace=0.2)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     with atomic_write(path, "wb") as handle:

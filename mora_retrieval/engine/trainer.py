@@ -211,6 +211,7 @@ class Trainer:
         reached_max = cfg.max_steps is not None and pos.global_step >= cfg.max_steps
         remaining = 0 if reached_max else limit - start_micro
         stop_pending = False  # a stop the ranks agreed on at the epoch's last step
+        updating = False
         try:
             for batch in itertools.islice(loader, remaining):
                 batch = to_device(batch, self.device)
@@ -226,6 +227,7 @@ class Trainer:
                 pos.micro_batch += 1
                 if not last:
                     continue
+                updating = True  # an interrupt from here to the next boundary cannot be rolled back
                 if cfg.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
                 self.optimizer.step()
@@ -254,12 +256,15 @@ class Trainer:
                     self._save_last(pos)
                 if not info.enabled:
                     boundary_rng = capture_rng()
+                updating = False
                 if reached_max:
                     break
             train_time = time.perf_counter() - t_start
             t_eval = time.perf_counter()
             metrics = self._evaluate()
         except KeyboardInterrupt:
+            if updating:
+                raise  # mid-update: parameters and optimiser may disagree; keep the last checkpoint
             self._save_after_keyboard_interrupt(pos, window, window_count, boundary_rng)
             raise self._interrupted(pos) from None
         self._end_epoch(pos, metrics, start_micro, train_time, time.perf_counter() - t_eval, reached_max)

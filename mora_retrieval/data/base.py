@@ -26,9 +26,9 @@ class ImageDataset(Dataset):
         """The images skipped so far (always empty unless ``skip_bad_images=True``)."""
         return self._reader.log
 
-    def _image(self, path: str | os.PathLike) -> Any:
+    def _image(self, path: str | os.PathLike, data: bytes | None = None) -> Any:
         """The transformed image (PIL if no transform), or ``None`` if it was bad and skipped."""
-        image = self._reader.read(path)
+        image = self._reader.read(path, data)
         if image is None or self.transform is None:
             return image
         return self.transform(image)

@@ -48,6 +48,18 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise DataError(f"{path}: unreadable or corrupt image ({exc.__class__.__name__}: {exc})") from None
 
 
+def decode_image_bytes(data: bytes, origin: str) -> Image.Image:
+    """Decode an encoded image held in memory (``origin`` names it in errors) as RGB."""
+    import io
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return img.convert("RGB")
+    except Exception as exc:
+        raise DataError(f"{origin}: unreadable or corrupt image ({exc.__class__.__name__}: {exc})") from None
+
+
 @dataclass
 class BadImageLog:
     """Images skipped under ``skip_bad_images=True``: how many, which, and why."""
@@ -72,10 +84,13 @@ class ImageReader:
         self.skip_bad_images = skip_bad_images
         self.log = BadImageLog()
 
-    def read(self, path: str | os.PathLike) -> Image.Image | None:
-        """The decoded image, or ``None`` (logged) when it is bad and skipping is on."""
+    def read(self, path: str | os.PathLike, data: bytes | None = None) -> Image.Image | None:
+        """The decoded image, or ``None`` (logged) when it is bad and skipping is on.
+
+        With ``data``, decode those bytes and use ``path`` only to name them.
+        """
         try:
-            return load_image(path)
+            return load_image(path) if data is None else decode_image_bytes(data, str(path))
         except DataError as exc:
             if not self.skip_bad_images:
                 raise

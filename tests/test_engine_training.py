@@ -37,12 +37,28 @@ def history_without_times(run):
     return out
 
 
-# 48 samples / batch 4 = 12 micro-batches per epoch; 3 epochs.
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """Reference runs (dropout on, so RNG restoring matters), one per grad_accum, made once."""
+    runs = {}
+
+    def get(accum: int):
+        if accum not in runs:
+            run = tmp_path_factory.mktemp(f"reference{accum}")
+            task = ToyTask(dropout=0.3)
+            fit(task, run, cfg(grad_accum=accum))
+            runs[accum] = (task, run)
+        return runs[accum]
+
+    return get
+
+
+# 48 samples / batch 4 = 12 micro-batches per epoch; 3 epochs. Interrupts: mid-epoch; inside an
+# accumulation group (rolled back to its start); on the first forward of an epoch (accum 2 / 1).
 @pytest.mark.parametrize("accum,interrupt_at", [(1, 17), (2, 16), (2, 13), (1, 25)])
-def test_interrupt_then_resume_is_bit_exact(tmp_path, accum, interrupt_at):
+def test_interrupt_then_resume_is_bit_exact(tmp_path, uninterrupted, accum, interrupt_at):
     config = cfg(grad_accum=accum)
-    reference = ToyTask(dropout=0.3)
-    fit(reference, tmp_path / "a", config)
+    reference, ref_run = uninterrupted(accum)
 
     with pytest.raises(TrainingInterrupted, match="--resume"):
         fit(ToyTask(dropout=0.3, interrupt_at=interrupt_at), tmp_path / "b", config)
@@ -56,7 +72,7 @@ def test_interrupt_then_resume_is_bit_exact(tmp_path, accum, interrupt_at):
 
     for key, value in params_of(reference).items():
         assert torch.equal(value, params_of(resumed)[key]), key
-    hist_a, hist_b = history_without_times(tmp_path / "a"), history_without_times(tmp_path / "b")
+    hist_a, hist_b = history_without_times(ref_run), history_without_times(tmp_path / "b")
     for rec_a, rec_b in zip(hist_a, hist_b, strict=True):
         # the logged loss is summed in fp32 over log windows, which the interruption splits
         assert rec_b.pop("train_loss") == pytest.approx(rec_a.pop("train_loss"), rel=1e-6)
@@ -64,13 +80,13 @@ def test_interrupt_then_resume_is_bit_exact(tmp_path, accum, interrupt_at):
     assert result.global_step == 3 * 12 // accum
 
 
-def test_sigint_stops_at_step_boundary_and_resumes_exactly(tmp_path):
+def test_sigint_stops_at_step_boundary_and_resumes_exactly(tmp_path, uninterrupted):
     config = cfg()
-    reference = ToyTask(dropout=0.2)
-    fit(reference, tmp_path / "a", config)
+    reference, _ = uninterrupted(1)
     with pytest.raises(TrainingInterrupted, match="after optimiser step 20/36"):
-        fit(ToyTask(dropout=0.2, sigint_at=20), tmp_path / "b", config)  # the step in flight completes
-    resumed = ToyTask(dropout=0.2)
+        fit(ToyTask(dropout=0.3, sigint_at=20), tmp_path / "b", config)  # the step in flight completes
+    assert (tmp_path / "b" / "curves.png").is_file()
+    resumed = ToyTask(dropout=0.3)
     fit(resumed, tmp_path / "b", config, resume=True)
     for key, value in params_of(reference).items():
         assert torch.equal(value, params_of(resumed)[key]), key

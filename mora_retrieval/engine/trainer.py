@@ -2,8 +2,9 @@
 
 Per optimiser step: ``grad_accum`` micro-batches (forward under autocast, ``loss / grad_accum``
 backward, DDP gradient sync on the last one only), optional gradient clipping, AdamW step,
-scheduler step. Once per epoch: validation, ``metrics.jsonl``, ``curves.png``, best checkpoint,
-early stopping, ``last.pt``. The folder layout is described in :mod:`.checkpoint`.
+scheduler step. Once per epoch: validation, ``metrics.jsonl``, best checkpoint, early stopping,
+``last.pt``; ``curves.png`` after an epoch when the last drawing is 30 s old, and at the end
+(also after an interruption). The folder layout is described in :mod:`.checkpoint`.
 
 Host syncs: the loss stays on the device and is read (``.item()``) only every ``log_every``
 optimiser steps, before each checkpoint and at the end of an epoch. The non-finite-loss guard
@@ -39,6 +40,10 @@ from .module import TrainModule
 from .precision import autocast_context, resolve_precision
 from .progress import TrainProgress
 from .rng import capture_rng, restore_rng, seed_everything
+
+
+#: curves.png is redrawn after an epoch when the previous drawing is at least this old.
+PLOT_INTERVAL_S = 30.0
 
 
 @dataclass
@@ -162,8 +167,14 @@ class Trainer:
         with self.progress:
             self.progress.start(self.total_steps, pos.global_step, cfg.batch_size * cfg.grad_accum * info.world_size,
                                 pos.epoch + 1)
-            while not pos.finished:
-                self._run_epoch(pos, sampler, loader, stop)
+            self._last_plot = time.monotonic()
+            try:
+                while not pos.finished:
+                    self._run_epoch(pos, sampler, loader, stop)
+            except TrainingInterrupted:
+                self._plot(pos, force=True)
+                raise
+            self._plot(pos, force=True)
         barrier(info)
         result = self._result(pos)
         if info.is_main:
@@ -335,13 +346,22 @@ class Trainer:
                 ckpt.save_best(ckpt.best_path(self.run_dir), module.trainable_state_dict(), record["epoch"],
                                module.main_metric, value)
             self._write_metrics(pos.history)
-            plot_curves(pos.history, ckpt.curves_path(self.run_dir), module.main_metric)
+            self._plot(pos, force=False)
             self.progress.epoch_line(record)
             if pos.stopped_early:
                 self.progress.print(f"early stopping: no better {module.main_metric} for {pos.bad_epochs} epoch(s)")
         self._save_last(pos)
 
     # ------------------------------------------------------------------ files
+    def _plot(self, pos: _Position, force: bool) -> None:
+        """Redraw curves.png at the end of fit, or after an epoch if the last drawing is
+        ``PLOT_INTERVAL_S`` old (drawing costs ~0.5 s; short epochs would pay it every time)."""
+        if not self.dist.is_main or not pos.history:
+            return
+        if force or time.monotonic() - self._last_plot >= PLOT_INTERVAL_S:
+            plot_curves(pos.history, ckpt.curves_path(self.run_dir), self.module.main_metric)
+            self._last_plot = time.monotonic()
+
     def _write_metrics(self, history: list[dict[str, Any]]) -> None:
         import json
 

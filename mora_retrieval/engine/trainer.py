@@ -164,17 +164,17 @@ class Trainer:
         loader = build_loader(self.dataset, sampler, self.collate_fn, cfg.num_workers,
                               pin_memory=self.device.type == "cuda")
         self.progress = TrainProgress(self.console, self.quiet, enabled=info.is_main)
-        with self.progress:
-            self.progress.start(self.total_steps, pos.global_step, cfg.batch_size * cfg.grad_accum * info.world_size,
-                                pos.epoch + 1)
-            self._last_plot = time.monotonic()
-            try:
+        self._last_plot = time.monotonic()
+        try:
+            with self.progress:
+                self.progress.start(self.total_steps, pos.global_step,
+                                    cfg.batch_size * cfg.grad_accum * info.world_size, pos.epoch + 1)
                 while not pos.finished:
                     self._run_epoch(pos, sampler, loader, stop)
-            except TrainingInterrupted:
-                self._plot(pos, force=True)
-                raise
+        except TrainingInterrupted:
             self._plot(pos, force=True)
+            raise
+        self._plot(pos, force=True)
         barrier(info)
         result = self._result(pos)
         if info.is_main:

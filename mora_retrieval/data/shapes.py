@@ -308,9 +308,7 @@ def generate_shapes_world(out_dir: str | os.PathLike, size: str = "tiny", seed: 
     try:
         for part in PARTS:
             counts[part] = _WRITERS[part](tmp / part, spec, seed, image_size, tick)
-        if ours:
-            (out / MANIFEST).unlink()
-        for part in PARTS:
+        for part in PARTS:  # an interrupted swap keeps the old manifest, so a rerun may replace it
             if (out / part).exists():
                 shutil.rmtree(out / part)
             os.replace(tmp / part, out / part)

@@ -1,0 +1,169 @@
+"""CLIP4CIR + adapters: CIRR metrics against brute force, the stage losses, and a tiny full run."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mora_retrieval.errors import TrainingError
+from mora_retrieval.tasks.cirr_metrics import cirr_rankings, cirr_recalls, submission_files
+
+
+# ------------------------------------------------------------------ metrics
+def _brute_force(sim, names, refs, targets, members):
+    """Recall@K and Recall_subset@K by sorting Python lists, straight from METHOD.md §4."""
+    out = {}
+    full_hits = {k: 0 for k in (1, 5, 10, 50)}
+    subset_hits = {k: 0 for k in (1, 2, 3)}
+    for i in range(len(refs)):
+        ranking = sorted(((sim[i][j], names[j]) for j in range(len(names)) if names[j] != refs[i]), reverse=True)
+        ranked = [n for _, n in ranking]
+        for k in full_hits:
+            full_hits[k] += targets[i] in ranked[:k]
+        subset = [n for n in ranked if n in members[i]]
+        assert len(subset) == 5
+        for k in subset_hits:
+            subset_hits[k] += targets[i] in subset[:k]
+    q = len(refs)
+    out.update({f"recall@{k}": 100 * v / q for k, v in full_hits.items()})
+    out.update({f"recall_subset@{k}": 100 * v / q for k, v in subset_hits.items()})
+    return out
+
+
+def _random_problem(seed=0, gallery=80, queries=60):
+    rng = random.Random(seed)
+    names = [f"img{i}" for i in range(gallery)]
+    refs, targets, members = [], [], []
+    for _ in range(queries):
+        group = rng.sample(names, 6)
+        refs.append(group[0])
+        targets.append(rng.choice(group[1:]))
+        rng.shuffle(group)
+        members.append(group)
+    torch.manual_seed(seed)
+    sim = torch.randn(queries, gallery)
+    return sim, names, refs, targets, members
+
+
+def test_cirr_recalls_match_brute_force():
+    sim, names, refs, targets, members = _random_problem()
+    got = cirr_recalls(sim, names, refs, targets, members)
+    want = _brute_force(sim.tolist(), names, refs, targets, members)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, abs=1e-4), key
+    assert got["avg"] == pytest.approx((want["recall@5"] + want["recall_subset@1"]) / 2, abs=1e-4)
+
+
+def test_reference_is_removed_from_the_ranking():
+    names = ["a", "b", "c", "d", "e", "f", "g"]
+    sim = torch.tensor([[9.0, 5.0, 1.0, 0.0, 0.0, 0.0, 0.0]])  # the reference "a" scores highest
+    got = cirr_recalls(sim, names, ["a"], ["b"], [["a", "b", "c", "d", "e", "f"]])
+    assert got["recall@1"] == 100.0 and got["recall_subset@1"] == 100.0
+
+
+def test_rankings_and_submission_format():
+    sim, names, refs, targets, members = _random_problem(seed=1, gallery=70, queries=5)
+    full, subset = cirr_rankings(sim, names, refs, members)
+    for i in range(5):
+        assert len(full[i]) == 50 and refs[i] not in full[i]
+        scores = [float(sim[i, names.index(n)]) for n in full[i]]
+        assert scores == sorted(scores, reverse=True)
+        assert len(subset[i]) == 3 and refs[i] not in subset[i] and set(subset[i]) <= set(members[i])
+    recall, recall_subset = submission_files([10, 11, 12, 13, 14], full, subset)
+    assert recall["version"] == "rc2" and recall["metric"] == "recall" and recall["12"] == full[2]
+    assert recall_subset["metric"] == "recall_subset" and recall_subset["14"] == subset[4]
+
+
+# ------------------------------------------------------------------ losses
+def test_stage1_loss_is_the_clip4cir_objective(tiny_model):
+    from mora_retrieval.tasks.cir import CIRStage1
+
+    model, _, tokenizer = tiny_model
+    module = CIRStage1(model, tokenizer, validation=None)
+    torch.manual_seed(0)
+    batch = {"reference": torch.randn(4, 3, 32, 32), "target": torch.randn(4, 3, 32, 32),
+             "tokens": tokenizer(["add a red circle", "make it blue", "remove the square", "a"])}
+    with torch.no_grad():
+        loss = module(batch)
+        query = F.normalize(model.encode_image(batch["reference"]) + model.encode_text(batch["tokens"]), dim=-1)
+        target = F.normalize(model.encode_image(batch["target"]), dim=-1)
+        logits = 100 * query @ target.T
+        want = -torch.log_softmax(logits, dim=1).diagonal().mean()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-4)
+
+
+def test_stage2_loss_uses_the_combiner():
+    from mora_retrieval.tasks.cir import CIRStage2
+    from mora_retrieval.tasks.combiner import Combiner
+
+    torch.manual_seed(0)
+    combiner = Combiner(8).eval()
+    batch = {"reference": torch.randn(5, 8), "text": torch.randn(5, 8), "target": torch.randn(5, 8)}
+    loss = CIRStage2(combiner)(batch)
+    query = combiner(batch["reference"], batch["text"])
+    logits = 100 * query @ F.normalize(batch["target"], dim=-1).T
+    assert loss.item() == pytest.approx(F.cross_entropy(logits, torch.arange(5)).item(), rel=1e-5)
+
+
+# ------------------------------------------------------------------ settings
+def test_settings_precedence_defaults_file_cli(tmp_path):
+    from mora_retrieval.tasks.cir_run import build_settings
+
+    (tmp_path / "cfg.toml").write_text('arch = "mora-tiny"\n[stage1]\nlr = 0.5\nepochs = 3\n[adapter]\nr = 8\n')
+    s = build_settings("root", str(tmp_path / "run"), "mora", tmp_path / "cfg.toml", {"stage1": {"epochs": 7}})
+    assert s.arch == "mora-tiny" and s.stage1.lr == 0.5 and s.stage1.epochs == 7 and s.adapter.r == 8
+    assert s.adapter.alpha == 0.01 and s.adapter.targets == ("q", "v") and s.stage1.batch_size == 256
+    full = build_settings("root", str(tmp_path / "run"), "full")
+    assert full.stage1.lr == 2e-6 and full.stage1.batch_size == 128 and full.adapter.method == "full"
+    assert build_settings("root", "r", "mora", overrides={"no_combiner": True}).stage2 is None
+
+
+# ------------------------------------------------------------------ end to end
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from mora_retrieval.data.shapes import generate_shapes_world
+
+    return generate_shapes_world(tmp_path_factory.mktemp("world"), size="tiny")
+
+
+def _settings(world, run_dir, **kw):
+    from mora_retrieval.engine import TrainConfig
+    from mora_retrieval.tasks.cir_run import CIRSettings
+
+    s = CIRSettings.with_defaults(str(world["cirr"]), str(run_dir), "mora", arch="mora-tiny", pretrained=None)
+    s.stage1 = TrainConfig(epochs=2, batch_size=8, lr=1e-2, log_every=1, **kw)
+    s.stage2 = TrainConfig(epochs=1, batch_size=8, lr=1e-3, weight_decay=0.0)
+    return s
+
+
+def test_train_cirr_end_to_end(world, tmp_path):
+    import open_clip
+
+    from mora_retrieval.tasks.cir_run import evaluate_cirr_run, train_cirr
+
+    torch.manual_seed(0)
+    run = tmp_path / "run"
+    results = train_cirr(_settings(world, run), quiet=True)
+    for name in ("config.json", "adapter/adapter_config.json", "adapter/adapter.safetensors", "merged.safetensors",
+                 "combiner.safetensors", "results.json", "stage1/metrics.jsonl", "stage1/curves.png",
+                 "stage2/metrics.jsonl"):
+        assert (run / name).is_file(), name
+    # The merged model reproduces the best stage-1 epoch's validation metrics.
+    history = [json.loads(line) for line in (run / "stage1" / "metrics.jsonl").read_text().splitlines()]
+    best = history[results["stage1_best_epoch"] - 1]["val"]
+    for key, value in best.items():
+        assert results["val_stage1"][key] == pytest.approx(value, abs=1e-3), key
+    # A plain open_clip loads the merged checkpoint; eval from the run folder agrees.
+    open_clip.create_model("mora-tiny", pretrained=str(run / "merged.safetensors"))
+    again = evaluate_cirr_run(run, use_combiner=False)
+    assert again["avg"] == pytest.approx(results["val_stage1"]["avg"], abs=1e-3)
+    exported = evaluate_cirr_run(run, split="test1", out_dir=tmp_path / "sub")
+    submission = json.loads((tmp_path / "sub" / "recall_submission.json").read_text())
+    assert submission["version"] == "rc2" and len(submission) - 2 == exported["queries"]
+    # A second run into the same folder must not clobber it.
+    with pytest.raises(TrainingError, match="already holds a run"):
+        train_cirr(_settings(world, run), quiet=True)

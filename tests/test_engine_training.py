@@ -204,3 +204,25 @@ def test_cuda_auto_precision_is_bf16(tmp_path):
     result = fit(task, tmp_path, cfg(epochs=2, device="auto"))
     assert task.last_dtype == torch.bfloat16 and task.net[0].weight.device.type == "cuda"
     assert result.history[1]["train_loss"] < result.history[0]["train_loss"]
+
+
+class _VectorLoss(ToyTask):
+    def forward(self, batch):
+        return (self.net(self.frozen(batch["x"])) - batch["y"]) ** 2  # not reduced
+
+
+class _NoMetric(ToyTask):
+    def evaluate(self, device):
+        return {"accuracy": 1.0}
+
+
+def test_task_mistakes_are_one_line_errors(tmp_path):
+    with pytest.raises(TrainingError, match="forward must return a scalar loss"):
+        fit(_VectorLoss(), tmp_path / "v", cfg(epochs=1))
+    with pytest.raises(TrainingError, match=r"evaluate\(\) returned no 'mse' \(got \['accuracy'\]\)"):
+        fit(_NoMetric(), tmp_path / "m", cfg(epochs=1))
+    with pytest.raises(TrainingError, match="map-style dataset"):
+        fit(ToyTask(), tmp_path / "i", cfg(epochs=1), data=iter(range(3)))
+    if not torch.cuda.is_available():
+        with pytest.raises(TrainingError, match="CUDA is not available"):
+            fit(ToyTask(), tmp_path / "c", cfg(epochs=1, device="cuda"))

@@ -59,7 +59,7 @@ class TrainConfig:
     checkpoint_every: int | None = None  # optimiser steps between mid-epoch checkpoints
     max_grad_norm: float | None = None  # gradient clipping; None = off
     log_every: int = 50  # optimiser steps between loss syncs (progress, NaN guard)
-    max_steps: int | None = None  # stop after this many optimiser steps (quick runs)
+    max_steps: int | None = None  # stop after this many optimiser steps (also shortens the schedule)
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # JSON gives lists

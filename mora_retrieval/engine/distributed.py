@@ -5,6 +5,9 @@ default process group (``nccl`` on CUDA, ``gloo`` on CPU) unless the caller alre
 the task in ``DistributedDataParallel`` and shards the data with the sampler. Only rank 0
 writes files and prints. Validation runs on rank 0 alone (on the unwrapped module); its
 metrics are broadcast so every rank takes the same best/early-stopping decisions.
+
+DDP runs with ``find_unused_parameters=False``: every trainable parameter must take part in
+each forward (frozen weights need no gradient and are ignored by DDP).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from ..errors import TrainingError
 
 
 @dataclass(frozen=True)
@@ -47,7 +52,12 @@ def resolve_device(spec: str, info: DistInfo) -> torch.device:
     """``"auto"`` → ``cuda:LOCAL_RANK`` when CUDA is present, else ``cpu``."""
     if spec == "auto":
         spec = f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise TrainingError(f"train config: unknown device {spec!r} (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"train config: device {spec!r} requested but CUDA is not available")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", info.local_rank)
     return device

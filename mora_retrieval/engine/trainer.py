@@ -17,7 +17,9 @@ that would not complete an accumulation group are skipped, like the partial last
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -40,6 +42,7 @@ from .module import TrainModule
 from .precision import autocast_context, resolve_precision
 from .progress import TrainProgress
 from .rng import capture_rng, restore_rng, seed_everything
+from .schedule import build_scheduler
 
 
 #: curves.png is redrawn after an epoch when the previous drawing is at least this old.
@@ -91,6 +94,9 @@ class Trainer:
                  quiet: bool = False) -> None:
         if not isinstance(module, TrainModule):
             raise TypeError(f"Trainer needs a TrainModule, got {type(module).__name__}")
+        if not hasattr(train_dataset, "__len__") or not hasattr(train_dataset, "__getitem__"):
+            raise TrainingError(f"training set {type(train_dataset).__name__} must be a map-style dataset "
+                                f"(__len__ and __getitem__)")
         config.validate()
         self.module = module
         self.config = config
@@ -142,8 +148,6 @@ class Trainer:
             raise TrainingError(f"{type(self.module).__name__} has no trainable parameters")
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                                            weight_decay=cfg.weight_decay)
-        from .schedule import build_scheduler
-
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.warmup_ratio)
 
         if state is not None:
@@ -227,7 +231,7 @@ class Trainer:
             for batch in itertools.islice(loader, remaining):
                 batch = to_device(batch, self.device)
                 last = (pos.micro_batch + 1) % accum == 0
-                sync = self.model.no_sync() if info.enabled and not last else _null()
+                sync = self.model.no_sync() if info.enabled and not last else contextlib.nullcontext()
                 with sync:
                     with autocast_context(self.device, self.precision):
                         loss = self.model(batch)
@@ -363,22 +367,23 @@ class Trainer:
             self._last_plot = time.monotonic()
 
     def _write_metrics(self, history: list[dict[str, Any]]) -> None:
-        import json
-
         with atomic_write(ckpt.metrics_path(self.run_dir), "w") as handle:
             for record in history:
                 handle.write(json.dumps(record) + "\n")
 
     def _save_last(self, pos: _Position, rng: dict | None = None) -> None:
-        """Collective: gather every rank's RNG state; rank 0 checks the weights and writes last.pt."""
+        """Collective: gather every rank's RNG state; rank 0 writes last.pt.
+
+        Every rank checks the (replicated) weights for NaN/inf, so all ranks fail together.
+        """
         rngs = gather_objects(rng if rng is not None else capture_rng(), self.dist)
-        if not self.dist.is_main:
-            return
         trainable = self.module.trainable_state_dict()
         bad = [k for k, v in trainable.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if bad:
             raise TrainingError(f"non-finite trainable weights ({bad[0]}) at optimiser step {pos.global_step}; "
                                 f"{ckpt.last_path(self.run_dir)} was left untouched")
+        if not self.dist.is_main:
+            return
         ckpt.save_checkpoint(ckpt.last_path(self.run_dir), {
             "trainable": trainable,
             "optimizer": self.optimizer.state_dict(),
@@ -408,8 +413,3 @@ class Trainer:
                            stopped_early=pos.stopped_early, best_checkpoint=best if best.is_file() else None,
                            global_step=pos.global_step, run_dir=self.run_dir)
 
-
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()

@@ -180,3 +180,49 @@ def evaluate_queries(
         _, ranked = search_vectors(folder, queries[rows], depth)
         total = total + recall_at_k(ranked, table.relevance(rows, rule), ks, query_rows=rows)
     return total
+
+
+def cir_queries(folder: Any, encoder: Any, embed: Any = None, reporter: Any = None, batch: int = 4096) -> np.ndarray:
+    """Every gallery image through the composed-query path with an empty caption ``[N, d]``."""
+    from dataclasses import replace
+
+    import torch
+
+    from .embed import EmbedConfig, embed_paths
+    from .search import check_encoder
+
+    check_encoder(folder, encoder)
+    config = replace(embed or EmbedConfig(), normalize=False, skip_bad_images=False)
+    raw = embed_paths(encoder, [it.path for it in folder.items], config, reporter=reporter).features
+    text = encoder.encode_texts([""], normalize=False)
+    out = [
+        encoder.encode_composed(torch.from_numpy(raw[s : s + batch]), text).float().cpu().numpy()
+        for s in range(0, raw.shape[0], batch)
+    ]
+    return np.concatenate(out).astype(np.float32)
+
+
+def evaluate_coco(
+    folder: Any,
+    rule: RelevanceRule,
+    relevance_name: str,
+    modes: Sequence[str] = ("image",),
+    *,
+    encoder: Any = None,
+    embed: Any = None,
+    reporter: Any = None,
+    ks: Sequence[int] = (1, 5, 10),
+) -> CocoEvalResult:
+    """Recall@K per query mode (``image``: stored embeddings; ``cir``: needs ``encoder``)."""
+    result = CocoEvalResult(relevance_name)
+    for mode in modes:
+        if mode == "image":
+            queries = np.asarray(folder.embeddings, dtype=np.float32)
+        elif mode == "cir":
+            if encoder is None:
+                raise MoraError("mode cir needs the model (it re-encodes the gallery)")
+            queries = cir_queries(folder, encoder, embed, reporter)
+        else:
+            raise MoraError(f"unknown query mode '{mode}' (expected image or cir)")
+        result.results[mode] = evaluate_queries(folder, queries, rule, ks)
+    return result

@@ -1,0 +1,71 @@
+"""``mora-ret eval``: evaluation commands (a Typer sub-app; ``eval coco`` lives here).
+
+Other modules add their own commands to :data:`eval_app` (e.g. ``eval cirr``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .index import AdapterOpt, CheckpointOpt, DeviceOpt, ModelOpt, PretrainedOpt, RunOpt, MODEL_HELP
+
+eval_app = typer.Typer(help="Evaluate retrieval: COCO image-to-image recall, CIRR.", no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("coco")
+def eval_coco(
+    index: Path = typer.Option(..., "--index", help="Index folder built with `mora-ret index coco`."),
+    relevance: str = typer.Option("exact", "--relevance", help="exact | primary | any | jaccard:T"),
+    mode: str = typer.Option("image", "--mode", help="image | cir | both (cir re-encodes every image)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Images per batch (mode cir)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers (mode cir)."),
+    model: Optional[str] = ModelOpt, pretrained: Optional[str] = PretrainedOpt, adapter: Optional[Path] = AdapterOpt,
+    checkpoint: Optional[Path] = CheckpointOpt, run: Optional[Path] = RunOpt,
+    combiner: Optional[Path] = typer.Option(None, "--combiner", help="Combiner file for mode cir.", rich_help_panel=MODEL_HELP),
+    device: Optional[str] = DeviceOpt,
+) -> None:
+    """Image-to-image Recall@1/5/10 on the indexed COCO gallery (METHOD.md §5)."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from mora_retrieval.errors import MoraError
+    from mora_retrieval.retrieval.embed import EmbedConfig
+    from mora_retrieval.retrieval.evaluate import RelevanceRule, evaluate_coco
+    from mora_retrieval.retrieval.index import load_index_folder
+
+    from .index import RichReporter, load_encoder_from_options
+
+    if mode not in ("image", "cir", "both"):
+        raise MoraError(f"--mode '{mode}': expected image, cir or both")
+    rule = RelevanceRule.parse(relevance)
+    folder = load_index_folder(index)
+    modes = ["image", "cir"] if mode == "both" else [mode]
+    encoder = None
+    if "cir" in modes:
+        encoder = load_encoder_from_options(model, pretrained, adapter, checkpoint, run, combiner, device, folder.manifest)
+    embed = EmbedConfig(batch_size=batch_size)
+    if workers is not None:
+        embed.workers = workers
+    if encoder is None:
+        result = evaluate_coco(folder, rule, relevance, modes)
+    else:
+        with RichReporter("re-encoding for cir queries") as reporter:
+            result = evaluate_coco(folder, rule, relevance, modes, encoder=encoder, embed=embed, reporter=reporter)
+    if as_json:
+        typer.echo(json.dumps({"index": str(index), **result.to_json()}, indent=2))
+        return
+    table = Table("mode", "R@1", "R@5", "R@10", "queries", "left out (no relevant)", title=f"COCO image-to-image, relevance {relevance}")
+    for name, r in result.results.items():
+        rec = r.recall
+        table.add_row(name, *(f"{rec[k]:.2f}" for k in (1, 5, 10)), str(r.evaluated), str(r.no_relevant))
+    Console().print(table)

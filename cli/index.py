@@ -1,0 +1,214 @@
+"""``mora-ret index coco|images|merge|rebuild``: build FAISS index folders.
+
+Also holds the helpers the retrieval commands share (model options → encoder, the rich
+progress bar with images/s and ETA).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+index_app = typer.Typer(help="Embed a collection of images and build a FAISS index folder.", no_args_is_help=True)
+
+DEFAULT_INDEX_ROOT = Path("indexes")
+MODEL_HELP = "Model options (default for search/eval: the model recorded in the index manifest)"
+
+
+def load_encoder_from_options(
+    model: Optional[str],
+    pretrained: Optional[str],
+    adapter: Optional[Path],
+    checkpoint: Optional[Path],
+    run: Optional[Path],
+    combiner: Optional[Path],
+    device: Optional[str],
+    manifest: Optional[dict] = None,
+) -> Any:
+    """The encoder named by the options, else (when none is given) the manifest's model."""
+    from mora_retrieval.retrieval.encoder import load_encoder, load_encoder_from_source
+
+    given = any(x is not None for x in (model, pretrained, adapter, checkpoint, run, combiner))
+    if not given and manifest is not None:
+        return load_encoder_from_source(manifest["source"], device=device)
+    return load_encoder(
+        model, pretrained, adapter=adapter, checkpoint=checkpoint, run=run, combiner=combiner, device=device
+    )
+
+
+class RichReporter:
+    """Rich progress bar for the embedding pipeline: count, images/s and ETA."""
+
+    def __init__(self, description: str) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            ProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+        from rich.text import Text
+
+        class RateColumn(ProgressColumn):
+            def render(self, task: Any) -> Text:
+                speed = task.finished_speed or task.speed
+                return Text(f"{speed:,.1f} img/s" if speed else "-- img/s", style="progress.data.speed")
+
+        from rich.console import Console
+
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=Console(stderr=True), transient=False,
+        )
+        self.description = description
+        self.task: Any = None
+
+    def __enter__(self) -> "RichReporter":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.stop()
+
+    def start(self, total: int, completed: int) -> None:
+        desc = self.description + (f" (resumed at {completed})" if completed else "")
+        self.task = self.progress.add_task(desc, total=total, completed=completed)
+
+    def advance(self, count: int) -> None:
+        self.progress.advance(self.task, count)
+
+
+def _build(items_fn: Any, collection: dict, default_name: str, opts: dict) -> None:
+    import time
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from mora_retrieval.retrieval.build import BuildConfig, build_index, parse_shard
+    from mora_retrieval.retrieval.embed import EmbedConfig
+
+    console = Console(stderr=True)
+    shard = parse_shard(opts["shard"])
+    device = opts["device"]
+    if device is None and shard is not None:
+        import os
+
+        import torch
+
+        if torch.cuda.is_available():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', shard[0])) % torch.cuda.device_count()}"
+    encoder = load_encoder_from_options(
+        opts["model"], opts["pretrained"], opts["adapter"], opts["checkpoint"], opts["run"], None, device
+    )
+    items = items_fn()
+    out = opts["out"] or DEFAULT_INDEX_ROOT / (opts["name"] or default_name)
+    embed = EmbedConfig(batch_size=opts["batch_size"], chunk_size=opts["chunk_size"], skip_bad_images=opts["skip_bad_images"])
+    if opts["workers"] is not None:
+        embed.workers = opts["workers"]
+    config = BuildConfig(index_type=opts["index_type"], search_params=opts["search_params"], shard=shard, embed=embed)
+    start = time.perf_counter()
+    label = f"embedding {len(items)} images" if shard is None else f"embedding shard {shard[0]}/{shard[1]}"
+    with RichReporter(label) as reporter:
+        result = build_index(encoder, items, out, config, collection=collection, reporter=reporter)
+    seconds = time.perf_counter() - start
+    for path in result.skipped:
+        console.print(f"[yellow]skipped bad image:[/] {path}")
+    table = Table("index folder", "images", "type", "dim", "encoded now", "skipped", "seconds", title="index")
+    if result.folder is None:
+        console.print(f"part written to {result.part_dir}; the index is merged when every part is done "
+                      f"(or run `mora-ret index merge {out}`)")
+        return
+    m = result.folder.manifest
+    table.add_row(str(out), str(m["count"]), m["index_type"] + (f" ({m['search_params']})" if m["search_params"] else ""),
+                  str(m["dim"]), str(result.encoded), str(len(result.skipped)), f"{seconds:.1f}")
+    Console().print(table)
+
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(index_app, name="index")
+
+
+ModelOpt = typer.Option(None, "--model", help="open_clip architecture, e.g. ViT-B-16 or mora-tiny.", rich_help_panel=MODEL_HELP)
+PretrainedOpt = typer.Option(None, "--pretrained", help="open_clip tag or checkpoint file.", rich_help_panel=MODEL_HELP)
+AdapterOpt = typer.Option(None, "--adapter", help="Adapter folder, merged onto --pretrained.", rich_help_panel=MODEL_HELP)
+CheckpointOpt = typer.Option(None, "--checkpoint", help="Merged open_clip checkpoint file.", rich_help_panel=MODEL_HELP)
+RunOpt = typer.Option(None, "--run", help="Training run folder (config.json, merged/adapter, combiner).", rich_help_panel=MODEL_HELP)
+DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda when available).", rich_help_panel=MODEL_HELP)
+NameOpt = typer.Option(None, "--name", help="Index name: the folder is indexes/<name>.")
+OutOpt = typer.Option(None, "--out", help="Index folder (overrides --name).")
+TypeOpt = typer.Option("auto", "--index-type", help="auto, or a FAISS factory string: Flat, IVF1024,Flat, HNSW32, IVF4096,PQ64, ...")
+ParamsOpt = typer.Option(None, "--search-params", help="FAISS search parameters stored in the manifest, e.g. nprobe=64.")
+BatchOpt = typer.Option(256, "--batch-size", help="Images per batch.")
+WorkersOpt = typer.Option(None, "--workers", help="DataLoader workers (default: one per core, at most 8).")
+ChunkOpt = typer.Option(8192, "--chunk-size", help="Images per resumable chunk file.")
+ShardOpt = typer.Option(None, "--shard", help="i/n: embed the i-th of n blocks (default: from torchrun RANK/WORLD_SIZE).")
+SkipOpt = typer.Option(False, "--skip-bad-images", help="Leave unreadable images out (listed in the manifest) instead of stopping.")
+
+
+@index_app.command("coco")
+def index_coco(
+    data_root: Path = typer.Option(..., "--data-root", help="COCO root: annotations/instances_<split>.json and <split>/."),
+    split: str = typer.Option("val2017", "--split"),
+    model: Optional[str] = ModelOpt, pretrained: Optional[str] = PretrainedOpt, adapter: Optional[Path] = AdapterOpt,
+    checkpoint: Optional[Path] = CheckpointOpt, run: Optional[Path] = RunOpt, device: Optional[str] = DeviceOpt,
+    name: Optional[str] = NameOpt, out: Optional[Path] = OutOpt, index_type: str = TypeOpt,
+    search_params: Optional[str] = ParamsOpt, batch_size: int = BatchOpt, workers: Optional[int] = WorkersOpt,
+    chunk_size: int = ChunkOpt, shard: Optional[str] = ShardOpt, skip_bad_images: bool = SkipOpt,
+) -> None:
+    """Index the COCO gallery of a split (images with at least one instance annotation)."""
+    from mora_retrieval.retrieval.items import coco_items
+
+    opts = dict(locals())
+    collection = {"kind": "coco", "root": str(data_root.resolve()), "split": split}
+    arch = model or (run.name if run else "model")
+    _build(lambda: coco_items(data_root, split), collection, f"coco-{split}-{arch}", opts)
+
+
+@index_app.command("images")
+def index_images(
+    folder: Path = typer.Argument(..., help="Folder of images (searched recursively)."),
+    model: Optional[str] = ModelOpt, pretrained: Optional[str] = PretrainedOpt, adapter: Optional[Path] = AdapterOpt,
+    checkpoint: Optional[Path] = CheckpointOpt, run: Optional[Path] = RunOpt, device: Optional[str] = DeviceOpt,
+    name: Optional[str] = NameOpt, out: Optional[Path] = OutOpt, index_type: str = TypeOpt,
+    search_params: Optional[str] = ParamsOpt, batch_size: int = BatchOpt, workers: Optional[int] = WorkersOpt,
+    chunk_size: int = ChunkOpt, shard: Optional[str] = ShardOpt, skip_bad_images: bool = SkipOpt,
+) -> None:
+    """Index every image under a folder (jpg, png, webp, bmp, gif, tif)."""
+    from mora_retrieval.retrieval.items import folder_items
+
+    opts = dict(locals())
+    collection = {"kind": "folder", "root": str(folder.resolve())}
+    _build(lambda: folder_items(folder), collection, folder.resolve().name, opts)
+
+
+@index_app.command("merge")
+def index_merge(
+    out: Path = typer.Argument(..., help="Index folder whose parts/ hold the shard outputs."),
+    index_type: str = TypeOpt, search_params: Optional[str] = ParamsOpt,
+) -> None:
+    """Combine the parts written by `index ... --shard i/n` into one index."""
+    from rich.console import Console
+
+    from mora_retrieval.retrieval.build import merge_parts
+
+    folder = merge_parts(out, index_type, search_params)
+    Console().print(f"merged {folder.count} images into {out} ({folder.manifest['index_type']})")
+
+
+@index_app.command("rebuild")
+def index_rebuild(
+    out: Path = typer.Argument(..., help="Index folder."), index_type: str = TypeOpt, search_params: Optional[str] = ParamsOpt,
+) -> None:
+    """Rebuild index.faiss from the stored embeddings with another index type (no re-encoding)."""
+    from rich.console import Console
+
+    from mora_retrieval.retrieval.index import rebuild_index
+
+    folder = rebuild_index(out, index_type, search_params)
+    Console().print(f"rebuilt {out}: {folder.count} images, {folder.manifest['index_type']}")

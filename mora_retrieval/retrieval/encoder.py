@@ -175,7 +175,7 @@ def load_encoder(
     if adapter is not None:
         from ..adapters import load_adapters, merge_adapters
 
-        model = merge_adapters(load_adapters(model, adapter))
+        model = merge_adapters(load_adapters(model, adapter, arch=arch))
         if run is None:
             source["adapter"] = str(Path(adapter).resolve())
     comb = None

@@ -50,10 +50,7 @@ class Item:
 
 def coco_items(root: str | Path, split: str = "val2017") -> list[Item]:
     """The COCO gallery of ``split`` under ``root`` (``annotations/instances_{split}.json``)."""
-    try:
-        from ..data.coco import COCOImages
-    except ImportError:  # TEMPORARY until mora_retrieval.data.coco lands
-        return _coco_items_pycocotools(Path(root), split)
+    from ..data.coco import COCOImages
 
     images = COCOImages(root, split=split, require_instances=True)
     return [
@@ -65,34 +62,6 @@ def coco_items(root: str | Path, split: str = "val2017") -> list[Item]:
         )
         for image_id, path in zip(images.image_ids, images.paths)
     ]
-
-
-def _coco_items_pycocotools(root: Path, split: str) -> list[Item]:
-    import contextlib
-    import io
-
-    from pycocotools.coco import COCO
-
-    ann_file = root / "annotations" / f"instances_{split}.json"
-    if not ann_file.is_file():
-        raise DataError(f"{ann_file}: COCO instances annotation file not found")
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO(str(ann_file))
-    items = []
-    for image_id in sorted(coco.getImgIds()):
-        anns = coco.loadAnns(coco.getAnnIds(imgIds=[image_id], iscrowd=None))
-        if not anns:
-            continue
-        area: dict[int, float] = {}
-        for ann in anns:
-            area[ann["category_id"]] = area.get(ann["category_id"], 0.0) + float(ann.get("area", 0.0))
-        primary = min(area, key=lambda c: (-area[c], c))
-        info = coco.loadImgs([image_id])[0]
-        path = root / split / info["file_name"]
-        if not path.is_file():
-            raise DataError(f"{path}: image file not found")
-        items.append(Item(str(path.resolve()), int(image_id), tuple(sorted(area)), int(primary)))
-    return items
 
 
 def folder_items(root: str | Path) -> list[Item]:

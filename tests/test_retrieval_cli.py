@@ -1,0 +1,131 @@
+"""CLI end to end on a tiny COCO-format world with mora-tiny: index, search, eval, errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import typer
+from test_retrieval_fixtures import write_tiny_checkpoint, write_tiny_coco
+from typer.testing import CliRunner
+
+
+@pytest.fixture(scope="module")
+def app():
+    from mora_retrieval_cli import eval as eval_cli
+    from mora_retrieval_cli import index as index_cli
+    from mora_retrieval_cli import search as search_cli
+
+    cli = typer.Typer()
+    cli.callback()(lambda: None)
+    for module in (index_cli, search_cli, eval_cli):
+        module.register(cli)
+    return cli
+
+
+@pytest.fixture(scope="module")
+def built(app, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    write_tiny_coco(root / "coco")
+    write_tiny_checkpoint(root / "tiny.safetensors")
+    result = CliRunner().invoke(app, [
+        "index", "coco", "--data-root", str(root / "coco"), "--model", "mora-tiny",
+        "--pretrained", str(root / "tiny.safetensors"), "--out", str(root / "idx"), "--workers", "0",
+        "--batch-size", "4", "--device", "cpu",
+    ])
+    assert result.exit_code == 0, result.output
+    return root
+
+
+def _run(app, args):
+    result = CliRunner().invoke(app, args)
+    return result
+
+
+def test_index_folder_layout(built):
+    idx = built / "idx"
+    assert sorted(p.name for p in idx.iterdir()) == ["embeddings.npy", "index.faiss", "items.jsonl", "manifest.json"]
+    manifest = json.loads((idx / "manifest.json").read_text())
+    assert manifest["count"] == 9 and manifest["arch"] == "mora-tiny" and manifest["index_type"] == "Flat"
+    assert manifest["collection"]["kind"] == "coco" and manifest["source"]["pretrained"].endswith("tiny.safetensors")
+
+
+def test_search_json_matches_stored_embeddings(app, built):
+    query = built / "coco" / "val2017" / "000000000003.jpg"
+    result = _run(app, ["search", "--index", str(built / "idx"), "--image", str(query), "-k", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["mode"] == "image" and [r["rank"] for r in payload["results"]] == [1, 2, 3]
+    emb = np.load(built / "idx" / "embeddings.npy").astype(np.float32)
+    assert payload["results"][0]["path"] == str(query.resolve())  # its own stored embedding ranks first
+    ref = np.argsort(-(emb[payload["results"][0]["row"]] @ emb.T), kind="stable")[:3]
+    assert [r["row"] for r in payload["results"]] == ref.tolist()
+
+
+def test_search_table_and_html(app, built, tmp_path):
+    query = built / "coco" / "val2017" / "000000000001.jpg"
+    result = _run(app, ["search", "--index", str(built / "idx"), "--image", str(query), "--text", "a cat",
+                        "-k", "2", "--html", str(tmp_path / "g.html")])
+    assert result.exit_code == 0, result.output
+    assert "composed query" in result.stdout and "rank" in result.stdout
+    assert (tmp_path / "g.html").read_text().count("data:image/jpeg;base64,") == 3
+
+
+def test_eval_coco_json(app, built):
+    result = _run(app, ["eval", "coco", "--index", str(built / "idx"), "--mode", "both", "--relevance", "primary",
+                        "--json", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout[result.stdout.index("{"):])
+    assert payload["relevance"] == "primary"
+    for mode in ("image", "cir"):
+        rec = payload[mode]["recall"]
+        assert 0 <= rec["R@1"] <= rec["R@5"] <= rec["R@10"] <= 100
+        assert payload[mode]["evaluated_queries"] + payload[mode]["queries_without_relevant"] == 9
+
+
+def test_errors_are_one_line(app, built, tmp_path, monkeypatch, capsys):
+    """Through the real entry point: `error: <one line>` and exit status 1."""
+    import mora_retrieval_cli.app as app_module
+
+    from mora_retrieval.errors import MoraError
+
+    def expect_error(args, fragment):
+        result = CliRunner().invoke(app, args)
+        assert isinstance(result.exception, MoraError), result.output
+        message = str(result.exception)
+        assert "\n" not in message and fragment in message, message
+        return message
+
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"nope")
+    expect_error(["search", "--index", str(built / "idx"), "--image", str(bad)], "bad.jpg")
+    expect_error(["search", "--index", str(tmp_path / "missing"), "--text", "x"], "missing")
+    other = write_tiny_checkpoint(tmp_path / "other.safetensors", seed=3)
+    expect_error(["search", "--index", str(built / "idx"), "--text", "x", "--model", "mora-tiny",
+                  "--pretrained", str(other)], "built with weights")
+    expect_error(["eval", "coco", "--index", str(built / "idx"), "--relevance", "jaccard:2"], "jaccard:2")
+
+    monkeypatch.setattr(app_module, "app", app)
+    monkeypatch.setattr(sys, "argv", ["mora-ret", "search", "--index", str(built / "idx"), "--image", str(bad)])
+    with pytest.raises(SystemExit) as exit_info:
+        app_module.main()
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "bad.jpg" in err[0]
+
+
+def test_index_images_folder_and_rebuild(app, built, tmp_path):
+    out = tmp_path / "imgs-idx"
+    result = _run(app, ["index", "images", str(built / "coco" / "val2017"), "--model", "mora-tiny", "--pretrained",
+                        str(built / "tiny.safetensors"), "--out", str(out), "--workers", "0", "--index-type", "HNSW8"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["count"] == 10 and manifest["index_type"] == "HNSW8" and manifest["search_params"] == "efSearch=128"
+    result = _run(app, ["index", "rebuild", str(out), "--index-type", "Flat"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "manifest.json").read_text())["index_type"] == "Flat"
+    # eval coco needs COCO labels: a plain folder index is refused with one line
+    result = _run(app, ["eval", "coco", "--index", str(out)])
+    assert "no COCO category labels" in str(result.exception)

@@ -1,0 +1,276 @@
+"""Classification runs: train → keep the best epoch → merge → test; eval-only; the scenario grid.
+
+Run folder (the engine's ``config.json``, ``metrics.jsonl``, ``checkpoints/``, ``curves.png``, plus):
+
+- ``adapter/``: the adapter folder of the best epoch (``save_adapters``);
+- ``head.safetensors``: the linear head of the best epoch (``weight``, ``bias``; metadata: task,
+  feature mode, class names);
+- ``merged.safetensors``: the best adapter folded into the backbone, a plain open_clip checkpoint
+  (``open_clip.create_model(arch, pretrained=...)`` loads it);
+- ``results.json``: test metrics on the **merged** model under the test scenario, with the
+  scenarios, dataset, method, best epoch/validation metric, trainable share and the
+  majority-class baseline;
+- ``config.json`` gains, once training is done, a top-level ``classify`` record (every setting,
+  the test scenario included) and top-level ``task``/``arch``/``pretrained`` keys, so ``--run DIR``
+  alone re-creates the model and the data (and retrieval tools can load the merged encoder);
+- ``eval/<split>-<scenario>.json``: each later eval-only (cross-scenario) result.
+
+The random weights of an architecture without ``pretrained`` are drawn from the training seed,
+so a resumed run rebuilds the very same frozen backbone.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import TrainingError
+from ..fileio import atomic_write, read_json, write_json
+from .classify_setup import (ADAPTER_DIR, CONFIG_FILE, HEAD_FILE, MERGED_FILE, RESULTS_FILE, ClassifySettings,
+                             embed_dim_of, load_head, read_run_config, save_head, scenario_data)
+
+
+@dataclass
+class ClassifyParts:
+    """The live objects of a run: backbone pieces, classifier, datasets' metadata."""
+
+    classifier: Any
+    preprocess: Callable
+    tokenizer: Callable
+    task: str
+    class_names: list[str]
+
+
+def _missing_counts(dataset: Any) -> dict[str, int]:
+    codes = torch.as_tensor(dataset.codes)
+    return {"complete": int((codes == 0).sum()), "text_missing": int((codes == 1).sum()),
+            "image_missing": int((codes == 2).sum())}
+
+
+def build_classifier(settings: ClassifySettings, seed: int, task: str, num_classes: int):
+    """Backbone (random weights drawn from ``seed`` when there are none), adapters, head."""
+    from ..adapters import add_adapters
+    from ..backbone import load_backbone
+    from .classify import CLIPClassifier, LinearHead, head_outputs
+
+    torch.manual_seed(seed)
+    backbone = load_backbone(settings.arch, settings.pretrained)
+    add_adapters(backbone.model, settings.adapter_config())
+    dim = embed_dim_of(backbone.model, backbone.tokenizer)
+    head = LinearHead(2 * dim, head_outputs(task, num_classes))
+    return CLIPClassifier(backbone.model, head, settings.features), backbone.preprocess, backbone.tokenizer
+
+
+def train_classifier(settings: ClassifySettings, train_config: Any, run_dir: str | os.PathLike, resume: bool = False,
+                     console: Any = None, quiet: bool = False) -> dict[str, Any] | None:
+    """Train, select the best epoch on validation, merge, test; returns ``results.json``'s content.
+
+    Under ``torchrun`` only rank 0 finishes the run (files, test); other ranks return ``None``.
+    """
+    from ..adapters import merge_adapters, save_adapters, trainable_share, export_checkpoint
+    from ..engine import Trainer, load_best
+    from ..engine.distributed import detect
+    from .classify import ClassifyCollate, ClassifyModule, evaluate_classifier
+
+    run_dir = Path(run_dir)
+    scen = settings.scenarios
+    probe = scenario_data(settings, "train", scen["train"], transform=None)
+    classifier, preprocess, tokenizer = build_classifier(settings, train_config.seed, probe.task, probe.num_classes)
+    train_set = scenario_data(settings, "train", scen["train"], preprocess)
+    val_set = scenario_data(settings, "val", scen["val"], preprocess)
+    collate = ClassifyCollate(tokenizer)
+    module = ClassifyModule(classifier, probe.task, val_set, collate, settings.eval_batch_size,
+                            train_config.num_workers, train_config.precision)
+    shares = trainable_share(classifier.clip, classifier.head)
+    trainer = Trainer(module, train_config, run_dir, train_set, collate_fn=collate, console=console,
+                      extra_config=settings.training_record(), quiet=quiet)
+    fit = trainer.fit(resume=resume)
+    if not detect().is_main:
+        return None
+    device = trainer.device
+    if fit.best_checkpoint is not None:
+        module.load_trainable_state_dict(load_best(run_dir))
+    elif console is not None and not quiet:
+        console.print("[yellow]no epoch had a finite validation metric; keeping the last weights[/]")
+    module.to("cpu")
+    save_adapters(classifier.clip, run_dir / ADAPTER_DIR, arch=settings.arch,
+                  extra={"task": "classify", "dataset": settings.dataset})
+    save_head(classifier.head, run_dir / HEAD_FILE, probe.task, probe.class_names, settings.features)
+    merge_adapters(classifier.clip)
+    export_checkpoint(classifier.clip, run_dir / MERGED_FILE)
+    _write_run_record(run_dir, settings, probe.task, probe.class_names)
+
+    classifier.to(device)
+    test_set = scenario_data(settings, "test", scen["test"], preprocess)
+    test = evaluate_classifier(classifier, probe.task, test_set, collate, device, settings.eval_batch_size,
+                               train_config.num_workers, train_config.precision)
+    from .metrics import MAIN_METRIC, majority_baseline
+
+    metric = MAIN_METRIC[probe.task]
+    results = {
+        "task": "classify",
+        "dataset": settings.dataset,
+        "method": settings.adapter["method"],
+        "arch": settings.arch,
+        "pretrained": settings.pretrained,
+        "scenario": scen,
+        "metric": metric,
+        "test_metric": test[metric],
+        "test": test,
+        "evaluated_on": "merged",
+        "best_epoch": fit.best_epoch,
+        "best_val_metric": fit.best_metric,
+        "epochs_run": len(fit.history),
+        "stopped_early": fit.stopped_early,
+        "trainable": {"params": shares[0], "total": shares[1], "percent": shares[2]},
+        "majority_baseline": majority_baseline(probe.task, _labels(train_set), _labels(test_set)),
+        "samples": {"train": len(train_set), "val": len(val_set), "test": len(test_set)},
+        "missing_counts": {"train": _missing_counts(train_set), "val": _missing_counts(val_set),
+                           "test": _missing_counts(test_set)},
+    }
+    write_json(run_dir / RESULTS_FILE, results)
+    return results
+
+
+def _labels(dataset: Any) -> torch.Tensor:
+    """All labels of a (wrapped) classification dataset, without decoding images."""
+    base = dataset.dataset if hasattr(dataset, "codes") else dataset
+    return torch.stack([base.label_tensor(i) for i in range(len(base))])
+
+
+def _write_run_record(run_dir: Path, settings: ClassifySettings, task: str, class_names: list[str]) -> None:
+    """Add the ``classify`` record and top-level keys to the engine's ``config.json``."""
+    path = run_dir / CONFIG_FILE
+    data = read_json(path, "run config")
+    record = settings.to_dict()
+    record.update({"scenarios": settings.scenarios, "dataset_task": task, "class_names": list(class_names)})
+    data.update({"task": "classify", "arch": settings.arch, "pretrained": settings.pretrained,
+                 "dataset": settings.dataset, "scenarios": settings.scenarios, "classify": record})
+    write_json(path, data)
+
+
+def load_run_classifier(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Any, ClassifySettings, dict]:
+    """``(classifier on the merged weights, settings, run record)`` of a finished run folder."""
+    from ..backbone import load_backbone
+    from .classify import CLIPClassifier
+
+    run_dir = Path(run_dir)
+    record = read_run_config(run_dir)
+    settings = ClassifySettings.from_dict(record)
+    merged, head_path = run_dir / MERGED_FILE, run_dir / HEAD_FILE
+    for path in (merged, head_path):
+        if not path.is_file():
+            raise TrainingError(f"{path}: not found (the run did not finish; resume it with --resume)")
+    backbone = load_backbone(settings.arch, str(merged))
+    head, meta = load_head(head_path)
+    dim = embed_dim_of(backbone.model, backbone.tokenizer)
+    if head.in_dim != 2 * dim:
+        raise TrainingError(f"{head_path}: head takes {head.in_dim} features but {settings.arch} gives {2 * dim}")
+    classifier = CLIPClassifier(backbone.model, head, meta.get("features") or settings.features).to(device).eval()
+    record = dict(record)
+    record["preprocess"], record["tokenizer"] = backbone.preprocess, backbone.tokenizer
+    record["head_meta"] = meta
+    return classifier, settings, record
+
+
+def evaluate_run(run_dir: str | os.PathLike, test_missing: str | None = None, data_root: str | None = None,
+                 split: str = "test", device: str = "auto", batch_size: int | None = None, num_workers: int = 0,
+                 progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Re-test a finished run (merged weights + head) under another scenario; writes ``eval/…json``."""
+    from ..data.missing import MissingSpec
+    from .classify import ClassifyCollate, evaluate_classifier
+    from .metrics import MAIN_METRIC
+
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    classifier, settings, record = load_run_classifier(run_dir, dev)
+    if data_root is not None:
+        settings.data_root = str(Path(data_root).resolve())
+    scenario = str(MissingSpec.parse(test_missing)) if test_missing else settings.scenarios["test"]
+    dataset = scenario_data(settings, split, scenario, record["preprocess"])
+    task = record["dataset_task"]
+    metrics = evaluate_classifier(classifier, task, dataset, ClassifyCollate(record["tokenizer"]), dev,
+                                  batch_size or settings.eval_batch_size, num_workers, "auto", progress)
+    metric = MAIN_METRIC[task]
+    result = {"task": "classify", "dataset": settings.dataset, "method": settings.adapter["method"],
+              "split": split, "scenario": {"train": settings.scenarios["train"], "test": scenario},
+              "metric": metric, "test_metric": metrics[metric], "test": metrics, "evaluated_on": "merged",
+              "samples": len(dataset), "missing_counts": _missing_counts(dataset)}
+    safe = scenario.replace(":", "_")
+    write_json(Path(run_dir) / "eval" / f"{split}-{safe}.json", result)
+    return result
+
+
+# ---------------------------------------------------------------- grid
+
+GRID_TYPES = ("text", "image", "both")
+GRID_RATIOS = (0.5, 0.7, 0.9)
+
+
+def grid_cell_dir(out_dir: Path, kind: str, ratio: float) -> Path:
+    return Path(out_dir) / f"{kind}-{ratio:g}"
+
+
+def run_grid(settings: ClassifySettings, train_config: Any, out_dir: str | os.PathLike,
+             ratios: tuple[float, ...] = GRID_RATIOS, types: tuple[str, ...] = GRID_TYPES, resume: bool = False,
+             console: Any = None, quiet: bool = False) -> list[dict[str, Any]]:
+    """The paper's table: one run per (type, ratio), trained and tested on that scenario.
+
+    Cells whose ``results.json`` exists are reused; with ``resume`` an interrupted cell is
+    continued. Writes ``grid.md`` and ``grid.csv`` in ``out_dir`` and returns the rows.
+    """
+    out_dir = Path(out_dir)
+    rows = []
+    for kind in types:
+        for ratio in ratios:
+            scenario = f"{kind}:{ratio:g}"
+            cell = grid_cell_dir(out_dir, kind, ratio)
+            done = cell / RESULTS_FILE
+            if done.is_file():
+                result = read_json(done, "results file")
+            else:
+                if console is not None and not quiet:
+                    console.rule(f"{settings.dataset}: train = test = {scenario}")
+                cell_settings = settings.with_scenarios(missing=scenario, val_missing=None, test_missing=scenario)
+                again = resume and (cell / "checkpoints" / "last.pt").is_file()
+                result = train_classifier(cell_settings, train_config, cell, resume=again, console=console,
+                                          quiet=quiet)
+                if result is None:  # a non-zero rank under torchrun
+                    continue
+            rows.append({"dataset": settings.dataset, "method": settings.adapter["method"], "missing_type": kind,
+                         "ratio": ratio, "metric": result["metric"], "value": result["test_metric"],
+                         "run_dir": str(cell)})
+    if rows:
+        write_grid_tables(rows, out_dir)
+    return rows
+
+
+def write_grid_tables(rows: list[dict[str, Any]], out_dir: Path) -> tuple[Path, Path]:
+    """``grid.csv`` (one row per cell) and ``grid.md`` (types × ratios), atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_write(out_dir / "grid.csv", "w") as handle:
+        handle.write(buf.getvalue())
+    ratios = sorted({r["ratio"] for r in rows})
+    types = list(dict.fromkeys(r["missing_type"] for r in rows))
+    value = {(r["missing_type"], r["ratio"]): r["value"] for r in rows}
+    first = rows[0]
+    lines = [f"{first['dataset']} · {first['method']} · {first['metric']} (%) · train = test scenario", "",
+             "| missing type | " + " | ".join(f"η = {100 * r:g}%" for r in ratios) + " |",
+             "|---|" + "---:|" * len(ratios)]
+    for kind in types:
+        cells = [value.get((kind, r)) for r in ratios]
+        lines.append(f"| {kind} | " + " | ".join("–" if v is None or (isinstance(v, float) and math.isnan(v))
+                                                 else f"{v:.2f}" for v in cells) + " |")
+    with atomic_write(out_dir / "grid.md", "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    return out_dir / "grid.md", out_dir / "grid.csv"

@@ -102,10 +102,10 @@ def _build(items_fn: Any, collection: dict, default_name: str, opts: dict) -> No
 
         if torch.cuda.is_available():
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', shard[0])) % torch.cuda.device_count()}"
+    items = items_fn()  # before the model: a wrong data path fails at once
     encoder = load_encoder_from_options(
         opts["model"], opts["pretrained"], opts["adapter"], opts["checkpoint"], opts["run"], None, device
     )
-    items = items_fn()
     out = opts["out"] or DEFAULT_INDEX_ROOT / (opts["name"] or default_name)
     embed = EmbedConfig(batch_size=opts["batch_size"], chunk_size=opts["chunk_size"], skip_bad_images=opts["skip_bad_images"])
     if opts["workers"] is not None:

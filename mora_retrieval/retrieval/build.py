@@ -32,6 +32,7 @@ from .index import (
     IndexFolder,
     _save_npy,
     build_faiss_index,
+    check_index_spec,
     load_embeddings,
     read_items,
     resolve_index_type,
@@ -113,6 +114,7 @@ def build_index(
     if not items:
         raise IndexError_(f"{out}: nothing to index (the collection is empty)")
     shard = config.shard if config.shard and config.shard[1] > 1 else None
+    check_index_spec(resolve_index_type(config.index_type, len(items), config.search_params), len(items), encoder.dim)
     if shard is None:
         work = out / WORK_DIR
         result = embed_paths(

@@ -60,6 +60,7 @@ class IndexFolder:
     items: list[Item]
     embeddings: np.ndarray  # float16 [count, dim], memory-mapped
     index: Any = None  # faiss.Index; None when loaded with ``load_index=False``
+    cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # e.g. GPU copies
 
     @property
     def count(self) -> int:
@@ -129,8 +130,21 @@ def _first_line(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     for line in lines:
         if line.startswith("Error") or "error" in line.lower():
-            return line[:200]
+            return re.sub(r"^Error in .*? at \S+:\d+: ", "", line)[:200]
     return (lines[0] if lines else exc.__class__.__name__)[:200]
+
+
+def check_index_spec(spec: IndexSpec, count: int, dim: int) -> None:
+    """Fail early (before any encoding) on a bad factory string or too few vectors to train."""
+    import faiss
+
+    try:
+        faiss.index_factory(dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise IndexError_(f"'{spec.factory}': not a valid FAISS factory string ({_first_line(exc)})") from None
+    ivf = re.search(r"IVF(\d+)", spec.factory)
+    if ivf and count < int(ivf.group(1)):
+        raise IndexError_(f"'{spec.factory}': needs at least {ivf.group(1)} vectors to train, the collection has {count}")
 
 
 def build_faiss_index(

@@ -3,8 +3,8 @@
 The query model must be the one the index was built with: :func:`check_encoder` compares the
 encoder's weights fingerprint with the manifest's and refuses a mismatch. Search runs on
 FAISS (on the GPU when the installed faiss has GPU support); on a CUDA machine without GPU
-FAISS, an exact (``Flat``) index is searched as a bf16-free float32 matmul on the GPU over
-the stored embeddings, which gives the same ranking.
+FAISS, an exact (``Flat``) index is searched as a float32 matmul on the GPU over the stored
+embeddings (the values the index holds), which gives the same ranking.
 """
 
 from __future__ import annotations
@@ -64,7 +64,9 @@ def search_vectors(folder: IndexFolder, queries: np.ndarray, k: int) -> tuple[np
     if _use_torch_exact(folder):
         import torch
 
-        gallery = torch.from_numpy(np.asarray(folder.embeddings, dtype=np.float32)).cuda()
+        gallery = folder.cache.get("torch_gallery")
+        if gallery is None:
+            gallery = folder.cache["torch_gallery"] = torch.from_numpy(np.asarray(folder.embeddings, dtype=np.float32)).cuda()
         q = torch.from_numpy(queries).cuda()
         scores, rows = torch.topk(q @ gallery.T, k, dim=1)
         return scores.cpu().numpy(), rows.cpu().numpy().astype(np.int64)
@@ -73,13 +75,12 @@ def search_vectors(folder: IndexFolder, queries: np.ndarray, k: int) -> tuple[np
     index = folder.index
     import faiss
 
-    if faiss.get_num_gpus() > 0 and not getattr(folder, "_on_gpu", False):
+    if faiss.get_num_gpus() > 0 and not folder.cache.get("faiss_on_gpu"):
         try:
-            index = faiss.index_cpu_to_all_gpus(index)
-            folder.index = index
-            folder._on_gpu = True  # type: ignore[attr-defined]
+            folder.index = index = faiss.index_cpu_to_all_gpus(index)
         except RuntimeError:
-            pass
+            pass  # index types without a GPU implementation stay on the CPU
+        folder.cache["faiss_on_gpu"] = True
     scores, rows = index.search(queries, k)
     scores = np.where(rows < 0, -np.inf, scores).astype(np.float32)
     return scores, rows.astype(np.int64)

@@ -28,7 +28,7 @@ def _root() -> None:
 
 
 # Command modules, in the order their commands appear in --help.
-COMMAND_MODULES = ("models", "data", "train", "merge")
+COMMAND_MODULES = ("models", "data", "pretrain", "train", "merge")
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"mora_retrieval_cli.{_name}").register(app)

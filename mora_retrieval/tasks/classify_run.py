@@ -182,8 +182,11 @@ def load_run_classifier(run_dir: str | os.PathLike, device: str | torch.device =
 
 def evaluate_run(run_dir: str | os.PathLike, test_missing: str | None = None, data_root: str | None = None,
                  split: str = "test", device: str = "auto", batch_size: int | None = None, num_workers: int = 0,
-                 progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Re-test a finished run (merged weights + head) under another scenario; writes ``eval/…json``."""
+                 progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Re-test a finished run (merged weights + head) under another scenario; writes ``eval/…json``.
+
+    ``progress(n_done_now, n_total)`` is called after every batch.
+    """
     from ..data.missing import MissingSpec
     from .classify import ClassifyCollate, evaluate_classifier
     from .metrics import MAIN_METRIC
@@ -197,7 +200,8 @@ def evaluate_run(run_dir: str | os.PathLike, test_missing: str | None = None, da
     dataset = scenario_data(settings, split, scenario, record["preprocess"])
     task = record["dataset_task"]
     metrics = evaluate_classifier(classifier, task, dataset, ClassifyCollate(record["tokenizer"]), dev,
-                                  batch_size or settings.eval_batch_size, num_workers, "auto", progress)
+                                  batch_size or settings.eval_batch_size, num_workers, "auto",
+                                  None if progress is None else (lambda n: progress(n, len(dataset))))
     metric = MAIN_METRIC[task]
     result = {"task": "classify", "dataset": settings.dataset, "method": settings.adapter["method"],
               "split": split, "scenario": {"train": settings.scenarios["train"], "test": scenario},

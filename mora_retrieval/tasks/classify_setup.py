@@ -126,6 +126,7 @@ class ClassifySettings:
     missing_store: str | None = None
     features: str = "normalized"
     eval_batch_size: int = 256
+    skip_bad_images: bool = False
 
     def __post_init__(self) -> None:
         from ..data.missing import MISSING_IMAGE_FILLS, MissingSpec
@@ -171,7 +172,8 @@ class ClassifySettings:
                 "pretrained": self.pretrained, "adapter": self.adapter,
                 "scenarios": {"train": scen["train"], "val": scen["val"]},
                 "missing_image": self.missing_image, "missing_seed": self.missing_seed,
-                "missing_store": self.missing_store, "features": self.features}
+                "missing_store": self.missing_store, "features": self.features,
+                "skip_bad_images": self.skip_bad_images}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -208,7 +210,8 @@ def scenario_data(settings: ClassifySettings, split: str, scenario: str, transfo
     from ..data.missing import MissingAssignments, MissingSpec, WithMissingModality
     from ..data.registry import get_classification_dataset
 
-    dataset = get_classification_dataset(settings.dataset, settings.data_root, split, transform=transform)
+    dataset = get_classification_dataset(settings.dataset, settings.data_root, split, transform=transform,
+                                         skip_bad_images=settings.skip_bad_images)
     spec = MissingSpec.parse(scenario, seed=settings.missing_seed)
     codes = MissingAssignments(settings.missing_store).get(dataset.name, split, len(dataset), spec)
     return WithMissingModality(dataset, codes, missing_image=settings.missing_image)

@@ -1,0 +1,109 @@
+"""Predict with a finished classification run (merged weights + head) on one image and/or text.
+
+An absent input is handled exactly like the protocol's missing modality: no text → the empty
+string; no image → a tensor of ones of the model's input shape (or the transformed white image,
+if the run was trained with ``missing_image="white"``). At least one input is required (the
+protocol never drops both).
+
+Scores: ``multiclass`` softmax probabilities (the top ``k`` are listed, the first is the
+prediction); ``multilabel`` sigmoid probabilities (predicted: every class at or above 0.5);
+``binary`` softmax probabilities of both classes (predicted: the larger one).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import DataError
+
+COMPLETE, TEXT_MISSING, IMAGE_MISSING = 0, 1, 2
+
+
+@dataclass
+class Prediction:
+    """Labels with scores, best first; ``predicted`` are the labels the task's rule selects."""
+
+    task: str
+    scores: list[tuple[str, float]]
+    predicted: list[str]
+    missing: str  # "none" | "text" | "image"
+    inputs: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": self.task, "predicted": self.predicted, "missing": self.missing, "inputs": self.inputs,
+                "scores": [{"label": label, "score": score} for label, score in self.scores]}
+
+
+class Predictor:
+    """A run's classifier ready for single predictions (eval mode, on ``device``)."""
+
+    def __init__(self, run_dir: str | os.PathLike, device: str = "cpu") -> None:
+        from .classify_run import load_run_classifier
+
+        self.device = torch.device(device)
+        self.classifier, self.settings, record = load_run_classifier(run_dir, self.device)
+        self.preprocess, self.tokenizer = record["preprocess"], record["tokenizer"]
+        self.task = record["dataset_task"]
+        self.class_names = list(record["class_names"])
+
+    def _blank_image(self) -> torch.Tensor:
+        from PIL import Image
+
+        from ..backbone import image_size_of
+
+        size = image_size_of(self.classifier.clip)
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        white = self.preprocess(Image.new("RGB", (size[1], size[0]), (255, 255, 255)))
+        return torch.ones_like(white) if self.settings.missing_image == "ones" else white
+
+    def encode_inputs(self, image: str | os.PathLike | Any | None, text: str | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``(image batch [1, 3, H, W], tokens [1, L], missing code)`` as the model receives them."""
+        from PIL import Image
+
+        from ..data.images import load_image
+
+        if image is None and text is None:
+            raise DataError("nothing to classify: give an image, a text, or both")
+        if image is None:
+            pixels, code = self._blank_image(), IMAGE_MISSING
+        else:
+            pil = image if isinstance(image, Image.Image) else load_image(image)
+            pixels, code = self.preprocess(pil.convert("RGB")), COMPLETE
+        if text is None:
+            text, code = "", TEXT_MISSING
+        return pixels.unsqueeze(0), self.tokenizer([text]), code
+
+    @torch.no_grad()
+    def predict(self, image: str | os.PathLike | Any | None = None, text: str | None = None,
+                top_k: int = 5) -> Prediction:
+        """Classify one sample; ``top_k`` limits the listed multiclass scores."""
+        pixels, tokens, code = self.encode_inputs(image, text)
+        logits = self.classifier(pixels.to(self.device), tokens.to(self.device)).float().cpu()[0]
+        if self.task == "multilabel":
+            probs = torch.sigmoid(logits)
+        else:
+            probs = torch.softmax(logits, dim=0)
+        order = torch.argsort(probs, descending=True).tolist()
+        names = self.class_names
+        scores = [(names[i], float(probs[i])) for i in order]
+        if self.task == "multilabel":
+            predicted = [name for name, p in scores if p >= 0.5]
+        else:
+            predicted = [scores[0][0]]
+            if self.task == "multiclass":
+                scores = scores[:max(1, top_k)]
+        inputs = {"image": None if image is None else str(image), "text": text if code != TEXT_MISSING else None}
+        return Prediction(self.task, scores, predicted, {0: "none", 1: "text", 2: "image"}[code], inputs)
+
+
+def predict_run(run_dir: str | os.PathLike, image: str | os.PathLike | None = None, text: str | None = None,
+                top_k: int = 5, device: str = "cpu") -> Prediction:
+    """One-shot :class:`Predictor` call."""
+    if image is not None and not Path(image).is_file():
+        raise DataError(f"{image}: image file not found")
+    return Predictor(run_dir, device).predict(image, text, top_k)

@@ -6,7 +6,7 @@ if the run was trained with ``missing_image="white"``). At least one input is re
 protocol never drops both).
 
 Scores: ``multiclass`` softmax probabilities (the top ``k`` are listed, the first is the
-prediction); ``multilabel`` sigmoid probabilities (predicted: every class at or above 0.5);
+prediction); ``multilabel`` sigmoid probabilities (predicted: every class above 0.5, as in the macro-F1 metric);
 ``binary`` softmax probabilities of both classes (predicted: the larger one).
 """
 
@@ -92,7 +92,7 @@ class Predictor:
         names = self.class_names
         scores = [(names[i], float(probs[i])) for i in order]
         if self.task == "multilabel":
-            predicted = [name for name, p in scores if p >= 0.5]
+            predicted = [name for name, p in scores if p > 0.5]
         else:
             predicted = [scores[0][0]]
             if self.task == "multiclass":

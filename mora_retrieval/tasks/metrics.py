@@ -3,11 +3,12 @@
 Every value is a percentage (0–100), as in the paper's tables.
 
 * ``multiclass`` (UPMC Food-101): **top-1 accuracy** of the arg-max logit.
-* ``multilabel`` (MM-IMDb): **macro-F1** of ``sigmoid(logits) >= 0.5``, averaged over all
+* ``multilabel`` (MM-IMDb): **macro-F1** of ``sigmoid(logits) > 0.5`` (strictly above, as
+  torchmetrics thresholds; a probability of exactly 0.5 is a negative), averaged over all
   classes. A class with no positive sample *and* no positive prediction has an undefined F1
-  (0/0); it counts as **0** in the average (``zero_division=0``, scikit-learn's default and
-  what the published MM-IMDb evaluations report), so a test split that lacks a genre lowers the
-  score rather than silently shrinking the average. ``micro_f1`` is reported beside it.
+  (0/0); it counts as **0** in the average (``zero_division=0``, also scikit-learn's default),
+  so a test split that lacks a genre lowers the score rather than silently shrinking the
+  average. ``micro_f1`` is reported beside it.
 * ``binary`` (Hateful Memes): **AUROC** of the softmax probability of class 1 (ties count one
   half, as in the pairwise definition). AUROC is undefined when the labels hold a single
   class: the value is then ``nan`` (never chosen as a best epoch). ``accuracy`` (arg-max) is
@@ -46,7 +47,7 @@ def top1_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def macro_f1(logits: torch.Tensor, targets: torch.Tensor, threshold: float = 0.5, average: str = "macro") -> float:
-    """F1 of ``sigmoid(logits) >= threshold`` per class, averaged (``macro`` or ``micro``), in percent."""
+    """F1 of ``sigmoid(logits) > threshold`` per class, averaged (``macro`` or ``micro``), in percent."""
     from torchmetrics.functional.classification import multilabel_f1_score
 
     if len(targets) == 0:
@@ -83,7 +84,7 @@ def majority_baseline(task: str, train_targets: torch.Tensor, test_targets: torc
     """The main metric of a constant predictor fitted on ``train_targets`` (a reference point).
 
     multiclass: accuracy of always predicting the most frequent training class; multilabel:
-    macro-F1 of predicting every class whose training frequency is at least one half; binary:
+    macro-F1 of predicting every class whose training frequency is above one half; binary:
     AUROC of a constant score, i.e. 50.
     """
     if task == "binary":
@@ -95,5 +96,5 @@ def majority_baseline(task: str, train_targets: torch.Tensor, test_targets: torc
         logits[:, int(counts.argmax())] = 1.0
         return top1_accuracy(logits, test_targets)
     freq = train_targets.float().mean(0)
-    logits = torch.where(freq >= 0.5, 1.0, -1.0).expand(n, -1)
+    logits = torch.where(freq > 0.5, 1.0, -1.0).expand(n, -1)
     return macro_f1(logits, test_targets)

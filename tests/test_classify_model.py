@@ -224,3 +224,18 @@ def test_scenarios_and_run_config_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"train": {}, "extra": {"task": "cir"}}))
     with pytest.raises(TrainingError, match="not a classification run"):
         read_run_config(tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_autocast_eval_on_cuda_is_close_to_fp32_on_cpu(tmp_path, tiny_model):
+    _memes_fixture(tmp_path / "memes", n=6)
+    settings = ClassifySettings(dataset="hateful_memes", data_root=str(tmp_path / "memes"), arch="mora-tiny",
+                                pretrained=None, missing="both:0.5", missing_store=str(tmp_path / "store"))
+    data = scenario_data(settings, "test", "both:0.5", tiny_model.preprocess)
+    collate = ClassifyCollate(tiny_model.tokenizer)
+    classifier = _classifier(tiny_model)
+    cpu = predict_logits(classifier, eval_loader(data, collate, 3), "cpu")["logits"]
+    gpu = predict_logits(classifier.to("cuda"), eval_loader(data, collate, 3), "cuda", precision="bf16")["logits"]
+    assert gpu.dtype == torch.float32 and gpu.device.type == "cpu"
+    assert torch.allclose(gpu, cpu, atol=5e-2)

@@ -150,21 +150,7 @@ def register(app: typer.Typer) -> None:
         Console().print(table)
 
 
-def _speed_column():
-    from rich.progress import ProgressColumn
-    from rich.text import Text
-
-    class SamplesPerSecond(ProgressColumn):
-        def render(self, task) -> Text:
-            speed = task.finished_speed or task.speed
-            return Text("– samples/s" if speed is None else f"{speed:,.1f} samples/s", style="progress.data.speed")
-
-    return SamplesPerSecond()
-
-
 def _eval_only(console, dataset, run_dir, test_missing, data_root, split, device, batch_size, workers) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     from mora_retrieval.errors import TrainingError
     from mora_retrieval.tasks.classify_run import evaluate_run
     from mora_retrieval.tasks.classify_setup import canonical_dataset, read_run_config
@@ -174,16 +160,8 @@ def _eval_only(console, dataset, run_dir, test_missing, data_root, split, device
     record = read_run_config(run_dir)
     if dataset is not None and canonical_dataset(dataset) != record["dataset"]:
         raise TrainingError(f"{run_dir}: the run was trained on {record['dataset']}, not {canonical_dataset(dataset)}")
-    columns = (TextColumn("[bold]evaluate"), BarColumn(), MofNCompleteColumn(), _speed_column(), TimeElapsedColumn(),
-               TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
-        task = progress.add_task("eval", total=None)
-
-        def advance(n: int, total: int) -> None:
-            progress.update(task, advance=n, total=total)
-
-        result = evaluate_run(run_dir, test_missing=test_missing, data_root=str(data_root) if data_root else None,
-                              split=split, device=device, batch_size=batch_size, num_workers=workers, progress=advance)
+    result = evaluate_run(run_dir, test_missing=test_missing, data_root=str(data_root) if data_root else None,
+                          split=split, device=device, batch_size=batch_size, num_workers=workers, console=console)
     scen = result["scenario"]
     console.print(_metrics_table(
         f"{result['dataset']} {split} — {result['method']}, train {scen['train']} / test {scen['test']} (merged model)",

@@ -21,13 +21,14 @@ so a resumed run rebuilds the very same frozen backbone.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -46,6 +47,27 @@ class ClassifyParts:
     tokenizer: Callable
     task: str
     class_names: list[str]
+
+
+@contextlib.contextmanager
+def eval_progress(console: Any, total: int, label: str = "evaluate") -> Iterator[Callable[[int], None] | None]:
+    """A rich bar (samples, samples/s, ETA) on a terminal console; yields its ``advance(n)`` or ``None``."""
+    if console is None or not getattr(console, "is_terminal", False) or getattr(console, "quiet", False):
+        yield None
+        return
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.text import Text
+
+    class _Speed(ProgressColumn):
+        def render(self, task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text("– samples/s" if speed is None else f"{speed:,.1f} samples/s", style="progress.data.speed")
+
+    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), _Speed(), TimeElapsedColumn(),
+                  TextColumn("ETA"), TimeRemainingColumn(), console=console) as progress:
+        task = progress.add_task(label, total=total)
+        yield lambda n: progress.advance(task, n)
 
 
 def _missing_counts(dataset: Any) -> dict[str, int]:
@@ -109,8 +131,9 @@ def train_classifier(settings: ClassifySettings, train_config: Any, run_dir: str
 
     classifier.to(device)
     test_set = scenario_data(settings, "test", scen["test"], preprocess)
-    test = evaluate_classifier(classifier, probe.task, test_set, collate, device, settings.eval_batch_size,
-                               train_config.num_workers, train_config.precision)
+    with eval_progress(None if quiet else console, len(test_set), f"test ({scen['test']})") as advance:
+        test = evaluate_classifier(classifier, probe.task, test_set, collate, device, settings.eval_batch_size,
+                                   train_config.num_workers, train_config.precision, advance)
     from .metrics import MAIN_METRIC, majority_baseline
 
     metric = MAIN_METRIC[probe.task]
@@ -182,10 +205,10 @@ def load_run_classifier(run_dir: str | os.PathLike, device: str | torch.device =
 
 def evaluate_run(run_dir: str | os.PathLike, test_missing: str | None = None, data_root: str | None = None,
                  split: str = "test", device: str = "auto", batch_size: int | None = None, num_workers: int = 0,
-                 progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+                 console: Any = None) -> dict[str, Any]:
     """Re-test a finished run (merged weights + head) under another scenario; writes ``eval/…json``.
 
-    ``progress(n_done_now, n_total)`` is called after every batch.
+    A progress bar is shown on ``console`` when it is a terminal.
     """
     from ..data.missing import MissingSpec
     from .classify import ClassifyCollate, evaluate_classifier
@@ -199,9 +222,9 @@ def evaluate_run(run_dir: str | os.PathLike, test_missing: str | None = None, da
     scenario = str(MissingSpec.parse(test_missing)) if test_missing else settings.scenarios["test"]
     dataset = scenario_data(settings, split, scenario, record["preprocess"])
     task = record["dataset_task"]
-    metrics = evaluate_classifier(classifier, task, dataset, ClassifyCollate(record["tokenizer"]), dev,
-                                  batch_size or settings.eval_batch_size, num_workers, "auto",
-                                  None if progress is None else (lambda n: progress(n, len(dataset))))
+    with eval_progress(console, len(dataset), f"{split} ({scenario})") as advance:
+        metrics = evaluate_classifier(classifier, task, dataset, ClassifyCollate(record["tokenizer"]), dev,
+                                      batch_size or settings.eval_batch_size, num_workers, "auto", advance)
     metric = MAIN_METRIC[task]
     result = {"task": "classify", "dataset": settings.dataset, "method": settings.adapter["method"],
               "split": split, "scenario": {"train": settings.scenarios["train"], "test": scenario},

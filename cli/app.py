@@ -28,7 +28,9 @@ def _root() -> None:
 
 
 # Command modules, in the order their commands appear in --help.
-COMMAND_MODULES = ("models", "data", "pretrain", "train", "merge")
+COMMAND_MODULES = (
+    "demo", "data", "pretrain", "train", "merge", "index", "search", "eval", "eval_cirr", "classify", "models",
+)
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"mora_retrieval_cli.{_name}").register(app)

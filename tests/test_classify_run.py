@@ -167,3 +167,35 @@ def test_grid_writes_one_markdown_and_csv_table(app, world, tmp_path):
     before = (tmp_path / "grid" / "grid.csv").read_text()
     _invoke(app, *args)  # finished cells are reused, not retrained
     assert (tmp_path / "grid" / "grid.csv").read_text() == before
+
+
+def test_interrupted_run_resumes_to_the_same_weights_and_results(app, world, tmp_path, monkeypatch):
+    from mora_retrieval.engine import TrainingInterrupted
+    from mora_retrieval.fileio import load_tensors
+    from mora_retrieval.tasks.classify import ClassifyModule
+
+    args = ("classify", "hateful-memes", "--data-root", world / "hateful_memes", "--missing", "both:0.5",
+            "--epochs", "2", "--batch-size", "16", "--seed", "1", *COMMON)
+    _invoke(app, *args, "--run-dir", tmp_path / "straight")
+
+    real, calls = ClassifyModule.forward, {"n": 0}
+
+    def interrupted_at_step_7(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real(self, batch)
+
+    monkeypatch.setattr(ClassifyModule, "forward", interrupted_at_step_7)
+    with pytest.raises(TrainingInterrupted, match="--resume"):
+        _invoke(app, *args, "--run-dir", tmp_path / "resumed")
+    monkeypatch.undo()
+    assert not (tmp_path / "resumed" / "results.json").exists()
+    _invoke(app, *args, "--run-dir", tmp_path / "resumed", "--resume")
+
+    a = json.loads((tmp_path / "straight" / "results.json").read_text())
+    b = json.loads((tmp_path / "resumed" / "results.json").read_text())
+    assert (a["test"], a["best_epoch"]) == (b["test"], b["best_epoch"])
+    for name in ("merged.safetensors", "head.safetensors", "adapter/adapter.safetensors"):
+        x, y = load_tensors(tmp_path / "straight" / name), load_tensors(tmp_path / "resumed" / name)
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name

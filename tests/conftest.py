@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import warnings
+
+# Tiny models on a 2-core machine: one intra-op thread per process avoids OpenMP
+# oversubscription (DataLoader workers, torchrun ranks), which can slow steps by 10-100x.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
+
+
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

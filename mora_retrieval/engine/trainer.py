@@ -165,6 +165,8 @@ class Trainer:
             self.model = DistributedDataParallel(
                 self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=False)
+        if self.device.type == "cpu":
+            _leave_cores_for_workers(cfg.num_workers, info.world_size)
         loader = build_loader(self.dataset, sampler, self.collate_fn, cfg.num_workers,
                               pin_memory=self.device.type == "cuda")
         self.progress = TrainProgress(self.console, self.quiet, enabled=info.is_main)

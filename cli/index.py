@@ -107,7 +107,8 @@ def _build(items_fn: Any, collection: dict, default_name: str, opts: dict) -> No
         opts["model"], opts["pretrained"], opts["adapter"], opts["checkpoint"], opts["run"], None, device
     )
     out = opts["out"] or DEFAULT_INDEX_ROOT / (opts["name"] or default_name)
-    embed = EmbedConfig(batch_size=opts["batch_size"], chunk_size=opts["chunk_size"], skip_bad_images=opts["skip_bad_images"])
+    embed = EmbedConfig(batch_size=opts["batch_size"], chunk_size=opts["chunk_size"], skip_bad_images=opts["skip_bad_images"],
+                        fast_jpeg=opts["fast_jpeg"])
     if opts["workers"] is not None:
         embed.workers = opts["workers"]
     config = BuildConfig(index_type=opts["index_type"], search_params=opts["search_params"], shard=shard, embed=embed)
@@ -148,6 +149,7 @@ BatchOpt = typer.Option(256, "--batch-size", help="Images per batch.")
 WorkersOpt = typer.Option(None, "--workers", help="DataLoader workers (default: one per core, at most 8).")
 ChunkOpt = typer.Option(8192, "--chunk-size", help="Images per resumable chunk file.")
 ShardOpt = typer.Option(None, "--shard", help="i/n: embed the i-th of n blocks (default: from torchrun RANK/WORLD_SIZE).")
+FastOpt = typer.Option(False, "--fast-jpeg", help="Decode JPEGs at a reduced DCT scale (faster on CPU, slightly different features).")
 SkipOpt = typer.Option(False, "--skip-bad-images", help="Leave unreadable images out (listed in the manifest) instead of stopping.")
 
 
@@ -160,6 +162,7 @@ def index_coco(
     name: Optional[str] = NameOpt, out: Optional[Path] = OutOpt, index_type: str = TypeOpt,
     search_params: Optional[str] = ParamsOpt, batch_size: int = BatchOpt, workers: Optional[int] = WorkersOpt,
     chunk_size: int = ChunkOpt, shard: Optional[str] = ShardOpt, skip_bad_images: bool = SkipOpt,
+    fast_jpeg: bool = FastOpt,
 ) -> None:
     """Index the COCO gallery of a split (images with at least one instance annotation)."""
     from mora_retrieval.retrieval.items import coco_items
@@ -178,6 +181,7 @@ def index_images(
     name: Optional[str] = NameOpt, out: Optional[Path] = OutOpt, index_type: str = TypeOpt,
     search_params: Optional[str] = ParamsOpt, batch_size: int = BatchOpt, workers: Optional[int] = WorkersOpt,
     chunk_size: int = ChunkOpt, shard: Optional[str] = ShardOpt, skip_bad_images: bool = SkipOpt,
+    fast_jpeg: bool = FastOpt,
 ) -> None:
     """Index every image under a folder (jpg, png, webp, bmp, gif, tif)."""
     from mora_retrieval.retrieval.items import folder_items

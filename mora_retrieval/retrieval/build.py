@@ -86,13 +86,13 @@ def shard_bounds(count: int, shard: tuple[int, int]) -> tuple[int, int]:
     return i * count // n, (i + 1) * count // n
 
 
-def encoder_info(encoder: Any) -> dict[str, Any]:
-    """The manifest fields that describe the model."""
+def encoder_info(encoder: Any, embed: EmbedConfig | None = None) -> dict[str, Any]:
+    """The manifest fields that describe the model (and the decoding used)."""
     return {
         "arch": encoder.source.get("arch"),
         "fingerprint": encoder.fingerprint,
         "source": encoder.source,
-        "preprocess": encoder.preprocess_cfg,
+        "preprocess": {**encoder.preprocess_cfg, "fast_jpeg": bool(embed and embed.fast_jpeg)},
     }
 
 
@@ -125,7 +125,7 @@ def build_index(
         skipped = [items[p].path for p in result.skipped]
         spec = resolve_index_type(config.index_type, len(kept), config.search_params)
         folder = write_index_folder(
-            out, result.features, kept, spec=spec, encoder_info=encoder_info(encoder),
+            out, result.features, kept, spec=spec, encoder_info=encoder_info(encoder, embed_cfg),
             collection=collection, skipped=skipped,
         )
         shutil.rmtree(work, ignore_errors=True)
@@ -152,7 +152,7 @@ def build_index(
             "items_digest": items_digest(items),
             "count": len(kept),
             "skipped": skipped,
-            "encoder": encoder_info(encoder),
+            "encoder": encoder_info(encoder, embed_cfg),
             "collection": collection or {},
         },
     )

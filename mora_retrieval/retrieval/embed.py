@@ -11,17 +11,29 @@ to ``<work_dir>/part-NNNNN.npy`` (float16 features) and recorded in
 list. A rerun with the same model and items skips the recorded chunks; anything else starts
 over. All writes are atomic, so an interrupted run never leaves a half-written chunk.
 
+Fast JPEG decoding (``fast_jpeg``, off by default): on the CPU path, JPEGs are decoded by
+libjpeg directly at the smallest 1/2, 1/4 or 1/8 scale that still covers the model's input
+size (PIL's draft mode), before the usual resize and crop. It makes decoding several times
+cheaper for small input sizes; the features differ slightly from the reference preprocessing
+(a DCT-domain downscale precedes the bicubic one), so an index and its queries should use
+the same setting.
+
+CPU threads: with DataLoader workers on a CPU-only run, the encoding process limits torch to
+the cores the workers leave free (restored afterwards), so decoding and encoding do not fight
+over the same cores.
+
 Bad images: by default the first unreadable image stops the run with a one-line DataError;
 with ``skip_bad_images`` it is left out and its position recorded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -47,6 +59,7 @@ class EmbedConfig:
     chunk_size: int = 8192
     skip_bad_images: bool = False
     gpu_decode: bool | None = None  # None: on when the encoder runs on CUDA
+    fast_jpeg: bool = False  # CPU path: let libjpeg decode at a reduced scale (PIL draft mode)
     normalize: bool = True
 
 
@@ -71,10 +84,11 @@ class Reporter(Protocol):
 class _ImageFiles:
     """Dataset over paths: ``(position, tensor | jpeg bytes | None, error message | None)``."""
 
-    def __init__(self, paths: Sequence[str], transform: Callable, raw_jpeg: bool) -> None:
+    def __init__(self, paths: Sequence[str], transform: Callable, raw_jpeg: bool, draft_size: int | None = None) -> None:
         self.paths = list(paths)
         self.transform = transform
         self.raw_jpeg = raw_jpeg
+        self.draft_size = draft_size
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -92,11 +106,42 @@ class _ImageFiles:
                 if not data:
                     raise DataError(f"{path}: unreadable or corrupt image (empty file)")
                 return position, torch.frombuffer(bytearray(data), dtype=torch.uint8), None
+            if self.draft_size and path.lower().endswith(JPEG_SUFFIXES):
+                return position, self.transform(_load_jpeg_draft(path, self.draft_size)), None
             return position, self.transform(load_image(path)), None
         except DataError as exc:
             return position, None, str(exc)
         except OSError as exc:
             return position, None, f"{path}: unreadable image ({exc.__class__.__name__}: {exc})"
+
+
+def _load_jpeg_draft(path: str, size: int) -> Any:
+    """Decode a JPEG at the smallest DCT scale whose sides are still >= ``size``."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.draft("RGB", (size, size))
+            img.load()
+            return img.convert("RGB")
+    except Exception as exc:  # PIL raises many types for truncated or foreign files
+        raise DataError(f"{path}: unreadable or corrupt image ({exc.__class__.__name__}: {exc})") from None
+
+
+@contextlib.contextmanager
+def _cpu_threads(threads: int | None) -> Iterator[None]:
+    """Temporarily limit torch's intra-op threads (``None``: leave them)."""
+    import torch
+
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _collate(batch: list[tuple[int, Any, str | None]]) -> tuple[list[int], Any, list[int], list[Any], list[tuple[int, str]]]:
@@ -230,8 +275,9 @@ def embed_paths(
     for c in pending:
         stop = min(n, (c + 1) * chunk_size)
         batches.extend(list(range(s, min(stop, s + config.batch_size))) for s in range(c * chunk_size, stop, config.batch_size))
+    draft = int(encoder.preprocess_cfg.get("size", 0)) if config.fast_jpeg and not gpu_decode else None
     loader = DataLoader(
-        _ImageFiles(paths, encoder.preprocess, raw_jpeg=gpu_decode),
+        _ImageFiles(paths, encoder.preprocess, raw_jpeg=gpu_decode, draft_size=draft),
         batch_sampler=batches,
         num_workers=config.workers if batches else 0,
         collate_fn=_collate,
@@ -259,35 +305,39 @@ def embed_paths(
         if on_chunk is not None:
             on_chunk(chunk)
 
-    for tensor_pos, stacked, jpeg_pos, jpegs, bad in loader:
-        positions = tensor_pos + jpeg_pos + [p for p, _ in bad]
-        chunk = min(positions) // chunk_size
-        if current is not None and chunk != current:
-            flush(current)
-        current = chunk
-        feats_list, pos_list = [], []
-        if jpegs:
-            images, gpu_bad = decode_jpegs_gpu(jpegs, [paths[p] for p in jpeg_pos], encoder.device)
-            bad = bad + [(jpeg_pos[i], msg) for i, msg in gpu_bad]
-            good = [i for i, img in enumerate(images) if img is not None]
-            if good:
-                batch = gpu_preprocess([images[i] for i in good], encoder.preprocess_cfg)
-                feats_list.append(encoder.encode_images(batch, normalize=config.normalize))
-                pos_list.extend(jpeg_pos[i] for i in good)
-        if bad and not config.skip_bad_images:
-            position, message = min(bad)
-            raise DataError(f"{message} (use --skip-bad-images to leave such images out)")
-        for position, _ in bad:
-            chunk_skipped.setdefault(chunk, []).append(position)
-        if stacked is not None:
-            feats_list.append(encoder.encode_images(stacked, normalize=config.normalize))
-            pos_list.extend(tensor_pos)
-        if feats_list:
-            feats = torch.cat(feats_list, dim=0).float().cpu().numpy()
-            pieces.append((np.asarray(pos_list, dtype=np.int64), feats))
-        encoded += len(positions)
-        if reporter is not None:
-            reporter.advance(len(positions))
+    workers = config.workers if batches else 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores - workers) if workers > 0 and not on_cuda else None
+    with _cpu_threads(threads):
+        for tensor_pos, stacked, jpeg_pos, jpegs, bad in loader:
+            positions = tensor_pos + jpeg_pos + [p for p, _ in bad]
+            chunk = min(positions) // chunk_size
+            if current is not None and chunk != current:
+                flush(current)
+            current = chunk
+            feats_list, pos_list = [], []
+            if jpegs:
+                images, gpu_bad = decode_jpegs_gpu(jpegs, [paths[p] for p in jpeg_pos], encoder.device)
+                bad = bad + [(jpeg_pos[i], msg) for i, msg in gpu_bad]
+                good = [i for i, img in enumerate(images) if img is not None]
+                if good:
+                    batch = gpu_preprocess([images[i] for i in good], encoder.preprocess_cfg)
+                    feats_list.append(encoder.encode_images(batch, normalize=config.normalize))
+                    pos_list.extend(jpeg_pos[i] for i in good)
+            if bad and not config.skip_bad_images:
+                position, message = min(bad)
+                raise DataError(f"{message} (use --skip-bad-images to leave such images out)")
+            for position, _ in bad:
+                chunk_skipped.setdefault(chunk, []).append(position)
+            if stacked is not None:
+                feats_list.append(encoder.encode_images(stacked, normalize=config.normalize))
+                pos_list.extend(tensor_pos)
+            if feats_list:
+                feats = torch.cat(feats_list, dim=0).float().cpu().numpy()
+                pieces.append((np.asarray(pos_list, dtype=np.int64), feats))
+            encoded += len(positions)
+            if reporter is not None:
+                reporter.advance(len(positions))
     if current is not None:
         flush(current)
 

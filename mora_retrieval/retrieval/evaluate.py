@@ -192,7 +192,8 @@ def cir_queries(folder: Any, encoder: Any, embed: Any = None, reporter: Any = No
     from .search import check_encoder
 
     check_encoder(folder, encoder)
-    config = replace(embed or EmbedConfig(), normalize=False, skip_bad_images=False)
+    fast_jpeg = bool(folder.manifest.get("preprocess", {}).get("fast_jpeg", False))  # decode as the index did
+    config = replace(embed or EmbedConfig(), normalize=False, skip_bad_images=False, fast_jpeg=fast_jpeg)
     raw = embed_paths(encoder, [it.path for it in folder.items], config, reporter=reporter).features
     text = encoder.encode_texts([""], normalize=False)
     out = [

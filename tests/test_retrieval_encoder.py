@@ -1,0 +1,83 @@
+"""load_encoder: plain, adapter, merged checkpoint and run folder sources agree on the weights."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_retrieval_fixtures import write_tiny_checkpoint
+
+from mora_retrieval.backbone import load_backbone, weights_fingerprint
+from mora_retrieval.errors import BackboneError
+from mora_retrieval.retrieval.encoder import load_encoder, load_encoder_from_source
+
+
+@pytest.fixture(scope="module")
+def adapted(tmp_path_factory):
+    from mora_retrieval.adapters import AdapterConfig, add_adapters, export_checkpoint, merge_adapters, save_adapters
+    from mora_retrieval.tasks.combiner import Combiner, save_combiner
+
+    root = tmp_path_factory.mktemp("enc")
+    base = write_tiny_checkpoint(root / "base.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = load_backbone("mora-tiny", pretrained=str(base)).model
+    add_adapters(model, AdapterConfig())
+    save_adapters(model, root / "adapter", arch="mora-tiny")
+    merged = merge_adapters(model).eval()
+    run = root / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"arch": "mora-tiny", "pretrained": str(base)}))
+    export_checkpoint(merged, run / "merged.safetensors")
+    torch.manual_seed(1)
+    save_combiner(Combiner(64), run / "combiner.safetensors")
+    return {"root": root, "base": base, "fingerprint": weights_fingerprint(merged)}
+
+
+def test_adapter_checkpoint_and_run_give_the_merged_weights(adapted):
+    root, base = adapted["root"], adapted["base"]
+    plain = load_encoder("mora-tiny", str(base), device="cpu")
+    via_adapter = load_encoder("mora-tiny", str(base), adapter=root / "adapter", device="cpu")
+    via_ckpt = load_encoder("mora-tiny", checkpoint=root / "run" / "merged.safetensors", device="cpu")
+    via_run = load_encoder(None, run=root / "run", device="cpu")
+    assert plain.fingerprint != adapted["fingerprint"]
+    assert via_adapter.fingerprint == via_ckpt.fingerprint == via_run.fingerprint == adapted["fingerprint"]
+    assert via_adapter.source["adapter"].endswith("adapter") and via_ckpt.source["checkpoint"].endswith("merged.safetensors")
+    assert via_run.source["run"].endswith("run") and via_run.combiner is not None and via_adapter.combiner is None
+    # the manifest's source reloads the same weights
+    assert load_encoder_from_source(json.loads(json.dumps(via_run.source)), device="cpu").fingerprint == adapted["fingerprint"]
+
+
+def test_run_without_merged_checkpoint_merges_its_adapter(adapted, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(adapted["root"] / "run" / "config.json", run / "config.json")
+    shutil.copytree(adapted["root"] / "adapter", run / "adapter")
+    enc = load_encoder(None, run=run, device="cpu")
+    assert enc.fingerprint == adapted["fingerprint"] and enc.combiner is None
+
+
+def test_composed_query_uses_the_combiner_else_the_sum(adapted):
+    enc = load_encoder(None, run=adapted["root"] / "run", device="cpu")
+    img = torch.randn(3, 64)
+    txt = torch.randn(1, 64)
+    with torch.no_grad():
+        want = enc.combiner(img, txt.expand(3, -1))
+    assert torch.allclose(enc.encode_composed(img, txt), want, atol=1e-6)
+    enc.combiner = None
+    assert torch.allclose(enc.encode_composed(img, txt), F.normalize(img + txt, dim=-1), atol=1e-6)
+
+
+def test_source_errors_are_one_line(adapted, tmp_path):
+    with pytest.raises(BackboneError, match="at most one"):
+        load_encoder("mora-tiny", adapter=adapted["root"] / "adapter", checkpoint=adapted["base"])
+    with pytest.raises(BackboneError) as err:
+        load_encoder(None, run=tmp_path)
+    assert "config.json" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(BackboneError, match="no architecture"):
+        load_encoder(None)

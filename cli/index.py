@@ -106,6 +106,9 @@ def _build(items_fn: Any, collection: dict, default_name: str, opts: dict) -> No
     encoder = load_encoder_from_options(
         opts["model"], opts["pretrained"], opts["adapter"], opts["checkpoint"], opts["run"], None, device
     )
+    if not any(encoder.source.get(k) for k in ("pretrained", "checkpoint", "adapter", "run")):
+        console.print("[yellow]note:[/] random weights: `search` and `eval --mode cir` will not be able to reload "
+                      "this model (use --pretrained FILE or --checkpoint FILE)")
     out = opts["out"] or DEFAULT_INDEX_ROOT / (opts["name"] or default_name)
     embed = EmbedConfig(batch_size=opts["batch_size"], chunk_size=opts["chunk_size"], skip_bad_images=opts["skip_bad_images"],
                         fast_jpeg=opts["fast_jpeg"])

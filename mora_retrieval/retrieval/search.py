@@ -37,9 +37,13 @@ def check_encoder(folder: IndexFolder, encoder: Any) -> None:
     """Refuse an encoder whose weights are not those the index was built with."""
     expected = folder.manifest["fingerprint"]
     if encoder.fingerprint != expected:
+        source = folder.manifest.get("source", {})
+        hint = "use the same model options"
+        if not any(source.get(k) for k in ("pretrained", "checkpoint", "adapter", "run")):
+            hint = "it was built with random weights, which cannot be reloaded: rebuild it from a checkpoint file"
         raise IndexError_(
             f"{folder.path / 'manifest.json'}: index was built with weights {expected} "
-            f"({folder.manifest.get('arch')}), the query model has {encoder.fingerprint}; use the same model options"
+            f"({folder.manifest.get('arch')}), the query model has {encoder.fingerprint}; {hint}"
         )
     if encoder.dim != folder.dim:
         raise IndexError_(f"{folder.path}: index dimension {folder.dim}, query model gives {encoder.dim}")

@@ -14,7 +14,7 @@ import typer
 index_app = typer.Typer(help="Embed a collection of images and build a FAISS index folder.", no_args_is_help=True)
 
 DEFAULT_INDEX_ROOT = Path("indexes")
-MODEL_HELP = "Model options (default for search/eval: the model recorded in the index manifest)"
+MODEL_HELP = "Model options"
 
 
 def load_encoder_from_options(

@@ -24,7 +24,7 @@ def register(app: typer.Typer) -> None:
         combiner: Optional[Path] = typer.Option(None, "--combiner", help="Combiner file for composed queries.", rich_help_panel=MODEL_HELP),
         device: Optional[str] = DeviceOpt,
     ) -> None:
-        """Top-k images for a query; the model is reloaded from the index manifest unless given."""
+        """Top-k images for a query; the model is reloaded from the index manifest unless model options are given."""
         import json
 
         from rich.console import Console

@@ -4,7 +4,9 @@ Submodules (imported on demand; this package imports nothing heavy):
 
 * :mod:`.encoder`  – :func:`load_encoder`: a (merged) open_clip model behind one interface
   for image, text and composed queries, with the fingerprint of its final weights.
-* :mod:`.embed`    – the batched, sharded, resumable embedding pipeline.
+* :mod:`.items`    – the collections to index (COCO gallery, image folder) as items.
+* :mod:`.embed`    – the batched, resumable embedding pipeline.
+* :mod:`.build`    – items → index folder, in one process or in shards, and the merge.
 * :mod:`.index`    – index folders: FAISS index, items table, float16 embeddings, manifest.
 * :mod:`.search`   – query encoding and k-NN search against an index folder.
 * :mod:`.evaluate` – Recall@K, the COCO image-to-image protocol (METHOD.md §5).

@@ -40,9 +40,9 @@ class DemoSettings:
     world_size: str = "small"
     arch: str = "mora-tiny"
     seed: int = 0
-    pretrain_epochs: int = 8
-    pretrain_batch: int = 128
-    pretrain_lr: float = 2e-3
+    pretrain_epochs: int = 12
+    pretrain_batch: int = 64
+    pretrain_lr: float = 3e-3
     cir_epochs: int = 3
     cir_batch: int = 32
     combiner_epochs: int = 5

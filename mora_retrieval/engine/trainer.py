@@ -415,3 +415,18 @@ class Trainer:
                            stopped_early=pos.stopped_early, best_checkpoint=best if best.is_file() else None,
                            global_step=pos.global_step, run_dir=self.run_dir)
 
+
+
+def _leave_cores_for_workers(num_workers: int, world_size: int) -> None:
+    """On CPU, cap torch's intra-op threads so ranks and DataLoader workers don't oversubscribe.
+
+    Each of ``world_size`` processes gets ``cores / world_size - num_workers`` threads (at least
+    one). OpenMP threads spinning while other processes hold the cores can slow a step by an
+    order of magnitude. An explicit ``OMP_NUM_THREADS`` is left alone.
+    """
+    import os
+
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores // max(world_size, 1) - num_workers))

@@ -37,4 +37,5 @@ def register(app: typer.Typer) -> None:
         console.print(f"classification ({c['dataset']}, {c['scenario']['test']}): {c['metric']} "
                       f"{c['test']:.2f} (majority baseline {c['majority_baseline']})")
         console.print(summary["verdict"])
+        console.print(summary["chance_note"])
         console.print(f"finished in {data['total_s']:.0f} s; report: [bold]{summary['report']}[/]")

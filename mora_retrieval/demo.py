@@ -264,8 +264,16 @@ def _summarise(settings, world, cir, retrieval, classify, query_image, caption, 
     verdict = (f"MoRA {'beats' if mora_avg > full_avg else 'does not beat'} the full fine-tuning baseline on this "
                f"world (CIRR val avg {mora_avg:.2f} vs {full_avg:.2f}, summed features).")
     json_out["verdict"] = verdict
+    below = [f"{name}: {metric}" for rows, chance in ((cirr_rows, cirr_chance), (coco_rows, coco_chance_row))
+             for name, metrics in rows.items() for metric, value in metrics.items()
+             if metric in chance and not value > chance[metric]]
+    if classify["test_metric"] <= _baseline_value(classify["majority_baseline"]):
+        below.append(f"classification: {metric}")
+    json_out["not_above_chance"] = below
+    chance_note = ("Every model beats chance on every metric." if not below else
+                   "Not above chance: " + "; ".join(below) + ".")
     return {"json": json_out, "cirr_rows": cirr_rows, "cirr_chance": cirr_chance, "coco_rows": coco_rows,
-            "coco_chance": coco_chance_row, "verdict": verdict}
+            "coco_chance": coco_chance_row, "verdict": verdict, "chance_note": chance_note}
 
 
 def _baseline_value(baseline: Any) -> Any:
@@ -285,6 +293,7 @@ def _write_report(path: Path, summary, cir, retrieval, classify, checkpoint, que
         f"Every figure below was measured by this run ({data['total_s']:.0f} s in all; steps: "
         + ", ".join(f"{k} {v:.0f} s" for k, v in data["timings_s"].items()) + ").",
         summary["verdict"],
+        summary["chance_note"],
         f"Trainable share of the CIR models: full {data['trainable_percent']['full']:.2f}%, "
         f"MoRA {data['trainable_percent']['mora']:.3f}%.",
     ])

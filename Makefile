@@ -23,8 +23,12 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# The CPU benchmarks of BENCHMARKS.md (add --device cuda on a GPU machine).
 bench: install
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/bench_adapters.py --arch mora-tiny --batch 64
+	$(BIN)/python benchmarks/bench_cir.py --arch mora-tiny --batch 64 --steps 20
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_engine.py
+	$(BIN)/python benchmarks/bench_retrieval.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -50,7 +50,7 @@ def main() -> None:
             forward(model)
 
     rows = {}
-    for _ in range(2):  # interleave to even out drift
+    for _ in range(3):  # interleave to even out drift
         for name, fn, model in (
             ("plain", forward, plain),
             ("adapted (unmerged)", forward, adapted),

@@ -16,7 +16,7 @@
    on that shortcut. nlist is 1024 at 100k and 2048 at 1M.
 
 Usage: ``python benchmarks/bench_retrieval.py [--sizes 100000 1000000] [--queries 500]``;
-prints a Markdown table (paste it into ``benchmarks/results_retrieval.md``).
+prints a Markdown table (paste it into ``BENCHMARKS.md``).
 """
 
 from __future__ import annotations

@@ -40,13 +40,13 @@ class DemoSettings:
     world_size: str = "small"
     arch: str = "mora-tiny"
     seed: int = 0
-    pretrain_epochs: int = 12
+    pretrain_epochs: int = 16
     pretrain_batch: int = 64
     pretrain_lr: float = 3e-3
-    cir_epochs: int = 3
+    cir_epochs: int = 8
     cir_batch: int = 32
-    combiner_epochs: int = 5
-    classify_epochs: int = 4
+    combiner_epochs: int = 10
+    classify_epochs: int = 10
     classify_batch: int = 64
     workers: int = 1
 

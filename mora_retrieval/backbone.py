@@ -113,8 +113,8 @@ def load_backbone(
             precision=precision,
             cache_dir=cache_dir,
         )
-    except RuntimeError as exc:
-        text = str(exc)
+    except Exception as exc:  # open_clip raises RuntimeError, AssertionError, pickle/safetensors errors
+        first = (str(exc).splitlines() or [exc.__class__.__name__])[0][:300]
         if kind == "tag":
             raise BackboneError(
                 f"could not download '{pretrained}' weights for {arch} (offline?): download the open_clip "
@@ -122,20 +122,18 @@ def load_backbone(
                 f"/path/to/open_clip_pytorch_model.bin"
             ) from None
         if kind == "file":
-            first = text.splitlines()[0] if text else exc.__class__.__name__
-            raise BackboneError(f"{pretrained}: not a checkpoint of {arch} ({first[:300]})") from None
-        raise
-    except Exception as exc:  # unreadable files: pickle errors, safetensors header errors, ...
-        if kind == "file":
-            raise BackboneError(f"{pretrained}: unreadable checkpoint ({exc.__class__.__name__}: {exc})") from None
-        if kind == "tag":
-            raise BackboneError(
-                f"could not download '{pretrained}' weights for {arch} ({exc.__class__.__name__}); offline, "
-                f"pass a local checkpoint file instead: --pretrained /path/to/open_clip_pytorch_model.bin"
-            ) from None
+            if _is_shape_mismatch(exc):
+                raise BackboneError(f"{pretrained}: not a checkpoint of {arch} ({first})") from None
+            raise BackboneError(f"{pretrained}: unreadable checkpoint ({exc.__class__.__name__}: {first})") from None
         raise
     tokenizer = open_clip.get_tokenizer(arch)
     return Backbone(model=model, preprocess=preprocess, tokenizer=tokenizer, arch=arch, pretrained=pretrained)
+
+
+def _is_shape_mismatch(exc: Exception) -> bool:
+    """Whether loading failed because the tensors belong to another architecture."""
+    text = str(exc)
+    return isinstance(exc, (AssertionError, KeyError)) or "state_dict" in text or "size mismatch" in text
 
 
 def weights_fingerprint(model_or_state: Any, length: int = 16) -> str:

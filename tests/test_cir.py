@@ -167,3 +167,41 @@ def test_train_cirr_end_to_end(world, tmp_path):
     # A second run into the same folder must not clobber it.
     with pytest.raises(TrainingError, match="already holds a run"):
         train_cirr(_settings(world, run), quiet=True)
+
+
+@pytest.mark.slow
+def test_train_cirr_under_torchrun_with_two_gloo_processes(world, tmp_path, tiny_model):
+    """Both stages under DDP: the run folder is complete and written once, every rank agrees."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mora_retrieval.adapters import export_checkpoint, load_adapters
+    from mora_retrieval.backbone import load_backbone
+    from mora_retrieval.fileio import load_tensors
+
+    base = export_checkpoint(tiny_model.model, tmp_path / "base.safetensors")
+    (tmp_path / "out").mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    script = Path(__file__).resolve().parent / "cir_ddp_script.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(world["cirr"]), str(tmp_path / "run"), str(tmp_path / "out"), str(base)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    saved = json.loads((run / "stage1" / "config.json").read_text())
+    assert saved["resolved"]["world_size"] == 2 and saved["resolved"]["effective_batch_size"] == 8
+    for name in ("adapter/adapter.safetensors", "merged.safetensors", "combiner.safetensors", "results.json"):
+        assert (run / name).is_file(), name
+    ranks = [load_tensors(tmp_path / "out" / f"rank{r}.safetensors")["avg"] for r in (0, 1)]
+    assert torch.equal(ranks[0], ranks[1])
+    # The saved adapter reproduces the merged checkpoint written by rank 0.
+    model = load_adapters(load_backbone("mora-tiny", str(base)).model, run / "adapter")
+    from mora_retrieval.adapters import merge_adapters
+    from mora_retrieval.backbone import weights_fingerprint
+
+    merged = load_backbone("mora-tiny", str(run / "merged.safetensors")).model
+    assert weights_fingerprint(merge_adapters(model)) == weights_fingerprint(merged)

@@ -12,8 +12,10 @@ each forward (frozen weights need no gradient and are ignored by DDP).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -101,3 +103,19 @@ def gather_objects(obj, info: DistInfo) -> list:
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+@contextlib.contextmanager
+def process_group(device_spec: str = "auto") -> Iterator[DistInfo]:
+    """Hold the torchrun process group across several ``Trainer.fit`` calls (e.g. two stages).
+
+    Re-creating the default group between stages can deadlock the rendezvous; inside this
+    context every trainer finds the group initialised and leaves it alone.
+    """
+    info = detect()
+    created = init_if_needed(info, resolve_device(device_spec, info))
+    try:
+        yield info
+    finally:
+        if created:
+            dist.destroy_process_group()

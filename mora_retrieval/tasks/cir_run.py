@@ -121,7 +121,18 @@ def _fit(trainer, run_dir: Path, resume: bool):
 
 
 def train_cirr(settings: CIRSettings, resume: bool = False, console=None, quiet: bool = False) -> dict[str, Any]:
-    """Train stage 1 (and stage 2 unless ``settings.stage2`` is None); return the results dict."""
+    """Train stage 1 (and stage 2 unless ``settings.stage2`` is None); return the results dict.
+
+    Under ``torchrun`` every rank runs this; both stages share one process group, only rank 0
+    writes files.
+    """
+    from ..engine.distributed import process_group
+
+    with process_group(settings.stage1.device):
+        return _train_cirr(settings, resume, console, quiet)
+
+
+def _train_cirr(settings: CIRSettings, resume: bool, console, quiet: bool) -> dict[str, Any]:
     from ..backbone import image_size_of, load_backbone
     from ..engine import Trainer
     from ..engine.checkpoint import load_best

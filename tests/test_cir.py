@@ -205,3 +205,45 @@ def test_train_cirr_under_torchrun_with_two_gloo_processes(world, tmp_path, tiny
 
     merged = load_backbone("mora-tiny", str(run / "merged.safetensors")).model
     assert weights_fingerprint(merge_adapters(model)) == weights_fingerprint(merged)
+
+
+def test_resume_finishes_an_interrupted_run_and_refuses_other_settings(world, tmp_path, monkeypatch, tiny_model):
+    """Interrupt stage 1 mid-way (Ctrl-C), resume: the same adapter as an uninterrupted run."""
+    from mora_retrieval.adapters import export_checkpoint
+    from mora_retrieval.engine import TrainingInterrupted
+    from mora_retrieval.fileio import load_tensors
+    from mora_retrieval.tasks import cir
+    from mora_retrieval.tasks.cir_run import train_cirr
+
+    base = str(export_checkpoint(tiny_model.model, tmp_path / "base.safetensors"))
+
+    def settings(run):
+        s = _settings(world, tmp_path / run)
+        s.pretrained = base
+        return s
+
+    straight = train_cirr(settings("straight"), quiet=True)
+    calls = {"n": 0}
+    original = cir.CIRStage1.forward
+
+    def interrupt_at_step_3(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, batch)
+
+    monkeypatch.setattr(cir.CIRStage1, "forward", interrupt_at_step_3)
+    with pytest.raises(TrainingInterrupted, match="--resume"):
+        train_cirr(settings("run"), quiet=True)
+    monkeypatch.setattr(cir.CIRStage1, "forward", original)
+    changed = settings("run")
+    changed.adapter.r = 8
+    with pytest.raises(TrainingError, match="cannot resume.*adapter"):
+        train_cirr(changed, resume=True, quiet=True)
+    resumed = train_cirr(settings("run"), resume=True, quiet=True)
+    want = load_tensors(tmp_path / "straight" / "adapter" / "adapter.safetensors")
+    got = load_tensors(tmp_path / "run" / "adapter" / "adapter.safetensors")
+    assert want.keys() == got.keys()
+    for key in want:
+        assert torch.equal(want[key], got[key]), key
+    assert resumed["val_stage1"] == pytest.approx(straight["val_stage1"])

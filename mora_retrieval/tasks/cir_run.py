@@ -136,19 +136,24 @@ def _train_cirr(settings: CIRSettings, resume: bool, console, quiet: bool) -> di
     from ..backbone import image_size_of, load_backbone
     from ..engine import Trainer
     from ..engine.checkpoint import load_best
-    from ..engine.distributed import detect
+    from ..engine.distributed import barrier, detect
     from .cir import CaptionCollate, CIRRValidation, CIRStage1, CIRStage2, encode_images, encode_triplet_features
     from .combiner import Combiner, save_combiner
 
     run_dir = Path(settings.run_dir)
-    main = detect().is_main
+    info = detect()
+    main = info.is_main
     if resume and (run_dir / RUN_CONFIG).exists():
         _check_resume(run_dir, settings)
     elif (run_dir / RUN_CONFIG).exists() and not resume:
         raise TrainingError(f"{run_dir}: already holds a run; pass --resume to continue it or choose a new --run-dir")
+    barrier(info)  # every rank has checked the folder before rank 0 writes into it
     if main:
         write_json(run_dir / RUN_CONFIG, settings.to_dict())
 
+    from ..engine.rng import seed_everything
+
+    seed_everything(settings.stage1.seed)  # random weights (if any) and adapter init follow the run's seed
     backbone = load_backbone(settings.arch, settings.pretrained)
     model = add_adapters(backbone.model, settings.adapter)
     trainable, total, share = trainable_share(model)

@@ -42,6 +42,8 @@ def train_cirr_command(
     precision: Optional[str] = typer.Option(None, "--precision", help="auto (bf16 on GPU) | bf16 | fp32."),
     seed: Optional[int] = typer.Option(None, "--seed"),
     skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Skip (and count) unreadable images."),
+    cache_frozen: bool = typer.Option(False, "--cache-frozen",
+                                      help="Cache the frozen blocks' outputs across epochs (stage 1; needs memory)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --run-dir exactly."),
 ) -> None:
     """Train CLIP4CIR + MoRA (or another adapter) on CIRR; writes adapter, merged checkpoint and Combiner."""
@@ -58,6 +60,7 @@ def train_cirr_command(
         "arch": model,
         "pretrained": pretrained,
         "skip_bad_images": skip_bad_images or None,
+        "cache_frozen": cache_frozen or None,
         "adapter": {"r": rank, "r_shared": rank, "alpha": alpha, "targets": _csv(targets), "layers": layers},
         "stage1": run,
         "stage2": {"epochs": combiner_epochs, "lr": combiner_lr, "batch_size": combiner_batch_size,

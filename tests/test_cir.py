@@ -247,3 +247,47 @@ def test_resume_finishes_an_interrupted_run_and_refuses_other_settings(world, tm
     for key in want:
         assert torch.equal(want[key], got[key]), key
     assert resumed["val_stage1"] == pytest.approx(straight["val_stage1"])
+
+
+def _grads(module, batch):
+    module.zero_grad(set_to_none=True)
+    loss = module(batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def test_frozen_prefix_cache_gives_the_same_loss_and_gradients(tiny_model):
+    from mora_retrieval.adapters import AdapterConfig, add_adapters
+    from mora_retrieval.tasks.cir import CIRStage1
+
+    model, _, tokenizer = tiny_model
+    add_adapters(model, AdapterConfig(method="mora", targets=("q", "v"), layers=1))
+    module = CIRStage1(model, tokenizer, validation=None).train()
+    torch.manual_seed(0)
+    captions = ["add a red circle", "make it blue", "remove the square"]
+    images = torch.randn(5, 3, 32, 32)  # a b c d e; "a" is a reference and a target, as in CIRR
+    batch = {"reference": images[[0, 1, 2]], "target": images[[3, 0, 4]],
+             "tokens": tokenizer(captions), "caption": captions,
+             "reference_name": ["a", "b", "c"], "target_name": ["d", "a", "e"]}
+    want_loss, want = _grads(module, batch)
+    assert module.enable_prefix_cache()
+    image_cache, text_cache = module.prefix_caches
+    assert (image_cache.depth, text_cache.depth) == (3, 2)  # 4 and 3 blocks, the last one adapted
+    for expected_misses in (6, 6):  # first pass fills the cache, the second only reads it
+        loss, got = _grads(module, batch)
+        assert image_cache.misses == expected_misses and text_cache.misses == 3
+        torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+        for name, grad in want.items():
+            torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6)
+    assert image_cache.hits == 6 and text_cache.hits == 3
+    # The tower is intact afterwards: all 4 blocks are back.
+    assert len(model.visual.transformer.resblocks) == 4
+
+
+def test_no_prefix_to_cache_for_full_fine_tuning(tiny_model):
+    from mora_retrieval.adapters import AdapterConfig, add_adapters
+    from mora_retrieval.tasks.cir import CIRStage1
+
+    model, _, tokenizer = tiny_model
+    add_adapters(model, AdapterConfig(method="full"))
+    assert not CIRStage1(model, tokenizer, validation=None).enable_prefix_cache()

@@ -126,12 +126,33 @@ class CIRStage1(TrainModule):
         self.tokenizer = tokenizer
         self.validation = validation
         self.precision = precision
+        self.prefix_caches = None
+
+    def enable_prefix_cache(self, storage: str | torch.device = "cpu") -> bool:
+        """Cache the frozen leading blocks' outputs per image name and caption across epochs.
+
+        Valid only for deterministic inputs (no random augmentation). Returns whether any tower
+        has a frozen prefix to cache (none with ``full`` or ``bitfit``).
+        """
+        from .prefix_cache import FrozenPrefixCache
+
+        caches = (FrozenPrefixCache(self.model.visual.transformer, storage),
+                  FrozenPrefixCache(self.model.transformer, storage))
+        self.prefix_caches = caches if any(c.active for c in caches) else None
+        return self.prefix_caches is not None
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         n = batch["reference"].shape[0]
-        images = self.model.encode_image(torch.cat([batch["reference"], batch["target"]]))
-        text = self.model.encode_text(batch["tokens"])
-        return contrastive_loss(images[:n] + text, images[n:])
+        images = torch.cat([batch["reference"], batch["target"]])
+        if self.prefix_caches is None:
+            features = self.model.encode_image(images)
+            text = self.model.encode_text(batch["tokens"])
+        else:
+            image_cache, text_cache = self.prefix_caches
+            names = list(batch["reference_name"]) + list(batch["target_name"])
+            features = image_cache.encode(self.model.encode_image, images, names)
+            text = text_cache.encode(self.model.encode_text, batch["tokens"], list(batch["caption"]))
+        return contrastive_loss(features[:n] + text, features[n:])
 
     def evaluate(self, device: torch.device) -> dict[str, float]:
         if self.validation is None:

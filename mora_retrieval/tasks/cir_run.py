@@ -60,6 +60,7 @@ class CIRSettings:
     transform: str = "targetpad"
     skip_bad_images: bool = False
     eval_batch_size: int = 256
+    cache_frozen: bool = False  # cache the frozen blocks' outputs across epochs (deterministic inputs)
 
     @classmethod
     def with_defaults(cls, data_root: str, run_dir: str, method: str = "mora", **overrides: Any) -> "CIRSettings":
@@ -75,6 +76,7 @@ class CIRSettings:
             "transform": self.transform,
             "skip_bad_images": self.skip_bad_images,
             "eval_batch_size": self.eval_batch_size,
+            "cache_frozen": self.cache_frozen,
             "adapter": self.adapter.to_dict(),
             "stage1": self.stage1.to_dict(),
             "stage2": None if self.stage2 is None else self.stage2.to_dict(),
@@ -93,6 +95,7 @@ class CIRSettings:
             transform=data.get("transform", "targetpad"),
             skip_bad_images=data.get("skip_bad_images", False),
             eval_batch_size=data.get("eval_batch_size", 256),
+            cache_frozen=data.get("cache_frozen", False),
         )
 
 
@@ -165,6 +168,8 @@ def _train_cirr(settings: CIRSettings, resume: bool, console, quiet: bool) -> di
     trainer = Trainer(module, settings.stage1, run_dir / "stage1", train_set, CaptionCollate(backbone.tokenizer),
                       console=console, quiet=quiet, extra_config=extra)
     module.precision = trainer.precision
+    if settings.cache_frozen and not module.enable_prefix_cache(trainer.device) and console is not None and not quiet:
+        console.print("[yellow]--cache-frozen: no frozen leading blocks to cache with this adapter method[/]")
     stage1 = _fit(trainer, run_dir / "stage1", resume)
     device, precision = trainer.device, trainer.precision
 

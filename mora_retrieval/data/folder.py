@@ -12,10 +12,7 @@ from typing import Any, Callable
 
 from ..errors import DataError
 from .base import ImageDataset
-from .images import require_dir
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-
+from .images import IMAGE_EXTENSIONS, require_dir
 
 class ImageCaptionFolder(ImageDataset):
     """Items ``{"image", "caption", "image_id", "index"}``; ``image_id`` is the image's relative path."""
@@ -24,7 +21,7 @@ class ImageCaptionFolder(ImageDataset):
         super().__init__(transform, skip_bad_images)
         self.root = require_dir(root, "image-caption folder")
         self.pairs: list[tuple[Path, str]] = []
-        images = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        images = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         for image in images:
             sidecar = image.with_suffix(".txt")
             if sidecar.is_file():

@@ -35,6 +35,10 @@ TRANSFORM_KINDS = ("clip", "targetpad")
 _log = logging.getLogger(__name__)
 
 
+#: File endings the toolkit treats as images when it scans folders.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Decode ``path`` fully and return it as an RGB PIL image, or raise a one-line DataError."""
     path = Path(path)

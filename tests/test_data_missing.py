@@ -121,3 +121,28 @@ def test_wrapper_errors():
                                                                                   "text": "t"}})()
     with pytest.raises(DataError, match="transform returns tensors"):
         WithMissingModality(pil, np.array([2], dtype=np.int8))[0]
+
+
+def test_image_missing_samples_are_not_decoded_once_the_shape_is_known(tmp_path, monkeypatch):
+    """Their image is replaced anyway: after one real image, no decode happens for them."""
+    from mora_retrieval.data.base import ImageDataset
+    from mora_retrieval.data.missing import IMAGE_MISSING
+    from mora_retrieval.data.registry import get_classification_dataset
+    from mora_retrieval.data.shapes import generate_shapes_world
+
+    world = generate_shapes_world(tmp_path / "w", size="tiny")
+    data = get_classification_dataset("hateful-memes", world["hateful_memes"], "val", transform=make_transform("clip", 32))
+    codes = np.zeros(len(data), dtype=np.int8)
+    codes[1::2] = IMAGE_MISSING
+    wrapped = WithMissingModality(data, codes)
+    reads = []
+    original = ImageDataset._image
+    monkeypatch.setattr(ImageDataset, "_image", lambda self, path, data=None: reads.append(path) or original(self, path, data))
+    items = [wrapped[i] for i in range(len(data))]
+    assert len(reads) == int((codes == 0).sum())  # only complete samples were decoded
+    for item, code in zip(items, codes):
+        assert item["missing"] == code
+        if code == IMAGE_MISSING:
+            assert torch.equal(item["image"], torch.ones(3, 32, 32))
+        else:
+            assert not torch.equal(item["image"], torch.ones(3, 32, 32))

@@ -121,4 +121,4 @@ class ArrowClassification(ClassificationDataset):
         image = self._image(self.paths[index], bytes(data))
         if image is None:
             return None
-        return {"image": image, "text": self.texts[index], "label": self.label_tensor(index), "index": index}
+        return {"image": image, **self.item_without_image(index)}

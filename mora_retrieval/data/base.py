@@ -83,4 +83,8 @@ class ClassificationDataset(ImageDataset):
         image = self._image(self.paths[index])
         if image is None:
             return None
-        return {"image": image, "text": self.texts[index], "label": self.label_tensor(index), "index": index}
+        return {"image": image, **self.item_without_image(index)}
+
+    def item_without_image(self, index: int) -> dict[str, Any]:
+        """The item's text, label and index, without reading its image (for image-missing samples)."""
+        return {"text": self.texts[index], "label": self.label_tensor(index), "index": index}

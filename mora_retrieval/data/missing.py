@@ -135,6 +135,8 @@ class WithMissingModality(Dataset):
     """Wraps a dataset (items with ``image`` and ``text``/``caption``) and applies codes.
 
     Adds a ``missing`` field (the code). Items that the dataset skipped (``None``) stay ``None``.
+    Once one real image has been seen, image-missing samples of datasets that offer
+    ``item_without_image`` are not decoded at all (their image would be replaced anyway).
     """
 
     def __init__(self, dataset: Any, codes: np.ndarray, missing_image: str = "ones") -> None:
@@ -146,6 +148,7 @@ class WithMissingModality(Dataset):
         self.codes = np.asarray(codes, dtype=np.int8)
         self.missing_image = missing_image
         self._white: dict[tuple[int, ...], Any] = {}
+        self._image_like: Any = None  # a transformed image of this dataset: the blank's shape
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -173,11 +176,19 @@ class WithMissingModality(Dataset):
         return self._white[shape].clone()
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
+        code = int(self.codes[index])
+        if code == IMAGE_MISSING and self._image_like is not None and hasattr(self.dataset, "item_without_image"):
+            item = dict(self.dataset.item_without_image(index))
+            item["image"] = self._blank(self._image_like)
+            item["missing"] = code
+            return item
         item = self.dataset[index]
         if item is None:
             return None
         item = dict(item)
-        code = int(self.codes[index])
+        if self._image_like is None and "image" in item:
+            self._blank_check(item["image"])
+            self._image_like = item["image"]
         if code == TEXT_MISSING:
             item["text" if "text" in item else "caption"] = ""
         elif code == IMAGE_MISSING:

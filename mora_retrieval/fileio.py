@@ -49,16 +49,16 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         handle.write("\n")
 
 
-def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
-    """Read JSON, turning a missing or malformed file into a one-line :class:`MoraError`."""
+def read_json(path: str | os.PathLike, what: str = "JSON file", error: type[MoraError] = MoraError) -> Any:
+    """Read JSON; a missing or malformed file raises ``error`` (a :class:`MoraError`) with one line."""
     path = Path(path)
     if not path.is_file():
-        raise MoraError(f"{path}: {what} not found")
+        raise error(f"{path}: {what} not found")
     try:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MoraError(f"{path}: not a valid {what} ({exc.__class__.__name__}: {exc})") from None
+        raise error(f"{path}: not a valid {what} ({exc.__class__.__name__}: {exc})") from None
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
@@ -70,14 +70,14 @@ def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str
         handle.write(payload)
 
 
-def load_tensors(path: str | os.PathLike, what: str = "safetensors file") -> dict:
-    """Load a safetensors file (never unpickles); corrupt or missing files give one line."""
+def load_tensors(path: str | os.PathLike, what: str = "safetensors file", error: type[MoraError] = MoraError) -> dict:
+    """Load a safetensors file (never unpickles); corrupt or missing files raise ``error`` with one line."""
     from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
-        raise MoraError(f"{path}: {what} not found")
+        raise error(f"{path}: {what} not found")
     try:
         return load_file(str(path))
     except Exception as exc:  # safetensors raises several types for damaged headers/payloads
-        raise MoraError(f"{path}: corrupted or unreadable {what} ({exc})") from None
+        raise error(f"{path}: corrupted or unreadable {what} ({exc})") from None

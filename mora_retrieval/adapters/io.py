@@ -23,7 +23,7 @@ from torch import nn
 
 from .. import __version__
 from ..backbone import weights_fingerprint
-from ..errors import AdapterError, MoraError
+from ..errors import AdapterError
 from ..fileio import load_tensors, read_json, save_tensors, write_json
 from .config import AdapterConfig
 from .inject import ROOT_ATTR, add_adapters, adapter_config_of, iter_projection_adapters, towers
@@ -107,10 +107,7 @@ def read_adapter_config(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     if not folder.is_dir():
         raise AdapterError(f"{folder}: adapter folder not found (expected {CONFIG_FILE} and {WEIGHTS_FILE})")
-    try:
-        meta = read_json(folder / CONFIG_FILE, "adapter config")
-    except MoraError as exc:
-        raise AdapterError(str(exc)) from None
+    meta = read_json(folder / CONFIG_FILE, "adapter config", error=AdapterError)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "adapter" not in meta:
         raise AdapterError(f"{folder / CONFIG_FILE}: not a mora-retrieval adapter config")
     return meta
@@ -145,10 +142,7 @@ def load_adapters(
         config = AdapterConfig.from_dict(meta["adapter"])
     except (TypeError, ValueError) as exc:
         raise AdapterError(f"{folder / CONFIG_FILE}: invalid adapter settings ({exc})") from None
-    try:
-        stored = load_tensors(folder / WEIGHTS_FILE, "adapter weights")
-    except MoraError as exc:
-        raise AdapterError(str(exc)) from None
+    stored = load_tensors(folder / WEIGHTS_FILE, "adapter weights", error=AdapterError)
     add_adapters(model, config)
     expected = adapter_tensors(model)
     missing = sorted(set(expected) - set(stored))

@@ -36,15 +36,10 @@ class ImageDataset(Dataset):
 
 def read_json_data(path: str | os.PathLike, what: str) -> Any:
     """:func:`fileio.read_json`, with its errors raised as :class:`DataError`."""
-    from ..errors import DataError, MoraError
+    from ..errors import DataError
     from ..fileio import read_json
 
-    try:
-        return read_json(path, what)
-    except DataError:
-        raise
-    except MoraError as exc:
-        raise DataError(str(exc)) from None
+    return read_json(path, what, error=DataError)
 
 
 class ClassificationDataset(ImageDataset):

@@ -76,12 +76,7 @@ def save_best(path: Path, trainable: dict[str, torch.Tensor], epoch: int, metric
 
 def load_best(run_dir: Path) -> dict[str, torch.Tensor]:
     """The best epoch's trainable state of a run folder."""
-    try:
-        return load_tensors(best_path(run_dir), "best checkpoint")
-    except TrainingError:
-        raise
-    except MoraError as exc:
-        raise TrainingError(str(exc)) from None
+    return load_tensors(best_path(run_dir), "best checkpoint", error=TrainingError)
 
 
 def resume_or_fail(run_dir: Path, config: TrainConfig, extra_config: dict | None = None,

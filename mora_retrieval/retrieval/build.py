@@ -176,10 +176,7 @@ def merge_parts(out: str | Path, index_type: str = "auto", search_params: str | 
         raise IndexError_(f"{parts_root}: no index parts found (run `mora-ret index ... --shard i/n` first)")
     metas = []
     for path in found:
-        try:
-            metas.append(read_json(path, "index part description"))
-        except MoraError as exc:
-            raise IndexError_(str(exc)) from None
+        metas.append(read_json(path, "index part description", error=IndexError_))
     n = int(metas[0]["shard"][1])
     by_index = {int(m["shard"][0]): (m, p.parent) for m, p in zip(metas, found) if int(m["shard"][1]) == n}
     missing = [i for i in range(n) if i not in by_index]

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import BackboneError, MoraError
+from ..errors import BackboneError
 
 RUN_CONFIG = "config.json"
 RUN_MERGED = "merged.safetensors"
@@ -122,10 +122,7 @@ def _resolve_run(run: Path) -> tuple[str, str | None, str | None, str | None, st
 
     if not run.is_dir():
         raise BackboneError(f"{run}: run folder not found (expected a folder with {RUN_CONFIG})")
-    try:
-        config = read_json(run / RUN_CONFIG, "run configuration")
-    except MoraError as exc:
-        raise BackboneError(str(exc)) from None
+    config = read_json(run / RUN_CONFIG, "run configuration", error=BackboneError)
     if not isinstance(config, dict) or "arch" not in config:
         raise BackboneError(f"{run / RUN_CONFIG}: expected a JSON object with an 'arch' key")
     merged = run / RUN_MERGED

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import MoraError, TrainingError
+from ..errors import TrainingError
 
 HEAD_FILE = "head.safetensors"
 MERGED_FILE = "merged.safetensors"
@@ -192,10 +192,7 @@ def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     from ..fileio import read_json
 
     path = Path(run_dir) / CONFIG_FILE
-    try:
-        data = read_json(path, "run config")
-    except MoraError as exc:
-        raise TrainingError(str(exc)) from None
+    data = read_json(path, "run config", error=TrainingError)
     record = data.get("classify") if isinstance(data, dict) else None
     if not isinstance(record, dict):
         extra = data.get("extra") if isinstance(data, dict) else None
@@ -245,10 +242,7 @@ def load_head(path: str | os.PathLike):
     from .classify import LinearHead
 
     path = Path(path)
-    try:
-        tensors = load_tensors(path, "classifier head")
-    except MoraError as exc:
-        raise TrainingError(str(exc)) from None
+    tensors = load_tensors(path, "classifier head", error=TrainingError)
     try:
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}

@@ -6,7 +6,7 @@ targets of the (per-process) batch as negatives. Reference and target images go 
 image tower in one batch.
 
 Stage 2 (Combiner): the merged encoders are frozen; the features of every triplet are computed
-once (:func:`encode_triplet_features`) and the Combiner trains on them with the same loss.
+once (:func:`encode_split`, :meth:`TripletFeatures.from_split`) and the Combiner trains on them with the same loss.
 
 Validation (both stages) uses the CIRR metrics of :mod:`.cirr_metrics` on the val split: the
 gallery is encoded once per evaluation and the reference features are looked up in it.
@@ -80,6 +80,29 @@ def encode_texts(model: nn.Module, tokenizer: Callable, texts: Sequence[str], de
 
 
 @dataclass
+class SplitFeatures:
+    """Raw features of a split: every gallery image once, and one text feature per caption."""
+
+    gallery: torch.Tensor
+    names: list[str]
+    text: torch.Tensor
+
+    def of(self, names: Sequence[str]) -> torch.Tensor:
+        """Gallery features of the images ``names`` (references, targets), looked up by name."""
+        index = {name: i for i, name in enumerate(self.names)}
+        return self.gallery[[index[name] for name in names]]
+
+
+@torch.no_grad()
+def encode_split(model: nn.Module, tokenizer: Callable, gallery: Dataset, captions: Sequence[str],
+                 device: torch.device, precision: str = "fp32", batch_size: int = 256,
+                 num_workers: int = 0) -> SplitFeatures:
+    """Encode a split's gallery (items with ``image`` and ``name``) and its captions."""
+    feats, names = encode_images(model, gallery, "image", device, precision, batch_size, num_workers)
+    return SplitFeatures(feats, names, encode_texts(model, tokenizer, captions, device, precision))
+
+
+@dataclass
 class CIRRValidation:
     """The val split, ready for evaluation: gallery dataset and per-query metadata."""
 
@@ -98,8 +121,9 @@ class CIRRValidation:
                    [r["target_hard"] for r in recs], [list(r["img_set"]["members"]) for r in recs],
                    batch_size, num_workers)
 
-    def gallery_features(self, model, device, precision) -> tuple[torch.Tensor, list[str]]:
-        return encode_images(model, self.gallery, "image", device, precision, self.batch_size, self.num_workers)
+    def encode(self, model, tokenizer, device, precision) -> SplitFeatures:
+        return encode_split(model, tokenizer, self.gallery, self.captions, device, precision, self.batch_size,
+                            self.num_workers)
 
     def metrics(self, query: torch.Tensor, gallery: torch.Tensor, names: list[str]) -> dict[str, float]:
         sim = F.normalize(query, dim=-1) @ F.normalize(gallery, dim=-1).T
@@ -157,11 +181,9 @@ class CIRStage1(TrainModule):
     def evaluate(self, device: torch.device) -> dict[str, float]:
         if self.validation is None:
             return {"avg": float("nan")}
-        gallery, names = self.validation.gallery_features(self.model, device, self.precision)
-        lookup = {name: i for i, name in enumerate(names)}
-        reference = gallery[[lookup[n] for n in self.validation.reference_names]]
-        text = encode_texts(self.model, self.tokenizer, self.validation.captions, device, self.precision)
-        return self.validation.metrics(composed_query(reference, text), gallery, names)
+        feats = self.validation.encode(self.model, self.tokenizer, device, self.precision)
+        query = composed_query(feats.of(self.validation.reference_names), feats.text)
+        return self.validation.metrics(query, feats.gallery, feats.names)
 
 
 class TripletFeatures(Dataset):
@@ -178,18 +200,11 @@ class TripletFeatures(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"reference": self.reference[i], "text": self.text[i], "target": self.target[i]}
 
-
-@torch.no_grad()
-def encode_triplet_features(model: nn.Module, tokenizer: Callable, triplets, gallery, device: torch.device,
-                            precision: str = "fp32", batch_size: int = 256, num_workers: int = 0) -> TripletFeatures:
-    """Encode every image of the split once, then assemble per-triplet features."""
-    feats, names = encode_images(model, gallery, "image", device, precision, batch_size, num_workers)
-    lookup = {name: i for i, name in enumerate(names)}
-    recs = triplets.records
-    text = encode_texts(model, tokenizer, [r["caption"] for r in recs], device, precision)
-    reference = feats[[lookup[r["reference"]] for r in recs]]
-    target = feats[[lookup[r["target_hard"]] for r in recs]]
-    return TripletFeatures(reference.cpu(), text.cpu(), target.cpu())
+    @classmethod
+    def from_split(cls, feats: SplitFeatures, records: Sequence[dict[str, Any]]) -> "TripletFeatures":
+        """Per-triplet features (on the CPU) of ``encode_split(..., [r["caption"] for r in records])``."""
+        return cls(feats.of([r["reference"] for r in records]).cpu(), feats.text.cpu(),
+                   feats.of([r["target_hard"] for r in records]).cpu())
 
 
 class CIRStage2(TrainModule):

@@ -140,7 +140,8 @@ def _train_cirr(settings: CIRSettings, resume: bool, console, quiet: bool) -> di
     from ..engine import Trainer
     from ..engine.checkpoint import load_best
     from ..engine.distributed import barrier, detect
-    from .cir import CaptionCollate, CIRRValidation, CIRStage1, CIRStage2, encode_images, encode_triplet_features
+    from .cir import (CaptionCollate, CIRRValidation, CIRStage1, CIRStage2, TripletFeatures, composed_query,
+                      encode_split)
     from .combiner import Combiner, save_combiner
 
     run_dir = Path(settings.run_dir)
@@ -191,18 +192,16 @@ def _train_cirr(settings: CIRSettings, resume: bool, console, quiet: bool) -> di
         "trainable_percent": share,
         "stage1_best_epoch": stage1.best_epoch,
     }
-    with torch.no_grad():
-        results["val_stage1"] = CIRStage1(merged, backbone.tokenizer, validation, precision).evaluate(device)
+    val_split = validation.encode(merged, backbone.tokenizer, device, precision)  # once: stage-1 score, stage-2 data
+    query = composed_query(val_split.of(validation.reference_names), val_split.text)
+    results["val_stage1"] = validation.metrics(query, val_split.gallery, val_split.names)
 
     if settings.stage2 is not None:
-        bs = settings.eval_batch_size
-        workers = settings.stage2.num_workers
-        train_feats = encode_triplet_features(merged, backbone.tokenizer, train_set, train_gallery, device, precision,
-                                              bs, workers)
-        val_feats = encode_triplet_features(merged, backbone.tokenizer, val_set, val_gallery, device, precision,
-                                            bs, workers)
-        gallery = encode_images(merged, val_gallery, "image", device, precision, bs, workers)
-        gallery = (gallery[0].cpu(), gallery[1])
+        train_split = encode_split(merged, backbone.tokenizer, train_gallery, [r["caption"] for r in train_set.records],
+                                   device, precision, settings.eval_batch_size, settings.stage2.num_workers)
+        train_feats = TripletFeatures.from_split(train_split, train_set.records)
+        val_feats = TripletFeatures.from_split(val_split, val_set.records)
+        gallery = (val_split.gallery.cpu(), val_split.names)
         combiner = Combiner(train_feats.reference.shape[1])
         stage2_module = CIRStage2(combiner, val_feats, validation, gallery)
         trainer2 = Trainer(stage2_module, settings.stage2, run_dir / "stage2", train_feats, console=console,
@@ -245,7 +244,7 @@ def evaluate_cirr_run(run_dir: str | Path, data_root: str | None = None, split: 
     from ..data.cirr import CIRRGallery, CIRRTriplets
     from ..data.images import make_transform
     from ..errors import MoraError
-    from .cir import composed_query, encode_images, encode_texts
+    from .cir import composed_query, encode_split
     from .cirr_metrics import cirr_rankings, cirr_recalls, submission_files
     from .combiner import load_combiner
 
@@ -264,14 +263,13 @@ def evaluate_cirr_run(run_dir: str | Path, data_root: str | None = None, split: 
     transform = make_transform(settings.transform, image_size_of(model))
     triplets = CIRRTriplets(root, split, transform=transform)
     gallery_set = CIRRGallery(root, split, transform=transform)
+    recs = triplets.records
     with torch.no_grad():
-        gallery, names = encode_images(model, gallery_set, "image", dev, precision, settings.eval_batch_size)
-        lookup = {n: i for i, n in enumerate(names)}
-        recs = triplets.records
-        reference = gallery[[lookup[r["reference"]] for r in recs]]
-        text = encode_texts(model, backbone.tokenizer, [r["caption"] for r in recs], dev, precision)
-        query = composed_query(reference, text, combiner).float()
-    sim = query.cpu() @ torch.nn.functional.normalize(gallery, dim=-1).cpu().T
+        feats = encode_split(model, backbone.tokenizer, gallery_set, [r["caption"] for r in recs], dev, precision,
+                             settings.eval_batch_size)
+        query = composed_query(feats.of([r["reference"] for r in recs]), feats.text, combiner).float()
+    names = feats.names
+    sim = query.cpu() @ torch.nn.functional.normalize(feats.gallery, dim=-1).cpu().T
     members = [list(r["img_set"]["members"]) for r in recs]
     refs = [r["reference"] for r in recs]
     if split != "test1":

@@ -267,19 +267,13 @@ def _summarise(settings, world, cir, retrieval, classify, query_image, caption, 
     below = [f"{name}: {metric}" for rows, chance in ((cirr_rows, cirr_chance), (coco_rows, coco_chance_row))
              for name, metrics in rows.items() for metric, value in metrics.items()
              if metric in chance and not value > chance[metric]]
-    if classify["test_metric"] <= _baseline_value(classify["majority_baseline"]):
+    if classify["test_metric"] <= classify["majority_baseline"]:
         below.append(f"classification: {metric}")
     json_out["not_above_chance"] = below
     chance_note = ("Every model beats chance on every metric." if not below else
                    "Not above chance: " + "; ".join(below) + ".")
     return {"json": json_out, "cirr_rows": cirr_rows, "cirr_chance": cirr_chance, "coco_rows": coco_rows,
             "coco_chance": coco_chance_row, "verdict": verdict, "chance_note": chance_note}
-
-
-def _baseline_value(baseline: Any) -> Any:
-    if isinstance(baseline, dict):
-        return next((v for v in baseline.values() if isinstance(v, (int, float))), "-")
-    return baseline
 
 
 def _write_report(path: Path, summary, cir, retrieval, classify, checkpoint, query_image, caption, hits) -> Path:
@@ -312,7 +306,7 @@ def _write_report(path: Path, summary, cir, retrieval, classify, checkpoint, que
                   notes=[f"Train/val/test scenarios: {classify['scenario']}; metric {classify['metric']} on the "
                          "merged model; chance = the majority-class baseline."])
     cls.table("Test", ["model", classify["metric"], "majority baseline"],
-              [["MoRA (merged)", classify["test_metric"], _baseline_value(classify["majority_baseline"])]])
+              [["MoRA (merged)", classify["test_metric"], classify["majority_baseline"]]])
     curves = Section("Training curves")
     curves.images.append(("contrastive pretraining", Path(checkpoint).parent / "train" / "curves.png"))
     for method in ("full", "mora"):

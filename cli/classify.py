@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from .options import device_option
+
 DATASETS = "food101 | mmimdb | hateful-memes"
 
 
@@ -58,7 +60,7 @@ def register(app: typer.Typer) -> None:
         max_steps: Optional[int] = typer.Option(None, "--max-steps"),
         eval_batch_size: int = typer.Option(256, "--eval-batch-size"),
         workers: int = typer.Option(0, "--workers", help="DataLoader worker processes."),
-        device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:1 …"),
+        device: str = device_option(),
         precision: str = typer.Option("auto", "--precision", help="auto (bf16 on GPU) | bf16 | fp32."),
         seed: int = typer.Option(0, "--seed", help="Training seed (also draws random backbone weights)."),
         skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Skip (and count) unreadable images."),
@@ -125,7 +127,7 @@ def register(app: typer.Typer) -> None:
         image: Optional[Path] = typer.Option(None, "--image", help="Image file (absent: treated as a missing image)."),
         text: Optional[str] = typer.Option(None, "--text", help="Text (absent: treated as a missing text)."),
         top_k: int = typer.Option(5, "--top-k", help="Classes listed for multiclass tasks."),
-        device: str = typer.Option("cpu", "--device"),
+        device: str = device_option(),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     ) -> None:
         """Classify one image and/or text with a run's merged model and head."""

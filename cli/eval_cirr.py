@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from .options import device_option
+
 
 def eval_cirr(
     run: Path = typer.Option(..., "--run", help="Run folder written by `mora-ret train cirr`."),
@@ -14,7 +16,7 @@ def eval_cirr(
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="CIRR root (default: the run's)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for the test1 files (default: the run)."),
     no_combiner: bool = typer.Option(False, "--no-combiner", help="Score the summed features, not the Combiner."),
-    device: Optional[str] = typer.Option(None, "--device"),
+    device: str = device_option(),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """CIRR Recall@1/5/10/50 and Recall_subset@1/2/3 of the merged model (reference removed)."""

@@ -11,6 +11,8 @@ from typing import Any, Optional
 
 import typer
 
+from .options import device_option
+
 index_app = typer.Typer(help="Embed a collection of images and build a FAISS index folder.", no_args_is_help=True)
 
 DEFAULT_INDEX_ROOT = Path("indexes")
@@ -95,13 +97,6 @@ def _build(items_fn: Any, collection: dict, default_name: str, opts: dict) -> No
     console = Console(stderr=True)
     shard = parse_shard(opts["shard"])
     device = opts["device"]
-    if device is None and shard is not None:
-        import os
-
-        import torch
-
-        if torch.cuda.is_available():
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', shard[0])) % torch.cuda.device_count()}"
     items = items_fn()  # before the model: a wrong data path fails at once
     encoder = load_encoder_from_options(
         opts["model"], opts["pretrained"], opts["adapter"], opts["checkpoint"], opts["run"], None, device
@@ -143,7 +138,7 @@ PretrainedOpt = typer.Option(None, "--pretrained", help="open_clip tag or checkp
 AdapterOpt = typer.Option(None, "--adapter", help="Adapter folder, merged onto --pretrained.", rich_help_panel=MODEL_HELP)
 CheckpointOpt = typer.Option(None, "--checkpoint", help="Merged open_clip checkpoint file.", rich_help_panel=MODEL_HELP)
 RunOpt = typer.Option(None, "--run", help="Training run folder (config.json, merged/adapter, combiner).", rich_help_panel=MODEL_HELP)
-DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda when available).", rich_help_panel=MODEL_HELP)
+DeviceOpt = device_option(rich_help_panel=MODEL_HELP)
 NameOpt = typer.Option(None, "--name", help="Index name: the folder is indexes/<name>.")
 OutOpt = typer.Option(None, "--out", help="Index folder (overrides --name).")
 TypeOpt = typer.Option("auto", "--index-type", help="auto, or a FAISS factory string: Flat, IVF1024,Flat, HNSW32, IVF4096,PQ64, ...")

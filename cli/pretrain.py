@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from .options import device_option
+
 
 def register(app: typer.Typer) -> None:
     @app.command("pretrain")
@@ -24,7 +26,7 @@ def register(app: typer.Typer) -> None:
         lr: float = typer.Option(1e-3, "--lr"),
         weight_decay: float = typer.Option(0.1, "--weight-decay"),
         workers: int = typer.Option(0, "--workers"),
-        device: str = typer.Option("auto", "--device"),
+        device: str = device_option(),
         seed: int = typer.Option(0, "--seed"),
         resume: bool = typer.Option(False, "--resume"),
     ) -> None:

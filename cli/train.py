@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from .options import DEVICE_HELP, PRECISION_HELP
+
 train_app = typer.Typer(help="Train models (CIR on CIRR).", no_args_is_help=True)
 
 
@@ -38,8 +40,8 @@ def train_cirr_command(
     combiner_batch_size: Optional[int] = typer.Option(None, "--combiner-batch-size"),
     no_combiner: bool = typer.Option(False, "--no-combiner", help="Stop after stage 1."),
     workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader worker processes."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:1 …"),
-    precision: Optional[str] = typer.Option(None, "--precision", help="auto (bf16 on GPU) | bf16 | fp32."),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP + " Default: auto."),
+    precision: Optional[str] = typer.Option(None, "--precision", help=PRECISION_HELP + " Default: auto."),
     seed: Optional[int] = typer.Option(None, "--seed"),
     skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Skip (and count) unreadable images."),
     cache_frozen: bool = typer.Option(False, "--cache-frozen",

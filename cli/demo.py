@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
 
         from .tables import metrics_table
 
-        settings = DemoSettings.smoke(str(out)) if size == "tiny" else DemoSettings(out=str(out), world_size=size)
+        settings = DemoSettings.smoke(str(out)) if size == "tiny" else DemoSettings(out=str(out), world=size)
         settings.arch, settings.seed = model, seed
         if size != "tiny":
             settings.workers = workers

@@ -159,13 +159,3 @@ def image_size_of(model: Any) -> int:
     size = getattr(model.visual, "image_size", 224)
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
-
-def tower_widths(model: Any) -> tuple[int, int]:
-    """``(d_v, d_t)``: the transformer widths of the vision and text towers."""
-    try:
-        return int(model.visual.transformer.width), int(model.transformer.width)
-    except AttributeError:
-        raise BackboneError(
-            f"{type(model).__name__}: expected an open_clip CLIP with transformer towers "
-            "(timm or Hugging Face towers are not supported by the adapters)"
-        ) from None

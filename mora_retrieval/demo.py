@@ -37,7 +37,7 @@ class DemoSettings:
     """Sizes and budgets of the demo; ``smoke()`` is the smallest end-to-end version (tests)."""
 
     out: str = "demo"
-    world_size: str = "small"
+    world: str = "small"
     arch: str = "mora-tiny"
     seed: int = 0
     pretrain_epochs: int = 16
@@ -52,7 +52,7 @@ class DemoSettings:
 
     @classmethod
     def smoke(cls, out: str) -> "DemoSettings":
-        return cls(out=out, world_size="tiny", pretrain_epochs=1, pretrain_batch=32, cir_epochs=1, cir_batch=8,
+        return cls(out=out, world="tiny", pretrain_epochs=1, pretrain_batch=32, cir_epochs=1, cir_batch=8,
                    combiner_epochs=1, classify_epochs=1, classify_batch=16, workers=0)
 
 
@@ -103,11 +103,11 @@ def _world(settings: DemoSettings, console) -> dict[str, Path]:
     root = Path(settings.out) / "world"
     if (root / "shapes_world.json").is_file():
         manifest = read_world_manifest(root)
-        if manifest.get("size") == settings.world_size and manifest.get("seed") == settings.seed:
+        if manifest.get("size") == settings.world and manifest.get("seed") == settings.seed:
             _log(console, f"[dim]shapes world: reusing {root}[/]")
             return {part: root / part for part in PARTS}
-    _log(console, f"shapes world ({settings.world_size}) -> {root}")
-    return generate_shapes_world(root, size=settings.world_size, seed=settings.seed)
+    _log(console, f"shapes world ({settings.world}) -> {root}")
+    return generate_shapes_world(root, size=settings.world, seed=settings.seed)
 
 
 def _pretrain(settings: DemoSettings, world: dict[str, Path], console, quiet: bool) -> Path:

@@ -34,14 +34,6 @@ class ImageDataset(Dataset):
         return self.transform(image)
 
 
-def read_json_data(path: str | os.PathLike, what: str) -> Any:
-    """:func:`fileio.read_json`, with its errors raised as :class:`DataError`."""
-    from ..errors import DataError
-    from ..fileio import read_json
-
-    return read_json(path, what, error=DataError)
-
-
 class ClassificationDataset(ImageDataset):
     """Image + text + label samples: items ``{"image", "text", "label", "index"}``.
 

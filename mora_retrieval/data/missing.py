@@ -26,8 +26,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from ..errors import DataError
-from ..fileio import write_json
-from .base import read_json_data
+from ..fileio import read_json, write_json
 
 COMPLETE, TEXT_MISSING, IMAGE_MISSING = 0, 1, 2
 MISSING_KINDS = ("none", "text", "image", "both")
@@ -112,7 +111,7 @@ class MissingAssignments:
         """The stored codes for this key, drawing and storing them on first use."""
         path = self.path_for(dataset_name, split, spec)
         if path.exists():
-            data = read_json_data(path, "missing-modality assignment file")
+            data = read_json(path, "missing-modality assignment file", error=DataError)
             codes = data.get("codes") if isinstance(data, dict) else None
             if not isinstance(codes, list) or any(c not in (0, 1, 2) for c in codes):
                 raise DataError(f"{path}: expected a JSON object with a 'codes' list of 0/1/2")

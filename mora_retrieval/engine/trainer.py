@@ -35,7 +35,7 @@ from ..fileio import atomic_write, write_json
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .curves import plot_curves
-from .data import ResumableSampler, build_loader, to_device
+from .sampling import ResumableSampler, build_loader, to_device
 from .distributed import all_reduce_sum, barrier, broadcast_object, detect, gather_objects, init_if_needed
 from .interrupt import StopFlag, TrainingInterrupted
 from .module import TrainModule

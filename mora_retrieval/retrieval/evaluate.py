@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import IndexError_, MoraError
+from ..errors import IndexFolderError, MoraError
 from .items import Item
 
 RELEVANCE_RULES = ("exact", "primary", "any", "jaccard:T")
@@ -128,7 +128,7 @@ class CategoryTable:
     @classmethod
     def from_items(cls, items: Sequence[Item], where: str = "index") -> "CategoryTable":
         if not items or all(not it.categories for it in items):
-            raise IndexError_(f"{where}: items carry no COCO category labels (build it with `mora-ret index coco`)")
+            raise IndexFolderError(f"{where}: items carry no COCO category labels (build it with `mora-ret index coco`)")
         ids = sorted({c for it in items for c in it.categories})
         col = {c: j for j, c in enumerate(ids)}
         multi_hot = np.zeros((len(items), len(ids)), dtype=np.float32)
@@ -172,7 +172,7 @@ def evaluate_queries(
     table = CategoryTable.from_items(folder.items, str(folder.path / "items.jsonl"))
     n = folder.count
     if queries.shape[0] != n:
-        raise IndexError_(f"{folder.path}: {queries.shape[0]} queries for {n} gallery images")
+        raise IndexFolderError(f"{folder.path}: {queries.shape[0]} queries for {n} gallery images")
     depth = min(n, max(ks) + 1)
     total = RecallResult(tuple(ks), {k: 0 for k in ks}, 0, 0)
     for start in range(0, n, block):

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import IndexError_, MoraError
+from ..errors import IndexFolderError, MoraError
 from .index import IndexFolder
 from .items import Item
 
@@ -41,12 +41,12 @@ def check_encoder(folder: IndexFolder, encoder: Any) -> None:
         hint = "use the same model options"
         if not any(source.get(k) for k in ("pretrained", "checkpoint", "adapter", "run")):
             hint = "it was built with random weights, which cannot be reloaded: rebuild it from a checkpoint file"
-        raise IndexError_(
+        raise IndexFolderError(
             f"{folder.path / 'manifest.json'}: index was built with weights {expected} "
             f"({folder.manifest.get('arch')}), the query model has {encoder.fingerprint}; {hint}"
         )
     if encoder.dim != folder.dim:
-        raise IndexError_(f"{folder.path}: index dimension {folder.dim}, query model gives {encoder.dim}")
+        raise IndexFolderError(f"{folder.path}: index dimension {folder.dim}, query model gives {encoder.dim}")
 
 
 def _use_torch_exact(folder: IndexFolder) -> bool:
@@ -63,7 +63,7 @@ def search_vectors(folder: IndexFolder, queries: np.ndarray, k: int) -> tuple[np
     """
     queries = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
     if queries.ndim != 2 or queries.shape[1] != folder.dim:
-        raise IndexError_(f"{folder.path}: queries of shape {queries.shape} do not match index dimension {folder.dim}")
+        raise IndexFolderError(f"{folder.path}: queries of shape {queries.shape} do not match index dimension {folder.dim}")
     k = max(1, min(int(k), folder.count))
     if _use_torch_exact(folder):
         import torch
@@ -75,7 +75,7 @@ def search_vectors(folder: IndexFolder, queries: np.ndarray, k: int) -> tuple[np
         scores, rows = torch.topk(q @ gallery.T, k, dim=1)
         return scores.cpu().numpy(), rows.cpu().numpy().astype(np.int64)
     if folder.index is None:
-        raise IndexError_(f"{folder.path}: index not loaded")
+        raise IndexFolderError(f"{folder.path}: index not loaded")
     index = folder.index
     import faiss
 

@@ -26,7 +26,6 @@ import csv
 import io
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -37,17 +36,6 @@ from ..errors import TrainingError
 from ..fileio import atomic_write, read_json, write_json
 from .classify_setup import (ADAPTER_DIR, CONFIG_FILE, HEAD_FILE, MERGED_FILE, RESULTS_FILE, ClassifySettings,
                              embed_dim_of, load_head, read_run_config, save_head, scenario_data)
-
-
-@dataclass
-class ClassifyParts:
-    """The live objects of a run: backbone pieces, classifier, datasets' metadata."""
-
-    classifier: Any
-    preprocess: Callable
-    tokenizer: Callable
-    task: str
-    class_names: list[str]
 
 
 @contextlib.contextmanager

@@ -46,8 +46,9 @@ def top1_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return 100.0 * float(value)
 
 
-def macro_f1(logits: torch.Tensor, targets: torch.Tensor, threshold: float = 0.5, average: str = "macro") -> float:
-    """F1 of ``sigmoid(logits) > threshold`` per class, averaged (``macro`` or ``micro``), in percent."""
+def multilabel_f1(logits: torch.Tensor, targets: torch.Tensor, average: str = "macro", threshold: float = 0.5) -> float:
+    """F1 of ``sigmoid(logits) > threshold`` in percent: per class, then averaged (``"macro"``), or
+    over every (sample, class) decision pooled (``"micro"``)."""
     from torchmetrics.functional.classification import multilabel_f1_score
 
     if len(targets) == 0:
@@ -76,7 +77,7 @@ def compute_metrics(task: str, logits: torch.Tensor, targets: torch.Tensor) -> d
     if task == "multiclass":
         return {"accuracy": top1_accuracy(logits, targets)}
     if task == "multilabel":
-        return {"macro_f1": macro_f1(logits, targets), "micro_f1": macro_f1(logits, targets, average="micro")}
+        return {"macro_f1": multilabel_f1(logits, targets), "micro_f1": multilabel_f1(logits, targets, "micro")}
     return {"auroc": binary_auroc(logits, targets), "accuracy": top1_accuracy(logits, targets)}
 
 
@@ -97,4 +98,4 @@ def majority_baseline(task: str, train_targets: torch.Tensor, test_targets: torc
         return top1_accuracy(logits, test_targets)
     freq = train_targets.float().mean(0)
     logits = torch.where(freq > 0.5, 1.0, -1.0).expand(n, -1)
-    return macro_f1(logits, test_targets)
+    return multilabel_f1(logits, test_targets)

@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from mora_retrieval.backbone import list_architectures, toolkit_architectures
+        from mora_retrieval.model.backbone import list_architectures, toolkit_architectures
 
         table = Table("architecture", "pretrained tags")
         own = set(toolkit_architectures())

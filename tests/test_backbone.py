@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mora_retrieval.adapters import export_checkpoint
-from mora_retrieval.backbone import load_backbone, toolkit_architectures, weights_fingerprint
+from mora_retrieval.model.backbone import load_backbone, toolkit_architectures, weights_fingerprint
 from mora_retrieval.errors import BackboneError
 
 

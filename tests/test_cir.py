@@ -98,7 +98,7 @@ def test_stage1_loss_is_the_clip4cir_objective(tiny_model):
 
 def test_stage2_loss_uses_the_combiner():
     from mora_retrieval.tasks.cir import CIRStage2
-    from mora_retrieval.tasks.combiner import Combiner
+    from mora_retrieval.model.combiner import Combiner
 
     torch.manual_seed(0)
     combiner = Combiner(8).eval()
@@ -178,7 +178,7 @@ def test_train_cirr_under_torchrun_with_two_gloo_processes(world, tmp_path, tiny
     from pathlib import Path
 
     from mora_retrieval.adapters import export_checkpoint, load_adapters
-    from mora_retrieval.backbone import load_backbone
+    from mora_retrieval.model.backbone import load_backbone
     from mora_retrieval.fileio import load_tensors
 
     base = export_checkpoint(tiny_model.model, tmp_path / "base.safetensors")
@@ -201,7 +201,7 @@ def test_train_cirr_under_torchrun_with_two_gloo_processes(world, tmp_path, tiny
     # The saved adapter reproduces the merged checkpoint written by rank 0.
     model = load_adapters(load_backbone("mora-tiny", str(base)).model, run / "adapter")
     from mora_retrieval.adapters import merge_adapters
-    from mora_retrieval.backbone import weights_fingerprint
+    from mora_retrieval.model.backbone import weights_fingerprint
 
     merged = load_backbone("mora-tiny", str(run / "merged.safetensors")).model
     assert weights_fingerprint(merge_adapters(model)) == weights_fingerprint(merged)

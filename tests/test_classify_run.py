@@ -89,7 +89,7 @@ def test_training_beats_the_constant_baseline_and_writes_the_run_folder(trained)
     # the merged checkpoint is a plain open_clip checkpoint
     import open_clip
 
-    from mora_retrieval.backbone import register_model_configs
+    from mora_retrieval.model.backbone import register_model_configs
 
     register_model_configs()
     model = open_clip.create_model("mora-tiny", pretrained=str(trained / "merged.safetensors"))

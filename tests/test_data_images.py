@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from mora_retrieval.data.images import (OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, BadImageLog, ImageReader,
-                                        TargetPad, collate_skip_none, load_image, make_transform,
+                                        TargetPad, load_image, make_transform,
                                         require_files, targetpad_transform)
 from mora_retrieval.errors import DataError
 
@@ -110,9 +110,3 @@ def test_require_files_names_first_missing(tmp_path):
     with pytest.raises(DataError, match=r"b\.jpg: image file not found \(1 more missing\)"):
         require_files([tmp_path / "a.jpg", tmp_path / "b.jpg", tmp_path / "c.jpg"])
 
-
-def test_collate_skip_none():
-    batch = [{"x": torch.tensor(1)}, None, {"x": torch.tensor(3)}]
-    out = collate_skip_none(batch)
-    assert out["x"].tolist() == [1, 3]
-    assert collate_skip_none([None, None]) is None

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from test_retrieval_fixtures import write_tiny_checkpoint
 
-from mora_retrieval.backbone import load_backbone, weights_fingerprint
+from mora_retrieval.model.backbone import load_backbone, weights_fingerprint
 from mora_retrieval.errors import BackboneError
 from mora_retrieval.retrieval.encoder import load_encoder, load_encoder_from_source
 
@@ -18,7 +18,7 @@ from mora_retrieval.retrieval.encoder import load_encoder, load_encoder_from_sou
 @pytest.fixture(scope="module")
 def adapted(tmp_path_factory):
     from mora_retrieval.adapters import AdapterConfig, add_adapters, export_checkpoint, merge_adapters, save_adapters
-    from mora_retrieval.tasks.combiner import Combiner, save_combiner
+    from mora_retrieval.model.combiner import Combiner, save_combiner
 
     root = tmp_path_factory.mktemp("enc")
     base = write_tiny_checkpoint(root / "base.safetensors")

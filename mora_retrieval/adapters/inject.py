@@ -138,7 +138,7 @@ def add_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
                     continue
                 where = f"{tower} block {block}"
                 _attach(_attention(tower_modules[tower].resblocks[block], where), config, slot, tower, where)
-    from ..backbone import weights_fingerprint
+    from ..model.backbone import weights_fingerprint
     from .io import base_state_dict
 
     if config.method in ("bitfit", "full"):

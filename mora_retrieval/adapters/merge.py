@@ -91,7 +91,7 @@ def merge_adapter_folder(
     ``arch`` defaults to the architecture recorded in the adapter config. Returns a summary
     (arch, pretrained, method, fingerprint of the merged weights, output path).
     """
-    from ..backbone import load_backbone, weights_fingerprint
+    from ..model.backbone import load_backbone, weights_fingerprint
     from .io import load_adapters, read_adapter_config
 
     meta = read_adapter_config(adapter_dir)

@@ -5,7 +5,7 @@ Bad images. Every dataset checks up front that all its image files exist (a miss
 by default a corrupt file raises ``DataError("<path>: unreadable or corrupt image (...)")``;
 with ``skip_bad_images=True`` the item comes back as ``None``, the file is recorded in the
 dataset's ``bad_images`` log (``.count``, ``.paths``) and a warning is logged. Batch such
-datasets with :func:`collate_skip_none`. With DataLoader workers each worker keeps its own log
+datasets with :func:`~mora_retrieval.data.collate.collate_skip_none`. With DataLoader workers each worker keeps its own log
 copy; the warnings still reach the log output.
 
 Preprocessing. ``make_transform("clip", size)`` is open_clip's eval transform (resize the short
@@ -117,17 +117,6 @@ def require_dir(path: str | os.PathLike, what: str) -> Path:
     if not path.is_dir():
         raise DataError(f"{path}: {what} not found (expected a folder)")
     return path
-
-
-def collate_skip_none(batch: Sequence[Any]) -> Any:
-    """``default_collate`` after dropping the ``None`` items of skipped bad images.
-
-    An all-``None`` batch collates to ``None``; training loops should skip it.
-    """
-    from torch.utils.data import default_collate
-
-    kept = [item for item in batch if item is not None]
-    return default_collate(kept) if kept else None
 
 
 @dataclass(frozen=True)

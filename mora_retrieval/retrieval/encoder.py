@@ -16,12 +16,16 @@ query uses the Combiner when one is loaded, else ``normalize(image_raw + text_ra
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
+from ..device import resolve_device, resolve_precision
 from ..errors import BackboneError
+from ..model.backbone import embed_dim
+from ..model.encode import composed_query, encode_image_batch, encode_texts
 
 RUN_CONFIG = "config.json"
 RUN_MERGED = "merged.safetensors"
@@ -30,7 +34,7 @@ RUN_ADAPTER = "adapter"
 
 @dataclass
 class Encoder:
-    """A CLIP model ready for retrieval queries (eval mode, on ``device``)."""
+    """A CLIP model ready for retrieval queries (eval mode, on ``device``, autocast in ``precision``)."""
 
     model: Any
     preprocess: Callable
@@ -40,63 +44,35 @@ class Encoder:
     source: dict[str, Any]
     combiner: Any = None
     preprocess_cfg: dict[str, Any] = field(default_factory=dict)
+    precision: str = "fp32"
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        import torch
-
-        from ..device import autocast, resolve_precision
-
-        device = torch.device(self.device)
-        return autocast(device, resolve_precision("auto", device))
-
-    def encode_images(self, images: Any, normalize: bool = True) -> Any:
+    def encode_images(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Features (float32, on ``device``) of a preprocessed image batch ``[B, 3, H, W]``."""
-        import torch
-        import torch.nn.functional as F
+        with torch.inference_mode():
+            return encode_image_batch(self.model, images, torch.device(self.device), self.precision, normalize)
 
-        with torch.inference_mode(), self._autocast():
-            feats = self.model.encode_image(images.to(self.device, non_blocking=True)).float()
-        return F.normalize(feats, dim=-1) if normalize else feats
-
-    def encode_texts(self, texts: list[str], normalize: bool = True) -> Any:
+    def encode_texts(self, texts: list[str], normalize: bool = True) -> torch.Tensor:
         """Features (float32, on ``device``) of a list of strings."""
-        import torch
-        import torch.nn.functional as F
+        with torch.inference_mode():
+            return encode_texts(self.model, self.tokenizer, texts, torch.device(self.device), self.precision,
+                                normalize=normalize)
 
-        tokens = self.tokenizer(list(texts)).to(self.device)
-        with torch.inference_mode(), self._autocast():
-            feats = self.model.encode_text(tokens).float()
-        return F.normalize(feats, dim=-1) if normalize else feats
-
-    def encode_composed(self, image_features: Any, text_features: Any) -> Any:
-        """Composed query feature from *raw* (unnormalised) image and text features.
-
-        Uses the Combiner when present, else ``normalize(image + text)`` (CLIP4CIR stage 1).
-        """
-        import torch
-        import torch.nn.functional as F
-
-        image_features = image_features.float().to(self.device)
-        text_features = text_features.float().to(self.device)
-        if text_features.shape[0] == 1 and image_features.shape[0] > 1:
-            text_features = text_features.expand(image_features.shape[0], -1)
-        if self.combiner is not None:
-            with torch.inference_mode():
-                return self.combiner(image_features, text_features).float()
-        return F.normalize(image_features + text_features, dim=-1)
+    def encode_composed(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """Composed query feature from *raw* (unnormalised) image and text features (one text
+        row is paired with every image row): the Combiner when present, else ``normalize(image + text)``."""
+        with torch.inference_mode():
+            return composed_query(image_features.float().to(self.device), text_features.float().to(self.device),
+                                  self.combiner).float()
 
     @property
     def dim(self) -> int:
         """Dimension of the joint embedding space."""
-        proj = getattr(self.model, "text_projection", None)
-        if proj is not None:
-            return int(proj.shape[1]) if hasattr(proj, "shape") else int(proj.out_features)
-        return int(self.model.visual.output_dim)
+        return embed_dim(self.model)
 
 
 def preprocess_config(model: Any) -> dict[str, Any]:
     """The model's eval preprocessing as plain data (size, mean, std, interpolation, resize mode)."""
-    from ..backbone import image_size_of
+    from ..model.backbone import image_size_of
 
     cfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
     size = cfg.get("size", image_size_of(model))
@@ -113,7 +89,7 @@ def preprocess_config(model: Any) -> dict[str, Any]:
 def _resolve_run(run: Path) -> tuple[str, str | None, str | None, str | None, str | None]:
     """``(arch, pretrained, checkpoint, adapter, combiner)`` from a training run folder."""
     from ..fileio import read_json
-    from ..tasks.combiner import COMBINER_FILE
+    from ..model.combiner import COMBINER_FILE
 
     if not run.is_dir():
         raise BackboneError(f"{run}: run folder not found (expected a folder with {RUN_CONFIG})")
@@ -141,13 +117,12 @@ def load_encoder(
     """Build an :class:`Encoder` from one weight source (see the module docstring)."""
     import warnings
 
-    from ..backbone import load_backbone, weights_fingerprint
+    from ..model.backbone import load_backbone, weights_fingerprint
 
     if sum(x is not None for x in (adapter, checkpoint, run)) > 1:
         raise BackboneError("give at most one of --adapter, --checkpoint and --run")
-    from ..device import resolve_device
-
-    device = str(resolve_device(device))
+    dev = resolve_device(device)
+    device = str(dev)
     source: dict[str, Any] = {"arch": arch, "pretrained": pretrained}
     if run is not None:
         run = Path(run)
@@ -174,7 +149,7 @@ def load_encoder(
             source["adapter"] = str(Path(adapter).resolve())
     comb = None
     if combiner is not None:
-        from ..tasks.combiner import load_combiner
+        from ..model.combiner import load_combiner
 
         comb = load_combiner(combiner)
         source["combiner"] = str(Path(combiner).resolve())
@@ -192,6 +167,7 @@ def load_encoder(
         source=source,
         combiner=comb,
         preprocess_cfg=preprocess_config(model),
+        precision=resolve_precision("auto", dev),
     )
 
 

@@ -20,63 +20,21 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from ..data.images import collate_skip_none
 from ..engine.module import TrainModule
-from ..device import autocast
+from ..model.combiner import Combiner
+from ..model.encode import composed_query, encode_images, encode_texts
+from ..model.prefix_cache import FrozenPrefixCache
 from .cirr_metrics import cirr_recalls
-from .combiner import Combiner
 
 LOGIT_SCALE = 100.0
-
-
-class CaptionCollate:
-    """Collate dict items and tokenise their ``caption`` field (runs in DataLoader workers)."""
-
-    def __init__(self, tokenizer: Callable, field: str = "caption"):
-        self.tokenizer = tokenizer
-        self.field = field
-
-    def __call__(self, items: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
-        batch = collate_skip_none(items)
-        if batch is not None and self.field in batch:
-            batch["tokens"] = self.tokenizer(list(batch[self.field]))
-        return batch
 
 
 def contrastive_loss(query: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of ``100 · normalize(query) @ normalize(target)ᵀ`` against the diagonal."""
     logits = LOGIT_SCALE * F.normalize(query, dim=-1) @ F.normalize(target, dim=-1).T
     return F.cross_entropy(logits.float(), torch.arange(len(logits), device=logits.device))
-
-
-@torch.no_grad()
-def encode_images(model: nn.Module, dataset: Dataset, key: str, device: torch.device, precision: str = "fp32",
-                  batch_size: int = 256, num_workers: int = 0) -> tuple[torch.Tensor, list[Any]]:
-    """Raw (unnormalised) image features of ``dataset[i][key]``, and the items' ``name``/``index``."""
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skip_none,
-                        pin_memory=device.type == "cuda")
-    feats, ids = [], []
-    for batch in loader:
-        if batch is None:
-            continue
-        with autocast(device, precision):
-            feats.append(model.encode_image(batch[key].to(device, non_blocking=True)).float())
-        ids.extend(batch.get("name", batch.get("index")))
-    return torch.cat(feats), list(ids)
-
-
-@torch.no_grad()
-def encode_texts(model: nn.Module, tokenizer: Callable, texts: Sequence[str], device: torch.device,
-                 precision: str = "fp32", batch_size: int = 512) -> torch.Tensor:
-    """Raw (unnormalised) text features."""
-    out = []
-    for start in range(0, len(texts), batch_size):
-        tokens = tokenizer(list(texts[start:start + batch_size])).to(device)
-        with autocast(device, precision):
-            out.append(model.encode_text(tokens).float())
-    return torch.cat(out)
 
 
 @dataclass
@@ -98,7 +56,7 @@ def encode_split(model: nn.Module, tokenizer: Callable, gallery: Dataset, captio
                  device: torch.device, precision: str = "fp32", batch_size: int = 256,
                  num_workers: int = 0) -> SplitFeatures:
     """Encode a split's gallery (items with ``image`` and ``name``) and its captions."""
-    feats, names = encode_images(model, gallery, "image", device, precision, batch_size, num_workers)
+    feats, names = encode_images(model, gallery, device, precision, batch_size=batch_size, num_workers=num_workers)
     return SplitFeatures(feats, names, encode_texts(model, tokenizer, captions, device, precision))
 
 
@@ -130,13 +88,6 @@ class CIRRValidation:
         return cirr_recalls(sim, names, self.reference_names, self.target_names, self.subset_members)
 
 
-def composed_query(image_raw: torch.Tensor, text_raw: torch.Tensor, combiner: nn.Module | None = None) -> torch.Tensor:
-    """The CIR query: the Combiner when given, else ``normalize(image + text)`` of raw features."""
-    if combiner is not None:
-        return combiner(image_raw, text_raw)
-    return F.normalize(image_raw + text_raw, dim=-1)
-
-
 class CIRStage1(TrainModule):
     """Stage 1: adapt the encoders (adapters already injected into ``model``)."""
 
@@ -158,8 +109,6 @@ class CIRStage1(TrainModule):
         Valid only for deterministic inputs (no random augmentation). Returns whether any tower
         has a frozen prefix to cache (none with ``full`` or ``bitfit``).
         """
-        from .prefix_cache import FrozenPrefixCache
-
         caches = (FrozenPrefixCache(self.model.visual.transformer, storage),
                   FrozenPrefixCache(self.model.transformer, storage))
         self.prefix_caches = caches if any(c.active for c in caches) else None

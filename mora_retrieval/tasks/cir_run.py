@@ -137,13 +137,14 @@ def train_cirr(settings: CIRSettings, resume: bool = False, console=None, quiet:
 
 
 def _train_cirr(settings: CIRSettings, resume: bool, console, quiet: bool) -> dict[str, Any]:
-    from ..backbone import image_size_of, load_backbone
+    from ..model.backbone import image_size_of, load_backbone
     from ..engine import Trainer
     from ..engine.checkpoint import load_best
     from ..engine.distributed import barrier, detect
-    from .cir import (CaptionCollate, CIRRValidation, CIRStage1, CIRStage2, TripletFeatures, composed_query,
-                      encode_split)
-    from .combiner import Combiner, save_combiner
+    from ..data.collate import CaptionCollate
+    from ..model.encode import composed_query
+    from .cir import CIRRValidation, CIRStage1, CIRStage2, TripletFeatures, encode_split
+    from ..model.combiner import Combiner, save_combiner
 
     run_dir = Path(settings.run_dir)
     info = detect()
@@ -241,13 +242,14 @@ def evaluate_cirr_run(run_dir: str | Path, data_root: str | None = None, split: 
     ``recall_subset_submission.json`` (the CIRR server's format) into ``out_dir`` (default: the
     run folder) and returns their paths.
     """
-    from ..backbone import image_size_of, load_backbone
+    from ..model.backbone import image_size_of, load_backbone
     from ..data.cirr import CIRRGallery, CIRRTriplets
     from ..data.images import make_transform
     from ..errors import MoraError
-    from .cir import composed_query, encode_split
+    from ..model.encode import composed_query
+    from .cir import encode_split
     from .cirr_metrics import cirr_rankings, cirr_recalls, submission_files
-    from .combiner import load_combiner
+    from ..model.combiner import load_combiner
 
     run_dir = Path(run_dir)
     settings = CIRSettings.from_dict(read_json(run_dir / RUN_CONFIG, "run config"), str(run_dir))

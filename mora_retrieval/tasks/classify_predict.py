@@ -55,7 +55,7 @@ class Predictor:
     def _blank_image(self) -> torch.Tensor:
         from PIL import Image
 
-        from ..backbone import image_size_of
+        from ..model.backbone import image_size_of
 
         size = image_size_of(self.classifier.clip)
         size = (size, size) if isinstance(size, int) else tuple(size)

@@ -31,11 +31,13 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..device import resolve_device
+from ..device import resolve_device, resolve_precision
 from ..errors import TrainingError
 from ..fileio import atomic_write, read_json, write_json
+from ..model.backbone import embed_dim, load_backbone
+from ..model.heads import CLIPClassifier, LinearHead, load_head, save_head
 from .classify_setup import (ADAPTER_DIR, CONFIG_FILE, HEAD_FILE, MERGED_FILE, RESULTS_FILE, ClassifySettings,
-                             embed_dim_of, load_head, read_run_config, save_head, scenario_data)
+                             read_run_config, scenario_data)
 
 
 @contextlib.contextmanager
@@ -68,13 +70,12 @@ def _missing_counts(dataset: Any) -> dict[str, int]:
 def build_classifier(settings: ClassifySettings, seed: int, task: str, num_classes: int):
     """Backbone (random weights drawn from ``seed`` when there are none), adapters, head."""
     from ..adapters import add_adapters
-    from ..backbone import load_backbone
-    from .classify import CLIPClassifier, LinearHead, head_outputs
+    from .classify import head_outputs
 
     torch.manual_seed(seed)
     backbone = load_backbone(settings.arch, settings.pretrained)
     add_adapters(backbone.model, settings.adapter_config())
-    dim = embed_dim_of(backbone.model, backbone.tokenizer)
+    dim = embed_dim(backbone.model)
     head = LinearHead(2 * dim, head_outputs(task, num_classes))
     return CLIPClassifier(backbone.model, head, settings.features), backbone.preprocess, backbone.tokenizer
 
@@ -98,10 +99,11 @@ def train_classifier(settings: ClassifySettings, train_config: Any, run_dir: str
     val_set = scenario_data(settings, "val", scen["val"], preprocess)
     collate = ClassifyCollate(tokenizer)
     module = ClassifyModule(classifier, probe.task, val_set, collate, settings.eval_batch_size,
-                            train_config.num_workers, train_config.precision)
+                            train_config.num_workers)
     shares = trainable_share(classifier.clip, classifier.head)
     trainer = Trainer(module, train_config, run_dir, train_set, collate_fn=collate, console=console,
                       extra_config=settings.training_record(), quiet=quiet)
+    module.precision = trainer.precision
     fit = trainer.fit(resume=resume)
     if not detect().is_main:
         return None
@@ -122,7 +124,7 @@ def train_classifier(settings: ClassifySettings, train_config: Any, run_dir: str
     test_set = scenario_data(settings, "test", scen["test"], preprocess)
     with eval_progress(None if quiet else console, len(test_set), f"test ({scen['test']})") as advance:
         test = evaluate_classifier(classifier, probe.task, test_set, collate, device, settings.eval_batch_size,
-                                   train_config.num_workers, train_config.precision, advance)
+                                   train_config.num_workers, trainer.precision, advance)
     from .metrics import MAIN_METRIC, majority_baseline
 
     metric = MAIN_METRIC[probe.task]
@@ -170,9 +172,6 @@ def _write_run_record(run_dir: Path, settings: ClassifySettings, task: str, clas
 
 def load_run_classifier(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Any, ClassifySettings, dict]:
     """``(classifier on the merged weights, settings, run record)`` of a finished run folder."""
-    from ..backbone import load_backbone
-    from .classify import CLIPClassifier
-
     run_dir = Path(run_dir)
     record = read_run_config(run_dir)
     settings = ClassifySettings.from_dict(record)
@@ -182,7 +181,7 @@ def load_run_classifier(run_dir: str | os.PathLike, device: str | torch.device =
             raise TrainingError(f"{path}: not found (the run did not finish; resume it with --resume)")
     backbone = load_backbone(settings.arch, str(merged))
     head, meta = load_head(head_path)
-    dim = embed_dim_of(backbone.model, backbone.tokenizer)
+    dim = embed_dim(backbone.model)
     if head.in_dim != 2 * dim:
         raise TrainingError(f"{head_path}: head takes {head.in_dim} features but {settings.arch} gives {2 * dim}")
     classifier = CLIPClassifier(backbone.model, head, meta.get("features") or settings.features).to(device).eval()
@@ -212,7 +211,8 @@ def evaluate_run(run_dir: str | os.PathLike, test_missing: str | None = None, da
     task = record["dataset_task"]
     with eval_progress(console, len(dataset), f"{split} ({scenario})") as advance:
         metrics = evaluate_classifier(classifier, task, dataset, ClassifyCollate(record["tokenizer"]), dev,
-                                      batch_size or settings.eval_batch_size, num_workers, "auto", advance)
+                                      batch_size or settings.eval_batch_size, num_workers,
+                                      resolve_precision("auto", dev), advance)
     metric = MAIN_METRIC[task]
     result = {"task": "classify", "dataset": settings.dataset, "method": settings.adapter["method"],
               "split": split, "scenario": {"train": settings.scenarios["train"], "test": scenario},

@@ -39,7 +39,6 @@ MERGED_FILE = "merged.safetensors"
 ADAPTER_DIR = "adapter"
 RESULTS_FILE = "results.json"
 CONFIG_FILE = "config.json"
-HEAD_FORMAT = "mora-retrieval-classifier-head"
 
 
 @dataclass(frozen=True)
@@ -130,7 +129,7 @@ class ClassifySettings:
 
     def __post_init__(self) -> None:
         from ..data.missing import MISSING_IMAGE_FILLS, MissingSpec
-        from .classify import FEATURE_MODES
+        from ..model.heads import FEATURE_MODES
 
         self.dataset = canonical_dataset(self.dataset)
         self.data_root = str(Path(self.data_root).resolve())
@@ -212,48 +211,3 @@ def scenario_data(settings: ClassifySettings, split: str, scenario: str, transfo
     spec = MissingSpec.parse(scenario, seed=settings.missing_seed)
     codes = MissingAssignments(settings.missing_store).get(dataset.name, split, len(dataset), spec)
     return WithMissingModality(dataset, codes, missing_image=settings.missing_image)
-
-
-def embed_dim_of(model: Any, tokenizer: Any) -> int:
-    """The joint embedding width (one text forward on the empty string)."""
-    import torch
-
-    with torch.no_grad():
-        return int(model.encode_text(tokenizer([""]).to(next(model.parameters()).device)).shape[-1])
-
-
-def save_head(head: Any, path: str | os.PathLike, task: str, class_names: list[str], features: str) -> Path:
-    """Write the linear head as safetensors (``weight``, ``bias``) with its metadata."""
-    from ..fileio import save_tensors
-
-    path = Path(path)
-    save_tensors(path, {"weight": head.linear.weight.detach().cpu().contiguous(),
-                        "bias": head.linear.bias.detach().cpu().contiguous()},
-                 metadata={"format": HEAD_FORMAT, "task": task, "features": features,
-                           "class_names": json.dumps(list(class_names))})
-    return path
-
-
-def load_head(path: str | os.PathLike):
-    """``(LinearHead, {"task", "features", "class_names"})`` from :func:`save_head`'s file."""
-    from safetensors import safe_open
-
-    from ..fileio import load_tensors
-    from .classify import LinearHead
-
-    path = Path(path)
-    tensors = load_tensors(path, "classifier head", error=TrainingError)
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
-    except Exception:  # noqa: BLE001 - load_tensors already read it; treat a failure as foreign
-        meta = {}
-    weight, bias = tensors.get("weight"), tensors.get("bias")
-    if meta.get("format") != HEAD_FORMAT or weight is None or bias is None or weight.ndim != 2 \
-            or tuple(bias.shape) != (weight.shape[0],):
-        raise TrainingError(f"{path}: not a classifier head (expected {HEAD_FORMAT} with weight [C, D] and bias [C])")
-    head = LinearHead(weight.shape[1], weight.shape[0])
-    head.linear.weight.data.copy_(weight)
-    head.linear.bias.data.copy_(bias)
-    return head, {"task": meta.get("task"), "features": meta.get("features", "normalized"),
-                  "class_names": json.loads(meta.get("class_names", "[]"))}

@@ -15,11 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import open_clip
 import torch
 from torch import nn
 
+from ..data.collate import CaptionCollate
 from ..engine import TrainConfig
 from ..engine.module import TrainModule
+from ..model.encode import collect, ordered_loader
 from ..errors import MoraError
 from ..fileio import read_json, write_json
 
@@ -56,13 +59,13 @@ class ContrastivePretraining(TrainModule):
     main_metric = "mean_recall@1"
     higher_is_better = True
 
-    def __init__(self, model: nn.Module, tokenizer: Callable, val_set=None, rank: int = 0, world_size: int = 1):
+    def __init__(self, model: nn.Module, tokenizer: Callable, val_set=None, rank: int = 0, world_size: int = 1,
+                 precision: str = "fp32"):
         super().__init__()
-        import open_clip
-
         self.model = model
         self.tokenizer = tokenizer
         self.val_set = val_set
+        self.precision = precision
         self.loss = open_clip.ClipLoss(rank=rank, world_size=world_size)
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -73,18 +76,11 @@ class ContrastivePretraining(TrainModule):
     def evaluate(self, device: torch.device) -> dict[str, float]:
         if self.val_set is None:
             return {"mean_recall@1": float("nan")}
-        from torch.utils.data import DataLoader
-
-        from .cir import CaptionCollate
-
-        images, texts, ids = [], [], []
-        for batch in DataLoader(self.val_set, batch_size=256, collate_fn=CaptionCollate(self.tokenizer)):
-            if batch is None:
-                continue
-            images.append(self.model.encode_image(batch["image"].to(device), normalize=True))
-            texts.append(self.model.encode_text(batch["tokens"].to(device), normalize=True))
-            ids.extend(str(i) for i in batch["image_id"])
-        return caption_retrieval_recall(torch.cat(images), torch.cat(texts), ids)
+        out = collect(ordered_loader(self.val_set, 256, device, collate_fn=CaptionCollate(self.tokenizer)),
+                      lambda batch: {"image": self.model.encode_image(batch["image"].to(device), normalize=True),
+                                     "text": self.model.encode_text(batch["tokens"].to(device), normalize=True),
+                                     "ids": [str(i) for i in batch["image_id"]]}, device, self.precision)
+        return caption_retrieval_recall(out["image"].float(), out["text"].float(), out["ids"])
 
 
 def caption_retrieval_recall(image: torch.Tensor, text: torch.Tensor, image_ids: list[str]) -> dict[str, float]:
@@ -131,12 +127,11 @@ def is_pretrained(run_dir: str | Path, settings: PretrainSettings | None = None)
 def pretrain(settings: PretrainSettings, resume: bool = False, console=None, quiet: bool = False) -> dict[str, Any]:
     """Train, export ``pretrained.safetensors`` of the best epoch, and return a summary."""
     from ..adapters import export_checkpoint
-    from ..backbone import image_size_of, load_backbone
+    from ..model.backbone import image_size_of, load_backbone
     from ..data.images import make_transform
     from ..engine import Trainer
     from ..engine.checkpoint import last_path, load_best
     from ..engine.distributed import detect
-    from .cir import CaptionCollate
 
     run_dir = Path(settings.run_dir)
     info = detect()
@@ -149,6 +144,7 @@ def pretrain(settings: PretrainSettings, resume: bool = False, console=None, qui
     module = ContrastivePretraining(model, backbone.tokenizer, val_set, info.rank, info.world_size)
     trainer = Trainer(module, settings.train, run_dir / "train", train_set, CaptionCollate(backbone.tokenizer),
                       console=console, quiet=quiet, extra_config={"arch": settings.arch, "init": settings.init})
+    module.precision = trainer.precision
     result = trainer.fit(resume=resume and last_path(run_dir / "train").exists())
     module.load_trainable_state_dict(load_best(run_dir / "train"))
     if info.is_main:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .errors import BackboneError
+from ..errors import BackboneError
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
@@ -159,3 +159,10 @@ def image_size_of(model: Any) -> int:
     size = getattr(model.visual, "image_size", 224)
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
+
+def embed_dim(model: Any) -> int:
+    """The width of the joint image-text embedding space."""
+    proj = getattr(model, "text_projection", None)
+    if proj is not None:
+        return int(proj.shape[1]) if hasattr(proj, "shape") else int(proj.out_features)
+    return int(model.visual.output_dim)

@@ -32,7 +32,7 @@ def eval_coco(
     combiner: Optional[Path] = typer.Option(None, "--combiner", help="Combiner file for mode cir.", rich_help_panel=MODEL_HELP),
     device: Optional[str] = DeviceOpt,
 ) -> None:
-    """Image-to-image Recall@1/5/10 on the indexed COCO gallery (METHOD.md §5)."""
+    """Image-to-image Recall@1/5/10 on the indexed COCO gallery (docs/protocols.md §5)."""
     import json
 
     from rich.console import Console

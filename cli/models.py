@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from .options import make_console
+
 
 def register(app: typer.Typer) -> None:
     @app.command("models")
@@ -12,7 +14,6 @@ def register(app: typer.Typer) -> None:
         import fnmatch
 
         import open_clip
-        from rich.console import Console
         from rich.table import Table
 
         from mora_retrieval.backbone import list_architectures, toolkit_architectures
@@ -23,4 +24,4 @@ def register(app: typer.Typer) -> None:
             if fnmatch.fnmatch(arch, pattern):
                 tags = ", ".join(open_clip.list_pretrained_tags_by_model(arch))
                 table.add_row(arch, tags or ("(toolkit; train with `mora-ret pretrain`)" if arch in own else "-"))
-        Console().print(table)
+        make_console().print(table)

@@ -105,11 +105,17 @@ def _build(items_fn: Any, collection: dict, default_name: str, opts: dict) -> No
                         fast_jpeg=opts["fast_jpeg"])
     if opts["workers"] is not None:
         embed.workers = opts["workers"]
-    config = BuildConfig(index_type=opts["index_type"], search_params=opts["search_params"], shard=shard, embed=embed)
+    config = BuildConfig(index_type=opts["index_type"], search_params=opts["search_params"], shard=shard, embed=embed,
+                         overwrite=opts["overwrite"])
     start = time.perf_counter()
     label = f"embedding {len(items)} images" if shard is None else f"embedding shard {shard[0]}/{shard[1]}"
-    with RichReporter(label) as reporter:
-        result = build_index(encoder, items, out, config, collection=collection, reporter=reporter)
+    try:
+        with RichReporter(label) as reporter:
+            result = build_index(encoder, items, out, config, collection=collection, reporter=reporter)
+    except KeyboardInterrupt:
+        console.print(f"interrupted: the finished chunks are kept under {out}; run the same command again to "
+                      f"resume from them (work already embedded is not redone)")
+        raise typer.Exit(130) from None
     seconds = time.perf_counter() - start
     for path in result.skipped:
         console.print(f"[yellow]skipped bad image:[/] {path}")
@@ -145,6 +151,7 @@ ChunkOpt = typer.Option(8192, "--chunk-size", help="Images per resumable chunk f
 ShardOpt = typer.Option(None, "--shard", help="i/n: embed the i-th of n blocks (default: from torchrun RANK/WORLD_SIZE).")
 FastOpt = typer.Option(False, "--fast-jpeg", help="Decode JPEGs at a reduced DCT scale (faster on CPU, slightly different features).")
 SkipOpt = typer.Option(False, "--skip-bad-images", help="Leave unreadable images out (listed in the manifest) instead of stopping.")
+OverwriteOpt = typer.Option(False, "--overwrite", help="Replace a finished index of another model in the output folder.")
 
 
 @index_app.command("coco")
@@ -156,7 +163,7 @@ def index_coco(
     name: Optional[str] = NameOpt, out: Optional[Path] = OutOpt, index_type: str = TypeOpt,
     search_params: Optional[str] = ParamsOpt, batch_size: int = BatchOpt, workers: Optional[int] = WorkersOpt,
     chunk_size: int = ChunkOpt, shard: Optional[str] = ShardOpt, skip_bad_images: bool = SkipOpt,
-    fast_jpeg: bool = FastOpt,
+    fast_jpeg: bool = FastOpt, overwrite: bool = OverwriteOpt,
 ) -> None:
     """Index the COCO gallery of a split (images with at least one instance annotation)."""
     from mora_retrieval.retrieval.items import coco_items
@@ -175,7 +182,7 @@ def index_images(
     name: Optional[str] = NameOpt, out: Optional[Path] = OutOpt, index_type: str = TypeOpt,
     search_params: Optional[str] = ParamsOpt, batch_size: int = BatchOpt, workers: Optional[int] = WorkersOpt,
     chunk_size: int = ChunkOpt, shard: Optional[str] = ShardOpt, skip_bad_images: bool = SkipOpt,
-    fast_jpeg: bool = FastOpt,
+    fast_jpeg: bool = FastOpt, overwrite: bool = OverwriteOpt,
 ) -> None:
     """Index every image under a folder (jpg, png, webp, bmp, gif, tif)."""
     from mora_retrieval.retrieval.items import folder_items

@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
         index: Path = typer.Option(..., "--index", help="Index folder (indexes/<name>)."),
         image: Optional[Path] = typer.Option(None, "--image", help="Query image."),
         text: Optional[str] = typer.Option(None, "--text", help="Query text (with --image: a composed query)."),
-        k: int = typer.Option(10, "-k", "--top-k", help="Number of results."),
+        k: int = typer.Option(10, "-k", "--top-k", min=1, help="Number of results (at least 1)."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
         html_out: Optional[Path] = typer.Option(None, "--html", help="Write a self-contained HTML gallery page."),
         model: Optional[str] = ModelOpt, pretrained: Optional[str] = PretrainedOpt, adapter: Optional[Path] = AdapterOpt,

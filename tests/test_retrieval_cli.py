@@ -132,7 +132,7 @@ def test_output_paths_and_k_are_checked_before_writing(app, built, tmp_path):
     assert isinstance(result.exception, MoraError) and "is a folder (expected a file name" in str(result.exception)
     result = CliRunner().invoke(app, ["search", "--index", str(built / "idx"), "--text", "x", "-k", "0"],
                                 terminal_width=200)
-    assert result.exit_code == 2 and "0 is not in the range x>=1" in result.output
+    assert result.exit_code == 2 and "--top-k': Input should be greater than or equal to 1" in result.output
     result = _run(app, ["search", "--index", str(built / "idx"), "--image", str(tmp_path)])
     assert isinstance(result.exception, MoraError) and "is a folder (expected an image file)" in str(result.exception)
 

@@ -30,7 +30,7 @@ def run_variant(args: argparse.Namespace) -> dict:
 
     from mora_retrieval.adapters import AdapterConfig, add_adapters
     from mora_retrieval.model.backbone import image_size_of, load_backbone
-    from mora_retrieval.tasks.cir import CIRStage1
+    from mora_retrieval.tasks.cir.stages import CIRStage1
 
     warnings.simplefilter("ignore")
     torch.manual_seed(0)

@@ -112,7 +112,8 @@ def _world(settings: DemoSettings, console) -> dict[str, Path]:
 
 def _pretrain(settings: DemoSettings, world: dict[str, Path], console, quiet: bool) -> Path:
     from .engine import TrainConfig
-    from .tasks.pretrain import CHECKPOINT, PretrainSettings, is_pretrained, pretrain
+    from .runs import PRETRAINED_FILE as CHECKPOINT
+    from .tasks.pretrain import PretrainSettings, is_pretrained, pretrain
 
     run = Path(settings.out) / "pretrain"
     spec = PretrainSettings(
@@ -132,7 +133,7 @@ def _pretrain(settings: DemoSettings, world: dict[str, Path], console, quiet: bo
 
 def _train_cir(settings: DemoSettings, world, checkpoint: Path, method: str, console, quiet: bool) -> dict:
     from .engine import TrainConfig
-    from .tasks.cir_run import CIRSettings, train_cirr
+    from .tasks.cir import CIRSettings, train_cirr
 
     run = Path(settings.out) / "runs" / f"cir-{method}"
     cir = CIRSettings.with_defaults(str(world["cirr"]), str(run), method, arch=settings.arch,
@@ -171,12 +172,12 @@ def _index_and_eval(name: str, world, encoder_kwargs: dict, settings: DemoSettin
 
 
 def _classify(settings: DemoSettings, world, checkpoint: Path, console, quiet: bool) -> dict:
-    from .tasks.classify_run import train_classifier
-    from .tasks.classify_setup import ClassifySettings, default_adapter_config, default_train_config
+    from .tasks.classify import ClassifySettings, train_classifier
+    from .tasks.classify.settings import default_adapter_config, default_train_config
 
     run = Path(settings.out) / "runs" / "classify-food101"
     spec = ClassifySettings(dataset="food101", data_root=str(world["food101"]), arch=settings.arch,
-                            pretrained=str(checkpoint), adapter=default_adapter_config("food101", "mora").to_dict(),
+                            pretrained=str(checkpoint), adapter=default_adapter_config("food101", "mora"),
                             missing="both:0.7")
     train = default_train_config("food101", epochs=settings.classify_epochs, batch_size=settings.classify_batch,
                                  seed=settings.seed, num_workers=settings.workers, log_every=10)

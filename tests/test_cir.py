@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mora_retrieval.errors import TrainingError
-from mora_retrieval.tasks.cirr_metrics import cirr_rankings, cirr_recalls, submission_files
+from mora_retrieval.tasks.cir.metrics import cirr_rankings, cirr_recalls, submission_files
 
 
 # ------------------------------------------------------------------ metrics
@@ -80,7 +80,7 @@ def test_rankings_and_submission_format():
 
 # ------------------------------------------------------------------ losses
 def test_stage1_loss_is_the_clip4cir_objective(tiny_model):
-    from mora_retrieval.tasks.cir import CIRStage1
+    from mora_retrieval.tasks.cir.stages import CIRStage1
 
     model, _, tokenizer = tiny_model
     module = CIRStage1(model, tokenizer, validation=None)
@@ -97,7 +97,7 @@ def test_stage1_loss_is_the_clip4cir_objective(tiny_model):
 
 
 def test_stage2_loss_uses_the_combiner():
-    from mora_retrieval.tasks.cir import CIRStage2
+    from mora_retrieval.tasks.cir.stages import CIRStage2
     from mora_retrieval.model.combiner import Combiner
 
     torch.manual_seed(0)
@@ -111,7 +111,7 @@ def test_stage2_loss_uses_the_combiner():
 
 # ------------------------------------------------------------------ settings
 def test_settings_precedence_defaults_file_cli(tmp_path):
-    from mora_retrieval.tasks.cir_run import build_settings
+    from mora_retrieval.tasks.cir import build_settings
 
     (tmp_path / "cfg.toml").write_text('arch = "mora-tiny"\n[stage1]\nlr = 0.5\nepochs = 3\n[adapter]\nr = 8\n')
     s = build_settings("root", str(tmp_path / "run"), "mora", tmp_path / "cfg.toml", {"stage1": {"epochs": 7}})
@@ -132,7 +132,7 @@ def world(tmp_path_factory):
 
 def _settings(world, run_dir, **kw):
     from mora_retrieval.engine import TrainConfig
-    from mora_retrieval.tasks.cir_run import CIRSettings
+    from mora_retrieval.tasks.cir import CIRSettings
 
     s = CIRSettings.with_defaults(str(world["cirr"]), str(run_dir), "mora", arch="mora-tiny", pretrained=None)
     s.stage1 = TrainConfig(epochs=2, batch_size=8, lr=1e-2, log_every=1, **{"device": "cpu", **kw})
@@ -143,7 +143,7 @@ def _settings(world, run_dir, **kw):
 def test_train_cirr_end_to_end(world, tmp_path):
     import open_clip
 
-    from mora_retrieval.tasks.cir_run import evaluate_cirr_run, train_cirr
+    from mora_retrieval.tasks.cir import evaluate_cirr_run, train_cirr
 
     torch.manual_seed(0)
     run = tmp_path / "run"
@@ -212,8 +212,8 @@ def test_resume_finishes_an_interrupted_run_and_refuses_other_settings(world, tm
     from mora_retrieval.adapters import export_checkpoint
     from mora_retrieval.engine import TrainingInterrupted
     from mora_retrieval.fileio import load_tensors
-    from mora_retrieval.tasks import cir
-    from mora_retrieval.tasks.cir_run import train_cirr
+    from mora_retrieval.tasks.cir import stages as cir
+    from mora_retrieval.tasks.cir import train_cirr
 
     base = str(export_checkpoint(tiny_model.model, tmp_path / "base.safetensors"))
 
@@ -258,7 +258,7 @@ def _grads(module, batch):
 
 def test_frozen_prefix_cache_gives_the_same_loss_and_gradients(tiny_model):
     from mora_retrieval.adapters import AdapterConfig, add_adapters
-    from mora_retrieval.tasks.cir import CIRStage1
+    from mora_retrieval.tasks.cir.stages import CIRStage1
 
     model, _, tokenizer = tiny_model
     add_adapters(model, AdapterConfig(method="mora", targets=("q", "v"), layers=1))
@@ -286,7 +286,7 @@ def test_frozen_prefix_cache_gives_the_same_loss_and_gradients(tiny_model):
 
 def test_no_prefix_to_cache_for_full_fine_tuning(tiny_model):
     from mora_retrieval.adapters import AdapterConfig, add_adapters
-    from mora_retrieval.tasks.cir import CIRStage1
+    from mora_retrieval.tasks.cir.stages import CIRStage1
 
     model, _, tokenizer = tiny_model
     add_adapters(model, AdapterConfig(method="full"))

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from mora_retrieval.tasks.metrics import (MAIN_METRIC, binary_auroc, compute_metrics, majority_baseline, multilabel_f1,
+from mora_retrieval.tasks.classify.metrics import (MAIN_METRIC, binary_auroc, compute_metrics, majority_baseline, multilabel_f1,
                                           top1_accuracy)
 
 

@@ -12,9 +12,9 @@ from PIL import Image
 from mora_retrieval.errors import TrainingError
 from mora_retrieval.model.encode import ordered_loader
 from mora_retrieval.model.heads import CLIPClassifier, LinearHead, load_head, save_head
-from mora_retrieval.tasks.classify import (ClassifyCollate, ClassifyModule, classification_loss, evaluate_classifier,
+from mora_retrieval.tasks.classify.model import (ClassifyCollate, ClassifyModule, classification_loss, evaluate_classifier,
                                            predict_logits)
-from mora_retrieval.tasks.classify_setup import (ClassifySettings, default_adapter_config, default_train_config,
+from mora_retrieval.tasks.classify.settings import (ClassifySettings, default_adapter_config, default_train_config,
                                                  read_run_config, scenario_data)
 
 CPU = torch.device("cpu")

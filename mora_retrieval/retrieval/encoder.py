@@ -16,20 +16,20 @@ query uses the Combiner when one is loaded, else ``normalize(image_raw + text_ra
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from ..adapters import load_adapters, merge_adapters
 from ..device import resolve_device, resolve_precision
 from ..errors import BackboneError
-from ..model.backbone import embed_dim
+from ..model.backbone import embed_dim, image_size_of, load_backbone, weights_fingerprint
+from ..model.combiner import load_combiner
 from ..model.encode import composed_query, encode_image_batch, encode_texts
-
-RUN_CONFIG = "config.json"
-RUN_MERGED = "merged.safetensors"
-RUN_ADAPTER = "adapter"
+from ..runs import COMBINER_FILE, CONFIG_FILE, FinishedRun
 
 
 @dataclass
@@ -72,8 +72,6 @@ class Encoder:
 
 def preprocess_config(model: Any) -> dict[str, Any]:
     """The model's eval preprocessing as plain data (size, mean, std, interpolation, resize mode)."""
-    from ..model.backbone import image_size_of
-
     cfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
     size = cfg.get("size", image_size_of(model))
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
@@ -84,24 +82,6 @@ def preprocess_config(model: Any) -> dict[str, Any]:
         "interpolation": str(cfg.get("interpolation", "bicubic")),
         "resize_mode": str(cfg.get("resize_mode", "shortest")),
     }
-
-
-def _resolve_run(run: Path) -> tuple[str, str | None, str | None, str | None, str | None]:
-    """``(arch, pretrained, checkpoint, adapter, combiner)`` from a training run folder."""
-    from ..fileio import read_json
-    from ..model.combiner import COMBINER_FILE
-
-    if not run.is_dir():
-        raise BackboneError(f"{run}: run folder not found (expected a folder with {RUN_CONFIG})")
-    config = read_json(run / RUN_CONFIG, "run configuration", error=BackboneError)
-    if not isinstance(config, dict) or "arch" not in config:
-        raise BackboneError(f"{run / RUN_CONFIG}: expected a JSON object with an 'arch' key")
-    merged = run / RUN_MERGED
-    adapter = run / RUN_ADAPTER
-    checkpoint = str(merged) if merged.is_file() else None
-    adapter_dir = str(adapter) if checkpoint is None and adapter.is_dir() else None
-    combiner = run / COMBINER_FILE
-    return config["arch"], config.get("pretrained"), checkpoint, adapter_dir, str(combiner) if combiner.is_file() else None
 
 
 def load_encoder(
@@ -115,42 +95,34 @@ def load_encoder(
     device: str | None = None,
 ) -> Encoder:
     """Build an :class:`Encoder` from one weight source (see the module docstring)."""
-    import warnings
-
-    from ..model.backbone import load_backbone, weights_fingerprint
-
     if sum(x is not None for x in (adapter, checkpoint, run)) > 1:
         raise BackboneError("give at most one of --adapter, --checkpoint and --run")
     dev = resolve_device(device)
     device = str(dev)
     source: dict[str, Any] = {"arch": arch, "pretrained": pretrained}
     if run is not None:
-        run = Path(run)
-        run_arch, pretrained, run_ckpt, run_adapter, run_comb = _resolve_run(run)
-        if arch not in (None, run_arch):
-            raise BackboneError(f"{run / RUN_CONFIG}: run was trained with {run_arch}, not {arch}")
-        arch = run_arch
-        checkpoint, adapter = run_ckpt, run_adapter
-        combiner = combiner if combiner is not None else run_comb
-        source = {"arch": arch, "pretrained": pretrained, "run": str(run.resolve())}
-    if arch is None:
+        finished = FinishedRun.open(run, BackboneError)
+        if arch not in (None, finished.arch):
+            raise BackboneError(f"{finished.path / CONFIG_FILE}: run was trained with {finished.arch}, not {arch}")
+        arch = finished.arch
+        combiner = combiner if combiner is not None else finished.find(COMBINER_FILE)
+        source = {"arch": arch, "pretrained": finished.pretrained, "run": str(finished.path.resolve())}
+    elif arch is None:
         raise BackboneError("no architecture given (use --model ARCH or --run DIR)")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        backbone = load_backbone(arch, pretrained=str(checkpoint) if checkpoint is not None else pretrained, device="cpu")
+        warnings.simplefilter("ignore")  # random weights warn; the index records them as such
+        if run is not None:
+            backbone = finished.load_model()
+        else:
+            backbone = load_backbone(arch, pretrained=str(checkpoint) if checkpoint is not None else pretrained)
     model = backbone.model
-    if checkpoint is not None and run is None:
+    if checkpoint is not None:
         source["checkpoint"] = str(Path(checkpoint).resolve())
     if adapter is not None:
-        from ..adapters import load_adapters, merge_adapters
-
         model = merge_adapters(load_adapters(model, adapter, arch=arch))
-        if run is None:
-            source["adapter"] = str(Path(adapter).resolve())
+        source["adapter"] = str(Path(adapter).resolve())
     comb = None
     if combiner is not None:
-        from ..model.combiner import load_combiner
-
         comb = load_combiner(combiner)
         source["combiner"] = str(Path(combiner).resolve())
     model = model.eval()

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from ..engine.module import TrainModule
-from ..model.encode import collect, ordered_loader
-from ..model.heads import CLIPClassifier
+from ...engine.module import TrainModule
+from ...model.encode import collect, ordered_loader
+from ...model.heads import CLIPClassifier
 from .metrics import MAIN_METRIC, TASKS, compute_metrics
 
 

@@ -8,8 +8,9 @@ image tower in one batch.
 Stage 2 (Combiner): the merged encoders are frozen; the features of every triplet are computed
 once (:func:`encode_split`, :meth:`TripletFeatures.from_split`) and the Combiner trains on them with the same loss.
 
-Validation (both stages) uses the CIRR metrics of :mod:`.cirr_metrics` on the val split: the
-gallery is encoded once per evaluation and the reference features are looked up in it.
+Validation (both stages) uses the CIRR metrics of :mod:`.metrics` on the val split
+(:class:`CIRRValidation`, also behind ``mora-ret eval cirr``): the gallery is encoded once per
+evaluation and the reference features are looked up in it.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..engine.module import TrainModule
-from ..model.combiner import Combiner
-from ..model.encode import composed_query, encode_images, encode_texts
-from ..model.prefix_cache import FrozenPrefixCache
-from .cirr_metrics import cirr_recalls
+from ...engine.module import TrainModule
+from ...model.combiner import Combiner
+from ...model.encode import composed_query, encode_images, encode_texts
+from ...model.prefix_cache import FrozenPrefixCache
+from .metrics import cirr_rankings, cirr_recalls
 
 LOGIT_SCALE = 100.0
 
@@ -45,6 +46,9 @@ class SplitFeatures:
     names: list[str]
     text: torch.Tensor
 
+    def to(self, device: torch.device | str) -> "SplitFeatures":
+        return SplitFeatures(self.gallery.to(device), self.names, self.text.to(device))
+
     def of(self, names: Sequence[str]) -> torch.Tensor:
         """Gallery features of the images ``names`` (references, targets), looked up by name."""
         index = {name: i for i, name in enumerate(self.names)}
@@ -62,30 +66,40 @@ def encode_split(model: nn.Module, tokenizer: Callable, gallery: Dataset, captio
 
 @dataclass
 class CIRRValidation:
-    """The val split, ready for evaluation: gallery dataset and per-query metadata."""
+    """A CIRR split ready for evaluation: its gallery (items with ``image`` and ``name``) and triplets."""
 
-    gallery: Dataset  # items with "image" and "name" (CIRRGallery)
-    captions: list[str]
-    reference_names: list[str]
-    target_names: list[str]
-    subset_members: list[list[str]]
+    gallery: Dataset
+    records: list[dict[str, Any]]  # CIRRTriplets.records (no target_hard in test1)
     batch_size: int = 256
     num_workers: int = 0
 
     @classmethod
-    def from_triplets(cls, triplets, gallery, batch_size: int = 256, num_workers: int = 0) -> "CIRRValidation":
-        recs = triplets.records
-        return cls(gallery, [r["caption"] for r in recs], [r["reference"] for r in recs],
-                   [r["target_hard"] for r in recs], [list(r["img_set"]["members"]) for r in recs],
-                   batch_size, num_workers)
+    def from_triplets(cls, triplets, gallery: Dataset, batch_size: int = 256, num_workers: int = 0) -> "CIRRValidation":
+        return cls(gallery, list(triplets.records), batch_size, num_workers)
 
-    def encode(self, model, tokenizer, device, precision) -> SplitFeatures:
-        return encode_split(model, tokenizer, self.gallery, self.captions, device, precision, self.batch_size,
-                            self.num_workers)
+    @property
+    def reference_names(self) -> list[str]:
+        return [r["reference"] for r in self.records]
 
-    def metrics(self, query: torch.Tensor, gallery: torch.Tensor, names: list[str]) -> dict[str, float]:
-        sim = F.normalize(query, dim=-1) @ F.normalize(gallery, dim=-1).T
-        return cirr_recalls(sim, names, self.reference_names, self.target_names, self.subset_members)
+    def encode(self, model: nn.Module, tokenizer: Callable, device: torch.device, precision: str) -> SplitFeatures:
+        return encode_split(model, tokenizer, self.gallery, [r["caption"] for r in self.records], device, precision,
+                            self.batch_size, self.num_workers)
+
+    def similarity(self, feats: SplitFeatures, combiner: nn.Module | None = None) -> torch.Tensor:
+        """``[queries, gallery]`` cosine similarities of the composed queries (Combiner or sum)."""
+        query = composed_query(feats.of(self.reference_names), feats.text, combiner)
+        return F.normalize(query, dim=-1) @ F.normalize(feats.gallery, dim=-1).T
+
+    def metrics(self, feats: SplitFeatures, combiner: nn.Module | None = None) -> dict[str, float]:
+        """The CIRR metrics (:func:`~.metrics.cirr_recalls`) of the split."""
+        return cirr_recalls(self.similarity(feats, combiner), feats.names, self.reference_names,
+                            [r["target_hard"] for r in self.records],
+                            [list(r["img_set"]["members"]) for r in self.records])
+
+    def rankings(self, feats: SplitFeatures, combiner: nn.Module | None = None) -> tuple[list, list]:
+        """Per query: the top 50 gallery names and the top 3 subset members (:func:`~.metrics.cirr_rankings`)."""
+        return cirr_rankings(self.similarity(feats, combiner), feats.names, self.reference_names,
+                             [list(r["img_set"]["members"]) for r in self.records])
 
 
 class CIRStage1(TrainModule):
@@ -130,9 +144,7 @@ class CIRStage1(TrainModule):
     def evaluate(self, device: torch.device) -> dict[str, float]:
         if self.validation is None:
             return {"avg": float("nan")}
-        feats = self.validation.encode(self.model, self.tokenizer, device, self.precision)
-        query = composed_query(feats.of(self.validation.reference_names), feats.text)
-        return self.validation.metrics(query, feats.gallery, feats.names)
+        return self.validation.metrics(self.validation.encode(self.model, self.tokenizer, device, self.precision))
 
 
 class TripletFeatures(Dataset):
@@ -162,21 +174,18 @@ class CIRStage2(TrainModule):
     main_metric = "avg"
     higher_is_better = True
 
-    def __init__(self, combiner: Combiner, validation: TripletFeatures | None = None,
-                 val_meta: CIRRValidation | None = None, gallery: tuple[torch.Tensor, list[str]] | None = None):
+    def __init__(self, combiner: Combiner, validation: CIRRValidation | None = None,
+                 val_split: SplitFeatures | None = None):
         super().__init__()
         self.combiner = combiner
-        self.val_features = validation
-        self.val_meta = val_meta
-        self.val_gallery = gallery
+        self.validation = validation
+        self.val_split = val_split
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         query = self.combiner(batch["reference"], batch["text"])
         return contrastive_loss(query, batch["target"])
 
     def evaluate(self, device: torch.device) -> dict[str, float]:
-        if self.val_features is None or self.val_meta is None or self.val_gallery is None:
+        if self.validation is None or self.val_split is None:
             return {"avg": float("nan")}
-        query = self.combiner(self.val_features.reference.to(device), self.val_features.text.to(device))
-        gallery, names = self.val_gallery
-        return self.val_meta.metrics(query.cpu(), gallery, names)
+        return self.validation.metrics(self.val_split.to(device), self.combiner)

@@ -1,6 +1,6 @@
 """Images/s of one training epoch's input: the PIL transform every epoch vs the prepared cache.
 
-    python benchmarks/bench_prepared.py [--images 512] [--size 224] [--batch 128] [--epochs 3]
+    OMP_NUM_THREADS=1 python benchmarks/bench_prepared.py [--images 512] [--size 224] [--batch 128] [--epochs 3]
                                         [--workers 0,2] [--device cpu]
 
 Writes ``--images`` generated JPEGs (320x240, 240x320 and 320x320, quality 90) to a temporary
@@ -15,6 +15,9 @@ resize of the short side to ``--size``, centre crop, open_clip's default statist
 * **prepared cache**: every later epoch. Shuffled batches of ``--batch`` rows are gathered from
   the memory-mapped file and normalised with :func:`normalize_uint8` (float32, or bfloat16 on
   ``--device``), in the main process or through a DataLoader over :class:`PreparedImageDataset`.
+
+On a small shared CPU machine set OMP_NUM_THREADS=1: torch's intra-op threads in the main
+process fight the DataLoader workers and other jobs, which slowed the PIL rows here up to 9x.
 
 Each epoch row is the mean over ``--epochs`` epochs (the first cache epoch included: the file
 was just written, so it sits in the page cache, as in training right after a build). Prints one
@@ -90,8 +93,10 @@ def pil_epochs(paths, spec, batch: int, workers: int, epochs: int, device: torch
     return len(paths) / float(np.mean(seconds))
 
 
-def cache_epochs(cache, batch: int, epochs: int, device: torch.device, dtype: torch.dtype, workers: int | None) -> float:
-    """``workers=None``: gather in the main process; else a DataLoader over the dataset view."""
+def cache_epochs(cache, batch: int, epochs: int, device: torch.device, dtype: torch.dtype | None,
+                 workers: int | None) -> float:
+    """``workers=None``: gather in the main process; else a DataLoader over the dataset view.
+    ``dtype=None``: gather only (the uint8 batch a GPU run hands to the device)."""
     n = len(cache)
     seconds = []
     for epoch in range(epochs):
@@ -99,7 +104,9 @@ def cache_epochs(cache, batch: int, epochs: int, device: torch.device, dtype: to
         if workers is None:
             order = np.random.default_rng(epoch).permutation(n)
             for lo in range(0, n, batch):
-                cache.normalize(cache.batch(np.sort(order[lo:lo + batch])), dtype=dtype, device=device)
+                images = cache.batch(np.sort(order[lo:lo + batch]))
+                if dtype is not None:
+                    cache.normalize(images, dtype=dtype, device=device)
         else:
             loader = DataLoader(PreparedImageDataset(cache), batch_size=batch, shuffle=True, num_workers=workers,
                                 pin_memory=device.type == "cuda")
@@ -134,6 +141,8 @@ def main() -> None:
             start = time.perf_counter()
             cache = prepare_images(paths, spec, path, workers=w)
             rows.append((f"build the prepared cache (once), {w} workers", len(paths) / (time.perf_counter() - start)))
+        rows.append(("prepared cache: memmap gather only (uint8 batches), main process",
+                     cache_epochs(cache, args.batch, args.epochs, device, None, None)))
         for dtype in (torch.float32, torch.bfloat16):
             name = str(dtype).replace("torch.", "")
             rows.append((f"prepared cache: memmap gather + normalize_uint8 ({name}), main process",

@@ -33,6 +33,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_adapters.py --arch mora-tiny --batch 64
 	$(BIN)/python benchmarks/bench_cir.py --arch mora-tiny --batch 64 --steps 20
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_engine.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_prepared.py
 	$(BIN)/python benchmarks/bench_retrieval.py
 
 clean:

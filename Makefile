@@ -7,12 +7,12 @@ VENV ?= .venv
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean browser
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[test,serve]"
 	touch $@
 
 install: $(BIN)/.installed
@@ -20,8 +20,19 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/mora-ret demo
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest -q
+
+# The browser test (tests/test_serve_browser.py) drives Debian's chromium through chromium-driver.
+# Where we are root with apt-get they are installed here (about 40 s); elsewhere that test skips.
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium and chromium-driver for the browser test (apt-get)"; \
+		( timeout 600 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq \
+			--no-install-recommends chromium chromium-driver >/dev/null ) \
+		|| echo "note: could not install chromium; the browser test will be skipped"; \
+	else echo "note: no chromium/chromedriver (apt-get install chromium chromium-driver); the browser test will be skipped"; fi
 
 # The CPU benchmarks of BENCHMARKS.md (add --device cuda on a GPU machine).
 bench: install

@@ -60,9 +60,9 @@ def register(app: typer.Typer) -> None:
         sock = open_socket(host, port)
         if not is_loopback(host):
             console.print(f"[bold yellow]warning:[/] listening on {host}: the index, its images and the search API are "
-                          "open to every machine that can reach this one (there is no authentication)")
+                          "open to every machine that can reach this one (there is no authentication)", soft_wrap=True)
         console.print(f"serving {index} ({folder.count} images, {folder.manifest.get('arch')}, "
-                      f"{folder.manifest.get('index_type')}) at [bold]{url_of(sock)}[/] (Ctrl+C stops)")
+                      f"{folder.manifest.get('index_type')}) at [bold]{url_of(sock)}[/] (Ctrl+C stops)", soft_wrap=True)
         try:
             run_server(app, sock)
         except KeyboardInterrupt:  # uvicorn shuts down cleanly first, then re-raises Ctrl+C

@@ -37,6 +37,7 @@ from mora_retrieval.retrieval.serve import (  # noqa: E402
     ServeConfig,
     create_app,
     is_loopback,
+    background_server,
     open_socket,
 )
 from mora_retrieval_cli.app import app as cli_app  # noqa: E402
@@ -347,6 +348,41 @@ def test_concurrent_http_clients_all_get_their_own_answer(client, world):
         assert body["text"] == text
         _assert_hits_equal(body["results"], search(world["folder"], world["encoder"], text=text, k=4))
     assert client.get("/healthz").json()["waiting"] == 0
+
+
+def test_load_200_requests_from_8_clients_on_a_real_server_all_answered(world):
+    """The correctness half of benchmarks/bench_serve.py: none lost, each client gets its own answer."""
+    import httpx
+
+    rows, texts = [0, 6, 13, 20, 27], ["make the circle blue", None, "a red square", "add a star", None]
+    kinds = []
+    for row, text in zip(rows, texts):
+        with open(_image_path(world, row), "rb") as fh:
+            kinds.append(({"image": ("q.jpg", fh.read(), "image/jpeg")}, {"k": "5", **({"text": text} if text else {})},
+                          [h.row for h in search(world["folder"], world["encoder"], image=_image_path(world, row),
+                                                 text=text, k=5)]))
+    kinds.append((None, {"text": "two stars", "k": "5"},
+                  [h.row for h in search(world["folder"], world["encoder"], text="two stars", k=5)]))
+    app = create_app(world["folder"], world["encoder"])
+
+    def client(start, url):
+        answers = []
+        with httpx.Client(base_url=url, timeout=60) as http:
+            for i in range(start, 200, 8):
+                files, data, _ = kinds[i % len(kinds)]
+                response = http.post("api/search", files=files, data=data)
+                answers.append((i, response.status_code, [r["row"] for r in response.json().get("results", [])]))
+        return answers
+
+    with background_server(app) as url:
+        with ThreadPoolExecutor(8) as pool:
+            answers = [a for part in pool.map(client, range(8), [url] * 8) for a in part]
+        health = httpx.get(url + "healthz").json()
+    assert sorted(i for i, _, _ in answers) == list(range(200))
+    for i, status, got in answers:
+        assert status == 200 and got == kinds[i % len(kinds)][2], i
+    sizes = {int(k): v for k, v in health["batch_sizes"].items()}
+    assert sum(k * v for k, v in sizes.items()) == 200 and health["waiting"] == 0
 
 
 # ------------------------------------------------------------------ the command

@@ -40,6 +40,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_cir.py --arch mora-tiny --batch 64 --steps 20
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_engine.py
 	$(BIN)/python benchmarks/bench_retrieval.py
+	$(BIN)/python benchmarks/bench_serve.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

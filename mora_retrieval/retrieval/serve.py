@@ -243,13 +243,13 @@ class _App:
             await form.close()
         if self.queue is None:
             raise RuntimeError("the query queue is not running (the app was started without its lifespan)")
+        headers = {}
+        if query.text is not None and await run_in_threadpool(text_is_truncated, self.encoder.tokenizer, query.text):
+            headers[TEXT_TRUNCATED_HEADER] = str(getattr(self.encoder.tokenizer, "context_length", ""))
         try:
             hits = await self.queue.submit(query)
         except MoraError as exc:
             raise RequestError(400, str(exc)) from None
-        headers = {}
-        if query.text is not None and text_is_truncated(self.encoder.tokenizer, query.text):
-            headers[TEXT_TRUNCATED_HEADER] = str(getattr(self.encoder.tokenizer, "context_length", ""))
         return JSONResponse(search_payload(self.label, self.encoder, hits, image=query.image_label, text=query.text),
                             headers=headers)
 

@@ -7,7 +7,7 @@ VENV ?= .venv
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
 
-.PHONY: install demo test bench clean browser
+.PHONY: install demo test test-gpu bench clean browser
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ demo: install
 
 test: install browser
 	$(BIN)/python -m pytest -q
+
+# On a CUDA machine: the whole suite with the `gpu` tests (they skip where CUDA is absent).
+test-gpu: install
+	$(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'test-gpu: no CUDA device is visible')"
+	$(BIN)/python -m pytest -q -rs
 
 # The browser test (tests/test_serve_browser.py) drives Debian's chromium through chromium-driver.
 # Where we are root with apt-get they are installed here (about 40 s); elsewhere that test skips.

@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from .options import device_option, make_console
+
 DATASETS = "food101 | mmimdb | hateful-memes"
 
 
@@ -58,7 +60,7 @@ def register(app: typer.Typer) -> None:
         max_steps: Optional[int] = typer.Option(None, "--max-steps"),
         eval_batch_size: int = typer.Option(256, "--eval-batch-size"),
         workers: int = typer.Option(0, "--workers", help="DataLoader worker processes."),
-        device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:1 …"),
+        device: str = device_option(),
         precision: str = typer.Option("auto", "--precision", help="auto (bf16 on GPU) | bf16 | fp32."),
         seed: int = typer.Option(0, "--seed", help="Training seed (also draws random backbone weights)."),
         skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Skip (and count) unreadable images."),
@@ -75,11 +77,10 @@ def register(app: typer.Typer) -> None:
         Writes adapter/, head.safetensors, merged.safetensors and results.json into the run folder
         (besides the engine's config.json, metrics.jsonl, checkpoints/ and curves.png).
         """
-        from rich.console import Console
 
         from mora_retrieval.errors import TrainingError
 
-        console = Console(quiet=quiet)
+        console = make_console(quiet=quiet)
         if eval_only:
             _eval_only(console, dataset, run_dir, test_missing, data_root, split, device, eval_batch_size, workers)
             return
@@ -125,13 +126,11 @@ def register(app: typer.Typer) -> None:
         image: Optional[Path] = typer.Option(None, "--image", help="Image file (absent: treated as a missing image)."),
         text: Optional[str] = typer.Option(None, "--text", help="Text (absent: treated as a missing text)."),
         top_k: int = typer.Option(5, "--top-k", help="Classes listed for multiclass tasks."),
-        device: str = typer.Option("cpu", "--device"),
+        device: str = device_option(),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     ) -> None:
         """Classify one image and/or text with a run's merged model and head."""
         import json
-
-        from rich.console import Console
         from rich.table import Table
 
         from mora_retrieval.tasks.classify_predict import predict_run
@@ -147,7 +146,7 @@ def register(app: typer.Typer) -> None:
         table.add_column("predicted", justify="center")
         for label, score in result.scores:
             table.add_row(label, f"{score:.4f}", "✓" if label in result.predicted else "")
-        Console().print(table)
+        make_console().print(table)
 
 
 def _eval_only(console, dataset, run_dir, test_missing, data_root, split, device, batch_size, workers) -> None:

@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from .options import device_option, make_console
+
 
 def eval_cirr(
     run: Path = typer.Option(..., "--run", help="Run folder written by `mora-ret train cirr`."),
@@ -14,13 +16,11 @@ def eval_cirr(
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="CIRR root (default: the run's)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for the test1 files (default: the run)."),
     no_combiner: bool = typer.Option(False, "--no-combiner", help="Score the summed features, not the Combiner."),
-    device: Optional[str] = typer.Option(None, "--device"),
+    device: str = device_option(),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """CIRR Recall@1/5/10/50 and Recall_subset@1/2/3 of the merged model (reference removed)."""
     import json
-
-    from rich.console import Console
 
     from mora_retrieval.tasks.cir_run import evaluate_cirr_run
 
@@ -31,10 +31,10 @@ def eval_cirr(
     if as_json:
         typer.echo(json.dumps(result, indent=2))
     elif "files" in result:
-        Console().print(f"{result['queries']} queries ranked; submission files:\n  " + "\n  ".join(result["files"]))
+        make_console().print(f"{result['queries']} queries ranked; submission files:\n  " + "\n  ".join(result["files"]))
     else:
         label = "Combiner" if result["combiner"] else "summed features"
-        Console().print(metrics_table(f"CIRR {split} — {run}", {label: result}))
+        make_console().print(metrics_table(f"CIRR {split} — {run}", {label: result}))
 
 
 def register(app: typer.Typer) -> None:

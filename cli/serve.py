@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from .index import AdapterOpt, CheckpointOpt, DeviceOpt, ModelOpt, PretrainedOpt, RunOpt, MODEL_HELP
+from .options import make_console
 
 SERVE_PACKAGES = ("starlette", "uvicorn", "multipart")
 INSTALL_HINT = "mora-ret serve needs the serve extra: pip install 'mora-retrieval[serve]'"
@@ -38,8 +39,6 @@ def register(app: typer.Typer) -> None:
         device: Optional[str] = DeviceOpt,
     ) -> None:
         """Serve a search page and a JSON API over an index; the model is reloaded from the manifest as in `search`."""
-        from rich.console import Console
-
         from mora_retrieval.errors import MoraError
 
         check_serve_extra()
@@ -48,7 +47,7 @@ def register(app: typer.Typer) -> None:
 
         from .index import load_encoder_from_options
 
-        console = Console(stderr=True)
+        console = make_console(stderr=True)
         if not 0 <= port <= 65535:
             raise MoraError(f"--port {port}: expected 0..65535")
         if max_batch < 1:
@@ -60,9 +59,9 @@ def register(app: typer.Typer) -> None:
         sock = open_socket(host, port)
         if not is_loopback(host):
             console.print(f"[bold yellow]warning:[/] listening on {host}: the index, its images and the search API are "
-                          "open to every machine that can reach this one (there is no authentication)", soft_wrap=True)
+                          "open to every machine that can reach this one (there is no authentication)")
         console.print(f"serving {index} ({folder.count} images, {folder.manifest.get('arch')}, "
-                      f"{folder.manifest.get('index_type')}) at [bold]{url_of(sock)}[/] (Ctrl+C stops)", soft_wrap=True)
+                      f"{folder.manifest.get('index_type')}) at [bold]{url_of(sock)}[/] (Ctrl+C stops)")
         try:
             run_server(app, sock)
         except KeyboardInterrupt:  # uvicorn shuts down cleanly first, then re-raises Ctrl+C

@@ -25,5 +25,9 @@ class IndexError_(MoraError):
     """A retrieval index folder is missing, damaged or built with another model."""
 
 
+class DeviceError(MoraError):
+    """The requested device or precision does not exist on this machine."""
+
+
 class TrainingError(MoraError):
     """Training cannot continue (non-finite loss, incompatible checkpoint, ...)."""

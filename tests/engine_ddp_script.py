@@ -20,7 +20,7 @@ def main() -> None:
     run_dir, out_dir = Path(sys.argv[1]), Path(sys.argv[2])
     task = ToyTask()
     config = TrainConfig(epochs=2, batch_size=4, lr=0.05, weight_decay=0.01, seed=7, log_every=2,
-                         checkpoint_every=5, max_grad_norm=5.0)
+                         checkpoint_every=5, max_grad_norm=5.0, device="cpu")
     result = Trainer(task, config, run_dir, ToyData(48), quiet=True).fit()
     rank = int(os.environ["RANK"])
     save_tensors(out_dir / f"rank{rank}.safetensors", dict(task.state_dict()),

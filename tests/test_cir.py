@@ -135,8 +135,8 @@ def _settings(world, run_dir, **kw):
     from mora_retrieval.tasks.cir_run import CIRSettings
 
     s = CIRSettings.with_defaults(str(world["cirr"]), str(run_dir), "mora", arch="mora-tiny", pretrained=None)
-    s.stage1 = TrainConfig(epochs=2, batch_size=8, lr=1e-2, log_every=1, **kw)
-    s.stage2 = TrainConfig(epochs=1, batch_size=8, lr=1e-3, weight_decay=0.0)
+    s.stage1 = TrainConfig(epochs=2, batch_size=8, lr=1e-2, log_every=1, **{"device": "cpu", **kw})
+    s.stage2 = TrainConfig(epochs=1, batch_size=8, lr=1e-3, weight_decay=0.0, device="cpu")
     return s
 
 
@@ -159,9 +159,9 @@ def test_train_cirr_end_to_end(world, tmp_path):
         assert results["val_stage1"][key] == pytest.approx(value, abs=1e-3), key
     # A plain open_clip loads the merged checkpoint; eval from the run folder agrees.
     open_clip.create_model("mora-tiny", pretrained=str(run / "merged.safetensors"))
-    again = evaluate_cirr_run(run, use_combiner=False)
+    again = evaluate_cirr_run(run, use_combiner=False, device="cpu")
     assert again["avg"] == pytest.approx(results["val_stage1"]["avg"], abs=1e-3)
-    exported = evaluate_cirr_run(run, split="test1", out_dir=tmp_path / "sub")
+    exported = evaluate_cirr_run(run, split="test1", out_dir=tmp_path / "sub", device="cpu")
     submission = json.loads((tmp_path / "sub" / "recall_submission.json").read_text())
     assert submission["version"] == "rc2" and len(submission) - 2 == exported["queries"]
     # A second run into the same folder must not clobber it.

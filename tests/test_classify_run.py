@@ -53,7 +53,7 @@ def world(tmp_path_factory):
     return out
 
 
-COMMON = ("--model", "mora-tiny", "--pretrained", "none", "--quiet", "--eval-batch-size", "64")
+COMMON = ("--model", "mora-tiny", "--pretrained", "none", "--quiet", "--eval-batch-size", "64", "--device", "cpu")
 
 
 @pytest.fixture(scope="module")

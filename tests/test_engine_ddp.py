@@ -39,7 +39,7 @@ def test_two_process_gloo_matches_single_process(tmp_path):
 
     single = ToyTask()
     config = TrainConfig(epochs=2, batch_size=8, lr=0.05, weight_decay=0.01, seed=7, log_every=2,
-                         checkpoint_every=5, max_grad_norm=5.0)
+                         checkpoint_every=5, max_grad_norm=5.0, device="cpu")
     Trainer(single, config, tmp_path / "single", ToyData(48), quiet=True).fit()
     for key, value in single.state_dict().items():
         torch.testing.assert_close(ranks[0][key], value, rtol=1e-5, atol=1e-6)

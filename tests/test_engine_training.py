@@ -12,12 +12,13 @@ from rich.console import Console
 from engine_toys import ToyData, ToyTask, params_of
 from mora_retrieval.engine import Trainer, TrainConfig, TrainingInterrupted, lr_factor, resume_or_fail
 from mora_retrieval.engine.checkpoint import best_path, last_path, load_checkpoint
-from mora_retrieval.errors import TrainingError
+from mora_retrieval.errors import DeviceError, TrainingError
 from mora_retrieval.fileio import load_tensors
 
 
 def cfg(**kw) -> TrainConfig:
-    base = dict(epochs=3, batch_size=4, lr=0.05, weight_decay=0.01, seed=7, log_every=3)
+    """A CPU run: these tests are about the loop's semantics, whatever the machine has."""
+    base = dict(epochs=3, batch_size=4, lr=0.05, weight_decay=0.01, seed=7, log_every=3, device="cpu")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -103,6 +104,14 @@ def test_nan_guard_keeps_last_good_checkpoint(tmp_path):
     assert all(torch.equal(best[k], state["trainable"][k]) for k in best)
     task = ToyTask()
     task.load_trainable_state_dict(state["trainable"])
+    assert "last.pt (the last good state) was left untouched" in str(
+        pytest.raises(TrainingError, fit, ToyTask(nan_at=14), tmp_path / "again", config).value)
+
+
+def test_nan_before_any_checkpoint_names_no_file(tmp_path):
+    with pytest.raises(TrainingError, match=r"optimiser steps 1-3; no checkpoint had been written yet") as info:
+        fit(ToyTask(nan_at=2), tmp_path, cfg())
+    assert "last.pt" not in str(info.value)
 
 
 def test_best_checkpoint_and_early_stopping(tmp_path):
@@ -187,7 +196,7 @@ def test_workers_give_the_same_run_and_bf16_autocast(tmp_path):
     fit(workers, tmp_path / "w2", cfg(epochs=2, num_workers=2))
     for key, value in params_of(serial).items():
         assert torch.equal(value, params_of(workers)[key]), key
-    assert serial.last_dtype == torch.float32  # "auto" is fp32 on CPU
+    assert serial.last_dtype == torch.float32  # precision "auto" is fp32 on CPU
 
     half = ToyTask()
     result = fit(half, tmp_path / "bf16", cfg(epochs=2, precision="bf16"))
@@ -197,13 +206,28 @@ def test_workers_give_the_same_run_and_bf16_autocast(tmp_path):
     assert result.history[1]["train_loss"] < result.history[0]["train_loss"]
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_auto_precision_is_bf16(tmp_path):
+def test_auto_device_and_precision_follow_this_machine(tmp_path):
     task = ToyTask()
     result = fit(task, tmp_path, cfg(epochs=2, device="auto"))
-    assert task.last_dtype == torch.bfloat16 and task.net[0].weight.device.type == "cuda"
+    resolved = json.loads((tmp_path / "config.json").read_text())["resolved"]
+    if torch.cuda.is_available():
+        assert task.last_dtype == torch.bfloat16 and task.net[0].weight.device.type == "cuda"
+        assert (resolved["device"], resolved["precision"]) == ("cuda:0", "bf16")
+    else:
+        assert task.last_dtype == torch.float32 and task.net[0].weight.device.type == "cpu"
+        assert (resolved["device"], resolved["precision"]) == ("cpu", "fp32")
     assert result.history[1]["train_loss"] < result.history[0]["train_loss"]
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_training_tracks_fp32(tmp_path):
+    """bf16 autocast on CUDA ends within bf16's tolerance of the fp32 run on CUDA."""
+    bf16, fp32 = ToyTask(), ToyTask()
+    fit(bf16, tmp_path / "bf16", cfg(epochs=2, device="cuda", precision="bf16"))
+    fit(fp32, tmp_path / "fp32", cfg(epochs=2, device="cuda", precision="fp32"))
+    assert bf16.last_dtype == torch.bfloat16 and fp32.last_dtype == torch.float32
+    for key, value in params_of(fp32).items():
+        torch.testing.assert_close(params_of(bf16)[key], value, rtol=5e-2, atol=5e-3)
 
 
 class _VectorLoss(ToyTask):
@@ -224,5 +248,5 @@ def test_task_mistakes_are_one_line_errors(tmp_path):
     with pytest.raises(TrainingError, match="map-style dataset"):
         fit(ToyTask(), tmp_path / "i", cfg(epochs=1), data=iter(range(3)))
     if not torch.cuda.is_available():
-        with pytest.raises(TrainingError, match="CUDA is not available"):
+        with pytest.raises(DeviceError, match="CUDA is not available"):
             fit(ToyTask(), tmp_path / "c", cfg(epochs=1, device="cuda"))

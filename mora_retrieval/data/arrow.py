@@ -3,8 +3,8 @@
 Those files hold one row per image with an encoded ``image`` (bytes), a list of texts (``text``,
 or ``plots`` for MM-IMDb) and a ``label`` (a class index, or a 23-long multi-hot list for
 MM-IMDb). Both Arrow IPC flavours are read: the *file* format (what those projects wrote, read
-with pyarrow, memory-mapped) and the *stream* format (``datasets`` cache files, read with
-``datasets.Dataset.from_file``). As in the published practice, every text of a row is one sample
+with pyarrow, memory-mapped) and the *stream* format (``datasets`` cache files, also read with
+pyarrow, so the ``datasets`` package is not needed). As in the published practice, every text of a row is one sample
 (MM-IMDb: one per plot).
 
 The dataset name (``food101``, ``mmimdb``, ``hateful_memes``; also guessed from the file name,
@@ -30,19 +30,19 @@ _KNOWN = {"food101": ("multiclass", None), "mmimdb": ("multilabel", list(MMIMDB_
 
 def _read_table(path: Path) -> Any:
     """A pyarrow Table from an Arrow IPC file or stream."""
-    import pyarrow as pa
-
     try:
-        with pa.memory_map(str(path)) as source:
-            return pa.ipc.open_file(source).read_all()
-    except pa.ArrowInvalid:
-        pass
-    try:
-        from datasets import Dataset
+        import pyarrow as pa
+    except ImportError:
+        raise DataError(f"{path}: reading Arrow files needs pyarrow (pip install pyarrow)") from None
 
-        return Dataset.from_file(str(path)).data.table
-    except Exception as exc:  # pyarrow/datasets raise several types for foreign files
-        raise DataError(f"{path}: not an Arrow IPC file or stream ({exc.__class__.__name__}: {exc})") from None
+    errors = []
+    for open_reader in (pa.ipc.open_file, pa.ipc.open_stream):
+        try:
+            with pa.memory_map(str(path)) as source:
+                return open_reader(source).read_all()
+        except (pa.ArrowInvalid, OSError) as exc:
+            errors.append(f"{exc.__class__.__name__}: {exc}")
+    raise DataError(f"{path}: not an Arrow IPC file or stream ({errors[-1]})")
 
 
 def _guess_name(path: Path) -> str | None:

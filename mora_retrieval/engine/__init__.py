@@ -10,7 +10,6 @@ Public API (imported lazily, so ``import mora_retrieval.engine`` stays light)::
     seed_everything                         # .rng
     to_device, ResumableSampler             # .data
     lr_factor                               # .schedule
-    autocast_context, resolve_precision     # .precision
 """
 
 from __future__ import annotations
@@ -31,8 +30,6 @@ _LAZY = {
     "to_device": "data",
     "ResumableSampler": "data",
     "lr_factor": "schedule",
-    "autocast_context": "precision",
-    "resolve_precision": "precision",
 }
 
 __all__ = ["TRAINING_FIELDS", "TrainConfig", *_LAZY]

@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from ..errors import TrainingError
+from ..device import resolve_device
 
 
 @dataclass(frozen=True)
@@ -48,21 +48,6 @@ def detect() -> DistInfo:
     if world <= 1:
         return DistInfo()
     return DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def resolve_device(spec: str, info: DistInfo) -> torch.device:
-    """``"auto"`` → ``cuda:LOCAL_RANK`` when CUDA is present, else ``cpu``."""
-    if spec == "auto":
-        spec = f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise TrainingError(f"train config: unknown device {spec!r} (use auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"train config: device {spec!r} requested but CUDA is not available")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", info.local_rank)
-    return device
 
 
 def init_if_needed(info: DistInfo, device: torch.device) -> bool:
@@ -113,7 +98,7 @@ def process_group(device_spec: str = "auto") -> Iterator[DistInfo]:
     context every trainer finds the group initialised and leaves it alone.
     """
     info = detect()
-    created = init_if_needed(info, resolve_device(device_spec, info))
+    created = init_if_needed(info, resolve_device(device_spec, info.local_rank))
     try:
         yield info
     finally:

@@ -29,17 +29,16 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import Dataset
 
+from ..device import autocast, resolve_device, resolve_precision
 from ..errors import TrainingError
 from ..fileio import atomic_write, write_json
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .curves import plot_curves
 from .data import ResumableSampler, build_loader, to_device
-from .distributed import (all_reduce_sum, barrier, broadcast_object, detect, gather_objects,
-                          init_if_needed, resolve_device)
+from .distributed import all_reduce_sum, barrier, broadcast_object, detect, gather_objects, init_if_needed
 from .interrupt import StopFlag, TrainingInterrupted
 from .module import TrainModule
-from .precision import autocast_context, resolve_precision
 from .progress import TrainProgress
 from .rng import capture_rng, restore_rng, seed_everything
 from .schedule import build_scheduler
@@ -107,7 +106,7 @@ class Trainer:
         self.quiet = quiet
         self.extra_config = extra_config or {}
         self.dist = detect()
-        self.device = resolve_device(config.device, self.dist)
+        self.device = resolve_device(config.device, self.dist.local_rank)
         self.precision = resolve_precision(config.precision, self.device)
 
     # ------------------------------------------------------------------ public
@@ -235,7 +234,7 @@ class Trainer:
                 last = (pos.micro_batch + 1) % accum == 0
                 sync = self.model.no_sync() if info.enabled and not last else contextlib.nullcontext()
                 with sync:
-                    with autocast_context(self.device, self.precision):
+                    with autocast(self.device, self.precision):
                         loss = self.model(batch)
                     if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
                         raise TrainingError(f"{type(self.module).__name__}.forward must return a scalar loss tensor")
@@ -295,10 +294,12 @@ class Trainer:
         total, n, stops = all_reduce_sum(vec, self.dist).tolist()
         if not math.isfinite(total):
             steps = count // self.config.grad_accum
+            last = ckpt.last_path(self.run_dir)
+            kept = (f"{last} (the last good state) was left untouched" if last.exists()
+                    else "no checkpoint had been written yet")
             raise TrainingError(
                 f"non-finite training loss ({total}) in epoch {pos.epoch + 1}, optimiser steps "
-                f"{pos.global_step - steps + 1}-{pos.global_step}; {ckpt.last_path(self.run_dir)} was left "
-                f"untouched (try a lower lr, max_grad_norm or fp32)")
+                f"{pos.global_step - steps + 1}-{pos.global_step}; {kept} (try a lower lr, max_grad_norm or fp32)")
         pos.loss_sum += total
         pos.loss_count += int(n)
         if n:

@@ -44,9 +44,10 @@ class Encoder:
     def _autocast(self) -> contextlib.AbstractContextManager:
         import torch
 
-        if str(self.device).startswith("cuda"):
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        from ..device import autocast, resolve_precision
+
+        device = torch.device(self.device)
+        return autocast(device, resolve_precision("auto", device))
 
     def encode_images(self, images: Any, normalize: bool = True) -> Any:
         """Features (float32, on ``device``) of a preprocessed image batch ``[B, 3, H, W]``."""
@@ -91,12 +92,6 @@ class Encoder:
         if proj is not None:
             return int(proj.shape[1]) if hasattr(proj, "shape") else int(proj.out_features)
         return int(self.model.visual.output_dim)
-
-
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def preprocess_config(model: Any) -> dict[str, Any]:
@@ -150,7 +145,9 @@ def load_encoder(
 
     if sum(x is not None for x in (adapter, checkpoint, run)) > 1:
         raise BackboneError("give at most one of --adapter, --checkpoint and --run")
-    device = device or default_device()
+    from ..device import resolve_device
+
+    device = str(resolve_device(device))
     source: dict[str, Any] = {"arch": arch, "pretrained": pretrained}
     if run is not None:
         run = Path(run)

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.images import collate_skip_none
 from ..engine.module import TrainModule
-from ..engine.precision import autocast_context
+from ..device import autocast
 from .cirr_metrics import cirr_recalls
 from .combiner import Combiner
 
@@ -61,7 +61,7 @@ def encode_images(model: nn.Module, dataset: Dataset, key: str, device: torch.de
     for batch in loader:
         if batch is None:
             continue
-        with autocast_context(device, precision):
+        with autocast(device, precision):
             feats.append(model.encode_image(batch[key].to(device, non_blocking=True)).float())
         ids.extend(batch.get("name", batch.get("index")))
     return torch.cat(feats), list(ids)
@@ -74,7 +74,7 @@ def encode_texts(model: nn.Module, tokenizer: Callable, texts: Sequence[str], de
     out = []
     for start in range(0, len(texts), batch_size):
         tokens = tokenizer(list(texts[start:start + batch_size])).to(device)
-        with autocast_context(device, precision):
+        with autocast(device, precision):
             out.append(model.encode_text(tokens).float())
     return torch.cat(out)
 

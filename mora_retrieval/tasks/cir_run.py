@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ..adapters import AdapterConfig, add_adapters, export_checkpoint, merge_adapters, save_adapters, trainable_share
+from ..device import resolve_device
 from ..engine import TrainConfig
 from ..errors import TrainingError
 from ..fileio import read_json, write_json
@@ -253,7 +254,7 @@ def evaluate_cirr_run(run_dir: str | Path, data_root: str | None = None, split: 
     merged_path = run_dir / "merged.safetensors"
     if not merged_path.is_file():
         raise MoraError(f"{merged_path}: merged checkpoint not found (did training finish?)")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     precision = "bf16" if dev.type == "cuda" else "fp32"
     backbone = load_backbone(settings.arch, str(merged_path), device=str(dev))
     model = backbone.model.eval()

@@ -126,7 +126,7 @@ def predict_logits(classifier: CLIPClassifier, loader: DataLoader, device: torch
                    precision: str = "fp32", progress: Callable[[int], None] | None = None
                    ) -> dict[str, torch.Tensor]:
     """Run ``classifier`` over ``loader`` in eval mode: ``{"logits", "label", "index", "missing"}`` (CPU)."""
-    from ..engine.precision import autocast_context
+    from ..device import autocast
 
     device = torch.device(device)
     was_training = classifier.training
@@ -134,7 +134,7 @@ def predict_logits(classifier: CLIPClassifier, loader: DataLoader, device: torch
     out: dict[str, list[torch.Tensor]] = {"logits": [], "label": [], "index": [], "missing": []}
     try:
         for batch in loader:
-            with autocast_context(device, precision):
+            with autocast(device, precision):
                 logits = classifier(batch["image"].to(device, non_blocking=True),
                                     batch["tokens"].to(device, non_blocking=True))
             out["logits"].append(logits.float().cpu())
@@ -187,7 +187,7 @@ def evaluate_classifier(classifier: CLIPClassifier, task: str, dataset: Dataset,
                         precision: str = "auto", progress: Callable[[int], None] | None = None
                         ) -> dict[str, float]:
     """Metrics (percent) and mean loss of ``classifier`` on ``dataset``."""
-    from ..engine.precision import resolve_precision
+    from ..device import resolve_precision
 
     device = torch.device(device)
     loader = eval_loader(dataset, collate, batch_size, num_workers, pin_memory=device.type == "cuda")

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..device import resolve_device
 from ..errors import DataError
 
 COMPLETE, TEXT_MISSING, IMAGE_MISSING = 0, 1, 2
@@ -42,10 +43,10 @@ class Prediction:
 class Predictor:
     """A run's classifier ready for single predictions (eval mode, on ``device``)."""
 
-    def __init__(self, run_dir: str | os.PathLike, device: str = "cpu") -> None:
+    def __init__(self, run_dir: str | os.PathLike, device: str = "auto") -> None:
         from .classify_run import load_run_classifier
 
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.classifier, self.settings, record = load_run_classifier(run_dir, self.device)
         self.preprocess, self.tokenizer = record["preprocess"], record["tokenizer"]
         self.task = record["dataset_task"]
@@ -102,7 +103,7 @@ class Predictor:
 
 
 def predict_run(run_dir: str | os.PathLike, image: str | os.PathLike | None = None, text: str | None = None,
-                top_k: int = 5, device: str = "cpu") -> Prediction:
+                top_k: int = 5, device: str = "auto") -> Prediction:
     """One-shot :class:`Predictor` call."""
     if image is not None and not Path(image).is_file():
         raise DataError(f"{image}: image file not found")

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from ..device import resolve_device
 from ..errors import TrainingError
 from ..fileio import atomic_write, read_json, write_json
 from .classify_setup import (ADAPTER_DIR, CONFIG_FILE, HEAD_FILE, MERGED_FILE, RESULTS_FILE, ClassifySettings,
@@ -214,8 +215,7 @@ def evaluate_run(run_dir: str | os.PathLike, test_missing: str | None = None, da
     from .classify import ClassifyCollate, evaluate_classifier
     from .metrics import MAIN_METRIC
 
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)
     classifier, settings, record = load_run_classifier(run_dir, dev)
     if data_root is not None:
         settings.data_root = str(Path(data_root).resolve())

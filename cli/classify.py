@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .options import device_option, make_console
+from .options import device_option, make_console, workers_option
 
 DATASETS = "food101 | mmimdb | hateful-memes"
 
@@ -59,7 +59,7 @@ def register(app: typer.Typer) -> None:
         patience: Optional[int] = typer.Option(None, "--patience", help="Early stopping after N epochs without gain."),
         max_steps: Optional[int] = typer.Option(None, "--max-steps"),
         eval_batch_size: int = typer.Option(256, "--eval-batch-size"),
-        workers: int = typer.Option(0, "--workers", help="DataLoader worker processes."),
+        workers: Optional[int] = workers_option(),
         device: str = device_option(),
         precision: str = typer.Option("auto", "--precision", help="auto (bf16 on GPU) | bf16 | fp32."),
         seed: int = typer.Option(0, "--seed", help="Training seed (also draws random backbone weights)."),

@@ -8,6 +8,14 @@ DEVICE_HELP = "auto (cuda:LOCAL_RANK when CUDA is present, else cpu) | cpu | cud
 PRECISION_HELP = "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32."
 
 
+WORKERS_HELP = "DataLoader worker processes.  [default: auto: on CUDA the free cores (at most 8), on CPU 0]"
+
+
+def workers_option(**kw) -> typer.models.OptionInfo:
+    """``--workers`` whose absence means the engine's rule (mora_retrieval.device.default_num_workers)."""
+    return typer.Option(None, "--workers", help=WORKERS_HELP, **kw)
+
+
 def device_option(**kw) -> typer.models.OptionInfo:
     """``--device`` with the toolkit's one rule (mora_retrieval.device) as default."""
     return typer.Option("auto", "--device", help=DEVICE_HELP, **kw)

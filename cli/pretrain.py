@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .options import device_option, make_console
+from .options import device_option, make_console, workers_option
 
 
 def register(app: typer.Typer) -> None:
@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(128, "--batch-size"),
         lr: float = typer.Option(1e-3, "--lr"),
         weight_decay: float = typer.Option(0.1, "--weight-decay"),
-        workers: int = typer.Option(0, "--workers"),
+        workers: Optional[int] = workers_option(),
         device: str = device_option(),
         seed: int = typer.Option(0, "--seed"),
         resume: bool = typer.Option(False, "--resume"),

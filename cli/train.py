@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .options import DEVICE_HELP, PRECISION_HELP, command_group, make_console
+from .options import DEVICE_HELP, PRECISION_HELP, command_group, make_console, workers_option
 
 train_app = command_group("Train models (CIR on CIRR).")
 
@@ -39,7 +39,7 @@ def train_cirr_command(
     combiner_lr: Optional[float] = typer.Option(None, "--combiner-lr", help="Stage-2 learning rate.  [default: 2e-5]"),
     combiner_batch_size: Optional[int] = typer.Option(None, "--combiner-batch-size", help="Stage-2 batch.  [default: 512]"),
     no_combiner: bool = typer.Option(False, "--no-combiner", help="Stop after stage 1."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader worker processes.  [default: 0]"),
+    workers: Optional[int] = workers_option(),
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP + "  [default: auto]"),
     precision: Optional[str] = typer.Option(None, "--precision", help=PRECISION_HELP + "  [default: auto]"),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed.  [default: 0]"),

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..device import resolve_device
+from ..device import available_cores, default_num_workers, resolve_device
 from ..errors import TrainingError
 from ..fileio import atomic_write, read_json, write_json
 from .classify_setup import (ADAPTER_DIR, CONFIG_FILE, HEAD_FILE, MERGED_FILE, RESULTS_FILE, ClassifySettings,
@@ -114,6 +114,7 @@ def train_classifier(settings: ClassifySettings, train_config: Any, run_dir: str
     shares = trainable_share(classifier.clip, classifier.head)
     trainer = Trainer(module, train_config, run_dir, train_set, collate_fn=collate, console=console,
                       extra_config=settings.training_record(), quiet=quiet)
+    module.num_workers = trainer.num_workers
     fit = trainer.fit(resume=resume)
     if not detect().is_main:
         return None
@@ -134,7 +135,7 @@ def train_classifier(settings: ClassifySettings, train_config: Any, run_dir: str
     test_set = scenario_data(settings, "test", scen["test"], preprocess)
     with eval_progress(None if quiet else console, len(test_set), f"test ({scen['test']})") as advance:
         test = evaluate_classifier(classifier, probe.task, test_set, collate, device, settings.eval_batch_size,
-                                   train_config.num_workers, train_config.precision, advance)
+                                   trainer.num_workers, train_config.precision, advance)
     from .metrics import MAIN_METRIC, majority_baseline
 
     metric = MAIN_METRIC[probe.task]
@@ -205,7 +206,7 @@ def load_run_classifier(run_dir: str | os.PathLike, device: str | torch.device =
 
 
 def evaluate_run(run_dir: str | os.PathLike, test_missing: str | None = None, data_root: str | None = None,
-                 split: str = "test", device: str = "auto", batch_size: int | None = None, num_workers: int = 0,
+                 split: str = "test", device: str = "auto", batch_size: int | None = None, num_workers: int | None = None,
                  console: Any = None) -> dict[str, Any]:
     """Re-test a finished run (merged weights + head) under another scenario; writes ``eval/…json``.
 
@@ -224,7 +225,9 @@ def evaluate_run(run_dir: str | os.PathLike, test_missing: str | None = None, da
     task = record["dataset_task"]
     with eval_progress(console, len(dataset), f"{split} ({scenario})") as advance:
         metrics = evaluate_classifier(classifier, task, dataset, ClassifyCollate(record["tokenizer"]), dev,
-                                      batch_size or settings.eval_batch_size, num_workers, "auto", advance)
+                                      batch_size or settings.eval_batch_size,
+                                      default_num_workers(dev.type, available_cores()) if num_workers is None
+                                      else num_workers, "auto", advance)
     metric = MAIN_METRIC[task]
     result = {"task": "classify", "dataset": settings.dataset, "method": settings.adapter["method"],
               "split": split, "scenario": {"train": settings.scenarios["train"], "test": scenario},

@@ -32,12 +32,16 @@ def _col(x):
     return torch.linalg.vector_norm(x, dim=0).clamp(min=1e-5)
 
 
+def _row(x):
+    return torch.linalg.vector_norm(x, dim=1).clamp(min=1e-5)
+
+
 def reference_weight(method, w0, t, s_own, s_other, gram, alpha, r):
     """W' written straight from the formulas, in float64."""
     w0 = w0.double()
     if method in ("lora", "dora"):
         w = w0 + (alpha / r) * (t["B"].double() @ t["A"].double())
-        return w if method == "lora" else t["m"].double()[None, :] * w / _col(w)[None, :]
+        return w if method == "lora" else t["m"].double()[:, None] * w / _row(w)[:, None]
     s = s_own.double()
     if method == "no_gram":
         delta_s = s.T @ s
@@ -337,6 +341,19 @@ def test_load_rejects_missing_extra_misshapen_and_corrupt_tensors(saved):
     weights.write_bytes(b"\x00\x01garbage")
     with pytest.raises(AdapterError, match="corrupted or unreadable adapter weights"):
         load_adapters(copy.deepcopy(fresh), folder)
+
+
+def test_dora_records_its_row_magnitudes_and_refuses_column_ones(tiny_model, tmp_path):
+    fresh = copy.deepcopy(tiny_model.model)
+    add_adapters(tiny_model.model, AdapterConfig(method="dora", targets=("q",), layers=1))
+    folder = save_adapters(tiny_model.model, tmp_path / "ad", arch="mora-tiny")
+    config = folder / "adapter_config.json"
+    meta = json.loads(config.read_text())
+    assert meta["dora_magnitude"] == "row"
+    del meta["dora_magnitude"]  # as written before DoRA followed PEFT
+    config.write_text(json.dumps(meta))
+    with pytest.raises(AdapterError, match="one magnitude per input column"):
+        load_adapters(fresh, folder)
 
 
 def test_load_rejects_missing_folder_and_bad_config(tmp_path, tiny_model):

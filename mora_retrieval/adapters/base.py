@@ -13,8 +13,13 @@ from torch import nn
 
 
 def column_norm(weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """L2 norm of each input column of a ``[d_out, d_in]`` weight, clamped below at ``eps``."""
+    """L2 norm of each input column of a ``[d_out, d_in]`` weight, clamped below at ``eps`` (MoRA)."""
     return weight.norm(dim=0).clamp_min(eps)
+
+
+def row_norm(weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """L2 norm of each output row of a ``[d_out, d_in]`` weight, clamped below at ``eps`` (DoRA)."""
+    return weight.norm(dim=1).clamp_min(eps)
 
 
 class ProjectionAdapter(nn.Module):

@@ -5,7 +5,7 @@ Tensor names are a public contract:
 * ``shared.{slot}.vision`` ``[r_s, d_v]``, ``shared.{slot}.text`` ``[r_s, d_t]`` (and
   ``shared.{slot}.gram`` ``[r_s, r_s]`` for ``learned_gram``);
 * ``{tower}.{block}.{proj}.A`` ``[r, d_in]``, ``.B`` ``[d_out, r]``, ``.m_specific``, ``.m_shared``
-  ``[d_in]`` (MoRA), ``.A``/``.B`` (LoRA) and ``.m`` (DoRA); ``tower`` is ``visual`` or ``text``,
+  ``[d_in]`` (MoRA), ``.A``/``.B`` (LoRA) and ``.m`` ``[d_out]`` (DoRA); ``tower`` is ``visual`` or ``text``,
   ``block`` the block index in that tower, ``proj`` one of ``q``, ``k``, ``v``, ``out``;
 * ``bitfit`` and ``full`` store the trained base tensors as ``base.{open_clip state-dict name}``.
 
@@ -31,6 +31,8 @@ from .inject import ROOT_ATTR, add_adapters, adapter_config_of, iter_projection_
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
 FORMAT = "mora-retrieval-adapter"
+#: DoRA keeps one magnitude per output row (as PEFT); early files had one per input column.
+DORA_MAGNITUDE = {"dora_magnitude": "row"}
 
 
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -95,6 +97,7 @@ def save_adapters(model: nn.Module, folder: str | Path, arch: str | None = None,
         "tower_shapes": tower_shapes(model),
         "base_fingerprint": root.base_fingerprint or weights_fingerprint(base_state_dict(model)),
         "slots": [list(pair) for pair in root.slot_blocks],
+        **(DORA_MAGNITUDE if config.method == "dora" else {}),
         **(extra or {}),
     }
     save_tensors(folder / WEIGHTS_FILE, adapter_tensors(model), metadata={"format": FORMAT})
@@ -142,6 +145,11 @@ def load_adapters(
         config = AdapterConfig.from_dict(meta["adapter"])
     except (TypeError, ValueError) as exc:
         raise AdapterError(f"{folder / CONFIG_FILE}: invalid adapter settings ({exc})") from None
+    if config.method == "dora" and meta.get("dora_magnitude") != DORA_MAGNITUDE["dora_magnitude"]:
+        raise AdapterError(
+            f"{folder / CONFIG_FILE}: DoRA adapter with one magnitude per input column (an older toolkit); "
+            "DoRA now keeps one per output row, as PEFT does: retrain it"
+        )
     stored = load_tensors(folder / WEIGHTS_FILE, "adapter weights", error=AdapterError)
     add_adapters(model, config)
     expected = adapter_tensors(model)

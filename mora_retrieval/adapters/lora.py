@@ -1,8 +1,10 @@
 """LoRA and DoRA projection adapters (baselines of the paper's Table 4).
 
 * LoRA: ``W' = W0 + (α/r)·B A``, ``A ~ N(0, 1/r)``, ``B = 0``.
-* DoRA: ``W' = m ⊙ (W0 + (α/r)·B A) / col(W0 + (α/r)·B A)``, ``m`` initialised to ``col(W0)``
-  (one magnitude, one direction). The column norm is not detached (exact gradients).
+* DoRA, as the DoRA authors and PEFT (``use_dora``) run it: ``V = W0 + (α/r)·B A`` and
+  ``W' = (m / row(V)) ⊙ V`` with one magnitude per output row, ``m`` initialised to ``row(W0)``.
+  ``row(V)`` is detached from the gradient (DoRA paper §4.3). MoRA's magnitudes are per input
+  column instead (METHOD.md §1, ``mora.py``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from .base import ProjectionAdapter, column_norm
+from .base import ProjectionAdapter, row_norm
 
 
 class LoRAAdapter(ProjectionAdapter):
@@ -37,8 +39,8 @@ class DoRAAdapter(LoRAAdapter):
 
     def __init__(self, w0: torch.Tensor, r: int, alpha: float):
         super().__init__(w0, r, alpha)
-        self.m = nn.Parameter(column_norm(w0.detach()).clone())
+        self.m = nn.Parameter(row_norm(w0.detach()).clone())
 
     def forward(self, w0: torch.Tensor) -> torch.Tensor:
         adapted = w0 + self.delta()
-        return self.m * (adapted / column_norm(adapted))
+        return (self.m / row_norm(adapted).detach())[:, None] * adapted

@@ -9,6 +9,11 @@ import typer
 
 train_app = typer.Typer(help="Train models (CIR on CIRR).", no_args_is_help=True)
 
+# mora_retrieval.adapters.list_methods(), written out so that --help imports no torch
+# (tests/test_cli_app.py checks that the two agree).
+METHOD_HELP = ("Adapter method: mora | no_gram | learned_gram | no_shared | no_specific | subtract_base | lora | dora "
+               "| bitfit | full.")
+
 
 def _csv(value: Optional[str]) -> Optional[list[str]]:
     return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
@@ -18,7 +23,7 @@ def _csv(value: Optional[str]) -> Optional[list[str]]:
 def train_cirr_command(
     data_root: Path = typer.Option(..., "--data-root", help="CIRR root (captions/, image_splits/, train/, dev/)."),
     run_dir: Path = typer.Option(Path("runs/cirr"), "--run-dir", help="Run folder to create (or resume)."),
-    method: str = typer.Option("mora", "--adapter", help="mora | lora | dora | bitfit | full | an ablation."),
+    method: str = typer.Option("mora", "--adapter", help=METHOD_HELP),
     model: Optional[str] = typer.Option(None, "--model", help="open_clip architecture [default: ViT-B-16]."),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", help="open_clip tag or local checkpoint [default: openai]."),
     config: Optional[Path] = typer.Option(None, "--config", help="JSON/TOML file of settings (CLI options win)."),

@@ -15,14 +15,13 @@ import torch
 from torch import nn
 
 from .base import ProjectionAdapter, row_norm
+from .methods import AdapterMethod, register
 
 
 class LoRAAdapter(ProjectionAdapter):
-    tensor_names = {"A": "A", "B": "B"}
-
     def __init__(self, w0: torch.Tensor, r: int, alpha: float):
         d_out, d_in = w0.shape
-        super().__init__(d_out, d_in)
+        super().__init__()
         self.scale = alpha / r
         self.A = nn.Parameter(torch.randn(r, d_in, dtype=w0.dtype, device=w0.device) / math.sqrt(r))
         self.B = nn.Parameter(torch.zeros(d_out, r, dtype=w0.dtype, device=w0.device))
@@ -35,8 +34,6 @@ class LoRAAdapter(ProjectionAdapter):
 
 
 class DoRAAdapter(LoRAAdapter):
-    tensor_names = {"A": "A", "B": "B", "m": "m"}
-
     def __init__(self, w0: torch.Tensor, r: int, alpha: float):
         super().__init__(w0, r, alpha)
         self.m = nn.Parameter(row_norm(w0.detach()).clone())
@@ -44,3 +41,11 @@ class DoRAAdapter(LoRAAdapter):
     def forward(self, w0: torch.Tensor) -> torch.Tensor:
         adapted = w0 + self.delta()
         return (self.m / row_norm(adapted).detach())[:, None] * adapted
+
+
+register(AdapterMethod("lora", specific=("A", "B"),
+                       make_projection=lambda w0, config, slot, tower: LoRAAdapter(w0, config.r, config.resolved_alpha())))
+register(AdapterMethod("dora", specific=("A", "B"), magnitudes=("m",),
+                       make_projection=lambda w0, config, slot, tower: DoRAAdapter(w0, config.r, config.resolved_alpha()),
+                       convention=("dora_magnitude", "row", "DoRA now keeps one magnitude per output row as PEFT "
+                                   "does, not one per input column")))

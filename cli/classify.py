@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .options import device_option, make_console, workers_option
+from .options import METHOD_HELP, device_option, make_console, workers_option
 
 DATASETS = "food101 | mmimdb | hateful-memes"
 
@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
         missing_image: str = typer.Option("ones", "--missing-image", help="Missing image as: ones (paper) | white (released code)."),
         missing_seed: int = typer.Option(0, "--missing-seed", help="Seed of the missing-modality draw."),
         missing_store: Optional[Path] = typer.Option(None, "--missing-store", help="Where drawn assignments are kept [default: DATA_ROOT/missing_assignments]."),
-        method: str = typer.Option("mora", "--adapter", help="mora | lora | dora | bitfit | full | no_gram | learned_gram | no_shared | no_specific | subtract_base."),
+        method: str = typer.Option("mora", "--adapter", help=METHOD_HELP),
         model: str = typer.Option("ViT-B-16", "--model", help="open_clip architecture."),
         pretrained: Optional[str] = typer.Option("openai", "--pretrained", help="open_clip tag, local checkpoint, or 'none'."),
         run_dir: Optional[Path] = typer.Option(None, "--run-dir", "--run", help="Run folder (training output; the run to re-test with --eval-only; the grid's parent folder)."),

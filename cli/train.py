@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .options import DEVICE_HELP, PRECISION_HELP, command_group, make_console, workers_option
+from .options import DEVICE_HELP, METHOD_HELP, PRECISION_HELP, command_group, make_console, workers_option
 
 train_app = command_group("Train models (CIR on CIRR).")
 
@@ -20,7 +20,7 @@ def _csv(value: Optional[str]) -> Optional[list[str]]:
 def train_cirr_command(
     data_root: Path = typer.Option(..., "--data-root", help="CIRR root (captions/, image_splits/, train/, dev/)."),
     run_dir: Path = typer.Option(Path("runs/cirr"), "--run-dir", help="Run folder to create (or resume)."),
-    method: str = typer.Option("mora", "--adapter", help="mora | lora | dora | bitfit | full | an ablation."),
+    method: str = typer.Option("mora", "--adapter", help=METHOD_HELP),
     model: Optional[str] = typer.Option(None, "--model", help="open_clip architecture.  [default: ViT-B-16]"),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", help="open_clip tag (downloaded by open_clip) or local checkpoint file; `none` for random weights.  [default: openai]"),
     config: Optional[Path] = typer.Option(None, "--config", help="JSON/TOML file of settings (any subset of config.json; command-line options win)."),

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..adapters import AdapterConfig, add_adapters, export_checkpoint, merge_adapters, save_adapters, trainable_share
+from ..adapters import AdapterConfig, add_adapters, export_checkpoint, get_method, merge_adapters, save_adapters, trainable_share
 from ..device import resolve_device
 from ..engine import TrainConfig
 from ..errors import TrainingError
@@ -37,7 +37,7 @@ RUN_CONFIG = "config.json"
 
 def cir_defaults(method: str) -> tuple[AdapterConfig, TrainConfig, TrainConfig]:
     """Adapter, stage-1 and stage-2 defaults for ``method`` (see the module docstring)."""
-    adapter = AdapterConfig(method=method, r=4, r_shared=4, alpha=None if method in ("lora", "dora") else 0.01,
+    adapter = AdapterConfig(method=method, r=4, r_shared=4, alpha=get_method(method).default_alpha,
                             targets=("q", "v"), layers=2)
     if method == "full":
         stage1 = TrainConfig(epochs=20, batch_size=128, lr=2e-6, weight_decay=0.01)

@@ -73,12 +73,11 @@ def canonical_dataset(name: str) -> str:
 
 def default_adapter_config(dataset: str, method: str = "mora", **overrides: Any):
     """The dataset's adapter defaults for ``method``; ``None`` overrides are ignored."""
-    from ..adapters import AdapterConfig
-    from ..adapters.config import MORA_METHODS
+    from ..adapters import AdapterConfig, get_method
 
     d = DATASET_DEFAULTS[canonical_dataset(dataset)]
-    values: dict[str, Any] = {"method": method, "r": d.r, "r_shared": d.r_shared, "targets": d.targets,
-                              "layers": d.layers, "alpha": d.alpha if method in MORA_METHODS else None}
+    values: dict[str, Any] = {"method": method, "r": d.r, "r_shared": d.r_shared, "targets": d.targets, "layers": d.layers,
+                              "alpha": None if get_method(method).default_alpha is None else d.alpha}
     values.update({k: v for k, v in overrides.items() if v is not None})
     return AdapterConfig(**values)
 

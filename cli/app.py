@@ -12,13 +12,10 @@ import sys
 
 import typer
 
-app = typer.Typer(
-    name="mora-ret",
-    help="MoRA for open_clip: composed image retrieval and missing-modality recognition.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+from .options import command_group
+
+app = command_group("MoRA for open_clip: composed image retrieval and missing-modality recognition.")
+app.info.name = "mora-ret"
 
 
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .options import device_option
+from .options import device_option, make_console
 
 DATASETS = "food101 | mmimdb | hateful-memes"
 
@@ -77,11 +77,10 @@ def register(app: typer.Typer) -> None:
         Writes adapter/, head.safetensors, merged.safetensors and results.json into the run folder
         (besides the engine's config.json, metrics.jsonl, checkpoints/ and curves.png).
         """
-        from rich.console import Console
 
         from mora_retrieval.errors import TrainingError
 
-        console = Console(quiet=quiet)
+        console = make_console(quiet=quiet)
         if eval_only:
             _eval_only(console, dataset, run_dir, test_missing, data_root, split, device, eval_batch_size, workers)
             return
@@ -132,8 +131,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Classify one image and/or text with a run's merged model and head."""
         import json
-
-        from rich.console import Console
         from rich.table import Table
 
         from mora_retrieval.tasks.classify_predict import predict_run
@@ -149,7 +146,7 @@ def register(app: typer.Typer) -> None:
         table.add_column("predicted", justify="center")
         for label, score in result.scores:
             table.add_row(label, f"{score:.4f}", "✓" if label in result.predicted else "")
-        Console().print(table)
+        make_console().print(table)
 
 
 def _eval_only(console, dataset, run_dir, test_missing, data_root, split, device, batch_size, workers) -> None:

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import typer
 
+from .options import command_group, make_console
+
 
 def register(app: typer.Typer) -> None:
-    data_app = typer.Typer(help="Dataset utilities: generate the synthetic shapes world.", no_args_is_help=True)
+    data_app = command_group("Dataset utilities: generate the synthetic shapes world.")
     app.add_typer(data_app, name="data")
 
     @data_app.command("shapes")
@@ -19,7 +21,6 @@ def register(app: typer.Typer) -> None:
         image_size: int = typer.Option(64, "--image-size", help="Image side in pixels (MM-IMDb posters are 1.5x taller)."),
     ) -> None:
         """Write CIRR, COCO, Food-101, MM-IMDb and Hateful-Memes-format datasets of drawn shapes."""
-        from rich.console import Console
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                    TimeRemainingColumn)
         from rich.table import Table
@@ -29,7 +30,7 @@ def register(app: typer.Typer) -> None:
 
         if size not in WORLD_SIZES:
             raise DataError(f"unknown --size {size!r} (expected one of: {', '.join(WORLD_SIZES)})")
-        console = Console()
+        console = make_console()
         total = WORLD_SIZES[size].total_images()
         columns = (TextColumn("[bold]{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[rate]}"),

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from .options import make_console
+
 
 def register(app: typer.Typer) -> None:
     @app.command("demo")
@@ -17,7 +19,6 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed"),
     ) -> None:
         """Generate data, pretrain, train CLIP4CIR and CLIP4CIR + MoRA, index, evaluate, classify, search, report."""
-        from rich.console import Console
 
         from mora_retrieval.demo import DemoSettings, run_demo
 
@@ -27,7 +28,7 @@ def register(app: typer.Typer) -> None:
         settings.arch, settings.seed = model, seed
         if size != "tiny":
             settings.workers = workers
-        console = Console()
+        console = make_console()
         summary = run_demo(settings, console=console, quiet=False)
         data = summary["json"]
         console.print(metrics_table("CIRR-format val", {**summary["cirr_rows"], "chance": summary["cirr_chance"]}))

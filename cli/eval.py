@@ -10,9 +10,11 @@ from typing import Optional
 
 import typer
 
+from .options import command_group, make_console
+
 from .index import AdapterOpt, CheckpointOpt, DeviceOpt, ModelOpt, PretrainedOpt, RunOpt, MODEL_HELP
 
-eval_app = typer.Typer(help="Evaluate retrieval: COCO image-to-image recall, CIRR.", no_args_is_help=True)
+eval_app = command_group("Evaluate retrieval: COCO image-to-image recall, CIRR.")
 
 
 def register(app: typer.Typer) -> None:
@@ -34,8 +36,6 @@ def eval_coco(
 ) -> None:
     """Image-to-image Recall@1/5/10 on the indexed COCO gallery (docs/protocols.md §5)."""
     import json
-
-    from rich.console import Console
     from rich.table import Table
 
     from mora_retrieval.errors import MoraError
@@ -68,4 +68,4 @@ def eval_coco(
     for name, r in result.results.items():
         rec = r.recall
         table.add_row(name, *(f"{rec[k]:.2f}" for k in (1, 5, 10)), str(r.evaluated), str(r.no_relevant))
-    Console().print(table)
+    make_console().print(table)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .options import device_option
+from .options import device_option, make_console
 
 
 def eval_cirr(
@@ -22,8 +22,6 @@ def eval_cirr(
     """CIRR Recall@1/5/10/50 and Recall_subset@1/2/3 of the merged model (reference removed)."""
     import json
 
-    from rich.console import Console
-
     from mora_retrieval.tasks.cir_run import evaluate_cirr_run
 
     from .tables import metrics_table
@@ -33,10 +31,10 @@ def eval_cirr(
     if as_json:
         typer.echo(json.dumps(result, indent=2))
     elif "files" in result:
-        Console().print(f"{result['queries']} queries ranked; submission files:\n  " + "\n  ".join(result["files"]))
+        make_console().print(f"{result['queries']} queries ranked; submission files:\n  " + "\n  ".join(result["files"]))
     else:
         label = "Combiner" if result["combiner"] else "summed features"
-        Console().print(metrics_table(f"CIRR {split} — {run}", {label: result}))
+        make_console().print(metrics_table(f"CIRR {split} — {run}", {label: result}))
 
 
 def register(app: typer.Typer) -> None:

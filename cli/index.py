@@ -11,9 +11,9 @@ from typing import Any, Optional
 
 import typer
 
-from .options import device_option
+from .options import command_group, device_option, make_console
 
-index_app = typer.Typer(help="Embed a collection of images and build a FAISS index folder.", no_args_is_help=True)
+index_app = command_group("Embed a collection of images and build a FAISS index folder.")
 
 DEFAULT_INDEX_ROOT = Path("indexes")
 MODEL_HELP = "Model options"
@@ -60,12 +60,10 @@ class RichReporter:
                 speed = task.finished_speed or task.speed
                 return Text(f"{speed:,.1f} img/s" if speed else "-- img/s", style="progress.data.speed")
 
-        from rich.console import Console
-
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            console=Console(stderr=True), transient=False,
+            console=make_console(stderr=True), transient=False,
         )
         self.description = description
         self.task: Any = None
@@ -87,14 +85,12 @@ class RichReporter:
 
 def _build(items_fn: Any, collection: dict, default_name: str, opts: dict) -> None:
     import time
-
-    from rich.console import Console
     from rich.table import Table
 
     from mora_retrieval.retrieval.build import BuildConfig, build_index, parse_shard
     from mora_retrieval.retrieval.embed import EmbedConfig
 
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     shard = parse_shard(opts["shard"])
     device = opts["device"]
     items = items_fn()  # before the model: a wrong data path fails at once
@@ -109,11 +105,17 @@ def _build(items_fn: Any, collection: dict, default_name: str, opts: dict) -> No
                         fast_jpeg=opts["fast_jpeg"])
     if opts["workers"] is not None:
         embed.workers = opts["workers"]
-    config = BuildConfig(index_type=opts["index_type"], search_params=opts["search_params"], shard=shard, embed=embed)
+    config = BuildConfig(index_type=opts["index_type"], search_params=opts["search_params"], shard=shard, embed=embed,
+                         overwrite=opts["overwrite"])
     start = time.perf_counter()
     label = f"embedding {len(items)} images" if shard is None else f"embedding shard {shard[0]}/{shard[1]}"
-    with RichReporter(label) as reporter:
-        result = build_index(encoder, items, out, config, collection=collection, reporter=reporter)
+    try:
+        with RichReporter(label) as reporter:
+            result = build_index(encoder, items, out, config, collection=collection, reporter=reporter)
+    except KeyboardInterrupt:
+        console.print(f"interrupted: the finished chunks are kept under {out}; run the same command again to "
+                      f"resume from them (work already embedded is not redone)")
+        raise typer.Exit(130) from None
     seconds = time.perf_counter() - start
     for path in result.skipped:
         console.print(f"[yellow]skipped bad image:[/] {path}")
@@ -125,7 +127,7 @@ def _build(items_fn: Any, collection: dict, default_name: str, opts: dict) -> No
     m = result.folder.manifest
     table.add_row(str(out), str(m["count"]), m["index_type"] + (f" ({m['search_params']})" if m["search_params"] else ""),
                   str(m["dim"]), str(result.encoded), str(len(result.skipped)), f"{seconds:.1f}")
-    Console().print(table)
+    make_console().print(table)
 
 
 
@@ -149,6 +151,7 @@ ChunkOpt = typer.Option(8192, "--chunk-size", help="Images per resumable chunk f
 ShardOpt = typer.Option(None, "--shard", help="i/n: embed the i-th of n blocks (default: from torchrun RANK/WORLD_SIZE).")
 FastOpt = typer.Option(False, "--fast-jpeg", help="Decode JPEGs at a reduced DCT scale (faster on CPU, slightly different features).")
 SkipOpt = typer.Option(False, "--skip-bad-images", help="Leave unreadable images out (listed in the manifest) instead of stopping.")
+OverwriteOpt = typer.Option(False, "--overwrite", help="Replace a finished index of another model in the output folder.")
 
 
 @index_app.command("coco")
@@ -160,7 +163,7 @@ def index_coco(
     name: Optional[str] = NameOpt, out: Optional[Path] = OutOpt, index_type: str = TypeOpt,
     search_params: Optional[str] = ParamsOpt, batch_size: int = BatchOpt, workers: Optional[int] = WorkersOpt,
     chunk_size: int = ChunkOpt, shard: Optional[str] = ShardOpt, skip_bad_images: bool = SkipOpt,
-    fast_jpeg: bool = FastOpt,
+    fast_jpeg: bool = FastOpt, overwrite: bool = OverwriteOpt,
 ) -> None:
     """Index the COCO gallery of a split (images with at least one instance annotation)."""
     from mora_retrieval.retrieval.items import coco_items
@@ -179,7 +182,7 @@ def index_images(
     name: Optional[str] = NameOpt, out: Optional[Path] = OutOpt, index_type: str = TypeOpt,
     search_params: Optional[str] = ParamsOpt, batch_size: int = BatchOpt, workers: Optional[int] = WorkersOpt,
     chunk_size: int = ChunkOpt, shard: Optional[str] = ShardOpt, skip_bad_images: bool = SkipOpt,
-    fast_jpeg: bool = FastOpt,
+    fast_jpeg: bool = FastOpt, overwrite: bool = OverwriteOpt,
 ) -> None:
     """Index every image under a folder (jpg, png, webp, bmp, gif, tif)."""
     from mora_retrieval.retrieval.items import folder_items
@@ -195,12 +198,11 @@ def index_merge(
     index_type: str = TypeOpt, search_params: Optional[str] = ParamsOpt,
 ) -> None:
     """Combine the parts written by `index ... --shard i/n` into one index."""
-    from rich.console import Console
 
     from mora_retrieval.retrieval.build import merge_parts
 
     folder = merge_parts(out, index_type, search_params)
-    Console().print(f"merged {folder.count} images into {out} ({folder.manifest['index_type']})")
+    make_console().print(f"merged {folder.count} images into {out} ({folder.manifest['index_type']})")
 
 
 @index_app.command("rebuild")
@@ -208,9 +210,8 @@ def index_rebuild(
     out: Path = typer.Argument(..., help="Index folder."), index_type: str = TypeOpt, search_params: Optional[str] = ParamsOpt,
 ) -> None:
     """Rebuild index.faiss from the stored embeddings with another index type (no re-encoding)."""
-    from rich.console import Console
 
     from mora_retrieval.retrieval.index import rebuild_index
 
     folder = rebuild_index(out, index_type, search_params)
-    Console().print(f"rebuilt {out}: {folder.count} images, {folder.manifest['index_type']}")
+    make_console().print(f"rebuilt {out}: {folder.count} images, {folder.manifest['index_type']}")

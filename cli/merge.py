@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from .options import make_console
+
 
 def register(app: typer.Typer) -> None:
     @app.command("merge")
@@ -19,12 +21,11 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """Merge adapters into the backbone: the output loads with open_clip.create_model(arch, pretrained=OUT)."""
-        from rich.console import Console
 
         from mora_retrieval.adapters.merge import merge_adapter_folder
 
         summary = merge_adapter_folder(adapter, out, arch=model, pretrained=pretrained)
-        Console().print(
+        make_console().print(
             f"merged [bold]{summary['method']}[/] adapter into {summary['arch']} "
             f"(fingerprint {summary['fingerprint']}) -> {summary['checkpoint']}"
         )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from .options import make_console
+
 
 def register(app: typer.Typer) -> None:
     @app.command("models")
@@ -12,15 +14,19 @@ def register(app: typer.Typer) -> None:
         import fnmatch
 
         import open_clip
-        from rich.console import Console
         from rich.table import Table
 
         from mora_retrieval.backbone import list_architectures, toolkit_architectures
 
+        from mora_retrieval.errors import MoraError
+
+        matched = [arch for arch in list_architectures() if fnmatch.fnmatch(arch, pattern)]
+        if not matched:
+            raise MoraError(f"no architecture matches {pattern!r} (try `mora-ret models` for the full list, "
+                            f"or a pattern such as 'ViT-B*')")
         table = Table("architecture", "pretrained tags")
         own = set(toolkit_architectures())
-        for arch in list_architectures():
-            if fnmatch.fnmatch(arch, pattern):
-                tags = ", ".join(open_clip.list_pretrained_tags_by_model(arch))
-                table.add_row(arch, tags or ("(toolkit; train with `mora-ret pretrain`)" if arch in own else "-"))
-        Console().print(table)
+        for arch in matched:
+            tags = ", ".join(open_clip.list_pretrained_tags_by_model(arch))
+            table.add_row(arch, tags or ("(toolkit; train with `mora-ret pretrain`)" if arch in own else "-"))
+        make_console().print(table)

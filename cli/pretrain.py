@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .options import device_option
+from .options import device_option, make_console
 
 
 def register(app: typer.Typer) -> None:
@@ -31,7 +31,6 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(False, "--resume"),
     ) -> None:
         """Pretrain CLIP contrastively; writes RUN_DIR/pretrained.safetensors (a plain open_clip checkpoint)."""
-        from rich.console import Console
 
         from mora_retrieval.engine import TrainConfig
         from mora_retrieval.tasks.pretrain import PretrainSettings, pretrain
@@ -44,7 +43,7 @@ def register(app: typer.Typer) -> None:
             train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                               num_workers=workers, device=device, seed=seed),
         )
-        console = Console()
+        console = make_console()
         summary = pretrain(settings, resume=resume, console=console)
         console.print(f"best epoch {summary['best_epoch']}: {summary['val']}")
         console.print(f"checkpoint: {summary['checkpoint']}  (use --pretrained {summary['checkpoint']} --model {model})")

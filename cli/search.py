@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from .options import make_console
+
 from .index import AdapterOpt, CheckpointOpt, DeviceOpt, ModelOpt, PretrainedOpt, RunOpt, MODEL_HELP
 
 
@@ -16,7 +18,7 @@ def register(app: typer.Typer) -> None:
         index: Path = typer.Option(..., "--index", help="Index folder (indexes/<name>)."),
         image: Optional[Path] = typer.Option(None, "--image", help="Query image."),
         text: Optional[str] = typer.Option(None, "--text", help="Query text (with --image: a composed query)."),
-        k: int = typer.Option(10, "-k", "--top-k", help="Number of results."),
+        k: int = typer.Option(10, "-k", "--top-k", min=1, help="Number of results (at least 1)."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
         html_out: Optional[Path] = typer.Option(None, "--html", help="Write a self-contained HTML gallery page."),
         model: Optional[str] = ModelOpt, pretrained: Optional[str] = PretrainedOpt, adapter: Optional[Path] = AdapterOpt,
@@ -26,8 +28,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Top-k images for a query; the model is reloaded from the index manifest unless model options are given."""
         import json
-
-        from rich.console import Console
         from rich.table import Table
 
         from mora_retrieval.errors import MoraError
@@ -57,6 +57,6 @@ def register(app: typer.Typer) -> None:
             table.add_row(str(h.rank), f"{h.score:.4f}", h.item.path,
                           "" if h.item.image_id is None else str(h.item.image_id),
                           ",".join(map(str, h.item.categories)))
-        Console().print(table)
+        make_console().print(table)
         if html_out is not None:
-            Console(stderr=True).print(f"gallery written to {html_out}")
+            make_console(stderr=True).print(f"gallery written to {html_out}")

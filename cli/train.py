@@ -7,9 +7,9 @@ from typing import Optional
 
 import typer
 
-from .options import DEVICE_HELP, PRECISION_HELP
+from .options import DEVICE_HELP, PRECISION_HELP, command_group, make_console
 
-train_app = typer.Typer(help="Train models (CIR on CIRR).", no_args_is_help=True)
+train_app = command_group("Train models (CIR on CIRR).")
 
 
 def _csv(value: Optional[str]) -> Optional[list[str]]:
@@ -21,35 +21,34 @@ def train_cirr_command(
     data_root: Path = typer.Option(..., "--data-root", help="CIRR root (captions/, image_splits/, train/, dev/)."),
     run_dir: Path = typer.Option(Path("runs/cirr"), "--run-dir", help="Run folder to create (or resume)."),
     method: str = typer.Option("mora", "--adapter", help="mora | lora | dora | bitfit | full | an ablation."),
-    model: Optional[str] = typer.Option(None, "--model", help="open_clip architecture [default: ViT-B-16]."),
-    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="open_clip tag or local checkpoint [default: openai]."),
-    config: Optional[Path] = typer.Option(None, "--config", help="JSON/TOML file of settings (CLI options win)."),
-    rank: Optional[int] = typer.Option(None, "--rank", help="r (and r_s) of the adapter."),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="Low-rank strength α."),
-    targets: Optional[str] = typer.Option(None, "--targets", help="Projections, e.g. q,v or q,k,v,out."),
-    layers: Optional[int] = typer.Option(None, "--layers", help="Adapt the last N blocks of each tower."),
-    epochs: Optional[int] = typer.Option(None, "--epochs"),
-    lr: Optional[float] = typer.Option(None, "--lr"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay"),
-    grad_accum: Optional[int] = typer.Option(None, "--grad-accum"),
-    patience: Optional[int] = typer.Option(None, "--patience", help="Early stopping after N epochs without gain."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps"),
-    combiner_epochs: Optional[int] = typer.Option(None, "--combiner-epochs"),
-    combiner_lr: Optional[float] = typer.Option(None, "--combiner-lr"),
-    combiner_batch_size: Optional[int] = typer.Option(None, "--combiner-batch-size"),
+    model: Optional[str] = typer.Option(None, "--model", help="open_clip architecture.  [default: ViT-B-16]"),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="open_clip tag (downloaded by open_clip) or local checkpoint file; `none` for random weights.  [default: openai]"),
+    config: Optional[Path] = typer.Option(None, "--config", help="JSON/TOML file of settings (any subset of config.json; command-line options win)."),
+    rank: Optional[int] = typer.Option(None, "--rank", help="r (and r_s) of the adapter.  [default: 4]"),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="Low-rank strength α.  [default: 0.01 for MoRA and its ablations, r for lora/dora]"),
+    targets: Optional[str] = typer.Option(None, "--targets", help="Projections, e.g. q,v or q,k,v,out.  [default: q,v]"),
+    layers: Optional[int] = typer.Option(None, "--layers", help="Adapt the last N blocks of each tower.  [default: 2]"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Stage-1 epochs.  [default: 20]"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Stage-1 learning rate.  [default: 1e-2; 2e-6 for full]"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Stage-1 batch per process.  [default: 256; 128 for full]"),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="Stage-1 AdamW weight decay.  [default: 0.02; 0.01 for full]"),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per optimiser step.  [default: 1]"),
+    patience: Optional[int] = typer.Option(None, "--patience", help="Early stopping after N epochs without gain.  [default: off]"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop stage 1 after N optimiser steps.  [default: off]"),
+    combiner_epochs: Optional[int] = typer.Option(None, "--combiner-epochs", help="Stage-2 (Combiner) epochs.  [default: 20]"),
+    combiner_lr: Optional[float] = typer.Option(None, "--combiner-lr", help="Stage-2 learning rate.  [default: 2e-5]"),
+    combiner_batch_size: Optional[int] = typer.Option(None, "--combiner-batch-size", help="Stage-2 batch.  [default: 512]"),
     no_combiner: bool = typer.Option(False, "--no-combiner", help="Stop after stage 1."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader worker processes."),
-    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP + " Default: auto."),
-    precision: Optional[str] = typer.Option(None, "--precision", help=PRECISION_HELP + " Default: auto."),
-    seed: Optional[int] = typer.Option(None, "--seed"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader worker processes.  [default: 0]"),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP + "  [default: auto]"),
+    precision: Optional[str] = typer.Option(None, "--precision", help=PRECISION_HELP + "  [default: auto]"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed.  [default: 0]"),
     skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Skip (and count) unreadable images."),
     cache_frozen: bool = typer.Option(False, "--cache-frozen",
                                       help="Cache the frozen blocks' outputs across epochs (stage 1; needs memory)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --run-dir exactly."),
 ) -> None:
     """Train CLIP4CIR + MoRA (or another adapter) on CIRR; writes adapter, merged checkpoint and Combiner."""
-    from rich.console import Console
 
     from mora_retrieval.tasks.cir_run import build_settings, train_cirr
 
@@ -70,7 +69,7 @@ def train_cirr_command(
         "no_combiner": no_combiner or None,
     }
     settings = build_settings(str(data_root), str(run_dir), method, config, overrides, resume=resume)
-    console = Console()
+    console = make_console()
     results = train_cirr(settings, resume=resume, console=console)
     rows = {"stage 1 (summed features)": results["val_stage1"]}
     if "val_combiner" in results:

@@ -64,6 +64,15 @@ class Backbone:
         return iter((self.model, self.preprocess, self.tokenizer))
 
 
+def _first_sentence(message: str, limit: int = 300) -> str:
+    """The first line of ``message``, cut after a whole sentence when it is longer than ``limit``."""
+    line = (message.splitlines() or [""])[0]
+    if len(line) <= limit:
+        return line
+    cut = line.rfind(". ", 0, limit)
+    return line[: cut + 1] if cut > 0 else line[:limit] + " …"
+
+
 def _classify_pretrained(arch: str, pretrained: str | None) -> str:
     """Return ``'none'``, ``'file'`` or ``'tag'``; raise for anything else."""
     import open_clip
@@ -114,7 +123,7 @@ def load_backbone(
             cache_dir=cache_dir,
         )
     except Exception as exc:  # open_clip raises RuntimeError, AssertionError, pickle/safetensors errors
-        first = (str(exc).splitlines() or [exc.__class__.__name__])[0][:300]
+        first = _first_sentence(str(exc)) or exc.__class__.__name__
         if kind == "tag":
             raise BackboneError(
                 f"could not download '{pretrained}' weights for {arch} (offline?): download the open_clip "
@@ -122,6 +131,11 @@ def load_backbone(
                 f"/path/to/open_clip_pytorch_model.bin"
             ) from None
         if kind == "file":
+            if exc.__class__.__name__ == "UnpicklingError":
+                raise BackboneError(
+                    f"{pretrained}: refused to load: the file holds pickled Python objects besides tensors, and "
+                    f"only weights are read (torch.load weights_only=True); if you trust the file, re-save its "
+                    f"state dict with safetensors") from None
             if _is_shape_mismatch(exc):
                 raise BackboneError(f"{pretrained}: not a checkpoint of {arch} ({first})") from None
             raise BackboneError(f"{pretrained}: unreadable checkpoint ({exc.__class__.__name__}: {first})") from None

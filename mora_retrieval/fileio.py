@@ -17,11 +17,30 @@ from typing import Any, Iterator
 from .errors import MoraError
 
 
+def make_dirs(path: str | os.PathLike, what: str = "folder") -> Path:
+    """``mkdir -p path``; a file in the way raises a one-line MoraError naming it."""
+    path = Path(path)
+    for place in (path, *path.parents):
+        if place.exists():
+            if not place.is_dir():
+                where = "is a file" if place == path else f"is a file, so {path} cannot be created"
+                raise MoraError(f"{place}: {where} (expected a {what})")
+            break
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
-    """Open a temporary file beside ``path``; on success rename it over ``path``."""
+    """Open a temporary file beside ``path``; on success rename it over ``path``.
+
+    A folder at ``path``, or a file where a parent folder should be, raises a one-line MoraError
+    before anything is written.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise MoraError(f"{path}: is a folder (expected a file name to write)")
+    make_dirs(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions

@@ -57,6 +57,33 @@ def test_corrupt_and_foreign_checkpoints(tmp_path, tiny_model):
         load_backbone("mora-tiny", str(other))
 
 
+class _Payload:
+    """Unpickling this runs code: a weights-only load must refuse it, and say so in whole sentences."""
+
+    def __reduce__(self):
+        return (print, ("the payload ran",))
+
+
+def test_pickled_objects_are_refused_with_a_whole_message(tmp_path, capsys):
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": _Payload()}, evil)
+    with pytest.raises(BackboneError) as info:
+        load_backbone("mora-tiny", str(evil))
+    message = str(info.value)
+    assert message.startswith(f"{evil}: refused to load: the file holds pickled Python objects")
+    assert message.endswith("re-save its state dict with safetensors") and "\n" not in message
+    assert "the payload ran" not in capsys.readouterr().out
+
+
+def test_long_errors_are_cut_after_a_sentence():
+    from mora_retrieval.backbone import _first_sentence
+
+    long = "First sentence here. " + "x" * 400 + ". Tail."
+    assert _first_sentence(long) == "First sentence here."
+    assert _first_sentence("short\nsecond line") == "short"
+    assert _first_sentence("y" * 500).endswith(" …")
+
+
 def test_offline_tag_names_the_local_file_alternative(monkeypatch):
     def offline(*args, **kwargs):
         raise RuntimeError("Failed to download weights for tag 'openai': connection error")

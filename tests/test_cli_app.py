@@ -32,6 +32,13 @@ def test_help_does_not_import_torch_open_clip_or_faiss():
     assert out == "[]"
 
 
+def test_models_with_no_match_says_so():
+    result = CliRunner().invoke(app, ["models", "nonexistent*"])
+    assert result.exit_code == 1 and "no architecture matches 'nonexistent*'" in str(result.exception)
+    listed = CliRunner().invoke(app, ["models", "mora-t*"], terminal_width=200)
+    assert listed.exit_code == 0 and "mora-tiny" in listed.output
+
+
 def test_user_errors_are_one_line_with_status_1(tmp_path):
     code = "from mora_retrieval_cli.app import main; main()"
     proc = subprocess.run([sys.executable, "-c", code, "merge", "--adapter", str(tmp_path / "nope"), "-o",

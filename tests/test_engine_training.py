@@ -104,6 +104,14 @@ def test_nan_guard_keeps_last_good_checkpoint(tmp_path):
     assert all(torch.equal(best[k], state["trainable"][k]) for k in best)
     task = ToyTask()
     task.load_trainable_state_dict(state["trainable"])
+    assert "last.pt (the last good state) was left untouched" in str(
+        pytest.raises(TrainingError, fit, ToyTask(nan_at=14), tmp_path / "again", config).value)
+
+
+def test_nan_before_any_checkpoint_names_no_file(tmp_path):
+    with pytest.raises(TrainingError, match=r"optimiser steps 1-3; no checkpoint had been written yet") as info:
+        fit(ToyTask(nan_at=2), tmp_path, cfg())
+    assert "last.pt" not in str(info.value)
 
 
 def test_best_checkpoint_and_early_stopping(tmp_path):

@@ -18,7 +18,7 @@ def app():
     from mora_retrieval_cli import index as index_cli
     from mora_retrieval_cli import search as search_cli
 
-    cli = typer.Typer()
+    cli = typer.Typer(rich_markup_mode=None)  # plain click help and errors, as the real app
     cli.callback()(lambda: None)
     for module in (index_cli, search_cli, eval_cli):
         module.register(cli)
@@ -114,6 +114,62 @@ def test_errors_are_one_line(app, built, tmp_path, monkeypatch, capsys):
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "bad.jpg" in err[0]
+
+
+def test_output_paths_and_k_are_checked_before_writing(app, built, tmp_path):
+    """Files in the way, folders given as files, k < 1 and a dir as query image: one line each."""
+    from mora_retrieval.errors import MoraError
+
+    index_args = ["index", "coco", "--data-root", str(built / "coco"), "--model", "mora-tiny", "--pretrained",
+                  str(built / "tiny.safetensors"), "--workers", "0", "--device", "cpu"]
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep me")
+    for out, fragment in ((blocker, "exists and is not a folder"), (blocker / "idx", "is a file, so")):
+        result = _run(app, [*index_args, "--out", str(out)])
+        assert isinstance(result.exception, MoraError) and fragment in str(result.exception), result.output
+    assert blocker.read_text() == "keep me"
+    result = _run(app, ["search", "--index", str(built / "idx"), "--text", "x", "--html", str(tmp_path)])
+    assert isinstance(result.exception, MoraError) and "is a folder (expected a file name" in str(result.exception)
+    result = CliRunner().invoke(app, ["search", "--index", str(built / "idx"), "--text", "x", "-k", "0"],
+                                terminal_width=200)
+    assert result.exit_code == 2 and "--top-k': Input should be greater than or equal to 1" in result.output
+    result = _run(app, ["search", "--index", str(built / "idx"), "--image", str(tmp_path)])
+    assert isinstance(result.exception, MoraError) and "is a folder (expected an image file)" in str(result.exception)
+
+
+def test_reindexing_with_another_model_needs_overwrite(app, built, tmp_path):
+    import shutil
+
+    target = tmp_path / "idx"
+    shutil.copytree(built / "idx", target)
+    before = (target / "manifest.json").read_bytes()
+    other = write_tiny_checkpoint(tmp_path / "other.safetensors", seed=5)
+    args = ["index", "coco", "--data-root", str(built / "coco"), "--model", "mora-tiny", "--pretrained", str(other),
+            "--out", str(target), "--workers", "0", "--device", "cpu"]
+    result = _run(app, args)
+    assert "already holds an index of another model" in str(result.exception) and "--overwrite" in str(result.exception)
+    assert (target / "manifest.json").read_bytes() == before  # nothing was touched
+    result = _run(app, [*args, "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((target / "manifest.json").read_text())["source"]["pretrained"] == str(other)
+    # the same model may rebuild its own folder without --overwrite
+    result = _run(app, args)
+    assert result.exit_code == 0, result.output
+
+
+def test_ctrl_c_during_indexing_says_how_to_resume(app, built, tmp_path, monkeypatch):
+    import mora_retrieval.retrieval.build as build_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build_module, "embed_paths", interrupted)
+    result = _run(app, ["index", "coco", "--data-root", str(built / "coco"), "--model", "mora-tiny", "--pretrained",
+                        str(built / "tiny.safetensors"), "--out", str(tmp_path / "idx"), "--workers", "0",
+                        "--device", "cpu"])
+    assert result.exit_code == 130
+    text = " ".join(result.output.split())
+    assert "interrupted: the finished chunks are kept under" in text and "run the same command again" in text
 
 
 def test_index_images_folder_and_rebuild(app, built, tmp_path):

@@ -42,6 +42,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Decode ``path`` fully and return it as an RGB PIL image, or raise a one-line DataError."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder (expected an image file)")
     if not path.is_file():
         raise DataError(f"{path}: image file not found")
     try:

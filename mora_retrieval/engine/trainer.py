@@ -294,10 +294,12 @@ class Trainer:
         total, n, stops = all_reduce_sum(vec, self.dist).tolist()
         if not math.isfinite(total):
             steps = count // self.config.grad_accum
+            last = ckpt.last_path(self.run_dir)
+            kept = (f"{last} (the last good state) was left untouched" if last.exists()
+                    else "no checkpoint had been written yet")
             raise TrainingError(
                 f"non-finite training loss ({total}) in epoch {pos.epoch + 1}, optimiser steps "
-                f"{pos.global_step - steps + 1}-{pos.global_step}; {ckpt.last_path(self.run_dir)} was left "
-                f"untouched (try a lower lr, max_grad_norm or fp32)")
+                f"{pos.global_step - steps + 1}-{pos.global_step}; {kept} (try a lower lr, max_grad_norm or fp32)")
         pos.loss_sum += total
         pos.loss_count += int(n)
         if n:

@@ -28,12 +28,14 @@ from ..fileio import read_json, write_json
 from .embed import EmbedConfig, Reporter, embed_paths
 from .index import (
     EMBEDDINGS_FILE,
+    MANIFEST_FILE,
     ITEMS_FILE,
     IndexFolder,
     _save_npy,
     build_faiss_index,
     check_index_spec,
     load_embeddings,
+    read_manifest,
     read_items,
     resolve_index_type,
     write_index_folder,
@@ -54,6 +56,7 @@ class BuildConfig:
     search_params: str | None = None
     shard: tuple[int, int] | None = None
     embed: EmbedConfig | None = None
+    overwrite: bool = False  # replace a finished index built with another model
 
 
 @dataclass
@@ -96,6 +99,28 @@ def encoder_info(encoder: Any, embed: EmbedConfig | None = None) -> dict[str, An
     }
 
 
+def check_output_folder(out: Path, fingerprint: str, overwrite: bool = False) -> None:
+    """Refuse, before anything is written, an ``out`` that is a file, or that holds a finished
+    index of another model (unless ``overwrite``): re-indexing must never replace it silently."""
+    if out.exists() and not out.is_dir():
+        raise IndexError_(f"{out}: exists and is not a folder (expected the index folder to create)")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise IndexError_(f"{parent}: is a file, so the index folder {out} cannot be created there")
+            break
+    manifest = out / MANIFEST_FILE
+    if overwrite or not manifest.is_file():
+        return
+    try:
+        old = read_manifest(out).get("fingerprint")
+    except MoraError:
+        return  # a damaged folder: rebuilding it is what the user wants
+    if old != fingerprint:
+        raise IndexError_(f"{out}: already holds an index of another model (fingerprint {old}, this model "
+                          f"{fingerprint}); pass --overwrite to replace it, or choose another --name/--out")
+
+
 def build_index(
     encoder: Any,
     items: Sequence[Item],
@@ -113,6 +138,7 @@ def build_index(
     items = list(items)
     if not items:
         raise IndexError_(f"{out}: nothing to index (the collection is empty)")
+    check_output_folder(out, encoder.fingerprint, config.overwrite)
     shard = config.shard if config.shard and config.shard[1] > 1 else None
     check_index_spec(resolve_index_type(config.index_type, len(items), config.search_params), len(items), encoder.dim)
     if shard is None:

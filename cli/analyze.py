@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .options import device_option
+from .options import device_option, make_console
 
 
 def analyze(
@@ -30,13 +30,12 @@ def analyze(
     """
     import json
 
-    from rich.console import Console
     from rich.table import Table
 
     from mora_retrieval.analysis import AnalyzeConfig, analyze_run
     from mora_retrieval.analysis.section import DRIFT_HEADER, drift_rows, intermodal_table
 
-    console = Console(stderr=as_json)
+    console = make_console(stderr=as_json)
     config = AnalyzeConfig(split=split, max_samples=max_samples, batch_size=batch_size, num_workers=workers,
                            device=device, data_root=None if data_root is None else str(data_root), tsne_seed=seed)
     result = analyze_run(run, out, config, console=console)

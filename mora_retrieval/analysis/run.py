@@ -56,6 +56,12 @@ class AnalysisResult:
     out_dir: Path
     files: dict[str, Path] = field(default_factory=dict)
 
+    def section(self) -> Any:
+        """The HTML report section (``report.Section``) with the tables and figures."""
+        from .section import analysis_section
+
+        return analysis_section(self.data, self.out_dir)
+
 
 def geometry(samples: PairedSamples, embeddings: dict[str, Embeddings]) -> dict[str, Any]:
     """Inter-modal distance (when the samples have categories), modality gap and drift.
@@ -115,7 +121,6 @@ def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None, config: 
     from ..device import resolve_device
     from .figures import plot_scatter_grid, plot_spectra
     from .runs import adapted_encoder, image_transform, original_encoder, read_run, run_samples
-    from .section import analysis_section
     from .spectra import read_adapter_layout, read_shared_factors, slot_spectra
 
     config = config or AnalyzeConfig()
@@ -181,10 +186,9 @@ def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None, config: 
     write_json(out / JSON_FILE, data)
     from ..report import write_report
 
-    section = analysis_section(data, out)
-    html = write_report(out / HTML_FILE, f"Analysis of {info.run_dir.name}", [section])
-    files = {"json": out / JSON_FILE, "html": html, **figures}
-    return AnalysisResult(data=data, out_dir=out, files=files)
+    result = AnalysisResult(data=data, out_dir=out, files={"json": out / JSON_FILE, **figures})
+    result.files["html"] = write_report(out / HTML_FILE, f"Analysis of {info.run_dir.name}", [result.section()])
+    return result
 
 
 def _say(console: Any, message: str) -> None:

@@ -234,3 +234,20 @@ def test_paired_samples_select_and_spread_indices():
     assert spread_indices(10, 4).tolist() == [0, 3, 6, 9]
     with pytest.raises(ValueError, match="not in the sample set"):
         PairedSamples(image_paths=["a"], texts=["t"], pair_image=[1])
+
+
+def test_tsne_colours_a_multilabel_sample_by_its_first_label(tmp_path):
+    from mora_retrieval.analysis.figures import ScatterPanel, plot_scatter_grid, plot_spectra
+    from mora_retrieval.analysis.run import tsne_groups
+    from mora_retrieval.analysis.spectra import SlotSpectra
+
+    multi = PairedSamples(image_paths=["a", "b", "c"], texts=["x", "y", "z"], pair_image=[0, 1, 2],
+                          labels=torch.tensor([[0, 1, 1], [0, 0, 0], [1, 0, 0]], dtype=torch.float32))
+    assert tsne_groups(multi).tolist() == [1, -1, 0]
+    single = PairedSamples(image_paths=["a", "b"], texts=["x", "y"], pair_image=[0, 1], labels=torch.tensor([2, 0]))
+    assert tsne_groups(single).tolist() == [2, 0]
+    # the figures are PNG files, whatever the number of panels
+    panel = ScatterPanel("p", np.random.default_rng(0).normal(size=(3, 2)), tsne_groups(multi), ["g0", "g1", "g2"])
+    assert plot_scatter_grid([[panel, panel]], tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+    slots = [SlotSpectra(str(i), i, i, [0.5, 0.5], [0.7, 0.3], {"visual.q": [0.1, 0.05]}) for i in range(6)]
+    assert plot_spectra(slots, tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"

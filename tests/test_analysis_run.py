@@ -189,6 +189,9 @@ def test_bad_input_fails_before_anything_is_written(mora_run, tmp_path):
         analyze_run(tmp_path / "other", out)
     with pytest.raises(TrainingError, match="run folder not found"):
         analyze_run(tmp_path / "nowhere", out)
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(MoraError, match="not a folder"):
+        analyze_run(mora_run, tmp_path / "a-file", AnalyzeConfig(device="cpu"))
     # the original backbone must be the one the run started from
     copy = tmp_path / "copy"
     shutil.copytree(mora_run, copy, ignore=shutil.ignore_patterns("checkpoints", "analysis"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -13,6 +14,7 @@ from ..fileio import atomic_write
 from .spectra import SlotSpectra
 
 _TOWER_LABEL = {"visual": "vision", "text": "text"}
+SPECTRA_COLUMNS = 4
 
 
 @dataclass
@@ -34,15 +36,19 @@ def _save(fig, path: Path) -> Path:
 
 
 def plot_spectra(spectra: Sequence[SlotSpectra], path: str | Path) -> Path:
-    """One panel per slot: Gram eigenvalues (solid) and pretrained singular values (dashed)."""
+    """One panel per slot (4 to a row): Gram eigenvalues (solid) and pretrained singular values (dashed)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     if not spectra:
         raise ValueError("no spectra to plot")
-    fig = Figure(figsize=(4.2 * len(spectra), 3.6), dpi=90)
+    cols = min(SPECTRA_COLUMNS, len(spectra))
+    rows = math.ceil(len(spectra) / cols)
+    fig = Figure(figsize=(4.2 * cols, 3.6 * rows), dpi=90)
     FigureCanvasAgg(fig)
-    axes = np.atleast_1d(fig.subplots(1, len(spectra), squeeze=False)[0])
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[len(spectra):]:
+        ax.set_visible(False)
     for ax, slot in zip(axes, spectra):
         index = np.arange(1, len(slot.gram_vision) + 1)
         ax.plot(index, slot.gram_vision, marker="o", color="tab:blue", label="vision gram")
@@ -57,7 +63,7 @@ def plot_spectra(spectra: Sequence[SlotSpectra], path: str | Path) -> Path:
                xticks=index, ylim=(0, None))
         ax.grid(alpha=0.3)
         ax.title.set_fontsize(9)
-    axes[-1].legend(fontsize="x-small")
+    axes[len(spectra) - 1].legend(fontsize="x-small")
     fig.tight_layout()
     return _save(fig, Path(path))
 

@@ -112,7 +112,7 @@ def original_encoder(info: RunInfo, device: str | None) -> Any:
     """The unadapted backbone the run started from, checked against the adapter's base fingerprint."""
     from ..retrieval.encoder import load_encoder
 
-    with torch.random.fork_rng(devices=[]):  # random weights come from the run's seed; global RNG untouched
+    with torch.random.fork_rng():  # random weights come from the run's seed; the global RNGs are restored
         torch.manual_seed(info.seed)
         encoder = load_encoder(info.arch, info.pretrained, device=device)
     if info.base_fingerprint and encoder.fingerprint != info.base_fingerprint:

@@ -119,9 +119,9 @@ def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None, config: 
     Every input is checked (run folder, split, data, both models) before anything is written.
     """
     from ..device import resolve_device
+    from ..report import write_report
     from .figures import plot_scatter_grid, plot_spectra
     from .runs import adapted_encoder, image_transform, original_encoder, read_run, run_samples
-    from .spectra import read_adapter_layout, read_shared_factors, slot_spectra
 
     config = config or AnalyzeConfig()
     config.validate()
@@ -134,8 +134,6 @@ def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None, config: 
     if out.exists() and not out.is_dir():
         raise MoraError(f"{out}: exists and is not a folder (--out must be a folder)")
     device = str(resolve_device(config.device))
-    layout = read_adapter_layout(info.adapter_dir)
-    factors = read_shared_factors(info.adapter_dir)
     encoders = {"adapted": adapted_encoder(info, device), "original": original_encoder(info, device)}
     _say(console, f"encoding {len(samples)} {split} samples ({len(samples.image_paths)} images) with the adapted and "
                   f"the original model on {device}")
@@ -152,31 +150,17 @@ def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None, config: 
                     "categories": None if samples.labels is None else len(samples.class_names),
                     "complete": True},
         "embeddings": "raw encode_image/encode_text outputs; 'normalized' variants L2-normalise each embedding first",
-        **geometry(samples, embeddings),
+        **_checked(geometry, info, samples, embeddings),
         "notes": [],
     }
     if data["inter_modal"] is None:
         data["notes"].append("No inter-modal distance per category: CIRR has no categories, and its captions are "
                              "modification instructions, not descriptions of the reference image. The modality gap "
                              "is the whole-set counterpart.")
-    figures: dict[str, Path] = {}
-    spectra = slot_spectra(factors, encoders["original"].model, layout) if factors else []
-    data["spectra"] = {"available": bool(spectra), "method": layout.method, "targets": list(layout.targets),
-                       "slots": [s.to_json() for s in spectra]}
-    if not spectra:
-        data["notes"].append(f"No Gram spectra: method '{layout.method}' has no shared part (only MoRA and its "
-                             "ablations have shared factors S_v, S_t).")
-    if len(samples) >= MIN_POINTS:
-        _say(console, "t-SNE")
-        panels, colour = _tsne_panels(samples, embeddings, config.tsne_seed)
-        points = len(samples) + (len(samples.image_paths) if colour == "modality" else 0)
-        data["tsne"] = {"colour": colour, "seed": config.tsne_seed, "features": "L2-normalised",
-                        "points_per_panel": points, "perplexity": default_perplexity(points)}
-    else:
-        panels = None
-        data["tsne"] = None
-        data["notes"].append(f"No t-SNE: fewer than {MIN_POINTS} samples.")
+    spectra = _spectra(info, encoders["original"].model, data)
+    panels = _tsne(samples, embeddings, config.tsne_seed, data, console)
     out.mkdir(parents=True, exist_ok=True)
+    figures: dict[str, Path] = {}
     if spectra:
         figures["spectra"] = plot_spectra(spectra, out / SPECTRA_FILE)
     if panels is not None:
@@ -184,11 +168,47 @@ def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None, config: 
                                             f"t-SNE of the {split} embeddings ({info.method}, {info.dataset})")
     data["figures"] = {name: path.name for name, path in figures.items()}
     write_json(out / JSON_FILE, data)
-    from ..report import write_report
-
     result = AnalysisResult(data=data, out_dir=out, files={"json": out / JSON_FILE, **figures})
     result.files["html"] = write_report(out / HTML_FILE, f"Analysis of {info.run_dir.name}", [result.section()])
     return result
+
+
+def _checked(compute, info, *args):
+    """``compute(*args)``; a degenerate embedding (NaN, zero) becomes a one-line error naming the run."""
+    try:
+        return compute(*args)
+    except ValueError as exc:
+        raise MoraError(f"{info.run_dir}: cannot analyse its embeddings ({exc})") from None
+
+
+def _spectra(info, original_model: Any, data: dict[str, Any]) -> list:
+    """The Gram spectra of the run's adapter (empty without a shared part); fills ``data["spectra"]``."""
+    from .spectra import read_adapter_layout, read_shared_factors, slot_spectra
+
+    layout = read_adapter_layout(info.adapter_dir)
+    factors = read_shared_factors(info.adapter_dir)
+    spectra = _checked(slot_spectra, info, factors, original_model, layout) if factors else []
+    data["spectra"] = {"available": bool(spectra), "method": layout.method, "targets": list(layout.targets),
+                       "slots": [s.to_json() for s in spectra]}
+    if not spectra:
+        data["notes"].append(f"No Gram spectra: method '{layout.method}' has no shared part (only MoRA and its "
+                             "ablations have shared factors S_v, S_t).")
+    return spectra
+
+
+def _tsne(samples: PairedSamples, embeddings: dict[str, Embeddings], seed: int, data: dict[str, Any],
+          console: Any) -> list | None:
+    """The t-SNE panels (None with too few samples); fills ``data["tsne"]``."""
+    if len(samples) < MIN_POINTS:
+        data["tsne"] = None
+        data["notes"].append(f"No t-SNE: fewer than {MIN_POINTS} samples.")
+        return None
+    _say(console, "t-SNE")
+    panels, colour = _tsne_panels(samples, embeddings, seed)
+    points = len(samples) + (len(samples.image_paths) if colour == "modality" else 0)
+    data["tsne"] = {"colour": colour, "seed": seed, "features": "L2-normalised", "points_per_panel": points,
+                    "perplexity": default_perplexity(points)}
+    return panels
 
 
 def _say(console: Any, message: str) -> None:

@@ -237,6 +237,7 @@ def run_demo(settings: DemoSettings, console=None, quiet: bool = False) -> dict[
     report = _write_report(out / "report.html", summary, cir, retrieval, classify, checkpoint, query_image,
                            first["caption"], hits, analysis.section())
     summary["report"] = str(report)
+    summary["serve_command"] = f"mora-ret serve --index {mora_index['index']}"
     return summary
 
 

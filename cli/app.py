@@ -26,7 +26,8 @@ def _root() -> None:
 
 # Command modules, in the order their commands appear in --help.
 COMMAND_MODULES = (
-    "demo", "data", "pretrain", "train", "merge", "index", "search", "serve", "eval", "eval_cirr", "classify", "models",
+    "demo", "data", "pretrain", "train", "merge", "index", "search", "serve", "eval", "eval_cirr", "classify", "analyze",
+    "models",
 )
 
 for _name in COMMAND_MODULES:

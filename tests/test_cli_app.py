@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from mora_retrieval_cli.app import app
 
-COMMANDS = ("demo", "data", "pretrain", "train", "merge", "index", "search", "serve", "eval", "classify", "predict", "models")
+COMMANDS = ("demo", "data", "pretrain", "train", "merge", "index", "search", "serve", "eval", "classify", "predict",
+            "analyze", "models")
 
 
 def test_help_lists_every_command():

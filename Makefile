@@ -7,12 +7,12 @@ VENV ?= .venv
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-gpu bench clean
+.PHONY: install demo test test-gpu bench clean browser
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[test,serve]"
 	touch $@
 
 install: $(BIN)/.installed
@@ -20,7 +20,7 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/mora-ret demo
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest -q
 
 # On a CUDA machine: the whole suite with the `gpu` tests (they skip where CUDA is absent).
@@ -28,12 +28,25 @@ test-gpu: install
 	$(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'test-gpu: no CUDA device is visible')"
 	$(BIN)/python -m pytest -q -rs
 
+# The browser test (tests/test_serve_browser.py) drives Debian's chromium through chromium-driver.
+# Where we are root with apt-get they are installed here (about 40 s); elsewhere that test skips.
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium and chromium-driver for the browser test (apt-get)"; \
+		( timeout 600 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq \
+			--no-install-recommends chromium chromium-driver >/dev/null ) \
+		|| echo "note: could not install chromium; the browser test will be skipped"; \
+	else echo "note: no chromium/chromedriver (apt-get install chromium chromium-driver); the browser test will be skipped"; fi
+
 # The CPU benchmarks of BENCHMARKS.md (add --device cuda on a GPU machine).
 bench: install
 	$(BIN)/python benchmarks/bench_adapters.py --arch mora-tiny --batch 64
 	$(BIN)/python benchmarks/bench_cir.py --arch mora-tiny --batch 64 --steps 20
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_engine.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_prepared.py
 	$(BIN)/python benchmarks/bench_retrieval.py
+	$(BIN)/python benchmarks/bench_serve.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -27,7 +27,8 @@ def _root() -> None:
 
 # Command modules, in the order their commands appear in --help.
 COMMAND_MODULES = (
-    "demo", "data", "pretrain", "train", "merge", "index", "search", "eval", "eval_cirr", "classify", "models",
+    "demo", "data", "pretrain", "train", "merge", "index", "search", "serve", "eval", "eval_cirr", "classify", "analyze",
+    "models",
 )
 #: The command groups and their help.
 GROUPS = {

@@ -70,7 +70,7 @@ def classify(
     train = overrides.get("train", {})
     if eval_only:
         _eval_only(console, dataset, run_dir, test_missing, data_root, split, train.get("device", "auto"),
-                   eval_batch_size, train.get("num_workers", 0))
+                   eval_batch_size, train.get("num_workers"))
         return
     overrides.update({"missing": missing, "val_missing": val_missing, "test_missing": test_missing,
                       "missing_image": missing_image, "missing_seed": missing_seed,

@@ -38,6 +38,7 @@ def demo(
     console.print(summary["verdict"])
     console.print(summary["chance_note"])
     console.print(f"finished in {data['total_s']:.0f} s; report: [bold]{summary['report']}[/]")
+    console.print(f"browse the CLIP4CIR + MoRA index of the COCO-format images: [bold]{summary['serve_command']}[/]")
 
 
 COMMANDS = {"demo": demo}

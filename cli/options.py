@@ -9,8 +9,18 @@ from typing import Any, Callable, Optional, Sequence
 
 import typer
 
+# mora_retrieval.adapters.list_methods(), written out so that --help imports no torch
+# (tests/test_cli_app.py checks that the two agree).
+METHOD_HELP = ("Adapter method: mora | no_gram | learned_gram | no_shared | no_specific | subtract_base | lora | dora "
+               "| bitfit | full.")
+
 DEVICE_HELP = "auto (cuda:LOCAL_RANK when CUDA is present, else cpu) | cpu | cuda | cuda:N."
 PRECISION_HELP = "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32."
+
+
+WORKERS_HELP = "DataLoader worker processes."
+#: Absent --workers means the engine's rule (mora_retrieval.device.default_num_workers).
+WORKERS_DEFAULT = "auto: on CUDA the free cores (at most 8), on CPU 0"
 
 
 def device_option(**kw) -> typer.models.OptionInfo:
@@ -61,8 +71,7 @@ MODEL_SETTINGS = (
             "`none` for random weights.", "pretrained"),
 )
 ADAPTER_SETTINGS = (
-    Setting("method", "--adapter", str, "mora | lora | dora | bitfit | full | an ablation of MoRA: no_gram, "
-            "learned_gram, no_shared, no_specific, subtract_base.", "adapter.method"),
+    Setting("method", "--adapter", str, METHOD_HELP, "adapter.method"),
     Setting("rank", "--rank", int, "r of the adapter (and r_s, unless --rank-shared).", "adapter.r"),
     Setting("rank_shared", "--rank-shared", int, "r_s of MoRA's shared part.", "adapter.r_shared"),
     Setting("alpha", "--alpha", float, "Low-rank strength α.", "adapter.alpha"),
@@ -79,14 +88,14 @@ TRAINING_SETTINGS = (
     Setting("max_grad_norm", "--max-grad-norm", float, "Clip the gradient norm to this.", "train.max_grad_norm"),
     Setting("patience", "--patience", int, "Early stopping after N epochs without gain.", "train.patience"),
     Setting("max_steps", "--max-steps", int, "Stop after N optimiser steps.", "train.max_steps"),
-    Setting("workers", "--workers", int, "DataLoader worker processes.", "train.num_workers"),
+    Setting("workers", "--workers", int, WORKERS_HELP, "train.num_workers"),
     Setting("device", "--device", str, DEVICE_HELP, "train.device"),
     Setting("precision", "--precision", str, PRECISION_HELP, "train.precision"),
     Setting("seed", "--seed", int, "Training seed (also draws random backbone weights).", "train.seed"),
 )
 #: What the training options default to in every recipe (the recipes' own defaults are in their help).
 TRAINING_DEFAULTS = {"grad_accum": "1", "warmup_ratio": "0.1", "max_grad_norm": "off", "patience": "off",
-                     "max_steps": "off", "workers": "0", "device": "auto", "precision": "auto", "seed": "0"}
+                     "max_steps": "off", "workers": WORKERS_DEFAULT, "device": "auto", "precision": "auto", "seed": "0"}
 
 CONFIG_OPTION = typer.Option(None, "--config", help="JSON/TOML file of settings: any subset of the run's config.json "
                              "keys (command-line options win).")

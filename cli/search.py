@@ -30,6 +30,7 @@ def search_cmd(
 
     from mora_retrieval.errors import MoraError
     from mora_retrieval.retrieval.index import load_index_folder
+    from mora_retrieval.retrieval.queries import query_mode, search_payload
     from mora_retrieval.retrieval.search import search
 
     from .index import load_encoder_from_options
@@ -43,11 +44,9 @@ def search_cmd(
         from mora_retrieval.retrieval.gallery import write_gallery
 
         write_gallery(html_out, hits, image=image, text=text, title=f"{index.name}: top {k}")
-    mode = "composed" if image is not None and text is not None else ("image" if image is not None else "text")
+    mode = query_mode(image is not None, text is not None)
     if as_json:
-        payload = {"index": str(index), "mode": mode, "image": str(image) if image else None, "text": text,
-                   "composed_with": "combiner" if encoder.combiner is not None else "sum",
-                   "results": [h.to_json() for h in hits]}
+        payload = search_payload(str(index), encoder, hits, image=str(image) if image else None, text=text)
         typer.echo(json.dumps(payload, indent=2))
         return
     table = Table("rank", "score", "item", "image id", "categories", title=f"{mode} query, top {len(hits)}")

@@ -9,7 +9,8 @@
    part, each with the recipe's defaults except epochs and batch size, then merges;
 4. builds a FAISS index of the COCO-format val images for the pretrained model and both CIR
    models, and evaluates image-to-image Recall@1/5/10 (text missing) and the CIRR metrics;
-5. trains and tests a missing-modality classifier (MoRA, Food-101 format, ``both:0.7``);
+5. trains and tests a missing-modality classifier (MoRA, Food-101 format, ``both:0.7``) and
+   analyses its embedding space against the pretrained model (``mora-ret analyze``);
 6. runs one composed search (a CIRR val reference + its caption) against the MoRA index;
 7. prints a results table and writes ``report.html`` with the tables, chance levels, training
    curves and the search gallery.
@@ -48,6 +49,7 @@ class DemoSettings:
     combiner_epochs: int = 10
     classify_epochs: int = 10
     classify_batch: int = 64
+    analysis_samples: int = 200
     workers: int = 1
 
     @classmethod
@@ -187,6 +189,14 @@ def _classify(settings: DemoSettings, world, checkpoint: Path, console, quiet: b
     return results
 
 
+def _analyze(settings: DemoSettings, classify: dict, console, quiet: bool):
+    from .analysis import AnalyzeConfig, analyze_run
+
+    _log(console, f"embedding analysis of the classification run (up to {settings.analysis_samples} test samples)")
+    config = AnalyzeConfig(max_samples=settings.analysis_samples, num_workers=settings.workers)
+    return analyze_run(classify["run"], config=config, console=None if quiet else console)
+
+
 def run_demo(settings: DemoSettings, console=None, quiet: bool = False) -> dict[str, Any]:
     """Run every step; return the results and write ``<out>/report.html`` and ``<out>/results.json``."""
     import torch
@@ -212,6 +222,8 @@ def run_demo(settings: DemoSettings, console=None, quiet: bool = False) -> dict[
     clock.lap("index+eval")
     classify = _classify(settings, world, checkpoint, console, quiet)
     clock.lap("classify")
+    analysis = _analyze(settings, classify, console, quiet)
+    clock.lap("analysis")
 
     val = read_json(world["cirr"] / "image_splits" / "split.rc2.val.json", "CIRR split")
     first = read_json(world["cirr"] / "captions" / "cap.rc2.val.json", "CIRR captions")[0]
@@ -221,10 +233,12 @@ def run_demo(settings: DemoSettings, console=None, quiet: bool = False) -> dict[
     clock.lap("search")
 
     summary = _summarise(settings, world, cir, retrieval, classify, query_image, first["caption"], hits, clock)
+    summary["json"]["analysis"] = str(analysis.files["json"])
     write_json(out / "results.json", summary["json"])
     report = _write_report(out / "report.html", summary, cir, retrieval, classify, checkpoint, query_image,
-                           first["caption"], hits)
+                           first["caption"], hits, analysis.section())
     summary["report"] = str(report)
+    summary["serve_command"] = f"mora-ret serve --index {mora_index['index']}"
     return summary
 
 
@@ -277,7 +291,8 @@ def _summarise(settings, world, cir, retrieval, classify, query_image, caption, 
             "coco_chance": coco_chance_row, "verdict": verdict, "chance_note": chance_note}
 
 
-def _write_report(path: Path, summary, cir, retrieval, classify, checkpoint, query_image, caption, hits) -> Path:
+def _write_report(path: Path, summary, cir, retrieval, classify, checkpoint, query_image, caption, hits,
+                  analysis) -> Path:
     from .report import Section, rows_from_metrics, write_report
     from .retrieval.gallery import render_gallery
 
@@ -318,4 +333,5 @@ def _write_report(path: Path, summary, cir, retrieval, classify, checkpoint, que
     gallery = Section("A composed search", notes=[f"Query: {query_image} + \"{caption}\" against the CLIP4CIR + MoRA "
                                                   "index of the COCO-format val images."])
     gallery.embedded_pages.append(render_gallery(hits, image=query_image, text=caption, title="composed search"))
-    return write_report(path, "mora-retrieval demo: the shapes world", [overview, cirr, coco, cls, curves, gallery])
+    return write_report(path, "mora-retrieval demo: the shapes world", [overview, cirr, coco, cls, analysis, curves,
+                                                                              gallery])

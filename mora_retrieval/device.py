@@ -52,6 +52,21 @@ def device_for(spec: str | None, local_rank: int, cuda_count: int, world_size: i
     raise DeviceError(f"unknown device {spec!r} (use auto, cpu, cuda or cuda:N)")
 
 
+def default_num_workers(device_type: str, cores: int, local_world_size: int = 1) -> int:
+    """DataLoader workers for ``num_workers=None``: on CUDA, the cores this process's share of the
+    node leaves after the main process (at most 8), so decoding keeps up with the GPU; on CPU, 0,
+    since workers there take cores from the model itself (and the prepared-image cache leaves them
+    little to do)."""
+    if device_type != "cuda":
+        return 0
+    return max(0, min(8, cores // max(local_world_size, 1) - 1))
+
+
+def available_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def local_rank() -> int:
     """This process's ``LOCAL_RANK`` under torchrun, 0 otherwise."""
     return int(os.environ.get("LOCAL_RANK", 0))

@@ -13,13 +13,19 @@ from safetensors.torch import load_file, save_file
 
 from mora_retrieval.adapters import (
     AdapterConfig,
+    AdapterMethod,
     add_adapters,
     export_checkpoint,
+    get_method,
+    has_adapters,
+    list_methods,
     load_adapters,
     merge_adapters,
     save_adapters,
     trainable_share,
+    unmerge_adapters,
 )
+from mora_retrieval.adapters.methods import register
 from mora_retrieval.errors import AdapterError
 
 LOW_RANK = ["mora", "no_gram", "learned_gram", "no_shared", "no_specific", "subtract_base", "lora", "dora"]
@@ -32,12 +38,16 @@ def _col(x):
     return torch.linalg.vector_norm(x, dim=0).clamp(min=1e-5)
 
 
+def _row(x):
+    return torch.linalg.vector_norm(x, dim=1).clamp(min=1e-5)
+
+
 def reference_weight(method, w0, t, s_own, s_other, gram, alpha, r):
     """W' written straight from the formulas, in float64."""
     w0 = w0.double()
     if method in ("lora", "dora"):
         w = w0 + (alpha / r) * (t["B"].double() @ t["A"].double())
-        return w if method == "lora" else t["m"].double()[None, :] * w / _col(w)[None, :]
+        return w if method == "lora" else t["m"].double()[:, None] * w / _row(w)[:, None]
     s = s_own.double()
     if method == "no_gram":
         delta_s = s.T @ s
@@ -339,6 +349,19 @@ def test_load_rejects_missing_extra_misshapen_and_corrupt_tensors(saved):
         load_adapters(copy.deepcopy(fresh), folder)
 
 
+def test_dora_records_its_row_magnitudes_and_refuses_column_ones(tiny_model, tmp_path):
+    fresh = copy.deepcopy(tiny_model.model)
+    add_adapters(tiny_model.model, AdapterConfig(method="dora", targets=("q",), layers=1))
+    folder = save_adapters(tiny_model.model, tmp_path / "ad", arch="mora-tiny")
+    config = folder / "adapter_config.json"
+    meta = json.loads(config.read_text())
+    assert meta["dora_magnitude"] == "row"
+    del meta["dora_magnitude"]  # as written before DoRA followed PEFT
+    config.write_text(json.dumps(meta))
+    with pytest.raises(AdapterError, match="older toolkit.*not one per input column"):
+        load_adapters(fresh, folder)
+
+
 def test_load_rejects_missing_folder_and_bad_config(tmp_path, tiny_model):
     with pytest.raises(AdapterError, match="adapter folder not found"):
         load_adapters(tiny_model.model, tmp_path / "nope")
@@ -369,3 +392,66 @@ def test_merging_a_copy_leaves_the_original_working(tiny_model):
     merge_adapters(copy.deepcopy(model))
     for a, b in zip(before, _outputs(model)):
         torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------------------- registry
+def test_registry_names_every_method_once_and_refuses_unknown_or_repeated_ones():
+    assert list_methods() == tuple(ALL_METHODS)
+    with pytest.raises(AdapterError, match="unknown adapter method 'loha' \\(choose from mora, no_gram, .*, full\\)"):
+        get_method("loha")
+    with pytest.raises(ValueError, match="registered twice"):
+        register(AdapterMethod("mora"))
+    assert get_method("lora").alpha(None, 8) == 8.0 and get_method("mora").alpha(None, 8) == 0.01
+    assert get_method("dora").alpha(0.5, 8) == 0.5
+
+
+# ------------------------------------------------------------------------------- safe merge, unmerge
+def _poison(model, suffix):
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if n.endswith(suffix)).fill_(float("nan"))
+
+
+@pytest.mark.parametrize("method, suffix, culprit", [
+    ("dora", "projections.q.B", "visual.transformer.resblocks.3.attn.in_proj_weight"),
+    ("bitfit", "resblocks.3.attn.out_proj.bias", "visual.transformer.resblocks.3.attn.out_proj.bias"),
+])
+def test_non_finite_merge_fails_naming_the_weight_and_leaves_the_model_adapted(tiny_model, method, suffix, culprit):
+    model = add_adapters(tiny_model.model, AdapterConfig(method=method, targets=("q",), layers=1))
+    _poison(model, suffix)
+    keys = set(model.state_dict())
+    with pytest.raises(AdapterError, match=f"NaN or inf in {culprit}"):
+        merge_adapters(model)
+    assert has_adapters(model) and set(model.state_dict()) == keys
+
+
+def test_load_refuses_non_finite_tensors_before_touching_the_model(saved):
+    fresh, folder = saved
+    tensors = load_file(str(folder / "adapter.safetensors"))
+    tensors["text.2.v.m_shared"][3] = float("inf")
+    save_file(tensors, str(folder / "adapter.safetensors"))
+    with pytest.raises(AdapterError, match="adapter.safetensors: tensor text.2.v.m_shared holds NaN or inf"):
+        load_adapters(fresh, folder)
+    assert not has_adapters(fresh)
+
+
+@pytest.mark.parametrize("method", ["mora", "learned_gram", "dora", "bitfit"])
+def test_unmerge_restores_the_adapted_model_without_reloading(tiny_model, tmp_path, method):
+    model = add_adapters(tiny_model.model, AdapterConfig(method=method, targets=("q", "out"), layers=2))
+    _randomise(model)
+    adapted = _outputs(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    before = {k: v.clone() for k, v in load_file(str(save_adapters(model, tmp_path / "a") / "adapter.safetensors")).items()}
+    plain_keys = set(merge_adapters(copy.deepcopy(model)).state_dict())
+
+    merge_adapters(model, reversible=True)
+    assert not has_adapters(model) and set(model.state_dict()) == plain_keys
+    for a, b in zip(adapted, _outputs(model)):
+        assert ((a - b).norm() / a.norm()).item() < 1e-5
+    unmerge_adapters(model)
+    for a, b in zip(adapted, _outputs(model)):
+        torch.testing.assert_close(a, b)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    after = load_file(str(save_adapters(model, tmp_path / "b") / "adapter.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(AdapterError, match="no reversibly merged adapters"):
+        unmerge_adapters(model)

@@ -65,6 +65,35 @@ def test_reference_is_removed_from_the_ranking():
     assert got["recall@1"] == 100.0 and got["recall_subset@1"] == 100.0
 
 
+def test_ties_rank_the_other_image_first_as_clip4cir_counts():
+    """Written from CLIP4Cir's definition: sort the gallery by score, drop the reference, and
+    look for the target among the first K; a tied image listed earlier in the gallery comes first."""
+    names = ["a", "b", "c", "d"]
+    sim = torch.tensor([[1.0, 0.5, 0.5, 0.1]])  # reference a; target c tied with b, which comes first
+    got = cirr_recalls(sim, names, ["a"], ["c"], [["a", "b", "c"]])
+    assert got["recall@1"] == 0.0 and got["recall@5"] == 100.0
+    assert got["recall_subset@1"] == 0.0 and got["recall_subset@2"] == 100.0
+    full, subset = cirr_rankings(sim, names, ["a"], [["a", "c", "b"]])
+    assert full == [["b", "c", "d"]] and subset == [["b", "c"]]
+    # Listed before its tied rival, the target comes first.
+    got = cirr_recalls(sim, names, ["a"], ["b"], [["a", "b", "c"]])
+    assert got["recall@1"] == 100.0 and got["recall_subset@1"] == 100.0
+
+
+def test_recalls_equal_the_recall_of_the_exported_rankings_under_ties():
+    sim, names, refs, targets, members = _random_problem(seed=2, gallery=40, queries=50)
+    sim = torch.randint(0, 4, sim.shape).float()  # mostly ties
+    got = cirr_recalls(sim, names, refs, targets, members)
+    full, subset = cirr_rankings(sim, names, refs, members, top=len(names), subset_top=6)
+    for k in (1, 5, 10, 50):
+        want = 100 * sum(t in ranked[:k] for t, ranked in zip(targets, full)) / len(refs)
+        assert got[f"recall@{k}"] == pytest.approx(want, abs=1e-4), k
+    for k in (1, 2, 3):
+        want = 100 * sum(t in ranked[:k] for t, ranked in zip(targets, subset)) / len(refs)
+        assert got[f"recall_subset@{k}"] == pytest.approx(want, abs=1e-4), k
+    assert all(len(ranked) == len(names) - 1 and r not in ranked for r, ranked in zip(refs, full))
+
+
 def test_rankings_and_submission_format():
     sim, names, refs, targets, members = _random_problem(seed=1, gallery=70, queries=5)
     full, subset = cirr_rankings(sim, names, refs, members)

@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from mora_retrieval_cli.app import app
 
-COMMANDS = ("demo", "data", "pretrain", "train", "merge", "index", "search", "eval", "classify", "predict", "models")
+COMMANDS = ("demo", "data", "pretrain", "train", "merge", "index", "search", "serve", "eval", "classify", "predict",
+            "analyze", "models")
 
 
 def test_help_lists_every_command():
@@ -46,3 +47,10 @@ def test_user_errors_are_one_line_with_status_1(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("error: ") and "adapter folder not found" in lines[-1]
     assert not any("Traceback" in line for line in lines)
+
+
+def test_adapter_help_names_the_registered_methods():
+    from mora_retrieval.adapters import list_methods
+    from mora_retrieval_cli.options import METHOD_HELP
+
+    assert tuple(name.strip(" .") for name in METHOD_HELP.split(":", 1)[1].split("|")) == list_methods()

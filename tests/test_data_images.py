@@ -1,16 +1,23 @@
-"""Image decoding, the bad-image policy and the two preprocessing pipelines."""
+"""Image decoding, the bad-image policy, and preprocessing taken from the model's config."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from mora_retrieval.data.images import (OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, BadImageLog, ImageReader,
-                                        TargetPad, load_image, make_transform,
-                                        require_files, targetpad_transform)
+from mora_retrieval.data.images import (BadImageLog, ImageReader, PreprocessSpec, TargetPad,
+                                        load_image, make_transform, make_uint8_transform, normalize_uint8,
+                                        preprocess_spec, require_files)
 from mora_retrieval.errors import DataError
+
+# CLIP's published normalisation statistics (OpenAI's CLIP repository), written out here so the
+# reference does not take them from the code under test.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _gradient(w: int, h: int) -> Image.Image:
@@ -21,7 +28,8 @@ def _gradient(w: int, h: int) -> Image.Image:
     return Image.fromarray(arr.astype(np.uint8))
 
 
-def _reference_targetpad(img: Image.Image, size: int, ratio: float = 1.25) -> np.ndarray:
+def _reference_targetpad(img: Image.Image, size: int, ratio: float = 1.25, mean=CLIP_MEAN, std=CLIP_STD,
+                         resample=Image.Resampling.BICUBIC) -> np.ndarray:
     """METHOD.md §4 written out step by step with numpy and PIL only."""
     arr = np.asarray(img)
     h, w = arr.shape[:2]
@@ -32,21 +40,22 @@ def _reference_targetpad(img: Image.Image, size: int, ratio: float = 1.25) -> np
         h, w = arr.shape[:2]
     short = min(w, h)
     nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
-    resized = np.asarray(Image.fromarray(arr).resize((nw, nh), Image.Resampling.BICUBIC), dtype=np.float64)
+    resized = np.asarray(Image.fromarray(arr).resize((nw, nh), resample), dtype=np.float64)
     top, left = int(round((nh - size) / 2)), int(round((nw - size) / 2))
     crop = resized[top:top + size, left:left + size] / 255.0
     assert short > 0
-    out = (crop - np.array(OPENAI_DATASET_MEAN)) / np.array(OPENAI_DATASET_STD)
+    out = (crop - np.array(mean)) / np.array(std)
     return out.transpose(2, 0, 1)
 
 
 @pytest.mark.parametrize("w,h", [(100, 40), (30, 90), (50, 45), (64, 64)])
-def test_targetpad_matches_reference(w, h):
+def test_targetpad_matches_reference(w, h, tiny_model):
     img = _gradient(w, h)
-    got = targetpad_transform(32)(img).numpy()
     want = _reference_targetpad(img, 32)
-    assert got.shape == (3, 32, 32)
-    assert np.abs(got - want).max() < 1e-4
+    for transform in (make_transform("targetpad", 32), make_transform(preprocess_spec(tiny_model.model, "targetpad"))):
+        got = transform(img).numpy()
+        assert got.shape == (3, 32, 32)
+        assert np.abs(got - want).max() < 1e-4
 
 
 def test_targetpad_pads_only_wide_images():
@@ -59,17 +68,107 @@ def test_targetpad_pads_only_wide_images():
     assert TargetPad(1.25)(square_ish) is square_ish
 
 
-def test_clip_transform_is_open_clips_eval_transform():
+def test_clip_transform_is_open_clips_eval_transform(tiny_model):
     import open_clip
-    from open_clip.constants import OPENAI_DATASET_MEAN as M, OPENAI_DATASET_STD as S
 
-    assert tuple(M) == OPENAI_DATASET_MEAN and tuple(S) == OPENAI_DATASET_STD
     img = _gradient(70, 40)
-    ours = make_transform("clip", 32)(img)
     theirs = open_clip.image_transform(32, is_train=False)(img)
-    assert torch.equal(ours, theirs)
+    assert torch.equal(make_transform("clip", 32)(img), theirs)
+    assert torch.equal(make_transform(preprocess_spec(tiny_model.model))(img), theirs)
+    assert torch.equal(tiny_model.preprocess(img), theirs)
     with pytest.raises(DataError, match="unknown transform kind 'foo'"):
         make_transform("foo", 32)
+    with pytest.raises(DataError, match="unknown transform kind 'foo'"):
+        preprocess_spec(tiny_model.model, "foo")
+
+
+def _model_with_config(tmp_path, preprocess_cfg: dict):
+    """A tiny open_clip model whose own config (open_clip_config.json, the layout of hub and
+    local models) carries ``preprocess_cfg``. open_clip ignores mean/std in configs added with
+    ``add_model_config``, so the local-dir schema is how a model brings its own statistics."""
+    import json
+    import warnings
+
+    import open_clip
+
+    from mora_retrieval.model.backbone import MODEL_CONFIG_DIR
+
+    model_cfg = json.loads((MODEL_CONFIG_DIR / "mora-tiny.json").read_text())
+    folder = tmp_path / "siglip-like-tiny"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return open_clip.create_model_and_transforms(f"local-dir:{folder}")
+
+
+def test_spec_takes_the_models_own_statistics(tmp_path):
+    cfg = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bilinear", "resize_mode": "squash"}
+    model, _, their_preprocess = _model_with_config(tmp_path, cfg)
+    spec = preprocess_spec(model)
+    assert spec == PreprocessSpec(size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear",
+                                  resize_mode="squash")
+    img = _gradient(70, 40)
+    ours = make_transform(spec)(img)
+    assert torch.equal(ours, their_preprocess(img))
+    # squash: no crop, bilinear; then (x - 0.5) / 0.5, so pixels map to [-1, 1]
+    want = np.asarray(img.resize((32, 32), Image.Resampling.BILINEAR), dtype=np.float64).transpose(2, 0, 1) / 127.5 - 1
+    assert np.abs(ours.numpy() - want).max() < 1e-5
+    # the same model's targetpad: padded, then its own statistics and interpolation
+    pad = preprocess_spec(model, "targetpad")
+    assert pad.targetpad_ratio == 1.25 and pad.mean == (0.5, 0.5, 0.5)
+    wide = _gradient(100, 40)
+    padded = np.asarray(TargetPad(1.25)(wide).resize((32, 32), Image.Resampling.BILINEAR), dtype=np.float64)
+    assert np.abs(make_transform(pad)(wide).numpy() - (padded.transpose(2, 0, 1) / 127.5 - 1)).max() < 1e-5
+    # the default statistics differ: a model's spec is not OpenAI's
+    assert spec.key() != PreprocessSpec(size=32, mean=CLIP_MEAN, std=CLIP_STD).key()
+
+
+@pytest.mark.parametrize("kind", ["clip", "targetpad"])
+def test_shortest_side_spec_matches_reference_with_own_statistics(tmp_path, kind):
+    mean, std = (0.4, 0.45, 0.5), (0.2, 0.25, 0.3)
+    model, _, _ = _model_with_config(tmp_path, {"mean": list(mean), "std": list(std)})
+    spec = preprocess_spec(model, kind)
+    for w, h in [(100, 40), (30, 90), (50, 45)]:
+        img = _gradient(w, h)
+        want = _reference_targetpad(img, 32, ratio=1.25 if kind == "targetpad" else 1e9, mean=mean, std=std)
+        assert np.abs(make_transform(spec)(img).numpy() - want).max() < 1e-4
+
+
+def test_spec_fields_round_trip_and_validate():
+    spec = PreprocessSpec(size=(24, 32), mean=0.5, std=(0.1, 0.2, 0.3), targetpad_ratio=1.25)
+    assert spec.size == (24, 32) and spec.mean == (0.5, 0.5, 0.5)
+    again = PreprocessSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
+    assert again == spec and again.key() == spec.key()
+    assert PreprocessSpec.from_open_clip({"size": 24, "interpolation": "random"}).interpolation == "bicubic"
+    with pytest.raises(DataError, match="std must be positive"):
+        PreprocessSpec(size=8, mean=0.5, std=(0.1, 0.0, 0.1))
+    with pytest.raises(DataError, match="3 values"):
+        PreprocessSpec(size=8, mean=(0.5, 0.5), std=0.5)
+    with pytest.raises(DataError, match="unknown resize mode 'crop'"):
+        PreprocessSpec(size=8, mean=0.5, std=0.5, resize_mode="crop")
+    with pytest.raises(DataError, match="targetpad ratio must be at least 1"):
+        PreprocessSpec(size=8, mean=0.5, std=0.5, targetpad_ratio=0.5)
+
+
+@pytest.mark.parametrize("resize_mode", ["shortest", "longest", "squash"])
+def test_uint8_transform_then_normalize_equals_the_float_transform(resize_mode):
+    spec = PreprocessSpec(size=32, mean=(0.4, 0.45, 0.5), std=(0.2, 0.25, 0.3), resize_mode=resize_mode,
+                          targetpad_ratio=1.25)
+    for w, h in [(100, 40), (30, 90), (64, 64)]:
+        img = _gradient(w, h)
+        pixels = make_uint8_transform(spec)(img)
+        assert pixels.dtype == torch.uint8 and pixels.shape == (3, 32, 32)
+        # the same float32 operations as ToTensor + Normalize: identical, not merely close
+        assert torch.equal(normalize_uint8(pixels, spec.mean, spec.std), make_transform(spec)(img))
+    batch = torch.stack([make_uint8_transform(spec)(_gradient(50, 45))] * 2)
+    ref = normalize_uint8(batch, spec.mean, spec.std)
+    half = normalize_uint8(batch, spec.mean, spec.std, dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and ref.shape == (2, 3, 32, 32)
+    # bfloat16 keeps 8 significant bits (7 stored): round-to-nearest is off by at most 2**-8 relative
+    assert ((half.float() - ref).abs() <= ref.abs() * 2 ** -8).all()
+    with pytest.raises(TypeError, match="uint8"):
+        normalize_uint8(ref, spec.mean, spec.std)
 
 
 def test_load_image_converts_and_reports_errors(tmp_path):

@@ -68,3 +68,13 @@ def test_autocast_helper_on_cpu():
         assert (x @ w).dtype == torch.bfloat16
     with autocast(torch.device("cpu"), "fp32"):
         assert (x @ w).dtype == torch.float32
+
+
+@pytest.mark.parametrize("device,cores,local_world,want", [
+    ("cuda", 16, 1, 8), ("cuda", 16, 2, 7), ("cuda", 4, 1, 3), ("cuda", 2, 2, 0), ("cuda", 1, 1, 0),
+    ("cpu", 16, 1, 0), ("cpu", 2, 1, 0),
+])
+def test_default_workers_rule(device, cores, local_world, want):
+    from mora_retrieval.device import default_num_workers
+
+    assert default_num_workers(device, cores, local_world) == want

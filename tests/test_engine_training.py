@@ -216,6 +216,7 @@ def test_auto_device_and_precision_follow_this_machine(tmp_path):
     else:
         assert task.last_dtype == torch.float32 and task.net[0].weight.device.type == "cpu"
         assert (resolved["device"], resolved["precision"]) == ("cpu", "fp32")
+        assert resolved["num_workers"] == 0  # workers would take the model's cores on CPU
     assert result.history[1]["train_loss"] < result.history[0]["train_loss"]
 
 

@@ -54,9 +54,12 @@ def test_demo_smallest_size_end_to_end(tmp_path):
     out = tmp_path / "demo"
     report = (out / "report.html").read_text()
     for heading in ("CIRR-format validation", "image-to-image retrieval", "Missing-modality classification",
-                    "Training curves", "A composed search", "chance"):
+                    "Training curves", "A composed search", "chance", "Embedding analysis", "Inter-modal distance"):
         assert heading in report
     data = json.loads((out / "results.json").read_text())
+    analysis = json.loads((out / "runs" / "classify-food101" / "analysis" / "analysis.json").read_text())
+    assert data["analysis"].endswith("analysis.json") and analysis["pretrained"].endswith("pretrained.safetensors")
+    assert analysis["drift"]["vision"]["l2"] > 0 and analysis["spectra"]["available"]
     for row in list(data["cirr_val"].values()) + list(data["coco_i2i"].values()):
         assert all(0.0 <= v <= 100.0 for v in row.values())
     assert set(data["cirr_val"]) == {f"{m}, {s}" for m in ("CLIP4CIR (full)", "CLIP4CIR + MoRA")

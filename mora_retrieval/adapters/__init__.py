@@ -4,28 +4,20 @@
 >>> save_adapters(model, "run/adapter", arch="ViT-B-16")
 >>> merged = merge_adapters(model)           # a plain open_clip model again
 >>> export_checkpoint(merged, "merged.safetensors")
+
+The methods are registered strategies (``methods.py``): ``list_methods()`` names them.
 """
 
-from .config import METHODS, PROJECTIONS, AdapterConfig, resolve_layers
-from .inject import add_adapters, adapter_config_of, has_adapters, iter_projection_adapters, trainable_share
-from .io import base_state_dict, load_adapters, read_adapter_config, save_adapters
-from .merge import cached_adapted_weights, export_checkpoint, merge_adapters
+from .config import PROJECTIONS, AdapterConfig, resolve_layers
+from .methods import AdapterMethod, get_method, list_methods
+from . import mora, lora  # registers MoRA and its ablations, then LoRA and DoRA (the listing order)
+from .inject import add_adapters, adapter_config_of, base_state_dict, has_adapters, iter_projection_adapters, trainable_share
+from .io import load_adapters, read_adapter_config, save_adapters
+from .merge import cached_adapted_weights, export_checkpoint, merge_adapters, unmerge_adapters
 
 __all__ = [
-    "METHODS",
-    "PROJECTIONS",
-    "AdapterConfig",
-    "add_adapters",
-    "adapter_config_of",
-    "base_state_dict",
-    "cached_adapted_weights",
-    "export_checkpoint",
-    "has_adapters",
-    "iter_projection_adapters",
-    "load_adapters",
-    "merge_adapters",
-    "read_adapter_config",
-    "resolve_layers",
-    "save_adapters",
-    "trainable_share",
+    "PROJECTIONS", "AdapterConfig", "AdapterMethod", "add_adapters", "adapter_config_of", "base_state_dict",
+    "cached_adapted_weights", "export_checkpoint", "get_method", "has_adapters", "iter_projection_adapters",
+    "list_methods", "load_adapters", "merge_adapters", "read_adapter_config", "resolve_layers", "save_adapters",
+    "trainable_share", "unmerge_adapters",
 ]

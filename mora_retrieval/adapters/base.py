@@ -1,9 +1,9 @@
-"""The strategy interface: one ``ProjectionAdapter`` per adapted square projection.
+"""The projection interface: one ``ProjectionAdapter`` per adapted square projection.
 
-An adapter owns its trainable tensors and a pure weight function ``W' = weight(W0)``. The
-weight is attached to open_clip's attention with ``torch.nn.utils.parametrize`` (see
-``inject.py``), so the model's own forward code runs unchanged and merging is a single
-evaluation of the weight function.
+An adapter owns its trainable tensors and a pure weight function ``W' = weight(W0)`` (which
+adapter a method builds is its registered rule, ``methods.py``). The weight is attached to
+open_clip's attention with ``torch.nn.utils.parametrize`` (``inject.py``), so the model's own
+forward code runs unchanged and merging is a single evaluation of the weight function.
 """
 
 from __future__ import annotations
@@ -13,26 +13,20 @@ from torch import nn
 
 
 def column_norm(weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """L2 norm of each input column of a ``[d_out, d_in]`` weight, clamped below at ``eps``."""
+    """L2 norm of each input column of a ``[d_out, d_in]`` weight, clamped below at ``eps`` (MoRA)."""
     return weight.norm(dim=0).clamp_min(eps)
+
+
+def row_norm(weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """L2 norm of each output row of a ``[d_out, d_in]`` weight, clamped below at ``eps`` (DoRA)."""
+    return weight.norm(dim=1).clamp_min(eps)
 
 
 class ProjectionAdapter(nn.Module):
     """Base class: maps the frozen weight ``W0`` of one projection to its adapted weight."""
 
-    #: ``{file-name suffix: attribute}`` of the tensors saved in ``adapter.safetensors``.
-    tensor_names: dict[str, str] = {}
-
-    def __init__(self, d_out: int, d_in: int):
-        super().__init__()
-        self.d_out = d_out
-        self.d_in = d_in
-
     def forward(self, w0: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
-
-    def named_adapter_tensors(self) -> dict[str, nn.Parameter]:
-        return {suffix: getattr(self, attr) for suffix, attr in self.tensor_names.items()}
 
 
 class AdaptedWeight(nn.Module):
@@ -49,10 +43,6 @@ class AdaptedWeight(nn.Module):
         self.projections = nn.ModuleDict(adapters)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        pieces = []
-        for name, (start, stop) in self.row_blocks.items():
-            block = weight[start:stop]
-            if name in self.projections:
-                block = self.projections[name](block).to(weight.dtype)
-            pieces.append(block)
+        pieces = [self.projections[name](weight[a:b]).to(weight.dtype) if name in self.projections else weight[a:b]
+                  for name, (a, b) in self.row_blocks.items()]
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)

@@ -15,14 +15,18 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..model.backbone import weights_fingerprint
 from ..errors import AdapterError
 from .base import AdaptedWeight, ProjectionAdapter
-from .config import LOW_RANK_METHODS, MORA_METHODS, AdapterConfig, resolve_layers
-from .lora import DoRAAdapter, LoRAAdapter
-from .mora import MoRAAdapter, SharedSlot
+from .config import AdapterConfig, resolve_layers
+from .methods import AdapterMethod, get_method, register
 
 ROOT_ATTR = "mora_adapter"
 QKV = ("q", "k", "v")
+
+# BitFit and full fine-tuning add no modules: they only choose which base tensors train.
+register(AdapterMethod("bitfit", trains_base=lambda name: name.endswith("bias") and not name.startswith("logit_")))
+register(AdapterMethod("full", trains_base=lambda name: not name.startswith("logit_")))
 
 
 class AdapterRoot(nn.Module):
@@ -33,7 +37,7 @@ class AdapterRoot(nn.Module):
         self.config = config
         self.slot_blocks = slots
         self.slots = nn.ModuleDict()
-        self.base_fingerprint: str | None = None  # set for bitfit/full; others hash at save time
+        self.base_fingerprint: str | None = None  # set when the method trains base tensors; others hash at save time
 
 
 def towers(model: nn.Module) -> dict[str, nn.Module]:
@@ -66,16 +70,24 @@ def adapter_config_of(model: nn.Module) -> AdapterConfig:
     return getattr(model, ROOT_ATTR).config
 
 
-def _make_adapter(config: AdapterConfig, w0: torch.Tensor, slot: SharedSlot | None, tower: str) -> ProjectionAdapter:
-    alpha = config.resolved_alpha()
-    if config.method in MORA_METHODS:
-        return MoRAAdapter(w0, config.method, config.r, alpha, slot, tower)
-    if config.method == "lora":
-        return LoRAAdapter(w0, config.r, alpha)
-    return DoRAAdapter(w0, config.r, alpha)
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The backbone's own tensors under their plain open_clip names (adapter tensors left out)."""
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if name.startswith(f"{ROOT_ATTR}."):
+            continue
+        if ".parametrizations." in name:
+            head, _, tail = name.partition(".parametrizations.")
+            attr, _, rest = tail.partition(".")
+            if rest != "original":
+                continue
+            name = f"{head}.{attr}"
+        out[name] = tensor
+    return out
 
 
-def _attach(attn: nn.Module, config: AdapterConfig, slot: SharedSlot | None, tower: str, where: str) -> None:
+def _attach(attn: nn.Module, config: AdapterConfig, slot: nn.Module | None, tower: str, where: str) -> None:
+    make = get_method(config.method).make_projection
     d = attn.out_proj.weight.shape[1]
     w_in = attn.in_proj_weight
     if w_in.shape != (3 * d, d) or attn.out_proj.weight.shape != (d, d):
@@ -84,28 +96,18 @@ def _attach(attn: nn.Module, config: AdapterConfig, slot: SharedSlot | None, tow
             f"{tuple(attn.out_proj.weight.shape)}); MoRA and LoRA here need d x d q/k/v/out"
         )
     qkv = {name: (i * d, (i + 1) * d) for i, name in enumerate(QKV)}
-    in_adapters = {
-        name: _make_adapter(config, w_in.detach()[start:stop], slot, tower)
-        for name, (start, stop) in qkv.items()
-        if name in config.targets
-    }
+    in_adapters = {name: make(w_in.detach()[a:b], config, slot, tower) for name, (a, b) in qkv.items() if name in config.targets}
     if in_adapters:
         parametrize.register_parametrization(attn, "in_proj_weight", AdaptedWeight(qkv, in_adapters))
     if "out" in config.targets:
-        w_out = attn.out_proj.weight.detach()
-        adapter = _make_adapter(config, w_out, slot, tower)
+        adapter = make(attn.out_proj.weight.detach(), config, slot, tower)
         parametrize.register_parametrization(attn.out_proj, "weight", AdaptedWeight({"out": (0, d)}, {"out": adapter}))
 
 
-def freeze_for(model: nn.Module, method: str) -> None:
-    """Set ``requires_grad``: only adapter tensors, or biases (bitfit), or both towers (full)."""
+def freeze_for(model: nn.Module, method: AdapterMethod) -> None:
+    """Set ``requires_grad``: the adapter tensors and the base tensors ``method.trains_base`` names."""
     for name, param in model.named_parameters():
-        if method == "full":
-            param.requires_grad_(not name.startswith("logit_"))
-        elif method == "bitfit":
-            param.requires_grad_(name.endswith("bias") and not name.startswith("logit_"))
-        else:
-            param.requires_grad_(False)
+        param.requires_grad_(method.trains_base is not None and method.trains_base(name))
     if has_adapters(model):
         for _, adapter in iter_projection_adapters(model):
             adapter.requires_grad_(True)
@@ -117,63 +119,54 @@ def add_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
 
     ``bitfit`` and ``full`` add no modules: they only choose what is trainable. Returns ``model``.
     """
+    method = get_method(config.method)
     if has_adapters(model):
         raise AdapterError("the model already has adapters; merge or reload it before adding others")
     tower_modules = towers(model)
-    depth_v = len(tower_modules["visual"].resblocks)
-    depth_t = len(tower_modules["text"].resblocks)
-    slots = resolve_layers(config, depth_v, depth_t)
+    slots = resolve_layers(config, len(tower_modules["visual"].resblocks), len(tower_modules["text"].resblocks))
     root = AdapterRoot(config, slots)
-    if config.method in MORA_METHODS or config.method in LOW_RANK_METHODS:
+    if method.make_projection is not None:
         ref = tower_modules["visual"].resblocks[0].attn.out_proj.weight
-        d_v = tower_modules["visual"].width if hasattr(tower_modules["visual"], "width") else ref.shape[1]
-        d_t = tower_modules["text"].resblocks[0].attn.out_proj.weight.shape[1]
+        d_v, d_t = ref.shape[1], tower_modules["text"].resblocks[0].attn.out_proj.weight.shape[1]
         for j, (vb, tb) in enumerate(slots):
             slot = None
-            if config.uses_shared:
-                slot = SharedSlot(config.method, config.r_shared, d_v, d_t, dtype=ref.dtype, device=ref.device)
+            if method.make_slot is not None:
+                slot = method.make_slot(config, d_v, d_t, dtype=ref.dtype, device=ref.device)
                 root.slots[str(j)] = slot
             for tower, block in (("visual", vb), ("text", tb)):
-                if block is None:
-                    continue
-                where = f"{tower} block {block}"
-                _attach(_attention(tower_modules[tower].resblocks[block], where), config, slot, tower, where)
-    from ..model.backbone import weights_fingerprint
-    from .io import base_state_dict
-
-    if config.method in ("bitfit", "full"):
+                if block is not None:
+                    where = f"{tower} block {block}"
+                    _attach(_attention(tower_modules[tower].resblocks[block], where), config, slot, tower, where)
+    if method.trains_base is not None:
         # These methods train the base tensors themselves: remember what they started from.
         root.base_fingerprint = weights_fingerprint(base_state_dict(model))
     model.add_module(ROOT_ATTR, root)
-    freeze_for(model, config.method)
+    freeze_for(model, method)
     return model
+
+
+def _adapted_weights(model: nn.Module) -> Iterator[tuple[str, int, nn.Module, str]]:
+    """``(tower, block index, module, tensor name)`` of every weight carrying an adapter parametrization."""
+    for tower, module in towers(model).items():
+        for index, block in enumerate(module.resblocks):
+            for owner, attr in ((block.attn, "in_proj_weight"), (block.attn.out_proj, "weight")):
+                if parametrize.is_parametrized(owner, attr):
+                    yield tower, index, owner, attr
 
 
 def iter_projection_adapters(model: nn.Module) -> Iterator[tuple[str, ProjectionAdapter]]:
     """Yield ``("{tower}.{block}.{proj}", adapter)`` for every adapted projection, in a stable order."""
-    for tower, module in towers(model).items():
-        for index, block in enumerate(module.resblocks):
-            attn = block.attn
-            found: dict[str, ProjectionAdapter] = {}
-            if parametrize.is_parametrized(attn, "in_proj_weight"):
-                for p in attn.parametrizations["in_proj_weight"]:
-                    found.update(p.projections.items())
-            if parametrize.is_parametrized(attn.out_proj, "weight"):
-                for p in attn.out_proj.parametrizations["weight"]:
-                    found.update(p.projections.items())
-            for proj in ("q", "k", "v", "out"):
-                if proj in found:
-                    yield f"{tower}.{index}.{proj}", found[proj]
+    for tower, index, owner, attr in _adapted_weights(model):
+        for weight in owner.parametrizations[attr]:
+            for proj, adapter in weight.projections.items():
+                yield f"{tower}.{index}.{proj}", adapter
 
 
-def parametrized_weights(model: nn.Module) -> Iterator[tuple[nn.Module, str]]:
-    """Yield ``(module, tensor_name)`` for every weight carrying an adapter parametrization."""
-    for module in towers(model).values():
-        for block in module.resblocks:
-            if parametrize.is_parametrized(block.attn, "in_proj_weight"):
-                yield block.attn, "in_proj_weight"
-            if parametrize.is_parametrized(block.attn.out_proj, "weight"):
-                yield block.attn.out_proj, "weight"
+def parametrized_weights(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
+    """Yield ``(state-dict name, module, tensor name)`` for every weight carrying an adapter parametrization."""
+    names = {id(module): name for name, module in model.named_modules()}
+    for _, _, owner, attr in _adapted_weights(model):
+        yield f"{names[id(owner)]}.{attr}", owner, attr
 
 
 def trainable_share(*modules: nn.Module) -> tuple[int, int, float]:

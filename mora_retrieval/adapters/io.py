@@ -5,7 +5,7 @@ Tensor names are a public contract:
 * ``shared.{slot}.vision`` ``[r_s, d_v]``, ``shared.{slot}.text`` ``[r_s, d_t]`` (and
   ``shared.{slot}.gram`` ``[r_s, r_s]`` for ``learned_gram``);
 * ``{tower}.{block}.{proj}.A`` ``[r, d_in]``, ``.B`` ``[d_out, r]``, ``.m_specific``, ``.m_shared``
-  ``[d_in]`` (MoRA), ``.A``/``.B`` (LoRA) and ``.m`` (DoRA); ``tower`` is ``visual`` or ``text``,
+  ``[d_in]`` (MoRA), ``.A``/``.B`` (LoRA) and ``.m`` ``[d_out]`` (DoRA); ``tower`` is ``visual`` or ``text``,
   ``block`` the block index in that tower, ``proj`` one of ``q``, ``k``, ``v``, ``out``;
 * ``bitfit`` and ``full`` store the trained base tensors as ``base.{open_clip state-dict name}``.
 
@@ -26,57 +26,30 @@ from ..model.backbone import weights_fingerprint
 from ..errors import AdapterError
 from ..fileio import load_tensors, read_json, save_tensors, write_json
 from .config import AdapterConfig
-from .inject import ROOT_ATTR, add_adapters, adapter_config_of, iter_projection_adapters, towers
+from .inject import ROOT_ATTR, add_adapters, adapter_config_of, base_state_dict, iter_projection_adapters, towers
+from .methods import get_method
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
 FORMAT = "mora-retrieval-adapter"
 
 
-def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The backbone's own tensors under their plain open_clip names (adapter tensors left out)."""
-    out = {}
-    for name, tensor in model.state_dict().items():
-        if name.startswith(f"{ROOT_ATTR}."):
-            continue
-        if ".parametrizations." in name:
-            head, _, tail = name.partition(".parametrizations.")
-            attr, _, rest = tail.partition(".")
-            if rest != "original":
-                continue
-            name = f"{head}.{attr}"
-        out[name] = tensor
-    return out
-
-
 def tower_shapes(model: nn.Module) -> dict[str, list[int]]:
     """``{"visual": [width, depth], "text": [width, depth]}``."""
-    shapes = {}
-    for tower, module in towers(model).items():
-        width = module.resblocks[0].attn.out_proj.weight.shape[1]
-        shapes[tower] = [int(width), len(module.resblocks)]
-    return shapes
+    return {tower: [int(m.resblocks[0].attn.out_proj.weight.shape[1]), len(m.resblocks)] for tower, m in towers(model).items()}
 
 
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under their public names."""
-    config = adapter_config_of(model)
-    root = getattr(model, ROOT_ATTR)
+    """The adapter's tensors under their public names: the method's parts and the base tensors it trains."""
+    method = get_method(adapter_config_of(model).method)
     tensors: dict[str, torch.Tensor] = {}
-    if config.method in ("bitfit", "full"):
+    if method.trains_base is not None:
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        for name, tensor in base_state_dict(model).items():
-            if name in trainable:
-                tensors[f"base.{name}"] = tensor
-        return tensors
-    for slot, module in root.slots.items():
-        tensors[f"shared.{slot}.vision"] = module.vision
-        tensors[f"shared.{slot}.text"] = module.text
-        if hasattr(module, "gram"):
-            tensors[f"shared.{slot}.gram"] = module.gram
+        tensors.update({f"base.{n}": t for n, t in base_state_dict(model).items() if n in trainable})
+    for slot, module in getattr(model, ROOT_ATTR).slots.items():
+        tensors.update({f"shared.{slot}.{part}": getattr(module, part) for part in method.shared})
     for prefix, adapter in iter_projection_adapters(model):
-        for suffix, tensor in adapter.named_adapter_tensors().items():
-            tensors[f"{prefix}.{suffix}"] = tensor
+        tensors.update({f"{prefix}.{part}": getattr(adapter, part) for part in method.specific + method.magnitudes})
     return tensors
 
 
@@ -85,6 +58,7 @@ def save_adapters(model: nn.Module, folder: str | Path, arch: str | None = None,
     folder = Path(folder)
     config = adapter_config_of(model)
     root = getattr(model, ROOT_ATTR)
+    convention = get_method(config.method).convention
     meta = {
         "format": FORMAT,
         "format_version": 1,
@@ -95,6 +69,7 @@ def save_adapters(model: nn.Module, folder: str | Path, arch: str | None = None,
         "tower_shapes": tower_shapes(model),
         "base_fingerprint": root.base_fingerprint or weights_fingerprint(base_state_dict(model)),
         "slots": [list(pair) for pair in root.slot_blocks],
+        **({convention[0]: convention[1]} if convention else {}),
         **(extra or {}),
     }
     save_tensors(folder / WEIGHTS_FILE, adapter_tensors(model), metadata={"format": FORMAT})
@@ -119,48 +94,41 @@ def load_adapters(
     """Inject the adapters described in ``folder`` into a plain ``model`` and load their tensors.
 
     Fails with :class:`AdapterError` (one line) when the folder belongs to another backbone
-    (architecture, tower shapes or base-weight fingerprint), when tensors are missing, extra or
-    of the wrong shape, or when a file is corrupted.
+    (architecture, tower shapes or base-weight fingerprint) or to another convention of its
+    method, when tensors are missing, extra, of the wrong shape or not finite, or when a file
+    is corrupted.
     """
     folder = Path(folder)
     meta = read_adapter_config(folder)
     if arch and meta.get("arch") and meta["arch"] != arch:
         raise AdapterError(f"{folder}: adapter made for {meta['arch']}, but the model is {arch}")
-    shapes = tower_shapes(model)
-    if meta.get("tower_shapes") and meta["tower_shapes"] != shapes:
-        raise AdapterError(
-            f"{folder}: adapter made for towers {meta['tower_shapes']} (width, depth), but the model has {shapes}"
-        )
+    if meta.get("tower_shapes") and meta["tower_shapes"] != (shapes := tower_shapes(model)):
+        raise AdapterError(f"{folder}: adapter made for towers {meta['tower_shapes']} (width, depth), but the model has {shapes}")
     if check_fingerprint and meta.get("base_fingerprint"):
-        found = weights_fingerprint(base_state_dict(model))
-        if found != meta["base_fingerprint"]:
-            raise AdapterError(
-                f"{folder}: adapter made for base weights {meta['base_fingerprint']}, but these weights are "
-                f"{found} (another checkpoint; pass the backbone it was trained on)"
-            )
+        if (found := weights_fingerprint(base_state_dict(model))) != meta["base_fingerprint"]:
+            raise AdapterError(f"{folder}: adapter made for base weights {meta['base_fingerprint']}, but these weights are "
+                               f"{found} (another checkpoint; pass the backbone it was trained on)")
     try:
         config = AdapterConfig.from_dict(meta["adapter"])
     except (TypeError, ValueError) as exc:
         raise AdapterError(f"{folder / CONFIG_FILE}: invalid adapter settings ({exc})") from None
+    key, value, meaning = get_method(config.method).convention or (None, None, None)
+    if key and meta.get(key) != value:
+        raise AdapterError(f"{folder / CONFIG_FILE}: {config.method} adapter written by an older toolkit "
+                           f"({key} is {meta.get(key)!r}, expected {value!r}): {meaning}; train it again")
     stored = load_tensors(folder / WEIGHTS_FILE, "adapter weights", error=AdapterError)
+    bad = next((name for name, value in stored.items() if not torch.isfinite(value).all()), None)
+    if bad is not None:
+        raise AdapterError(f"{folder / WEIGHTS_FILE}: tensor {bad} holds NaN or inf values")
     add_adapters(model, config)
     expected = adapter_tensors(model)
-    missing = sorted(set(expected) - set(stored))
-    extra = sorted(set(stored) - set(expected))
-    if missing or extra:
-        detail = "; ".join(
-            part for part in (
-                f"missing {len(missing)}: {', '.join(missing[:3])}" if missing else "",
-                f"unexpected {len(extra)}: {', '.join(extra[:3])}" if extra else "",
-            ) if part
-        )
+    mismatch = {"missing": sorted(set(expected) - set(stored)), "unexpected": sorted(set(stored) - set(expected))}
+    if any(mismatch.values()):
+        detail = "; ".join(f"{kind} {len(names)}: {', '.join(names[:3])}" for kind, names in mismatch.items() if names)
         raise AdapterError(f"{folder / WEIGHTS_FILE}: tensors do not match the adapter config ({detail})")
     with torch.no_grad():
         for name, target in expected.items():
-            value = stored[name]
-            if tuple(value.shape) != tuple(target.shape):
-                raise AdapterError(
-                    f"{folder / WEIGHTS_FILE}: tensor {name} has shape {tuple(value.shape)}, expected {tuple(target.shape)}"
-                )
-            target.copy_(value.to(target.dtype))
+            if (shape := tuple(stored[name].shape)) != tuple(target.shape):
+                raise AdapterError(f"{folder / WEIGHTS_FILE}: tensor {name} has shape {shape}, expected {tuple(target.shape)}")
+            target.copy_(stored[name].to(target.dtype))
     return model

@@ -1,9 +1,12 @@
-"""Fold adapters into plain weights and export open_clip checkpoints.
+"""Fold adapters into plain weights (and back) and export open_clip checkpoints.
 
 ``merge_adapters`` evaluates every weight function once and writes the result into the base
 weight (the parametrization is dropped and the module gets its own class back), then removes
 the adapter root: what is left is the open_clip model class of the original architecture,
-with no adapter modules or parametrizations, hence no inference overhead.
+with no adapter modules or parametrizations, hence no inference overhead. As PEFT's safe merge,
+it checks every merged weight for NaN and inf first. With ``reversible=True`` it keeps the
+adapters and base weights outside the state dict, so ``unmerge_adapters`` restores the adapted
+model without reloading it (as PEFT's ``merge_adapter`` / ``unmerge_adapter``).
 """
 
 from __future__ import annotations
@@ -16,14 +19,19 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..model.backbone import load_backbone, weights_fingerprint
 from ..errors import AdapterError
 from ..fileio import atomic_write, save_tensors
-from .inject import ROOT_ATTR, has_adapters, parametrized_weights
+from .inject import ROOT_ATTR, freeze_for, has_adapters, parametrized_weights
+from .io import load_adapters, read_adapter_config
+from .methods import get_method
+
+UNMERGE_ATTR = "_mora_unmerge"  # (adapter root, folded weights): a plain attribute, outside the state dict
 
 
 @torch.no_grad()
-def _fold(module: nn.Module, name: str) -> None:
-    """Replace a parametrized tensor by its current value without touching shared classes.
+def _fold(module: nn.Module, name: str, value: torch.Tensor) -> tuple | None:
+    """Replace a parametrized tensor by ``value`` without touching shared classes; returns what undoes it.
 
     ``parametrize.remove_parametrizations`` deletes the property from the module's generated
     class, which ``copy.deepcopy`` shares between copies: merging a copy would break the
@@ -32,27 +40,52 @@ def _fold(module: nn.Module, name: str) -> None:
     parametrizations = module.parametrizations
     if len(parametrizations) > 1:  # not produced by add_adapters; use torch's own removal
         parametrize.remove_parametrizations(module, name, leave_parametrized=True)
-        return
-    original = parametrizations[name].original
-    value = getattr(module, name).detach().to(original.dtype).clone()
+        return None
+    original, parametrized_class = parametrizations[name].original, type(module)
     module.__class__ = parametrize.type_before_parametrizations(module)
     del module._modules["parametrizations"]
-    module.register_parameter(name, nn.Parameter(value, requires_grad=original.requires_grad))
+    module.register_parameter(name, nn.Parameter(value.to(original.dtype).clone(), requires_grad=original.requires_grad))
+    return module, name, parametrized_class, parametrizations
 
 
 @torch.no_grad()
-def merge_adapters(model: nn.Module) -> nn.Module:
+def merge_adapters(model: nn.Module, reversible: bool = False) -> nn.Module:
     """Fold the adapters into the base weights, in place; returns the now plain model.
 
     A model without adapters (or trained with ``bitfit``/``full``) is returned as it is, with
     its adapter root removed. All parameters end up trainable again, like a fresh open_clip model.
+    A merged weight with NaN or inf raises :class:`AdapterError` and leaves the model unmerged.
     """
-    for module, name in list(parametrized_weights(model)):
-        _fold(module, name)
+    merged = [(qualified, module, name, getattr(module, name).detach()) for qualified, module, name in parametrized_weights(model)]
+    checked = [(qualified, value) for qualified, _, _, value in merged]
+    if has_adapters(model):  # with bitfit/full, the trained base tensors are the merged weights
+        checked += [(n, p) for n, p in model.named_parameters() if p.requires_grad and ".parametrizations." not in n]
+    bad = next((qualified for qualified, value in checked if not torch.isfinite(value).all()), None)
+    if bad is not None:
+        raise AdapterError(f"merging gives NaN or inf in {bad}: the adapter is broken (the model is left unmerged)")
+    folded = [undo for undo in (_fold(module, name, value) for _, module, name, value in merged) if undo]
     if has_adapters(model):
+        if reversible:
+            model.__dict__[UNMERGE_ATTR] = (getattr(model, ROOT_ATTR), folded)
         delattr(model, ROOT_ATTR)
     for param in model.parameters():
         param.requires_grad_(True)
+    return model
+
+
+def unmerge_adapters(model: nn.Module) -> nn.Module:
+    """Restore, in place, the adapted model that ``merge_adapters(model, reversible=True)`` merged.
+
+    The merged weights are dropped: changes made to them after merging are lost. Returns ``model``.
+    """
+    if UNMERGE_ATTR not in model.__dict__:
+        raise AdapterError("the model holds no reversibly merged adapters (merge_adapters(model, reversible=True))")
+    root, folded = model.__dict__.pop(UNMERGE_ATTR)
+    for module, name, parametrized_class, parametrizations in folded:
+        module._modules["parametrizations"] = parametrizations.to(module._parameters.pop(name).device)
+        module.__class__ = parametrized_class
+    model.add_module(ROOT_ATTR, root.to(next(model.parameters()).device))
+    freeze_for(model, get_method(root.config.method))
     return model
 
 
@@ -91,21 +124,12 @@ def merge_adapter_folder(
     ``arch`` defaults to the architecture recorded in the adapter config. Returns a summary
     (arch, pretrained, method, fingerprint of the merged weights, output path).
     """
-    from ..model.backbone import load_backbone, weights_fingerprint
-    from .io import load_adapters, read_adapter_config
-
     meta = read_adapter_config(adapter_dir)
     arch = arch or meta.get("arch")
     if not arch:
         raise AdapterError(f"{adapter_dir}: the adapter config names no architecture; pass --model")
     model = load_backbone(arch, pretrained).model
     load_adapters(model, adapter_dir, arch=arch)
-    merged = merge_adapters(model)
-    path = export_checkpoint(merged, out)
-    return {
-        "arch": arch,
-        "pretrained": pretrained,
-        "method": meta["adapter"]["method"],
-        "fingerprint": weights_fingerprint(merged),
-        "checkpoint": str(path),
-    }
+    path = export_checkpoint(merge_adapters(model), out)
+    return {"arch": arch, "pretrained": pretrained, "method": meta["adapter"]["method"],
+            "fingerprint": weights_fingerprint(model), "checkpoint": str(path)}

@@ -22,75 +22,82 @@ import torch
 from torch import nn
 
 from .base import ProjectionAdapter, column_norm
-
-TOWERS = ("visual", "text")
+from .methods import AdapterMethod, register
 
 
 class SharedSlot(nn.Module):
-    """The modality-shared parameters of one layer slot (both towers)."""
+    """The modality-shared parameters of one layer slot (both towers).
 
-    def __init__(self, method: str, r_shared: int, d_vision: int, d_text: int, dtype=None, device=None):
+    ``coupling`` is the ``r_s × r_s`` matrix between ``S_mᵀ`` and ``S_m``: ``"other"`` (the other
+    tower's Gram, MoRA), ``"own"`` (``no_shared``), ``"learned"`` or ``"none"`` (``no_gram``).
+    """
+
+    def __init__(self, coupling: str, r_shared: int, d_vision: int, d_text: int, dtype=None, device=None):
         super().__init__()
-        self.method = method
+        self.coupling_kind = coupling
         std = 1.0 / math.sqrt(r_shared)
         self.vision = nn.Parameter(torch.randn(r_shared, d_vision, dtype=dtype, device=device) * std)
         self.text = nn.Parameter(torch.randn(r_shared, d_text, dtype=dtype, device=device) * std)
-        if method == "learned_gram":
+        if coupling == "learned":
             self.gram = nn.Parameter(torch.eye(r_shared, dtype=dtype, device=device))
 
     def factor(self, tower: str) -> torch.Tensor:
         return self.vision if tower == "visual" else self.text
 
     def coupling(self, tower: str) -> torch.Tensor | None:
-        """The ``r_s × r_s`` matrix between ``S_mᵀ`` and ``S_m`` (None: no Gram, ``no_gram``)."""
-        if self.method == "no_gram":
+        if self.coupling_kind == "none":
             return None
-        if self.method == "learned_gram":
+        if self.coupling_kind == "learned":
             return self.gram
-        source = self.factor(tower) if self.method == "no_shared" else self.factor("text" if tower == "visual" else "visual")
+        source = self.factor(tower if self.coupling_kind == "own" else ("text" if tower == "visual" else "visual"))
         return source @ source.T
 
     def delta(self, tower: str) -> torch.Tensor:
         """``ΔS`` for ``tower``: a ``d × d`` matrix in that tower's width."""
-        s = self.factor(tower)
-        middle = self.coupling(tower)
+        s, middle = self.factor(tower), self.coupling(tower)
         return s.T @ s if middle is None else s.T @ middle @ s
 
 
 class MoRAAdapter(ProjectionAdapter):
     """One adapted projection of MoRA (or of one of its ablations)."""
 
-    def __init__(self, w0: torch.Tensor, method: str, r: int, alpha: float, slot: SharedSlot, tower: str):
+    def __init__(self, w0: torch.Tensor, r: int, alpha: float, slot: SharedSlot, tower: str,
+                 specific: bool = True, subtract_base: bool = False):
         d_out, d_in = w0.shape
         if d_out != d_in:
             raise ValueError(f"MoRA needs square projections, got {d_out}x{d_in}")
-        super().__init__(d_out, d_in)
-        self.method = method
-        self.alpha = alpha
-        self.tower = tower
+        super().__init__()
+        self.alpha, self.tower, self.specific, self.subtract_base = alpha, tower, specific, subtract_base
         # The slot is owned by the model's adapter root; keep an unregistered reference so its
         # parameters are not duplicated in every projection's state.
         object.__setattr__(self, "_slot", slot)
         magnitude = column_norm(w0.detach()).clone()
-        names = {"m_shared": "m_shared"}
-        if method != "no_specific":
+        if specific:
             self.A = nn.Parameter(torch.randn(r, d_in, dtype=w0.dtype, device=w0.device) / math.sqrt(r))
             self.B = nn.Parameter(torch.zeros(d_out, r, dtype=w0.dtype, device=w0.device))
             self.m_specific = nn.Parameter(magnitude.clone())
-            names = {"A": "A", "B": "B", "m_specific": "m_specific", **names}
         self.m_shared = nn.Parameter(magnitude)
-        self.tensor_names = names
-
-    @property
-    def slot(self) -> SharedSlot:
-        return self._slot
 
     def forward(self, w0: torch.Tensor) -> torch.Tensor:
-        shared = w0 + self.alpha * self.slot.delta(self.tower)
+        shared = w0 + self.alpha * self._slot.delta(self.tower)
         out = self.m_shared * (shared / column_norm(shared))
-        if self.method != "no_specific":
+        if self.specific:
             specific = w0 + self.alpha * (self.B @ self.A)
             out = out + self.m_specific * (specific / column_norm(specific))
-        if self.method == "subtract_base":
-            out = out - w0
-        return out
+        return out - w0 if self.subtract_base else out
+
+
+def _register(name: str, coupling: str = "other", specific: bool = True, subtract_base: bool = False) -> None:
+    register(AdapterMethod(
+        name, default_alpha=0.01, shared=("vision", "text") + (("gram",) if coupling == "learned" else ()),
+        specific=("A", "B") if specific else (), magnitudes=("m_specific", "m_shared") if specific else ("m_shared",),
+        make_projection=lambda w0, c, slot, tower: MoRAAdapter(w0, c.r, c.resolved_alpha(), slot, tower, specific, subtract_base),
+        make_slot=lambda c, d_vision, d_text, **kw: SharedSlot(coupling, c.r_shared, d_vision, d_text, **kw)))
+
+
+_register("mora")
+_register("no_gram", coupling="none")
+_register("learned_gram", coupling="learned")
+_register("no_shared", coupling="own")
+_register("no_specific", specific=False)
+_register("subtract_base", subtract_base=True)

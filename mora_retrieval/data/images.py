@@ -8,29 +8,42 @@ dataset's ``bad_images`` log (``.count``, ``.paths``) and a warning is logged. B
 datasets with :func:`~mora_retrieval.data.collate.collate_skip_none`. With DataLoader workers each worker keeps its own log
 copy; the warnings still reach the log output.
 
-Preprocessing. ``make_transform("clip", size)`` is open_clip's eval transform (resize the short
-side, bicubic; centre crop; CLIP mean/std). ``make_transform("targetpad", size)`` is CLIP4CIR's
-"targetpad" (METHOD.md §4): images whose aspect ratio is at least ``ratio`` (1.25) are first
-padded symmetrically with black up to ``long_side / ratio`` on the short side, then processed as
-above.
+Preprocessing comes from the model. :func:`preprocess_spec` reads a model's open_clip
+preprocessing config (``model.visual.preprocess_cfg``: size, mean, std, interpolation, resize
+mode) into a frozen :class:`PreprocessSpec`; kind ``"targetpad"`` adds CLIP4CIR's targetpad
+(METHOD.md §4): images whose aspect ratio is at least ``ratio`` (1.25) are first padded
+symmetrically with black up to ``long_side / ratio`` on the short side. :func:`make_transform`
+turns a spec into open_clip's own eval transform (targetpad in front when asked), and
+:func:`make_uint8_transform` into the same pipeline stopped before the float conversion and
+normalisation (what the prepared-image cache stores, see :mod:`.prepared`).
+``make_transform("clip" | "targetpad", size)`` (the older form) uses open_clip's default
+statistics (OpenAI's), whatever the model.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import numpy as np
+import open_clip
+import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 from PIL import Image
+from torchvision.transforms import Compose, Normalize, ToTensor
 
 from ..errors import DataError
 
-# CLIP's normalisation constants (the same numbers as open_clip.constants).
-OPENAI_DATASET_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_DATASET_STD = (0.26862954, 0.26130258, 0.27577711)
 TRANSFORM_KINDS = ("clip", "targetpad")
+#: CLIP4CIR's targetpad ratio (METHOD.md §4).
+TARGETPAD_RATIO = 1.25
+INTERPOLATIONS = ("bicubic", "bilinear")
+RESIZE_MODES = ("shortest", "longest", "squash")
 
 _log = logging.getLogger(__name__)
 
@@ -125,7 +138,7 @@ def require_dir(path: str | os.PathLike, what: str) -> Path:
 class TargetPad:
     """Pad the short side with black so that ``long / short <= ratio`` (no-op below ``ratio``)."""
 
-    ratio: float = 1.25
+    ratio: float = TARGETPAD_RATIO
 
     def __call__(self, image: Image.Image) -> Image.Image:
         w, h = image.size
@@ -141,35 +154,155 @@ class TargetPad:
         return canvas
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    return image.convert("RGB") if image.mode != "RGB" else image
+def _triple(values: Any, what: str) -> tuple[float, float, float]:
+    values = (values,) * 3 if isinstance(values, (int, float)) else tuple(values)
+    if len(values) != 3:
+        raise DataError(f"preprocessing {what} needs 3 values (one per RGB channel), got {list(values)}")
+    return tuple(float(v) for v in values)  # type: ignore[return-value]
 
 
-def targetpad_transform(
-    image_size: int,
-    ratio: float = 1.25,
-    mean: Sequence[float] = OPENAI_DATASET_MEAN,
-    std: Sequence[float] = OPENAI_DATASET_STD,
-) -> Callable[[Image.Image], Any]:
-    """CLIP4CIR's targetpad preprocessing (METHOD.md §4) as a torchvision Compose."""
-    from torchvision import transforms as T
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """A model's eval preprocessing as plain data, plus CLIP4CIR's targetpad when asked.
 
-    return T.Compose([
-        TargetPad(ratio),
-        T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
-        T.CenterCrop(image_size),
-        _to_rgb,
-        T.ToTensor(),
-        T.Normalize(mean, std),
-    ])
+    ``size`` is ``(height, width)`` (an int means a square). ``targetpad_ratio`` is None for
+    open_clip's plain eval transform. :meth:`key` hashes every field: two specs with equal keys
+    give the same pixels.
+    """
+
+    size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+    fill_color: int = 0
+    targetpad_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        size = (self.size, self.size) if isinstance(self.size, int) else tuple(int(s) for s in self.size)
+        if len(size) != 2 or min(size) < 1:
+            raise DataError(f"preprocessing size must be a positive int or (height, width), got {self.size!r}")
+        object.__setattr__(self, "size", size)
+        object.__setattr__(self, "mean", _triple(self.mean, "mean"))
+        object.__setattr__(self, "std", _triple(self.std, "std"))
+        if min(self.std) <= 0:
+            raise DataError(f"preprocessing std must be positive, got {list(self.std)}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise DataError(f"unknown interpolation {self.interpolation!r} (expected one of: {', '.join(INTERPOLATIONS)})")
+        if self.resize_mode not in RESIZE_MODES:
+            raise DataError(f"unknown resize mode {self.resize_mode!r} (expected one of: {', '.join(RESIZE_MODES)})")
+        if self.targetpad_ratio is not None and not self.targetpad_ratio >= 1.0:
+            raise DataError(f"targetpad ratio must be at least 1, got {self.targetpad_ratio}")
+
+    @classmethod
+    def from_open_clip(cls, cfg: Mapping[str, Any] | PreprocessCfg, targetpad_ratio: float | None = None) -> "PreprocessSpec":
+        """From an open_clip preprocessing config (a ``PreprocessCfg`` or its dict; open_clip's
+        defaults fill the missing keys). Eval treats interpolation ``"random"`` as bicubic, as
+        open_clip does."""
+        full = merge_preprocess_dict(PreprocessCfg(), dict(cfg) if isinstance(cfg, Mapping) else asdict(cfg))
+        interpolation = "bicubic" if full["interpolation"] == "random" else full["interpolation"]
+        return cls(size=full["size"], mean=full["mean"], std=full["std"], interpolation=interpolation,
+                   resize_mode=full["resize_mode"], fill_color=int(full["fill_color"]), targetpad_ratio=targetpad_ratio)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "PreprocessSpec":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    def key(self) -> str:
+        """SHA-256 (hex) of the fields: equal keys, equal preprocessing."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+    def open_clip_cfg(self) -> PreprocessCfg:
+        """The open_clip config of everything but the targetpad."""
+        return PreprocessCfg(size=self.size, mean=self.mean, std=self.std, interpolation=self.interpolation,
+                             resize_mode=self.resize_mode, fill_color=self.fill_color)
 
 
-def make_transform(kind: str, image_size: int) -> Callable[[Image.Image], Any]:
-    """``"clip"``: open_clip's eval transform; ``"targetpad"``: :func:`targetpad_transform`."""
-    if kind == "clip":
-        import open_clip
+def check_transform_kind(kind: str) -> str:
+    if kind not in TRANSFORM_KINDS:
+        raise DataError(f"unknown transform kind {kind!r} (expected one of: {', '.join(TRANSFORM_KINDS)})")
+    return kind
 
-        return open_clip.image_transform(image_size, is_train=False)
-    if kind == "targetpad":
-        return targetpad_transform(image_size)
-    raise DataError(f"unknown transform kind {kind!r} (expected one of: {', '.join(TRANSFORM_KINDS)})")
+
+def preprocess_spec(model: Any, kind: str = "clip", targetpad_ratio: float = TARGETPAD_RATIO) -> PreprocessSpec:
+    """The eval preprocessing of an open_clip ``model`` (its ``visual.preprocess_cfg``).
+
+    ``kind="targetpad"`` adds CLIP4CIR's targetpad with ``targetpad_ratio`` in front.
+    """
+    cfg = dict(open_clip.get_model_preprocess_cfg(model))
+    ratio = targetpad_ratio if check_transform_kind(kind) == "targetpad" else None
+    return PreprocessSpec.from_open_clip(cfg, targetpad_ratio=ratio)
+
+
+def _spec_of(kind: str | PreprocessSpec, image_size: int | None) -> PreprocessSpec:
+    if isinstance(kind, PreprocessSpec):
+        if image_size is not None:
+            raise TypeError("make_transform(spec) takes no image_size: the spec holds the size")
+        return kind
+    if image_size is None:
+        raise TypeError(f"make_transform({kind!r}, image_size) needs the image size")
+    ratio = TARGETPAD_RATIO if check_transform_kind(kind) == "targetpad" else None
+    return PreprocessSpec.from_open_clip({"size": image_size}, targetpad_ratio=ratio)
+
+
+def _pil_steps(spec: PreprocessSpec) -> tuple[list[Callable], ToTensor, Normalize]:
+    """open_clip's eval transform of ``spec`` split into its PIL steps (targetpad first when
+    asked), its ToTensor and its Normalize."""
+    *steps, to_tensor, normalize = image_transform_v2(spec.open_clip_cfg(), is_train=False).transforms
+    if not isinstance(to_tensor, ToTensor) or not isinstance(normalize, Normalize):
+        raise RuntimeError(f"open_clip's eval transform no longer ends with ToTensor, Normalize: {to_tensor}, {normalize}")
+    if spec.targetpad_ratio is not None:
+        steps.insert(0, TargetPad(spec.targetpad_ratio))
+    return steps, to_tensor, normalize
+
+
+def make_transform(kind: str | PreprocessSpec, image_size: int | None = None) -> Callable[[Image.Image], torch.Tensor]:
+    """The eval transform: PIL image -> normalised float ``[3, H, W]`` tensor.
+
+    ``make_transform(spec)`` follows a :class:`PreprocessSpec` (see :func:`preprocess_spec`).
+    ``make_transform("clip" | "targetpad", size)`` is the older form, with open_clip's default
+    (OpenAI) statistics whatever the model.
+    """
+    steps, to_tensor, normalize = _pil_steps(_spec_of(kind, image_size))
+    return Compose([*steps, to_tensor, normalize])
+
+
+class _ToUint8CHW:
+    """PIL RGB image -> contiguous uint8 ``[3, H, W]`` tensor (the pixels, unscaled)."""
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        array = np.asarray(image.convert("RGB") if image.mode != "RGB" else image, dtype=np.uint8)
+        return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+    def __repr__(self) -> str:
+        return "ToUint8CHW()"
+
+
+def make_uint8_transform(spec: PreprocessSpec) -> Callable[[Image.Image], torch.Tensor]:
+    """``spec``'s transform up to, not including, ToTensor and Normalize: PIL image -> uint8
+    ``[3, H, W]``. :func:`normalize_uint8` finishes it (on any device)."""
+    steps, _, _ = _pil_steps(spec)
+    return Compose([*steps, _ToUint8CHW()])
+
+
+def normalize_uint8(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                    dtype: torch.dtype = torch.float32, device: str | torch.device | None = None) -> torch.Tensor:
+    """uint8 images ``[..., 3, H, W]`` -> ``(x / 255 - mean) / std`` as ``dtype``, on ``device``.
+
+    Moved to ``device`` (default: where ``batch`` is) as uint8, a quarter of the float bytes.
+    The float32 arithmetic is torchvision's (``ToTensor`` then ``Normalize``), so on the CPU
+    the result is bit-identical to :func:`make_transform`'s; ``dtype`` (e.g. bfloat16) only
+    rounds the result.
+    """
+    if batch.dtype != torch.uint8:
+        raise TypeError(f"normalize_uint8 expects a uint8 tensor, got {batch.dtype}")
+    if device is not None:
+        batch = batch.to(device, non_blocking=True)
+    out = batch.to(torch.float32).div_(255)
+    out.sub_(torch.as_tensor(mean, dtype=torch.float32, device=out.device).view(-1, 1, 1))
+    out.div_(torch.as_tensor(std, dtype=torch.float32, device=out.device).view(-1, 1, 1))
+    return out if dtype == torch.float32 else out.to(dtype)

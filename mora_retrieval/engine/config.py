@@ -54,7 +54,7 @@ class TrainConfig:
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "bf16" | "fp32"
     seed: int = 0
     patience: int | None = None  # epochs without improvement before stopping; None = off
-    num_workers: int = 0
+    num_workers: int | None = None  # None: mora_retrieval.device.default_num_workers (CUDA: cores - 1, CPU: 0)
     device: str = "auto"  # "auto" (cuda:LOCAL_RANK if available, else cpu) or a torch device
     checkpoint_every: int | None = None  # optimiser steps between mid-epoch checkpoints
     max_grad_norm: float | None = None  # gradient clipping; None = off
@@ -86,7 +86,7 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise TrainingError(f"train config: precision must be one of {', '.join(PRECISIONS)}, "
                                 f"got {self.precision!r}")
-        if self.num_workers < 0:
+        if self.num_workers is not None and self.num_workers < 0:
             raise TrainingError(f"train config: num_workers must be >= 0, got {self.num_workers}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise TrainingError(f"train config: max_grad_norm must be > 0 or None, got {self.max_grad_norm}")

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import Dataset
 
-from ..device import autocast, resolve_device, resolve_precision
+from ..device import autocast, available_cores, default_num_workers, resolve_device, resolve_precision
 from ..errors import TrainingError
 from ..fileio import atomic_write, write_json
 from . import checkpoint as ckpt
@@ -108,6 +108,8 @@ class Trainer:
         self.dist = detect()
         self.device = resolve_device(config.device, self.dist.local_rank)
         self.precision = resolve_precision(config.precision, self.device)
+        self.num_workers = config.num_workers if config.num_workers is not None else default_num_workers(
+            self.device.type, available_cores(), self.dist.world_size)
 
     # ------------------------------------------------------------------ public
     def fit(self, resume: bool = False) -> TrainResult:
@@ -165,8 +167,8 @@ class Trainer:
                 self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=False)
         if self.device.type == "cpu":
-            _leave_cores_for_workers(cfg.num_workers, info.world_size)
-        loader = build_loader(self.dataset, sampler, self.collate_fn, cfg.num_workers,
+            _leave_cores_for_workers(self.num_workers, info.world_size)
+        loader = build_loader(self.dataset, sampler, self.collate_fn, self.num_workers,
                               pin_memory=self.device.type == "cuda")
         self.progress = TrainProgress(self.console, self.quiet, enabled=info.is_main)
         self._last_plot = time.monotonic()
@@ -191,6 +193,7 @@ class Trainer:
         return {
             "train": cfg.to_dict(),
             "resolved": {"device": str(self.device), "precision": self.precision, "world_size": info.world_size,
+                         "num_workers": self.num_workers,
                          "effective_batch_size": cfg.batch_size * cfg.grad_accum * info.world_size,
                          "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps},
             "extra": self.extra_config,
@@ -429,5 +432,4 @@ def _leave_cores_for_workers(num_workers: int, world_size: int) -> None:
 
     if "OMP_NUM_THREADS" in os.environ:
         return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, cores // max(world_size, 1) - num_workers))
+    torch.set_num_threads(max(1, available_cores() // max(world_size, 1) - num_workers))

@@ -1,8 +1,11 @@
 """CIRR metrics (METHOD.md §4): Recall@K with the reference removed, and Recall_subset@K.
 
-Both work on one similarity matrix ``[queries, gallery]``. A target's rank is the number of
-gallery items scoring strictly higher (the query's reference excluded), so ties resolve in
-the target's favour, as a stable sort over a ranking that lists the target first would.
+Both work on one similarity matrix ``[queries, gallery]`` and one ranking: gallery items by
+descending score, ties in gallery order (a stable sort), the query's reference removed. The
+metric counts the items this ranking puts before the target, and the test1 export
+(``cirr_rankings``) writes the same ranking, so a tie never counts in the target's favour
+(as in CLIP4Cir's evaluation) and a validation figure is what the CIRR server would score
+from the exported files.
 """
 
 from __future__ import annotations
@@ -19,6 +22,13 @@ def _index(names: Sequence[str]) -> dict[str, int]:
     return {name: i for i, name in enumerate(names)}
 
 
+def _ranked_before(sim: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``[q, g]`` mask of the items a stable descending sort of each row puts before ``target``."""
+    score = sim.gather(1, target[:, None])
+    earlier = torch.arange(sim.shape[1])[None, :] < target[:, None]
+    return (sim > score) | ((sim == score) & earlier)
+
+
 def cirr_recalls(
     similarity: torch.Tensor,
     gallery_names: Sequence[str],
@@ -27,7 +37,7 @@ def cirr_recalls(
     subset_members: Sequence[Sequence[str]],
 ) -> dict[str, float]:
     """Recall@{1,5,10,50}, Recall_subset@{1,2,3} (percent) and ``avg`` = (R@5 + R_subset@1) / 2."""
-    sim = similarity.detach().float().cpu().clone()
+    sim = similarity.detach().float().cpu()
     q, g = sim.shape
     lookup = _index(gallery_names)
     rows = torch.arange(q)
@@ -36,9 +46,9 @@ def cirr_recalls(
     if (tgt < 0).any():
         missing = target_names[int(torch.nonzero(tgt < 0)[0])]
         raise ValueError(f"target image {missing!r} is not in the gallery")
-    sim[rows, ref] = float("-inf")
-    target_score = sim[rows, tgt]
-    rank = (sim > target_score[:, None]).sum(dim=1)
+    before = _ranked_before(sim, tgt)
+    before[rows, ref] = False
+    rank = before.sum(dim=1)
     out = {f"recall@{k}": 100.0 * (rank < k).float().mean().item() for k in RECALL_KS}
 
     member = torch.zeros(q, g, dtype=torch.bool)
@@ -48,7 +58,7 @@ def cirr_recalls(
                 member[i, lookup[name]] = True
     member[rows, ref] = False
     in_subset = member[rows, tgt]
-    subset_rank = ((sim > target_score[:, None]) & member).sum(dim=1)
+    subset_rank = (before & member).sum(dim=1)
     for k in SUBSET_KS:
         hit = in_subset & (subset_rank < k)
         out[f"recall_subset@{k}"] = 100.0 * hit.float().mean().item()
@@ -64,19 +74,16 @@ def cirr_rankings(
     top: int = 50,
     subset_top: int = 3,
 ) -> tuple[list[list[str]], list[list[str]]]:
-    """Per query: the top ``top`` gallery names (reference removed) and top ``subset_top`` members."""
-    sim = similarity.detach().float().cpu().clone()
+    """Per query: the top ``top`` gallery names and top ``subset_top`` members, reference removed."""
+    sim = similarity.detach().float().cpu()
     lookup = _index(gallery_names)
-    rows = torch.arange(sim.shape[0])
-    ref = torch.tensor([lookup[n] for n in reference_names])
-    sim[rows, ref] = float("-inf")
-    order = sim.argsort(dim=1, descending=True, stable=True)[:, :top]
-    full = [[gallery_names[j] for j in row.tolist()] for row in order]
+    ref = [lookup[n] for n in reference_names]
+    order = sim.argsort(dim=1, descending=True, stable=True)[:, : top + 1].tolist()
+    full = [[gallery_names[j] for j in row if j != r][:top] for row, r in zip(order, ref)]
     subset = []
     for i, members in enumerate(subset_members):
-        kept = [m for m in members if m != reference_names[i] and m in lookup]
-        kept.sort(key=lambda name: -float(sim[i, lookup[name]]))
-        subset.append(kept[:subset_top])
+        kept = sorted({lookup[m] for m in members if m in lookup} - {ref[i]}, key=lambda j: (-float(sim[i, j]), j))
+        subset.append([gallery_names[j] for j in kept[:subset_top]])
     return full, subset
 
 

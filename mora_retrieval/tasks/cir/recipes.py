@@ -79,13 +79,13 @@ def _train_cirr(settings: CIRSettings, resume: bool, console, quiet: bool) -> di
     model = add_adapters(backbone.model, settings.adapter)
     trainable, total, share = trainable_share(model)
     train_set, val_set, train_gallery, val_gallery = _datasets(settings, image_size_of(model))
-    validation = CIRRValidation.from_triplets(val_set, val_gallery, settings.eval_batch_size, settings.stage1.num_workers)
+    validation = CIRRValidation.from_triplets(val_set, val_gallery, settings.eval_batch_size)
     module = CIRStage1(model, backbone.tokenizer, validation)
     extra = {"task": "cir-stage1", "arch": settings.arch, "pretrained": settings.pretrained,
              "adapter": settings.adapter.to_dict()}
     trainer = Trainer(module, settings.stage1, run_dir / STAGE1_DIR, train_set, CaptionCollate(backbone.tokenizer),
                       console=console, quiet=quiet, extra_config=extra)
-    module.precision = trainer.precision
+    module.precision, validation.num_workers = trainer.precision, trainer.num_workers  # as resolved by the engine
     if settings.cache_frozen and not module.enable_prefix_cache(trainer.device) and console is not None and not quiet:
         console.print("[yellow]--cache-frozen: no frozen leading blocks to cache with this adapter method[/]")
     stage1 = trainer.fit(resume=resumable(run_dir / STAGE1_DIR, resume))
@@ -114,7 +114,7 @@ def _train_cirr(settings: CIRSettings, resume: bool, console, quiet: bool) -> di
 
     if settings.stage2 is not None:
         train_split = encode_split(merged, backbone.tokenizer, train_gallery, [r["caption"] for r in train_set.records],
-                                   device, precision, settings.eval_batch_size, settings.stage2.num_workers)
+                                   device, precision, settings.eval_batch_size, trainer.num_workers)
         train_feats = TripletFeatures.from_split(train_split, train_set.records)
         combiner = Combiner(train_feats.reference.shape[1])
         stage2_module = CIRStage2(combiner, validation, val_split.to("cpu"))

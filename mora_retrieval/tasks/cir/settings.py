@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ...adapters import AdapterConfig
+from ...adapters import AdapterConfig, get_method
 from ...engine import TrainConfig
 from ...runs import has_record, read_record
 from ..settings import layered, method_of, read_config_file
@@ -20,7 +20,7 @@ from ..settings import layered, method_of, read_config_file
 
 def cir_defaults(method: str) -> tuple[AdapterConfig, TrainConfig, TrainConfig]:
     """Adapter, stage-1 and stage-2 defaults for ``method`` (see the module docstring)."""
-    adapter = AdapterConfig(method=method, r=4, r_shared=4, alpha=None if method in ("lora", "dora") else 0.01,
+    adapter = AdapterConfig(method=method, r=4, r_shared=4, alpha=get_method(method).default_alpha,
                             targets=("q", "v"), layers=2)
     if method == "full":
         stage1 = TrainConfig(epochs=20, batch_size=128, lr=2e-6, weight_decay=0.01)

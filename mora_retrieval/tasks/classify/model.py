@@ -87,7 +87,7 @@ class ClassifyModule(TrainModule):
 
     ``val_dataset`` yields the same items as the training set (with the validation scenario's
     missing modalities applied); ``evaluate`` returns every metric of
-    :func:`~mora_retrieval.tasks.metrics.compute_metrics` plus ``loss``.
+    :func:`~mora_retrieval.tasks.classify.metrics.compute_metrics` plus ``loss``.
     """
 
     higher_is_better = True

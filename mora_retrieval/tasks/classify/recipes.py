@@ -38,7 +38,7 @@ from rich.text import Text
 
 from ...adapters import add_adapters, export_checkpoint, merge_adapters, save_adapters, trainable_share
 from ...data.missing import MissingSpec
-from ...device import resolve_device, resolve_precision
+from ...device import available_cores, default_num_workers, resolve_device, resolve_precision
 from ...engine import TrainConfig, Trainer, load_best
 from ...engine.distributed import detect
 from ...errors import TrainingError
@@ -99,12 +99,11 @@ def train_classifier(settings: ClassifySettings, train_config: TrainConfig, run_
     train_set = scenario_data(settings, "train", scen["train"], preprocess)
     val_set = scenario_data(settings, "val", scen["val"], preprocess)
     collate = ClassifyCollate(tokenizer)
-    module = ClassifyModule(classifier, probe.task, val_set, collate, settings.eval_batch_size,
-                            train_config.num_workers)
+    module = ClassifyModule(classifier, probe.task, val_set, collate, settings.eval_batch_size)
     shares = trainable_share(classifier.clip, classifier.head)
     trainer = Trainer(module, train_config, run_dir, train_set, collate_fn=collate, console=console,
                       extra_config=settings.training_record(), quiet=quiet)
-    module.precision = trainer.precision
+    module.precision, module.num_workers = trainer.precision, trainer.num_workers  # as resolved by the engine
     fit = trainer.fit(resume=resume)
     if not detect().is_main:
         return None
@@ -128,7 +127,7 @@ def train_classifier(settings: ClassifySettings, train_config: TrainConfig, run_
     test_set = scenario_data(settings, "test", scen["test"], preprocess)
     with eval_progress(None if quiet else console, len(test_set), f"test ({scen['test']})") as advance:
         test = evaluate_classifier(classifier, probe.task, test_set, collate, device, settings.eval_batch_size,
-                                   train_config.num_workers, trainer.precision, advance)
+                                   trainer.num_workers, trainer.precision, advance)
     metric = MAIN_METRIC[probe.task]
     results = {
         "task": "classify",
@@ -162,7 +161,7 @@ def _labels(dataset: Any) -> torch.Tensor:
 
 
 def evaluate_run(run_dir: str | os.PathLike, test_missing: str | None = None, data_root: str | None = None,
-                 split: str = "test", device: str = "auto", batch_size: int | None = None, num_workers: int = 0,
+                 split: str = "test", device: str = "auto", batch_size: int | None = None, num_workers: int | None = None,
                  console: Any = None) -> dict[str, Any]:
     """Re-test a finished run (merged weights + head) under another scenario; writes ``eval/…json``.
 
@@ -178,8 +177,9 @@ def evaluate_run(run_dir: str | os.PathLike, test_missing: str | None = None, da
     dataset = scenario_data(settings, split, scenario, trained.preprocess)
     with eval_progress(console, len(dataset), f"{split} ({scenario})") as advance:
         metrics = evaluate_classifier(trained.classifier, trained.task, dataset, ClassifyCollate(trained.tokenizer),
-                                      dev, batch_size or settings.eval_batch_size, num_workers,
-                                      resolve_precision("auto", dev), advance)
+                                      dev, batch_size or settings.eval_batch_size,
+                                      default_num_workers(dev.type, available_cores()) if num_workers is None
+                                      else num_workers, resolve_precision("auto", dev), advance)
     metric = MAIN_METRIC[trained.task]
     result = {"task": "classify", "dataset": settings.dataset, "method": settings.adapter.method,
               "split": split, "scenario": {"train": settings.scenarios["train"], "test": scenario},

@@ -31,8 +31,7 @@ from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from ...adapters import AdapterConfig
-from ...adapters.config import MORA_METHODS
+from ...adapters import AdapterConfig, get_method
 from ...data.missing import MISSING_IMAGE_FILLS, MissingAssignments, MissingSpec, WithMissingModality
 from ...data.registry import canonical_name, get_classification_dataset
 from ...engine import TrainConfig
@@ -67,8 +66,8 @@ DATASET_DEFAULTS = {
 def default_adapter_config(dataset: str, method: str = "mora", **overrides: Any) -> AdapterConfig:
     """The dataset's adapter defaults for ``method``; ``None`` overrides are ignored."""
     d = DATASET_DEFAULTS[canonical_name(dataset)]
-    values: dict[str, Any] = {"method": method, "r": d.r, "r_shared": d.r_shared, "targets": d.targets,
-                              "layers": d.layers, "alpha": d.alpha if method in MORA_METHODS else None}
+    values: dict[str, Any] = {"method": method, "r": d.r, "r_shared": d.r_shared, "targets": d.targets, "layers": d.layers,
+                              "alpha": None if get_method(method).default_alpha is None else d.alpha}
     values.update({k: v for k, v in overrides.items() if v is not None})
     return AdapterConfig(**values)
 

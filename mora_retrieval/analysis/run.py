@@ -1,0 +1,216 @@
+"""``analyze_run``: every measure of the analysis for one finished run, written to a folder.
+
+Output folder (default ``<run>/analysis``): ``analysis.json`` (every number, see
+:func:`analyze_run`), ``tsne.png``, ``spectra.png`` (methods with a shared part only) and
+``analysis.html`` (the section the demo report embeds, as a page of its own).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import MoraError
+from ..fileio import write_json
+from .drift import embedding_drift
+from .gap import modality_gap
+from .intermodal import inter_modal_distance
+from .samples import Embeddings, PairedSamples, encode_samples, spread_indices
+from .tsne import MIN_POINTS, default_perplexity, tsne_2d
+
+FORMAT = "mora-retrieval-analysis"
+JSON_FILE, HTML_FILE, TSNE_FILE, SPECTRA_FILE = "analysis.json", "analysis.html", "tsne.png", "spectra.png"
+MODELS = ("original", "adapted")
+
+
+@dataclass
+class AnalyzeConfig:
+    """Options of :func:`analyze_run`; ``split=None`` is the run's test split (CIR: CIRR ``val``)."""
+
+    split: str | None = None
+    max_samples: int | None = None
+    batch_size: int = 64
+    num_workers: int = 0
+    device: str = "auto"
+    data_root: str | None = None
+    tsne_seed: int = 0
+
+    def validate(self) -> None:
+        if self.max_samples is not None and self.max_samples < MIN_POINTS:
+            raise MoraError(f"--max-samples must be at least {MIN_POINTS} (t-SNE needs that many), got {self.max_samples}")
+        if self.batch_size < 1:
+            raise MoraError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise MoraError(f"--workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class AnalysisResult:
+    """``data`` is ``analysis.json``'s content; ``files`` maps a name to each file written."""
+
+    data: dict[str, Any]
+    out_dir: Path
+    files: dict[str, Path] = field(default_factory=dict)
+
+    def section(self) -> Any:
+        """The HTML report section (``report.Section``) with the tables and figures."""
+        from .section import analysis_section
+
+        return analysis_section(self.data, self.out_dir)
+
+
+def geometry(samples: PairedSamples, embeddings: dict[str, Embeddings]) -> dict[str, Any]:
+    """Inter-modal distance (when the samples have categories), modality gap and drift.
+
+    ``embeddings`` has an ``"original"`` and an ``"adapted"`` entry aligned with ``samples``.
+    """
+    out: dict[str, Any] = {"inter_modal": None, "modality_gap": {}, "drift": {}}
+    if samples.labels is not None:
+        out["inter_modal"] = {
+            name: {variant: inter_modal_distance(emb.paired_image(samples), emb.text, samples.labels,
+                                                 normalize=variant == "normalized").to_json()
+                   for variant in ("raw", "normalized")}
+            for name, emb in ((m, embeddings[m]) for m in MODELS)
+        }
+    out["modality_gap"] = {m: modality_gap(embeddings[m].image, embeddings[m].text) for m in MODELS}
+    adapted, original = embeddings["adapted"], embeddings["original"]
+    out["drift"] = {"vision": embedding_drift(adapted.image, original.image).to_json(),
+                    "text": embedding_drift(adapted.text, original.text).to_json()}
+    return out
+
+
+def tsne_groups(samples: PairedSamples) -> np.ndarray:
+    """The class of each sample for colouring: its index; multilabel: the first label (−1: none)."""
+    labels = samples.labels.cpu()
+    if labels.ndim == 1:
+        return labels.long().numpy()
+    positive = labels > 0.5
+    return np.where(positive.any(dim=1).numpy(), positive.float().argmax(dim=1).numpy(), -1)
+
+
+def _tsne_panels(samples: PairedSamples, embeddings: dict[str, Embeddings], seed: int):
+    from .figures import ScatterPanel
+
+    if samples.labels is not None:
+        groups, names = tsne_groups(samples), samples.class_names
+        rows = []
+        for tower, attr in (("image", "image"), ("text", "text")):
+            rows.append([ScatterPanel(f"{model}: {tower} embeddings", tsne_2d(getattr(embeddings[model], attr), seed),
+                                      groups, names) for model in MODELS])
+        return rows, "class"
+    row = []
+    for model in MODELS:
+        emb = embeddings[model]
+        joint = torch.cat([emb.image, emb.text])
+        groups = np.r_[np.zeros(len(emb.image), dtype=np.int64), np.ones(len(emb.text), dtype=np.int64)]
+        row.append(ScatterPanel(f"{model}: images and captions", tsne_2d(joint, seed), groups,
+                                ["reference image", "caption"]))
+    return [row], "modality"
+
+
+def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None, config: AnalyzeConfig | None = None,
+                console: Any = None) -> AnalysisResult:
+    """Analyse a finished classification or CIR run against its original backbone; write the files.
+
+    Every input is checked (run folder, split, data, both models) before anything is written.
+    """
+    from ..device import resolve_device
+    from ..report import write_report
+    from .figures import plot_scatter_grid, plot_spectra
+    from .runs import adapted_encoder, image_transform, original_encoder, read_run, run_samples
+
+    config = config or AnalyzeConfig()
+    config.validate()
+    info = read_run(run_dir)
+    split = config.split or info.default_split
+    samples = run_samples(info, split, config.data_root)
+    total = len(samples)
+    samples = samples.select(spread_indices(total, config.max_samples))
+    out = Path(out_dir) if out_dir is not None else info.run_dir / "analysis"
+    if out.exists() and not out.is_dir():
+        raise MoraError(f"{out}: exists and is not a folder (--out must be a folder)")
+    device = str(resolve_device(config.device))
+    encoders = {"adapted": adapted_encoder(info, device), "original": original_encoder(info, device)}
+    _say(console, f"encoding {len(samples)} {split} samples ({len(samples.image_paths)} images) with the adapted and "
+                  f"the original model on {device}")
+    samples, embeddings = encode_samples(encoders, samples, image_transform(info, encoders["adapted"]),
+                                         config.batch_size, config.num_workers, info.skip_bad_images)
+    data: dict[str, Any] = {
+        "format": FORMAT, "format_version": 1,
+        "run": str(info.run_dir.resolve()), "task": info.task, "dataset": info.dataset, "method": info.method,
+        "arch": info.arch, "pretrained": info.pretrained, "split": split,
+        "original": {"arch": info.arch, "pretrained": info.pretrained,
+                     "seed": None if info.pretrained else info.seed,
+                     "fingerprint": encoders["original"].fingerprint},
+        "samples": {"available": total, "pairs": len(samples), "images": len(samples.image_paths),
+                    "categories": None if samples.labels is None else len(samples.class_names),
+                    "complete": True},
+        "embeddings": "raw encode_image/encode_text outputs; 'normalized' variants L2-normalise each embedding first",
+        **_checked(geometry, info, samples, embeddings),
+        "notes": [],
+    }
+    if data["inter_modal"] is None:
+        data["notes"].append("No inter-modal distance per category: CIRR has no categories, and its captions are "
+                             "modification instructions, not descriptions of the reference image. The modality gap "
+                             "is the whole-set counterpart.")
+    spectra = _spectra(info, encoders["original"].model, data)
+    panels = _tsne(samples, embeddings, config.tsne_seed, data, console)
+    out.mkdir(parents=True, exist_ok=True)
+    figures: dict[str, Path] = {}
+    if spectra:
+        figures["spectra"] = plot_spectra(spectra, out / SPECTRA_FILE)
+    if panels is not None:
+        figures["tsne"] = plot_scatter_grid(panels, out / TSNE_FILE,
+                                            f"t-SNE of the {split} embeddings ({info.method}, {info.dataset})")
+    data["figures"] = {name: path.name for name, path in figures.items()}
+    write_json(out / JSON_FILE, data)
+    result = AnalysisResult(data=data, out_dir=out, files={"json": out / JSON_FILE, **figures})
+    result.files["html"] = write_report(out / HTML_FILE, f"Analysis of {info.run_dir.name}", [result.section()])
+    return result
+
+
+def _checked(compute, info, *args):
+    """``compute(*args)``; a degenerate embedding (NaN, zero) becomes a one-line error naming the run."""
+    try:
+        return compute(*args)
+    except ValueError as exc:
+        raise MoraError(f"{info.run_dir}: cannot analyse its embeddings ({exc})") from None
+
+
+def _spectra(info, original_model: Any, data: dict[str, Any]) -> list:
+    """The Gram spectra of the run's adapter (empty without a shared part); fills ``data["spectra"]``."""
+    from .spectra import read_adapter_layout, read_shared_factors, slot_spectra
+
+    layout = read_adapter_layout(info.adapter_dir)
+    factors = read_shared_factors(info.adapter_dir)
+    spectra = _checked(slot_spectra, info, factors, original_model, layout) if factors else []
+    data["spectra"] = {"available": bool(spectra), "method": layout.method, "targets": list(layout.targets),
+                       "slots": [s.to_json() for s in spectra]}
+    if not spectra:
+        data["notes"].append(f"No Gram spectra: method '{layout.method}' has no shared part (only MoRA and its "
+                             "ablations have shared factors S_v, S_t).")
+    return spectra
+
+
+def _tsne(samples: PairedSamples, embeddings: dict[str, Embeddings], seed: int, data: dict[str, Any],
+          console: Any) -> list | None:
+    """The t-SNE panels (None with too few samples); fills ``data["tsne"]``."""
+    if len(samples) < MIN_POINTS:
+        data["tsne"] = None
+        data["notes"].append(f"No t-SNE: fewer than {MIN_POINTS} samples.")
+        return None
+    _say(console, "t-SNE")
+    panels, colour = _tsne_panels(samples, embeddings, seed)
+    points = len(samples) + (len(samples.image_paths) if colour == "modality" else 0)
+    data["tsne"] = {"colour": colour, "seed": seed, "features": "L2-normalised", "points_per_panel": points,
+                    "perplexity": default_perplexity(points)}
+    return panels
+
+
+def _say(console: Any, message: str) -> None:
+    if console is not None:
+        console.print(f"[dim]{message}[/]")

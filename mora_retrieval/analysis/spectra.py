@@ -1,0 +1,136 @@
+"""Gram spectra (paper Figure 4): the shared part's Gram matrices beside the pretrained weights.
+
+For each MoRA layer slot, the shared factors ``S_v [r_s, d_v]`` and ``S_t [r_s, d_t]`` give the
+Gram matrices ``G_v = S_v S_vᵀ`` and ``G_t = S_t S_tᵀ`` (``r_s × r_s``). Their eigenvalues, sorted
+in descending order, are normalised to sum to 1. Beside them: the singular values of the
+**pretrained** (original, unadapted) weight ``W0`` of each adapted projection of that slot's vision
+and text blocks (``q``, ``k``, ``v`` rows of ``in_proj_weight``, ``out`` = ``out_proj.weight``),
+normalised by the sum of *all* ``d`` singular values, of which the top ``r_s`` are kept. Each
+spectrum is thus a share of its own total, so an even Gram spectrum (about ``1/r_s`` each) beside
+small pretrained shares shows how much more compactly the Gram matrices hold their information.
+
+Only methods with a shared part (MoRA and its ablations) have spectra. The factors are read from
+the adapter folder's ``adapter.safetensors`` under their public names ``shared.{slot}.vision`` and
+``shared.{slot}.text``, so the analysis does not depend on how adapters are built in memory.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import AdapterError
+from ..fileio import load_tensors, read_json
+
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter.safetensors"
+_SHARED_NAME = re.compile(r"^shared\.(?P<slot>[^.]+)\.(?P<tower>vision|text)$")
+_QKV = ("q", "k", "v")
+
+
+@dataclass(frozen=True)
+class AdapterLayout:
+    """What the spectra need from ``adapter_config.json``: method, adapted projections, slot → blocks."""
+
+    method: str
+    targets: tuple[str, ...]
+    slot_blocks: list[tuple[int | None, int | None]]
+
+
+def read_adapter_layout(adapter_dir: str | Path) -> AdapterLayout:
+    """Method, targets and the ``[vision block, text block]`` of every slot from ``adapter_config.json``."""
+    path = Path(adapter_dir) / ADAPTER_CONFIG_FILE
+    meta = read_json(path, "adapter config", error=AdapterError)
+    adapter = meta.get("adapter") if isinstance(meta, dict) else None
+    if not isinstance(adapter, dict) or "method" not in adapter:
+        raise AdapterError(f"{path}: not a mora-retrieval adapter config (no 'adapter' settings)")
+    slots = [(pair[0], pair[1]) for pair in meta.get("slots") or []]
+    return AdapterLayout(str(adapter["method"]), tuple(adapter.get("targets") or ()), slots)
+
+
+def read_shared_factors(adapter_dir: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{slot: (S_v, S_t)}`` from ``adapter.safetensors`` (empty for methods without a shared part)."""
+    path = Path(adapter_dir) / ADAPTER_WEIGHTS_FILE
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in load_tensors(path, "adapter weights", error=AdapterError).items():
+        match = _SHARED_NAME.match(name)
+        if match:
+            found.setdefault(match["slot"], {})[match["tower"]] = tensor.detach().float()
+    incomplete = sorted(slot for slot, pair in found.items() if len(pair) != 2)
+    if incomplete:
+        raise AdapterError(f"{path}: shared slot {incomplete[0]} lacks its vision or text factor")
+    order = sorted(found, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+    return {slot: (found[slot]["vision"], found[slot]["text"]) for slot in order}
+
+
+def gram_spectrum(factor: Any) -> torch.Tensor:
+    """Eigenvalues of ``S Sᵀ`` (descending), normalised to sum to 1; ``factor`` is ``S [r_s, d]``."""
+    s = torch.as_tensor(factor).detach().to("cpu", torch.float64)
+    if s.ndim != 2:
+        raise ValueError(f"shared factor: expected [r_s, d], got shape {tuple(s.shape)}")
+    eigenvalues = torch.linalg.eigvalsh(s @ s.T).flip(0).clamp_min(0.0)  # PSD: round-off below 0 is 0
+    total = eigenvalues.sum()
+    if total <= 0:
+        raise ValueError("shared factor is zero: its Gram matrix has no spectrum")
+    return eigenvalues / total
+
+
+def singular_spectrum(weight: Any, top: int) -> torch.Tensor:
+    """The ``top`` largest singular values of ``weight``, each divided by the sum of all of them."""
+    w = torch.as_tensor(weight).detach().to("cpu", torch.float64)
+    values = torch.linalg.svdvals(w)
+    total = values.sum()
+    if total <= 0:
+        raise ValueError("weight is zero: no singular spectrum")
+    return values[:top] / total
+
+
+def projection_weight(model: Any, tower: str, block: int, projection: str) -> torch.Tensor:
+    """``W0`` of one attention projection of an open_clip model (``tower`` is ``visual`` or ``text``)."""
+    transformer = model.visual.transformer if tower == "visual" else model.transformer
+    attn = transformer.resblocks[block].attn
+    if projection == "out":
+        return attn.out_proj.weight.detach()
+    d = attn.out_proj.weight.shape[1]
+    start = _QKV.index(projection) * d
+    return attn.in_proj_weight.detach()[start:start + d]
+
+
+@dataclass(frozen=True)
+class SlotSpectra:
+    """One slot's normalised spectra: the two Grams and the pretrained projections (``"{tower}.{proj}"``)."""
+
+    slot: str
+    vision_block: int | None
+    text_block: int | None
+    gram_vision: list[float]
+    gram_text: list[float]
+    pretrained: dict[str, list[float]]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def slot_spectra(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], original_model: Any,
+                 layout: AdapterLayout) -> list[SlotSpectra]:
+    """Spectra of every slot: Grams from ``factors``, pretrained weights from ``original_model``."""
+    out = []
+    for slot, (s_vision, s_text) in factors.items():
+        index = int(slot) if slot.isdigit() else None
+        vision_block, text_block = (layout.slot_blocks[index] if index is not None and index < len(layout.slot_blocks)
+                                    else (None, None))
+        top = int(s_vision.shape[0])
+        pretrained: dict[str, list[float]] = {}
+        for tower, block in (("visual", vision_block), ("text", text_block)):
+            if block is None:
+                continue
+            for proj in layout.targets:
+                weight = projection_weight(original_model, tower, int(block), proj)
+                pretrained[f"{tower}.{proj}"] = singular_spectrum(weight, top).tolist()
+        out.append(SlotSpectra(slot, vision_block, text_block, gram_spectrum(s_vision).tolist(),
+                               gram_spectrum(s_text).tolist(), pretrained))
+    return out

@@ -158,8 +158,17 @@ def load_encoder(
         checkpoint, adapter = run_ckpt, run_adapter
         combiner = combiner if combiner is not None else run_comb
         source = {"arch": arch, "pretrained": pretrained, "run": str(run.resolve())}
+    if checkpoint is not None and Path(checkpoint).is_dir():  # a self-describing folder (`mora-ret merge -o DIR`)
+        from ..backbone import local_dir_arch
+
+        folder_arch = local_dir_arch(checkpoint)
+        if folder_arch is None:
+            raise BackboneError(f"{checkpoint}: not a checkpoint folder (expected open_clip_config.json, as "
+                                f"`mora-ret merge -o FOLDER` writes)")
+        arch, checkpoint, pretrained = folder_arch, None, None
+        source = {"arch": arch, "pretrained": None}
     if arch is None:
-        raise BackboneError("no architecture given (use --model ARCH or --run DIR)")
+        raise BackboneError("no architecture given (use --model ARCH, --checkpoint FOLDER or --run DIR)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         backbone = load_backbone(arch, pretrained=str(checkpoint) if checkpoint is not None else pretrained, device="cpu")

@@ -124,6 +124,9 @@ def _resolve_run(run: Path) -> tuple[str, str | None, str | None, str | None, st
     adapter = run / RUN_ADAPTER
     checkpoint = str(merged) if merged.is_file() else None
     adapter_dir = str(adapter) if checkpoint is None and adapter.is_dir() else None
+    if checkpoint is None and adapter_dir is None:
+        raise BackboneError(f"{run}: the run has not finished (neither {RUN_MERGED} nor {RUN_ADAPTER}/ is there yet): "
+                            f"let it finish, or resume it with --resume, before using its weights")
     combiner = run / COMBINER_FILE
     return config["arch"], config.get("pretrained"), checkpoint, adapter_dir, str(combiner) if combiner.is_file() else None
 

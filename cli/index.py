@@ -132,7 +132,7 @@ def _build(items_fn: Any, collection: dict, default_name: str, opts: dict) -> No
 ModelOpt = typer.Option(None, "--model", help="open_clip architecture, e.g. ViT-B-16 or mora-tiny.", rich_help_panel=MODEL_HELP)
 PretrainedOpt = typer.Option(None, "--pretrained", help="open_clip tag or checkpoint file.", rich_help_panel=MODEL_HELP)
 AdapterOpt = typer.Option(None, "--adapter", help="Adapter folder, merged onto --pretrained.", rich_help_panel=MODEL_HELP)
-CheckpointOpt = typer.Option(None, "--checkpoint", help="Merged open_clip checkpoint file.", rich_help_panel=MODEL_HELP)
+CheckpointOpt = typer.Option(None, "--checkpoint", help="Merged open_clip checkpoint: a file (with --model), or a folder from `mora-ret merge -o DIR`.", rich_help_panel=MODEL_HELP)
 RunOpt = typer.Option(None, "--run", help="Training run folder (config.json, merged/adapter, combiner).", rich_help_panel=MODEL_HELP)
 DeviceOpt = device_option(rich_help_panel=MODEL_HELP)
 NameOpt = typer.Option(None, "--name", help="Index name: the folder is indexes/<name>.")

@@ -12,14 +12,15 @@ from .options import make_console
 
 def merge(
     adapter: Path = typer.Option(..., "--adapter", help="Adapter folder (adapter_config.json + adapter.safetensors)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Checkpoint to write (.safetensors, .pt or .bin)."),
-    model: Optional[str] = typer.Option(None, "--model", help="open_clip architecture (default: from the adapter)."),
+    out: Path = typer.Option(..., "--out", "-o", help=(
+        "A folder (self-describing: open_clip loads it as local-dir:OUT, toolkit architectures included), or a "
+        "checkpoint file ending in .safetensors, .pt or .bin.")),
+    model: Optional[str] = typer.Option(None, "--model", help="open_clip architecture.  [default: the adapter's]"),
     pretrained: Optional[str] = typer.Option(
-        None, "--pretrained", help="Base weights the adapter was trained on: open_clip tag or local file."
-    ),
+        None, "--pretrained", help="Base weights the adapter was trained on: open_clip tag or local file.  "
+                                   "[default: the weights recorded in the adapter]"),
 ) -> None:
-    """Merge adapters into the backbone: the output loads with open_clip.create_model(arch, pretrained=OUT)."""
-
+    """Merge adapters into the backbone: a plain open_clip checkpoint, with no adapter code at inference."""
     from mora_retrieval.adapters.merge import merge_adapter_folder
 
     summary = merge_adapter_folder(adapter, out, arch=model, pretrained=pretrained)
@@ -27,6 +28,9 @@ def merge(
         f"merged [bold]{summary['method']}[/] adapter into {summary['arch']} "
         f"(fingerprint {summary['fingerprint']}) -> {summary['checkpoint']}"
     )
+    if Path(summary["checkpoint"]).is_dir():
+        make_console().print(f"load it with open_clip.create_model_and_transforms('local-dir:{summary['checkpoint']}'), "
+                             f"or --checkpoint {summary['checkpoint']} (no --model needed)")
 
 
 COMMANDS = {"merge": merge}

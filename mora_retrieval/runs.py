@@ -95,6 +95,7 @@ class FinishedRun:
 
     path: Path
     record: dict[str, Any]
+    error: type[MoraError] = MoraError  # raised, with one line, for what the run lacks
 
     @classmethod
     def open(cls, run_dir: str | os.PathLike, error: type[MoraError] = MoraError) -> "FinishedRun":
@@ -105,7 +106,7 @@ class FinishedRun:
         record = read_record(path, error)
         if "arch" not in record:
             raise error(f"{path / CONFIG_FILE}: expected a JSON object with an 'arch' key")
-        return cls(path, record)
+        return cls(path, record, error)
 
     @property
     def arch(self) -> str:
@@ -120,19 +121,21 @@ class FinishedRun:
         found = self.path / name
         return found if found.exists() else None
 
-    def require(self, name: str, error: type[MoraError] = MoraError) -> Path:
+    def require(self, name: str) -> Path:
         """``path / name``, or a one-line error saying the run did not finish."""
         found = self.find(name)
         if found is None:
-            raise error(f"{self.path / name}: not found (the run did not finish; resume it with --resume)")
+            raise self.error(f"{self.path / name}: not found (the run did not finish; resume it with --resume)")
         return found
 
     def load_model(self, device: str = "cpu") -> Backbone:
         """The run's final weights: ``merged.safetensors``, or, where only ``adapter/`` was kept,
-        the adapter merged onto the run's base weights."""
+        the adapter merged onto the run's base weights. An unfinished run is refused (never
+        replaced by its base weights)."""
         merged, adapter = self.find(MERGED_FILE), self.find(ADAPTER_DIR)
         if merged is None and adapter is None:
-            self.require(MERGED_FILE)
+            raise self.error(f"{self.path}: the run has not finished (neither {MERGED_FILE} nor {ADAPTER_DIR}/ is "
+                             f"there yet): let it finish, or resume it with --resume, before using its weights")
         backbone = load_backbone(self.arch, str(merged) if merged is not None else self.pretrained, device=device)
         if merged is None:
             backbone.model = merge_adapters(load_adapters(backbone.model, adapter, arch=self.arch))

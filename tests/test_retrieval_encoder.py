@@ -62,6 +62,35 @@ def test_run_without_merged_checkpoint_merges_its_adapter(adapted, tmp_path):
     assert enc.fingerprint == adapted["fingerprint"] and enc.combiner is None
 
 
+def test_unfinished_run_is_refused_not_replaced_by_its_base_weights(adapted, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(adapted["root"] / "run" / "config.json", run / "config.json")  # stage 1 still running
+    with pytest.raises(BackboneError, match=r"run: the run has not finished \(neither merged.safetensors nor adapter/"):
+        load_encoder(None, run=run, device="cpu")
+
+
+def test_non_finite_embeddings_are_refused_before_writing(adapted, tmp_path):
+    from mora_retrieval.errors import IndexFolderError
+    from mora_retrieval.retrieval.build import BuildConfig, build_index
+    from mora_retrieval.retrieval.embed import EmbedConfig
+    from mora_retrieval.retrieval.items import Item
+    from PIL import Image
+
+    enc = load_encoder(None, run=adapted["root"] / "run", device="cpu")
+    with torch.no_grad():
+        enc.model.visual.proj.fill_(float("nan"))  # weights that diverged
+    paths = []
+    for i in range(3):
+        Image.new("RGB", (40, 30), (40 * i, 90, 10)).save(tmp_path / f"{i}.png")
+        paths.append(Item(path=str(tmp_path / f"{i}.png")))
+    with pytest.raises(IndexFolderError, match=r"3 of 3 embeddings are NaN or inf \(first: .*0.png\)"):
+        build_index(enc, paths, tmp_path / "idx", BuildConfig(embed=EmbedConfig(batch_size=2, workers=0)))
+    assert not (tmp_path / "idx" / "manifest.json").exists()
+
+
 def test_composed_query_uses_the_combiner_else_the_sum(adapted):
     enc = load_encoder(None, run=adapted["root"] / "run", device="cpu")
     img = torch.randn(3, 64)

@@ -19,9 +19,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..model.backbone import load_backbone, weights_fingerprint
+from ..model.backbone import (CHECKPOINT_SUFFIXES, LOCAL_DIR_CONFIG, LOCAL_DIR_WEIGHTS, load_backbone, register_model_configs,
+                        weights_fingerprint)
 from ..errors import AdapterError
-from ..fileio import atomic_write, save_tensors
+from ..fileio import atomic_write, make_dirs, save_tensors, write_json
 from .inject import ROOT_ATTR, freeze_for, has_adapters, parametrized_weights
 from .io import load_adapters, read_adapter_config
 from .methods import get_method
@@ -96,16 +97,21 @@ def cached_adapted_weights() -> Iterator[None]:
         yield
 
 
-def export_checkpoint(model: nn.Module, path: str | Path) -> Path:
-    """Write a plain open_clip state dict that ``open_clip.create_model(arch, pretrained=path)`` loads.
+def export_checkpoint(model: nn.Module, path: str | Path, arch: str | None = None) -> Path:
+    """Write a plain open_clip checkpoint of a merged ``model``.
 
-    ``.safetensors`` (recommended) or ``.pt``/``.bin`` (a dict of tensors, loadable with
-    ``torch.load(weights_only=True)``). The model must be merged first.
+    A file ``.safetensors`` (recommended) or ``.pt``/``.bin`` (a dict of tensors, loadable with
+    ``torch.load(weights_only=True)``) loads with ``open_clip.create_model(arch, pretrained=path)``.
+    Any other ``path`` is written as a self-describing folder (``open_clip_config.json``, with the
+    architecture ``arch`` and the model's preprocessing, beside ``open_clip_model.safetensors``)
+    that ``open_clip.create_model("local-dir:" + path)`` loads by itself.
     """
     path = Path(path)
     if has_adapters(model) or any(True for _ in parametrized_weights(model)):
         raise AdapterError(f"{path}: merge the adapters before exporting a checkpoint (merge_adapters(model))")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if path.suffix not in CHECKPOINT_SUFFIXES:
+        return _export_folder(model, state, path, arch)
     if path.suffix == ".safetensors":
         save_tensors(path, state, metadata={"format": "open_clip"})
     elif path.suffix in (".pt", ".pth", ".bin"):
@@ -116,20 +122,62 @@ def export_checkpoint(model: nn.Module, path: str | Path) -> Path:
     return path
 
 
+def _recorded_weights(adapter_dir: Path, meta: dict) -> str:
+    """The base weights recorded in an adapter config, or a one-line error naming what is expected."""
+    recorded = meta.get("pretrained", "missing")
+    fingerprint = meta.get("base_fingerprint", "?")
+    if recorded == "missing":
+        raise AdapterError(f"{adapter_dir}: the adapter config records no base weights; pass --pretrained with the "
+                           f"weights it was trained on (fingerprint {fingerprint})")
+    if recorded in (None, "none"):
+        raise AdapterError(f"{adapter_dir}: the adapter was trained on random weights, which cannot be rebuilt; "
+                           f"export them once and train with --pretrained FILE")
+    suffix_or_path = Path(recorded).suffix in CHECKPOINT_SUFFIXES or "/" in recorded
+    if not suffix_or_path:
+        return recorded  # an open_clip tag
+    for candidate in (Path(recorded), adapter_dir.parent / recorded):
+        if candidate.is_file():
+            return str(candidate)
+    raise AdapterError(f"{adapter_dir}: the recorded base weights {recorded} are not found; pass --pretrained with "
+                       f"that file (fingerprint {fingerprint})")
+
+
+def _export_folder(model: nn.Module, state: dict, folder: Path, arch: str | None) -> Path:
+    import open_clip
+
+    if arch is None:
+        raise AdapterError(f"{folder}: a checkpoint folder needs the architecture name (or end the path in .safetensors)")
+    register_model_configs()
+    config = open_clip.get_model_config(arch)
+    if config is None:
+        raise AdapterError(f"{folder}: unknown architecture {arch!r}")
+    preprocess = {k: list(v) if isinstance(v, tuple) else v
+                  for k, v in dict(getattr(model.visual, "preprocess_cfg", {}) or {}).items()}
+    make_dirs(folder, "checkpoint folder")
+    save_tensors(folder / LOCAL_DIR_WEIGHTS, state, metadata={"format": "open_clip"})
+    write_json(folder / LOCAL_DIR_CONFIG, {"model_cfg": config, "preprocess_cfg": preprocess})
+    return folder
+
+
 def merge_adapter_folder(
     adapter_dir: str | Path, out: str | Path, arch: str | None = None, pretrained: str | None = None
 ) -> dict:
     """Load a backbone, apply the adapter folder, merge, and export the plain checkpoint.
 
-    ``arch`` defaults to the architecture recorded in the adapter config. Returns a summary
-    (arch, pretrained, method, fingerprint of the merged weights, output path).
+    ``arch`` and ``pretrained`` default to those recorded in the adapter config (a file recorded
+    by a relative path is looked up from the working directory, then beside the adapter's run
+    folder). ``out`` is a checkpoint file or a self-describing folder (see
+    :func:`export_checkpoint`). Returns a summary (arch, pretrained, method, fingerprint of the
+    merged weights, output path).
     """
     meta = read_adapter_config(adapter_dir)
     arch = arch or meta.get("arch")
     if not arch:
         raise AdapterError(f"{adapter_dir}: the adapter config names no architecture; pass --model")
+    if pretrained is None:
+        pretrained = _recorded_weights(Path(adapter_dir), meta)
     model = load_backbone(arch, pretrained).model
     load_adapters(model, adapter_dir, arch=arch)
-    path = export_checkpoint(merge_adapters(model), out)
+    path = export_checkpoint(merge_adapters(model), out, arch=arch)
     return {"arch": arch, "pretrained": pretrained, "method": meta["adapter"]["method"],
             "fingerprint": weights_fingerprint(model), "checkpoint": str(path)}

@@ -10,6 +10,10 @@ has run (``load_backbone`` calls it).
   * a local checkpoint file (``.pt``, ``.pth``, ``.bin``, ``.safetensors``), e.g. a checkpoint
     written by ``mora-ret merge`` or ``mora-ret pretrain``;
   * ``None``: random weights (a warning says so).
+
+``arch`` may also be open_clip's ``local-dir:FOLDER``: a self-describing folder written by
+``mora-ret merge -o FOLDER`` (``open_clip_config.json`` beside ``open_clip_model.safetensors``),
+which plain open_clip loads by itself, the toolkit's own architectures included.
 """
 
 from __future__ import annotations
@@ -24,6 +28,15 @@ from ..errors import BackboneError
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+LOCAL_DIR = "local-dir:"
+LOCAL_DIR_CONFIG = "open_clip_config.json"
+LOCAL_DIR_WEIGHTS = "open_clip_model.safetensors"
+
+
+def local_dir_arch(folder: str | Path) -> str | None:
+    """``local-dir:FOLDER`` when ``folder`` is a self-describing open_clip checkpoint folder."""
+    folder = Path(folder)
+    return f"{LOCAL_DIR}{folder.resolve()}" if (folder / LOCAL_DIR_CONFIG).is_file() else None
 
 
 def register_model_configs() -> None:
@@ -109,15 +122,24 @@ def load_backbone(
     import open_clip
 
     register_model_configs()
-    if arch not in open_clip.list_models():
+    if arch.startswith(LOCAL_DIR):
+        folder = Path(arch[len(LOCAL_DIR):])
+        if local_dir_arch(folder) is None or not (folder / LOCAL_DIR_WEIGHTS).is_file():
+            raise BackboneError(f"{folder}: not a checkpoint folder (expected {LOCAL_DIR_CONFIG} and {LOCAL_DIR_WEIGHTS}, "
+                                f"as `mora-ret merge -o FOLDER` writes)")
+        if pretrained not in (None, "", "none"):
+            raise BackboneError(f"{folder}: a checkpoint folder holds its own weights; drop --pretrained {pretrained}")
+        kind = "folder"
+    elif arch not in open_clip.list_models():
         raise BackboneError(f"unknown architecture '{arch}' (see `mora-ret models`; e.g. ViT-B-16, mora-tiny)")
-    kind = _classify_pretrained(arch, pretrained)
+    else:
+        kind = _classify_pretrained(arch, pretrained)
     if kind == "none":
         warnings.warn(f"{arch}: no pretrained weights given, the model is randomly initialised", stacklevel=2)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             arch,
-            pretrained=None if kind == "none" else str(pretrained),
+            pretrained=None if kind in ("none", "folder") else str(pretrained),
             device=device,
             precision=precision,
             cache_dir=cache_dir,
@@ -130,15 +152,16 @@ def load_backbone(
                 f"checkpoint on a connected machine and pass its path, e.g. --pretrained "
                 f"/path/to/open_clip_pytorch_model.bin"
             ) from None
-        if kind == "file":
+        if kind in ("file", "folder"):
+            where = pretrained if kind == "file" else arch[len(LOCAL_DIR):]
             if exc.__class__.__name__ == "UnpicklingError":
                 raise BackboneError(
-                    f"{pretrained}: refused to load: the file holds pickled Python objects besides tensors, and "
+                    f"{where}: refused to load: the file holds pickled Python objects besides tensors, and "
                     f"only weights are read (torch.load weights_only=True); if you trust the file, re-save its "
                     f"state dict with safetensors") from None
             if _is_shape_mismatch(exc):
-                raise BackboneError(f"{pretrained}: not a checkpoint of {arch} ({first})") from None
-            raise BackboneError(f"{pretrained}: unreadable checkpoint ({exc.__class__.__name__}: {first})") from None
+                raise BackboneError(f"{where}: not a checkpoint of {arch} ({first})") from None
+            raise BackboneError(f"{where}: unreadable checkpoint ({exc.__class__.__name__}: {first})") from None
         raise
     tokenizer = open_clip.get_tokenizer(arch)
     return Backbone(model=model, preprocess=preprocess, tokenizer=tokenizer, arch=arch, pretrained=pretrained)

@@ -99,6 +99,15 @@ def encoder_info(encoder: Any, embed: EmbedConfig | None = None) -> dict[str, An
     }
 
 
+def _check_finite(features: np.ndarray, items: Sequence[Item], out: Path) -> None:
+    """Refuse NaN/inf embeddings (e.g. weights that diverged): an index of them finds nothing."""
+    bad = ~np.isfinite(np.asarray(features, dtype=np.float32)).all(axis=1)
+    if bad.any():
+        first = items[int(np.flatnonzero(bad)[0])].path
+        raise IndexFolderError(f"{out}: {int(bad.sum())} of {len(bad)} embeddings are NaN or inf (first: {first}); "
+                          f"the model's weights are not finite, so nothing was written")
+
+
 def check_output_folder(out: Path, fingerprint: str, overwrite: bool = False) -> None:
     """Refuse, before anything is written, an ``out`` that is a file, or that holds a finished
     index of another model (unless ``overwrite``): re-indexing must never replace it silently."""
@@ -149,6 +158,7 @@ def build_index(
         )
         kept = [items[p] for p in result.positions]
         skipped = [items[p].path for p in result.skipped]
+        _check_finite(result.features, kept, out)
         spec = resolve_index_type(config.index_type, len(kept), config.search_params)
         folder = write_index_folder(
             out, result.features, kept, spec=spec, encoder_info=encoder_info(encoder, embed_cfg),
@@ -166,6 +176,7 @@ def build_index(
     )
     kept = [mine[p] for p in result.positions]
     skipped = [mine[p].path for p in result.skipped]
+    _check_finite(result.features, kept, out)
     (part_dir / PART_FILE).unlink(missing_ok=True)
     _save_npy(part_dir / EMBEDDINGS_FILE, result.features)
     write_items(part_dir / ITEMS_FILE, kept)

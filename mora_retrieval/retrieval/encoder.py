@@ -26,7 +26,7 @@ import torch
 from ..adapters import load_adapters, merge_adapters
 from ..device import resolve_device, resolve_precision
 from ..errors import BackboneError
-from ..model.backbone import embed_dim, image_size_of, load_backbone, weights_fingerprint
+from ..model.backbone import embed_dim, image_size_of, load_backbone, local_dir_arch, weights_fingerprint
 from ..model.combiner import load_combiner
 from ..model.encode import composed_query, encode_image_batch, encode_texts
 from ..runs import COMBINER_FILE, CONFIG_FILE, FinishedRun
@@ -107,8 +107,15 @@ def load_encoder(
         arch = finished.arch
         combiner = combiner if combiner is not None else finished.find(COMBINER_FILE)
         source = {"arch": arch, "pretrained": finished.pretrained, "run": str(finished.path.resolve())}
-    elif arch is None:
-        raise BackboneError("no architecture given (use --model ARCH or --run DIR)")
+    if checkpoint is not None and Path(checkpoint).is_dir():  # a self-describing folder (`mora-ret merge -o DIR`)
+        folder_arch = local_dir_arch(checkpoint)
+        if folder_arch is None:
+            raise BackboneError(f"{checkpoint}: not a checkpoint folder (expected open_clip_config.json, as "
+                                f"`mora-ret merge -o FOLDER` writes)")
+        arch, checkpoint, pretrained = folder_arch, None, None
+        source = {"arch": arch, "pretrained": None}
+    if arch is None:
+        raise BackboneError("no architecture given (use --model ARCH, --checkpoint FOLDER or --run DIR)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random weights warn; the index records them as such
         if run is not None:

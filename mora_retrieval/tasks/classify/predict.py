@@ -47,7 +47,7 @@ def load_run_classifier(run_dir: str | os.PathLike, device: str | torch.device =
     """The classifier of a finished run folder, on ``device``."""
     record = read_run_config(run_dir)
     run = FinishedRun.open(run_dir, TrainingError)
-    head_path = run.require(HEAD_FILE, TrainingError)
+    head_path = run.require(HEAD_FILE)
     head, meta = load_head(head_path)
     backbone = run.load_model()
     dim = embed_dim(backbone.model)

@@ -114,7 +114,7 @@ def train_classifier(settings: ClassifySettings, train_config: TrainConfig, run_
         console.print("[yellow]no epoch had a finite validation metric; keeping the last weights[/]")
     module.to("cpu")
     save_adapters(classifier.clip, run_dir / ADAPTER_DIR, arch=settings.arch,
-                  extra={"task": "classify", "dataset": settings.dataset})
+                  extra={"pretrained": settings.pretrained, "task": "classify", "dataset": settings.dataset})
     save_head(classifier.head, run_dir / HEAD_FILE, probe.task, probe.class_names, settings.features)
     merge_adapters(classifier.clip)
     export_checkpoint(classifier.clip, run_dir / MERGED_FILE)

@@ -30,7 +30,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
+from .analysis import AnalyzeConfig, analyze_run
+from .data.shapes import PARTS, generate_shapes_world, read_world_manifest
+from .engine import TrainConfig
 from .fileio import read_json, write_json
+from .report import Section, rows_from_metrics, write_report
+from .retrieval.build import BuildConfig, build_index
+from .retrieval.embed import EmbedConfig
+from .retrieval.encoder import load_encoder
+from .retrieval.evaluate import CategoryTable, RelevanceRule, evaluate_coco
+from .retrieval.gallery import render_gallery
+from .retrieval.items import coco_items
+from .retrieval.search import search
+from .runs import PRETRAINED_FILE as CHECKPOINT
+from .tasks.cir import CIRSettings, train_cirr
+from .tasks.classify import ClassifySettings, train_classifier
+from .tasks.classify.settings import default_adapter_config, default_train_config
+from .tasks.pretrain import PretrainSettings, is_pretrained, pretrain
 
 
 @dataclass
@@ -78,10 +97,6 @@ class _Clock:
 
 def coco_chance(folder: Any, rule: Any, ks=(1, 5, 10)) -> dict[str, float]:
     """Expected Recall@K (percent) of a random ranking under the protocol of METHOD.md §5."""
-    import numpy as np
-
-    from .retrieval.evaluate import CategoryTable
-
     table = CategoryTable.from_items(folder.items)
     n = folder.count
     rel = table.relevance(np.arange(n), rule)
@@ -100,8 +115,6 @@ def coco_chance(folder: Any, rule: Any, ks=(1, 5, 10)) -> dict[str, float]:
 
 
 def _world(settings: DemoSettings, console) -> dict[str, Path]:
-    from .data.shapes import PARTS, generate_shapes_world, read_world_manifest
-
     root = Path(settings.out) / "world"
     if (root / "shapes_world.json").is_file():
         manifest = read_world_manifest(root)
@@ -113,10 +126,6 @@ def _world(settings: DemoSettings, console) -> dict[str, Path]:
 
 
 def _pretrain(settings: DemoSettings, world: dict[str, Path], console, quiet: bool) -> Path:
-    from .engine import TrainConfig
-    from .runs import PRETRAINED_FILE as CHECKPOINT
-    from .tasks.pretrain import PretrainSettings, is_pretrained, pretrain
-
     run = Path(settings.out) / "pretrain"
     spec = PretrainSettings(
         run_dir=str(run), arch=settings.arch, coco_root=str(world["coco"]),
@@ -134,9 +143,6 @@ def _pretrain(settings: DemoSettings, world: dict[str, Path], console, quiet: bo
 
 
 def _train_cir(settings: DemoSettings, world, checkpoint: Path, method: str, console, quiet: bool) -> dict:
-    from .engine import TrainConfig
-    from .tasks.cir import CIRSettings, train_cirr
-
     run = Path(settings.out) / "runs" / f"cir-{method}"
     cir = CIRSettings.with_defaults(str(world["cirr"]), str(run), method, arch=settings.arch,
                                     pretrained=str(checkpoint))
@@ -152,12 +158,6 @@ def _train_cir(settings: DemoSettings, world, checkpoint: Path, method: str, con
 
 
 def _index_and_eval(name: str, world, encoder_kwargs: dict, settings: DemoSettings) -> dict:
-    from .retrieval.build import BuildConfig, build_index
-    from .retrieval.embed import EmbedConfig
-    from .retrieval.encoder import load_encoder
-    from .retrieval.evaluate import RelevanceRule, evaluate_coco
-    from .retrieval.items import coco_items
-
     encoder = load_encoder(settings.arch, **encoder_kwargs)
     out = Path(settings.out) / "indexes" / name
     if out.exists():
@@ -174,9 +174,6 @@ def _index_and_eval(name: str, world, encoder_kwargs: dict, settings: DemoSettin
 
 
 def _classify(settings: DemoSettings, world, checkpoint: Path, console, quiet: bool) -> dict:
-    from .tasks.classify import ClassifySettings, train_classifier
-    from .tasks.classify.settings import default_adapter_config, default_train_config
-
     run = Path(settings.out) / "runs" / "classify-food101"
     spec = ClassifySettings(dataset="food101", data_root=str(world["food101"]), arch=settings.arch,
                             pretrained=str(checkpoint), adapter=default_adapter_config("food101", "mora"),
@@ -190,8 +187,6 @@ def _classify(settings: DemoSettings, world, checkpoint: Path, console, quiet: b
 
 
 def _analyze(settings: DemoSettings, classify: dict, console, quiet: bool):
-    from .analysis import AnalyzeConfig, analyze_run
-
     _log(console, f"embedding analysis of the classification run (up to {settings.analysis_samples} test samples)")
     config = AnalyzeConfig(max_samples=settings.analysis_samples, num_workers=settings.workers)
     return analyze_run(classify["run"], config=config, console=None if quiet else console)
@@ -199,10 +194,6 @@ def _analyze(settings: DemoSettings, classify: dict, console, quiet: bool):
 
 def run_demo(settings: DemoSettings, console=None, quiet: bool = False) -> dict[str, Any]:
     """Run every step; return the results and write ``<out>/report.html`` and ``<out>/results.json``."""
-    import torch
-
-    from .retrieval.search import search
-
     torch.manual_seed(settings.seed)
     out = Path(settings.out)
     clock = _Clock()
@@ -293,9 +284,6 @@ def _summarise(settings, world, cir, retrieval, classify, query_image, caption, 
 
 def _write_report(path: Path, summary, cir, retrieval, classify, checkpoint, query_image, caption, hits,
                   analysis) -> Path:
-    from .report import Section, rows_from_metrics, write_report
-    from .retrieval.gallery import render_gallery
-
     data = summary["json"]
     cirr_cols = ["recall@1", "recall@5", "recall@10", "recall@50", "recall_subset@1", "recall_subset@2",
                  "recall_subset@3", "avg"]

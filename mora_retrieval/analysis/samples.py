@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from ..data.base import ImageDataset
 from ..errors import DataError
@@ -107,8 +108,6 @@ def encode_samples(encoders: Mapping[str, Any], samples: PairedSamples, transfor
     Returns the samples that survived (pairs whose image was a skipped bad image are dropped) and
     ``{name: Embeddings}`` aligned with them.
     """
-    from torch.utils.data import DataLoader
-
     loader = DataLoader(_ImageFiles(samples.image_paths, transform, skip_bad_images), batch_size=batch_size,
                         shuffle=False, num_workers=num_workers, collate_fn=_collate)
     kept: list[torch.Tensor] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
+import torch
 from torch.utils.data import Dataset
 
 from .images import BadImageLog, ImageReader
@@ -60,8 +61,6 @@ class ClassificationDataset(ImageDataset):
 
     def label_tensor(self, index: int) -> Any:
         """The label as a tensor: ``long`` scalar, or a ``float`` multi-hot vector."""
-        import torch
-
         if self.task == "multilabel":
             return torch.tensor(self.labels[index], dtype=torch.float32)
         return torch.tensor(self.labels[index], dtype=torch.long)

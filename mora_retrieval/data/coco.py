@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+from pycocotools.coco import COCO
+
 from ..errors import DataError
 from ..fileio import read_json
 from .base import ImageDataset
@@ -22,8 +24,6 @@ from .images import require_dir, require_files
 
 def _load_coco(path: Path, what: str, keys: tuple[str, ...]) -> Any:
     """A ``pycocotools.coco.COCO`` built from ``path`` after checking its top-level keys."""
-    from pycocotools.coco import COCO
-
     data = read_json(path, what, error=DataError)
     if not isinstance(data, dict) or any(not isinstance(data.get(k), list) for k in keys):
         raise DataError(f"{path}: not a COCO {what} (expected lists under: {', '.join(keys)})")

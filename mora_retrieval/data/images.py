@@ -23,6 +23,7 @@ statistics (OpenAI's), whatever the model.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -69,8 +70,6 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 
 def decode_image_bytes(data: bytes, origin: str) -> Image.Image:
     """Decode an encoded image held in memory (``origin`` names it in errors) as RGB."""
-    import io
-
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import DataError
@@ -158,16 +160,12 @@ class WithMissingModality(Dataset):
         return getattr(self.dataset, name)
 
     def _blank(self, image: Any) -> Any:
-        import torch
-
         if not isinstance(image, torch.Tensor):
             raise DataError("WithMissingModality needs a dataset whose transform returns tensors")
         if self.missing_image == "ones":
             return torch.ones_like(image)
         shape = tuple(image.shape)
         if shape not in self._white:
-            from PIL import Image
-
             transform = getattr(self.dataset, "transform", None)
             if transform is None:
                 raise DataError("the 'white' missing-image fill needs the dataset's transform")
@@ -199,7 +197,5 @@ class WithMissingModality(Dataset):
 
     @staticmethod
     def _blank_check(image: Any) -> None:
-        import torch
-
         if not isinstance(image, torch.Tensor):
             raise DataError("WithMissingModality needs a dataset whose transform returns tensors")

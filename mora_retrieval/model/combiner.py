@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 
 from ..errors import MoraError
@@ -59,8 +60,6 @@ def save_combiner(combiner: Combiner, path: str | Path) -> None:
 
 def load_combiner(path: str | Path, map_location: str = "cpu") -> Combiner:
     """Read a file written by :func:`save_combiner`; one-line errors for damaged files."""
-    from safetensors import safe_open
-
     path = Path(path)
     tensors = load_tensors(path, "Combiner file")
     with safe_open(str(path), framework="pt") as handle:

@@ -36,7 +36,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.v2 import functional as TF
 
+from ..data.images import load_image
 from ..errors import DataError
 from ..fileio import atomic_write, read_json, write_json
 
@@ -94,13 +100,9 @@ class _ImageFiles:
         return len(self.paths)
 
     def __getitem__(self, position: int) -> tuple[int, Any, str | None]:
-        from ..data.images import load_image
-
         path = self.paths[position]
         try:
             if self.raw_jpeg and path.lower().endswith(JPEG_SUFFIXES):
-                import torch
-
                 with open(path, "rb") as handle:
                     data = handle.read()
                 if not data:
@@ -117,8 +119,6 @@ class _ImageFiles:
 
 def _load_jpeg_draft(path: str, size: int) -> Any:
     """Decode a JPEG at the smallest DCT scale whose sides are still >= ``size``."""
-    from PIL import Image
-
     try:
         with Image.open(path) as img:
             img.draft("RGB", (size, size))
@@ -131,8 +131,6 @@ def _load_jpeg_draft(path: str, size: int) -> Any:
 @contextlib.contextmanager
 def _cpu_threads(threads: int | None) -> Iterator[None]:
     """Temporarily limit torch's intra-op threads (``None``: leave them)."""
-    import torch
-
     if threads is None:
         yield
         return
@@ -146,8 +144,6 @@ def _cpu_threads(threads: int | None) -> Iterator[None]:
 
 def _collate(batch: list[tuple[int, Any, str | None]]) -> tuple[list[int], Any, list[int], list[Any], list[tuple[int, str]]]:
     """Split a batch into CPU-preprocessed tensors, raw JPEG bytes and failures."""
-    import torch
-
     tensor_pos, tensors, jpeg_pos, jpegs, bad = [], [], [], [], []
     for position, value, error in batch:
         if error is not None:
@@ -164,9 +160,6 @@ def _collate(batch: list[tuple[int, Any, str | None]]) -> tuple[list[int], Any, 
 
 def gpu_preprocess(images: list[Any], cfg: dict[str, Any]) -> Any:
     """Resize (short side, bicubic), centre-crop and normalise decoded uint8 CHW tensors."""
-    import torch
-    from torchvision.transforms.v2 import functional as TF
-
     size = int(cfg["size"])
     mean = torch.tensor(cfg["mean"], device=images[0].device).view(3, 1, 1)
     std = torch.tensor(cfg["std"], device=images[0].device).view(3, 1, 1)
@@ -180,8 +173,6 @@ def gpu_preprocess(images: list[Any], cfg: dict[str, Any]) -> Any:
 
 def decode_jpegs_gpu(data: list[Any], paths: list[str], device: str) -> tuple[list[Any], list[tuple[int, str]]]:
     """Decode JPEG bytes on the GPU; returns the images and ``(index, message)`` for failures."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     try:
         return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device)), []
     except RuntimeError:  # one bad file fails the batch: retry one by one to find it
@@ -239,9 +230,6 @@ def embed_paths(
     digest of the item list) must match for recorded chunks to be reused. ``on_chunk(c)`` is
     called after chunk ``c`` is safely on disk.
     """
-    import torch
-    from torch.utils.data import DataLoader
-
     config = config or EmbedConfig()
     paths = [str(p) for p in paths]
     n = len(paths)

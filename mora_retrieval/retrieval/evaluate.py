@@ -18,13 +18,16 @@ through the composed-query path with an empty caption.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 from ..errors import IndexFolderError, MoraError
+from .embed import EmbedConfig, embed_paths
 from .items import Item
+from .search import check_encoder, search_vectors
 
 RELEVANCE_RULES = ("exact", "primary", "any", "jaccard:T")
 
@@ -167,8 +170,6 @@ def evaluate_queries(
     folder: Any, queries: np.ndarray, rule: RelevanceRule, ks: Sequence[int] = (1, 5, 10), block: int = 1024
 ) -> RecallResult:
     """Recall@K of ``queries[i]`` (the query of gallery row ``i``) against the index."""
-    from .search import search_vectors
-
     table = CategoryTable.from_items(folder.items, str(folder.path / "items.jsonl"))
     n = folder.count
     if queries.shape[0] != n:
@@ -184,13 +185,6 @@ def evaluate_queries(
 
 def cir_queries(folder: Any, encoder: Any, embed: Any = None, reporter: Any = None, batch: int = 4096) -> np.ndarray:
     """Every gallery image through the composed-query path with an empty caption ``[N, d]``."""
-    from dataclasses import replace
-
-    import torch
-
-    from .embed import EmbedConfig, embed_paths
-    from .search import check_encoder
-
     check_encoder(folder, encoder)
     fast_jpeg = bool(folder.manifest.get("preprocess", {}).get("fast_jpeg", False))  # decode as the index did
     config = replace(embed or EmbedConfig(), normalize=False, skip_bad_images=False, fast_jpeg=fast_jpeg)

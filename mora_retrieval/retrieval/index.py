@@ -27,6 +27,7 @@ load): IVF ``nprobe = max(16, nlist/16)``; HNSW ``efSearch = 128``; an HNSW quan
 from __future__ import annotations
 
 import datetime as _dt
+import io
 import json
 import math
 import re
@@ -34,8 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import faiss
 import numpy as np
 
+import mora_retrieval
 from ..errors import IndexFolderError, MoraError
 from ..fileio import atomic_write, read_json, write_json
 from .items import Item
@@ -116,8 +119,6 @@ def resolve_index_type(index_type: str, count: int, search_params: str | None = 
 
 def apply_search_params(index: Any, params: str, where: str = "index") -> None:
     """Set ``nprobe``/``efSearch``/... from a ParameterSpace string."""
-    import faiss
-
     if not params:
         return
     try:
@@ -136,8 +137,6 @@ def _first_line(exc: BaseException) -> str:
 
 def check_index_spec(spec: IndexSpec, count: int, dim: int) -> None:
     """Fail early (before any encoding) on a bad factory string or too few vectors to train."""
-    import faiss
-
     try:
         faiss.index_factory(dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
@@ -157,8 +156,6 @@ def build_faiss_index(
 
     Trainable indexes (IVF, PQ) are trained on a random sample drawn across all parts.
     """
-    import faiss
-
     if isinstance(parts, np.ndarray):
         parts = [parts]
     parts = [p for p in parts if p.shape[0] > 0]
@@ -194,8 +191,6 @@ def build_faiss_index(
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    import io
-
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     with atomic_write(path, "wb") as handle:
@@ -230,8 +225,6 @@ def read_items(path: Path) -> list[Item]:
 
 def write_faiss(path: Path, index: Any) -> None:
     """faiss.write_index through an atomic write."""
-    import faiss
-
     data = faiss.serialize_index(index)
     with atomic_write(path, "wb") as handle:
         handle.write(data.tobytes())
@@ -253,8 +246,6 @@ def write_index_folder(
     ``encoder_info`` holds ``arch``, ``fingerprint``, ``source`` and ``preprocess``. The
     manifest is written last, so a folder with a manifest is complete.
     """
-    import mora_retrieval
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     embeddings = np.asarray(embeddings, dtype=np.float16)
@@ -320,8 +311,6 @@ def load_embeddings(path: Path) -> np.ndarray:
 
 def read_faiss(path: Path) -> Any:
     """faiss.read_index with one-line errors."""
-    import faiss
-
     if not path.is_file():
         raise IndexFolderError(f"{path}: FAISS index file not found")
     try:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from ..errors import MoraError
 from .index import IndexFolder
@@ -75,9 +77,6 @@ def text_is_truncated(tokenizer: Any, text: str) -> bool:
 
 def encode_queries(encoder: Any, queries: Sequence[Query]) -> np.ndarray:
     """The ``[len(queries), d]`` float32 query features, one batched forward per modality."""
-    import torch
-    import torch.nn.functional as F
-
     if not queries:
         raise MoraError("no queries to encode")
     for q in queries:

@@ -13,8 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
+import torch
+import torch.nn.functional as F
 
+from ..data.images import load_image
 from ..errors import IndexFolderError, MoraError
 from .index import IndexFolder
 from .items import Item
@@ -50,9 +54,6 @@ def check_encoder(folder: IndexFolder, encoder: Any) -> None:
 
 
 def _use_torch_exact(folder: IndexFolder) -> bool:
-    import faiss
-    import torch
-
     return folder.manifest.get("index_type") == "Flat" and torch.cuda.is_available() and faiss.get_num_gpus() == 0
 
 
@@ -66,8 +67,6 @@ def search_vectors(folder: IndexFolder, queries: np.ndarray, k: int) -> tuple[np
         raise IndexFolderError(f"{folder.path}: queries of shape {queries.shape} do not match index dimension {folder.dim}")
     k = max(1, min(int(k), folder.count))
     if _use_torch_exact(folder):
-        import torch
-
         gallery = folder.cache.get("torch_gallery")
         if gallery is None:
             gallery = folder.cache["torch_gallery"] = torch.from_numpy(np.asarray(folder.embeddings, dtype=np.float32)).cuda()
@@ -77,7 +76,6 @@ def search_vectors(folder: IndexFolder, queries: np.ndarray, k: int) -> tuple[np
     if folder.index is None:
         raise IndexFolderError(f"{folder.path}: index not loaded")
     index = folder.index
-    import faiss
 
     if faiss.get_num_gpus() > 0 and not folder.cache.get("faiss_on_gpu"):
         try:
@@ -92,8 +90,6 @@ def search_vectors(folder: IndexFolder, queries: np.ndarray, k: int) -> tuple[np
 
 def encode_query(encoder: Any, image: str | Path | None = None, text: str | None = None) -> np.ndarray:
     """The ``[1, d]`` query feature: image only, text only, or composed when both are given."""
-    from ..data.images import load_image
-
     if image is None and text is None:
         raise MoraError("give a query: --image FILE, --text TEXT, or both")
     img_raw = txt_raw = None
@@ -105,8 +101,6 @@ def encode_query(encoder: Any, image: str | Path | None = None, text: str | None
     if img_raw is not None and txt_raw is not None:
         feats = encoder.encode_composed(img_raw, txt_raw)
     else:
-        import torch.nn.functional as F
-
         feats = F.normalize(img_raw if img_raw is not None else txt_raw, dim=-1)
     return feats.float().cpu().numpy()
 

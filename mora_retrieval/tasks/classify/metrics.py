@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torchmetrics.functional.classification import binary_auroc as _auroc, multiclass_accuracy, multilabel_f1_score
 
 TASKS = ("multiclass", "multilabel", "binary")
 
@@ -37,8 +38,6 @@ def _check(task: str, logits: torch.Tensor, targets: torch.Tensor) -> None:
 
 def top1_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Percentage of rows whose arg-max logit is the label."""
-    from torchmetrics.functional.classification import multiclass_accuracy
-
     if len(labels) == 0:
         return math.nan
     value = multiclass_accuracy(logits.float(), labels.long(), num_classes=logits.shape[1], average="micro",
@@ -49,8 +48,6 @@ def top1_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 def multilabel_f1(logits: torch.Tensor, targets: torch.Tensor, average: str = "macro", threshold: float = 0.5) -> float:
     """F1 of ``sigmoid(logits) > threshold`` in percent: per class, then averaged (``"macro"``), or
     over every (sample, class) decision pooled (``"micro"``)."""
-    from torchmetrics.functional.classification import multilabel_f1_score
-
     if len(targets) == 0:
         return math.nan
     probs = torch.sigmoid(logits.float())
@@ -61,8 +58,6 @@ def multilabel_f1(logits: torch.Tensor, targets: torch.Tensor, average: str = "m
 
 def binary_auroc(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """AUROC of ``softmax(logits)[:, 1]`` (two logits per row) against 0/1 labels, in percent."""
-    from torchmetrics.functional.classification import binary_auroc as _auroc
-
     labels = labels.long()
     if len(labels) == 0 or bool((labels == labels[0]).all()):
         return math.nan

@@ -36,6 +36,7 @@ import torch
 from .analysis import AnalyzeConfig, analyze_run
 from .data.shapes import PARTS, generate_shapes_world, read_world_manifest
 from .engine import TrainConfig
+from .engine.checkpoint import curves_path
 from .fileio import read_json, write_json
 from .report import Section, rows_from_metrics, write_report
 from .retrieval.build import BuildConfig, build_index
@@ -45,7 +46,7 @@ from .retrieval.evaluate import CategoryTable, RelevanceRule, evaluate_coco
 from .retrieval.gallery import render_gallery
 from .retrieval.items import coco_items
 from .retrieval.search import search
-from .runs import PRETRAINED_FILE as CHECKPOINT
+from .runs import PRETRAIN_DIR, PRETRAINED_FILE as CHECKPOINT, RESULTS_FILE, STAGE1_DIR, STAGE2_DIR
 from .tasks.cir import CIRSettings, train_cirr
 from .tasks.classify import ClassifySettings, train_classifier
 from .tasks.classify.settings import default_adapter_config, default_train_config
@@ -225,7 +226,7 @@ def run_demo(settings: DemoSettings, console=None, quiet: bool = False) -> dict[
 
     summary = _summarise(settings, world, cir, retrieval, classify, query_image, first["caption"], hits, clock)
     summary["json"]["analysis"] = str(analysis.files["json"])
-    write_json(out / "results.json", summary["json"])
+    write_json(out / RESULTS_FILE, summary["json"])
     report = _write_report(out / "report.html", summary, cir, retrieval, classify, checkpoint, query_image,
                            first["caption"], hits, analysis.section())
     summary["report"] = str(report)
@@ -312,12 +313,12 @@ def _write_report(path: Path, summary, cir, retrieval, classify, checkpoint, que
     cls.table("Test", ["model", classify["metric"], "majority baseline"],
               [["MoRA (merged)", classify["test_metric"], classify["majority_baseline"]]])
     curves = Section("Training curves")
-    curves.images.append(("contrastive pretraining", Path(checkpoint).parent / "train" / "curves.png"))
+    curves.images.append(("contrastive pretraining", curves_path(Path(checkpoint).parent / PRETRAIN_DIR)))
     for method in ("full", "mora"):
         run = Path(cir[method]["run"])
-        curves.images.append((f"CIR {method}: stage 1", run / "stage1" / "curves.png"))
-        curves.images.append((f"CIR {method}: Combiner", run / "stage2" / "curves.png"))
-    curves.images.append(("classification", Path(classify["run"]) / "curves.png"))
+        curves.images.append((f"CIR {method}: stage 1", curves_path(run / STAGE1_DIR)))
+        curves.images.append((f"CIR {method}: Combiner", curves_path(run / STAGE2_DIR)))
+    curves.images.append(("classification", curves_path(Path(classify["run"]))))
     gallery = Section("A composed search", notes=[f"Query: {query_image} + \"{caption}\" against the CLIP4CIR + MoRA "
                                                   "index of the COCO-format val images."])
     gallery.embedded_pages.append(render_gallery(hits, image=query_image, text=caption, title="composed search"))

@@ -22,9 +22,6 @@ from torch import nn
 from ..errors import MoraError
 from ..fileio import load_tensors, save_tensors
 
-COMBINER_FILE = "combiner.safetensors"
-
-
 class Combiner(nn.Module):
     """Baldrati et al.'s Combiner over ``dim``-d CLIP features."""
 

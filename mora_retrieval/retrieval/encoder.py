@@ -24,9 +24,10 @@ from typing import Any, Callable
 import torch
 
 from ..adapters import load_adapters, merge_adapters
+from ..data.images import preprocess_spec
 from ..device import resolve_device, resolve_precision
 from ..errors import BackboneError
-from ..model.backbone import embed_dim, image_size_of, load_backbone, local_dir_arch, weights_fingerprint
+from ..model.backbone import embed_dim, load_backbone, local_dir_arch, weights_fingerprint
 from ..model.combiner import load_combiner
 from ..model.encode import composed_query, encode_image_batch, encode_texts
 from ..runs import COMBINER_FILE, CONFIG_FILE, FinishedRun
@@ -71,17 +72,11 @@ class Encoder:
 
 
 def preprocess_config(model: Any) -> dict[str, Any]:
-    """The model's eval preprocessing as plain data (size, mean, std, interpolation, resize mode)."""
-    cfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
-    size = cfg.get("size", image_size_of(model))
-    size = int(size[0] if isinstance(size, (tuple, list)) else size)
-    return {
-        "size": size,
-        "mean": [float(x) for x in cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))],
-        "std": [float(x) for x in cfg.get("std", (0.26862954, 0.26130258, 0.27577711))],
-        "interpolation": str(cfg.get("interpolation", "bicubic")),
-        "resize_mode": str(cfg.get("resize_mode", "shortest")),
-    }
+    """The model's eval preprocessing as plain data (size, mean, std, interpolation, resize mode),
+    as the index manifest records it."""
+    spec = preprocess_spec(model)
+    return {"size": spec.size[0], "mean": list(spec.mean), "std": list(spec.std), "interpolation": spec.interpolation,
+            "resize_mode": spec.resize_mode}
 
 
 def load_encoder(

@@ -32,15 +32,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
-from rich.text import Text
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ...adapters import add_adapters, export_checkpoint, merge_adapters, save_adapters, trainable_share
 from ...data.missing import MissingSpec
 from ...device import available_cores, default_num_workers, resolve_device, resolve_precision
 from ...engine import TrainConfig, Trainer, load_best
 from ...engine.distributed import detect
+from ...engine.progress import SamplesPerSecond
 from ...errors import TrainingError
 from ...fileio import atomic_write, read_json
 from ...model.backbone import embed_dim, load_backbone
@@ -53,19 +52,13 @@ from .predict import load_run_classifier
 from .settings import ClassifySettings, scenario_data
 
 
-class _SamplesPerSecond(ProgressColumn):
-    def render(self, task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text("– samples/s" if speed is None else f"{speed:,.1f} samples/s", style="progress.data.speed")
-
-
 @contextlib.contextmanager
 def eval_progress(console: Any, total: int, label: str = "evaluate") -> Iterator[Callable[[int], None] | None]:
     """A rich bar (samples, samples/s, ETA) on a terminal console; yields its ``advance(n)`` or ``None``."""
     if console is None or not getattr(console, "is_terminal", False) or getattr(console, "quiet", False):
         yield None
         return
-    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), _SamplesPerSecond(),
+    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), SamplesPerSecond(),
                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console) as progress:
         task = progress.add_task(label, total=total)
         yield lambda n: progress.advance(task, n)

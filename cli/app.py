@@ -34,10 +34,18 @@ for _name in COMMAND_MODULES:
     importlib.import_module(f"mora_retrieval_cli.{_name}").register(app)
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 def main() -> None:
-    """Console-script entry point: user errors become one line on stderr and exit status 1."""
+    """Console-script entry point: user errors become one line on stderr and exit status 1;
+    warnings print as one ``warning: …`` line (no source location)."""
+    import warnings
+
     from mora_retrieval.errors import MoraError
 
+    warnings.formatwarning = _one_line_warning
     try:
         app()
     except MoraError as exc:

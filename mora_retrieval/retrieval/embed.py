@@ -338,28 +338,27 @@ def decode_jpegs(data: Any, offsets: Sequence[int], paths: Sequence[str], device
 
 
 def resize_crop(images: Sequence[Any], size: int, mode: str = "shortest", interpolation: str = "bicubic",
-                max_group: int = MAX_RESIZE_GROUP) -> Any:
-    """Resize and centre-crop uint8 ``[3, h, w]`` images of any sizes to float32 ``[B, 3, size, size]``.
+                max_group: int = MAX_RESIZE_GROUP) -> tuple[Any, list[int]]:
+    """Resize and centre-crop uint8 ``[3, h, w]`` images of any sizes: ``(pixels, order)``.
 
-    Values are in 0..255 and rounded, as the uint8 result of the PIL preprocessing would be.
-    Same-size images are resized together (:func:`plan_resize_groups`).
+    ``pixels`` is float32 ``[B, 3, size, size]`` in 0..255, rounded as the uint8 result of the
+    PIL preprocessing would be; row ``j`` is ``images[order[j]]``. Same-size images are
+    resized together (:func:`plan_resize_groups`) and land in consecutive rows, so the batch
+    is assembled from slice copies alone (no index tensor, nothing that waits for the device).
     """
     import torch
     import torch.nn.functional as F
 
-    device = images[0].device
-    out = torch.empty((len(images), 3, size, size), dtype=torch.float32, device=device)
+    out = torch.empty((len(images), 3, size, size), dtype=torch.float32, device=images[0].device)
+    order: list[int] = []
     for group in plan_resize_groups([tuple(img.shape[-2:]) for img in images], size, mode, max_group):
         x = torch.stack([images[i] for i in group.indices]).float()
         if group.resized != group.source:
             x = F.interpolate(x, size=group.resized, mode=interpolation, antialias=True, align_corners=False)
         top, left = group.crop
-        x = x[:, :, top : top + size, left : left + size].clamp_(0, 255).round_()
-        if len(group.indices) == len(images):
-            out.copy_(x)
-        else:
-            out.index_copy_(0, torch.tensor(group.indices, device=device), x)
-    return out
+        out[len(order) : len(order) + len(group.indices)] = x[:, :, top : top + size, left : left + size].clamp_(0, 255).round_()
+        order.extend(group.indices)
+    return out, order
 
 
 def normalize_pixels(pixels: Any, mean: Any, std: Any, dtype: Any) -> Any:
@@ -367,17 +366,20 @@ def normalize_pixels(pixels: Any, mean: Any, std: Any, dtype: Any) -> Any:
     return pixels.float().div(255).sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1)).to(dtype)
 
 
-def preprocess_decoded(images: Sequence[Any], cfg: dict[str, Any], dtype: Any = None) -> Any:
+def preprocess_decoded(images: Sequence[Any], cfg: dict[str, Any], dtype: Any = None,
+                       mean_std: tuple[Any, Any] | None = None) -> tuple[Any, list[int]]:
     """The model's preprocessing (``cfg``: size, mean, std, interpolation, resize_mode) of
-    decoded uint8 ``[3, h, w]`` images, batched, on their device: ``[B, 3, S, S]`` in ``dtype``."""
+    decoded uint8 ``[3, h, w]`` images, batched, on their device: ``([B, 3, S, S] in dtype, order)``
+    with ``order`` as in :func:`resize_crop`. ``mean_std``: the two as tensors on that device."""
     import torch
 
-    device = images[0].device
-    mean = torch.tensor(cfg["mean"], dtype=torch.float32, device=device)
-    std = torch.tensor(cfg["std"], dtype=torch.float32, device=device)
-    pixels = resize_crop(images, int(cfg["size"]), str(cfg.get("resize_mode", "shortest")),
-                         str(cfg.get("interpolation", "bicubic")))
-    return normalize_pixels(pixels, mean, std, dtype or torch.float32)
+    if mean_std is None:
+        device = images[0].device
+        mean_std = (torch.tensor(cfg["mean"], dtype=torch.float32, device=device),
+                    torch.tensor(cfg["std"], dtype=torch.float32, device=device))
+    pixels, order = resize_crop(images, int(cfg["size"]), str(cfg.get("resize_mode", "shortest")),
+                                str(cfg.get("interpolation", "bicubic")))
+    return normalize_pixels(pixels, mean_std[0], mean_std[1], dtype or torch.float32), order
 
 
 @dataclass
@@ -431,10 +433,9 @@ class _Stager:
             bad.extend((loaded.jpeg_positions[i], message) for i, message in failed)
             good = [i for i, img in enumerate(decoded) if img is not None]
             if good:
-                pixels = resize_crop([decoded[i] for i in good], int(self.cfg["size"]),
-                                     str(self.cfg.get("resize_mode", "shortest")), str(self.cfg.get("interpolation", "bicubic")))
-                parts.append(normalize_pixels(pixels, self.mean, self.std, self.dtype))
-                positions.extend(loaded.jpeg_positions[i] for i in good)
+                batch, order = preprocess_decoded([decoded[i] for i in good], self.cfg, self.dtype, (self.mean, self.std))
+                parts.append(batch)
+                positions.extend(loaded.jpeg_positions[good[j]] for j in order)
         if loaded.images is not None:
             images = loaded.images.to(self.device, non_blocking=True)
             parts.append(images.to(self.dtype) if loaded.normalized else normalize_pixels(images, self.mean, self.std, self.dtype))

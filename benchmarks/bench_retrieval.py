@@ -28,8 +28,9 @@
    once (``faiss.contrib.ivf_tools.add_preassigned``); search speed and recall do not depend
    on that shortcut. nlist is 1024 at 100k and 2048 at 1M.
 
-Usage: ``python benchmarks/bench_retrieval.py [--skip-index] [--search-n 100000] [--images 512]``;
-prints Markdown tables (paste them into ``BENCHMARKS.md``).
+Usage: ``python benchmarks/bench_retrieval.py [--skip-index] [--search-n 100000] [--images 512] [--repeat 3]``;
+prints Markdown tables (paste them into ``BENCHMARKS.md``). With ``--repeat`` every embedding
+row is timed that many times in turn and the best is reported (for noisy shared machines).
 """
 
 from __future__ import annotations
@@ -179,7 +180,7 @@ def transport_only(paths: list[str], batch: int, workers: int, per_batch: bool) 
     return len(paths) / (time.perf_counter() - start)
 
 
-def bench_embedding(arch: str, count: int, batch: int, device: str, workers: int | None) -> list[dict]:
+def bench_embedding(arch: str, count: int, batch: int, device: str, workers: int | None, repeat: int = 1) -> list[dict]:
     from mora_retrieval.retrieval.embed import EmbedConfig, default_workers, embed_paths
     from mora_retrieval.retrieval.encoder import load_encoder
 
@@ -189,28 +190,32 @@ def bench_embedding(arch: str, count: int, batch: int, device: str, workers: int
     workers = default_workers() if workers is None else workers
     rows: list[dict] = []
 
-    def row(pipeline: str, rate: float) -> None:
+    def row(pipeline: str, measure) -> None:
+        rates = [measure() for _ in range(repeat)]
         rows.append({"model": arch, "device": device, "images": count, "batch": batch, "workers": workers,
-                     "pipeline": pipeline, "img_s": rate})
-        print(f"  {arch} {device} {pipeline:<58} {rate:9.1f} img/s", flush=True)
+                     "pipeline": pipeline, "img_s": max(rates)})
+        print(f"  {arch} {device} {pipeline:<58} {' '.join(f'{r:9.1f}' for r in rates)} img/s", flush=True)
+
+    def toolkit(fast: bool) -> float:
+        start = time.perf_counter()
+        embed_paths(encoder, paths, EmbedConfig(batch_size=batch, workers=workers, fast_jpeg=fast))
+        _sync(device)
+        return count / (time.perf_counter() - start)
 
     on_cuda = device.startswith("cuda")
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_images(Path(tmp), count)
         embed_paths(encoder, paths[:batch], EmbedConfig(batch_size=batch, workers=0))  # warm-up
-        row("plain loop (1 process, PIL, fp32)", plain_loop(encoder.model, encoder.preprocess, paths, batch, device))
+        row("plain loop (1 process, PIL, fp32)", lambda: plain_loop(encoder.model, encoder.preprocess, paths, batch, device))
         row(f"clip-retrieval-style peer ({workers} workers, PIL, {'autocast bf16' if on_cuda else 'fp32'})",
-            peer_loader(encoder.model, encoder.preprocess, paths, batch, device, workers))
+            lambda: peer_loader(encoder.model, encoder.preprocess, paths, batch, device, workers))
         for fast in (False,) if on_cuda else (False, True):
-            start = time.perf_counter()
-            embed_paths(encoder, paths, EmbedConfig(batch_size=batch, workers=workers, fast_jpeg=fast))
-            _sync(device)
             name = "GPU JPEG decode, bf16" if on_cuda else ("--fast-jpeg" if fast else "default")
-            row(f"toolkit `embed_paths` ({workers} workers, {name})", count / (time.perf_counter() - start))
+            row(f"toolkit `embed_paths` ({workers} workers, {name})", lambda: toolkit(fast))
         row(f"transport only: JPEG bytes, one tensor per image ({workers} workers)",
-            transport_only(paths, batch, workers, per_batch=False))
+            lambda: transport_only(paths, batch, workers, per_batch=False))
         row(f"transport only: JPEG bytes, one buffer per batch ({workers} workers)",
-            transport_only(paths, batch, workers, per_batch=True))
+            lambda: transport_only(paths, batch, workers, per_batch=True))
     return rows
 
 
@@ -226,12 +231,15 @@ def clustered(n: int, d: int, centres: np.ndarray, rng: np.random.Generator, noi
     return out
 
 
-def bench_exact_search(n: int, d: int, batches: list[int], min_seconds: float) -> list[dict]:
-    """queries/s of ``search_vectors`` (k=10) over an exact float16 gallery, per query batch size."""
+def bench_exact_search(n: int, d: int, batches: list[int], min_seconds: float, device: str) -> list[dict]:
+    """queries/s of ``search_vectors`` (k=10) over an exact float16 gallery, per query batch size.
+
+    On CPU the torch exact path (``search_exact_torch``, float32) is timed beside it for context.
+    """
     import faiss
 
     from mora_retrieval.retrieval.index import IndexFolder
-    from mora_retrieval.retrieval.search import search_vectors
+    from mora_retrieval.retrieval.search import search_exact_torch, search_vectors
 
     rng = np.random.default_rng(1)
     centres = rng.standard_normal((2000, d), dtype=np.float32)
@@ -243,19 +251,26 @@ def bench_exact_search(n: int, d: int, batches: list[int], min_seconds: float) -
         index.add(stored[s : s + 65536].astype(np.float32))
     folder = IndexFolder(path=Path("<memory>"), manifest={"count": n, "dim": d, "index_type": "Flat"}, items=[],
                          embeddings=stored, index=index)
-    search_vectors(folder, queries[:1], 10)  # warm-up (moves the gallery to the GPU on the torch path)
+    paths = {"search_vectors": lambda q: search_vectors(folder, q, 10)}
+    if device == "cpu":
+        paths["search_exact_torch (cpu)"] = lambda q: search_exact_torch(folder, q, 10, "cpu")
+    for search in paths.values():
+        search(queries[:1])  # warm-up (moves the gallery to the device on the torch path)
     rows = []
     for b in batches:
-        calls, start = 0, time.perf_counter()
-        while True:
-            start_row = (calls * b) % (queries.shape[0] - b + 1)
-            search_vectors(folder, queries[start_row : start_row + b], 10)
-            calls += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= min_seconds:
-                break
-        rows.append({"n": n, "batch": b, "calls": calls, "qps": calls * b / elapsed})
-        print(f"  exact search n={n:,} batch {b:>5}: {calls * b / elapsed:10.0f} queries/s ({calls} calls)", flush=True)
+        row = {"n": n, "batch": b}
+        for name, search in paths.items():
+            calls, start = 0, time.perf_counter()
+            while True:
+                start_row = (calls * b) % (queries.shape[0] - b + 1)
+                search(queries[start_row : start_row + b])
+                calls += 1
+                elapsed = time.perf_counter() - start
+                if elapsed >= min_seconds:
+                    break
+            row[name] = calls * b / elapsed
+            print(f"  exact search n={n:,} batch {b:>5} {name:<26}: {row[name]:10.0f} queries/s ({calls} calls)", flush=True)
+        rows.append(row)
     return rows
 
 
@@ -350,6 +365,7 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--images", type=int, default=512, help="JPEG files for the CPU embedding rows")
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers for peer and toolkit (default: the toolkit's)")
+    parser.add_argument("--repeat", type=int, default=1, help="time each embedding row this many times, report the best")
     parser.add_argument("--gpu-arch", default="ViT-B-16")
     parser.add_argument("--gpu-images", type=int, default=8192, help="JPEG files for the GPU embedding rows")
     parser.add_argument("--search-n", type=int, default=1_000_000, help="gallery size of the exact-search rows")
@@ -371,9 +387,9 @@ def main() -> None:
           f"torch {torch.__version__}, threads {torch.get_num_threads()}, faiss {faiss.__version__} (GPUs: {faiss.get_num_gpus()})\n")
     if not args.skip_embed:
         if device == "cuda":
-            emb_rows = bench_embedding(args.gpu_arch, args.gpu_images, 256, device, args.workers)
+            emb_rows = bench_embedding(args.gpu_arch, args.gpu_images, 256, device, args.workers, args.repeat)
         else:
-            emb_rows = bench_embedding("mora-tiny", args.images, 128, device, args.workers)
+            emb_rows = bench_embedding("mora-tiny", args.images, 128, device, args.workers, args.repeat)
         peer = next(r["img_s"] for r in emb_rows if r["pipeline"].startswith("clip-retrieval"))
         print("\n| model | device | images | batch | pipeline | images/s | vs peer |")
         print("|---|---|---:|---:|---|---:|---:|")
@@ -382,11 +398,12 @@ def main() -> None:
                   f"{r['img_s'] / peer:.2f}x |")
         print()
     if not args.skip_search:
-        search_rows = bench_exact_search(args.search_n, args.dim, args.search_batches, args.search_seconds)
-        print("\n| gallery | query batch | queries/s |")
-        print("|---:|---:|---:|")
+        search_rows = bench_exact_search(args.search_n, args.dim, args.search_batches, args.search_seconds, device)
+        names = [k for k in search_rows[0] if k not in ("n", "batch")]
+        print("\n| gallery | query batch | " + " | ".join(f"{name} (queries/s)" for name in names) + " |")
+        print("|---:|---:|" + "---:|" * len(names))
         for r in search_rows:
-            print(f"| {r['n']:,} x {args.dim} | {r['batch']:,} | {r['qps']:,.0f} |")
+            print(f"| {r['n']:,} x {args.dim} | {r['batch']:,} | " + " | ".join(f"{r[name]:,.0f}" for name in names) + " |")
         print()
     if args.skip_index:
         return

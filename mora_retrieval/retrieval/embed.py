@@ -402,7 +402,6 @@ class _Stager:
     def __init__(self, encoder: Any, paths: Sequence[str], mean_std: tuple[list[float], list[float]]) -> None:
         import torch
 
-        self.encoder = encoder
         self.paths = paths
         self.device = str(encoder.device)
         self.dtype = encoder.pipeline_dtype

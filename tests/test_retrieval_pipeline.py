@@ -189,6 +189,8 @@ def test_wrong_model_and_corrupt_query_are_refused(world, tmp_path):
     bad.write_bytes(b"\xff\xd8 truncated")
     with pytest.raises(DataError, match="q.jpg"):
         search(world["full"], world["encoder"], image=bad)
+    with pytest.raises(IndexError_, match="k must be at least 1, got 0"):
+        search(world["full"], world["encoder"], text="a red circle", k=0)
 
 
 def test_evaluate_coco_image_and_cir_modes(world):

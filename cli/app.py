@@ -58,10 +58,18 @@ def build_app(root: typer.Typer, modules: tuple[str, ...] = COMMAND_MODULES) -> 
 build_app(app)
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 def main() -> None:
-    """Console-script entry point: user errors become one line on stderr and exit status 1."""
+    """Console-script entry point: user errors become one line on stderr and exit status 1;
+    warnings print as one ``warning: …`` line (no source location)."""
+    import warnings
+
     from mora_retrieval.errors import MoraError
 
+    warnings.formatwarning = _one_line_warning
     try:
         app()
     except MoraError as exc:

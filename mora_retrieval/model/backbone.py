@@ -18,7 +18,9 @@ which plain open_clip loads by itself, the toolkit's own architectures included.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,13 +134,14 @@ def load_backbone(
     if kind == "none":
         warnings.warn(f"{arch}: no pretrained weights given, the model is randomly initialised", stacklevel=2)
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            arch,
-            pretrained=None if kind in ("none", "folder") else str(pretrained),
-            device=device,
-            precision=precision,
-            cache_dir=cache_dir,
-        )
+        with _without_open_clip_random_weights_log():  # the warning above says it once
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                arch,
+                pretrained=None if kind in ("none", "folder") else str(pretrained),
+                device=device,
+                precision=precision,
+                cache_dir=cache_dir,
+            )
     except Exception as exc:  # open_clip raises RuntimeError, AssertionError, pickle/safetensors errors
         first = _first_sentence(str(exc)) or exc.__class__.__name__
         if kind == "tag":
@@ -160,6 +163,20 @@ def load_backbone(
         raise
     tokenizer = open_clip.get_tokenizer(arch)
     return Backbone(model=model, preprocess=preprocess, tokenizer=tokenizer, arch=arch, pretrained=pretrained)
+
+
+@contextlib.contextmanager
+def _without_open_clip_random_weights_log() -> Iterator[None]:
+    """Drop open_clip's own "No pretrained weights loaded" log line, which repeats ours."""
+    def keep(record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
 
 
 def _is_shape_mismatch(exc: Exception) -> bool:

@@ -12,20 +12,26 @@
 The encoder runs in fp32 on CPU and under bf16 autocast on CUDA. Features returned by
 ``encode_images``/``encode_texts`` are L2-normalised unless ``normalize=False``; the composed
 query uses the Combiner when one is loaded, else ``normalize(image_raw + text_raw)``.
+
+The embedding pipeline encodes through ``encode_prepared``: on CUDA a copy of the image tower
+whose weights are cast to bf16 once (no autocast: every layer runs in bf16), on CPU the fp32
+model as ``encode_images`` does.
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 
 from ..adapters import load_adapters, merge_adapters
 from ..data.images import preprocess_spec
-from ..device import resolve_device, resolve_precision
+from ..device import inference_dtype, resolve_device, resolve_precision
 from ..errors import BackboneError
 from ..model.backbone import embed_dim, load_backbone, local_dir_arch, weights_fingerprint
 from ..model.combiner import load_combiner
@@ -46,11 +52,41 @@ class Encoder:
     combiner: Any = None
     preprocess_cfg: dict[str, Any] = field(default_factory=dict)
     precision: str = "fp32"
+    _towers: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def encode_images(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Features (float32, on ``device``) of a preprocessed image batch ``[B, 3, H, W]``."""
         with torch.inference_mode():
             return encode_image_batch(self.model, images, torch.device(self.device), self.precision, normalize)
+
+    @property
+    def pipeline_dtype(self) -> torch.dtype:
+        """The dtype of :meth:`encode_prepared`'s input and weights: bf16 on CUDA, else float32."""
+        return inference_dtype(torch.device(self.device))
+
+    def image_tower(self, dtype: torch.dtype) -> Any:
+        """The image tower with weights in ``dtype``: the model's own for its dtype, else a
+        copy cast once and kept (the model itself is left as it is)."""
+        visual = self.model.visual
+        if next(visual.parameters()).dtype == dtype:
+            return visual
+        if dtype not in self._towers:
+            self._towers[dtype] = copy.deepcopy(visual).to(dtype=dtype).eval()
+        return self._towers[dtype]
+
+    def encode_prepared(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Features (float32, on ``device``) of a preprocessed batch, for the embedding pipeline.
+
+        On CUDA the batch runs through :meth:`image_tower` in bf16 without autocast; on CPU
+        this is :meth:`encode_images`.
+        """
+        dtype = self.pipeline_dtype
+        if dtype == torch.float32:
+            return self.encode_images(images, normalize=normalize)
+        with torch.inference_mode():
+            feats = self.image_tower(dtype)(images.to(self.device, dtype=dtype, non_blocking=True))
+            feats = (feats[0] if isinstance(feats, tuple) else feats).float()
+        return F.normalize(feats, dim=-1) if normalize else feats
 
     def encode_texts(self, texts: list[str], normalize: bool = True) -> torch.Tensor:
         """Features (float32, on ``device``) of a list of strings."""

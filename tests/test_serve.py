@@ -30,7 +30,8 @@ from mora_retrieval.data.images import load_image  # noqa: E402
 from mora_retrieval.errors import IndexFolderError, MoraError  # noqa: E402
 from mora_retrieval.retrieval.encoder import load_encoder_from_source  # noqa: E402
 from mora_retrieval.retrieval.index import load_index_folder  # noqa: E402
-from mora_retrieval.retrieval.queries import Query, QueryQueue, search_many  # noqa: E402
+from mora_retrieval.retrieval.queries import QueryQueue  # noqa: E402
+from mora_retrieval.retrieval.search import Query, search_many  # noqa: E402
 from mora_retrieval.retrieval.search import search  # noqa: E402
 from mora_retrieval.retrieval.serve import (  # noqa: E402
     TEXT_TRUNCATED_HEADER,

@@ -46,8 +46,8 @@ from starlette.routing import Route
 from ..data.images import decode_image_bytes, load_image
 from ..errors import DataError, MoraError
 from .index import IndexFolder
-from .queries import EMPTY_QUERY, Query, QueryQueue, search_many, search_payload, text_is_truncated
-from .search import check_encoder
+from .queries import QueryQueue, search_payload, text_is_truncated
+from .search import EMPTY_QUERY, Query, check_encoder, search_many
 
 MAX_K = 1000
 STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}

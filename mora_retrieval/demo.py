@@ -74,8 +74,9 @@ class DemoSettings:
 
     @classmethod
     def smoke(cls, out: str) -> "DemoSettings":
-        return cls(out=out, world="tiny", pretrain_epochs=1, pretrain_batch=32, cir_epochs=1, cir_batch=8,
-                   combiner_epochs=1, classify_epochs=1, classify_batch=16, workers=0)
+        """The tiny world; pretraining long enough (30 short epochs) that the CIR models beat chance."""
+        return cls(out=out, world="tiny", pretrain_epochs=30, pretrain_batch=32, cir_epochs=2, cir_batch=8,
+                   combiner_epochs=2, classify_epochs=5, classify_batch=16, workers=0)
 
 
 def _log(console, message: str) -> None:
@@ -273,12 +274,12 @@ def _summarise(settings, world, cir, retrieval, classify, query_image, caption, 
     json_out["verdict"] = verdict
     below = [f"{name}: {metric}" for rows, chance in ((cirr_rows, cirr_chance), (coco_rows, coco_chance_row))
              for name, metrics in rows.items() for metric, value in metrics.items()
-             if metric in chance and not value > chance[metric]]
+             if metric in chance and chance[metric] < 100.0 and not value > chance[metric]]
     if classify["test_metric"] <= classify["majority_baseline"]:
         below.append(f"classification: {metric}")
     json_out["not_above_chance"] = below
-    chance_note = ("Every model beats chance on every metric." if not below else
-                   "Not above chance: " + "; ".join(below) + ".")
+    chance_note = ("Every model beats chance on every metric that chance does not already score 100 on."
+                   if not below else "Not above chance: " + "; ".join(below) + ".")
     return {"json": json_out, "cirr_rows": cirr_rows, "cirr_chance": cirr_chance, "coco_rows": coco_rows,
             "coco_chance": coco_chance_row, "verdict": verdict, "chance_note": chance_note}
 

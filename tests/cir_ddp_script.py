@@ -1,4 +1,4 @@
-"""Run by tests/test_cir.py under ``torch.distributed.run`` (2 gloo processes): train_cirr end to end."""
+"""Run by tests/test_tasks_cir.py under ``torch.distributed.run`` (2 gloo processes): train_cirr end to end."""
 
 import sys
 import warnings

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from test_retrieval_fixtures import write_tiny_checkpoint
+from retrieval_fixtures import write_tiny_checkpoint
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import functional as TF
 

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from test_retrieval_fixtures import write_tiny_checkpoint
+from retrieval_fixtures import write_tiny_checkpoint
 
 from mora_retrieval.model.backbone import load_backbone, weights_fingerprint
 from mora_retrieval.errors import BackboneError

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_retrieval_fixtures import write_tiny_checkpoint, write_tiny_coco
+from retrieval_fixtures import write_tiny_checkpoint, write_tiny_coco
 
 from mora_retrieval.data.images import load_image
 from mora_retrieval.errors import DataError, IndexFolderError

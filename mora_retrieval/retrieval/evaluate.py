@@ -29,8 +29,6 @@ from .embed import EmbedConfig, embed_paths
 from .items import Item
 from .search import check_encoder, search_vectors
 
-RELEVANCE_RULES = ("exact", "primary", "any", "jaccard:T")
-
 
 @dataclass
 class RecallResult:

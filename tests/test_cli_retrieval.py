@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import typer
-from test_retrieval_fixtures import write_tiny_checkpoint, write_tiny_coco
+from retrieval_fixtures import write_tiny_checkpoint, write_tiny_coco
 from typer.testing import CliRunner
 
 

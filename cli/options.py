@@ -7,7 +7,7 @@ import typer
 # mora_retrieval.adapters.list_methods(), written out so that --help imports no torch
 # (tests/test_cli_app.py checks that the two agree).
 METHOD_HELP = ("Adapter method: mora | no_gram | learned_gram | no_shared | no_specific | subtract_base | lora | dora "
-               "| bitfit | full.")
+               "| bitfit | full | dcp | mmp.")
 
 DEVICE_HELP = "auto (cuda:LOCAL_RANK when CUDA is present, else cpu) | cpu | cuda | cuda:N."
 PRECISION_HELP = "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32."

@@ -21,6 +21,10 @@ class AdapterConfig:
     ``text_layers`` give explicit block indices instead (paired in the order given).
     ``alpha=None`` takes the method's default (``methods.py``): 0.01 for MoRA and its ablations
     (the deltas are scaled by α directly), ``r`` for LoRA/DoRA (scale α/r = 1, as usual in PEFT).
+
+    Prompt methods (``dcp``, ``mmp``) ignore the projection fields and use ``prompt_length``
+    (tokens added per layer) and ``prompt_depth`` (the first N blocks of each tower get prompts);
+    ``None`` takes the method's default (``prompts.py``).
     """
 
     method: str = "mora"
@@ -31,6 +35,8 @@ class AdapterConfig:
     layers: int | None = 2
     vision_layers: tuple[int, ...] | None = None
     text_layers: tuple[int, ...] | None = None
+    prompt_length: int | None = None
+    prompt_depth: int | None = None
 
     def __post_init__(self) -> None:
         self.targets = tuple(self.targets)
@@ -46,6 +52,23 @@ class AdapterConfig:
             raise AdapterError(f"adapter ranks must be >= 1 (got r={self.r}, r_shared={self.r_shared})")
         if self.layers is not None and self.layers < 1:
             raise AdapterError(f"layers must be >= 1 (got {self.layers})")
+        for name in ("prompt_length", "prompt_depth"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
+                raise AdapterError(f"{name} must be a whole number >= 1 (got {value!r})")
+
+    @property
+    def is_prompt_method(self) -> bool:
+        return get_method(self.method).make_prompts is not None
+
+    def resolved_prompts(self) -> tuple[int, int]:
+        """``(prompt_length, prompt_depth)`` in use: the configured ones, else the method's defaults."""
+        method = get_method(self.method)
+        if method.prompt_defaults is None:
+            raise AdapterError(f"method '{self.method}' adds no prompts")
+        length, depth = method.prompt_defaults
+        return (int(self.prompt_length if self.prompt_length is not None else length),
+                int(self.prompt_depth if self.prompt_depth is not None else depth))
 
     def resolved_alpha(self) -> float:
         return get_method(self.method).alpha(self.alpha, self.r)

@@ -48,6 +48,8 @@ def register(app: typer.Typer) -> None:
         alpha: Optional[float] = typer.Option(None, "--alpha", help="Low-rank strength α [dataset default for MoRA]."),
         targets: Optional[str] = typer.Option(None, "--targets", help="Projections, e.g. q,v [dataset default]."),
         layers: Optional[int] = typer.Option(None, "--layers", help="Adapt the last N blocks of each tower [2]."),
+        prompt_length: Optional[int] = typer.Option(None, "--prompt-length", help="dcp / mmp: prompt tokens per block [dcp 36, mmp 16]."),
+        prompt_depth: Optional[int] = typer.Option(None, "--prompt-depth", help="dcp / mmp: prompts in the first N blocks of each tower [6]."),
         features: str = typer.Option("normalized", "--features", help="Head input: normalized | raw CLIP embeddings."),
         epochs: Optional[int] = typer.Option(None, "--epochs"),
         lr: Optional[float] = typer.Option(None, "--lr"),
@@ -70,12 +72,14 @@ def register(app: typer.Typer) -> None:
         grid: bool = typer.Option(False, "--grid", help="Train and test every scenario of the paper's table."),
         grid_ratios: str = typer.Option("0.5,0.7,0.9", "--grid-ratios", help="Missing ratios of the grid."),
         grid_types: str = typer.Option("text,image,both", "--grid-types", help="Missing types of the grid."),
+        methods: Optional[str] = typer.Option(None, "--methods", help="With --grid: one column per method, e.g. mora,lora,dora,dcp,mmp,full (the paper's Table 1 / 4); replaces --adapter."),
         quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
     ) -> None:
         """Train adapters + a linear head under missing modalities, keep the best epoch, merge, and test.
 
         Writes adapter/, head.safetensors, merged.safetensors and results.json into the run folder
-        (besides the engine's config.json, metrics.jsonl, checkpoints/ and curves.png).
+        (besides the engine's config.json, metrics.jsonl, checkpoints/ and curves.png). The prompt
+        methods (dcp, mmp) cannot be merged: they are tested unmerged and write no merged.safetensors.
         """
 
         from mora_retrieval.errors import TrainingError
@@ -91,8 +95,12 @@ def register(app: typer.Typer) -> None:
                                                          default_train_config)
 
         name = canonical_dataset(dataset)
-        adapter = default_adapter_config(name, method, r=rank, r_shared=rank_shared or rank, alpha=alpha,
-                                         targets=_csv(targets), layers=layers)
+        method_list = _csv(methods)
+        if method_list is not None and (not grid or not method_list):
+            raise TrainingError("--methods needs --grid and at least one method (e.g. --grid --methods mora,dcp)")
+        overrides = dict(r=rank, r_shared=rank_shared or rank, alpha=alpha, targets=_csv(targets), layers=layers,
+                         prompt_length=prompt_length, prompt_depth=prompt_depth)
+        adapter = default_adapter_config(name, method_list[0] if method_list else method, **overrides)
         settings = ClassifySettings(
             dataset=name, data_root=str(data_root), arch=model, pretrained=pretrained, adapter=adapter.to_dict(),
             missing=missing, val_missing=val_missing, test_missing=test_missing, missing_image=missing_image,
@@ -103,8 +111,9 @@ def register(app: typer.Typer) -> None:
             warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, patience=patience, max_steps=max_steps,
             num_workers=workers, device=device, precision=precision, seed=seed)
         if grid:
-            _grid(console, settings, train_config, run_dir or Path(f"runs/classify-{name}-{method}-grid"),
-                  grid_ratios, grid_types, resume, quiet)
+            default_dir = f"runs/classify-{name}-grid" if method_list else f"runs/classify-{name}-{method}-grid"
+            _grid(console, settings, train_config, run_dir or Path(default_dir), grid_ratios, grid_types, resume,
+                  quiet, method_list, overrides)
             return
         run_dir = run_dir or Path(f"runs/classify-{name}-{method}-{settings.scenarios['train'].replace(':', '')}")
         results = train_classifier(settings, train_config, run_dir, resume=resume, console=console, quiet=quiet)
@@ -112,8 +121,8 @@ def register(app: typer.Typer) -> None:
             return
         scen = results["scenario"]
         console.print(_metrics_table(
-            f"{name} test — {results['method']} on {model}, train {scen['train']} / test {scen['test']} (merged model)",
-            results["test"], results["metric"]))
+            f"{name} test — {results['method']} on {model}, train {scen['train']} / test {scen['test']} "
+            f"({results['evaluated_on']} model)", results["test"], results["metric"]))
         share = results["trainable"]
         console.print(f"best epoch {results['best_epoch']} (val {results['metric']} {results['best_val_metric']:.2f}); "
                       f"majority baseline {results['majority_baseline']:.2f}; trainable {share['params']:,} "
@@ -163,12 +172,13 @@ def _eval_only(console, dataset, run_dir, test_missing, data_root, split, device
                           split=split, device=device, batch_size=batch_size, num_workers=workers, console=console)
     scen = result["scenario"]
     console.print(_metrics_table(
-        f"{result['dataset']} {split} — {result['method']}, train {scen['train']} / test {scen['test']} (merged model)",
-        result["test"], result["metric"]))
+        f"{result['dataset']} {split} — {result['method']}, train {scen['train']} / test {scen['test']} "
+        f"({result['evaluated_on']} model)", result["test"], result["metric"]))
     console.print(f"written to {Path(run_dir) / 'eval'}")
 
 
-def _grid(console, settings, train_config, out_dir: Path, ratios: str, types: str, resume: bool, quiet: bool) -> None:
+def _grid(console, settings, train_config, out_dir: Path, ratios: str, types: str, resume: bool, quiet: bool,
+          methods: Optional[list[str]] = None, overrides: Optional[dict] = None) -> None:
     from rich.markdown import Markdown
 
     from mora_retrieval.errors import TrainingError
@@ -182,8 +192,15 @@ def _grid(console, settings, train_config, out_dir: Path, ratios: str, types: st
     bad = [k for k in kinds if k not in GRID_TYPES] + [str(r) for r in ratio_values if not 0.0 < r <= 1.0]
     if bad or not kinds or not ratio_values:
         raise TrainingError(f"--grid-types must be from text,image,both and --grid-ratios in (0, 1] (bad: {', '.join(bad)})")
+    if methods:
+        from mora_retrieval.adapters import get_method
+
+        for name in methods:
+            get_method(name)  # one line naming the known methods, before any training
+        if len(set(methods)) != len(methods):
+            raise TrainingError(f"--methods repeats a method: {','.join(methods)}")
     run_grid(settings, train_config, out_dir, ratios=ratio_values, types=kinds, resume=resume, console=console,
-             quiet=quiet)
+             quiet=quiet, methods=tuple(methods) if methods else None, adapter_overrides=overrides)
     if (out_dir / "grid.md").is_file():
         console.print(Markdown((out_dir / "grid.md").read_text(encoding="utf-8")))
         console.print(f"tables: {out_dir / 'grid.md'}, {out_dir / 'grid.csv'}")

@@ -132,6 +132,10 @@ def train_cirr(settings: CIRSettings, resume: bool = False, console=None, quiet:
     """
     from ..engine.distributed import process_group
 
+    if not get_method(settings.adapter.method).mergeable:
+        raise TrainingError(f"train cirr: {settings.adapter.method} is a prompt baseline of the classification tables "
+                            f"and cannot be merged, but a CIR run exports a merged encoder; use mora, lora, dora, "
+                            f"bitfit, full or a MoRA ablation")
     with process_group(settings.stage1.device):
         return _train_cirr(settings, resume, console, quiet)
 

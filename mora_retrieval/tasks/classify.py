@@ -12,7 +12,9 @@ modality dominates the head; ``"raw"`` concatenates the unnormalised embeddings.
 Tokenisation happens in the DataLoader's ``collate_fn`` (:class:`ClassifyCollate`, picklable, so
 it runs in the worker processes), never in the training step. A missing modality reaches the
 model exactly as the data protocol prepared it (``WithMissingModality``: the empty string, a
-tensor of ones or the transformed white image); nothing is dropped or masked here.
+tensor of ones or the transformed white image); nothing is dropped or masked here. Each batch's
+``missing`` codes go to the classifier, which hands them to a prompt-adapted model (``dcp``,
+``mmp``: one prompt set per missing case), in training and in evaluation alike.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..adapters import missing_cases
 from ..engine.module import TrainModule
 from .metrics import MAIN_METRIC, TASKS, compute_metrics
 
@@ -78,8 +81,11 @@ class CLIPClassifier(nn.Module):
             img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
         return torch.cat([img, txt], dim=-1)
 
-    def forward(self, image: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(image, tokens))
+    def forward(self, image: torch.Tensor, tokens: torch.Tensor, missing: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits; ``missing`` (one code per sample: 0 complete, 1 text missing, 2 image missing) selects the
+        prompts of a prompt-adapted model (``dcp``, ``mmp``) and is ignored by every other model."""
+        with missing_cases(self.clip, missing):
+            return self.head(self.features(image, tokens))
 
 
 def classification_loss(task: str, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -136,7 +142,7 @@ def predict_logits(classifier: CLIPClassifier, loader: DataLoader, device: torch
         for batch in loader:
             with autocast(device, precision):
                 logits = classifier(batch["image"].to(device, non_blocking=True),
-                                    batch["tokens"].to(device, non_blocking=True))
+                                    batch["tokens"].to(device, non_blocking=True), batch["missing"])
             out["logits"].append(logits.float().cpu())
             for key in ("label", "index", "missing"):
                 out[key].append(batch[key])
@@ -174,7 +180,7 @@ class ClassifyModule(TrainModule):
         self.precision = precision
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = self.classifier(batch["image"], batch["tokens"])
+        logits = self.classifier(batch["image"], batch["tokens"], batch.get("missing"))
         return classification_loss(self.task, logits, batch["label"])
 
     def evaluate(self, device: torch.device) -> dict[str, float]:

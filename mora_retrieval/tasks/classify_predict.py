@@ -1,5 +1,8 @@
 """Predict with a finished classification run (merged weights + head) on one image and/or text.
 
+A prompt-adapted run (``dcp``, ``mmp``) is used unmerged, with the prompts of the input's
+missing case (complete, text missing, image missing).
+
 An absent input is handled exactly like the protocol's missing modality: no text → the empty
 string; no image → a tensor of ones of the model's input shape (or the transformed white image,
 if the run was trained with ``missing_image="white"``). At least one input is required (the
@@ -84,7 +87,8 @@ class Predictor:
                 top_k: int = 5) -> Prediction:
         """Classify one sample; ``top_k`` limits the listed multiclass scores."""
         pixels, tokens, code = self.encode_inputs(image, text)
-        logits = self.classifier(pixels.to(self.device), tokens.to(self.device)).float().cpu()[0]
+        logits = self.classifier(pixels.to(self.device), tokens.to(self.device),
+                                 torch.tensor([code])).float().cpu()[0]
         if self.task == "multilabel":
             probs = torch.sigmoid(logits)
         else:

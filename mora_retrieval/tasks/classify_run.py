@@ -6,8 +6,12 @@ Run folder (the engine's ``config.json``, ``metrics.jsonl``, ``checkpoints/``, `
 - ``head.safetensors``: the linear head of the best epoch (``weight``, ``bias``; metadata: task,
   feature mode, class names);
 - ``merged.safetensors``: the best adapter folded into the backbone, a plain open_clip checkpoint
-  (``open_clip.create_model(arch, pretrained=...)`` loads it);
-- ``results.json``: test metrics on the **merged** model under the test scenario, with the
+  (``open_clip.create_model(arch, pretrained=...)`` loads it); not written for the prompt
+  methods (``dcp``, ``mmp``), which cannot be merged: their runs are loaded and tested unmerged
+  (the backbone rebuilt from the recorded weights, or re-drawn from the training seed, and
+  checked against the adapter's base fingerprint);
+- ``results.json``: test metrics on the **merged** model (``evaluated_on``; prompt methods:
+  ``unmerged``) under the test scenario, with the
   scenarios, dataset, method, best epoch/validation metric, trainable share and the
   majority-class baseline;
 - ``config.json`` gains, once training is done, a top-level ``classify`` record (every setting,
@@ -26,7 +30,7 @@ import csv
 import io
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -97,7 +101,7 @@ def train_classifier(settings: ClassifySettings, train_config: Any, run_dir: str
 
     Under ``torchrun`` only rank 0 finishes the run (files, test); other ranks return ``None``.
     """
-    from ..adapters import merge_adapters, save_adapters, trainable_share, export_checkpoint
+    from ..adapters import export_checkpoint, get_method, merge_adapters, save_adapters, trainable_share
     from ..engine import Trainer, load_best
     from ..engine.distributed import detect
     from .classify import ClassifyCollate, ClassifyModule, evaluate_classifier
@@ -127,8 +131,10 @@ def train_classifier(settings: ClassifySettings, train_config: Any, run_dir: str
     save_adapters(classifier.clip, run_dir / ADAPTER_DIR, arch=settings.arch,
                   extra={"pretrained": settings.pretrained, "task": "classify", "dataset": settings.dataset})
     save_head(classifier.head, run_dir / HEAD_FILE, probe.task, probe.class_names, settings.features)
-    merge_adapters(classifier.clip)
-    export_checkpoint(classifier.clip, run_dir / MERGED_FILE)
+    mergeable = get_method(settings.adapter["method"]).mergeable
+    if mergeable:  # prompt methods are tested as they trained: unmerged
+        merge_adapters(classifier.clip)
+        export_checkpoint(classifier.clip, run_dir / MERGED_FILE)
     _write_run_record(run_dir, settings, probe.task, probe.class_names)
 
     classifier.to(device)
@@ -149,7 +155,7 @@ def train_classifier(settings: ClassifySettings, train_config: Any, run_dir: str
         "metric": metric,
         "test_metric": test[metric],
         "test": test,
-        "evaluated_on": "merged",
+        "evaluated_on": "merged" if mergeable else "unmerged",
         "best_epoch": fit.best_epoch,
         "best_val_metric": fit.best_metric,
         "epochs_run": len(fit.history),
@@ -182,7 +188,11 @@ def _write_run_record(run_dir: Path, settings: ClassifySettings, task: str, clas
 
 
 def load_run_classifier(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Any, ClassifySettings, dict]:
-    """``(classifier on the merged weights, settings, run record)`` of a finished run folder."""
+    """``(classifier, settings, run record)`` of a finished run folder: on the merged weights, or, for a
+    method that cannot be merged (``dcp``, ``mmp``), the backbone with the run's adapter loaded.
+
+    The record gains ``evaluated_on`` (``merged`` or ``unmerged``).
+    """
     from ..backbone import load_backbone
     from .classify import CLIPClassifier
 
@@ -190,10 +200,14 @@ def load_run_classifier(run_dir: str | os.PathLike, device: str | torch.device =
     record = read_run_config(run_dir)
     settings = ClassifySettings.from_dict(record)
     merged, head_path = run_dir / MERGED_FILE, run_dir / HEAD_FILE
-    for path in (merged, head_path):
-        if not path.is_file():
+    unmerged = not _mergeable(settings)
+    for path in (run_dir / ADAPTER_DIR if unmerged else merged, head_path):
+        if not path.exists():
             raise TrainingError(f"{path}: not found (the run did not finish; resume it with --resume)")
-    backbone = load_backbone(settings.arch, str(merged))
+    if unmerged:
+        backbone = _unmerged_backbone(run_dir, settings)
+    else:
+        backbone = load_backbone(settings.arch, str(merged))
     head, meta = load_head(head_path)
     dim = embed_dim_of(backbone.model, backbone.tokenizer)
     if head.in_dim != 2 * dim:
@@ -202,13 +216,38 @@ def load_run_classifier(run_dir: str | os.PathLike, device: str | torch.device =
     record = dict(record)
     record["preprocess"], record["tokenizer"] = backbone.preprocess, backbone.tokenizer
     record["head_meta"] = meta
+    record["evaluated_on"] = "unmerged" if unmerged else "merged"
     return classifier, settings, record
+
+
+def _mergeable(settings: ClassifySettings) -> bool:
+    from ..adapters import get_method
+
+    return get_method(settings.adapter.get("method", "mora")).mergeable
+
+
+def _unmerged_backbone(run_dir: Path, settings: ClassifySettings):
+    """The run's backbone with its adapter folder loaded (not merged), checked against the base fingerprint.
+
+    Random base weights (``pretrained`` none) are re-drawn from the training seed, as training drew them.
+    """
+    from ..adapters import load_adapters
+    from ..backbone import load_backbone
+
+    seed = int((read_json(run_dir / CONFIG_FILE, "run config", error=TrainingError).get("train") or {}).get("seed", 0))
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        backbone = load_backbone(settings.arch, settings.pretrained)
+    load_adapters(backbone.model, run_dir / ADAPTER_DIR, arch=settings.arch)
+    backbone.model.eval()
+    return backbone
 
 
 def evaluate_run(run_dir: str | os.PathLike, test_missing: str | None = None, data_root: str | None = None,
                  split: str = "test", device: str = "auto", batch_size: int | None = None, num_workers: int | None = None,
                  console: Any = None) -> dict[str, Any]:
-    """Re-test a finished run (merged weights + head) under another scenario; writes ``eval/…json``.
+    """Re-test a finished run (merged weights, or the unmerged adapter of a prompt method, + head) under
+    another scenario; writes ``eval/…json``.
 
     A progress bar is shown on ``console`` when it is a terminal.
     """
@@ -231,8 +270,8 @@ def evaluate_run(run_dir: str | os.PathLike, test_missing: str | None = None, da
     metric = MAIN_METRIC[task]
     result = {"task": "classify", "dataset": settings.dataset, "method": settings.adapter["method"],
               "split": split, "scenario": {"train": settings.scenarios["train"], "test": scenario},
-              "metric": metric, "test_metric": metrics[metric], "test": metrics, "evaluated_on": "merged",
-              "samples": len(dataset), "missing_counts": _missing_counts(dataset)}
+              "metric": metric, "test_metric": metrics[metric], "test": metrics,
+              "evaluated_on": record["evaluated_on"], "samples": len(dataset), "missing_counts": _missing_counts(dataset)}
     safe = scenario.replace(":", "_")
     write_json(Path(run_dir) / "eval" / f"{split}-{safe}.json", result)
     return result
@@ -244,46 +283,78 @@ GRID_TYPES = ("text", "image", "both")
 GRID_RATIOS = (0.5, 0.7, 0.9)
 
 
-def grid_cell_dir(out_dir: Path, kind: str, ratio: float) -> Path:
-    return Path(out_dir) / f"{kind}-{ratio:g}"
+def grid_cell_dir(out_dir: Path, kind: str, ratio: float, method: str | None = None) -> Path:
+    """A grid cell's run folder: ``<type>-<ratio>``, under ``<method>/`` in a grid over methods."""
+    out_dir = Path(out_dir) if method is None else Path(out_dir) / method
+    return out_dir / f"{kind}-{ratio:g}"
+
+
+def method_settings(settings: ClassifySettings, method: str, **overrides: Any) -> ClassifySettings:
+    """``settings`` with the adapter of ``method``: the dataset's defaults for it, then ``overrides``
+    (AdapterConfig fields; ``None`` values are ignored)."""
+    from .classify_setup import default_adapter_config
+
+    return replace(settings, adapter=default_adapter_config(settings.dataset, method, **overrides).to_dict())
 
 
 def run_grid(settings: ClassifySettings, train_config: Any, out_dir: str | os.PathLike,
              ratios: tuple[float, ...] = GRID_RATIOS, types: tuple[str, ...] = GRID_TYPES, resume: bool = False,
-             console: Any = None, quiet: bool = False) -> list[dict[str, Any]]:
-    """The paper's table: one run per (type, ratio), trained and tested on that scenario.
+             console: Any = None, quiet: bool = False, methods: tuple[str, ...] | None = None,
+             adapter_overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The paper's tables: one run per (type, ratio), trained and tested on that scenario.
 
-    Cells whose ``results.json`` exists are reused; with ``resume`` an interrupted cell is
+    Without ``methods``, the cells use ``settings``' adapter and live in ``out_dir/<type>-<ratio>``
+    (one method's row of Table 1). With ``methods`` (Table 1 / Table 4 shape), every method gets a
+    cell per scenario in ``out_dir/<method>/<type>-<ratio>``, its adapter being the dataset's
+    defaults for that method plus ``adapter_overrides``. Cells whose ``results.json`` exists are
+    reused (a cell holding another method's run is refused); with ``resume`` an interrupted cell is
     continued. Writes ``grid.md`` and ``grid.csv`` in ``out_dir`` and returns the rows.
     """
+    from ..adapters import get_method
+
     out_dir = Path(out_dir)
+    plan = [(None, settings)] if not methods else \
+        [(m, method_settings(settings, get_method(m).name, **(adapter_overrides or {}))) for m in methods]
     rows = []
-    for kind in types:
-        for ratio in ratios:
-            scenario = f"{kind}:{ratio:g}"
-            cell = grid_cell_dir(out_dir, kind, ratio)
-            done = cell / RESULTS_FILE
-            if done.is_file():
-                result = read_json(done, "results file")
-            else:
-                if console is not None and not quiet:
-                    console.rule(f"{settings.dataset}: train = test = {scenario}")
-                cell_settings = settings.with_scenarios(missing=scenario, val_missing=None, test_missing=scenario)
-                again = resume and (cell / "checkpoints" / "last.pt").is_file()
-                result = train_classifier(cell_settings, train_config, cell, resume=again, console=console,
-                                          quiet=quiet)
-                if result is None:  # a non-zero rank under torchrun
-                    continue
-            rows.append({"dataset": settings.dataset, "method": settings.adapter["method"], "missing_type": kind,
-                         "ratio": ratio, "metric": result["metric"], "value": result["test_metric"],
-                         "run_dir": str(cell)})
+    for method, base in plan:
+        name = base.adapter["method"]
+        for kind in types:
+            for ratio in ratios:
+                scenario = f"{kind}:{ratio:g}"
+                cell = grid_cell_dir(out_dir, kind, ratio, method)
+                done = cell / RESULTS_FILE
+                if done.is_file():
+                    result = read_json(done, "results file", error=TrainingError)
+                    if result.get("method") != name:
+                        raise TrainingError(f"{done}: the cell holds a {result.get('method')!r} run, not {name!r} "
+                                            f"(another grid's folder?); pick another --run-dir")
+                else:
+                    if console is not None and not quiet:
+                        console.rule(f"{settings.dataset} · {name}: train = test = {scenario}")
+                    cell_settings = base.with_scenarios(missing=scenario, val_missing=None, test_missing=scenario)
+                    again = resume and (cell / "checkpoints" / "last.pt").is_file()
+                    result = train_classifier(cell_settings, train_config, cell, resume=again, console=console,
+                                              quiet=quiet)
+                    if result is None:  # a non-zero rank under torchrun
+                        continue
+                rows.append({"dataset": settings.dataset, "method": name, "missing_type": kind,
+                             "ratio": ratio, "metric": result["metric"], "value": result["test_metric"],
+                             "run_dir": str(cell)})
     if rows:
         write_grid_tables(rows, out_dir)
     return rows
 
 
+def _cell(value: Any) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
+
+
 def write_grid_tables(rows: list[dict[str, Any]], out_dir: Path) -> tuple[Path, Path]:
-    """``grid.csv`` (one row per cell) and ``grid.md`` (types × ratios), atomically."""
+    """``grid.csv`` (one row per cell) and ``grid.md``, atomically.
+
+    One method: missing types × ratios. Several (the paper's Table 1 shape): one column per
+    method, one row per (ratio, missing type), and each ratio's average over its types.
+    """
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
@@ -292,15 +363,29 @@ def write_grid_tables(rows: list[dict[str, Any]], out_dir: Path) -> tuple[Path, 
         handle.write(buf.getvalue())
     ratios = sorted({r["ratio"] for r in rows})
     types = list(dict.fromkeys(r["missing_type"] for r in rows))
-    value = {(r["missing_type"], r["ratio"]): r["value"] for r in rows}
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    value = {(r["method"], r["missing_type"], r["ratio"]): r["value"] for r in rows}
     first = rows[0]
-    lines = [f"{first['dataset']} · {first['method']} · {first['metric']} (%) · train = test scenario", "",
-             "| missing type | " + " | ".join(f"η = {100 * r:g}%" for r in ratios) + " |",
-             "|---|" + "---:|" * len(ratios)]
-    for kind in types:
-        cells = [value.get((kind, r)) for r in ratios]
-        lines.append(f"| {kind} | " + " | ".join("–" if v is None or (isinstance(v, float) and math.isnan(v))
-                                                 else f"{v:.2f}" for v in cells) + " |")
+    if len(methods) == 1:
+        lines = [f"{first['dataset']} · {first['method']} · {first['metric']} (%) · train = test scenario", "",
+                 "| missing type | " + " | ".join(f"η = {100 * r:g}%" for r in ratios) + " |",
+                 "|---|" + "---:|" * len(ratios)]
+        for kind in types:
+            lines.append(f"| {kind} | " + " | ".join(_cell(value.get((methods[0], kind, r))) for r in ratios) + " |")
+    else:
+        lines = [f"{first['dataset']} · {first['metric']} (%) · train = test scenario", "",
+                 "| η | missing | " + " | ".join(methods) + " |", "|---:|---|" + "---:|" * len(methods)]
+        for ratio in ratios:
+            for kind in types:
+                cells = [_cell(value.get((m, kind, ratio))) for m in methods]
+                lines.append(f"| {100 * ratio:g}% | {kind} | " + " | ".join(cells) + " |")
+            if len(types) > 1:
+                means = []
+                for m in methods:
+                    got = [value.get((m, kind, ratio)) for kind in types]
+                    ok = all(v is not None and not (isinstance(v, float) and math.isnan(v)) for v in got)
+                    means.append(_cell(sum(got) / len(got)) if ok else "–")
+                lines.append(f"| {100 * ratio:g}% | average | " + " | ".join(means) + " |")
     with atomic_write(out_dir / "grid.md", "w") as handle:
         handle.write("\n".join(lines) + "\n")
     return out_dir / "grid.md", out_dir / "grid.csv"

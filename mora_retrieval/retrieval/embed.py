@@ -1,9 +1,24 @@
 """The embedding pipeline: batched, overlapped, resumable, shardable.
 
-Images are decoded and preprocessed by DataLoader workers (pinned memory on CUDA) while the
-model encodes the previous batch. On CUDA, JPEG files are read as bytes by the workers and
-decoded on the GPU (``torchvision.io.decode_jpeg(device="cuda")``), then resized, cropped and
-normalised there with the model's preprocessing; other formats take the CPU path.
+Transport. DataLoader workers read and decode whole batches: each batch crosses the worker
+queue as at most two tensors (never one per image), because every tensor sent between
+processes costs a shared-memory segment of its own.
+
+* CPU path (the default without CUDA): workers decode with PIL and run the PIL part of the
+  model's preprocessing (resize, centre crop); the batch arrives as one uint8
+  ``[B, 3, S, S]`` tensor and is normalised in the main process. The values are exactly those
+  of the model's preprocessing (``ToTensor`` + ``Normalize`` of the same uint8 pixels).
+* Tensor-decode path (``gpu_decode``, on by default with CUDA): workers only read the files;
+  a batch's JPEG bytes arrive as one uint8 buffer plus offsets and are decoded together by
+  ``torchvision.io.decode_jpeg`` on the encoder's device (nvJPEG on CUDA), then resized in
+  batches (:func:`plan_resize_groups`: one ``interpolate`` per group of same-size images),
+  cropped and normalised there (:func:`preprocess_decoded`). Files that are not JPEGs are
+  decoded and preprocessed by the workers as on the CPU path, in the same batch. With
+  ``device="cpu"`` the same code runs on the CPU (that is how the tests cover it).
+
+On CUDA the image tower runs in bf16 weights cast once (:meth:`.encoder.Encoder.encode_prepared`),
+the next batch is decoded on a side CUDA stream while the current one is encoded, and the
+host waits for the device only when a chunk is written.
 
 Resuming. Work is cut into *chunks* of ``chunk_size`` images. Each finished chunk is written
 to ``<work_dir>/part-NNNNN.npy`` (float16 features) and recorded in
@@ -23,7 +38,8 @@ the cores the workers leave free (restored afterwards), so decoding and encoding
 over the same cores.
 
 Bad images: by default the first unreadable image stops the run with a one-line DataError;
-with ``skip_bad_images`` it is left out and its position recorded.
+with ``skip_bad_images`` it is left out and its position recorded. A JPEG that the tensor
+decoder rejects is retried with PIL before it counts as bad.
 """
 
 from __future__ import annotations
@@ -37,11 +53,15 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import DataError, MoraError
 from ..fileio import atomic_write, read_json, write_json
 
 PROGRESS_FILE = "progress.json"
 JPEG_SUFFIXES = (".jpg", ".jpeg")
+JPEG_SIGNATURE = b"\xff\xd8\xff"  # SOI marker followed by the first segment's marker
+RESIZE_MODES = ("shortest", "squash")  # resize modes the tensor-decode path implements
+INTERPOLATIONS = ("bicubic", "bilinear")
+MAX_RESIZE_GROUP = 64  # images per batched interpolate (bounds the float32 working set)
 
 
 def default_workers() -> int:
@@ -58,7 +78,7 @@ class EmbedConfig:
     workers: int = field(default_factory=default_workers)
     chunk_size: int = 8192
     skip_bad_images: bool = False
-    gpu_decode: bool | None = None  # None: on when the encoder runs on CUDA
+    gpu_decode: bool | None = None  # decode JPEGs with torchvision on the encoder's device; None: on CUDA only
     fast_jpeg: bool = False  # CPU path: let libjpeg decode at a reduced scale (PIL draft mode)
     normalize: bool = True
 
@@ -81,38 +101,187 @@ class Reporter(Protocol):
     def advance(self, count: int) -> None: ...
 
 
-class _ImageFiles:
-    """Dataset over paths: ``(position, tensor | jpeg bytes | None, error message | None)``."""
+# --------------------------------------------------------------------------- plans (pure)
+
+
+def resized_shape(height: int, width: int, size: int, mode: str = "shortest") -> tuple[int, int]:
+    """``(h, w)`` after the model's resize: short side to ``size`` (as torchvision's
+    ``Resize(int)``, long side truncated) or, for ``squash``, ``size x size``."""
+    if mode == "squash":
+        return size, size
+    if mode != "shortest":
+        raise MoraError(f"resize mode '{mode}' has no batched implementation (expected one of: {', '.join(RESIZE_MODES)})")
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(size * long / short)
+    return (new_long, size) if width <= height else (size, new_long)
+
+
+def crop_origin(height: int, width: int, size: int) -> tuple[int, int]:
+    """``(top, left)`` of the centred ``size x size`` window (torchvision's ``center_crop`` rounding)."""
+    return int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+
+
+@dataclass(frozen=True)
+class ResizeGroup:
+    """Images of one source shape, resized by one batched ``interpolate`` and cropped alike."""
+
+    indices: tuple[int, ...]  # positions in the batch
+    source: tuple[int, int]  # (h, w) as decoded
+    resized: tuple[int, int]  # (h, w) after the resize (== source: no resize needed)
+    crop: tuple[int, int]  # (top, left) of the size x size window in the resized image
+
+
+def plan_resize_groups(
+    shapes: Sequence[tuple[int, int]], size: int, mode: str = "shortest", max_group: int = MAX_RESIZE_GROUP
+) -> list[ResizeGroup]:
+    """Group a batch's images by decoded ``(h, w)``: one resize per group of at most ``max_group``.
+
+    Groups come in order of each shape's first appearance, indices ascending; every index
+    appears exactly once.
+    """
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, (h, w) in enumerate(shapes):
+        if h < 1 or w < 1:
+            raise MoraError(f"image {i} of the batch has an empty shape {(h, w)}")
+        by_shape.setdefault((int(h), int(w)), []).append(i)
+    groups = []
+    step = max(1, int(max_group))
+    for (h, w), indices in by_shape.items():
+        rh, rw = resized_shape(h, w, size, mode)
+        top, left = crop_origin(rh, rw, size)
+        for s in range(0, len(indices), step):
+            groups.append(ResizeGroup(tuple(indices[s : s + step]), (h, w), (rh, rw), (top, left)))
+    return groups
+
+
+def batch_plan(n: int, chunk_size: int, batch_size: int, pending: Sequence[int]) -> list[list[int]]:
+    """Batches (lists of positions) covering the ``pending`` chunks; no batch spans two chunks."""
+    batches: list[list[int]] = []
+    step = max(1, int(batch_size))
+    for c in pending:
+        stop = min(n, (c + 1) * chunk_size)
+        batches.extend(list(range(s, min(stop, s + step))) for s in range(c * chunk_size, stop, step))
+    return batches
+
+
+def tensor_decode_supported(cfg: dict[str, Any]) -> bool:
+    """Whether :func:`preprocess_decoded` implements the model's preprocessing ``cfg``."""
+    return str(cfg.get("resize_mode", "shortest")) in RESIZE_MODES and str(cfg.get("interpolation", "bicubic")) in INTERPOLATIONS
+
+
+def split_transform(transform: Callable) -> tuple[Callable, list[float], list[float]] | None:
+    """``(pil_stage, mean, std)`` of a torchvision ``Compose`` ending in ``ToTensor`` +
+    ``Normalize`` (open_clip's eval transform and the toolkit's targetpad are), else ``None``.
+
+    ``pil_stage`` maps a PIL image to the PIL image the ``ToTensor`` step would receive.
+    """
+    from torchvision import transforms as T
+
+    steps = getattr(transform, "transforms", None)
+    if not isinstance(steps, list) or len(steps) < 2:
+        return None
+    to_tensor, normalize = steps[-2], steps[-1]
+    if not isinstance(to_tensor, T.ToTensor) or not isinstance(normalize, T.Normalize):
+        return None
+    return T.Compose(steps[:-2]), [float(x) for x in normalize.mean], [float(x) for x in normalize.std]
+
+
+# --------------------------------------------------------------------------- workers
+
+
+@dataclass
+class LoadedBatch:
+    """What a worker sends for one batch: at most two tensors, whatever the batch size."""
+
+    image_positions: list[int] = field(default_factory=list)
+    images: Any = None  # uint8 [b, 3, S, S] (resized, cropped) or float32 normalised; None when empty
+    normalized: bool = False  # True: ``images`` went through the whole transform (float32)
+    jpeg_positions: list[int] = field(default_factory=list)
+    jpeg_data: Any = None  # uint8 [total bytes]: the JPEG files one after the other
+    jpeg_offsets: list[int] = field(default_factory=list)  # len(jpeg_positions) + 1 byte offsets
+    bad: list[tuple[int, str]] = field(default_factory=list)  # (position, one-line message)
+
+    def pin_memory(self) -> "LoadedBatch":
+        """Called by the DataLoader's pinning thread (``pin_memory=True``)."""
+        pinned = LoadedBatch(**self.__dict__)
+        if self.images is not None:
+            pinned.images = self.images.pin_memory()
+        if self.jpeg_data is not None:
+            pinned.jpeg_data = self.jpeg_data.pin_memory()
+        return pinned
+
+
+class _BatchFiles:
+    """Dataset whose items are whole batches: ``dataset[positions] -> LoadedBatch``."""
 
     def __init__(self, paths: Sequence[str], transform: Callable, raw_jpeg: bool, draft_size: int | None = None) -> None:
         self.paths = list(paths)
         self.transform = transform
+        self.split = split_transform(transform)
         self.raw_jpeg = raw_jpeg
         self.draft_size = draft_size
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, position: int) -> tuple[int, Any, str | None]:
-        from ..data.images import load_image
+    def _decode(self, path: str, data: bytes | None) -> Any:
+        from ..data.images import decode_image_bytes, load_image
 
-        path = self.paths[position]
-        try:
-            if self.raw_jpeg and path.lower().endswith(JPEG_SUFFIXES):
-                import torch
+        if data is not None:
+            return decode_image_bytes(data, path)
+        if self.draft_size and path.lower().endswith(JPEG_SUFFIXES):
+            return _load_jpeg_draft(path, self.draft_size)
+        return load_image(path)
 
-                with open(path, "rb") as handle:
-                    data = handle.read()
-                if not data:
-                    raise DataError(f"{path}: unreadable or corrupt image (empty file)")
-                return position, torch.frombuffer(bytearray(data), dtype=torch.uint8), None
-            if self.draft_size and path.lower().endswith(JPEG_SUFFIXES):
-                return position, self.transform(_load_jpeg_draft(path, self.draft_size)), None
-            return position, self.transform(load_image(path)), None
-        except DataError as exc:
-            return position, None, str(exc)
-        except OSError as exc:
-            return position, None, f"{path}: unreadable image ({exc.__class__.__name__}: {exc})"
+    def __getitem__(self, positions: Sequence[int]) -> LoadedBatch:
+        import torch
+
+        batch = LoadedBatch()
+        ready: list[Any] = []
+        blobs: list[bytes] = []
+        for position in positions:
+            path = self.paths[position]
+            try:
+                data = None
+                if self.raw_jpeg:
+                    with open(path, "rb") as handle:
+                        data = handle.read()
+                    if not data:
+                        raise DataError(f"{path}: unreadable or corrupt image (empty file)")
+                    if data.startswith(JPEG_SIGNATURE):
+                        batch.jpeg_positions.append(position)
+                        blobs.append(data)
+                        continue
+                image = self._decode(path, data)
+                ready.append(_pixels(self.split[0](image)) if self.split else self.transform(image))
+                batch.image_positions.append(position)
+            except DataError as exc:
+                batch.bad.append((position, str(exc)))
+            except OSError as exc:
+                batch.bad.append((position, f"{path}: unreadable image ({exc.__class__.__name__}: {exc})"))
+        if ready and self.split:
+            h, w = ready[0].shape[:2]
+            if any(pixels.shape != ready[0].shape for pixels in ready):
+                raise MoraError(f"the model's preprocessing gives images of different sizes ({ready[0].shape} and others)")
+            out = np.empty((len(ready), 3, h, w), dtype=np.uint8)
+            for i, pixels in enumerate(ready):
+                out[i] = pixels.transpose(2, 0, 1)
+            batch.images = torch.from_numpy(out)
+        elif ready:
+            batch.images, batch.normalized = torch.stack(ready), True
+        if blobs:
+            batch.jpeg_offsets = np.cumsum([0] + [len(b) for b in blobs]).tolist()
+            batch.jpeg_data = torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8)
+        return batch
+
+
+def _pixels(image: Any) -> np.ndarray:
+    """``[h, w, 3]`` uint8 pixels of a PIL image."""
+    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+
+
+def _as_is(batch: LoadedBatch) -> LoadedBatch:
+    return batch
 
 
 def _load_jpeg_draft(path: str, size: int) -> Any:
@@ -126,6 +295,166 @@ def _load_jpeg_draft(path: str, size: int) -> Any:
             return img.convert("RGB")
     except Exception as exc:  # PIL raises many types for truncated or foreign files
         raise DataError(f"{path}: unreadable or corrupt image ({exc.__class__.__name__}: {exc})") from None
+
+
+# --------------------------------------------------------------------------- device side
+
+
+def decode_jpegs(data: Any, offsets: Sequence[int], paths: Sequence[str], device: str) -> tuple[list[Any], list[tuple[int, str]]]:
+    """Decode the JPEGs held back to back in ``data`` (uint8) on ``device``, in one call.
+
+    Returns uint8 ``[3, h, w]`` images (``None`` for failures) and ``(index, message)`` per
+    failure. When the batched call fails, each file is retried alone and then with PIL, so one
+    bad file only costs itself, and a JPEG the tensor decoder cannot read (e.g. CMYK on some
+    nvJPEG versions) is still decoded.
+    """
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from ..data.images import decode_image_bytes
+
+    blobs = [data[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+    if not blobs:
+        return [], []
+    try:
+        return list(decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device)), []
+    except RuntimeError:
+        pass
+    images: list[Any] = []
+    bad: list[tuple[int, str]] = []
+    for i, (blob, path) in enumerate(zip(blobs, paths)):
+        try:
+            images.append(decode_jpeg(blob, mode=ImageReadMode.RGB, device=device))
+            continue
+        except RuntimeError as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        try:
+            pixels = np.asarray(decode_image_bytes(blob.numpy().tobytes(), path))
+            images.append(torch.from_numpy(pixels.transpose(2, 0, 1).copy()).to(device))
+        except DataError as exc:
+            images.append(None)
+            bad.append((i, f"{exc} (tensor JPEG decoder: {reason})"))
+    return images, bad
+
+
+def resize_crop(images: Sequence[Any], size: int, mode: str = "shortest", interpolation: str = "bicubic",
+                max_group: int = MAX_RESIZE_GROUP) -> tuple[Any, list[int]]:
+    """Resize and centre-crop uint8 ``[3, h, w]`` images of any sizes: ``(pixels, order)``.
+
+    ``pixels`` is float32 ``[B, 3, size, size]`` in 0..255, rounded as the uint8 result of the
+    PIL preprocessing would be; row ``j`` is ``images[order[j]]``. Same-size images are
+    resized together (:func:`plan_resize_groups`) and land in consecutive rows, so the batch
+    is assembled from slice copies alone (no index tensor, nothing that waits for the device).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    out = torch.empty((len(images), 3, size, size), dtype=torch.float32, device=images[0].device)
+    order: list[int] = []
+    for group in plan_resize_groups([tuple(img.shape[-2:]) for img in images], size, mode, max_group):
+        x = torch.stack([images[i] for i in group.indices]).float()
+        if group.resized != group.source:
+            x = F.interpolate(x, size=group.resized, mode=interpolation, antialias=True, align_corners=False)
+        top, left = group.crop
+        out[len(order) : len(order) + len(group.indices)] = x[:, :, top : top + size, left : left + size].clamp_(0, 255).round_()
+        order.extend(group.indices)
+    return out, order
+
+
+def normalize_pixels(pixels: Any, mean: Any, std: Any, dtype: Any) -> Any:
+    """``(pixels / 255 - mean) / std`` in float32 (the order of ``ToTensor`` + ``Normalize``), cast to ``dtype``."""
+    return pixels.float().div(255).sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1)).to(dtype)
+
+
+def preprocess_decoded(images: Sequence[Any], cfg: dict[str, Any], dtype: Any = None,
+                       mean_std: tuple[Any, Any] | None = None) -> tuple[Any, list[int]]:
+    """The model's preprocessing (``cfg``: size, mean, std, interpolation, resize_mode) of
+    decoded uint8 ``[3, h, w]`` images, batched, on their device: ``([B, 3, S, S] in dtype, order)``
+    with ``order`` as in :func:`resize_crop`. ``mean_std``: the two as tensors on that device."""
+    import torch
+
+    if mean_std is None:
+        device = images[0].device
+        mean_std = (torch.tensor(cfg["mean"], dtype=torch.float32, device=device),
+                    torch.tensor(cfg["std"], dtype=torch.float32, device=device))
+    pixels, order = resize_crop(images, int(cfg["size"]), str(cfg.get("resize_mode", "shortest")),
+                                str(cfg.get("interpolation", "bicubic")))
+    return normalize_pixels(pixels, mean_std[0], mean_std[1], dtype or torch.float32), order
+
+
+@dataclass
+class _Prepared:
+    """A batch ready to encode: images on the device in the pipeline dtype, and its failures."""
+
+    positions: list[int]
+    images: Any  # [b, 3, S, S] or None
+    bad: list[tuple[int, str]]
+    ready: Any = None  # CUDA event recorded on the side stream after the preparation
+
+
+class _Stager:
+    """Turns a :class:`LoadedBatch` into a :class:`_Prepared` on the encoder's device.
+
+    On CUDA the work runs on a side stream, so the next batch is decoded while the default
+    stream encodes the current one; :meth:`hand_over` makes the default stream wait for it.
+    """
+
+    def __init__(self, encoder: Any, paths: Sequence[str], mean_std: tuple[list[float], list[float]]) -> None:
+        import torch
+
+        self.paths = paths
+        self.device = str(encoder.device)
+        self.dtype = encoder.pipeline_dtype
+        self.cfg = encoder.preprocess_cfg
+        self.mean = torch.tensor(mean_std[0], dtype=torch.float32, device=self.device)
+        self.std = torch.tensor(mean_std[1], dtype=torch.float32, device=self.device)
+        self.stream = torch.cuda.Stream(device=self.device) if self.device.startswith("cuda") else None
+
+    def prepare(self, loaded: LoadedBatch) -> _Prepared:
+        import torch
+
+        context = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+        with context:
+            prepared = self._prepare(loaded)
+            if self.stream is not None:
+                prepared.ready = self.stream.record_event()
+        return prepared
+
+    def _prepare(self, loaded: LoadedBatch) -> _Prepared:
+        import torch
+
+        positions: list[int] = []
+        parts: list[Any] = []
+        bad = list(loaded.bad)
+        if loaded.jpeg_positions:
+            decoded, failed = decode_jpegs(loaded.jpeg_data, loaded.jpeg_offsets,
+                                           [self.paths[p] for p in loaded.jpeg_positions], self.device)
+            bad.extend((loaded.jpeg_positions[i], message) for i, message in failed)
+            good = [i for i, img in enumerate(decoded) if img is not None]
+            if good:
+                batch, order = preprocess_decoded([decoded[i] for i in good], self.cfg, self.dtype, (self.mean, self.std))
+                parts.append(batch)
+                positions.extend(loaded.jpeg_positions[good[j]] for j in order)
+        if loaded.images is not None:
+            images = loaded.images.to(self.device, non_blocking=True)
+            parts.append(images.to(self.dtype) if loaded.normalized else normalize_pixels(images, self.mean, self.std, self.dtype))
+            positions.extend(loaded.image_positions)
+        images = parts[0] if len(parts) == 1 else (torch.cat(parts) if parts else None)
+        return _Prepared(positions, images, bad)
+
+    def hand_over(self, prepared: _Prepared) -> None:
+        """Make the current stream wait for ``prepared`` (no host sync)."""
+        import torch
+
+        if prepared.ready is None:
+            return
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(prepared.ready)
+        if prepared.images is not None:
+            prepared.images.record_stream(current)
+
+
+# --------------------------------------------------------------------------- the run
 
 
 @contextlib.contextmanager
@@ -142,57 +471,6 @@ def _cpu_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def _collate(batch: list[tuple[int, Any, str | None]]) -> tuple[list[int], Any, list[int], list[Any], list[tuple[int, str]]]:
-    """Split a batch into CPU-preprocessed tensors, raw JPEG bytes and failures."""
-    import torch
-
-    tensor_pos, tensors, jpeg_pos, jpegs, bad = [], [], [], [], []
-    for position, value, error in batch:
-        if error is not None:
-            bad.append((position, error))
-        elif value.dtype == torch.uint8 and value.dim() == 1:
-            jpeg_pos.append(position)
-            jpegs.append(value)
-        else:
-            tensor_pos.append(position)
-            tensors.append(value)
-    stacked = torch.stack(tensors) if tensors else None
-    return tensor_pos, stacked, jpeg_pos, jpegs, bad
-
-
-def gpu_preprocess(images: list[Any], cfg: dict[str, Any]) -> Any:
-    """Resize (short side, bicubic), centre-crop and normalise decoded uint8 CHW tensors."""
-    import torch
-    from torchvision.transforms.v2 import functional as TF
-
-    size = int(cfg["size"])
-    mean = torch.tensor(cfg["mean"], device=images[0].device).view(3, 1, 1)
-    std = torch.tensor(cfg["std"], device=images[0].device).view(3, 1, 1)
-    out = []
-    for image in images:
-        image = TF.resize(image, size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-        image = TF.center_crop(image, [size, size])
-        out.append((image.float().clamp_(0, 255) / 255.0 - mean) / std)
-    return torch.stack(out)
-
-
-def decode_jpegs_gpu(data: list[Any], paths: list[str], device: str) -> tuple[list[Any], list[tuple[int, str]]]:
-    """Decode JPEG bytes on the GPU; returns the images and ``(index, message)`` for failures."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    try:
-        return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device)), []
-    except RuntimeError:  # one bad file fails the batch: retry one by one to find it
-        images, bad = [], []
-        for i, (blob, path) in enumerate(zip(data, paths)):
-            try:
-                images.append(decode_jpeg(blob, mode=ImageReadMode.RGB, device=device))
-            except RuntimeError as exc:
-                images.append(None)
-                bad.append((i, f"{path}: unreadable or corrupt image (GPU JPEG decoder: {str(exc).splitlines()[0]})"))
-        return images, bad
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -223,6 +501,18 @@ def _part_name(chunk: int) -> str:
     return f"part-{chunk:05d}.npy"
 
 
+def _use_tensor_decode(config: EmbedConfig, on_cuda: bool, cfg: dict[str, Any]) -> bool:
+    """The ``gpu_decode`` setting resolved: explicit, else on CUDA when the preprocessing allows it."""
+    if config.gpu_decode is None:
+        return on_cuda and tensor_decode_supported(cfg)
+    if config.gpu_decode and not tensor_decode_supported(cfg):
+        raise MoraError(
+            f"GPU JPEG decoding implements resize modes {', '.join(RESIZE_MODES)} with {' or '.join(INTERPOLATIONS)} "
+            f"interpolation; the model uses {cfg.get('resize_mode')!r} / {cfg.get('interpolation')!r}: turn gpu_decode off"
+        )
+    return bool(config.gpu_decode)
+
+
 def embed_paths(
     encoder: Any,
     paths: Sequence[str],
@@ -248,7 +538,7 @@ def embed_paths(
     chunk_size = max(1, int(config.chunk_size))
     n_chunks = (n + chunk_size - 1) // chunk_size
     on_cuda = str(encoder.device).startswith("cuda")
-    gpu_decode = on_cuda if config.gpu_decode is None else bool(config.gpu_decode)
+    tensor_decode = _use_tensor_decode(config, on_cuda, encoder.preprocess_cfg)
     dim = encoder.dim
 
     progress: dict[str, Any] = {"done": {}}
@@ -271,30 +561,34 @@ def embed_paths(
     if reporter is not None:
         reporter.start(n, completed)
 
-    batches: list[list[int]] = []
-    for c in pending:
-        stop = min(n, (c + 1) * chunk_size)
-        batches.extend(list(range(s, min(stop, s + config.batch_size))) for s in range(c * chunk_size, stop, config.batch_size))
-    draft = int(encoder.preprocess_cfg.get("size", 0)) if config.fast_jpeg and not gpu_decode else None
+    batches = batch_plan(n, chunk_size, config.batch_size, pending)
+    draft = int(encoder.preprocess_cfg.get("size", 0)) if config.fast_jpeg and not tensor_decode else None
+    dataset = _BatchFiles(paths, encoder.preprocess, raw_jpeg=tensor_decode, draft_size=draft)
+    workers = config.workers if batches else 0
     loader = DataLoader(
-        _ImageFiles(paths, encoder.preprocess, raw_jpeg=gpu_decode, draft_size=draft),
-        batch_sampler=batches,
-        num_workers=config.workers if batches else 0,
-        collate_fn=_collate,
+        dataset,
+        batch_size=None,
+        sampler=batches,
+        num_workers=workers,
+        collate_fn=_as_is,
         pin_memory=on_cuda,
         persistent_workers=False,
-        prefetch_factor=4 if config.workers > 0 and batches else None,
+        prefetch_factor=4 if workers > 0 else None,
     )
+    mean_std = (dataset.split[1], dataset.split[2]) if dataset.split else (encoder.preprocess_cfg["mean"], encoder.preprocess_cfg["std"])
+    stager = _Stager(encoder, paths, mean_std)
 
     encoded = 0
     current: int | None = None
-    pieces: list[tuple[np.ndarray, np.ndarray]] = []  # (positions, features) of the current chunk
+    pieces: list[tuple[np.ndarray, Any]] = []  # (positions, device features) of the current chunk
 
     def flush(chunk: int) -> None:
         order_pos = np.concatenate([p for p, _ in pieces]) if pieces else np.zeros(0, np.int64)
-        feats = np.concatenate([f for _, f in pieces]) if pieces else np.zeros((0, dim), np.float32)
-        order = np.argsort(order_pos, kind="stable")
-        feats = feats[order]
+        if pieces:  # the only host-device synchronisation of the run
+            feats = torch.cat([f for _, f in pieces]).float().cpu().numpy()
+        else:
+            feats = np.zeros((0, dim), np.float32)
+        feats = feats[np.argsort(order_pos, kind="stable")]
         feats = feats.astype(np.float16) if config.normalize else feats.astype(np.float32)
         chunk_feats[chunk] = feats
         if work_dir is not None:
@@ -305,39 +599,36 @@ def embed_paths(
         if on_chunk is not None:
             on_chunk(chunk)
 
-    workers = config.workers if batches else 0
+    def consume(prepared: _Prepared) -> None:
+        nonlocal current, encoded
+        positions = prepared.positions + [p for p, _ in prepared.bad]
+        chunk = min(positions) // chunk_size
+        if current is not None and chunk != current:
+            flush(current)
+        current = chunk
+        if prepared.bad and not config.skip_bad_images:
+            position, message = min(prepared.bad)
+            raise DataError(f"{message} (use --skip-bad-images to leave such images out)")
+        for position, _ in prepared.bad:
+            chunk_skipped.setdefault(chunk, []).append(position)
+        if prepared.images is not None:
+            stager.hand_over(prepared)
+            feats = encoder.encode_prepared(prepared.images, normalize=config.normalize)
+            pieces.append((np.asarray(prepared.positions, dtype=np.int64), feats))
+        encoded += len(positions)
+        if reporter is not None:
+            reporter.advance(len(positions))
+
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = max(1, cores - workers) if workers > 0 and not on_cuda else None
     with _cpu_threads(threads):
-        for tensor_pos, stacked, jpeg_pos, jpegs, bad in loader:
-            positions = tensor_pos + jpeg_pos + [p for p, _ in bad]
-            chunk = min(positions) // chunk_size
-            if current is not None and chunk != current:
-                flush(current)
-            current = chunk
-            feats_list, pos_list = [], []
-            if jpegs:
-                images, gpu_bad = decode_jpegs_gpu(jpegs, [paths[p] for p in jpeg_pos], encoder.device)
-                bad = bad + [(jpeg_pos[i], msg) for i, msg in gpu_bad]
-                good = [i for i, img in enumerate(images) if img is not None]
-                if good:
-                    batch = gpu_preprocess([images[i] for i in good], encoder.preprocess_cfg)
-                    feats_list.append(encoder.encode_images(batch, normalize=config.normalize))
-                    pos_list.extend(jpeg_pos[i] for i in good)
-            if bad and not config.skip_bad_images:
-                position, message = min(bad)
-                raise DataError(f"{message} (use --skip-bad-images to leave such images out)")
-            for position, _ in bad:
-                chunk_skipped.setdefault(chunk, []).append(position)
-            if stacked is not None:
-                feats_list.append(encoder.encode_images(stacked, normalize=config.normalize))
-                pos_list.extend(tensor_pos)
-            if feats_list:
-                feats = torch.cat(feats_list, dim=0).float().cpu().numpy()
-                pieces.append((np.asarray(pos_list, dtype=np.int64), feats))
-            encoded += len(positions)
-            if reporter is not None:
-                reporter.advance(len(positions))
+        waiting: _Prepared | None = None
+        for loaded in loader:
+            if waiting is not None:
+                consume(waiting)  # queued on the device; the next batch is decoded meanwhile
+            waiting = stager.prepare(loaded)
+        if waiting is not None:
+            consume(waiting)
     if current is not None:
         flush(current)
 

@@ -12,6 +12,10 @@
 The encoder runs in fp32 on CPU and under bf16 autocast on CUDA. Features returned by
 ``encode_images``/``encode_texts`` are L2-normalised unless ``normalize=False``; the composed
 query uses the Combiner when one is loaded, else ``normalize(image_raw + text_raw)``.
+
+The embedding pipeline encodes through ``encode_prepared``: on CUDA a copy of the image tower
+whose weights are cast to bf16 once (no autocast: every layer runs in bf16), on CPU the fp32
+model as ``encode_images`` does.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class Encoder:
     source: dict[str, Any]
     combiner: Any = None
     preprocess_cfg: dict[str, Any] = field(default_factory=dict)
+    _towers: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         import torch
@@ -56,6 +61,44 @@ class Encoder:
 
         with torch.inference_mode(), self._autocast():
             feats = self.model.encode_image(images.to(self.device, non_blocking=True)).float()
+        return F.normalize(feats, dim=-1) if normalize else feats
+
+    @property
+    def pipeline_dtype(self) -> Any:
+        """The dtype of :meth:`encode_prepared`'s input and weights: bf16 on CUDA, else float32."""
+        import torch
+
+        from ..device import inference_dtype
+
+        return inference_dtype(torch.device(self.device))
+
+    def image_tower(self, dtype: Any) -> Any:
+        """The image tower with weights in ``dtype``: the model's own for its dtype, else a
+        copy cast once and kept (the model itself is left as it is)."""
+        import copy
+
+        visual = self.model.visual
+        if next(visual.parameters()).dtype == dtype:
+            return visual
+        if dtype not in self._towers:
+            self._towers[dtype] = copy.deepcopy(visual).to(dtype=dtype).eval()
+        return self._towers[dtype]
+
+    def encode_prepared(self, images: Any, normalize: bool = True) -> Any:
+        """Features (float32, on ``device``) of a preprocessed batch, for the embedding pipeline.
+
+        On CUDA the batch runs through :meth:`image_tower` in bf16 without autocast; on CPU
+        this is :meth:`encode_images`.
+        """
+        import torch
+        import torch.nn.functional as F
+
+        dtype = self.pipeline_dtype
+        if dtype == torch.float32:
+            return self.encode_images(images, normalize=normalize)
+        with torch.inference_mode():
+            feats = self.image_tower(dtype)(images.to(self.device, dtype=dtype, non_blocking=True))
+            feats = (feats[0] if isinstance(feats, tuple) else feats).float()
         return F.normalize(feats, dim=-1) if normalize else feats
 
     def encode_texts(self, texts: list[str], normalize: bool = True) -> Any:

@@ -2,9 +2,12 @@
 
 The query model must be the one the index was built with: :func:`check_encoder` compares the
 encoder's weights fingerprint with the manifest's and refuses a mismatch. Search runs on
-FAISS (on the GPU when the installed faiss has GPU support); on a CUDA machine without GPU
-FAISS, an exact (``Flat``) index is searched as a float32 matmul on the GPU over the stored
-embeddings (the values the index holds), which gives the same ranking.
+FAISS (on the GPU when the installed faiss has GPU support). On a CUDA machine without GPU
+FAISS, an exact (``Flat``) index is searched with torch (:func:`exact_search`): the stored
+float16 embeddings (the values the index holds) go to the GPU once and stay there; queries are
+scored in tiles of at most :data:`SCORE_TILE_BYTES` (never a full ``[Q, N]`` float32 score
+matrix), each tile keeps its top candidates, and the candidates are re-scored in float32, so
+the returned scores are the exact inner products with the stored vectors.
 """
 
 from __future__ import annotations
@@ -49,6 +52,126 @@ def check_encoder(folder: IndexFolder, encoder: Any) -> None:
         raise IndexError_(f"{folder.path}: index dimension {folder.dim}, query model gives {encoder.dim}")
 
 
+SCORE_TILE_BYTES = 1 << 30  # largest query x gallery score tile held at once
+RERANK_MARGIN = 32  # extra candidates per query kept from low-precision scores for the float32 re-rank
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """How :func:`exact_search` tiles a ``[Q, N]`` score matrix.
+
+    ``query_rows`` queries are scored against ``gallery_rows`` gallery vectors at a time;
+    each query keeps ``candidates`` rows (``>= k``) for the final float32 re-ranking.
+    """
+
+    query_rows: int
+    gallery_rows: int
+    candidates: int
+
+    def query_slices(self, n_queries: int) -> list[slice]:
+        return [slice(s, min(n_queries, s + self.query_rows)) for s in range(0, n_queries, self.query_rows)]
+
+    def gallery_slices(self, n_gallery: int) -> list[slice]:
+        return [slice(s, min(n_gallery, s + self.gallery_rows)) for s in range(0, n_gallery, self.gallery_rows)]
+
+
+def plan_exact_search(
+    n_queries: int,
+    n_gallery: int,
+    k: int,
+    score_bytes: int,
+    budget_bytes: int = SCORE_TILE_BYTES,
+    rerank_margin: int = RERANK_MARGIN,
+) -> SearchPlan:
+    """Tile sizes such that ``query_rows * gallery_rows * score_bytes <= budget_bytes``.
+
+    The whole gallery is one tile column whenever one query row of scores fits the budget
+    (the usual case: 1M float16 scores are 2 MB); queries then go ``budget / row`` at a time.
+    With float32 scores the candidates are exactly ``k``; with lower precision ``k +
+    rerank_margin`` (at most ``n_gallery``), so that rounding cannot push a true top-k row out.
+    """
+    if n_queries < 1 or n_gallery < 1 or k < 1:
+        raise ValueError(f"empty search: {n_queries} queries, {n_gallery} gallery rows, k={k}")
+    cells = max(1, budget_bytes // max(1, score_bytes))
+    gallery_rows = min(n_gallery, cells)
+    query_rows = max(1, min(n_queries, cells // gallery_rows))
+    k = min(k, n_gallery)
+    candidates = k if score_bytes >= 4 else min(n_gallery, k + rerank_margin)
+    return SearchPlan(query_rows, gallery_rows, candidates)
+
+
+def exact_search(gallery: Any, queries: Any, k: int, plan: SearchPlan | None = None) -> tuple[Any, Any]:
+    """Exact inner-product top ``k`` with torch: ``(scores float32 [Q, k], rows int64 [Q, k])``.
+
+    ``gallery`` ``[N, d]`` (float16, bfloat16 or float32) and ``queries`` ``[Q, d]`` are on the
+    same device; scores are computed in the gallery's dtype tile by tile (:func:`plan_exact_search`),
+    each tile keeps its top candidates, and the candidates are re-scored in float32. Results
+    stay on the device (no host synchronisation). Rows are sorted by decreasing score.
+    """
+    import torch
+
+    n, q = int(gallery.shape[0]), int(queries.shape[0])
+    k = min(int(k), n)
+    plan = plan or plan_exact_search(q, n, k, gallery.element_size())
+    low = queries.to(gallery.dtype)
+    exact_q = queries.float()
+    out_scores, out_rows = [], []
+    for qs in plan.query_slices(q):
+        best_s = best_r = None
+        for gs in plan.gallery_slices(n):
+            tile = low[qs] @ gallery[gs].T  # [rows, cols] in the gallery dtype
+            s, r = torch.topk(tile, min(plan.candidates, tile.shape[1]), dim=1, sorted=False)
+            r = r + gs.start
+            if best_s is None:
+                best_s, best_r = s, r
+            else:
+                merged_s, merged_r = torch.cat([best_s, s], dim=1), torch.cat([best_r, r], dim=1)
+                best_s, pick = torch.topk(merged_s, min(plan.candidates, merged_s.shape[1]), dim=1, sorted=False)
+                best_r = merged_r.gather(1, pick)
+        if gallery.dtype == torch.float32 and plan.candidates == k:
+            scores = best_s
+        else:  # float32 scores of the candidates against the stored values
+            scores = torch.bmm(gallery[best_r].float(), exact_q[qs].unsqueeze(2)).squeeze(2)
+        top, pick = torch.topk(scores, k, dim=1, sorted=True)
+        out_scores.append(top)
+        out_rows.append(best_r.gather(1, pick))
+    if len(out_scores) == 1:
+        return out_scores[0], out_rows[0]
+    return torch.cat(out_scores), torch.cat(out_rows)
+
+
+def device_gallery(folder: IndexFolder, device: str, dtype: Any = None) -> Any:
+    """The folder's stored float16 embeddings as a tensor on ``device``, made once and cached."""
+    import torch
+
+    dtype = dtype or torch.float16
+    key = ("exact_gallery", str(device), str(dtype))
+    gallery = folder.cache.get(key)
+    if gallery is None:
+        stored = torch.from_numpy(np.array(folder.embeddings, copy=True))  # a memory map is read-only
+        gallery = folder.cache[key] = stored.to(device=device, dtype=dtype)
+    return gallery
+
+
+def search_exact_torch(folder: IndexFolder, queries: np.ndarray, k: int, device: str) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`exact_search` over the folder's stored embeddings on ``device``, results on the host.
+
+    float16 on CUDA; float32 on CPU (float16 matrix products are slow there).
+    """
+    import torch
+
+    on_cuda = str(device).startswith("cuda")
+    gallery = device_gallery(folder, device, torch.float16 if on_cuda else torch.float32)
+    q = torch.from_numpy(queries)
+    if on_cuda:
+        q = q.pin_memory().to(device, non_blocking=True)
+    scores, rows = exact_search(gallery, q, k)
+    if on_cuda:  # both copies queued, one wait
+        scores, rows = scores.to("cpu", non_blocking=True), rows.to("cpu", non_blocking=True)
+        torch.cuda.current_stream(device).synchronize()
+    return scores.numpy(), rows.numpy()
+
+
 def _use_torch_exact(folder: IndexFolder) -> bool:
     import faiss
     import torch
@@ -64,16 +187,11 @@ def search_vectors(folder: IndexFolder, queries: np.ndarray, k: int) -> tuple[np
     queries = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
     if queries.ndim != 2 or queries.shape[1] != folder.dim:
         raise IndexError_(f"{folder.path}: queries of shape {queries.shape} do not match index dimension {folder.dim}")
-    k = max(1, min(int(k), folder.count))
+    if int(k) < 1:
+        raise IndexError_(f"k must be at least 1, got {k}")
+    k = min(int(k), folder.count)
     if _use_torch_exact(folder):
-        import torch
-
-        gallery = folder.cache.get("torch_gallery")
-        if gallery is None:
-            gallery = folder.cache["torch_gallery"] = torch.from_numpy(np.asarray(folder.embeddings, dtype=np.float32)).cuda()
-        q = torch.from_numpy(queries).cuda()
-        scores, rows = torch.topk(q @ gallery.T, k, dim=1)
-        return scores.cpu().numpy(), rows.cpu().numpy().astype(np.int64)
+        return search_exact_torch(folder, queries, k, "cuda")
     if folder.index is None:
         raise IndexError_(f"{folder.path}: index not loaded")
     index = folder.index

@@ -1,0 +1,295 @@
+"""The embedding pipeline's two decoding paths, run on the CPU.
+
+The tensor-decode path (``gpu_decode``: one byte buffer per batch, batched JPEG decoding,
+grouped resizes) runs the same code with ``device="cpu"`` as on CUDA; it is checked against the
+model's PIL preprocessing (open_clip's transform) on the same files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from test_retrieval_fixtures import write_tiny_checkpoint
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import functional as TF
+
+from mora_retrieval.data.images import load_image
+from mora_retrieval.errors import DataError, MoraError
+from mora_retrieval.retrieval.embed import (
+    EmbedConfig,
+    LoadedBatch,
+    _BatchFiles,
+    _use_tensor_decode,
+    batch_plan,
+    crop_origin,
+    decode_jpegs,
+    embed_paths,
+    plan_resize_groups,
+    preprocess_decoded,
+    resize_crop,
+    resized_shape,
+    split_transform,
+)
+from mora_retrieval.retrieval.encoder import load_encoder
+
+SHAPES = [(64, 48), (48, 64), (300, 200), (40, 30), (33, 90), (64, 48), (32, 32), (300, 200), (64, 48)]  # (w, h)
+
+
+def _photo(rng, w, h, noise=6.0, mode="RGB"):
+    coarse = Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+    pixels = np.asarray(coarse, np.float32) + noise * rng.standard_normal((h, w, 3))
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).convert(mode)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """JPEGs of several sizes (one greyscale), in the order of SHAPES."""
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (w, h) in enumerate(SHAPES):
+        path = root / f"{i:03d}.jpg"
+        _photo(rng, w, h, noise=40.0 if i % 3 == 0 else 6.0, mode="L" if i == 4 else "RGB").save(path, quality=90)
+        paths.append(str(path))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return str(write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"))
+
+
+def _encoder(ckpt, device):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_encoder("mora-tiny", ckpt, device=device)
+
+
+@pytest.fixture(scope="module")
+def encoder(ckpt):
+    return _encoder(ckpt, "cpu")
+
+
+def _decode(path):
+    with open(path, "rb") as fh:
+        return decode_jpeg(torch.frombuffer(bytearray(fh.read()), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+# ----------------------------------------------------------------------------- plans
+
+
+def test_resized_shape_and_crop_follow_torchvision():
+    for h, w in [(480, 640), (640, 480), (427, 640), (31, 97), (32, 32), (10, 11), (1, 500)]:
+        for size in (32, 224):
+            img = torch.zeros(1, h, w)
+            assert tuple(TF.resize(img, size, antialias=True).shape[-2:]) == resized_shape(h, w, size), (h, w, size)
+            rh, rw = resized_shape(h, w, size)
+            marked = torch.arange(rh * rw, dtype=torch.float32).view(1, rh, rw)
+            top, left = crop_origin(rh, rw, size)
+            assert torch.equal(TF.center_crop(marked, [size, size]), marked[:, top : top + size, left : left + size])
+    assert resized_shape(480, 640, 224, "squash") == (224, 224)
+    with pytest.raises(MoraError, match="longest"):
+        resized_shape(480, 640, 224, "longest")
+
+
+def test_resize_groups_cover_every_image_once_by_shape():
+    shapes = [(48, 64), (64, 48), (48, 64), (200, 300), (48, 64), (64, 48), (32, 32)]
+    groups = plan_resize_groups(shapes, 32)
+    assert [g.indices for g in groups] == [(0, 2, 4), (1, 5), (3,), (6,)]  # first-appearance order
+    assert all(shapes[i] == g.source for g in groups for i in g.indices)
+    assert groups[0].resized == (32, 42) and groups[0].crop == (0, 5)
+    assert groups[3].resized == groups[3].source == (32, 32)  # nothing to resize
+    split = plan_resize_groups(shapes, 32, max_group=2)
+    assert [g.indices for g in split] == [(0, 2), (4,), (1, 5), (3,), (6,)]
+    assert sorted(i for g in split for i in g.indices) == list(range(len(shapes)))
+    with pytest.raises(MoraError, match="empty shape"):
+        plan_resize_groups([(0, 5)], 32)
+
+
+def test_batch_plan_keeps_batches_inside_chunks():
+    batches = batch_plan(n=23, chunk_size=10, batch_size=4, pending=[0, 2])
+    assert batches == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9], [20, 21, 22]]
+    assert batch_plan(5, 10, 256, []) == []
+
+
+def test_split_transform_and_tensor_decode_switch(encoder):
+    pil_stage, mean, std = split_transform(encoder.preprocess)
+    assert mean == pytest.approx(encoder.preprocess_cfg["mean"]) and std == pytest.approx(encoder.preprocess_cfg["std"])
+    assert split_transform(lambda img: img) is None
+    cfg = encoder.preprocess_cfg
+    assert _use_tensor_decode(EmbedConfig(), on_cuda=False, cfg=cfg) is False
+    assert _use_tensor_decode(EmbedConfig(), on_cuda=True, cfg=cfg) is True
+    assert _use_tensor_decode(EmbedConfig(gpu_decode=True), on_cuda=False, cfg=cfg) is True
+    longest = {**cfg, "resize_mode": "longest"}
+    assert _use_tensor_decode(EmbedConfig(), on_cuda=True, cfg=longest) is False  # falls back to PIL
+    with pytest.raises(MoraError, match="'longest'"):
+        _use_tensor_decode(EmbedConfig(gpu_decode=True), on_cuda=True, cfg=longest)
+    from mora_retrieval.device import inference_dtype
+
+    assert inference_dtype(torch.device("cpu")) == torch.float32
+    assert inference_dtype(torch.device("cuda", 0)) == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+
+@pytest.mark.parametrize("size", [32, 224])
+def test_tensor_preprocessing_matches_pil_preprocessing(files, size):
+    """Batched resize + crop of decoded tensors vs open_clip's PIL transform, same files."""
+    transform = open_clip.image_transform(size, is_train=False)
+    pil_stage, mean, std = split_transform(transform)
+    cfg = {"size": size, "mean": mean, "std": std, "interpolation": "bicubic", "resize_mode": "shortest"}
+    decoded = [_decode(p) for p in files]
+    pixels, order = resize_crop(decoded, size, max_group=2)  # several groups, some split
+    assert pixels.shape == (len(files), 3, size, size) and pixels.dtype == torch.float32
+    assert order == [0, 5, 8, 1, 2, 7, 3, 4, 6]  # same-size images are consecutive rows
+    assert torch.equal(pixels, pixels.round().clamp(0, 255))
+    for row, i in enumerate(order):
+        img = load_image(files[i])
+        assert np.array_equal(decoded[i].permute(1, 2, 0).numpy(), np.asarray(img))  # same decoder output
+        ref = torch.from_numpy(np.asarray(pil_stage(img)).transpose(2, 0, 1).astype(np.float32))
+        diff = (pixels[row] - ref).abs()
+        assert diff.mean() < 0.35 and diff.max() <= 12, (files[i], diff.mean(), diff.max())  # PIL rounds between passes
+    batch, order = preprocess_decoded(decoded, cfg)
+    ref = torch.stack([transform(load_image(files[i])) for i in order])
+    assert batch.shape == ref.shape and (batch - ref).abs().mean() < 0.01
+
+
+def test_tensor_path_features_within_1e2_cosine_of_pil_path(files, encoder):
+    decoded = [_decode(p) for p in files]
+    batch, order = preprocess_decoded(decoded, encoder.preprocess_cfg)
+    ours = encoder.encode_prepared(batch)
+    ref = encoder.encode_images(torch.stack([encoder.preprocess(load_image(files[i])) for i in order]))
+    cos = (ours * ref).sum(1)
+    assert cos.min() > 1 - 1e-2, cos
+
+
+def test_bf16_tower_is_cast_once_and_close_to_fp32(files, encoder):
+    tower = encoder.image_tower(torch.bfloat16)
+    assert tower is encoder.image_tower(torch.bfloat16)  # cast once, kept
+    assert all(p.dtype == torch.bfloat16 for p in tower.parameters())
+    assert all(p.dtype == torch.float32 for p in encoder.model.parameters())  # the model is left alone
+    assert encoder.image_tower(torch.float32) is encoder.model.visual
+    batch = torch.stack([encoder.preprocess(load_image(p)) for p in files])
+    with torch.inference_mode():
+        low = F.normalize(tower(batch.to(torch.bfloat16)).float(), dim=-1)
+    cos = (low * encoder.encode_images(batch)).sum(1)
+    assert cos.min() > 0.99
+    assert torch.equal(encoder.encode_prepared(batch), encoder.encode_images(batch))  # CPU: fp32, as before
+
+
+# ----------------------------------------------------------------------------- transport
+
+
+def test_workers_send_one_buffer_per_batch(files, encoder, tmp_path):
+    png = tmp_path / "x.png"
+    Image.open(files[0]).save(png)
+    fake = tmp_path / "png-inside.jpg"  # a PNG with a .jpg name: decoded by PIL in the worker
+    fake.write_bytes(png.read_bytes())
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    paths = files[:3] + [str(png), str(fake), str(empty)]
+    raw = _BatchFiles(paths, encoder.preprocess, raw_jpeg=True)[list(range(len(paths)))]
+    assert isinstance(raw, LoadedBatch)
+    assert raw.jpeg_positions == [0, 1, 2] and raw.image_positions == [3, 4]
+    assert [p for p, _ in raw.bad] == [5] and "empty.jpg" in raw.bad[0][1]
+    blobs = [open(p, "rb").read() for p in files[:3]]
+    assert raw.jpeg_offsets == np.cumsum([0] + [len(b) for b in blobs]).tolist()
+    assert bytes(raw.jpeg_data.numpy()) == b"".join(blobs)
+    assert raw.images.dtype == torch.uint8 and raw.images.shape == (2, 3, 32, 32)
+
+    cpu = _BatchFiles(paths[:5], encoder.preprocess, raw_jpeg=False)[[0, 1, 2, 3, 4]]
+    assert cpu.jpeg_data is None and cpu.image_positions == [0, 1, 2, 3, 4] and not cpu.normalized
+    assert cpu.images.dtype == torch.uint8 and cpu.images.is_contiguous()
+    pil_stage, _, _ = split_transform(encoder.preprocess)
+    assert np.array_equal(cpu.images[1].permute(1, 2, 0).numpy(), np.asarray(pil_stage(load_image(files[1]))))
+    # a transform that cannot be split ships its float output, still one tensor per batch
+    opaque = _BatchFiles(paths[:2], lambda img: encoder.preprocess(img), raw_jpeg=False)[[0, 1]]
+    assert opaque.normalized and opaque.images.dtype == torch.float32 and opaque.images.shape == (2, 3, 32, 32)
+
+
+def test_cpu_path_values_equal_the_model_preprocessing(files, encoder):
+    """uint8 transport + normalisation in the main process gives the transform's exact values."""
+    ours = embed_paths(encoder, files, EmbedConfig(batch_size=4, workers=0, normalize=False))
+    ref = torch.stack([encoder.preprocess(load_image(p)) for p in files])
+    with torch.inference_mode():
+        want = torch.cat([encoder.model.encode_image(ref[s : s + 4]).float() for s in range(0, len(files), 4)])
+    assert np.array_equal(ours.features, want.numpy())
+    opaque = dataclasses.replace(encoder, preprocess=lambda img: encoder.preprocess(img))
+    assert np.array_equal(embed_paths(opaque, files, EmbedConfig(batch_size=4, workers=0, normalize=False)).features, ours.features)
+
+
+def test_decode_jpegs_isolates_bad_files_and_falls_back_to_pil(files, monkeypatch):
+    blobs = [open(p, "rb").read() for p in files[:3]]
+    blobs[1] = b"\xff\xd8\xff" + b"\x00" * 50  # JPEG signature, corrupt body
+    data = torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8)
+    offsets = np.cumsum([0] + [len(b) for b in blobs]).tolist()
+    images, bad = decode_jpegs(data, offsets, ["a.jpg", "b.jpg", "c.jpg"], "cpu")
+    assert images[1] is None and [i for i, _ in bad] == [1] and "b.jpg" in bad[0][1] and "\n" not in bad[0][1]
+    assert torch.equal(images[0], _decode(files[0])) and torch.equal(images[2], _decode(files[2]))
+
+    import torchvision.io
+
+    real = torchvision.io.decode_jpeg
+    size_of_first = len(blobs[0])
+
+    def refuses_the_first(blob, **kw):  # a decoder that cannot read one (valid) file
+        if isinstance(blob, list) or blob.numel() == size_of_first:
+            raise RuntimeError("unsupported JPEG")
+        return real(blob, **kw)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", refuses_the_first)
+    images, bad = decode_jpegs(data, offsets, ["a.jpg", "b.jpg", "c.jpg"], "cpu")
+    assert torch.equal(images[0], _decode(files[0]))  # PIL read it instead
+    assert torch.equal(images[2], _decode(files[2]))
+    assert [i for i, _ in bad] == [1] and "b.jpg" in bad[0][1] and "tensor JPEG decoder" in bad[0][1]
+
+
+# ----------------------------------------------------------------------------- the whole run
+
+
+def test_tensor_decode_run_matches_cpu_run(files, encoder, tmp_path):
+    png = tmp_path / "extra.png"
+    Image.open(files[2]).save(png)
+    paths = files + [str(png)]
+    cpu = embed_paths(encoder, paths, EmbedConfig(batch_size=4, workers=0, gpu_decode=False))
+    for workers in (0, 2):
+        tensor = embed_paths(encoder, paths, EmbedConfig(batch_size=4, chunk_size=6, workers=workers, gpu_decode=True))
+        assert np.array_equal(tensor.positions, cpu.positions) and tensor.skipped == []
+        cos = (tensor.features.astype(np.float32) * cpu.features.astype(np.float32)).sum(1)
+        assert cos.min() > 1 - 1e-2, cos
+    # the PNG takes the workers' PIL path inside a tensor-decode batch: same values as the CPU run
+    assert np.array_equal(tensor.features[-1], cpu.features[-1])
+
+
+def test_tensor_decode_bad_image_policy(files, encoder, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff" + b"\x11" * 200)
+    paths = files[:3] + [str(bad)] + files[3:5]
+    cfg = dict(batch_size=4, workers=0, gpu_decode=True)
+    with pytest.raises(DataError) as err:
+        embed_paths(encoder, paths, EmbedConfig(**cfg))
+    assert "broken.jpg" in str(err.value) and "--skip-bad-images" in str(err.value) and "\n" not in str(err.value)
+    result = embed_paths(encoder, paths, EmbedConfig(skip_bad_images=True, **cfg))
+    assert result.skipped == [3] and result.positions.tolist() == [0, 1, 2, 4, 5]
+    good = embed_paths(encoder, files[:3] + files[3:5], EmbedConfig(**cfg))
+    assert np.allclose(result.features.astype(np.float32), good.features.astype(np.float32), atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_pipeline_bf16_matches_cpu_preprocessing(files, encoder, ckpt):
+    """On CUDA: nvJPEG, batched GPU resize, side-stream overlap and the bf16 tower."""
+    cuda = _encoder(ckpt, "cuda")
+    assert _use_tensor_decode(EmbedConfig(), on_cuda=True, cfg=cuda.preprocess_cfg)
+    gpu = embed_paths(cuda, files, EmbedConfig(batch_size=4, chunk_size=6, workers=2))
+    ref = embed_paths(encoder, files, EmbedConfig(batch_size=4, workers=0))
+    assert np.array_equal(gpu.positions, ref.positions)
+    cos = (gpu.features.astype(np.float32) * ref.features.astype(np.float32)).sum(1)
+    assert cos.min() > 1 - 1e-2, cos

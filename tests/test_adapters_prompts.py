@@ -202,6 +202,8 @@ def test_a_missing_case_trains_only_its_own_prompts(tiny_model, method, case):
         loss = model.encode_image(images).square().sum() + model.encode_text(tokens).square().sum()
     loss.backward()
     params = dict(module.named_parameters())
+    # every prompt tensor takes part in every forward (DDP runs with find_unused_parameters=False)
+    assert all(p.grad is not None for p in params.values())
     for (name, row), users in _case_tables(method, module).items():
         grad = params[name].grad[row]
         assert (grad.abs().sum() > 0) == (case in users), (name, row, case)

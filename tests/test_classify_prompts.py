@@ -32,11 +32,12 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def app() -> typer.Typer:
-    from mora_retrieval_cli import classify
+    from mora_retrieval_cli import analyze, classify
 
     application = typer.Typer()
     application.callback()(lambda: None)
     classify.register(application)
+    analyze.register(application)
     return application
 
 
@@ -128,6 +129,24 @@ def test_predict_uses_the_prompts_of_the_missing_input(app, trained, world):
     pred = json.loads(_invoke(app, "predict", "--run", run, "--text", "a large red circle", "--json").output)
     assert pred["missing"] == "image"
     assert {s["label"]: s["score"] for s in pred["scores"]}["hateful"] == pytest.approx(float(want), abs=1e-5)
+
+
+def test_analyze_compares_the_unmerged_prompt_run_with_its_backbone(app, trained):
+    from mora_retrieval.analysis.runs import adapted_encoder, original_encoder, read_run
+    from mora_retrieval.tasks.classify_run import load_run_classifier
+
+    _, run = trained
+    info = read_run(run)
+    adapted, original = adapted_encoder(info, "cpu"), original_encoder(info, "cpu")
+    classifier, _, record = load_run_classifier(run)
+    tokens = record["tokenizer"](["a large red circle", "small blue square"])
+    with torch.no_grad():
+        want = classifier.clip.encode_text(tokens)  # no missing cases given: every sample complete
+        torch.testing.assert_close(adapted.model.encode_text(tokens), want)
+        assert (original.model.encode_text(tokens) - want).abs().max() > 1e-4
+    _invoke(app, "analyze", "--run", run, "--max-samples", "10", "--device", "cpu")
+    data = json.loads((run / "analysis" / "analysis.json").read_text())
+    assert data["drift"]["text"]["l2"] > 0 and data["spectra"]["available"] is False
 
 
 def test_a_prompt_depth_beyond_the_towers_fails_before_training(app, world, tmp_path):

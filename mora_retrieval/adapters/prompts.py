@@ -242,8 +242,10 @@ class CorrelatedPrompts(PromptModule):
         own = self.select(correlated[layer], cases).to(x.dtype)
         if layer > 0:
             return torch.cat([own, x[:, self.part:]], dim=1)
-        queries = self.select(self.queries[tower], cases).to(x.dtype)
-        dynamic = self.query_attn[tower](queries, x, x, need_weights=False)[0]
+        attn = self.query_attn[tower]
+        dtype = x.dtype if torch.is_autocast_enabled(x.device.type) else attn.in_proj_weight.dtype
+        keys = x.to(dtype)
+        dynamic = attn(self.select(self.queries[tower], cases).to(dtype), keys, keys, need_weights=False)[0]
         return torch.cat([own, self.select(modal, cases).to(x.dtype), dynamic.to(x.dtype), x], dim=1)
 
 

@@ -9,6 +9,9 @@
   ``merged.safetensors`` if present (else ``adapter/`` merged onto the base), plus the
   run's ``combiner.safetensors`` if present.
 
+An adapter of a prompt method (``dcp``, ``mmp``), which cannot be merged, stays loaded unmerged;
+its samples count as complete (both modalities), the case of every retrieval query.
+
 The encoder runs in fp32 on CPU and under bf16 autocast on CUDA. Features returned by
 ``encode_images``/``encode_texts`` are L2-normalised unless ``normalize=False``; the composed
 query uses the Combiner when one is loaded, else ``normalize(image_raw + text_raw)``.
@@ -222,9 +225,11 @@ def load_encoder(
     if checkpoint is not None and run is None:
         source["checkpoint"] = str(Path(checkpoint).resolve())
     if adapter is not None:
-        from ..adapters import load_adapters, merge_adapters
+        from ..adapters import get_method, load_adapters, merge_adapters
 
-        model = merge_adapters(load_adapters(model, adapter, arch=arch))
+        model = load_adapters(model, adapter, arch=arch)
+        if get_method(model.mora_adapter.config.method).mergeable:  # prompt methods stay unmerged
+            model = merge_adapters(model)
         if run is None:
             source["adapter"] = str(Path(adapter).resolve())
     comb = None

@@ -10,6 +10,7 @@ from ..errors import AdapterError
 from .methods import get_method
 
 PROJECTIONS = ("q", "k", "v", "out")
+PROMPT_FIELDS = ("prompt_length", "prompt_depth")
 
 
 @dataclass
@@ -52,7 +53,7 @@ class AdapterConfig:
             raise AdapterError(f"adapter ranks must be >= 1 (got r={self.r}, r_shared={self.r_shared})")
         if self.layers is not None and self.layers < 1:
             raise AdapterError(f"layers must be >= 1 (got {self.layers})")
-        for name in ("prompt_length", "prompt_depth"):
+        for name in PROMPT_FIELDS:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
                 raise AdapterError(f"{name} must be a whole number >= 1 (got {value!r})")
@@ -74,7 +75,12 @@ class AdapterConfig:
         return get_method(self.method).alpha(self.alpha, self.r)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """JSON-ready fields. Prompt methods record their resolved prompt length and depth; other
+        methods leave the prompt fields out (their records stay as they were)."""
+        data = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k not in PROMPT_FIELDS}
+        if self.is_prompt_method:
+            data["prompt_length"], data["prompt_depth"] = self.resolved_prompts()
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":

@@ -44,6 +44,20 @@ def test_image_caption_folder(tmp_path):
         ImageCaptionFolder(tmp_path / "empty")
 
 
+def test_demo_verdict_states_each_comparison_exactly():
+    from mora_retrieval.demo import cir_verdict
+
+    cir = {"mora": {"val_stage1": {"avg": 44.0}, "val_combiner": {"avg": 63.5}},
+           "lora": {"val_stage1": {"avg": 43.5}, "val_combiner": {"avg": 63.5}},
+           "full": {"val_stage1": {"avg": 46.25}, "val_combiner": {"avg": 66.0}}}
+    text = cir_verdict(cir, 1e-4)
+    assert "summed features: MoRA 44.00 is higher than LoRA (same rank, same budget) 43.50" in text
+    assert "Combiner: MoRA 63.50 is equal to LoRA (same rank, same budget) 63.50" in text
+    assert "summed features: MoRA 44.00 is lower than full fine-tuning (lr 0.0001) 46.25" in text
+    assert "Combiner: MoRA 63.50 is lower than full fine-tuning (lr 0.0001) 66.00" in text
+    assert "beats" not in text
+
+
 def test_demo_smallest_size_end_to_end(tmp_path):
     import open_clip
 
@@ -62,7 +76,7 @@ def test_demo_smallest_size_end_to_end(tmp_path):
     assert analysis["drift"]["vision"]["l2"] > 0 and analysis["spectra"]["available"]
     for row in list(data["cirr_val"].values()) + list(data["coco_i2i"].values()):
         assert all(0.0 <= v <= 100.0 for v in row.values())
-    assert set(data["cirr_val"]) == {f"{m}, {s}" for m in ("CLIP4CIR (full)", "CLIP4CIR + MoRA")
+    assert set(data["cirr_val"]) == {f"{m}, {s}" for m in ("CLIP4CIR (full)", "CLIP4CIR + LoRA", "CLIP4CIR + MoRA")
                                      for s in ("summed features", "Combiner")}
     assert len(data["search"]["hits"]) == 8
     # Chance of the CIRR subset metric is K/5; the COCO chance is a probability per query.

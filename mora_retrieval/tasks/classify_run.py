@@ -30,6 +30,7 @@ import csv
 import io
 import math
 import os
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -235,7 +236,8 @@ def _unmerged_backbone(run_dir: Path, settings: ClassifySettings):
     from ..backbone import load_backbone
 
     seed = int((read_json(run_dir / CONFIG_FILE, "run config", error=TrainingError).get("train") or {}).get("seed", 0))
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*randomly initialised.*")  # the run's own draw, checked below
         torch.manual_seed(seed)
         backbone = load_backbone(settings.arch, settings.pretrained)
     load_adapters(backbone.model, run_dir / ADAPTER_DIR, arch=settings.arch)

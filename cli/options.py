@@ -93,6 +93,15 @@ TRAINING_SETTINGS = (
     Setting("precision", "--precision", str, PRECISION_HELP, "train.precision"),
     Setting("seed", "--seed", int, "Training seed (also draws random backbone weights).", "train.seed"),
 )
+#: Where the training images come from (recipes with a prepared-image cache: train cirr).
+INPUT_SETTINGS = (
+    Setting("prepared", "--prepared/--no-prepared", bool, "Decode and preprocess the images once into a "
+            "memory-mapped uint8 cache (rebuilt when the images or the preprocessing change) and train from it; "
+            "--no-prepared decodes the image files every epoch.", "prepared"),
+    Setting("prepared_dir", "--prepared-dir", str, "Folder of the prepared-image cache.", "prepared_dir"),
+)
+INPUT_DEFAULTS = {"prepared": "--prepared", "prepared_dir": "DATA_ROOT/prepared, else ~/.cache/mora-retrieval/prepared/..."}
+
 #: What the training options default to in every recipe (the recipes' own defaults are in their help).
 TRAINING_DEFAULTS = {"grad_accum": "1", "warmup_ratio": "0.1", "max_grad_norm": "off", "patience": "off",
                      "max_steps": "off", "workers": WORKERS_DEFAULT, "device": "auto", "precision": "auto", "seed": "0"}

@@ -44,6 +44,12 @@ def method_of(config: dict[str, Any], overrides: dict[str, Any] | None, default:
     return default
 
 
+def with_new_keys(record: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """A run's recorded settings, plus the top-level ``defaults`` keys added to the recipe since
+    the run was started (so that resuming an older run accepts today's options)."""
+    return {**{key: value for key, value in defaults.items() if key not in record}, **record}
+
+
 def layered(defaults: dict[str, Any], config: dict[str, Any], overrides: dict[str, Any] | None,
             source: str = "config file") -> dict[str, Any]:
     """``defaults`` updated by ``config`` (checked against the defaults' keys), then by the

@@ -21,27 +21,27 @@ import torch
 
 from ...adapters import add_adapters, export_checkpoint, merge_adapters, save_adapters, trainable_share
 from ...data.cirr import CIRRGallery, CIRRTriplets
-from ...data.collate import CaptionCollate
-from ...data.images import make_transform
+from ...data.images import make_transform, preprocess_spec
 from ...device import resolve_device, resolve_precision
 from ...engine import Trainer, load_best, seed_everything
 from ...engine.distributed import barrier, detect, process_group
 from ...errors import TrainingError
 from ...fileio import write_json
-from ...model.backbone import image_size_of, load_backbone
+from ...model.backbone import load_backbone
 from ...model.combiner import Combiner, load_combiner, save_combiner
 from ...runs import (ADAPTER_DIR, COMBINER_FILE, MERGED_FILE, RESULTS_FILE, STAGE1_DIR, STAGE2_DIR, FinishedRun,
                      has_record, read_record, resumable, write_record, write_results)
 from .metrics import submission_files
 from .settings import CIRSettings
+from .inputs import CIRInputs, cir_inputs
 from .stages import CIRRValidation, CIRStage1, CIRStage2, SplitFeatures, TripletFeatures, encode_split
 
 
-def _datasets(settings: CIRSettings, image_size: int):
-    transform = make_transform(settings.transform, image_size)
-    kw = {"transform": transform, "skip_bad_images": settings.skip_bad_images}
-    return (CIRRTriplets(settings.data_root, "train", **kw), CIRRTriplets(settings.data_root, "val", **kw),
-            CIRRGallery(settings.data_root, "train", **kw), CIRRGallery(settings.data_root, "val", **kw))
+def _inputs(settings: CIRSettings, model, tokenizer, workers: int | None) -> CIRInputs:
+    """The run's datasets at the model's input size, with the model's own preprocessing."""
+    return cir_inputs(settings.data_root, preprocess_spec(model, settings.transform), tokenizer,
+                      prepared=settings.prepared, prepared_dir=settings.prepared_dir,
+                      skip_bad_images=settings.skip_bad_images, workers=workers)
 
 
 def _check_resume(run_dir: Path, settings: CIRSettings) -> None:
@@ -78,12 +78,15 @@ def _train_cirr(settings: CIRSettings, resume: bool, console, quiet: bool) -> di
     backbone = load_backbone(settings.arch, settings.pretrained)
     model = add_adapters(backbone.model, settings.adapter)
     trainable, total, share = trainable_share(model)
-    train_set, val_set, train_gallery, val_gallery = _datasets(settings, image_size_of(model))
-    validation = CIRRValidation.from_triplets(val_set, val_gallery, settings.eval_batch_size)
-    module = CIRStage1(model, backbone.tokenizer, validation)
+    inputs = _inputs(settings, model, backbone.tokenizer, settings.stage1.num_workers)
+    if any(inputs.dropped.values()) and console is not None and not quiet:
+        console.print("[yellow]left out for bad images: "
+                      + ", ".join(f"{n} {split} triplet(s)" for split, n in inputs.dropped.items()) + "[/]")
+    validation = CIRRValidation(inputs.val_gallery, inputs.val_records, settings.eval_batch_size)
+    module = CIRStage1(model, backbone.tokenizer, validation, pixel_spec=inputs.spec)
     extra = {"task": "cir-stage1", "arch": settings.arch, "pretrained": settings.pretrained,
              "adapter": settings.adapter.to_dict()}
-    trainer = Trainer(module, settings.stage1, run_dir / STAGE1_DIR, train_set, CaptionCollate(backbone.tokenizer),
+    trainer = Trainer(module, settings.stage1, run_dir / STAGE1_DIR, inputs.train, inputs.collate,
                       console=console, quiet=quiet, extra_config=extra)
     module.precision, validation.num_workers = trainer.precision, trainer.num_workers  # as resolved by the engine
     if settings.cache_frozen and not module.enable_prefix_cache(trainer.device) and console is not None and not quiet:
@@ -108,14 +111,16 @@ def _train_cirr(settings: CIRSettings, resume: bool, console, quiet: bool) -> di
         "total_parameters": total,
         "trainable_percent": share,
         "stage1_best_epoch": stage1.best_epoch,
+        "dropped_triplets": inputs.dropped,
     }
     val_split = validation.encode(merged, backbone.tokenizer, device, precision)  # once: stage-1 score, stage-2 data
     results["val_stage1"] = validation.metrics(val_split)
 
     if settings.stage2 is not None:
-        train_split = encode_split(merged, backbone.tokenizer, train_gallery, [r["caption"] for r in train_set.records],
-                                   device, precision, settings.eval_batch_size, trainer.num_workers)
-        train_feats = TripletFeatures.from_split(train_split, train_set.records)
+        train_split = encode_split(merged, backbone.tokenizer, inputs.train_gallery,
+                                   [r["caption"] for r in inputs.train_records], device, precision,
+                                   settings.eval_batch_size, trainer.num_workers)
+        train_feats = TripletFeatures.from_split(train_split, inputs.train_records)
         combiner = Combiner(train_feats.reference.shape[1])
         stage2_module = CIRStage2(combiner, validation, val_split.to("cpu"))
         trainer2 = Trainer(stage2_module, settings.stage2, run_dir / STAGE2_DIR, train_feats, console=console,
@@ -151,7 +156,7 @@ def evaluate_cirr_run(run_dir: str | Path, data_root: str | None = None, split: 
     combiner_path = run.find(COMBINER_FILE) if use_combiner else None
     combiner = load_combiner(combiner_path, str(dev)) if combiner_path is not None else None
     root = data_root or settings.data_root
-    transform = make_transform(settings.transform, image_size_of(model))
+    transform = make_transform(preprocess_spec(model, settings.transform))
     triplets = CIRRTriplets(root, split, transform=transform)
     validation = CIRRValidation.from_triplets(triplets, CIRRGallery(root, split, transform=transform),
                                               settings.eval_batch_size)

@@ -23,10 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from ...data.images import PreprocessSpec, normalize_uint8
 from ...engine.module import TrainModule
 from ...model.combiner import Combiner
-from ...model.encode import composed_query, encode_images, encode_texts
+from ...model.encode import collect, composed_query, encode_images, encode_texts, ordered_loader
 from ...model.prefix_cache import FrozenPrefixCache
+from .inputs import PreparedGallery
 from .metrics import cirr_rankings, cirr_recalls
 
 LOGIT_SCALE = 100.0
@@ -59,8 +61,19 @@ class SplitFeatures:
 def encode_split(model: nn.Module, tokenizer: Callable, gallery: Dataset, captions: Sequence[str],
                  device: torch.device, precision: str = "fp32", batch_size: int = 256,
                  num_workers: int = 0) -> SplitFeatures:
-    """Encode a split's gallery (items with ``image`` and ``name``) and its captions."""
-    feats, names = encode_images(model, gallery, device, precision, batch_size=batch_size, num_workers=num_workers)
+    """Encode a split's gallery (items with ``image`` and ``name``, or a prepared gallery whose
+    uint8 pixels are normalised on ``device``) and its captions."""
+    if isinstance(gallery, PreparedGallery):  # one uint8 batch per step, normalised here
+        prepared = gallery.prepared
+        out = collect(ordered_loader(gallery, batch_size, device, num_workers, collate_fn=gallery.collate),
+                      lambda batch: {"features": model.encode_image(prepared.normalize(batch["pixels"], device=device))
+                                     .float(), "ids": list(batch["name"])}, device, precision)
+        if not out:
+            raise ValueError("no image to encode (every image of the gallery is bad)")
+        feats, names = out["features"], out["ids"]
+    else:
+        feats, names = encode_images(model, gallery, device, precision, batch_size=batch_size,
+                                     num_workers=num_workers)
     return SplitFeatures(feats, names, encode_texts(model, tokenizer, captions, device, precision))
 
 
@@ -103,15 +116,22 @@ class CIRRValidation:
 
 
 class CIRStage1(TrainModule):
-    """Stage 1: adapt the encoders (adapters already injected into ``model``)."""
+    """Stage 1: adapt the encoders (adapters already injected into ``model``).
+
+    A batch carries either normalised ``reference`` and ``target`` images, or (prepared cache)
+    uint8 ``pixels`` ``[2B, 3, H, W]``, references first, which are normalised here on the
+    batch's device with ``pixel_spec``'s mean and std, in float32 (the model then runs under
+    the engine's autocast).
+    """
 
     main_metric = "avg"
     higher_is_better = True
 
     def __init__(self, model: nn.Module, tokenizer: Callable, validation: CIRRValidation | None,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", pixel_spec: PreprocessSpec | None = None):
         super().__init__()
         self.model = model
+        self.pixel_spec = pixel_spec
         self.tokenizer = tokenizer
         self.validation = validation
         self.precision = precision
@@ -128,15 +148,30 @@ class CIRStage1(TrainModule):
         self.prefix_caches = caches if any(c.active for c in caches) else None
         return self.prefix_caches is not None
 
+    def images(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The batch's references then targets, normalised, ``[2B, 3, H, W]``."""
+        if "pixels" not in batch:
+            return torch.cat([batch["reference"], batch["target"]])
+        if self.pixel_spec is None:
+            raise ValueError("CIRStage1 got uint8 pixels but no pixel_spec to normalise them with")
+        return normalize_uint8(batch["pixels"], self.pixel_spec.mean, self.pixel_spec.std)
+
+    @staticmethod
+    def image_keys(batch: dict[str, Any]) -> list:
+        """What identifies the batch's images (references then targets): rows or names."""
+        if "reference_row" in batch:
+            return batch["reference_row"].tolist() + batch["target_row"].tolist()
+        return list(batch["reference_name"]) + list(batch["target_name"])
+
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
-        n = batch["reference"].shape[0]
-        images = torch.cat([batch["reference"], batch["target"]])
+        images = self.images(batch)
+        n = images.shape[0] // 2
         if self.prefix_caches is None:
             features = self.model.encode_image(images)
             text = self.model.encode_text(batch["tokens"])
         else:
             image_cache, text_cache = self.prefix_caches
-            names = list(batch["reference_name"]) + list(batch["target_name"])
+            names = self.image_keys(batch)
             features = image_cache.encode(self.model.encode_image, images, names)
             text = text_cache.encode(self.model.encode_text, batch["tokens"], list(batch["caption"]))
         return contrastive_loss(features[:n] + text, features[n:])

@@ -1,0 +1,114 @@
+"""`train cirr` from the prepared-image cache: same losses as from the files, one uint8 buffer per batch, bad images."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from mora_retrieval.data.images import make_transform, preprocess_spec
+from mora_retrieval.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from mora_retrieval.data.shapes import generate_shapes_world
+
+    return generate_shapes_world(tmp_path_factory.mktemp("world"), size="tiny")
+
+
+def _settings(root, run_dir, **kw):
+    from mora_retrieval.engine import TrainConfig
+    from mora_retrieval.tasks.cir import CIRSettings
+
+    s = CIRSettings.with_defaults(str(root), str(run_dir), "mora", arch="mora-tiny", pretrained=None, **kw)
+    s.stage1 = TrainConfig(epochs=2, batch_size=8, lr=1e-2, log_every=1, device="cpu", num_workers=0)
+    s.stage2 = TrainConfig(epochs=1, batch_size=8, lr=1e-3, weight_decay=0.0, device="cpu", num_workers=0)
+    return s
+
+
+def _history(run, stage):
+    return [json.loads(line) for line in (run / stage / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_from_the_prepared_cache_gives_the_losses_of_the_image_files(world, tmp_path):
+    from mora_retrieval.tasks.cir import train_cirr
+
+    cache = tmp_path / "cache"
+    runs = {}
+    for prepared in (False, True):
+        torch.manual_seed(0)
+        run = tmp_path / f"run-{prepared}"
+        runs[prepared] = train_cirr(_settings(world["cirr"], run, prepared=prepared, prepared_dir=str(cache)),
+                                    quiet=True), run
+    assert sorted(p.name for p in cache.iterdir() if p.suffix == ".npy") == ["cirr-train-32x32.npy",
+                                                                              "cirr-val-32x32.npy"]
+    (plain, plain_run), (fast, fast_run) = runs[False], runs[True]
+    for stage in ("stage1", "stage2"):
+        want, got = _history(plain_run, stage), _history(fast_run, stage)
+        assert [r["train_loss"] for r in got] == pytest.approx([r["train_loss"] for r in want], rel=1e-6, abs=1e-7)
+        for a, b in zip(want, got):
+            assert b["val"] == pytest.approx(a["val"], abs=1e-4)
+    assert fast["val_stage1"] == pytest.approx(plain["val_stage1"], abs=1e-4)
+    assert fast["val_combiner"] == pytest.approx(plain["val_combiner"], abs=1e-4)
+    assert json.loads((fast_run / "config.json").read_text())["prepared"] is True
+    assert fast["dropped_triplets"] == {"train": 0, "val": 0}
+
+
+def test_a_batch_is_one_uint8_tensor_normalised_on_the_device_as_the_pil_transform(world, tiny_model, tmp_path):
+    from torch.utils.data import DataLoader
+
+    from mora_retrieval.data.cirr import CIRRTriplets
+    from mora_retrieval.tasks.cir.inputs import cir_inputs
+    from mora_retrieval.tasks.cir.stages import CIRStage1
+
+    spec = preprocess_spec(tiny_model.model, "targetpad")
+    inputs = cir_inputs(world["cirr"], spec, tiny_model.tokenizer, prepared_dir=tmp_path, workers=0)
+    loader = DataLoader(inputs.train, batch_size=4, collate_fn=inputs.collate, num_workers=1)
+    batch = next(iter(loader))
+    assert batch["pixels"].dtype == torch.uint8 and batch["pixels"].shape == (8, 3, 32, 32)
+    files = CIRRTriplets(world["cirr"], "train", transform=make_transform(spec))
+    want = torch.cat([torch.stack([files[i]["reference"] for i in range(4)]),
+                      torch.stack([files[i]["target"] for i in range(4)])])
+    module = CIRStage1(tiny_model.model, tiny_model.tokenizer, None, pixel_spec=spec)
+    assert torch.equal(module.images(batch), want)  # bit-identical on the CPU
+    assert batch["caption"] == [files.records[i]["caption"] for i in range(4)]
+    assert module.image_keys(batch)[:4] == [inputs.train.prepared.row(r["reference"]) for r in files.records[:4]]
+
+
+def test_bad_images_leave_their_triplets_out_of_every_stage(world, tiny_model, tmp_path):
+    from mora_retrieval.data.cirr import read_image_split
+    from mora_retrieval.tasks.cir.inputs import cir_inputs
+
+    root = tmp_path / "cirr"
+    shutil.copytree(world["cirr"], root)
+    train_records = json.loads((root / "captions" / "cap.rc2.train.json").read_text())
+    bad = train_records[0]["reference"]
+    read_image_split(root, "train")[bad].write_bytes(b"not an image")
+    spec = preprocess_spec(tiny_model.model, "targetpad")
+    with pytest.raises(DataError, match="unreadable or corrupt"):
+        cir_inputs(root, spec, tiny_model.tokenizer, prepared_dir=tmp_path / "a", workers=0)
+    inputs = cir_inputs(root, spec, tiny_model.tokenizer, prepared_dir=tmp_path / "b", skip_bad_images=True,
+                        workers=0)
+    uses_bad = [r for r in train_records if bad in (r["reference"], r["target_hard"])]
+    assert inputs.dropped == {"train": len(uses_bad), "val": 0} and len(uses_bad) >= 1
+    assert len(inputs.train) == len(train_records) - len(uses_bad)
+    assert all(bad not in (r["reference"], r["target_hard"]) for r in inputs.train_records)
+    gallery_names = [inputs.train_gallery[i]["name"] for i in range(len(inputs.train_gallery))]
+    assert bad not in gallery_names and len(gallery_names) == len(read_image_split(root, "train")) - 1
+
+
+def test_prepared_flags_reach_the_settings_and_an_older_run_resumes(tmp_path):
+    from mora_retrieval.tasks.cir import build_settings
+
+    s = build_settings("root", str(tmp_path / "run"), "mora", overrides={"prepared": False, "prepared_dir": "/x"})
+    assert s.prepared is False and s.prepared_dir == "/x"
+    assert build_settings("root", str(tmp_path / "run"), "mora").prepared is True
+    record = s.to_dict()
+    del record["prepared"], record["prepared_dir"]  # a run started before the flags existed
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps(record))
+    resumed = build_settings("root", str(tmp_path / "run"), overrides={"prepared": False}, resume=True)
+    assert resumed.prepared is False and resumed.arch == s.arch

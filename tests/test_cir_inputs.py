@@ -75,7 +75,7 @@ def test_a_batch_is_one_uint8_tensor_normalised_on_the_device_as_the_pil_transfo
     module = CIRStage1(tiny_model.model, tiny_model.tokenizer, None, pixel_spec=spec)
     assert torch.equal(module.images(batch), want)  # bit-identical on the CPU
     assert batch["caption"] == [files.records[i]["caption"] for i in range(4)]
-    assert module.image_keys(batch)[:4] == [inputs.train.prepared.row(r["reference"]) for r in files.records[:4]]
+    assert module.image_rows(batch)[:4].tolist() == [inputs.train.prepared.row(r["reference"]) for r in files.records[:4]]
 
 
 def test_bad_images_leave_their_triplets_out_of_every_stage(world, tiny_model, tmp_path):
@@ -112,3 +112,60 @@ def test_prepared_flags_reach_the_settings_and_an_older_run_resumes(tmp_path):
     (tmp_path / "run" / "config.json").write_text(json.dumps(record))
     resumed = build_settings("root", str(tmp_path / "run"), overrides={"prepared": False}, resume=True)
     assert resumed.prepared is False and resumed.arch == s.arch
+
+
+def test_cache_placement_rule():
+    from mora_retrieval.model.prefix_cache import cache_dtype, cache_placement
+
+    assert cache_placement(10**9, "cpu", None) == "cpu"
+    assert cache_placement(10**9, "cuda", 4 * 10**9) == "device"
+    assert cache_placement(3 * 10**9, "cuda", 4 * 10**9) == "pinned"  # over half the free memory
+    assert cache_placement(10**9, "cuda", None) == "pinned"
+    assert cache_dtype("cuda", torch.float32) == torch.bfloat16 and cache_dtype("cpu", torch.float32) == torch.float32
+
+
+def test_cache_frozen_reads_no_pixels_once_every_image_is_cached(world, tmp_path):
+    from mora_retrieval.tasks.cir import recipes, train_cirr
+    from mora_retrieval.tasks.cir.inputs import PreparedTripletCollate
+
+    seen = []
+    original = PreparedTripletCollate.__call__
+
+    def spy(self, items):
+        batch = original(self, items)
+        seen.append("pixels" in batch)
+        return batch
+
+    runs = {}
+    for cache_frozen in (False, True):
+        torch.manual_seed(0)
+        run = tmp_path / f"run-{cache_frozen}"
+        settings = _settings(world["cirr"], run, prepared_dir=str(tmp_path / "cache"), cache_frozen=cache_frozen)
+        settings.stage1.epochs, settings.stage2 = 3, None
+        seen.clear()
+        PreparedTripletCollate.__call__ = spy
+        try:
+            train_cirr(settings, quiet=True)
+        finally:
+            PreparedTripletCollate.__call__ = original
+        runs[cache_frozen] = (_history(run, "stage1"), list(seen))
+    (plain, plain_seen), (cached, cached_seen) = runs[False], runs[True]
+    assert all(plain_seen)
+    steps = len(cached_seen) // 3
+    assert all(cached_seen[:steps]) and not any(cached_seen[-steps:])  # epoch 3 reads no image
+    assert [r["train_loss"] for r in cached] == pytest.approx([r["train_loss"] for r in plain], rel=1e-5)
+
+
+def test_persistent_workers_see_the_pixel_flag(world, tiny_model, tmp_path):
+    from torch.utils.data import DataLoader
+
+    from mora_retrieval.tasks.cir.inputs import cir_inputs
+
+    spec = preprocess_spec(tiny_model.model, "targetpad")
+    inputs = cir_inputs(world["cirr"], spec, tiny_model.tokenizer, prepared_dir=tmp_path, workers=0)
+    loader = DataLoader(inputs.train, batch_size=4, collate_fn=inputs.collate, num_workers=1,
+                        persistent_workers=True, prefetch_factor=1)
+    assert all("pixels" in b for b in loader)
+    inputs.collate.read_pixels.fill_(False)  # in the main process, as the stage-1 forward does
+    assert not any("pixels" in b for b in loader)
+    assert inputs.train.needed_rows.tolist() == sorted(set(inputs.train.reference_rows) | set(inputs.train.target_rows))

@@ -72,6 +72,11 @@ class PreparedTriplets(Dataset):
         self.reference_rows = np.array([prepared.row(r["reference"]) for r in self.records], dtype=np.int64)
         self.target_rows = np.array([prepared.row(r["target_hard"]) for r in self.records], dtype=np.int64)
 
+    @property
+    def needed_rows(self) -> torch.Tensor:
+        """The gallery rows the triplets use (references and targets), sorted, unique."""
+        return torch.from_numpy(np.union1d(self.reference_rows, self.target_rows))
+
     def __len__(self) -> int:
         return len(self.records)
 
@@ -83,20 +88,28 @@ class PreparedTriplets(Dataset):
 class PreparedTripletCollate:
     """Items of :class:`PreparedTriplets` -> one batch: ``pixels`` uint8 ``[2B, 3, H, W]`` (the B
     references, then the B targets, read from the map in one gather), ``reference_row``,
-    ``target_row`` and ``index`` as int64 tensors, ``caption`` and its ``tokens``."""
+    ``target_row`` and ``index`` as int64 tensors, ``caption`` and its ``tokens``.
+
+    ``read_pixels`` is a flag in shared memory, so persistent DataLoader workers see it change:
+    once cleared (every image's frozen prefix is cached, see
+    :meth:`.stages.CIRStage1.stop_reading_pixels_when_cached`) batches come without ``pixels``.
+    """
 
     def __init__(self, prepared: PreparedImages, tokenizer: Callable) -> None:
         self.prepared = prepared
         self.tokenizer = tokenizer
+        self.read_pixels = torch.ones((), dtype=torch.bool).share_memory_()
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         reference = torch.tensor([item["reference_row"] for item in items], dtype=torch.int64)
         target = torch.tensor([item["target_row"] for item in items], dtype=torch.int64)
         captions = [item["caption"] for item in items]
-        return {"pixels": self.prepared.batch(torch.cat([reference, target]).numpy()),
-                "reference_row": reference, "target_row": target,
-                "index": torch.tensor([item["index"] for item in items], dtype=torch.int64),
-                "caption": captions, "tokens": self.tokenizer(captions)}
+        batch = {"reference_row": reference, "target_row": target,
+                 "index": torch.tensor([item["index"] for item in items], dtype=torch.int64),
+                 "caption": captions, "tokens": self.tokenizer(captions)}
+        if bool(self.read_pixels):
+            batch["pixels"] = self.prepared.batch(torch.cat([reference, target]).numpy())
+        return batch
 
 
 class PreparedGallery(Dataset):

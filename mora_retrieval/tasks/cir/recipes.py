@@ -44,6 +44,18 @@ def _inputs(settings: CIRSettings, model, tokenizer, workers: int | None) -> CIR
                       skip_bad_images=settings.skip_bad_images, workers=workers)
 
 
+def _enable_prefix_cache(module: CIRStage1, inputs: CIRInputs, device, distributed: bool, console) -> None:
+    """--cache-frozen: dense prefix caches over the training images and captions; with the
+    prepared cache and one process, batches stop carrying pixels once every image is cached."""
+    gallery = inputs.train_gallery
+    rows, names = (len(gallery.prepared), None) if inputs.prepared else (len(gallery.names), gallery.names)
+    if not module.enable_prefix_cache(device, rows, len(inputs.train), names):
+        if console is not None:
+            console.print("[yellow]--cache-frozen: no frozen leading blocks to cache with this adapter method[/]")
+    elif inputs.prepared and not distributed:
+        module.stop_reading_pixels_when_cached(inputs.collate.read_pixels, inputs.train.needed_rows)
+
+
 def _check_resume(run_dir: Path, settings: CIRSettings) -> None:
     saved = read_record(run_dir)
     ours = settings.to_dict()
@@ -89,8 +101,8 @@ def _train_cirr(settings: CIRSettings, resume: bool, console, quiet: bool) -> di
     trainer = Trainer(module, settings.stage1, run_dir / STAGE1_DIR, inputs.train, inputs.collate,
                       console=console, quiet=quiet, extra_config=extra)
     module.precision, validation.num_workers = trainer.precision, trainer.num_workers  # as resolved by the engine
-    if settings.cache_frozen and not module.enable_prefix_cache(trainer.device) and console is not None and not quiet:
-        console.print("[yellow]--cache-frozen: no frozen leading blocks to cache with this adapter method[/]")
+    if settings.cache_frozen:
+        _enable_prefix_cache(module, inputs, trainer.device, info.enabled, console if not quiet else None)
     stage1 = trainer.fit(resume=resumable(run_dir / STAGE1_DIR, resume))
     device, precision = trainer.device, trainer.precision
 

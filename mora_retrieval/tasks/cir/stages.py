@@ -136,32 +136,56 @@ class CIRStage1(TrainModule):
         self.validation = validation
         self.precision = precision
         self.prefix_caches = None
+        self._row_of: dict[str, int] | None = None
+        self._read_pixels: torch.Tensor | None = None
+        self._needed_rows: torch.Tensor | None = None
 
-    def enable_prefix_cache(self, storage: str | torch.device = "cpu") -> bool:
-        """Cache the frozen leading blocks' outputs per image name and caption across epochs.
+    def enable_prefix_cache(self, device: str | torch.device = "cpu", image_rows: int = 0, text_rows: int = 0,
+                            image_names: Sequence[str] | None = None, memory_budget: int | None = None) -> bool:
+        """Cache the frozen leading blocks' outputs per image row and per caption (triplet index)
+        across epochs, in dense stores of ``image_rows`` and ``text_rows`` rows
+        (:class:`~mora_retrieval.model.prefix_cache.FrozenPrefixCache`).
 
-        Valid only for deterministic inputs (no random augmentation). Returns whether any tower
-        has a frozen prefix to cache (none with ``full`` or ``bitfit``).
+        Batches of the prepared cache carry image rows; batches of image files carry names,
+        mapped to rows by their position in ``image_names``. Valid only for deterministic inputs
+        (no random augmentation). Returns whether any tower has a frozen prefix to cache (none
+        with ``full`` or ``bitfit``).
         """
-        caches = (FrozenPrefixCache(self.model.visual.transformer, storage),
-                  FrozenPrefixCache(self.model.transformer, storage))
+        caches = (FrozenPrefixCache(self.model.visual.transformer, image_rows, device, memory_budget),
+                  FrozenPrefixCache(self.model.transformer, text_rows, device, memory_budget))
         self.prefix_caches = caches if any(c.active for c in caches) else None
+        self._row_of = None if image_names is None else {name: i for i, name in enumerate(image_names)}
         return self.prefix_caches is not None
 
+    def stop_reading_pixels_when_cached(self, read_pixels: torch.Tensor, needed_rows: torch.Tensor) -> None:
+        """Clear the shared flag ``read_pixels`` (seen by persistent DataLoader workers) as soon as
+        the image cache holds every row of ``needed_rows``: later batches come without pixels.
+
+        Single process only: under DDP each rank fills only the rows it sees, and the sampler
+        gives it other rows every epoch, so the ranks keep reading pixels.
+        """
+        self._read_pixels, self._needed_rows = read_pixels, needed_rows
+
     def images(self, batch: dict[str, Any]) -> torch.Tensor:
-        """The batch's references then targets, normalised, ``[2B, 3, H, W]``."""
-        if "pixels" not in batch:
+        """The batch's references then targets, normalised, ``[2B, 3, H, W]``; zeros when the
+        batch comes without pixels (every image's prefix is cached, the stem's output is unused)."""
+        if "reference" in batch:
             return torch.cat([batch["reference"], batch["target"]])
         if self.pixel_spec is None:
-            raise ValueError("CIRStage1 got uint8 pixels but no pixel_spec to normalise them with")
+            raise ValueError("CIRStage1 got prepared-cache batches but no pixel_spec")
+        if "pixels" not in batch:
+            n = 2 * len(batch["reference_row"])
+            return torch.zeros(n, 3, *self.pixel_spec.size, device=batch["reference_row"].device)
         return normalize_uint8(batch["pixels"], self.pixel_spec.mean, self.pixel_spec.std)
 
-    @staticmethod
-    def image_keys(batch: dict[str, Any]) -> list:
-        """What identifies the batch's images (references then targets): rows or names."""
+    def image_rows(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The cache rows of the batch's images (references then targets)."""
         if "reference_row" in batch:
-            return batch["reference_row"].tolist() + batch["target_row"].tolist()
-        return list(batch["reference_name"]) + list(batch["target_name"])
+            return torch.cat([batch["reference_row"], batch["target_row"]])
+        if self._row_of is None:
+            raise ValueError("image batches without rows need enable_prefix_cache(image_names=...)")
+        names = list(batch["reference_name"]) + list(batch["target_name"])
+        return torch.tensor([self._row_of[name] for name in names], dtype=torch.int64)
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         images = self.images(batch)
@@ -171,9 +195,13 @@ class CIRStage1(TrainModule):
             text = self.model.encode_text(batch["tokens"])
         else:
             image_cache, text_cache = self.prefix_caches
-            names = self.image_keys(batch)
-            features = image_cache.encode(self.model.encode_image, images, names)
-            text = text_cache.encode(self.model.encode_text, batch["tokens"], list(batch["caption"]))
+            if "pixels" not in batch and "reference" not in batch and not image_cache.covers(
+                    self.image_rows(batch).cpu()):
+                raise RuntimeError("a batch without pixels has images whose frozen prefix is not cached")
+            features = image_cache.encode(self.model.encode_image, images, self.image_rows(batch))
+            text = text_cache.encode(self.model.encode_text, batch["tokens"], batch["index"])
+            if self._read_pixels is not None and bool(self._read_pixels) and image_cache.covers(self._needed_rows):
+                self._read_pixels.fill_(False)
         return contrastive_loss(features[:n] + text, features[n:])
 
     def evaluate(self, device: torch.device) -> dict[str, float]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mora_retrieval.data.images import make_transform, preprocess_spec
 from mora_retrieval.errors import DataError
@@ -169,3 +171,65 @@ def test_persistent_workers_see_the_pixel_flag(world, tiny_model, tmp_path):
     inputs.collate.read_pixels.fill_(False)  # in the main process, as the stage-1 forward does
     assert not any("pixels" in b for b in loader)
     assert inputs.train.needed_rows.tolist() == sorted(set(inputs.train.reference_rows) | set(inputs.train.target_rows))
+
+
+def test_bf16_prefix_matches_autocast_and_leaves_the_fp32_weights_alone(tiny_model):
+    from mora_retrieval.adapters import AdapterConfig, add_adapters
+    from mora_retrieval.tasks.cir.stages import CIRStage1
+
+    model, _, tokenizer = tiny_model
+    add_adapters(model, AdapterConfig(method="mora", targets=("q", "v"), layers=1))
+    module = CIRStage1(model, tokenizer, validation=None).train()
+    torch.manual_seed(0)
+    captions = ["add a red circle", "make it blue", "remove the square", "two"]
+    batch = {"reference": torch.randn(4, 3, 32, 32), "target": torch.randn(4, 3, 32, 32),
+             "tokens": tokenizer(captions)}
+    keys = list(module.state_dict())
+    frozen = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
+
+    def features():
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16), contextlib.ExitStack() as stack:
+            for prefix in module.bf16_prefixes or ():
+                stack.enter_context(prefix.active())
+            return model.encode_image(batch["reference"]).float(), model.encode_text(batch["tokens"]).float()
+
+    with torch.no_grad():
+        exact = model.encode_image(batch["reference"]), model.encode_text(batch["tokens"])
+    autocast = features()
+    assert module.enable_bf16_prefix()
+    pure = features()
+    for e, a, p in zip(exact, autocast, pure):  # within bf16 rounding of the autocast reference
+        assert F.cosine_similarity(p, a).min() > 0.999
+        assert (p - e).norm() <= 2 * (a - e).norm() + 1e-3 * e.norm()
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    for _ in range(2):
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = module(batch)
+        loss.backward()
+        assert all(p.grad is None for n, p in module.named_parameters() if not p.requires_grad)
+        assert all(p.grad is not None and p.dtype == torch.float32 for p in trainable)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    assert list(module.state_dict()) == keys and len(model.visual.transformer.resblocks) == 4
+    for name, value in module.named_parameters():
+        if name in frozen:
+            assert value.dtype == torch.float32 and torch.equal(value, frozen[name]), name
+    image_prefix, text_prefix = module.bf16_prefixes
+    assert (image_prefix.depth, text_prefix.depth) == (3, 2)
+    assert all(p.dtype == torch.bfloat16 for p in image_prefix._blocks().parameters())
+
+
+def test_train_cirr_in_bf16_on_the_cpu_runs_the_pure_bf16_prefix(world, tmp_path, monkeypatch):
+    import math
+
+    from mora_retrieval.model import bf16_prefix
+    from mora_retrieval.tasks.cir import train_cirr
+
+    used = []
+    original = bf16_prefix.Bf16Prefix.active
+    monkeypatch.setattr(bf16_prefix.Bf16Prefix, "active", lambda self: used.append(self.depth) or original(self))
+    settings = _settings(world["cirr"], tmp_path / "run", prepared_dir=str(tmp_path / "cache"))
+    settings.stage1.epochs, settings.stage1.precision, settings.stage2 = 1, "bf16", None
+    results = train_cirr(settings, quiet=True)
+    assert math.isfinite(results["val_stage1"]["avg"]) and set(used) == {2, 1}  # mora-tiny: 4 and 3 blocks, 2 adapted

@@ -103,6 +103,8 @@ def _train_cirr(settings: CIRSettings, resume: bool, console, quiet: bool) -> di
     module.precision, validation.num_workers = trainer.precision, trainer.num_workers  # as resolved by the engine
     if settings.cache_frozen:
         _enable_prefix_cache(module, inputs, trainer.device, info.enabled, console if not quiet else None)
+    elif trainer.precision == "bf16":
+        module.enable_bf16_prefix()  # the frozen leading blocks in pure bf16
     stage1 = trainer.fit(resume=resumable(run_dir / STAGE1_DIR, resume))
     device, precision = trainer.device, trainer.precision
 

@@ -15,6 +15,7 @@ evaluation and the reference features are looked up in it.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -27,6 +28,7 @@ from ...data.images import PreprocessSpec, normalize_uint8
 from ...engine.module import TrainModule
 from ...model.combiner import Combiner
 from ...model.encode import collect, composed_query, encode_images, encode_texts, ordered_loader
+from ...model.bf16_prefix import Bf16Prefix
 from ...model.prefix_cache import FrozenPrefixCache
 from .inputs import PreparedGallery
 from .metrics import cirr_rankings, cirr_recalls
@@ -139,6 +141,7 @@ class CIRStage1(TrainModule):
         self._row_of: dict[str, int] | None = None
         self._read_pixels: torch.Tensor | None = None
         self._needed_rows: torch.Tensor | None = None
+        self.bf16_prefixes: tuple[Bf16Prefix, Bf16Prefix] | None = None
 
     def enable_prefix_cache(self, device: str | torch.device = "cpu", image_rows: int = 0, text_rows: int = 0,
                             image_names: Sequence[str] | None = None, memory_budget: int | None = None) -> bool:
@@ -156,6 +159,15 @@ class CIRStage1(TrainModule):
         self.prefix_caches = caches if any(c.active for c in caches) else None
         self._row_of = None if image_names is None else {name: i for i, name in enumerate(image_names)}
         return self.prefix_caches is not None
+
+    def enable_bf16_prefix(self) -> bool:
+        """Run the frozen leading blocks of both towers from bf16 copies with autocast off
+        (:class:`~mora_retrieval.model.bf16_prefix.Bf16Prefix`; for bf16 precision). Not combined
+        with the prefix cache, which skips those blocks after the first epoch anyway. Returns
+        whether any tower has a frozen prefix."""
+        prefixes = (Bf16Prefix(self.model.visual.transformer), Bf16Prefix(self.model.transformer))
+        self.bf16_prefixes = prefixes if any(p.usable for p in prefixes) else None
+        return self.bf16_prefixes is not None
 
     def stop_reading_pixels_when_cached(self, read_pixels: torch.Tensor, needed_rows: torch.Tensor) -> None:
         """Clear the shared flag ``read_pixels`` (seen by persistent DataLoader workers) as soon as
@@ -191,8 +203,11 @@ class CIRStage1(TrainModule):
         images = self.images(batch)
         n = images.shape[0] // 2
         if self.prefix_caches is None:
-            features = self.model.encode_image(images)
-            text = self.model.encode_text(batch["tokens"])
+            with contextlib.ExitStack() as stack:
+                for prefix in self.bf16_prefixes or ():
+                    stack.enter_context(prefix.active())
+                features = self.model.encode_image(images)
+                text = self.model.encode_text(batch["tokens"])
         else:
             image_cache, text_cache = self.prefix_caches
             if "pixels" not in batch and "reference" not in batch and not image_cache.covers(

@@ -233,3 +233,30 @@ def test_train_cirr_in_bf16_on_the_cpu_runs_the_pure_bf16_prefix(world, tmp_path
     settings.stage1.epochs, settings.stage1.precision, settings.stage2 = 1, "bf16", None
     results = train_cirr(settings, quiet=True)
     assert math.isfinite(results["val_stage1"]["avg"]) and set(used) == {2, 1}  # mora-tiny: 4 and 3 blocks, 2 adapted
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_prefix_cache_is_bf16_on_the_device_and_the_bf16_prefix_tracks_autocast(tiny_model):
+    from mora_retrieval.adapters import AdapterConfig, add_adapters
+    from mora_retrieval.tasks.cir.stages import CIRStage1
+
+    model, _, tokenizer = tiny_model
+    add_adapters(model, AdapterConfig(method="mora", targets=("q", "v"), layers=1))
+    module = CIRStage1(model, tokenizer, validation=None).cuda().train()
+    torch.manual_seed(0)
+    batch = {"reference": torch.randn(4, 3, 32, 32, device="cuda"), "target": torch.randn(4, 3, 32, 32, device="cuda"),
+             "tokens": tokenizer(["a", "b", "c", "d"]).cuda(), "index": torch.arange(4, device="cuda"),
+             "reference_row": torch.arange(4, device="cuda"), "target_row": torch.arange(4, 8, device="cuda")}
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        want = model.encode_image(batch["reference"]).float()
+        assert module.enable_bf16_prefix()
+        with module.bf16_prefixes[0].active():
+            got = model.encode_image(batch["reference"]).float()
+    assert F.cosine_similarity(got, want).min() > 0.99
+    module.bf16_prefixes = None
+    assert module.enable_prefix_cache("cuda", image_rows=8, text_rows=4)
+    with torch.autocast("cuda", torch.bfloat16):
+        module(batch).backward()
+    image_cache = module.prefix_caches[0]
+    assert image_cache.placement == "device" and image_cache.states.dtype == torch.bfloat16
+    assert image_cache.states.device.type == "cuda" and bool(image_cache.filled.all())

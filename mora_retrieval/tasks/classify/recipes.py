@@ -1,6 +1,7 @@
 """Classification runs: train → keep the best epoch → merge → test; eval-only; the scenario grid.
 
-Run folder (the engine's ``config.json``, ``metrics.jsonl``, ``checkpoints/``, ``curves.png``, plus):
+Run folder (names in :mod:`mora_retrieval.runs`; the engine's ``config.json``, ``metrics.jsonl``,
+``checkpoints/``, ``curves.png``, plus):
 
 - ``adapter/``: the adapter folder of the best epoch (``save_adapters``);
 - ``head.safetensors``: the linear head of the best epoch (``weight``, ``bias``; metadata: task,
@@ -26,28 +27,29 @@ import csv
 import io
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ..device import available_cores, default_num_workers, resolve_device
-from ..errors import TrainingError
-from ..fileio import atomic_write, read_json, write_json
-from .classify_setup import (ADAPTER_DIR, CONFIG_FILE, HEAD_FILE, MERGED_FILE, RESULTS_FILE, ClassifySettings,
-                             embed_dim_of, load_head, read_run_config, save_head, scenario_data)
-
-
-@dataclass
-class ClassifyParts:
-    """The live objects of a run: backbone pieces, classifier, datasets' metadata."""
-
-    classifier: Any
-    preprocess: Callable
-    tokenizer: Callable
-    task: str
-    class_names: list[str]
+from ...adapters import add_adapters, export_checkpoint, merge_adapters, save_adapters, trainable_share
+from ...data.missing import MissingSpec
+from ...device import available_cores, default_num_workers, resolve_device, resolve_precision
+from ...engine import TrainConfig, Trainer, load_best
+from ...engine.distributed import detect
+from ...engine.progress import SamplesPerSecond
+from ...errors import TrainingError
+from ...fileio import atomic_write, read_json
+from ...model.backbone import embed_dim, load_backbone
+from ...model.heads import CLIPClassifier, LinearHead, save_head
+from ...runs import (ADAPTER_DIR, EVAL_DIR, HEAD_FILE, MERGED_FILE, RESULTS_FILE, resumable, update_record,
+                     write_results)
+from .metrics import MAIN_METRIC, majority_baseline
+from .model import ClassifyCollate, ClassifyModule, evaluate_classifier, head_outputs
+from .predict import load_run_classifier
+from .settings import ClassifySettings, scenario_data
 
 
 @contextlib.contextmanager
@@ -56,17 +58,8 @@ def eval_progress(console: Any, total: int, label: str = "evaluate") -> Iterator
     if console is None or not getattr(console, "is_terminal", False) or getattr(console, "quiet", False):
         yield None
         return
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
-    from rich.text import Text
-
-    class _Speed(ProgressColumn):
-        def render(self, task) -> Text:
-            speed = task.finished_speed or task.speed
-            return Text("– samples/s" if speed is None else f"{speed:,.1f} samples/s", style="progress.data.speed")
-
-    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), _Speed(), TimeElapsedColumn(),
-                  TextColumn("ETA"), TimeRemainingColumn(), console=console) as progress:
+    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), SamplesPerSecond(),
+                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console) as progress:
         task = progress.add_task(label, total=total)
         yield lambda n: progress.advance(task, n)
 
@@ -79,29 +72,19 @@ def _missing_counts(dataset: Any) -> dict[str, int]:
 
 def build_classifier(settings: ClassifySettings, seed: int, task: str, num_classes: int):
     """Backbone (random weights drawn from ``seed`` when there are none), adapters, head."""
-    from ..adapters import add_adapters
-    from ..backbone import load_backbone
-    from .classify import CLIPClassifier, LinearHead, head_outputs
-
     torch.manual_seed(seed)
     backbone = load_backbone(settings.arch, settings.pretrained)
-    add_adapters(backbone.model, settings.adapter_config())
-    dim = embed_dim_of(backbone.model, backbone.tokenizer)
-    head = LinearHead(2 * dim, head_outputs(task, num_classes))
+    add_adapters(backbone.model, settings.adapter)
+    head = LinearHead(2 * embed_dim(backbone.model), head_outputs(task, num_classes))
     return CLIPClassifier(backbone.model, head, settings.features), backbone.preprocess, backbone.tokenizer
 
 
-def train_classifier(settings: ClassifySettings, train_config: Any, run_dir: str | os.PathLike, resume: bool = False,
-                     console: Any = None, quiet: bool = False) -> dict[str, Any] | None:
+def train_classifier(settings: ClassifySettings, train_config: TrainConfig, run_dir: str | os.PathLike,
+                     resume: bool = False, console: Any = None, quiet: bool = False) -> dict[str, Any] | None:
     """Train, select the best epoch on validation, merge, test; returns ``results.json``'s content.
 
     Under ``torchrun`` only rank 0 finishes the run (files, test); other ranks return ``None``.
     """
-    from ..adapters import merge_adapters, save_adapters, trainable_share, export_checkpoint
-    from ..engine import Trainer, load_best
-    from ..engine.distributed import detect
-    from .classify import ClassifyCollate, ClassifyModule, evaluate_classifier
-
     run_dir = Path(run_dir)
     scen = settings.scenarios
     probe = scenario_data(settings, "train", scen["train"], transform=None)
@@ -109,12 +92,11 @@ def train_classifier(settings: ClassifySettings, train_config: Any, run_dir: str
     train_set = scenario_data(settings, "train", scen["train"], preprocess)
     val_set = scenario_data(settings, "val", scen["val"], preprocess)
     collate = ClassifyCollate(tokenizer)
-    module = ClassifyModule(classifier, probe.task, val_set, collate, settings.eval_batch_size,
-                            train_config.num_workers, train_config.precision)
+    module = ClassifyModule(classifier, probe.task, val_set, collate, settings.eval_batch_size)
     shares = trainable_share(classifier.clip, classifier.head)
     trainer = Trainer(module, train_config, run_dir, train_set, collate_fn=collate, console=console,
                       extra_config=settings.training_record(), quiet=quiet)
-    module.num_workers = trainer.num_workers
+    module.precision, module.num_workers = trainer.precision, trainer.num_workers  # as resolved by the engine
     fit = trainer.fit(resume=resume)
     if not detect().is_main:
         return None
@@ -129,20 +111,21 @@ def train_classifier(settings: ClassifySettings, train_config: Any, run_dir: str
     save_head(classifier.head, run_dir / HEAD_FILE, probe.task, probe.class_names, settings.features)
     merge_adapters(classifier.clip)
     export_checkpoint(classifier.clip, run_dir / MERGED_FILE)
-    _write_run_record(run_dir, settings, probe.task, probe.class_names)
+    record = {**settings.to_dict(), "scenarios": scen, "dataset_task": probe.task,
+              "class_names": list(probe.class_names)}
+    update_record(run_dir, task="classify", arch=settings.arch, pretrained=settings.pretrained,
+                  dataset=settings.dataset, scenarios=scen, classify=record)
 
     classifier.to(device)
     test_set = scenario_data(settings, "test", scen["test"], preprocess)
     with eval_progress(None if quiet else console, len(test_set), f"test ({scen['test']})") as advance:
         test = evaluate_classifier(classifier, probe.task, test_set, collate, device, settings.eval_batch_size,
-                                   trainer.num_workers, train_config.precision, advance)
-    from .metrics import MAIN_METRIC, majority_baseline
-
+                                   trainer.num_workers, trainer.precision, advance)
     metric = MAIN_METRIC[probe.task]
     results = {
         "task": "classify",
         "dataset": settings.dataset,
-        "method": settings.adapter["method"],
+        "method": settings.adapter.method,
         "arch": settings.arch,
         "pretrained": settings.pretrained,
         "scenario": scen,
@@ -160,7 +143,7 @@ def train_classifier(settings: ClassifySettings, train_config: Any, run_dir: str
         "missing_counts": {"train": _missing_counts(train_set), "val": _missing_counts(val_set),
                            "test": _missing_counts(test_set)},
     }
-    write_json(run_dir / RESULTS_FILE, results)
+    write_results(run_dir / RESULTS_FILE, results)
     return results
 
 
@@ -170,71 +153,32 @@ def _labels(dataset: Any) -> torch.Tensor:
     return torch.stack([base.label_tensor(i) for i in range(len(base))])
 
 
-def _write_run_record(run_dir: Path, settings: ClassifySettings, task: str, class_names: list[str]) -> None:
-    """Add the ``classify`` record and top-level keys to the engine's ``config.json``."""
-    path = run_dir / CONFIG_FILE
-    data = read_json(path, "run config")
-    record = settings.to_dict()
-    record.update({"scenarios": settings.scenarios, "dataset_task": task, "class_names": list(class_names)})
-    data.update({"task": "classify", "arch": settings.arch, "pretrained": settings.pretrained,
-                 "dataset": settings.dataset, "scenarios": settings.scenarios, "classify": record})
-    write_json(path, data)
-
-
-def load_run_classifier(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Any, ClassifySettings, dict]:
-    """``(classifier on the merged weights, settings, run record)`` of a finished run folder."""
-    from ..backbone import load_backbone
-    from .classify import CLIPClassifier
-
-    run_dir = Path(run_dir)
-    record = read_run_config(run_dir)
-    settings = ClassifySettings.from_dict(record)
-    merged, head_path = run_dir / MERGED_FILE, run_dir / HEAD_FILE
-    for path in (merged, head_path):
-        if not path.is_file():
-            raise TrainingError(f"{path}: not found (the run did not finish; resume it with --resume)")
-    backbone = load_backbone(settings.arch, str(merged))
-    head, meta = load_head(head_path)
-    dim = embed_dim_of(backbone.model, backbone.tokenizer)
-    if head.in_dim != 2 * dim:
-        raise TrainingError(f"{head_path}: head takes {head.in_dim} features but {settings.arch} gives {2 * dim}")
-    classifier = CLIPClassifier(backbone.model, head, meta.get("features") or settings.features).to(device).eval()
-    record = dict(record)
-    record["preprocess"], record["tokenizer"] = backbone.preprocess, backbone.tokenizer
-    record["head_meta"] = meta
-    return classifier, settings, record
-
-
 def evaluate_run(run_dir: str | os.PathLike, test_missing: str | None = None, data_root: str | None = None,
                  split: str = "test", device: str = "auto", batch_size: int | None = None, num_workers: int | None = None,
                  console: Any = None) -> dict[str, Any]:
     """Re-test a finished run (merged weights + head) under another scenario; writes ``eval/…json``.
 
-    A progress bar is shown on ``console`` when it is a terminal.
+    ``data_root`` replaces the run's data root (the default assignment store moves with it). A
+    progress bar is shown on ``console`` when it is a terminal.
     """
-    from ..data.missing import MissingSpec
-    from .classify import ClassifyCollate, evaluate_classifier
-    from .metrics import MAIN_METRIC
-
     dev = resolve_device(device)
-    classifier, settings, record = load_run_classifier(run_dir, dev)
+    trained = load_run_classifier(run_dir, dev)
+    settings = trained.settings
     if data_root is not None:
-        settings.data_root = str(Path(data_root).resolve())
+        settings = replace(settings, data_root=data_root)
     scenario = str(MissingSpec.parse(test_missing)) if test_missing else settings.scenarios["test"]
-    dataset = scenario_data(settings, split, scenario, record["preprocess"])
-    task = record["dataset_task"]
+    dataset = scenario_data(settings, split, scenario, trained.preprocess)
     with eval_progress(console, len(dataset), f"{split} ({scenario})") as advance:
-        metrics = evaluate_classifier(classifier, task, dataset, ClassifyCollate(record["tokenizer"]), dev,
-                                      batch_size or settings.eval_batch_size,
+        metrics = evaluate_classifier(trained.classifier, trained.task, dataset, ClassifyCollate(trained.tokenizer),
+                                      dev, batch_size or settings.eval_batch_size,
                                       default_num_workers(dev.type, available_cores()) if num_workers is None
-                                      else num_workers, "auto", advance)
-    metric = MAIN_METRIC[task]
-    result = {"task": "classify", "dataset": settings.dataset, "method": settings.adapter["method"],
+                                      else num_workers, resolve_precision("auto", dev), advance)
+    metric = MAIN_METRIC[trained.task]
+    result = {"task": "classify", "dataset": settings.dataset, "method": settings.adapter.method,
               "split": split, "scenario": {"train": settings.scenarios["train"], "test": scenario},
               "metric": metric, "test_metric": metrics[metric], "test": metrics, "evaluated_on": "merged",
               "samples": len(dataset), "missing_counts": _missing_counts(dataset)}
-    safe = scenario.replace(":", "_")
-    write_json(Path(run_dir) / "eval" / f"{split}-{safe}.json", result)
+    write_results(Path(run_dir) / EVAL_DIR / f"{split}-{scenario.replace(':', '_')}.json", result)
     return result
 
 
@@ -248,7 +192,7 @@ def grid_cell_dir(out_dir: Path, kind: str, ratio: float) -> Path:
     return Path(out_dir) / f"{kind}-{ratio:g}"
 
 
-def run_grid(settings: ClassifySettings, train_config: Any, out_dir: str | os.PathLike,
+def run_grid(settings: ClassifySettings, train_config: TrainConfig, out_dir: str | os.PathLike,
              ratios: tuple[float, ...] = GRID_RATIOS, types: tuple[str, ...] = GRID_TYPES, resume: bool = False,
              console: Any = None, quiet: bool = False) -> list[dict[str, Any]]:
     """The paper's table: one run per (type, ratio), trained and tested on that scenario.
@@ -264,17 +208,16 @@ def run_grid(settings: ClassifySettings, train_config: Any, out_dir: str | os.Pa
             cell = grid_cell_dir(out_dir, kind, ratio)
             done = cell / RESULTS_FILE
             if done.is_file():
-                result = read_json(done, "results file")
+                result = read_json(done, "results file", error=TrainingError)
             else:
                 if console is not None and not quiet:
                     console.rule(f"{settings.dataset}: train = test = {scenario}")
                 cell_settings = settings.with_scenarios(missing=scenario, val_missing=None, test_missing=scenario)
-                again = resume and (cell / "checkpoints" / "last.pt").is_file()
-                result = train_classifier(cell_settings, train_config, cell, resume=again, console=console,
-                                          quiet=quiet)
+                result = train_classifier(cell_settings, train_config, cell, resume=resumable(cell, resume),
+                                          console=console, quiet=quiet)
                 if result is None:  # a non-zero rank under torchrun
                     continue
-            rows.append({"dataset": settings.dataset, "method": settings.adapter["method"], "missing_type": kind,
+            rows.append({"dataset": settings.dataset, "method": settings.adapter.method, "missing_type": kind,
                          "ratio": ratio, "metric": result["metric"], "value": result["test_metric"],
                          "run_dir": str(cell)})
     if rows:

@@ -18,7 +18,7 @@ import torch
 import torch.utils.benchmark as tbench
 
 from mora_retrieval.adapters import AdapterConfig, add_adapters, cached_adapted_weights, merge_adapters
-from mora_retrieval.backbone import image_size_of, load_backbone
+from mora_retrieval.model.backbone import image_size_of, load_backbone
 
 
 def main() -> None:

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from mora_retrieval.adapters import AdapterConfig, add_adapters, merge_adapters, missing_cases, trainable_share
-from mora_retrieval.backbone import image_size_of, load_backbone
+from mora_retrieval.model.backbone import image_size_of, load_backbone
 from mora_retrieval.fileio import atomic_write, write_json
 
 PAPER_SHARE = 25.90  # MoRA's inference time as a percentage of DCP's, as the paper states

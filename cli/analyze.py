@@ -59,5 +59,4 @@ def analyze(
     console.print("written: " + ", ".join(str(path) for path in result.files.values()))
 
 
-def register(app: typer.Typer) -> None:
-    app.command("analyze")(analyze)
+COMMANDS = {"analyze": analyze}

@@ -6,53 +6,51 @@ from pathlib import Path
 
 import typer
 
-from .options import command_group, make_console
+from .options import make_console
 
 
-def register(app: typer.Typer) -> None:
-    data_app = command_group("Dataset utilities: generate the synthetic shapes world.")
-    app.add_typer(data_app, name="data")
+def shapes(
+    out: Path = typer.Option(..., "--out", help="Folder to write the world into (one subfolder per dataset)."),
+    size: str = typer.Option("small", "--size", help="tiny (tests) | small | medium (the demo)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed; the same seed writes the same bytes."),
+    image_size: int = typer.Option(64, "--image-size", help="Image side in pixels (MM-IMDb posters are 1.5x taller)."),
+) -> None:
+    """Write CIRR, COCO, Food-101, MM-IMDb and Hateful-Memes-format datasets of drawn shapes."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+    from rich.table import Table
 
-    @data_app.command("shapes")
-    def shapes(
-        out: Path = typer.Option(..., "--out", help="Folder to write the world into (one subfolder per dataset)."),
-        size: str = typer.Option("small", "--size", help="tiny (tests) | small | medium (the demo)."),
-        seed: int = typer.Option(0, "--seed", help="Random seed; the same seed writes the same bytes."),
-        image_size: int = typer.Option(64, "--image-size", help="Image side in pixels (MM-IMDb posters are 1.5x taller)."),
-    ) -> None:
-        """Write CIRR, COCO, Food-101, MM-IMDb and Hateful-Memes-format datasets of drawn shapes."""
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
-        from rich.table import Table
+    from mora_retrieval.data.shapes import WORLD_SIZES, generate_shapes_world, read_world_manifest
+    from mora_retrieval.errors import DataError
 
-        from mora_retrieval.data.shapes import WORLD_SIZES, generate_shapes_world, read_world_manifest
-        from mora_retrieval.errors import DataError
+    if size not in WORLD_SIZES:
+        raise DataError(f"unknown --size {size!r} (expected one of: {', '.join(WORLD_SIZES)})")
+    console = make_console()
+    total = WORLD_SIZES[size].total_images()
+    columns = (TextColumn("[bold]{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("shapes world", total=total, rate="")
 
-        if size not in WORLD_SIZES:
-            raise DataError(f"unknown --size {size!r} (expected one of: {', '.join(WORLD_SIZES)})")
-        console = make_console()
-        total = WORLD_SIZES[size].total_images()
-        columns = (TextColumn("[bold]{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[rate]}"),
-                   TimeElapsedColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=console) as progress:
-            task = progress.add_task("shapes world", total=total, rate="")
+        pending = {"n": 0}
 
-            pending = {"n": 0}
+        def tick(part: str, n: int) -> None:  # refresh every 50 images: rich updates are not free
+            pending["n"] += n
+            if pending["n"] >= 50:
+                progress.update(task, advance=pending["n"], description=part)
+                pending["n"] = 0
+                speed = progress.tasks[task].speed
+                progress.update(task, rate=f"{speed:,.0f} img/s" if speed else "")
 
-            def tick(part: str, n: int) -> None:  # refresh every 50 images: rich updates are not free
-                pending["n"] += n
-                if pending["n"] >= 50:
-                    progress.update(task, advance=pending["n"], description=part)
-                    pending["n"] = 0
-                    speed = progress.tasks[task].speed
-                    progress.update(task, rate=f"{speed:,.0f} img/s" if speed else "")
+        roots = generate_shapes_world(out, size=size, seed=seed, image_size=image_size, progress=tick)
+        progress.update(task, advance=pending["n"])
+    manifest = read_world_manifest(out)
+    table = Table("dataset", "split", "counts", "root", title=f"shapes world ({size}, seed {seed})")
+    for part, root in roots.items():
+        for split, counts in manifest["parts"][part]["splits"].items():
+            table.add_row(part, split, ", ".join(f"{v} {k}" for k, v in counts.items()), str(root))
+    console.print(table)
 
-            roots = generate_shapes_world(out, size=size, seed=seed, image_size=image_size, progress=tick)
-            progress.update(task, advance=pending["n"])
-        manifest = read_world_manifest(out)
-        table = Table("dataset", "split", "counts", "root", title=f"shapes world ({size}, seed {seed})")
-        for part, root in roots.items():
-            for split, counts in manifest["parts"][part]["splits"].items():
-                table.add_row(part, split, ", ".join(f"{v} {k}" for k, v in counts.items()), str(root))
-        console.print(table)
+
+COMMANDS = {"data shapes": shapes}

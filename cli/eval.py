@@ -1,7 +1,4 @@
-"""``mora-ret eval``: evaluation commands (a Typer sub-app; ``eval coco`` lives here).
-
-Other modules add their own commands to :data:`eval_app` (e.g. ``eval cirr``).
-"""
+"""``mora-ret eval coco``: image-to-image Recall@K on an indexed COCO gallery (``eval cirr`` is in eval_cirr.py)."""
 
 from __future__ import annotations
 
@@ -10,18 +7,10 @@ from typing import Optional
 
 import typer
 
-from .options import command_group, make_console
+from .options import make_console
 
 from .index import AdapterOpt, CheckpointOpt, DeviceOpt, ModelOpt, PretrainedOpt, RunOpt, MODEL_HELP
 
-eval_app = command_group("Evaluate retrieval: COCO image-to-image recall, CIRR.")
-
-
-def register(app: typer.Typer) -> None:
-    app.add_typer(eval_app, name="eval")
-
-
-@eval_app.command("coco")
 def eval_coco(
     index: Path = typer.Option(..., "--index", help="Index folder built with `mora-ret index coco`."),
     relevance: str = typer.Option("exact", "--relevance", help="exact | primary | any | jaccard:T"),
@@ -69,3 +58,6 @@ def eval_coco(
         rec = r.recall
         table.add_row(name, *(f"{rec[k]:.2f}" for k in (1, 5, 10)), str(r.evaluated), str(r.no_relevant))
     make_console().print(table)
+
+
+COMMANDS = {"eval coco": eval_coco}

@@ -22,7 +22,7 @@ def eval_cirr(
     """CIRR Recall@1/5/10/50 and Recall_subset@1/2/3 of the merged model (reference removed)."""
     import json
 
-    from mora_retrieval.tasks.cir_run import evaluate_cirr_run
+    from mora_retrieval.tasks.cir import evaluate_cirr_run
 
     from .tables import metrics_table
 
@@ -37,7 +37,4 @@ def eval_cirr(
         make_console().print(metrics_table(f"CIRR {split} — {run}", {label: result}))
 
 
-def register(app: typer.Typer) -> None:
-    from .eval import eval_app
-
-    eval_app.command("cirr")(eval_cirr)
+COMMANDS = {"eval cirr": eval_cirr}

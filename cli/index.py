@@ -11,9 +11,7 @@ from typing import Any, Optional
 
 import typer
 
-from .options import command_group, device_option, make_console
-
-index_app = command_group("Embed a collection of images and build a FAISS index folder.")
+from .options import device_option, make_console
 
 DEFAULT_INDEX_ROOT = Path("indexes")
 MODEL_HELP = "Model options"
@@ -131,10 +129,6 @@ def _build(items_fn: Any, collection: dict, default_name: str, opts: dict) -> No
 
 
 
-def register(app: typer.Typer) -> None:
-    app.add_typer(index_app, name="index")
-
-
 ModelOpt = typer.Option(None, "--model", help="open_clip architecture, e.g. ViT-B-16 or mora-tiny.", rich_help_panel=MODEL_HELP)
 PretrainedOpt = typer.Option(None, "--pretrained", help="open_clip tag or checkpoint file.", rich_help_panel=MODEL_HELP)
 AdapterOpt = typer.Option(None, "--adapter", help="Adapter folder, merged onto --pretrained.", rich_help_panel=MODEL_HELP)
@@ -154,7 +148,6 @@ SkipOpt = typer.Option(False, "--skip-bad-images", help="Leave unreadable images
 OverwriteOpt = typer.Option(False, "--overwrite", help="Replace a finished index of another model in the output folder.")
 
 
-@index_app.command("coco")
 def index_coco(
     data_root: Path = typer.Option(..., "--data-root", help="COCO root: annotations/instances_<split>.json and <split>/."),
     split: str = typer.Option("val2017", "--split"),
@@ -174,7 +167,6 @@ def index_coco(
     _build(lambda: coco_items(data_root, split), collection, f"coco-{split}-{arch}", opts)
 
 
-@index_app.command("images")
 def index_images(
     folder: Path = typer.Argument(..., help="Folder of images (searched recursively)."),
     model: Optional[str] = ModelOpt, pretrained: Optional[str] = PretrainedOpt, adapter: Optional[Path] = AdapterOpt,
@@ -192,7 +184,6 @@ def index_images(
     _build(lambda: folder_items(folder), collection, folder.resolve().name, opts)
 
 
-@index_app.command("merge")
 def index_merge(
     out: Path = typer.Argument(..., help="Index folder whose parts/ hold the shard outputs."),
     index_type: str = TypeOpt, search_params: Optional[str] = ParamsOpt,
@@ -205,7 +196,6 @@ def index_merge(
     make_console().print(f"merged {folder.count} images into {out} ({folder.manifest['index_type']})")
 
 
-@index_app.command("rebuild")
 def index_rebuild(
     out: Path = typer.Argument(..., help="Index folder."), index_type: str = TypeOpt, search_params: Optional[str] = ParamsOpt,
 ) -> None:
@@ -215,3 +205,7 @@ def index_rebuild(
 
     folder = rebuild_index(out, index_type, search_params)
     make_console().print(f"rebuilt {out}: {folder.count} images, {folder.manifest['index_type']}")
+
+
+COMMANDS = {"index coco": index_coco, "index images": index_images, "index merge": index_merge,
+            "index rebuild": index_rebuild}

@@ -3,47 +3,41 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
-from .options import device_option, make_console, workers_option
+from .options import CONFIG_OPTION, MODEL_SETTINGS, TRAINING_DEFAULTS, TRAINING_SETTINGS, make_console, with_settings
+
+PRETRAIN_DEFAULTS = {"model": "mora-tiny", "epochs": "10", "batch_size": "128", "lr": "1e-3", "weight_decay": "0.1",
+                     **TRAINING_DEFAULTS}
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("pretrain")
-    def pretrain_command(
-        run_dir: Path = typer.Option(Path("runs/pretrain"), "--run-dir", help="Run folder."),
-        model: str = typer.Option("mora-tiny", "--model", help="open_clip architecture."),
-        init: Optional[str] = typer.Option(None, "--init", help="Start from these weights (tag or file); default: scratch."),
-        coco_root: Optional[Path] = typer.Option(None, "--coco-root", help="COCO-format root (annotations/captions_*.json)."),
-        train_split: str = typer.Option("train2017", "--train-split"),
-        val_split: Optional[str] = typer.Option("val2017", "--val-split", help="'' to skip validation."),
-        folder: Optional[Path] = typer.Option(None, "--folder", help="Folder of images with sidecar .txt captions."),
-        val_folder: Optional[Path] = typer.Option(None, "--val-folder"),
-        epochs: int = typer.Option(10, "--epochs"),
-        batch_size: int = typer.Option(128, "--batch-size"),
-        lr: float = typer.Option(1e-3, "--lr"),
-        weight_decay: float = typer.Option(0.1, "--weight-decay"),
-        workers: Optional[int] = workers_option(),
-        device: str = device_option(),
-        seed: int = typer.Option(0, "--seed"),
-        resume: bool = typer.Option(False, "--resume"),
-    ) -> None:
-        """Pretrain CLIP contrastively; writes RUN_DIR/pretrained.safetensors (a plain open_clip checkpoint)."""
+@with_settings(MODEL_SETTINGS[:1] + TRAINING_SETTINGS, PRETRAIN_DEFAULTS)
+def pretrain_command(
+    run_dir: Path = typer.Option(Path("runs/pretrain"), "--run-dir", help="Run folder."),
+    config: Optional[Path] = CONFIG_OPTION,
+    init: Optional[str] = typer.Option(None, "--init", help="Start from these weights (tag or file); default: scratch."),
+    coco_root: Optional[Path] = typer.Option(None, "--coco-root", help="COCO-format root (annotations/captions_*.json)."),
+    train_split: Optional[str] = typer.Option(None, "--train-split", help="[default: train2017]"),
+    val_split: Optional[str] = typer.Option(None, "--val-split", help="'' to skip validation.  [default: val2017]"),
+    folder: Optional[Path] = typer.Option(None, "--folder", help="Folder of images with sidecar .txt captions."),
+    val_folder: Optional[Path] = typer.Option(None, "--val-folder"),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --run-dir exactly."),
+    overrides: dict[str, Any] = None,
+) -> None:
+    """Pretrain CLIP contrastively; writes RUN_DIR/pretrained.safetensors (a plain open_clip checkpoint)."""
+    from mora_retrieval.tasks.pretrain import build_settings, pretrain
 
-        from mora_retrieval.engine import TrainConfig
-        from mora_retrieval.tasks.pretrain import PretrainSettings, pretrain
+    overrides.update({"init": init, "coco_root": None if coco_root is None else str(coco_root),
+                      "train_split": train_split, "val_split": val_split,
+                      "folder": None if folder is None else str(folder),
+                      "val_folder": None if val_folder is None else str(val_folder)})
+    settings = build_settings(str(run_dir), config, overrides)
+    console = make_console()
+    summary = pretrain(settings, resume=resume, console=console)
+    console.print(f"best epoch {summary['best_epoch']}: {summary['val']}")
+    console.print(f"checkpoint: {summary['checkpoint']}  (use --pretrained {summary['checkpoint']} --model {settings.arch})")
 
-        settings = PretrainSettings(
-            run_dir=str(run_dir), arch=model, init=init,
-            coco_root=None if coco_root is None else str(coco_root), train_split=train_split,
-            val_split=val_split or None, folder=None if folder is None else str(folder),
-            val_folder=None if val_folder is None else str(val_folder),
-            train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                              num_workers=workers, device=device, seed=seed),
-        )
-        console = make_console()
-        summary = pretrain(settings, resume=resume, console=console)
-        console.print(f"best epoch {summary['best_epoch']}: {summary['val']}")
-        console.print(f"checkpoint: {summary['checkpoint']}  (use --pretrained {summary['checkpoint']} --model {model})")
+
+COMMANDS = {"pretrain": pretrain_command}

@@ -12,50 +12,51 @@ from .options import make_console
 from .index import AdapterOpt, CheckpointOpt, DeviceOpt, ModelOpt, PretrainedOpt, RunOpt, MODEL_HELP
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("search")
-    def search_cmd(
-        index: Path = typer.Option(..., "--index", help="Index folder (indexes/<name>)."),
-        image: Optional[Path] = typer.Option(None, "--image", help="Query image."),
-        text: Optional[str] = typer.Option(None, "--text", help="Query text (with --image: a composed query)."),
-        k: int = typer.Option(10, "-k", "--top-k", min=1, help="Number of results (at least 1)."),
-        as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-        html_out: Optional[Path] = typer.Option(None, "--html", help="Write a self-contained HTML gallery page."),
-        model: Optional[str] = ModelOpt, pretrained: Optional[str] = PretrainedOpt, adapter: Optional[Path] = AdapterOpt,
-        checkpoint: Optional[Path] = CheckpointOpt, run: Optional[Path] = RunOpt,
-        combiner: Optional[Path] = typer.Option(None, "--combiner", help="Combiner file for composed queries.", rich_help_panel=MODEL_HELP),
-        device: Optional[str] = DeviceOpt,
-    ) -> None:
-        """Top-k images for a query; the model is reloaded from the index manifest unless model options are given."""
-        import json
-        from rich.table import Table
+def search_cmd(
+    index: Path = typer.Option(..., "--index", help="Index folder (indexes/<name>)."),
+    image: Optional[Path] = typer.Option(None, "--image", help="Query image."),
+    text: Optional[str] = typer.Option(None, "--text", help="Query text (with --image: a composed query)."),
+    k: int = typer.Option(10, "-k", "--top-k", min=1, help="Number of results (at least 1)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    html_out: Optional[Path] = typer.Option(None, "--html", help="Write a self-contained HTML gallery page."),
+    model: Optional[str] = ModelOpt, pretrained: Optional[str] = PretrainedOpt, adapter: Optional[Path] = AdapterOpt,
+    checkpoint: Optional[Path] = CheckpointOpt, run: Optional[Path] = RunOpt,
+    combiner: Optional[Path] = typer.Option(None, "--combiner", help="Combiner file for composed queries.", rich_help_panel=MODEL_HELP),
+    device: Optional[str] = DeviceOpt,
+) -> None:
+    """Top-k images for a query; the model is reloaded from the index manifest unless model options are given."""
+    import json
+    from rich.table import Table
 
-        from mora_retrieval.errors import MoraError
-        from mora_retrieval.retrieval.index import load_index_folder
-        from mora_retrieval.retrieval.queries import query_mode, search_payload
-        from mora_retrieval.retrieval.search import search
+    from mora_retrieval.errors import MoraError
+    from mora_retrieval.retrieval.index import load_index_folder
+    from mora_retrieval.retrieval.queries import query_mode, search_payload
+    from mora_retrieval.retrieval.search import search
 
-        from .index import load_encoder_from_options
+    from .index import load_encoder_from_options
 
-        if image is None and text is None:
-            raise MoraError("give a query: --image FILE, --text TEXT, or both")
-        folder = load_index_folder(index)
-        encoder = load_encoder_from_options(model, pretrained, adapter, checkpoint, run, combiner, device, folder.manifest)
-        hits = search(folder, encoder, image=image, text=text, k=k)
-        if html_out is not None:
-            from mora_retrieval.retrieval.gallery import write_gallery
+    if image is None and text is None:
+        raise MoraError("give a query: --image FILE, --text TEXT, or both")
+    folder = load_index_folder(index)
+    encoder = load_encoder_from_options(model, pretrained, adapter, checkpoint, run, combiner, device, folder.manifest)
+    hits = search(folder, encoder, image=image, text=text, k=k)
+    if html_out is not None:
+        from mora_retrieval.retrieval.gallery import write_gallery
 
-            write_gallery(html_out, hits, image=image, text=text, title=f"{index.name}: top {k}")
-        mode = query_mode(image is not None, text is not None)
-        if as_json:
-            payload = search_payload(str(index), encoder, hits, image=str(image) if image else None, text=text)
-            typer.echo(json.dumps(payload, indent=2))
-            return
-        table = Table("rank", "score", "item", "image id", "categories", title=f"{mode} query, top {len(hits)}")
-        for h in hits:
-            table.add_row(str(h.rank), f"{h.score:.4f}", h.item.path,
-                          "" if h.item.image_id is None else str(h.item.image_id),
-                          ",".join(map(str, h.item.categories)))
-        make_console().print(table)
-        if html_out is not None:
-            make_console(stderr=True).print(f"gallery written to {html_out}")
+        write_gallery(html_out, hits, image=image, text=text, title=f"{index.name}: top {k}")
+    mode = query_mode(image is not None, text is not None)
+    if as_json:
+        payload = search_payload(str(index), encoder, hits, image=str(image) if image else None, text=text)
+        typer.echo(json.dumps(payload, indent=2))
+        return
+    table = Table("rank", "score", "item", "image id", "categories", title=f"{mode} query, top {len(hits)}")
+    for h in hits:
+        table.add_row(str(h.rank), f"{h.score:.4f}", h.item.path,
+                      "" if h.item.image_id is None else str(h.item.image_id),
+                      ",".join(map(str, h.item.categories)))
+    make_console().print(table)
+    if html_out is not None:
+        make_console(stderr=True).print(f"gallery written to {html_out}")
+
+
+COMMANDS = {"search": search_cmd}

@@ -3,72 +3,56 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
-from .options import DEVICE_HELP, METHOD_HELP, PRECISION_HELP, command_group, make_console, workers_option
+from .options import (ADAPTER_SETTINGS, CONFIG_OPTION, INPUT_DEFAULTS, INPUT_SETTINGS, MODEL_SETTINGS,
+                      TRAINING_DEFAULTS, TRAINING_SETTINGS, make_console, with_settings)
 
-train_app = command_group("Train models (CIR on CIRR).")
+CIR_DEFAULTS = {
+    "model": "ViT-B-16", "pretrained": "openai", "method": "mora", "rank": "4", "rank_shared": "--rank, else 4",
+    "alpha": "0.01 for MoRA and its ablations, r for lora/dora", "targets": "q,v", "layers": "2",
+    "epochs": "20", "lr": "1e-2; 2e-6 for full", "batch_size": "256; 128 for full",
+    "weight_decay": "0.02; 0.01 for full", **TRAINING_DEFAULTS, **INPUT_DEFAULTS,
+}
+#: The stage-1 options that the Combiner's stage shares.
+SHARED_WITH_STAGE2 = ("num_workers", "device", "precision", "seed")
 
 
-def _csv(value: Optional[str]) -> Optional[list[str]]:
-    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
-
-
-@train_app.command("cirr")
+@with_settings(MODEL_SETTINGS + ADAPTER_SETTINGS + TRAINING_SETTINGS + INPUT_SETTINGS, CIR_DEFAULTS, section="stage1")
 def train_cirr_command(
     data_root: Path = typer.Option(..., "--data-root", help="CIRR root (captions/, image_splits/, train/, dev/)."),
     run_dir: Path = typer.Option(Path("runs/cirr"), "--run-dir", help="Run folder to create (or resume)."),
-    method: str = typer.Option("mora", "--adapter", help=METHOD_HELP),
-    model: Optional[str] = typer.Option(None, "--model", help="open_clip architecture.  [default: ViT-B-16]"),
-    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="open_clip tag (downloaded by open_clip) or local checkpoint file; `none` for random weights.  [default: openai]"),
-    config: Optional[Path] = typer.Option(None, "--config", help="JSON/TOML file of settings (any subset of config.json; command-line options win)."),
-    rank: Optional[int] = typer.Option(None, "--rank", help="r (and r_s) of the adapter.  [default: 4]"),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="Low-rank strength α.  [default: 0.01 for MoRA and its ablations, r for lora/dora]"),
-    targets: Optional[str] = typer.Option(None, "--targets", help="Projections, e.g. q,v or q,k,v,out.  [default: q,v]"),
-    layers: Optional[int] = typer.Option(None, "--layers", help="Adapt the last N blocks of each tower.  [default: 2]"),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Stage-1 epochs.  [default: 20]"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Stage-1 learning rate.  [default: 1e-2; 2e-6 for full]"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Stage-1 batch per process.  [default: 256; 128 for full]"),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="Stage-1 AdamW weight decay.  [default: 0.02; 0.01 for full]"),
-    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per optimiser step.  [default: 1]"),
-    patience: Optional[int] = typer.Option(None, "--patience", help="Early stopping after N epochs without gain.  [default: off]"),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop stage 1 after N optimiser steps.  [default: off]"),
+    config: Optional[Path] = CONFIG_OPTION,
     combiner_epochs: Optional[int] = typer.Option(None, "--combiner-epochs", help="Stage-2 (Combiner) epochs.  [default: 20]"),
     combiner_lr: Optional[float] = typer.Option(None, "--combiner-lr", help="Stage-2 learning rate.  [default: 2e-5]"),
     combiner_batch_size: Optional[int] = typer.Option(None, "--combiner-batch-size", help="Stage-2 batch.  [default: 512]"),
     no_combiner: bool = typer.Option(False, "--no-combiner", help="Stop after stage 1."),
-    workers: Optional[int] = workers_option(),
-    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP + "  [default: auto]"),
-    precision: Optional[str] = typer.Option(None, "--precision", help=PRECISION_HELP + "  [default: auto]"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed.  [default: 0]"),
     skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Skip (and count) unreadable images."),
     cache_frozen: bool = typer.Option(False, "--cache-frozen",
                                       help="Cache the frozen blocks' outputs across epochs (stage 1; needs memory)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --run-dir exactly."),
+    overrides: dict[str, Any] = None,
 ) -> None:
-    """Train CLIP4CIR + MoRA (or another adapter) on CIRR; writes adapter, merged checkpoint and Combiner."""
+    """Train CLIP4CIR + MoRA (or another adapter) on CIRR; writes adapter, merged checkpoint and Combiner.
 
-    from mora_retrieval.tasks.cir_run import build_settings, train_cirr
+    The model, adapter and training options set stage 1; --workers, --device, --precision and
+    --seed apply to the Combiner's stage too.
+    """
+    from mora_retrieval.tasks.cir import build_settings, train_cirr
 
     from .tables import metrics_table
 
-    run = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay,
-           "grad_accum": grad_accum, "patience": patience, "max_steps": max_steps, "num_workers": workers,
-           "device": device, "precision": precision, "seed": seed}
-    overrides = {
-        "arch": model,
-        "pretrained": pretrained,
+    stage1 = overrides.get("stage1", {})
+    overrides.update({
         "skip_bad_images": skip_bad_images or None,
         "cache_frozen": cache_frozen or None,
-        "adapter": {"r": rank, "r_shared": rank, "alpha": alpha, "targets": _csv(targets), "layers": layers},
-        "stage1": run,
         "stage2": {"epochs": combiner_epochs, "lr": combiner_lr, "batch_size": combiner_batch_size,
-                   "num_workers": workers, "device": device, "precision": precision, "seed": seed},
+                   **{key: stage1.get(key) for key in SHARED_WITH_STAGE2}},
         "no_combiner": no_combiner or None,
-    }
-    settings = build_settings(str(data_root), str(run_dir), method, config, overrides, resume=resume)
+    })
+    settings = build_settings(str(data_root), str(run_dir), config_file=config, overrides=overrides, resume=resume)
     console = make_console()
     results = train_cirr(settings, resume=resume, console=console)
     rows = {"stage 1 (summed features)": results["val_stage1"]}
@@ -80,5 +64,4 @@ def train_cirr_command(
     console.print(f"run folder: {run_dir}")
 
 
-def register(app: typer.Typer) -> None:
-    app.add_typer(train_app, name="train")
+COMMANDS = {"train cirr": train_cirr_command}

@@ -1,7 +1,7 @@
 """mora-retrieval: composed image retrieval and missing-modality recognition with MoRA.
 
 The package imports nothing heavy at import time; use the submodules:
-``mora_retrieval.backbone``, ``mora_retrieval.adapters``, ``mora_retrieval.data``,
+``mora_retrieval.model``, ``mora_retrieval.adapters``, ``mora_retrieval.data``,
 ``mora_retrieval.engine``, ``mora_retrieval.tasks``, ``mora_retrieval.retrieval``.
 """
 

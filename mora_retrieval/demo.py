@@ -32,7 +32,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
+from .analysis import AnalyzeConfig, analyze_run
+from .data.shapes import PARTS, generate_shapes_world, read_world_manifest
+from .engine import TrainConfig
+from .engine.checkpoint import curves_path
 from .fileio import read_json, write_json
+from .report import Section, rows_from_metrics, write_report
+from .retrieval.build import BuildConfig, build_index
+from .retrieval.embed import EmbedConfig
+from .retrieval.encoder import load_encoder
+from .retrieval.evaluate import CategoryTable, RelevanceRule, evaluate_coco
+from .retrieval.gallery import render_gallery
+from .retrieval.items import coco_items
+from .retrieval.search import search
+from .runs import PRETRAIN_DIR, PRETRAINED_FILE as CHECKPOINT, RESULTS_FILE, STAGE1_DIR, STAGE2_DIR
+from .tasks.cir import CIRSettings, train_cirr
+from .tasks.classify import ClassifySettings, train_classifier
+from .tasks.classify.settings import default_adapter_config, default_train_config
+from .tasks.pretrain import PretrainSettings, is_pretrained, pretrain
 
 
 @dataclass
@@ -40,7 +60,7 @@ class DemoSettings:
     """Sizes and budgets of the demo; ``smoke()`` is the smallest end-to-end version (tests)."""
 
     out: str = "demo"
-    world_size: str = "small"
+    world: str = "small"
     arch: str = "mora-tiny"
     seed: int = 0
     pretrain_epochs: int = 16
@@ -57,7 +77,7 @@ class DemoSettings:
 
     @classmethod
     def smoke(cls, out: str) -> "DemoSettings":
-        return cls(out=out, world_size="tiny", pretrain_epochs=1, pretrain_batch=32, cir_epochs=1, cir_batch=8,
+        return cls(out=out, world="tiny", pretrain_epochs=1, pretrain_batch=32, cir_epochs=1, cir_batch=8,
                    combiner_epochs=1, classify_epochs=1, classify_batch=16, workers=0)
 
 
@@ -81,10 +101,6 @@ class _Clock:
 
 def coco_chance(folder: Any, rule: Any, ks=(1, 5, 10)) -> dict[str, float]:
     """Expected Recall@K (percent) of a random ranking under the protocol of METHOD.md §5."""
-    import numpy as np
-
-    from .retrieval.evaluate import CategoryTable
-
     table = CategoryTable.from_items(folder.items)
     n = folder.count
     rel = table.relevance(np.arange(n), rule)
@@ -103,22 +119,17 @@ def coco_chance(folder: Any, rule: Any, ks=(1, 5, 10)) -> dict[str, float]:
 
 
 def _world(settings: DemoSettings, console) -> dict[str, Path]:
-    from .data.shapes import PARTS, generate_shapes_world, read_world_manifest
-
     root = Path(settings.out) / "world"
     if (root / "shapes_world.json").is_file():
         manifest = read_world_manifest(root)
-        if manifest.get("size") == settings.world_size and manifest.get("seed") == settings.seed:
+        if manifest.get("size") == settings.world and manifest.get("seed") == settings.seed:
             _log(console, f"[dim]shapes world: reusing {root}[/]")
             return {part: root / part for part in PARTS}
-    _log(console, f"shapes world ({settings.world_size}) -> {root}")
-    return generate_shapes_world(root, size=settings.world_size, seed=settings.seed)
+    _log(console, f"shapes world ({settings.world}) -> {root}")
+    return generate_shapes_world(root, size=settings.world, seed=settings.seed)
 
 
 def _pretrain(settings: DemoSettings, world: dict[str, Path], console, quiet: bool) -> Path:
-    from .engine import TrainConfig
-    from .tasks.pretrain import CHECKPOINT, PretrainSettings, is_pretrained, pretrain
-
     run = Path(settings.out) / "pretrain"
     spec = PretrainSettings(
         run_dir=str(run), arch=settings.arch, coco_root=str(world["coco"]),
@@ -136,9 +147,6 @@ def _pretrain(settings: DemoSettings, world: dict[str, Path], console, quiet: bo
 
 
 def _train_cir(settings: DemoSettings, world, checkpoint: Path, method: str, console, quiet: bool) -> dict:
-    from .engine import TrainConfig
-    from .tasks.cir_run import CIRSettings, train_cirr
-
     run = Path(settings.out) / "runs" / f"cir-{method}"
     cir = CIRSettings.with_defaults(str(world["cirr"]), str(run), method, arch=settings.arch,
                                     pretrained=str(checkpoint))
@@ -155,12 +163,6 @@ def _train_cir(settings: DemoSettings, world, checkpoint: Path, method: str, con
 
 
 def _index_and_eval(name: str, world, encoder_kwargs: dict, settings: DemoSettings) -> dict:
-    from .retrieval.build import BuildConfig, build_index
-    from .retrieval.embed import EmbedConfig
-    from .retrieval.encoder import load_encoder
-    from .retrieval.evaluate import RelevanceRule, evaluate_coco
-    from .retrieval.items import coco_items
-
     encoder = load_encoder(settings.arch, **encoder_kwargs)
     out = Path(settings.out) / "indexes" / name
     if out.exists():
@@ -177,12 +179,9 @@ def _index_and_eval(name: str, world, encoder_kwargs: dict, settings: DemoSettin
 
 
 def _classify(settings: DemoSettings, world, checkpoint: Path, console, quiet: bool) -> dict:
-    from .tasks.classify_run import train_classifier
-    from .tasks.classify_setup import ClassifySettings, default_adapter_config, default_train_config
-
     run = Path(settings.out) / "runs" / "classify-food101"
     spec = ClassifySettings(dataset="food101", data_root=str(world["food101"]), arch=settings.arch,
-                            pretrained=str(checkpoint), adapter=default_adapter_config("food101", "mora").to_dict(),
+                            pretrained=str(checkpoint), adapter=default_adapter_config("food101", "mora"),
                             missing="both:0.7")
     train = default_train_config("food101", epochs=settings.classify_epochs, batch_size=settings.classify_batch,
                                  seed=settings.seed, num_workers=settings.workers, log_every=10)
@@ -193,8 +192,6 @@ def _classify(settings: DemoSettings, world, checkpoint: Path, console, quiet: b
 
 
 def _analyze(settings: DemoSettings, classify: dict, console, quiet: bool):
-    from .analysis import AnalyzeConfig, analyze_run
-
     _log(console, f"embedding analysis of the classification run (up to {settings.analysis_samples} test samples)")
     config = AnalyzeConfig(max_samples=settings.analysis_samples, num_workers=settings.workers)
     return analyze_run(classify["run"], config=config, console=None if quiet else console)
@@ -202,10 +199,6 @@ def _analyze(settings: DemoSettings, classify: dict, console, quiet: bool):
 
 def run_demo(settings: DemoSettings, console=None, quiet: bool = False) -> dict[str, Any]:
     """Run every step; return the results and write ``<out>/report.html`` and ``<out>/results.json``."""
-    import torch
-
-    from .retrieval.search import search
-
     torch.manual_seed(settings.seed)
     out = Path(settings.out)
     clock = _Clock()
@@ -237,7 +230,7 @@ def run_demo(settings: DemoSettings, console=None, quiet: bool = False) -> dict[
 
     summary = _summarise(settings, world, cir, retrieval, classify, query_image, first["caption"], hits, clock)
     summary["json"]["analysis"] = str(analysis.files["json"])
-    write_json(out / "results.json", summary["json"])
+    write_json(out / RESULTS_FILE, summary["json"])
     report = _write_report(out / "report.html", summary, cir, retrieval, classify, checkpoint, query_image,
                            first["caption"], hits, analysis.section())
     summary["report"] = str(report)
@@ -312,9 +305,6 @@ def _summarise(settings, world, cir, retrieval, classify, query_image, caption, 
 
 def _write_report(path: Path, summary, cir, retrieval, classify, checkpoint, query_image, caption, hits,
                   analysis) -> Path:
-    from .report import Section, rows_from_metrics, write_report
-    from .retrieval.gallery import render_gallery
-
     data = summary["json"]
     cirr_cols = ["recall@1", "recall@5", "recall@10", "recall@50", "recall_subset@1", "recall_subset@2",
                  "recall_subset@3", "avg"]
@@ -343,12 +333,12 @@ def _write_report(path: Path, summary, cir, retrieval, classify, checkpoint, que
     cls.table("Test", ["model", classify["metric"], "majority baseline"],
               [["MoRA (merged)", classify["test_metric"], classify["majority_baseline"]]])
     curves = Section("Training curves")
-    curves.images.append(("contrastive pretraining", Path(checkpoint).parent / "train" / "curves.png"))
+    curves.images.append(("contrastive pretraining", curves_path(Path(checkpoint).parent / PRETRAIN_DIR)))
     for method in CIR_LABELS:
         run = Path(cir[method]["run"])
-        curves.images.append((f"CIR {method}: stage 1", run / "stage1" / "curves.png"))
-        curves.images.append((f"CIR {method}: Combiner", run / "stage2" / "curves.png"))
-    curves.images.append(("classification", Path(classify["run"]) / "curves.png"))
+        curves.images.append((f"CIR {method}: stage 1", curves_path(run / STAGE1_DIR)))
+        curves.images.append((f"CIR {method}: Combiner", curves_path(run / STAGE2_DIR)))
+    curves.images.append(("classification", curves_path(Path(classify["run"]))))
     gallery = Section("A composed search", notes=[f"Query: {query_image} + \"{caption}\" against the CLIP4CIR + MoRA "
                                                   "index of the COCO-format val images."])
     gallery.embedded_pages.append(render_gallery(hits, image=query_image, text=caption, title="composed search"))

@@ -21,7 +21,7 @@ class DataError(MoraError):
     """A dataset root, annotation file or image is missing or malformed."""
 
 
-class IndexError_(MoraError):
+class IndexFolderError(MoraError):
     """A retrieval index folder is missing, damaged or built with another model."""
 
 

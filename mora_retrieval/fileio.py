@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from safetensors.torch import load_file, save
+
 from .errors import MoraError
 
 
@@ -82,8 +84,6 @@ def read_json(path: str | os.PathLike, what: str = "JSON file", error: type[Mora
 
 def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
     """Save a flat ``{name: tensor}`` dict as safetensors, atomically."""
-    from safetensors.torch import save
-
     payload = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
     with atomic_write(path, "wb") as handle:
         handle.write(payload)
@@ -91,8 +91,6 @@ def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str
 
 def load_tensors(path: str | os.PathLike, what: str = "safetensors file", error: type[MoraError] = MoraError) -> dict:
     """Load a safetensors file (never unpickles); corrupt or missing files raise ``error`` with one line."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise error(f"{path}: {what} not found")

@@ -8,7 +8,7 @@ import torch
 from mora_retrieval.engine import TrainConfig
 from mora_retrieval.engine.distributed import detect
 from mora_retrieval.fileio import save_tensors
-from mora_retrieval.tasks.cir_run import CIRSettings, train_cirr
+from mora_retrieval.tasks.cir import CIRSettings, train_cirr
 
 warnings.simplefilter("ignore")
 torch.set_num_threads(1)

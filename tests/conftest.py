@@ -35,7 +35,7 @@ def _quiet_random_weights_warning():
 @pytest.fixture
 def tiny_model():
     """``mora-tiny`` (vision 64 wide x 4 blocks, text 48 wide x 3 blocks) with seeded weights."""
-    from mora_retrieval.backbone import load_backbone
+    from mora_retrieval.model.backbone import load_backbone
 
     torch.manual_seed(0)
     backbone = load_backbone("mora-tiny")

@@ -13,7 +13,7 @@ def build_shapes_index(root: Path, seed: int = 0) -> dict[str, Any]:
     """Write the world, the checkpoint and ``root/index``; return paths, the folder and encoder."""
     import torch
 
-    from mora_retrieval.backbone import load_backbone
+    from mora_retrieval.model.backbone import load_backbone
     from mora_retrieval.data.shapes import generate_shapes_world
     from mora_retrieval.fileio import save_tensors
     from mora_retrieval.retrieval.build import BuildConfig, build_index

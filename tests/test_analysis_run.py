@@ -22,13 +22,11 @@ COMMON = ("--model", "mora-tiny", "--pretrained", "none", "--quiet", "--device",
 
 @pytest.fixture(scope="module")
 def app() -> typer.Typer:
-    from mora_retrieval_cli import analyze, classify
+    from mora_retrieval_cli.app import build_app
 
     application = typer.Typer()
     application.callback()(lambda: None)
-    classify.register(application)
-    analyze.register(application)
-    return application
+    return build_app(application, ("classify", "analyze"))
 
 
 def _invoke(app, *args):
@@ -61,7 +59,7 @@ def mora_run(app, world, tmp_path_factory):
 
 def _encode_independently(world, run, indices):
     """The selected test samples through the original (seed 2) and the merged model, without the analysis code."""
-    from mora_retrieval.backbone import load_backbone
+    from mora_retrieval.model.backbone import load_backbone
     from mora_retrieval.data.food101 import Food101
 
     torch.manual_seed(2)
@@ -156,7 +154,7 @@ def test_a_method_without_shared_part_has_no_spectra(app, world, tmp_path):
 def test_cir_run_uses_reference_images_and_captions(world, tmp_path):
     from mora_retrieval.analysis import AnalyzeConfig, analyze_run
     from mora_retrieval.engine import TrainConfig
-    from mora_retrieval.tasks.cir_run import CIRSettings, train_cirr
+    from mora_retrieval.tasks.cir import CIRSettings, train_cirr
 
     settings = CIRSettings.with_defaults(str(world / "cirr"), str(tmp_path / "cir"), "mora", arch="mora-tiny",
                                          pretrained=None)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mora_retrieval.adapters import export_checkpoint
-from mora_retrieval.backbone import load_backbone, toolkit_architectures, tower_widths, weights_fingerprint
+from mora_retrieval.model.backbone import load_backbone, toolkit_architectures, weights_fingerprint
 from mora_retrieval.errors import BackboneError
 
 
@@ -15,7 +15,7 @@ def test_toolkit_architectures_are_registered_with_open_clip(tiny_model):
     assert {"mora-tiny", "mora-small"} <= set(toolkit_architectures())
     assert "mora-tiny" in open_clip.list_models()
     model, preprocess, tokenizer = tiny_model
-    assert tower_widths(model) == (64, 48)
+    assert (model.visual.transformer.width, model.transformer.width) == (64, 48)
     assert tokenizer(["a red circle"]).shape == (1, 32)
     assert preprocess.transforms[0].size == 32
 
@@ -76,7 +76,7 @@ def test_pickled_objects_are_refused_with_a_whole_message(tmp_path, capsys):
 
 
 def test_long_errors_are_cut_after_a_sentence():
-    from mora_retrieval.backbone import _first_sentence
+    from mora_retrieval.model.backbone import _first_sentence
 
     long = "First sentence here. " + "x" * 400 + ". Tail."
     assert _first_sentence(long) == "First sentence here."

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mora_retrieval.errors import TrainingError
-from mora_retrieval.tasks.cirr_metrics import cirr_rankings, cirr_recalls, submission_files
+from mora_retrieval.tasks.cir.metrics import cirr_rankings, cirr_recalls, submission_files
 
 
 # ------------------------------------------------------------------ metrics
@@ -109,7 +109,7 @@ def test_rankings_and_submission_format():
 
 # ------------------------------------------------------------------ losses
 def test_stage1_loss_is_the_clip4cir_objective(tiny_model):
-    from mora_retrieval.tasks.cir import CIRStage1
+    from mora_retrieval.tasks.cir.stages import CIRStage1
 
     model, _, tokenizer = tiny_model
     module = CIRStage1(model, tokenizer, validation=None)
@@ -126,8 +126,8 @@ def test_stage1_loss_is_the_clip4cir_objective(tiny_model):
 
 
 def test_stage2_loss_uses_the_combiner():
-    from mora_retrieval.tasks.cir import CIRStage2
-    from mora_retrieval.tasks.combiner import Combiner
+    from mora_retrieval.tasks.cir.stages import CIRStage2
+    from mora_retrieval.model.combiner import Combiner
 
     torch.manual_seed(0)
     combiner = Combiner(8).eval()
@@ -140,7 +140,7 @@ def test_stage2_loss_uses_the_combiner():
 
 # ------------------------------------------------------------------ settings
 def test_settings_precedence_defaults_file_cli(tmp_path):
-    from mora_retrieval.tasks.cir_run import build_settings
+    from mora_retrieval.tasks.cir import build_settings
 
     (tmp_path / "cfg.toml").write_text('arch = "mora-tiny"\n[stage1]\nlr = 0.5\nepochs = 3\n[adapter]\nr = 8\n')
     s = build_settings("root", str(tmp_path / "run"), "mora", tmp_path / "cfg.toml", {"stage1": {"epochs": 7}})
@@ -161,7 +161,7 @@ def world(tmp_path_factory):
 
 def _settings(world, run_dir, **kw):
     from mora_retrieval.engine import TrainConfig
-    from mora_retrieval.tasks.cir_run import CIRSettings
+    from mora_retrieval.tasks.cir import CIRSettings
 
     s = CIRSettings.with_defaults(str(world["cirr"]), str(run_dir), "mora", arch="mora-tiny", pretrained=None)
     s.stage1 = TrainConfig(epochs=2, batch_size=8, lr=1e-2, log_every=1, **{"device": "cpu", **kw})
@@ -172,7 +172,7 @@ def _settings(world, run_dir, **kw):
 def test_train_cirr_end_to_end(world, tmp_path):
     import open_clip
 
-    from mora_retrieval.tasks.cir_run import evaluate_cirr_run, train_cirr
+    from mora_retrieval.tasks.cir import evaluate_cirr_run, train_cirr
 
     torch.manual_seed(0)
     run = tmp_path / "run"
@@ -207,7 +207,7 @@ def test_train_cirr_under_torchrun_with_two_gloo_processes(world, tmp_path, tiny
     from pathlib import Path
 
     from mora_retrieval.adapters import export_checkpoint, load_adapters
-    from mora_retrieval.backbone import load_backbone
+    from mora_retrieval.model.backbone import load_backbone
     from mora_retrieval.fileio import load_tensors
 
     base = export_checkpoint(tiny_model.model, tmp_path / "base.safetensors")
@@ -230,7 +230,7 @@ def test_train_cirr_under_torchrun_with_two_gloo_processes(world, tmp_path, tiny
     # The saved adapter reproduces the merged checkpoint written by rank 0.
     model = load_adapters(load_backbone("mora-tiny", str(base)).model, run / "adapter")
     from mora_retrieval.adapters import merge_adapters
-    from mora_retrieval.backbone import weights_fingerprint
+    from mora_retrieval.model.backbone import weights_fingerprint
 
     merged = load_backbone("mora-tiny", str(run / "merged.safetensors")).model
     assert weights_fingerprint(merge_adapters(model)) == weights_fingerprint(merged)
@@ -241,8 +241,8 @@ def test_resume_finishes_an_interrupted_run_and_refuses_other_settings(world, tm
     from mora_retrieval.adapters import export_checkpoint
     from mora_retrieval.engine import TrainingInterrupted
     from mora_retrieval.fileio import load_tensors
-    from mora_retrieval.tasks import cir
-    from mora_retrieval.tasks.cir_run import train_cirr
+    from mora_retrieval.tasks.cir import stages as cir
+    from mora_retrieval.tasks.cir import train_cirr
 
     base = str(export_checkpoint(tiny_model.model, tmp_path / "base.safetensors"))
 
@@ -287,7 +287,7 @@ def _grads(module, batch):
 
 def test_frozen_prefix_cache_gives_the_same_loss_and_gradients(tiny_model):
     from mora_retrieval.adapters import AdapterConfig, add_adapters
-    from mora_retrieval.tasks.cir import CIRStage1
+    from mora_retrieval.tasks.cir.stages import CIRStage1
 
     model, _, tokenizer = tiny_model
     add_adapters(model, AdapterConfig(method="mora", targets=("q", "v"), layers=1))
@@ -296,10 +296,10 @@ def test_frozen_prefix_cache_gives_the_same_loss_and_gradients(tiny_model):
     captions = ["add a red circle", "make it blue", "remove the square"]
     images = torch.randn(5, 3, 32, 32)  # a b c d e; "a" is a reference and a target, as in CIRR
     batch = {"reference": images[[0, 1, 2]], "target": images[[3, 0, 4]],
-             "tokens": tokenizer(captions), "caption": captions,
+             "tokens": tokenizer(captions), "caption": captions, "index": torch.arange(3),
              "reference_name": ["a", "b", "c"], "target_name": ["d", "a", "e"]}
     want_loss, want = _grads(module, batch)
-    assert module.enable_prefix_cache()
+    assert module.enable_prefix_cache("cpu", image_rows=5, text_rows=3, image_names=list("abcde"))
     image_cache, text_cache = module.prefix_caches
     assert (image_cache.depth, text_cache.depth) == (3, 2)  # 4 and 3 blocks, the last one adapted
     for expected_misses in (6, 6):  # first pass fills the cache, the second only reads it
@@ -309,13 +309,15 @@ def test_frozen_prefix_cache_gives_the_same_loss_and_gradients(tiny_model):
         for name, grad in want.items():
             torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6)
     assert image_cache.hits == 6 and text_cache.hits == 3
+    assert image_cache.placement == "cpu" and image_cache.states.dtype == torch.float32
+    assert image_cache.states.shape[0] == 5 and bool(image_cache.filled.all())
     # The tower is intact afterwards: all 4 blocks are back.
     assert len(model.visual.transformer.resblocks) == 4
 
 
 def test_no_prefix_to_cache_for_full_fine_tuning(tiny_model):
     from mora_retrieval.adapters import AdapterConfig, add_adapters
-    from mora_retrieval.tasks.cir import CIRStage1
+    from mora_retrieval.tasks.cir.stages import CIRStage1
 
     model, _, tokenizer = tiny_model
     add_adapters(model, AdapterConfig(method="full"))

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from mora_retrieval.tasks.metrics import (MAIN_METRIC, binary_auroc, compute_metrics, macro_f1, majority_baseline,
+from mora_retrieval.tasks.classify.metrics import (MAIN_METRIC, binary_auroc, compute_metrics, majority_baseline, multilabel_f1,
                                           top1_accuracy)
 
 
@@ -44,15 +44,15 @@ def test_macro_f1_thresholds_sigmoid_at_half_and_counts_empty_classes_as_zero():
     targets = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0]], dtype=torch.float)
     probs = (1 / (1 + torch.exp(-logits))).tolist()
     macro_ref, micro_ref = _f1_reference(probs, targets.long().tolist())
-    assert macro_f1(logits, targets) == pytest.approx(macro_ref, abs=1e-4)
-    assert macro_f1(logits, targets, average="micro") == pytest.approx(micro_ref, abs=1e-4)
+    assert multilabel_f1(logits, targets) == pytest.approx(macro_ref, abs=1e-4)
+    assert multilabel_f1(logits, targets, "micro") == pytest.approx(micro_ref, abs=1e-4)
     # exactly 0.5 is negative (strictly above the threshold is positive): logit 0 -> sigmoid 0.5
     edge = torch.tensor([[0.01, 5.0], [0.0, 5.0]])
-    assert macro_f1(edge, torch.tensor([[1.0, 1.0], [0.0, 1.0]])) == pytest.approx(100.0)
-    assert macro_f1(edge, torch.tensor([[1.0, 1.0], [1.0, 1.0]])) == pytest.approx(100 * (2 / 3 + 1) / 2, abs=1e-4)
+    assert multilabel_f1(edge, torch.tensor([[1.0, 1.0], [0.0, 1.0]])) == pytest.approx(100.0)
+    assert multilabel_f1(edge, torch.tensor([[1.0, 1.0], [1.0, 1.0]])) == pytest.approx(100 * (2 / 3 + 1) / 2, abs=1e-4)
     # two classes: one perfect, one empty -> 50, not 100 (the empty class is not dropped)
     two = torch.tensor([[3.0, -3.0], [-3.0, -3.0]])
-    assert macro_f1(two, torch.tensor([[1.0, 0.0], [0.0, 0.0]])) == pytest.approx(50.0)
+    assert multilabel_f1(two, torch.tensor([[1.0, 0.0], [0.0, 0.0]])) == pytest.approx(50.0)
 
 
 def _auroc_pairwise(scores: list[float], labels: list[int]) -> float:

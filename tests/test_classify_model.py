@@ -10,10 +10,14 @@ import torch
 from PIL import Image
 
 from mora_retrieval.errors import TrainingError
-from mora_retrieval.tasks.classify import (ClassifyCollate, ClassifyModule, CLIPClassifier, LinearHead,
-                                           classification_loss, evaluate_classifier, eval_loader, predict_logits)
-from mora_retrieval.tasks.classify_setup import (ClassifySettings, default_adapter_config, default_train_config,
-                                                 load_head, read_run_config, save_head, scenario_data)
+from mora_retrieval.model.encode import ordered_loader
+from mora_retrieval.model.heads import CLIPClassifier, LinearHead, load_head, save_head
+from mora_retrieval.tasks.classify.model import (ClassifyCollate, ClassifyModule, classification_loss, evaluate_classifier,
+                                           predict_logits)
+from mora_retrieval.tasks.classify.settings import (ClassifySettings, default_adapter_config, default_train_config,
+                                                 read_run_config, scenario_data)
+
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(autouse=True)
@@ -100,7 +104,7 @@ def test_missing_inputs_reach_the_encoders_exactly_as_assigned(tmp_path, tiny_mo
     classifier.clip.encode_image = lambda x, **kw: (seen_images.append(x.clone()), real_image(x, **kw))[1]
     classifier.clip.encode_text = lambda t, **kw: (seen_tokens.append(t.clone()), real_text(t, **kw))[1]
     collate = ClassifyCollate(tiny_model.tokenizer)
-    out = predict_logits(classifier, eval_loader(data, collate, batch_size=5), "cpu")
+    out = predict_logits(classifier, ordered_loader(data, 5, CPU, collate_fn=collate), "cpu")
     images, tokens = torch.cat(seen_images), torch.cat(seen_tokens)
     assert out["index"].tolist() == list(range(12)) and out["missing"].tolist() == codes.tolist()
 
@@ -132,7 +136,7 @@ def test_missing_inputs_reach_the_encoders_exactly_as_assigned(tmp_path, tiny_mo
 
 def test_eval_on_merged_model_equals_eval_on_adapted_model(tmp_path, tiny_model):
     from mora_retrieval.adapters import export_checkpoint, merge_adapters
-    from mora_retrieval.backbone import load_backbone
+    from mora_retrieval.model.backbone import load_backbone
 
     _memes_fixture(tmp_path / "memes")
     settings = ClassifySettings(dataset="hateful_memes", data_root=str(tmp_path / "memes"), arch="mora-tiny",
@@ -146,12 +150,12 @@ def test_eval_on_merged_model_equals_eval_on_adapted_model(tmp_path, tiny_model)
                 p.add_(0.1 * torch.randn(p.shape, generator=gen))
         classifier.head.linear.weight.normal_(0, 1, generator=gen)
     collate = ClassifyCollate(tiny_model.tokenizer)
-    adapted = predict_logits(classifier, eval_loader(data, collate, 4), "cpu")["logits"]
+    adapted = predict_logits(classifier, ordered_loader(data, 4, CPU, collate_fn=collate), "cpu")["logits"]
     adapted_metrics = evaluate_classifier(classifier, "binary", data, collate, "cpu", batch_size=4)
     merge_adapters(classifier.clip)
-    merged = predict_logits(classifier, eval_loader(data, collate, 4), "cpu")["logits"]
+    merged = predict_logits(classifier, ordered_loader(data, 4, CPU, collate_fn=collate), "cpu")["logits"]
     plain = CLIPClassifier(tiny_model.model, classifier.head)  # same head, no adapters
-    assert not torch.allclose(predict_logits(plain, eval_loader(data, collate, 4), "cpu")["logits"], adapted, atol=1e-3)
+    assert not torch.allclose(predict_logits(plain, ordered_loader(data, 4, CPU, collate_fn=collate), "cpu")["logits"], adapted, atol=1e-3)
     assert torch.allclose(merged, adapted, atol=1e-4, rtol=1e-4)
     merged_metrics = evaluate_classifier(classifier, "binary", data, collate, "cpu", batch_size=4)
     assert merged_metrics["auroc"] == pytest.approx(adapted_metrics["auroc"])
@@ -159,7 +163,7 @@ def test_eval_on_merged_model_equals_eval_on_adapted_model(tmp_path, tiny_model)
     # the exported plain checkpoint reloads through open_clip to the same logits
     path = export_checkpoint(classifier.clip, tmp_path / "merged.safetensors")
     reloaded = CLIPClassifier(load_backbone("mora-tiny", str(path)).model, classifier.head)
-    again = predict_logits(reloaded, eval_loader(data, collate, 4), "cpu")["logits"]
+    again = predict_logits(reloaded, ordered_loader(data, 4, CPU, collate_fn=collate), "cpu")["logits"]
     assert torch.allclose(again, merged, atol=1e-5)
 
 
@@ -235,7 +239,7 @@ def test_bf16_autocast_eval_on_cuda_is_close_to_fp32_on_cpu(tmp_path, tiny_model
     data = scenario_data(settings, "test", "both:0.5", tiny_model.preprocess)
     collate = ClassifyCollate(tiny_model.tokenizer)
     classifier = _classifier(tiny_model)
-    cpu = predict_logits(classifier, eval_loader(data, collate, 3), "cpu")["logits"]
-    gpu = predict_logits(classifier.to("cuda"), eval_loader(data, collate, 3), "cuda", precision="bf16")["logits"]
+    cpu = predict_logits(classifier, ordered_loader(data, 3, CPU, collate_fn=collate), "cpu")["logits"]
+    gpu = predict_logits(classifier.to("cuda"), ordered_loader(data, 3, CPU, collate_fn=collate), "cuda", precision="bf16")["logits"]
     assert gpu.dtype == torch.float32 and gpu.device.type == "cpu"
     assert torch.allclose(gpu, cpu, atol=5e-2)

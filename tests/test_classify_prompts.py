@@ -32,13 +32,11 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def app() -> typer.Typer:
-    from mora_retrieval_cli import analyze, classify
+    from mora_retrieval_cli.app import build_app
 
     application = typer.Typer()
     application.callback()(lambda: None)
-    classify.register(application)
-    analyze.register(application)
-    return application
+    return build_app(application, ("classify", "analyze"))
 
 
 def _invoke(app, *args):
@@ -81,9 +79,9 @@ def test_prompt_methods_train_and_test_unmerged(trained):
 
 
 def test_eval_only_reloads_the_unmerged_run_and_feeds_each_sample_its_missing_case(app, trained, monkeypatch):
-    from mora_retrieval.tasks.classify import CLIPClassifier
-    from mora_retrieval.tasks.classify_run import load_run_classifier
-    from mora_retrieval.tasks.classify_setup import scenario_data
+    from mora_retrieval.model.heads import CLIPClassifier
+    from mora_retrieval.tasks.classify.predict import load_run_classifier
+    from mora_retrieval.tasks.classify.settings import scenario_data
 
     method, run = trained
     seen = []
@@ -101,13 +99,15 @@ def test_eval_only_reloads_the_unmerged_run_and_feeds_each_sample_its_missing_ca
     assert again["evaluated_on"] == "unmerged"
     assert again["test_metric"] == pytest.approx(results["test_metric"], abs=1e-4)
 
-    classifier, settings, record = load_run_classifier(run)
-    dataset = scenario_data(settings, "test", "both:0.7", record["preprocess"])
+    trained_classifier = load_run_classifier(run)
+    assert trained_classifier.evaluated_on == "unmerged"
+    classifier = trained_classifier.classifier
+    dataset = scenario_data(trained_classifier.settings, "test", "both:0.7", trained_classifier.preprocess)
     assert torch.equal(torch.cat(seen), torch.as_tensor(dataset.codes))
     # the case changes the prediction: the same inputs read as complete give other logits
     batch = [dataset[i] for i in range(8)]
     images = torch.stack([item["image"] for item in batch])
-    tokens = record["tokenizer"]([item["text"] for item in batch])
+    tokens = trained_classifier.tokenizer([item["text"] for item in batch])
     codes = torch.tensor([item["missing"] for item in batch])
     assert codes.any()
     with torch.no_grad():
@@ -118,7 +118,7 @@ def test_eval_only_reloads_the_unmerged_run_and_feeds_each_sample_its_missing_ca
 
 
 def test_predict_uses_the_prompts_of_the_missing_input(app, trained, world):
-    from mora_retrieval.tasks.classify_predict import Predictor
+    from mora_retrieval.tasks.classify import Predictor
 
     _, run = trained
     predictor = Predictor(run, device="cpu")
@@ -133,15 +133,15 @@ def test_predict_uses_the_prompts_of_the_missing_input(app, trained, world):
 
 def test_analyze_compares_the_unmerged_prompt_run_with_its_backbone(app, trained):
     from mora_retrieval.analysis.runs import adapted_encoder, original_encoder, read_run
-    from mora_retrieval.tasks.classify_run import load_run_classifier
+    from mora_retrieval.tasks.classify.predict import load_run_classifier
 
     _, run = trained
     info = read_run(run)
     adapted, original = adapted_encoder(info, "cpu"), original_encoder(info, "cpu")
-    classifier, _, record = load_run_classifier(run)
-    tokens = record["tokenizer"](["a large red circle", "small blue square"])
+    trained_classifier = load_run_classifier(run)
+    tokens = trained_classifier.tokenizer(["a large red circle", "small blue square"])
     with torch.no_grad():
-        want = classifier.clip.encode_text(tokens)  # no missing cases given: every sample complete
+        want = trained_classifier.classifier.clip.encode_text(tokens)  # no missing cases given: every sample complete
         torch.testing.assert_close(adapted.model.encode_text(tokens), want)
         assert (original.model.encode_text(tokens) - want).abs().max() > 1e-4
     _invoke(app, "analyze", "--run", run, "--max-samples", "10", "--device", "cpu")
@@ -156,6 +156,9 @@ def test_a_prompt_depth_beyond_the_towers_fails_before_training(app, world, tmp_
         _invoke(app, "classify", "hateful-memes", "--data-root", world / "hateful_memes", "--adapter", "dcp",
                 "--model", "mora-tiny", "--pretrained", "none", "--quiet", "--run-dir", tmp_path / "run")
     assert not (tmp_path / "run").exists()
+    with pytest.raises(TrainingError, match="apply to the prompt methods dcp and mmp, not lora"):
+        _invoke(app, "classify", "hateful-memes", "--data-root", world / "hateful_memes", "--adapter", "lora",
+                "--prompt-depth", "2", "--run-dir", tmp_path / "run")
 
 
 def test_grid_over_methods_writes_table_1_shape_and_reuses_finished_cells(app, world, tmp_path):
@@ -192,7 +195,7 @@ def test_grid_over_methods_writes_table_1_shape_and_reuses_finished_cells(app, w
 
 def test_cir_refuses_prompt_methods_before_training(tmp_path):
     from mora_retrieval.adapters import AdapterConfig
-    from mora_retrieval.tasks.cir_run import CIRSettings, train_cirr
+    from mora_retrieval.tasks.cir import CIRSettings, train_cirr
 
     settings = CIRSettings(data_root=str(tmp_path), run_dir=str(tmp_path / "run"), arch="mora-tiny", pretrained=None,
                            adapter=AdapterConfig(method="dcp", prompt_depth=1))

@@ -30,12 +30,11 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def app() -> typer.Typer:
-    from mora_retrieval_cli import classify
+    from mora_retrieval_cli.app import build_app
 
     application = typer.Typer()
     application.callback()(lambda: None)
-    classify.register(application)
-    return application
+    return build_app(application, ("classify",))
 
 
 def _invoke(app, *args: str):
@@ -89,7 +88,7 @@ def test_training_beats_the_constant_baseline_and_writes_the_run_folder(trained)
     # the merged checkpoint is a plain open_clip checkpoint
     import open_clip
 
-    from mora_retrieval.backbone import register_model_configs
+    from mora_retrieval.model.backbone import register_model_configs
 
     register_model_configs()
     model = open_clip.create_model("mora-tiny", pretrained=str(trained / "merged.safetensors"))
@@ -114,7 +113,7 @@ def test_eval_only_reproduces_the_test_metric_and_tests_other_scenarios(app, tra
 
 
 def test_predict_treats_absent_inputs_as_the_protocol_does(app, trained, world):
-    from mora_retrieval.tasks.classify_predict import Predictor
+    from mora_retrieval.tasks.classify import Predictor
 
     out = _invoke(app, "predict", "--run", trained, "--text", "look at this large red circle", "--json").output
     pred = json.loads(out)
@@ -172,7 +171,7 @@ def test_grid_writes_one_markdown_and_csv_table(app, world, tmp_path):
 def test_interrupted_run_resumes_to_the_same_weights_and_results(app, world, tmp_path, monkeypatch):
     from mora_retrieval.engine import TrainingInterrupted
     from mora_retrieval.fileio import load_tensors
-    from mora_retrieval.tasks.classify import ClassifyModule
+    from mora_retrieval.tasks.classify.model import ClassifyModule
 
     args = ("classify", "hateful-memes", "--data-root", world / "hateful_memes", "--missing", "both:0.5",
             "--epochs", "2", "--batch-size", "16", "--seed", "1", *COMMON)
@@ -199,3 +198,48 @@ def test_interrupted_run_resumes_to_the_same_weights_and_results(app, world, tmp
     for name in ("merged.safetensors", "head.safetensors", "adapter/adapter.safetensors"):
         x, y = load_tensors(tmp_path / "straight" / name), load_tensors(tmp_path / "resumed" / name)
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
+
+
+def test_eval_only_on_a_moved_data_root_keeps_its_assignments_there(trained, world, tmp_path):
+    import shutil
+
+    from mora_retrieval.tasks.classify import evaluate_run
+
+    old_store = world / "hateful_memes" / "missing_assignments"
+    before = sorted(p.name for p in old_store.iterdir())
+    moved = tmp_path / "moved"
+    shutil.copytree(world / "hateful_memes", moved, ignore=shutil.ignore_patterns("missing_assignments"))
+    evaluate_run(trained, test_missing="text:0.7", data_root=str(moved), device="cpu")
+    assert [p.name for p in (moved / "missing_assignments").iterdir()] == ["hateful_memes__test__text-r0.7-s0.5-seed0.json"]
+    assert sorted(p.name for p in old_store.iterdir()) == before  # the old root is not written to
+
+
+def test_settings_layers_defaults_file_command_line_and_write_nothing(tmp_path):
+    from mora_retrieval.errors import MoraError
+    from mora_retrieval.tasks.classify import build_settings
+
+    root = tmp_path / "nowhere" / "food"
+    (tmp_path / "cfg.toml").write_text('arch = "mora-tiny"\nmissing = "text:0.5"\n[adapter]\nr = 8\nmethod = "lora"\n'
+                                       '[train]\nlr = 0.5\nepochs = 3\n')
+    settings, train = build_settings("food101", str(root), tmp_path / "cfg.toml",
+                                     {"train": {"epochs": 7}, "adapter": {"targets": ["q", "k"]}})
+    assert not (tmp_path / "nowhere").exists()  # building settings creates no folder
+    assert (settings.arch, settings.missing, settings.pretrained) == ("mora-tiny", "text:0.5", "openai")
+    assert (settings.adapter.method, settings.adapter.r, settings.adapter.targets) == ("lora", 8, ("q", "k"))
+    assert settings.adapter.alpha is None  # LoRA's own default, not food101's MoRA α
+    assert (train.lr, train.epochs, train.batch_size, train.weight_decay) == (0.5, 7, 256, 0.02)
+    memes, train = build_settings("hateful-memes", str(root))
+    assert (memes.adapter.r, memes.adapter.alpha, train.batch_size, train.epochs) == (8, 0.1, 16, 5)
+    (tmp_path / "typo.json").write_text('{"adapter": {"rank": 8}}')
+    with pytest.raises(MoraError, match="typo.json: unknown setting 'adapter.rank'"):
+        build_settings("food101", str(root), tmp_path / "typo.json")
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_pretrain_settings_layers(tmp_path):
+    from mora_retrieval.tasks.pretrain import build_settings
+
+    (tmp_path / "cfg.json").write_text('{"arch": "mora-small", "val_split": "", "train": {"lr": 0.01, "epochs": 2}}')
+    s = build_settings(str(tmp_path / "run"), tmp_path / "cfg.json", {"train": {"epochs": 5}, "coco_root": "coco"})
+    assert (s.arch, s.val_split, s.coco_root, s.train_split) == ("mora-small", None, "coco", "train2017")
+    assert (s.train.lr, s.train.epochs, s.train.batch_size, s.train.weight_decay) == (0.01, 5, 128, 0.1)

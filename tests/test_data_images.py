@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mora_retrieval.data.images import (BadImageLog, ImageReader, PreprocessSpec, TargetPad, collate_skip_none,
+from mora_retrieval.data.images import (BadImageLog, ImageReader, PreprocessSpec, TargetPad,
                                         load_image, make_transform, make_uint8_transform, normalize_uint8,
                                         preprocess_spec, require_files)
 from mora_retrieval.errors import DataError
@@ -91,7 +91,7 @@ def _model_with_config(tmp_path, preprocess_cfg: dict):
 
     import open_clip
 
-    from mora_retrieval.backbone import MODEL_CONFIG_DIR
+    from mora_retrieval.model.backbone import MODEL_CONFIG_DIR
 
     model_cfg = json.loads((MODEL_CONFIG_DIR / "mora-tiny.json").read_text())
     folder = tmp_path / "siglip-like-tiny"
@@ -209,9 +209,3 @@ def test_require_files_names_first_missing(tmp_path):
     with pytest.raises(DataError, match=r"b\.jpg: image file not found \(1 more missing\)"):
         require_files([tmp_path / "a.jpg", tmp_path / "b.jpg", tmp_path / "c.jpg"])
 
-
-def test_collate_skip_none():
-    batch = [{"x": torch.tensor(1)}, None, {"x": torch.tensor(3)}]
-    out = collate_skip_none(batch)
-    assert out["x"].tolist() == [1, 3]
-    assert collate_skip_none([None, None]) is None

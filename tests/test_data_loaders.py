@@ -15,7 +15,8 @@ from mora_retrieval.data.cirr import CIRRGallery, CIRRTriplets
 from mora_retrieval.data.coco import COCOCaptions, COCOImages
 from mora_retrieval.data.food101 import Food101
 from mora_retrieval.data.hateful_memes import HatefulMemes
-from mora_retrieval.data.images import collate_skip_none, make_transform
+from mora_retrieval.data.collate import collate_skip_none
+from mora_retrieval.data.images import make_transform
 from mora_retrieval.data.mmimdb import MMIMDB_GENRES, MMIMDb
 from mora_retrieval.data.registry import get_classification_dataset
 from mora_retrieval.errors import DataError

@@ -16,8 +16,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from mora_retrieval.data import prepared as prep
-from mora_retrieval.data.images import (PreprocessSpec, collate_skip_none, load_image, make_transform,
-                                        make_uint8_transform, preprocess_spec)
+from mora_retrieval.data.collate import collate_skip_none
+from mora_retrieval.data.images import (PreprocessSpec, load_image, make_transform, make_uint8_transform,
+                                        preprocess_spec)
 from mora_retrieval.data.prepared import (ImageList, PreparedImageDataset, default_prepared_dir, open_prepared,
                                           prepare_images, prepared_path, stale_reason)
 from mora_retrieval.errors import DataError

@@ -163,11 +163,11 @@ def test_cli_shapes(tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from mora_retrieval_cli import data
+    from mora_retrieval_cli.app import build_app
 
     app = typer.Typer()
     app.callback()(lambda: None)
-    data.register(app)
+    build_app(app, ("data",))
     result = CliRunner().invoke(app, ["data", "shapes", "--out", str(tmp_path / "w"), "--size", "tiny",
                                       "--image-size", "32"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output

@@ -45,7 +45,7 @@ def test_encoder_bf16_on_cuda_tracks_fp32_on_cpu(tiny_model):
 
 def test_train_cirr_runs_on_cuda_in_bf16(world, tmp_path):
     from mora_retrieval.engine import TrainConfig
-    from mora_retrieval.tasks.cir_run import CIRSettings, evaluate_cirr_run, train_cirr
+    from mora_retrieval.tasks.cir import CIRSettings, evaluate_cirr_run, train_cirr
 
     run = tmp_path / "run"
     settings = CIRSettings.with_defaults(str(world["cirr"]), str(run), "mora", arch="mora-tiny", pretrained=None)
@@ -62,11 +62,11 @@ def test_classify_cli_runs_on_cuda(world, tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from mora_retrieval_cli import classify
+    from mora_retrieval_cli.app import build_app
 
     app = typer.Typer()
     app.callback()(lambda: None)
-    classify.register(app)
+    build_app(app, ("classify",))
     run = tmp_path / "run"
     result = CliRunner().invoke(app, ["classify", "hateful-memes", "--data-root", str(world["hateful_memes"]),
                                       "--model", "mora-tiny", "--pretrained", "none", "--epochs", "1",

@@ -14,15 +14,11 @@ from typer.testing import CliRunner
 
 @pytest.fixture(scope="module")
 def app():
-    from mora_retrieval_cli import eval as eval_cli
-    from mora_retrieval_cli import index as index_cli
-    from mora_retrieval_cli import search as search_cli
+    from mora_retrieval_cli.app import build_app
 
     cli = typer.Typer(rich_markup_mode=None)  # plain click help and errors, as the real app
     cli.callback()(lambda: None)
-    for module in (index_cli, search_cli, eval_cli):
-        module.register(cli)
-    return cli
+    return build_app(cli, ("index", "search", "eval"))
 
 
 @pytest.fixture(scope="module")

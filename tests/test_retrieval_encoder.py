@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from test_retrieval_fixtures import write_tiny_checkpoint
 
-from mora_retrieval.backbone import load_backbone, weights_fingerprint
+from mora_retrieval.model.backbone import load_backbone, weights_fingerprint
 from mora_retrieval.errors import BackboneError
 from mora_retrieval.retrieval.encoder import load_encoder, load_encoder_from_source
 
@@ -18,7 +18,7 @@ from mora_retrieval.retrieval.encoder import load_encoder, load_encoder_from_sou
 @pytest.fixture(scope="module")
 def adapted(tmp_path_factory):
     from mora_retrieval.adapters import AdapterConfig, add_adapters, export_checkpoint, merge_adapters, save_adapters
-    from mora_retrieval.tasks.combiner import Combiner, save_combiner
+    from mora_retrieval.model.combiner import Combiner, save_combiner
 
     root = tmp_path_factory.mktemp("enc")
     base = write_tiny_checkpoint(root / "base.safetensors")
@@ -73,7 +73,7 @@ def test_unfinished_run_is_refused_not_replaced_by_its_base_weights(adapted, tmp
 
 
 def test_non_finite_embeddings_are_refused_before_writing(adapted, tmp_path):
-    from mora_retrieval.errors import IndexError_
+    from mora_retrieval.errors import IndexFolderError
     from mora_retrieval.retrieval.build import BuildConfig, build_index
     from mora_retrieval.retrieval.embed import EmbedConfig
     from mora_retrieval.retrieval.items import Item
@@ -86,7 +86,7 @@ def test_non_finite_embeddings_are_refused_before_writing(adapted, tmp_path):
     for i in range(3):
         Image.new("RGB", (40, 30), (40 * i, 90, 10)).save(tmp_path / f"{i}.png")
         paths.append(Item(path=str(tmp_path / f"{i}.png")))
-    with pytest.raises(IndexError_, match=r"3 of 3 embeddings are NaN or inf \(first: .*0.png\)"):
+    with pytest.raises(IndexFolderError, match=r"3 of 3 embeddings are NaN or inf \(first: .*0.png\)"):
         build_index(enc, paths, tmp_path / "idx", BuildConfig(embed=EmbedConfig(batch_size=2, workers=0)))
     assert not (tmp_path / "idx" / "manifest.json").exists()
 

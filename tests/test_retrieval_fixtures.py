@@ -49,7 +49,7 @@ def write_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     """Random mora-tiny weights, saved as an open_clip checkpoint so a manifest can reload them."""
     import torch
 
-    from mora_retrieval.backbone import load_backbone
+    from mora_retrieval.model.backbone import load_backbone
     from mora_retrieval.fileio import save_tensors
 
     torch.manual_seed(seed)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from mora_retrieval.errors import IndexError_
+from mora_retrieval.errors import IndexFolderError
 from mora_retrieval.retrieval.index import (
     IndexSpec,
     build_faiss_index,
@@ -84,10 +84,10 @@ def test_auto_rule_and_default_search_params():
 
 
 def test_bad_index_types_are_one_line_errors(tmp_path):
-    with pytest.raises(IndexError_, match="not a valid FAISS factory string") as err:
+    with pytest.raises(IndexFolderError, match="not a valid FAISS factory string") as err:
         build_faiss_index(_vectors(10), IndexSpec("NotAnIndex"))
     assert "\n" not in str(err.value)
-    with pytest.raises(IndexError_, match="needs at least 64 vectors"):
+    with pytest.raises(IndexFolderError, match="needs at least 64 vectors"):
         build_faiss_index(_vectors(10), IndexSpec("IVF64,Flat"))
 
 
@@ -114,7 +114,7 @@ def _one_line(err, name):
 def test_damaged_folder_fails_with_one_line(tmp_path, damage, name, expect):
     path, _, _ = _folder(tmp_path)
     damage(path)
-    with pytest.raises(IndexError_, match=expect) as err:
+    with pytest.raises(IndexFolderError, match=expect) as err:
         load_index_folder(path)
     _one_line(err, name)
 
@@ -126,11 +126,11 @@ def test_index_row_count_mismatch(tmp_path):
     small = faiss.IndexFlatIP(16)
     small.add(emb[:10])
     faiss.write_index(small, str(path / "index.faiss"))
-    with pytest.raises(IndexError_, match="holds 10 vectors") as err:
+    with pytest.raises(IndexFolderError, match="holds 10 vectors") as err:
         load_index_folder(path)
     _one_line(err, "index.faiss")
 
 
 def test_missing_folder(tmp_path):
-    with pytest.raises(IndexError_, match="index folder not found"):
+    with pytest.raises(IndexFolderError, match="index folder not found"):
         load_index_folder(tmp_path / "nope")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from test_retrieval_fixtures import write_tiny_checkpoint, write_tiny_coco
 
 from mora_retrieval.data.images import load_image
-from mora_retrieval.errors import DataError, IndexError_
+from mora_retrieval.errors import DataError, IndexFolderError
 from mora_retrieval.retrieval.build import BuildConfig, build_index, merge_parts, parse_shard
 from mora_retrieval.retrieval.embed import EmbedConfig, embed_paths
 from mora_retrieval.retrieval.encoder import load_encoder
@@ -117,7 +117,7 @@ def test_two_shards_merge_to_the_single_run(world, tmp_path):
     enc, items = world["encoder"], world["items"]
     first = build_index(enc, items, tmp_path / "idx", BuildConfig(shard=(1, 2), embed=EmbedConfig(batch_size=3, workers=0)))
     assert first.folder is None and (first.part_dir / "part.json").is_file()
-    with pytest.raises(IndexError_, match="0-of-2 are missing"):
+    with pytest.raises(IndexFolderError, match="0-of-2 are missing"):
         merge_parts(tmp_path / "idx")
     second = build_index(enc, items, tmp_path / "idx", BuildConfig(shard=(0, 2), embed=EmbedConfig(batch_size=3, workers=0)))
     assert first.encoded + second.encoded == len(items)
@@ -182,14 +182,14 @@ def test_wrong_model_and_corrupt_query_are_refused(world, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         enc2 = load_encoder("mora-tiny", str(other), device="cpu")
-    with pytest.raises(IndexError_, match="built with weights") as err:
+    with pytest.raises(IndexFolderError, match="built with weights") as err:
         check_encoder(world["full"], enc2)
     assert "manifest.json" in str(err.value) and "\n" not in str(err.value)
     bad = tmp_path / "q.jpg"
     bad.write_bytes(b"\xff\xd8 truncated")
     with pytest.raises(DataError, match="q.jpg"):
         search(world["full"], world["encoder"], image=bad)
-    with pytest.raises(IndexError_, match="k must be at least 1, got 0"):
+    with pytest.raises(IndexFolderError, match="k must be at least 1, got 0"):
         search(world["full"], world["encoder"], text="a red circle", k=0)
 
 

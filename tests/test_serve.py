@@ -27,10 +27,11 @@ from starlette.testclient import TestClient  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from mora_retrieval.data.images import load_image  # noqa: E402
-from mora_retrieval.errors import IndexError_, MoraError  # noqa: E402
+from mora_retrieval.errors import IndexFolderError, MoraError  # noqa: E402
 from mora_retrieval.retrieval.encoder import load_encoder_from_source  # noqa: E402
 from mora_retrieval.retrieval.index import load_index_folder  # noqa: E402
-from mora_retrieval.retrieval.queries import Query, QueryQueue, search_many  # noqa: E402
+from mora_retrieval.retrieval.queries import QueryQueue  # noqa: E402
+from mora_retrieval.retrieval.search import Query, search_many  # noqa: E402
 from mora_retrieval.retrieval.search import search  # noqa: E402
 from mora_retrieval.retrieval.serve import (  # noqa: E402
     TEXT_TRUNCATED_HEADER,
@@ -275,7 +276,7 @@ def test_decompression_bombs_are_refused_before_decoding(world):
 
 def test_the_app_refuses_a_model_the_index_was_not_built_with(world):
     other = replace(world["encoder"], fingerprint="0" * 16)
-    with pytest.raises(IndexError_, match="built with weights"):
+    with pytest.raises(IndexFolderError, match="built with weights"):
         create_app(world["folder"], other)
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..backbone import weights_fingerprint
+from ..model.backbone import weights_fingerprint
 from ..errors import AdapterError
 from .base import AdaptedWeight, ProjectionAdapter
 from .config import AdapterConfig, resolve_layers

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..backbone import weights_fingerprint
+from ..model.backbone import weights_fingerprint
 from ..errors import AdapterError
 from ..fileio import load_tensors, read_json, save_tensors, write_json
 from .config import AdapterConfig

@@ -15,14 +15,15 @@ import contextlib
 from pathlib import Path
 from typing import Iterator
 
+import open_clip
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..backbone import (CHECKPOINT_SUFFIXES, LOCAL_DIR_CONFIG, LOCAL_DIR_WEIGHTS, load_backbone, register_model_configs,
-                        weights_fingerprint)
 from ..errors import AdapterError
 from ..fileio import atomic_write, make_dirs, save_tensors, write_json
+from ..model.backbone import (CHECKPOINT_SUFFIXES, LOCAL_DIR_CONFIG, LOCAL_DIR_WEIGHTS, load_backbone,
+                              register_model_configs, weights_fingerprint)
 from .inject import ROOT_ATTR, freeze_for, has_adapters, parametrized_weights
 from .io import load_adapters, read_adapter_config
 from .methods import get_method
@@ -154,8 +155,6 @@ def _recorded_weights(adapter_dir: Path, meta: dict) -> str:
 
 
 def _export_folder(model: nn.Module, state: dict, folder: Path, arch: str | None) -> Path:
-    import open_clip
-
     if arch is None:
         raise AdapterError(f"{folder}: a checkpoint folder needs the architecture name (or end the path in .safetensors)")
     register_model_configs()

@@ -9,6 +9,10 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from ..fileio import atomic_write
 from .spectra import SlotSpectra
@@ -37,9 +41,6 @@ def _save(fig, path: Path) -> Path:
 
 def plot_spectra(spectra: Sequence[SlotSpectra], path: str | Path) -> Path:
     """One panel per slot (4 to a row): Gram eigenvalues (solid) and pretrained singular values (dashed)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     if not spectra:
         raise ValueError("no spectra to plot")
     cols = min(SPECTRA_COLUMNS, len(spectra))
@@ -70,10 +71,6 @@ def plot_spectra(spectra: Sequence[SlotSpectra], path: str | Path) -> Path:
 
 def plot_scatter_grid(panels: Sequence[Sequence[ScatterPanel]], path: str | Path, title: str = "") -> Path:
     """A grid of t-SNE panels (rows × columns), points coloured by group; one shared legend."""
-    from matplotlib import colormaps
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     rows, cols = len(panels), max(len(r) for r in panels)
     fig = Figure(figsize=(4.2 * cols + 1.8, 4.0 * rows), dpi=90)
     FigureCanvasAgg(fig)
@@ -95,8 +92,6 @@ def plot_scatter_grid(panels: Sequence[Sequence[ScatterPanel]], path: str | Path
             ax.set_xticks([])
             ax.set_yticks([])
     if len(names) <= 20:
-        from matplotlib.lines import Line2D
-
         handles = [Line2D([], [], marker="o", linestyle="", color=cmap(g % cmap.N), label=name)
                    for g, name in enumerate(names)]
         fig.legend(handles=handles, loc="center right", fontsize="x-small")

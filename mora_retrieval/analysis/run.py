@@ -14,12 +14,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..device import resolve_device
 from ..errors import MoraError
 from ..fileio import write_json
+from ..report import write_report
 from .drift import embedding_drift
+from .figures import ScatterPanel, plot_scatter_grid, plot_spectra
 from .gap import modality_gap
 from .intermodal import inter_modal_distance
+from .runs import adapted_encoder, image_transform, original_encoder, read_run, run_samples
 from .samples import Embeddings, PairedSamples, encode_samples, spread_indices
+from .section import analysis_section
+from .spectra import read_adapter_layout, read_shared_factors, slot_spectra
 from .tsne import MIN_POINTS, default_perplexity, tsne_2d
 
 FORMAT = "mora-retrieval-analysis"
@@ -58,8 +64,6 @@ class AnalysisResult:
 
     def section(self) -> Any:
         """The HTML report section (``report.Section``) with the tables and figures."""
-        from .section import analysis_section
-
         return analysis_section(self.data, self.out_dir)
 
 
@@ -93,8 +97,6 @@ def tsne_groups(samples: PairedSamples) -> np.ndarray:
 
 
 def _tsne_panels(samples: PairedSamples, embeddings: dict[str, Embeddings], seed: int):
-    from .figures import ScatterPanel
-
     if samples.labels is not None:
         groups, names = tsne_groups(samples), samples.class_names
         rows = []
@@ -118,11 +120,6 @@ def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None, config: 
 
     Every input is checked (run folder, split, data, both models) before anything is written.
     """
-    from ..device import resolve_device
-    from ..report import write_report
-    from .figures import plot_scatter_grid, plot_spectra
-    from .runs import adapted_encoder, image_transform, original_encoder, read_run, run_samples
-
     config = config or AnalyzeConfig()
     config.validate()
     info = read_run(run_dir)
@@ -183,8 +180,6 @@ def _checked(compute, info, *args):
 
 def _spectra(info, original_model: Any, data: dict[str, Any]) -> list:
     """The Gram spectra of the run's adapter (empty without a shared part); fills ``data["spectra"]``."""
-    from .spectra import read_adapter_layout, read_shared_factors, slot_spectra
-
     layout = read_adapter_layout(info.adapter_dir)
     factors = read_shared_factors(info.adapter_dir)
     spectra = _checked(slot_spectra, info, factors, original_model, layout) if factors else []

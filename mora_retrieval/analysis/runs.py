@@ -1,7 +1,7 @@
 """Finished runs as the analysis sees them: settings, the adapted and the original model, the samples.
 
 This is the only module of :mod:`mora_retrieval.analysis` that imports ``mora_retrieval.tasks``
-(the settings classes of classification and CIR runs); re-point it here if ``tasks`` moves.
+(the settings classes of classification and CIR runs).
 
 * The **adapted** model is the run's merged checkpoint (``retrieval.encoder.load_encoder(run=…)``);
   for a prompt method (``dcp``, ``mmp``), which cannot be merged, the adapter loaded unmerged onto
@@ -23,14 +23,20 @@ from typing import Any, Callable
 
 import torch
 
+from ..adapters.io import CONFIG_FILE as ADAPTER_CONFIG_FILE
+from ..data.cirr import CIRRTriplets
+from ..data.images import make_transform
+from ..data.registry import get_classification_dataset
 from ..errors import BackboneError, DataError, TrainingError
 from ..fileio import read_json
+from ..model.backbone import image_size_of
+from ..retrieval.encoder import load_encoder
+from ..runs import ADAPTER_DIR, CONFIG_FILE as RUN_CONFIG, MERGED_FILE, read_record
+from ..tasks.cir.settings import CIRSettings
+from ..tasks.classify.settings import ClassifySettings, read_run_config
 from .samples import PairedSamples
 
 CLASSIFY, CIR = "classify", "cir"
-RUN_CONFIG = "config.json"
-MERGED_FILE = "merged.safetensors"
-ADAPTER_DIR = "adapter"
 SPLITS = {CLASSIFY: ("train", "val", "test"), CIR: ("train", "val", "test1")}
 DEFAULT_SPLIT = {CLASSIFY: "test", CIR: "val"}
 
@@ -66,22 +72,16 @@ def read_run(run_dir: str | Path) -> RunInfo:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise TrainingError(f"{run_dir}: run folder not found")
-    config = read_json(run_dir / RUN_CONFIG, "run config", error=TrainingError)
-    if not isinstance(config, dict):
-        raise TrainingError(f"{run_dir / RUN_CONFIG}: expected a JSON object")
+    config = read_record(run_dir, error=TrainingError)
     extra = config.get("extra") if isinstance(config.get("extra"), dict) else {}
     task = config.get("task") or extra.get("task")
     if task == CLASSIFY:
-        from ..tasks.classify_setup import ClassifySettings, read_run_config
-
         settings = ClassifySettings.from_dict(read_run_config(run_dir))
         seed = int((config.get("train") or {}).get("seed", 0))
         info = dict(arch=settings.arch, pretrained=settings.pretrained, seed=seed,
-                    method=settings.adapter.get("method", "?"), dataset=settings.dataset,
+                    method=settings.adapter.method, dataset=settings.dataset,
                     data_root=settings.data_root, transform=None, skip_bad_images=settings.skip_bad_images)
     elif task == CIR:
-        from ..tasks.cir_run import CIRSettings
-
         try:
             settings = CIRSettings.from_dict(config, str(run_dir))
         except (KeyError, TypeError, ValueError) as exc:
@@ -97,10 +97,10 @@ def read_run(run_dir: str | Path) -> RunInfo:
 
     unmerged = info["method"] in list_methods() and not get_method(info["method"]).mergeable  # dcp, mmp
     merged = [] if unmerged else [run_dir / MERGED_FILE]
-    for needed in (*merged, adapter_dir / "adapter_config.json"):
+    for needed in (*merged, adapter_dir / ADAPTER_CONFIG_FILE):
         if not needed.is_file():
             raise TrainingError(f"{needed}: not found (the run did not finish; resume it with --resume)")
-    meta = read_json(adapter_dir / "adapter_config.json", "adapter config", error=TrainingError)
+    meta = read_json(adapter_dir / ADAPTER_CONFIG_FILE, "adapter config", error=TrainingError)
     fingerprint = meta.get("base_fingerprint") if isinstance(meta, dict) else None
     if info["pretrained"] in ("", "none"):
         info["pretrained"] = None
@@ -109,18 +109,12 @@ def read_run(run_dir: str | Path) -> RunInfo:
 
 def adapted_encoder(info: RunInfo, device: str | None) -> Any:
     """The run's merged model as a ``retrieval.encoder.Encoder`` (a prompt method's run: its backbone with
-    the adapter loaded unmerged, random base weights re-drawn from the run's seed)."""
-    from ..retrieval.encoder import load_encoder
-
-    with torch.random.fork_rng():
-        torch.manual_seed(info.seed)
-        return load_encoder(None, run=info.run_dir, device=device)
+    the adapter loaded unmerged, see ``runs.FinishedRun.load_model``)."""
+    return load_encoder(None, run=info.run_dir, device=device)
 
 
 def original_encoder(info: RunInfo, device: str | None) -> Any:
     """The unadapted backbone the run started from, checked against the adapter's base fingerprint."""
-    from ..retrieval.encoder import load_encoder
-
     with torch.random.fork_rng():  # random weights come from the run's seed; the global RNGs are restored
         torch.manual_seed(info.seed)
         encoder = load_encoder(info.arch, info.pretrained, device=device)
@@ -137,8 +131,6 @@ def run_samples(info: RunInfo, split: str, data_root: str | None = None) -> Pair
         raise DataError(f"--split {split!r}: a {info.task} run has the splits {', '.join(info.splits)}")
     root = data_root or info.data_root
     if info.task == CLASSIFY:
-        from ..data.registry import get_classification_dataset
-
         data = get_classification_dataset(info.dataset, root, split, transform=None,
                                           skip_bad_images=info.skip_bad_images)
         if len(data) == 0:
@@ -146,8 +138,6 @@ def run_samples(info: RunInfo, split: str, data_root: str | None = None) -> Pair
         labels = torch.stack([data.label_tensor(i) for i in range(len(data))])
         return PairedSamples([Path(p) for p in data.paths], list(data.texts), list(range(len(data))), labels,
                              list(data.class_names), data.task)
-    from ..data.cirr import CIRRTriplets
-
     triplets = CIRRTriplets(root, split)
     if not triplets.records:
         raise DataError(f"{root}: the CIRR {split} split has no triplets")
@@ -161,7 +151,4 @@ def image_transform(info: RunInfo, encoder: Any) -> Callable:
     """The image preprocessing the run used: the model's eval transform, or CIR's recorded transform."""
     if info.transform is None:
         return encoder.preprocess
-    from ..backbone import image_size_of
-    from ..data.images import make_transform
-
     return make_transform(info.transform, image_size_of(encoder.model))

@@ -17,6 +17,7 @@ import torch
 
 from ..data.base import ImageDataset
 from ..errors import DataError
+from ..model.encode import collect, ordered_loader
 
 
 @dataclass
@@ -79,14 +80,6 @@ class _ImageFiles(ImageDataset):
         return None if image is None else {"image": image, "index": index}
 
 
-def _collate(items: list[dict[str, Any] | None]) -> dict[str, torch.Tensor] | None:
-    items = [item for item in items if item is not None]
-    if not items:
-        return None
-    return {"image": torch.stack([item["image"] for item in items]),
-            "index": torch.tensor([item["index"] for item in items], dtype=torch.long)}
-
-
 @dataclass
 class Embeddings:
     """Raw (unnormalised) float32 CPU embeddings of one model: images ``[M, D]``, texts ``[N, D]``."""
@@ -107,29 +100,19 @@ def encode_samples(encoders: Mapping[str, Any], samples: PairedSamples, transfor
     Returns the samples that survived (pairs whose image was a skipped bad image are dropped) and
     ``{name: Embeddings}`` aligned with them.
     """
-    from torch.utils.data import DataLoader
-
-    loader = DataLoader(_ImageFiles(samples.image_paths, transform, skip_bad_images), batch_size=batch_size,
-                        shuffle=False, num_workers=num_workers, collate_fn=_collate)
-    kept: list[torch.Tensor] = []
-    images: dict[str, list[torch.Tensor]] = {name: [] for name in encoders}
-    for batch in loader:
-        if batch is None:
-            continue
-        kept.append(batch["index"])
-        for name, encoder in encoders.items():
-            images[name].append(encoder.encode_images(batch["image"], normalize=False).float().cpu())
-    order = torch.cat(kept).tolist() if kept else []
-    row_of = {image: row for row, image in enumerate(order)}
+    cpu = torch.device("cpu")
+    out = collect(ordered_loader(_ImageFiles(samples.image_paths, transform, skip_bad_images), batch_size, cpu,
+                                 num_workers),
+                  lambda batch: {"index": batch["index"], **{name: encoder.encode_images(batch["image"],
+                                                                                          normalize=False).cpu()
+                                                            for name, encoder in encoders.items()}}, cpu)
+    row_of = {image: row for row, image in enumerate(out["index"].tolist())} if out else {}
     pairs = [i for i, image in enumerate(samples.pair_image) if image in row_of]
     if not pairs:
         raise DataError("no sample left to analyse: every image was unreadable and skipped")
     used = sorted({samples.pair_image[i] for i in pairs})  # the image order of samples.select(pairs)
     rows = torch.tensor([row_of[image] for image in used], dtype=torch.long)
     samples = samples.select(pairs)
-    out = {}
-    for name, encoder in encoders.items():
-        texts = [encoder.encode_texts(samples.texts[i:i + batch_size], normalize=False).float().cpu()
-                 for i in range(0, len(samples), batch_size)]
-        out[name] = Embeddings(image=torch.cat(images[name])[rows], text=torch.cat(texts))
-    return samples, out
+    return samples, {name: Embeddings(image=out[name][rows], text=encoder.encode_texts(samples.texts,
+                                                                                      normalize=False).cpu())
+                     for name, encoder in encoders.items()}

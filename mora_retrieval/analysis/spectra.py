@@ -23,11 +23,10 @@ from typing import Any
 
 import torch
 
+from ..adapters.io import CONFIG_FILE as ADAPTER_CONFIG_FILE, WEIGHTS_FILE as ADAPTER_WEIGHTS_FILE
 from ..errors import AdapterError
 from ..fileio import load_tensors, read_json
 
-ADAPTER_CONFIG_FILE = "adapter_config.json"
-ADAPTER_WEIGHTS_FILE = "adapter.safetensors"
 _SHARED_NAME = re.compile(r"^shared\.(?P<slot>[^.]+)\.(?P<tower>vision|text)$")
 _QKV = ("q", "k", "v")
 

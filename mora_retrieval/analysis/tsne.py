@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from sklearn.manifold import TSNE
 
 from .vectors import as_matrix, unit_rows
 
@@ -24,8 +25,6 @@ def default_perplexity(points: int) -> float:
 
 def tsne_2d(embeddings: Any, seed: int = 0, perplexity: float | None = None) -> np.ndarray:
     """2-D t-SNE coordinates ``[N, 2]`` of the L2-normalised ``embeddings`` ``[N, D]``."""
-    from sklearn.manifold import TSNE
-
     x = unit_rows(as_matrix(embeddings, "embeddings")).numpy()
     if x.shape[0] < MIN_POINTS:
         raise ValueError(f"t-SNE needs at least {MIN_POINTS} points, got {x.shape[0]}")

@@ -19,6 +19,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+import pyarrow as pa
+
 from ..errors import DataError
 from .base import ClassificationDataset
 from .mmimdb import MMIMDB_GENRES
@@ -30,11 +32,6 @@ _KNOWN = {"food101": ("multiclass", None), "mmimdb": ("multilabel", list(MMIMDB_
 
 def _read_table(path: Path) -> Any:
     """A pyarrow Table from an Arrow IPC file or stream."""
-    try:
-        import pyarrow as pa
-    except ImportError:
-        raise DataError(f"{path}: reading Arrow files needs pyarrow (pip install pyarrow)") from None
-
     errors = []
     for open_reader in (pa.ipc.open_file, pa.ipc.open_stream):
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
+import torch
 from torch.utils.data import Dataset
 
 from .images import BadImageLog, ImageReader
@@ -34,14 +35,6 @@ class ImageDataset(Dataset):
         return self.transform(image)
 
 
-def read_json_data(path: str | os.PathLike, what: str) -> Any:
-    """:func:`fileio.read_json`, with its errors raised as :class:`DataError`."""
-    from ..errors import DataError
-    from ..fileio import read_json
-
-    return read_json(path, what, error=DataError)
-
-
 class ClassificationDataset(ImageDataset):
     """Image + text + label samples: items ``{"image", "text", "label", "index"}``.
 
@@ -68,8 +61,6 @@ class ClassificationDataset(ImageDataset):
 
     def label_tensor(self, index: int) -> Any:
         """The label as a tensor: ``long`` scalar, or a ``float`` multi-hot vector."""
-        import torch
-
         if self.task == "multilabel":
             return torch.tensor(self.labels[index], dtype=torch.float32)
         return torch.tensor(self.labels[index], dtype=torch.long)

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import DataError
-from .base import ImageDataset, read_json_data as _read
+from ..fileio import read_json
+from .base import ImageDataset
 from .images import require_dir, require_files
 
 CIRR_SPLITS = ("train", "val", "test1")
@@ -31,7 +32,7 @@ def read_image_split(root: str | os.PathLike, split: str) -> dict[str, Path]:
     """``{name: absolute path}`` for every image of the split, in file order."""
     root = require_dir(root, "CIRR root")
     path = root / "image_splits" / f"split.rc2.{_check_split(split)}.json"
-    mapping = _read(path, "CIRR image split file (a {name: relative path} object)")
+    mapping = read_json(path, "CIRR image split file (a {name: relative path} object)", error=DataError)
     if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
         raise DataError(f"{path}: expected a JSON object mapping image names to relative paths")
     return {name: (root / rel).resolve() for name, rel in mapping.items()}
@@ -72,7 +73,7 @@ class CIRRTriplets(ImageDataset):
         self.has_targets = split != "test1"
         self.paths_by_name = read_image_split(root, split)
         path = self.root / "captions" / f"cap.rc2.{split}.json"
-        records = _read(path, "CIRR caption file (a list of triplets)")
+        records = read_json(path, "CIRR caption file (a list of triplets)", error=DataError)
         if not isinstance(records, list):
             raise DataError(f"{path}: expected a JSON list of triplets")
         required = _TRIPLET_KEYS + (_TARGET_KEYS if self.has_targets else ())

@@ -14,16 +14,17 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+from pycocotools.coco import COCO
+
 from ..errors import DataError
-from .base import ImageDataset, read_json_data
+from ..fileio import read_json
+from .base import ImageDataset
 from .images import require_dir, require_files
 
 
 def _load_coco(path: Path, what: str, keys: tuple[str, ...]) -> Any:
     """A ``pycocotools.coco.COCO`` built from ``path`` after checking its top-level keys."""
-    from pycocotools.coco import COCO
-
-    data = read_json_data(path, what)
+    data = read_json(path, what, error=DataError)
     if not isinstance(data, dict) or any(not isinstance(data.get(k), list) for k in keys):
         raise DataError(f"{path}: not a COCO {what} (expected lists under: {', '.join(keys)})")
     coco = COCO()
@@ -86,7 +87,7 @@ class COCOImages(ImageDataset):
         """The image's captions from ``annotations/captions_{split}.json``."""
         if self._captions is None:
             path = self.root / "annotations" / f"captions_{self.split}.json"
-            data = read_json_data(path, "COCO captions file")
+            data = read_json(path, "COCO captions file", error=DataError)
             if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
                 raise DataError(f"{path}: not a COCO captions file (expected a list under 'annotations')")
             captions: dict[int, list[str]] = {}

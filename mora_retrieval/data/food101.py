@@ -21,6 +21,8 @@ import zlib
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from ..errors import DataError
 from .base import ClassificationDataset
 from .images import require_dir, require_files
@@ -48,8 +50,6 @@ def read_titles(path: Path) -> list[tuple[str, str, str]]:
 
 def carve_validation(rows: list[tuple[str, str, str]], val_fraction: float, val_seed: int) -> set[str]:
     """File names of the train rows that go to validation (see the module docstring)."""
-    import numpy as np
-
     by_class: dict[str, list[str]] = {}
     for name, _, cls in rows:
         by_class.setdefault(cls, []).append(name)

@@ -5,7 +5,7 @@ Bad images. Every dataset checks up front that all its image files exist (a miss
 by default a corrupt file raises ``DataError("<path>: unreadable or corrupt image (...)")``;
 with ``skip_bad_images=True`` the item comes back as ``None``, the file is recorded in the
 dataset's ``bad_images`` log (``.count``, ``.paths``) and a warning is logged. Batch such
-datasets with :func:`collate_skip_none`. With DataLoader workers each worker keeps its own log
+datasets with :func:`~mora_retrieval.data.collate.collate_skip_none`. With DataLoader workers each worker keeps its own log
 copy; the warnings still reach the log output.
 
 Preprocessing comes from the model. :func:`preprocess_spec` reads a model's open_clip
@@ -23,6 +23,7 @@ statistics (OpenAI's), whatever the model.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -69,8 +70,6 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 
 def decode_image_bytes(data: bytes, origin: str) -> Image.Image:
     """Decode an encoded image held in memory (``origin`` names it in errors) as RGB."""
-    import io
-
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
@@ -132,17 +131,6 @@ def require_dir(path: str | os.PathLike, what: str) -> Path:
     if not path.is_dir():
         raise DataError(f"{path}: {what} not found (expected a folder)")
     return path
-
-
-def collate_skip_none(batch: Sequence[Any]) -> Any:
-    """``default_collate`` after dropping the ``None`` items of skipped bad images.
-
-    An all-``None`` batch collates to ``None``; training loops should skip it.
-    """
-    from torch.utils.data import default_collate
-
-    kept = [item for item in batch if item is not None]
-    return default_collate(kept) if kept else None
 
 
 @dataclass(frozen=True)

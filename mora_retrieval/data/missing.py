@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import DataError
-from ..fileio import write_json
-from .base import read_json_data
+from ..fileio import read_json, write_json
 
 COMPLETE, TEXT_MISSING, IMAGE_MISSING = 0, 1, 2
 MISSING_KINDS = ("none", "text", "image", "both")
@@ -112,7 +113,7 @@ class MissingAssignments:
         """The stored codes for this key, drawing and storing them on first use."""
         path = self.path_for(dataset_name, split, spec)
         if path.exists():
-            data = read_json_data(path, "missing-modality assignment file")
+            data = read_json(path, "missing-modality assignment file", error=DataError)
             codes = data.get("codes") if isinstance(data, dict) else None
             if not isinstance(codes, list) or any(c not in (0, 1, 2) for c in codes):
                 raise DataError(f"{path}: expected a JSON object with a 'codes' list of 0/1/2")
@@ -159,16 +160,12 @@ class WithMissingModality(Dataset):
         return getattr(self.dataset, name)
 
     def _blank(self, image: Any) -> Any:
-        import torch
-
         if not isinstance(image, torch.Tensor):
             raise DataError("WithMissingModality needs a dataset whose transform returns tensors")
         if self.missing_image == "ones":
             return torch.ones_like(image)
         shape = tuple(image.shape)
         if shape not in self._white:
-            from PIL import Image
-
             transform = getattr(self.dataset, "transform", None)
             if transform is None:
                 raise DataError("the 'white' missing-image fill needs the dataset's transform")
@@ -200,7 +197,5 @@ class WithMissingModality(Dataset):
 
     @staticmethod
     def _blank_check(image: Any) -> None:
-        import torch
-
         if not isinstance(image, torch.Tensor):
             raise DataError("WithMissingModality needs a dataset whose transform returns tensors")

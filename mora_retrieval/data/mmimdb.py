@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import DataError
-from .base import ClassificationDataset, read_json_data
+from ..fileio import read_json
+from .base import ClassificationDataset
 from .images import require_dir, require_files
 
 MMIMDB_GENRES = (
@@ -69,14 +70,14 @@ class MMIMDb(ClassificationDataset):
         if not (self.root / "dataset").is_dir() and not (self.root / "labels").is_dir():
             raise DataError(f"{self.root}: MM-IMDb movies not found (expected dataset/ or images/ + labels/)")
         split_path = self.root / "split.json"
-        splits = read_json_data(split_path, "MM-IMDb split file")
+        splits = read_json(split_path, "MM-IMDb split file", error=DataError)
         key = MMIMDB_SPLITS[split]
         if not isinstance(splits, dict) or not isinstance(splits.get(key), list):
             raise DataError(f"{split_path}: expected a JSON object with a list of movie ids under {key!r}")
         self.movie_ids: list[str] = []
         for movie_id in splits[key]:
             meta_path, image_path = _movie_files(self.root, str(movie_id))
-            meta = read_json_data(meta_path, "MM-IMDb movie file")
+            meta = read_json(meta_path, "MM-IMDb movie file", error=DataError)
             if not isinstance(meta, dict) or not isinstance(meta.get("genres", []), list):
                 raise DataError(f"{meta_path}: expected a JSON object with 'plot' and a 'genres' list")
             plots = meta.get("plot") or [""]

@@ -295,7 +295,7 @@ class PreparedImages:
 
 class PreparedImageDataset(Dataset):
     """A Dataset over a cache's rows (all, or ``rows``): item -> uint8 ``[3, H, W]`` tensor, or
-    ``None`` for a bad image (batch with :func:`.images.collate_skip_none`). Batched fetches
+    ``None`` for a bad image (batch with :func:`.collate.collate_skip_none`). Batched fetches
     (``__getitems__``) read the map once per batch."""
 
     def __init__(self, prepared: PreparedImages, rows: Sequence[int] | None = None) -> None:

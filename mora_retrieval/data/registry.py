@@ -7,8 +7,12 @@ from typing import Any
 
 from ..errors import DataError
 from .base import ClassificationDataset
+from .food101 import Food101
+from .hateful_memes import HatefulMemes
+from .mmimdb import MMIMDb
 
-CLASSIFICATION_DATASETS = ("food101", "mmimdb", "hateful_memes")
+DATASET_CLASSES = {"food101": Food101, "mmimdb": MMIMDb, "hateful_memes": HatefulMemes}
+CLASSIFICATION_DATASETS = tuple(DATASET_CLASSES)
 
 
 def canonical_name(name: str) -> str:
@@ -21,11 +25,4 @@ def canonical_name(name: str) -> str:
 
 def get_classification_dataset(name: str, root: str | os.PathLike, split: str, **kwargs: Any) -> ClassificationDataset:
     """Build the named dataset; ``kwargs`` go to its constructor (transform, skip_bad_images, ...)."""
-    key = canonical_name(name)
-    if key == "food101":
-        from .food101 import Food101 as cls
-    elif key == "mmimdb":
-        from .mmimdb import MMIMDb as cls
-    else:
-        from .hateful_memes import HatefulMemes as cls
-    return cls(root, split, **kwargs)
+    return DATASET_CLASSES[canonical_name(name)](root, split, **kwargs)

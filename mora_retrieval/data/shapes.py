@@ -44,7 +44,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import DataError
-from ..fileio import write_json
+from ..fileio import read_json, write_json
 from .mmimdb import MMIMDB_GENRES
 from .shapes_scene import (COLOUR_NAMES, SHAPES, Obj, Scene, distinct_edits, join_phrases, noun_phrase, object_polygon, polygon_area,
                            random_object, random_scene, render, scene_captions)
@@ -323,9 +323,7 @@ def generate_shapes_world(out_dir: str | os.PathLike, size: str = "tiny", seed: 
 
 def read_world_manifest(out_dir: str | os.PathLike) -> dict:
     """The ``shapes_world.json`` written by :func:`generate_shapes_world`."""
-    from .base import read_json_data
-
-    return read_json_data(Path(out_dir) / MANIFEST, "shapes world manifest")
+    return read_json(Path(out_dir) / MANIFEST, "shapes world manifest", error=DataError)
 
 
 __all__ = ["generate_shapes_world", "read_world_manifest", "WORLD_SIZES", "WorldSize", "PARTS", "FOOD_CLASSES",

@@ -1,41 +1,21 @@
 """The training engine: one loop (AdamW, warm-up + cosine, bf16, DDP, resume) for every task.
 
-Public API (imported lazily, so ``import mora_retrieval.engine`` stays light)::
-
-    TrainConfig, TRAINING_FIELDS            # .config
-    TrainModule                             # .module
-    Trainer, TrainResult                    # .trainer
-    TrainingInterrupted                     # .interrupt
-    resume_or_fail, load_best               # .checkpoint
-    seed_everything                         # .rng
-    to_device, ResumableSampler             # .data
-    lr_factor                               # .schedule
+Modules: :mod:`.config` (``TrainConfig``), :mod:`.module` (``TrainModule``, what a task
+implements), :mod:`.trainer` (``Trainer``), :mod:`.checkpoint` (the engine's run folder and the
+resume check), :mod:`.sampling` (the resumable sampler), :mod:`.schedule`, :mod:`.rng`,
+:mod:`.distributed`, :mod:`.interrupt`, :mod:`.progress`, :mod:`.curves`.
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
-
+from .checkpoint import load_best, resume_or_fail
 from .config import TRAINING_FIELDS, TrainConfig
+from .interrupt import TrainingInterrupted
+from .module import TrainModule
+from .rng import seed_everything
+from .sampling import ResumableSampler, to_device
+from .schedule import lr_factor
+from .trainer import Trainer, TrainResult
 
-_LAZY = {
-    "TrainModule": "module",
-    "Trainer": "trainer",
-    "TrainResult": "trainer",
-    "TrainingInterrupted": "interrupt",
-    "resume_or_fail": "checkpoint",
-    "load_best": "checkpoint",
-    "seed_everything": "rng",
-    "to_device": "data",
-    "ResumableSampler": "data",
-    "lr_factor": "schedule",
-}
-
-__all__ = ["TRAINING_FIELDS", "TrainConfig", *_LAZY]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = [
+    "TRAINING_FIELDS", "ResumableSampler", "TrainConfig", "TrainModule", "TrainResult", "Trainer",
+    "TrainingInterrupted", "load_best", "lr_factor", "resume_or_fail", "seed_everything", "to_device",
+]

@@ -1,6 +1,6 @@
-"""The run folder: config, resumable checkpoint, best weights, and the resume check.
+"""The engine's run folder: config, resumable checkpoint, best weights, and the resume check.
 
-Layout of ``<run>/``:
+Layout of ``<run>/`` (the names are defined here; :mod:`mora_retrieval.runs` adds the recipes'):
 
 - ``config.json``: ``{"train": TrainConfig, "resolved": {device, precision, world_size,
   effective_batch_size}, "extra": <the caller's extra_config>}``;
@@ -25,26 +25,31 @@ from ..fileio import atomic_write, load_tensors, read_json, save_tensors
 from .config import TrainConfig
 
 CHECKPOINT_FORMAT = "mora-engine-checkpoint/1"
+CONFIG_FILE = "config.json"
+LAST_FILE = "checkpoints/last.pt"
+BEST_FILE = "checkpoints/best.safetensors"
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.png"
 
 
 def config_path(run_dir: Path) -> Path:
-    return Path(run_dir) / "config.json"
+    return Path(run_dir) / CONFIG_FILE
 
 
 def last_path(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints" / "last.pt"
+    return Path(run_dir) / LAST_FILE
 
 
 def best_path(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints" / "best.safetensors"
+    return Path(run_dir) / BEST_FILE
 
 
 def metrics_path(run_dir: Path) -> Path:
-    return Path(run_dir) / "metrics.jsonl"
+    return Path(run_dir) / METRICS_FILE
 
 
 def curves_path(run_dir: Path) -> Path:
-    return Path(run_dir) / "curves.png"
+    return Path(run_dir) / CURVES_FILE
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

@@ -6,14 +6,14 @@ import io
 from pathlib import Path
 from typing import Any
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
 from ..fileio import atomic_write
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path, main_metric: str) -> None:
     """Two panels (train loss; validation metrics) written atomically to ``path``."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(10, 4), dpi=80)
     FigureCanvasAgg(fig)
     loss_ax, val_ax = fig.subplots(1, 2)

@@ -17,7 +17,7 @@ from rich.text import Text
 
 
 class SamplesPerSecond(ProgressColumn):
-    """Rich's step speed times the samples per optimiser step."""
+    """Rich's step speed times the samples per step (the task field ``samples_per_step``, 1 if absent)."""
 
     def render(self, task) -> Text:
         speed = task.finished_speed or task.speed

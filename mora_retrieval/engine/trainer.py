@@ -21,12 +21,14 @@ import contextlib
 import itertools
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 from ..device import autocast, available_cores, default_num_workers, resolve_device, resolve_precision
@@ -35,12 +37,12 @@ from ..fileio import atomic_write, write_json
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .curves import plot_curves
-from .data import ResumableSampler, build_loader, to_device
 from .distributed import all_reduce_sum, barrier, broadcast_object, detect, gather_objects, init_if_needed
 from .interrupt import StopFlag, TrainingInterrupted
 from .module import TrainModule
 from .progress import TrainProgress
 from .rng import capture_rng, restore_rng, seed_everything
+from .sampling import ResumableSampler, build_loader, to_device
 from .schedule import build_scheduler
 
 
@@ -161,8 +163,6 @@ class Trainer:
 
         self.model = self.module
         if info.enabled:
-            from torch.nn.parallel import DistributedDataParallel
-
             self.model = DistributedDataParallel(
                 self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=False)
@@ -428,8 +428,6 @@ def _leave_cores_for_workers(num_workers: int, world_size: int) -> None:
     one). OpenMP threads spinning while other processes hold the cores can slow a step by an
     order of magnitude. An explicit ``OMP_NUM_THREADS`` is left alone.
     """
-    import os
-
     if "OMP_NUM_THREADS" in os.environ:
         return
     torch.set_num_threads(max(1, available_cores() // max(world_size, 1) - num_workers))

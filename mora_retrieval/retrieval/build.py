@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import IndexError_, MoraError
+from ..errors import IndexFolderError, MoraError
 from ..fileio import read_json, write_json
 from .embed import EmbedConfig, Reporter, embed_paths
 from .index import (
@@ -104,7 +104,7 @@ def _check_finite(features: np.ndarray, items: Sequence[Item], out: Path) -> Non
     bad = ~np.isfinite(np.asarray(features, dtype=np.float32)).all(axis=1)
     if bad.any():
         first = items[int(np.flatnonzero(bad)[0])].path
-        raise IndexError_(f"{out}: {int(bad.sum())} of {len(bad)} embeddings are NaN or inf (first: {first}); "
+        raise IndexFolderError(f"{out}: {int(bad.sum())} of {len(bad)} embeddings are NaN or inf (first: {first}); "
                           f"the model's weights are not finite, so nothing was written")
 
 
@@ -112,11 +112,11 @@ def check_output_folder(out: Path, fingerprint: str, overwrite: bool = False) ->
     """Refuse, before anything is written, an ``out`` that is a file, or that holds a finished
     index of another model (unless ``overwrite``): re-indexing must never replace it silently."""
     if out.exists() and not out.is_dir():
-        raise IndexError_(f"{out}: exists and is not a folder (expected the index folder to create)")
+        raise IndexFolderError(f"{out}: exists and is not a folder (expected the index folder to create)")
     for parent in out.parents:
         if parent.exists():
             if not parent.is_dir():
-                raise IndexError_(f"{parent}: is a file, so the index folder {out} cannot be created there")
+                raise IndexFolderError(f"{parent}: is a file, so the index folder {out} cannot be created there")
             break
     manifest = out / MANIFEST_FILE
     if overwrite or not manifest.is_file():
@@ -126,7 +126,7 @@ def check_output_folder(out: Path, fingerprint: str, overwrite: bool = False) ->
     except MoraError:
         return  # a damaged folder: rebuilding it is what the user wants
     if old != fingerprint:
-        raise IndexError_(f"{out}: already holds an index of another model (fingerprint {old}, this model "
+        raise IndexFolderError(f"{out}: already holds an index of another model (fingerprint {old}, this model "
                           f"{fingerprint}); pass --overwrite to replace it, or choose another --name/--out")
 
 
@@ -146,7 +146,7 @@ def build_index(
     out = Path(out)
     items = list(items)
     if not items:
-        raise IndexError_(f"{out}: nothing to index (the collection is empty)")
+        raise IndexFolderError(f"{out}: nothing to index (the collection is empty)")
     check_output_folder(out, encoder.fingerprint, config.overwrite)
     shard = config.shard if config.shard and config.shard[1] > 1 else None
     check_index_spec(resolve_index_type(config.index_type, len(items), config.search_params), len(items), encoder.dim)
@@ -210,29 +210,29 @@ def merge_parts(out: str | Path, index_type: str = "auto", search_params: str | 
     parts_root = out / PARTS_DIR
     found = sorted(parts_root.glob(f"*-of-*/{PART_FILE}")) if parts_root.is_dir() else []
     if not found:
-        raise IndexError_(f"{parts_root}: no index parts found (run `mora-ret index ... --shard i/n` first)")
+        raise IndexFolderError(f"{parts_root}: no index parts found (run `mora-ret index ... --shard i/n` first)")
     metas = []
     for path in found:
-        metas.append(read_json(path, "index part description", error=IndexError_))
+        metas.append(read_json(path, "index part description", error=IndexFolderError))
     n = int(metas[0]["shard"][1])
     by_index = {int(m["shard"][0]): (m, p.parent) for m, p in zip(metas, found) if int(m["shard"][1]) == n}
     missing = [i for i in range(n) if i not in by_index]
     if missing:
-        raise IndexError_(f"{parts_root}: parts {', '.join(f'{i}-of-{n}' for i in missing)} are missing or unfinished")
+        raise IndexFolderError(f"{parts_root}: parts {', '.join(f'{i}-of-{n}' for i in missing)} are missing or unfinished")
     first = by_index[0][0]
     for i in range(n):
         meta, part_dir = by_index[i]
         if meta["encoder"]["fingerprint"] != first["encoder"]["fingerprint"]:
-            raise IndexError_(f"{part_dir / PART_FILE}: embedded with other weights than part 0-of-{n}")
+            raise IndexFolderError(f"{part_dir / PART_FILE}: embedded with other weights than part 0-of-{n}")
         if meta["items_digest"] != first["items_digest"]:
-            raise IndexError_(f"{part_dir / PART_FILE}: was cut from another item list than part 0-of-{n}")
+            raise IndexFolderError(f"{part_dir / PART_FILE}: was cut from another item list than part 0-of-{n}")
     embeddings, items, skipped = [], [], []
     for i in range(n):
         meta, part_dir = by_index[i]
         emb = load_embeddings(part_dir / EMBEDDINGS_FILE)
         part_items = read_items(part_dir / ITEMS_FILE)
         if emb.shape[0] != len(part_items) or emb.shape[0] != int(meta["count"]):
-            raise IndexError_(f"{part_dir}: {emb.shape[0]} embeddings, {len(part_items)} items, part.json says {meta['count']}")
+            raise IndexFolderError(f"{part_dir}: {emb.shape[0]} embeddings, {len(part_items)} items, part.json says {meta['count']}")
         embeddings.append(emb)
         items.extend(part_items)
         skipped.extend(meta.get("skipped", []))

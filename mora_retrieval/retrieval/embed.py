@@ -52,7 +52,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision import transforms as T
+from torchvision.io import ImageReadMode, decode_jpeg
 
+from ..data.images import decode_image_bytes, load_image
 from ..errors import DataError, MoraError
 from ..fileio import atomic_write, read_json, write_json
 
@@ -175,8 +182,6 @@ def split_transform(transform: Callable) -> tuple[Callable, list[float], list[fl
 
     ``pil_stage`` maps a PIL image to the PIL image the ``ToTensor`` step would receive.
     """
-    from torchvision import transforms as T
-
     steps = getattr(transform, "transforms", None)
     if not isinstance(steps, list) or len(steps) < 2:
         return None
@@ -225,8 +230,6 @@ class _BatchFiles:
         return len(self.paths)
 
     def _decode(self, path: str, data: bytes | None) -> Any:
-        from ..data.images import decode_image_bytes, load_image
-
         if data is not None:
             return decode_image_bytes(data, path)
         if self.draft_size and path.lower().endswith(JPEG_SUFFIXES):
@@ -234,8 +237,6 @@ class _BatchFiles:
         return load_image(path)
 
     def __getitem__(self, positions: Sequence[int]) -> LoadedBatch:
-        import torch
-
         batch = LoadedBatch()
         ready: list[Any] = []
         blobs: list[bytes] = []
@@ -286,8 +287,6 @@ def _as_is(batch: LoadedBatch) -> LoadedBatch:
 
 def _load_jpeg_draft(path: str, size: int) -> Any:
     """Decode a JPEG at the smallest DCT scale whose sides are still >= ``size``."""
-    from PIL import Image
-
     try:
         with Image.open(path) as img:
             img.draft("RGB", (size, size))
@@ -308,11 +307,6 @@ def decode_jpegs(data: Any, offsets: Sequence[int], paths: Sequence[str], device
     bad file only costs itself, and a JPEG the tensor decoder cannot read (e.g. CMYK on some
     nvJPEG versions) is still decoded.
     """
-    import torch
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    from ..data.images import decode_image_bytes
-
     blobs = [data[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
     if not blobs:
         return [], []
@@ -346,9 +340,6 @@ def resize_crop(images: Sequence[Any], size: int, mode: str = "shortest", interp
     resized together (:func:`plan_resize_groups`) and land in consecutive rows, so the batch
     is assembled from slice copies alone (no index tensor, nothing that waits for the device).
     """
-    import torch
-    import torch.nn.functional as F
-
     out = torch.empty((len(images), 3, size, size), dtype=torch.float32, device=images[0].device)
     order: list[int] = []
     for group in plan_resize_groups([tuple(img.shape[-2:]) for img in images], size, mode, max_group):
@@ -371,8 +362,6 @@ def preprocess_decoded(images: Sequence[Any], cfg: dict[str, Any], dtype: Any = 
     """The model's preprocessing (``cfg``: size, mean, std, interpolation, resize_mode) of
     decoded uint8 ``[3, h, w]`` images, batched, on their device: ``([B, 3, S, S] in dtype, order)``
     with ``order`` as in :func:`resize_crop`. ``mean_std``: the two as tensors on that device."""
-    import torch
-
     if mean_std is None:
         device = images[0].device
         mean_std = (torch.tensor(cfg["mean"], dtype=torch.float32, device=device),
@@ -400,8 +389,6 @@ class _Stager:
     """
 
     def __init__(self, encoder: Any, paths: Sequence[str], mean_std: tuple[list[float], list[float]]) -> None:
-        import torch
-
         self.paths = paths
         self.device = str(encoder.device)
         self.dtype = encoder.pipeline_dtype
@@ -411,8 +398,6 @@ class _Stager:
         self.stream = torch.cuda.Stream(device=self.device) if self.device.startswith("cuda") else None
 
     def prepare(self, loaded: LoadedBatch) -> _Prepared:
-        import torch
-
         context = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
         with context:
             prepared = self._prepare(loaded)
@@ -421,8 +406,6 @@ class _Stager:
         return prepared
 
     def _prepare(self, loaded: LoadedBatch) -> _Prepared:
-        import torch
-
         positions: list[int] = []
         parts: list[Any] = []
         bad = list(loaded.bad)
@@ -444,8 +427,6 @@ class _Stager:
 
     def hand_over(self, prepared: _Prepared) -> None:
         """Make the current stream wait for ``prepared`` (no host sync)."""
-        import torch
-
         if prepared.ready is None:
             return
         current = torch.cuda.current_stream(self.device)
@@ -460,8 +441,6 @@ class _Stager:
 @contextlib.contextmanager
 def _cpu_threads(threads: int | None) -> Iterator[None]:
     """Temporarily limit torch's intra-op threads (``None``: leave them)."""
-    import torch
-
     if threads is None:
         yield
         return
@@ -529,9 +508,6 @@ def embed_paths(
     digest of the item list) must match for recorded chunks to be reused. ``on_chunk(c)`` is
     called after chunk ``c`` is safely on disk.
     """
-    import torch
-    from torch.utils.data import DataLoader
-
     config = config or EmbedConfig()
     paths = [str(p) for p in paths]
     n = len(paths)

@@ -18,13 +18,16 @@ through the composed-query path with an empty caption.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
-from ..errors import IndexError_, MoraError
+from ..errors import IndexFolderError, MoraError
+from .embed import EmbedConfig, embed_paths
 from .items import Item
+from .search import check_encoder, search_vectors
 
 RELEVANCE_RULES = ("exact", "primary", "any", "jaccard:T")
 
@@ -128,7 +131,7 @@ class CategoryTable:
     @classmethod
     def from_items(cls, items: Sequence[Item], where: str = "index") -> "CategoryTable":
         if not items or all(not it.categories for it in items):
-            raise IndexError_(f"{where}: items carry no COCO category labels (build it with `mora-ret index coco`)")
+            raise IndexFolderError(f"{where}: items carry no COCO category labels (build it with `mora-ret index coco`)")
         ids = sorted({c for it in items for c in it.categories})
         col = {c: j for j, c in enumerate(ids)}
         multi_hot = np.zeros((len(items), len(ids)), dtype=np.float32)
@@ -167,12 +170,10 @@ def evaluate_queries(
     folder: Any, queries: np.ndarray, rule: RelevanceRule, ks: Sequence[int] = (1, 5, 10), block: int = 1024
 ) -> RecallResult:
     """Recall@K of ``queries[i]`` (the query of gallery row ``i``) against the index."""
-    from .search import search_vectors
-
     table = CategoryTable.from_items(folder.items, str(folder.path / "items.jsonl"))
     n = folder.count
     if queries.shape[0] != n:
-        raise IndexError_(f"{folder.path}: {queries.shape[0]} queries for {n} gallery images")
+        raise IndexFolderError(f"{folder.path}: {queries.shape[0]} queries for {n} gallery images")
     depth = min(n, max(ks) + 1)
     total = RecallResult(tuple(ks), {k: 0 for k in ks}, 0, 0)
     for start in range(0, n, block):
@@ -184,13 +185,6 @@ def evaluate_queries(
 
 def cir_queries(folder: Any, encoder: Any, embed: Any = None, reporter: Any = None, batch: int = 4096) -> np.ndarray:
     """Every gallery image through the composed-query path with an empty caption ``[N, d]``."""
-    from dataclasses import replace
-
-    import torch
-
-    from .embed import EmbedConfig, embed_paths
-    from .search import check_encoder
-
     check_encoder(folder, encoder)
     fast_jpeg = bool(folder.manifest.get("preprocess", {}).get("fast_jpeg", False))  # decode as the index did
     config = replace(embed or EmbedConfig(), normalize=False, skip_bad_images=False, fast_jpeg=fast_jpeg)

@@ -13,6 +13,8 @@ import io
 from pathlib import Path
 from typing import Sequence
 
+from ..data.images import load_image
+from ..errors import MoraError
 from ..fileio import atomic_write
 from .search import Hit
 
@@ -31,8 +33,6 @@ figcaption{font-size:12px;word-break:break-all;margin-top:4px}
 
 def thumbnail_data_uri(path: str | Path, size: int = THUMBNAIL) -> str:
     """A base64 JPEG data URI of a thumbnail of ``path`` (raises DataError if unreadable)."""
-    from ..data.images import load_image
-
     image = load_image(path)
     image.thumbnail((size, size))
     buffer = io.BytesIO()
@@ -41,8 +41,6 @@ def thumbnail_data_uri(path: str | Path, size: int = THUMBNAIL) -> str:
 
 
 def _figure(path: str, caption: str, css: str = "") -> str:
-    from ..errors import MoraError
-
     try:
         img = f'<img src="{thumbnail_data_uri(path)}" alt="{html.escape(Path(path).name)}">'
     except MoraError as exc:

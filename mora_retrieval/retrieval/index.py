@@ -27,6 +27,7 @@ load): IVF ``nprobe = max(16, nlist/16)``; HNSW ``efSearch = 128``; an HNSW quan
 from __future__ import annotations
 
 import datetime as _dt
+import io
 import json
 import math
 import re
@@ -34,9 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import faiss
 import numpy as np
 
-from ..errors import IndexError_, MoraError
+import mora_retrieval
+from ..errors import IndexFolderError, MoraError
 from ..fileio import atomic_write, read_json, write_json
 from .items import Item
 
@@ -116,14 +119,12 @@ def resolve_index_type(index_type: str, count: int, search_params: str | None = 
 
 def apply_search_params(index: Any, params: str, where: str = "index") -> None:
     """Set ``nprobe``/``efSearch``/... from a ParameterSpace string."""
-    import faiss
-
     if not params:
         return
     try:
         faiss.ParameterSpace().set_index_parameters(index, params)
     except RuntimeError as exc:
-        raise IndexError_(f"{where}: bad search parameters '{params}' ({_first_line(exc)})") from None
+        raise IndexFolderError(f"{where}: bad search parameters '{params}' ({_first_line(exc)})") from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -136,15 +137,13 @@ def _first_line(exc: BaseException) -> str:
 
 def check_index_spec(spec: IndexSpec, count: int, dim: int) -> None:
     """Fail early (before any encoding) on a bad factory string or too few vectors to train."""
-    import faiss
-
     try:
         faiss.index_factory(dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
-        raise IndexError_(f"'{spec.factory}': not a valid FAISS factory string ({_first_line(exc)})") from None
+        raise IndexFolderError(f"'{spec.factory}': not a valid FAISS factory string ({_first_line(exc)})") from None
     ivf = re.search(r"IVF(\d+)", spec.factory)
     if ivf and count < int(ivf.group(1)):
-        raise IndexError_(f"'{spec.factory}': needs at least {ivf.group(1)} vectors to train, the collection has {count}")
+        raise IndexFolderError(f"'{spec.factory}': needs at least {ivf.group(1)} vectors to train, the collection has {count}")
 
 
 def build_faiss_index(
@@ -157,24 +156,22 @@ def build_faiss_index(
 
     Trainable indexes (IVF, PQ) are trained on a random sample drawn across all parts.
     """
-    import faiss
-
     if isinstance(parts, np.ndarray):
         parts = [parts]
     parts = [p for p in parts if p.shape[0] > 0]
     if not parts:
-        raise IndexError_("cannot build an index over zero images")
+        raise IndexFolderError("cannot build an index over zero images")
     dim = int(parts[0].shape[1])
     total = sum(int(p.shape[0]) for p in parts)
     try:
         index = faiss.index_factory(dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
-        raise IndexError_(f"'{spec.factory}': not a valid FAISS factory string ({_first_line(exc)})") from None
+        raise IndexFolderError(f"'{spec.factory}': not a valid FAISS factory string ({_first_line(exc)})") from None
     if not index.is_trained:
         ivf = re.search(r"IVF(\d+)", spec.factory)
         nlist = int(ivf.group(1)) if ivf else 256
         if ivf and total < nlist:
-            raise IndexError_(f"'{spec.factory}': needs at least {nlist} vectors to train, the collection has {total}")
+            raise IndexFolderError(f"'{spec.factory}': needs at least {nlist} vectors to train, the collection has {total}")
         n_train = min(total, max_train_per_list * nlist)
         rng = np.random.default_rng(seed)
         chosen = np.sort(rng.choice(total, size=n_train, replace=False))
@@ -185,7 +182,7 @@ def build_faiss_index(
         try:
             index.train(np.ascontiguousarray(sample))
         except RuntimeError as exc:
-            raise IndexError_(f"'{spec.factory}': training failed on {n_train} vectors ({_first_line(exc)})") from None
+            raise IndexFolderError(f"'{spec.factory}': training failed on {n_train} vectors ({_first_line(exc)})") from None
     for part in parts:
         for start in range(0, part.shape[0], 65536):
             index.add(np.ascontiguousarray(part[start : start + 65536], dtype=np.float32))
@@ -194,8 +191,6 @@ def build_faiss_index(
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    import io
-
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     with atomic_write(path, "wb") as handle:
@@ -210,9 +205,9 @@ def write_items(path: Path, items: Sequence[Item]) -> None:
 
 
 def read_items(path: Path) -> list[Item]:
-    """Read an items table; a missing or malformed file is a one-line IndexError_."""
+    """Read an items table; a missing or malformed file is a one-line IndexFolderError."""
     if not path.is_file():
-        raise IndexError_(f"{path}: items table not found (is this an index folder?)")
+        raise IndexFolderError(f"{path}: items table not found (is this an index folder?)")
     items = []
     with open(path, encoding="utf-8") as handle:
         for lineno, line in enumerate(handle, 1):
@@ -224,14 +219,12 @@ def read_items(path: Path) -> list[Item]:
                     raise ValueError(f"row {data['row']} out of order")
                 items.append(Item.from_row(data))
             except (ValueError, KeyError, TypeError) as exc:
-                raise IndexError_(f"{path}:{lineno}: malformed items row ({exc.__class__.__name__}: {exc})") from None
+                raise IndexFolderError(f"{path}:{lineno}: malformed items row ({exc.__class__.__name__}: {exc})") from None
     return items
 
 
 def write_faiss(path: Path, index: Any) -> None:
     """faiss.write_index through an atomic write."""
-    import faiss
-
     data = faiss.serialize_index(index)
     with atomic_write(path, "wb") as handle:
         handle.write(data.tobytes())
@@ -253,13 +246,11 @@ def write_index_folder(
     ``encoder_info`` holds ``arch``, ``fingerprint``, ``source`` and ``preprocess``. The
     manifest is written last, so a folder with a manifest is complete.
     """
-    import mora_retrieval
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     embeddings = np.asarray(embeddings, dtype=np.float16)
     if embeddings.ndim != 2 or embeddings.shape[0] != len(items):
-        raise IndexError_(f"{path}: {embeddings.shape[0]} embeddings for {len(items)} items")
+        raise IndexFolderError(f"{path}: {embeddings.shape[0]} embeddings for {len(items)} items")
     if index is None:
         index = build_faiss_index(embeddings.astype(np.float32), spec)
     manifest_path = path / MANIFEST_FILE
@@ -294,40 +285,38 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest of an index folder, checked for the required keys."""
     path = Path(path)
     if not path.is_dir():
-        raise IndexError_(f"{path}: index folder not found")
+        raise IndexFolderError(f"{path}: index folder not found")
     try:
         manifest = read_json(path / MANIFEST_FILE, "index manifest")
     except MoraError as exc:
-        raise IndexError_(f"{exc} (an incomplete or damaged index folder: rebuild it with `mora-ret index`)") from None
+        raise IndexFolderError(f"{exc} (an incomplete or damaged index folder: rebuild it with `mora-ret index`)") from None
     missing = [k for k in REQUIRED_MANIFEST_KEYS if not isinstance(manifest, dict) or k not in manifest]
     if missing or manifest.get("format") != FORMAT_NAME:
-        raise IndexError_(f"{path / MANIFEST_FILE}: not a mora-retrieval index manifest (missing {', '.join(missing) or 'format'})")
+        raise IndexFolderError(f"{path / MANIFEST_FILE}: not a mora-retrieval index manifest (missing {', '.join(missing) or 'format'})")
     return manifest
 
 
 def load_embeddings(path: Path) -> np.ndarray:
     """Memory-map ``embeddings.npy``; missing or corrupt files give one line."""
     if not path.is_file():
-        raise IndexError_(f"{path}: embeddings file not found")
+        raise IndexFolderError(f"{path}: embeddings file not found")
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
-        raise IndexError_(f"{path}: corrupt embeddings file ({exc.__class__.__name__}: {_first_line(exc)})") from None
+        raise IndexFolderError(f"{path}: corrupt embeddings file ({exc.__class__.__name__}: {_first_line(exc)})") from None
     if array.ndim != 2:
-        raise IndexError_(f"{path}: expected a 2-D embeddings array, found shape {array.shape}")
+        raise IndexFolderError(f"{path}: expected a 2-D embeddings array, found shape {array.shape}")
     return array
 
 
 def read_faiss(path: Path) -> Any:
     """faiss.read_index with one-line errors."""
-    import faiss
-
     if not path.is_file():
-        raise IndexError_(f"{path}: FAISS index file not found")
+        raise IndexFolderError(f"{path}: FAISS index file not found")
     try:
         return faiss.read_index(str(path))
     except RuntimeError as exc:
-        raise IndexError_(f"{path}: corrupt or unreadable FAISS index ({_first_line(exc)})") from None
+        raise IndexFolderError(f"{path}: corrupt or unreadable FAISS index ({_first_line(exc)})") from None
 
 
 def load_index_folder(path: str | Path, load_index: bool = True) -> IndexFolder:
@@ -338,14 +327,14 @@ def load_index_folder(path: str | Path, load_index: bool = True) -> IndexFolder:
     items = read_items(path / ITEMS_FILE)
     embeddings = load_embeddings(path / EMBEDDINGS_FILE)
     if len(items) != count:
-        raise IndexError_(f"{path / ITEMS_FILE}: {len(items)} rows, but the manifest says {count}")
+        raise IndexFolderError(f"{path / ITEMS_FILE}: {len(items)} rows, but the manifest says {count}")
     if embeddings.shape != (count, dim):
-        raise IndexError_(f"{path / EMBEDDINGS_FILE}: shape {tuple(embeddings.shape)}, the manifest says ({count}, {dim})")
+        raise IndexFolderError(f"{path / EMBEDDINGS_FILE}: shape {tuple(embeddings.shape)}, the manifest says ({count}, {dim})")
     index = None
     if load_index:
         index = read_faiss(path / INDEX_FILE)
         if index.ntotal != count or index.d != dim:
-            raise IndexError_(
+            raise IndexFolderError(
                 f"{path / INDEX_FILE}: holds {index.ntotal} vectors of dim {index.d}, the manifest says {count} of dim {dim}"
             )
         apply_search_params(index, manifest.get("search_params", ""), str(path / MANIFEST_FILE))

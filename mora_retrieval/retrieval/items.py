@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from ..data.coco import COCOImages
 from ..data.images import IMAGE_EXTENSIONS
 from ..errors import DataError
 
@@ -50,8 +51,6 @@ class Item:
 
 def coco_items(root: str | Path, split: str = "val2017") -> list[Item]:
     """The COCO gallery of ``split`` under ``root`` (``annotations/instances_{split}.json``)."""
-    from ..data.coco import COCOImages
-
     images = COCOImages(root, split=split, require_instances=True)
     return [
         Item(

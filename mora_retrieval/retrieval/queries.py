@@ -1,10 +1,4 @@
-"""Many queries at once: batched encoding, the ``search --json`` payload, and a batching queue.
-
-``search`` (:mod:`.search`) answers one query from a file. A server receives decoded images
-from many clients at the same time; :func:`search_many` answers a list of :class:`Query` with
-one image forward and one text forward for the whole list, then one FAISS search. Each query
-is composed exactly as :func:`.search.encode_query` does (``encoder.encode_composed`` on the raw
-features when both parts are given, else the normalised feature of the one given).
+"""What a server adds to :mod:`.search`: the ``search --json`` payload, and a batching queue.
 
 :class:`QueryQueue` puts the requests of an asyncio server in one first-in first-out queue that
 a single worker thread drains: the model runs one forward at a time, requests waiting while it
@@ -19,38 +13,7 @@ import concurrent.futures
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-import numpy as np
-
-from ..errors import MoraError
-from .index import IndexFolder
-from .search import Hit, search_vectors
-
-EMPTY_QUERY = "give a query: an image, a text, or both"
-
-
-@dataclass(frozen=True)
-class Query:
-    """One query: a decoded RGB image (PIL) and/or a text, and how many hits to return.
-
-    ``image_label`` is what the JSON shows as the query image (a path or an upload's name).
-    """
-
-    image: Any = None
-    text: str | None = None
-    k: int = 10
-    image_label: str | None = None
-
-    @property
-    def mode(self) -> str:
-        return query_mode(self.image is not None, self.text is not None)
-
-
-def query_mode(has_image: bool, has_text: bool) -> str:
-    """``composed``, ``image`` or ``text``."""
-    if has_image and has_text:
-        return "composed"
-    return "image" if has_image else "text"
-
+from .search import Hit, Query, query_mode
 
 def search_payload(index: str, encoder: Any, hits: Sequence[Hit], *, image: str | None, text: str | None) -> dict[str, Any]:
     """The JSON object ``mora-ret search --json`` prints (and ``POST /api/search`` returns)."""
@@ -71,53 +34,6 @@ def text_is_truncated(tokenizer: Any, text: str) -> bool:
     if context is None or encode is None:
         return False
     return len(encode(text)) + 2 > int(context)  # + start and end tokens
-
-
-def encode_queries(encoder: Any, queries: Sequence[Query]) -> np.ndarray:
-    """The ``[len(queries), d]`` float32 query features, one batched forward per modality."""
-    import torch
-    import torch.nn.functional as F
-
-    if not queries:
-        raise MoraError("no queries to encode")
-    for q in queries:
-        if q.image is None and q.text is None:
-            raise MoraError(EMPTY_QUERY)
-    with_image = [i for i, q in enumerate(queries) if q.image is not None]
-    with_text = [i for i, q in enumerate(queries) if q.text is not None]
-    img_raw = txt_raw = None
-    if with_image:
-        batch = torch.stack([encoder.preprocess(queries[i].image) for i in with_image])
-        img_raw = encoder.encode_images(batch, normalize=False)
-    if with_text:
-        txt_raw = encoder.encode_texts([queries[i].text for i in with_text], normalize=False)
-    img_pos = {q: n for n, q in enumerate(with_image)}
-    txt_pos = {q: n for n, q in enumerate(with_text)}
-    out: list[Any] = [None] * len(queries)
-    composed = [i for i in with_image if i in txt_pos]
-    if composed:
-        feats = encoder.encode_composed(img_raw[[img_pos[i] for i in composed]], txt_raw[[txt_pos[i] for i in composed]])
-        for n, i in enumerate(composed):
-            out[i] = feats[n]
-    for i in range(len(queries)):
-        if out[i] is None:
-            raw = img_raw[img_pos[i]] if i in img_pos else txt_raw[txt_pos[i]]
-            out[i] = F.normalize(raw, dim=-1)
-    return torch.stack(out).float().cpu().numpy()
-
-
-def search_many(folder: IndexFolder, encoder: Any, queries: Sequence[Query]) -> list[list[Hit]]:
-    """The top ``q.k`` hits of every query (the caller checks the encoder against the index once)."""
-    features = encode_queries(encoder, queries)
-    scores, rows = search_vectors(folder, features, max(q.k for q in queries))
-    return [
-        [
-            Hit(rank=r + 1, score=float(s), row=int(row), item=folder.items[int(row)])
-            for r, (s, row) in enumerate(zip(scores[i][: q.k], rows[i][: q.k]))
-            if row >= 0
-        ]
-        for i, q in enumerate(queries)
-    ]
 
 
 @dataclass

@@ -8,17 +8,26 @@ float16 embeddings (the values the index holds) go to the GPU once and stay ther
 scored in tiles of at most :data:`SCORE_TILE_BYTES` (never a full ``[Q, N]`` float32 score
 matrix), each tile keeps its top candidates, and the candidates are re-scored in float32, so
 the returned scores are the exact inner products with the stored vectors.
+
+:func:`search_many` answers a list of :class:`Query` (what a server receives) with one image
+forward and one text forward for the whole list, then one index search; :func:`search` is one
+query from a file. A query with both parts is composed by ``encoder.encode_composed`` on the raw
+features; a query with one part is that part's normalised feature.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+import faiss
 import numpy as np
+import torch
+import torch.nn.functional as F
 
-from ..errors import IndexError_, MoraError
+from ..data.images import load_image
+from ..errors import IndexFolderError, MoraError
 from .index import IndexFolder
 from .items import Item
 
@@ -44,12 +53,12 @@ def check_encoder(folder: IndexFolder, encoder: Any) -> None:
         hint = "use the same model options"
         if not any(source.get(k) for k in ("pretrained", "checkpoint", "adapter", "run")):
             hint = "it was built with random weights, which cannot be reloaded: rebuild it from a checkpoint file"
-        raise IndexError_(
+        raise IndexFolderError(
             f"{folder.path / 'manifest.json'}: index was built with weights {expected} "
             f"({folder.manifest.get('arch')}), the query model has {encoder.fingerprint}; {hint}"
         )
     if encoder.dim != folder.dim:
-        raise IndexError_(f"{folder.path}: index dimension {folder.dim}, query model gives {encoder.dim}")
+        raise IndexFolderError(f"{folder.path}: index dimension {folder.dim}, query model gives {encoder.dim}")
 
 
 SCORE_TILE_BYTES = 1 << 30  # largest query x gallery score tile held at once
@@ -108,8 +117,6 @@ def exact_search(gallery: Any, queries: Any, k: int, plan: SearchPlan | None = N
     each tile keeps its top candidates, and the candidates are re-scored in float32. Results
     stay on the device (no host synchronisation). Rows are sorted by decreasing score.
     """
-    import torch
-
     n, q = int(gallery.shape[0]), int(queries.shape[0])
     k = min(int(k), n)
     plan = plan or plan_exact_search(q, n, k, gallery.element_size())
@@ -142,8 +149,6 @@ def exact_search(gallery: Any, queries: Any, k: int, plan: SearchPlan | None = N
 
 def device_gallery(folder: IndexFolder, device: str, dtype: Any = None) -> Any:
     """The folder's stored float16 embeddings as a tensor on ``device``, made once and cached."""
-    import torch
-
     dtype = dtype or torch.float16
     key = ("exact_gallery", str(device), str(dtype))
     gallery = folder.cache.get(key)
@@ -158,8 +163,6 @@ def search_exact_torch(folder: IndexFolder, queries: np.ndarray, k: int, device:
 
     float16 on CUDA; float32 on CPU (float16 matrix products are slow there).
     """
-    import torch
-
     on_cuda = str(device).startswith("cuda")
     gallery = device_gallery(folder, device, torch.float16 if on_cuda else torch.float32)
     q = torch.from_numpy(queries)
@@ -173,9 +176,6 @@ def search_exact_torch(folder: IndexFolder, queries: np.ndarray, k: int, device:
 
 
 def _use_torch_exact(folder: IndexFolder) -> bool:
-    import faiss
-    import torch
-
     return folder.manifest.get("index_type") == "Flat" and torch.cuda.is_available() and faiss.get_num_gpus() == 0
 
 
@@ -186,16 +186,15 @@ def search_vectors(folder: IndexFolder, queries: np.ndarray, k: int) -> tuple[np
     """
     queries = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
     if queries.ndim != 2 or queries.shape[1] != folder.dim:
-        raise IndexError_(f"{folder.path}: queries of shape {queries.shape} do not match index dimension {folder.dim}")
+        raise IndexFolderError(f"{folder.path}: queries of shape {queries.shape} do not match index dimension {folder.dim}")
     if int(k) < 1:
-        raise IndexError_(f"k must be at least 1, got {k}")
+        raise IndexFolderError(f"k must be at least 1, got {k}")
     k = min(int(k), folder.count)
     if _use_torch_exact(folder):
         return search_exact_torch(folder, queries, k, "cuda")
     if folder.index is None:
-        raise IndexError_(f"{folder.path}: index not loaded")
+        raise IndexFolderError(f"{folder.path}: index not loaded")
     index = folder.index
-    import faiss
 
     if faiss.get_num_gpus() > 0 and not folder.cache.get("faiss_on_gpu"):
         try:
@@ -208,36 +207,82 @@ def search_vectors(folder: IndexFolder, queries: np.ndarray, k: int) -> tuple[np
     return scores, rows.astype(np.int64)
 
 
-def encode_query(encoder: Any, image: str | Path | None = None, text: str | None = None) -> np.ndarray:
-    """The ``[1, d]`` query feature: image only, text only, or composed when both are given."""
-    from ..data.images import load_image
+EMPTY_QUERY = "give a query: an image, a text, or both"
 
-    if image is None and text is None:
-        raise MoraError("give a query: --image FILE, --text TEXT, or both")
+
+@dataclass(frozen=True)
+class Query:
+    """One query: a decoded RGB image (PIL) and/or a text, and how many hits to return.
+
+    ``image_label`` is what the JSON shows as the query image (a path or an upload's name).
+    """
+
+    image: Any = None
+    text: str | None = None
+    k: int = 10
+    image_label: str | None = None
+
+    @property
+    def mode(self) -> str:
+        return query_mode(self.image is not None, self.text is not None)
+
+
+def query_mode(has_image: bool, has_text: bool) -> str:
+    """``composed``, ``image`` or ``text``."""
+    if has_image and has_text:
+        return "composed"
+    return "image" if has_image else "text"
+
+
+def encode_queries(encoder: Any, queries: Sequence[Query]) -> np.ndarray:
+    """The ``[len(queries), d]`` float32 query features, one batched forward per modality."""
+    if not queries:
+        raise MoraError("no queries to encode")
+    for q in queries:
+        if q.image is None and q.text is None:
+            raise MoraError(EMPTY_QUERY)
+    with_image = [i for i, q in enumerate(queries) if q.image is not None]
+    with_text = [i for i, q in enumerate(queries) if q.text is not None]
     img_raw = txt_raw = None
-    if image is not None:
-        batch = encoder.preprocess(load_image(image)).unsqueeze(0)
+    if with_image:
+        batch = torch.stack([encoder.preprocess(queries[i].image) for i in with_image])
         img_raw = encoder.encode_images(batch, normalize=False)
-    if text is not None:
-        txt_raw = encoder.encode_texts([text], normalize=False)
-    if img_raw is not None and txt_raw is not None:
-        feats = encoder.encode_composed(img_raw, txt_raw)
-    else:
-        import torch.nn.functional as F
+    if with_text:
+        txt_raw = encoder.encode_texts([queries[i].text for i in with_text], normalize=False)
+    img_pos = {q: n for n, q in enumerate(with_image)}
+    txt_pos = {q: n for n, q in enumerate(with_text)}
+    out: list[Any] = [None] * len(queries)
+    composed = [i for i in with_image if i in txt_pos]
+    if composed:
+        feats = encoder.encode_composed(img_raw[[img_pos[i] for i in composed]], txt_raw[[txt_pos[i] for i in composed]])
+        for n, i in enumerate(composed):
+            out[i] = feats[n]
+    for i in range(len(queries)):
+        if out[i] is None:
+            raw = img_raw[img_pos[i]] if i in img_pos else txt_raw[txt_pos[i]]
+            out[i] = F.normalize(raw, dim=-1)
+    return torch.stack(out).float().cpu().numpy()
 
-        feats = F.normalize(img_raw if img_raw is not None else txt_raw, dim=-1)
-    return feats.float().cpu().numpy()
+
+def search_many(folder: IndexFolder, encoder: Any, queries: Sequence[Query]) -> list[list[Hit]]:
+    """The top ``q.k`` hits of every query (the caller checks the encoder against the index once)."""
+    features = encode_queries(encoder, queries)
+    scores, rows = search_vectors(folder, features, max(q.k for q in queries))
+    return [
+        [
+            Hit(rank=r + 1, score=float(s), row=int(row), item=folder.items[int(row)])
+            for r, (s, row) in enumerate(zip(scores[i][: q.k], rows[i][: q.k]))
+            if row >= 0
+        ]
+        for i, q in enumerate(queries)
+    ]
 
 
 def search(
     folder: IndexFolder, encoder: Any, *, image: str | Path | None = None, text: str | None = None, k: int = 10
 ) -> list[Hit]:
-    """Encode one query and return its top ``k`` hits."""
+    """Encode one query (an image file and/or a text) and return its top ``k`` hits."""
     check_encoder(folder, encoder)
-    query = encode_query(encoder, image=image, text=text)
-    scores, rows = search_vectors(folder, query, k)
-    return [
-        Hit(rank=r + 1, score=float(s), row=int(row), item=folder.items[int(row)])
-        for r, (s, row) in enumerate(zip(scores[0], rows[0]))
-        if row >= 0
-    ]
+    if image is None and text is None:
+        raise MoraError("give a query: --image FILE, --text TEXT, or both")
+    return search_many(folder, encoder, [Query(None if image is None else load_image(image), text, k)])[0]

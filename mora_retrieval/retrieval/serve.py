@@ -23,14 +23,17 @@ import contextlib
 import functools
 import io
 import ipaddress
+import json
 import logging
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
 
+from PIL import Image
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -40,10 +43,11 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from ..data.images import decode_image_bytes, load_image
 from ..errors import DataError, MoraError
 from .index import IndexFolder
-from .queries import EMPTY_QUERY, Query, QueryQueue, search_many, search_payload, text_is_truncated
-from .search import check_encoder
+from .queries import QueryQueue, search_payload, text_is_truncated
+from .search import EMPTY_QUERY, Query, check_encoder, search_many
 
 MAX_K = 1000
 STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
@@ -98,8 +102,6 @@ def category_names(manifest: dict[str, Any], max_bytes: int = 64 << 20) -> dict[
     Read from ``<root>/annotations/instances_<split>.json`` as recorded in the manifest; files
     over ``max_bytes`` (COCO train2017) are not parsed, the page then shows category ids.
     """
-    import json
-
     collection = manifest.get("collection") or {}
     if "coco" not in (collection.get("kind"), collection.get("dataset")) or not collection.get("root"):
         return {}
@@ -125,10 +127,6 @@ def _parse_int(value: Any, what: str) -> int:
 
 
 def _decode_upload(data: bytes, name: str, max_pixels: int) -> Any:
-    from PIL import Image
-
-    from ..data.images import decode_image_bytes
-
     origin = f"upload {name!r}"
     try:
         with Image.open(io.BytesIO(data)) as probe:
@@ -224,7 +222,6 @@ class _App:
             index = _parse_int(row, "row")
             if not 0 <= index < self.folder.count:
                 raise RequestError(400, f"row {index}: not in the index (rows 0..{self.folder.count - 1})")
-            from ..data.images import load_image
 
             label = self.folder.items[index].path
             try:
@@ -255,8 +252,6 @@ class _App:
 
     # ------------------------------------------------------------------ pages and images
     def _thumbnail(self, row: int) -> bytes:
-        from ..data.images import load_image
-
         image = load_image(self.folder.items[row].path)
         image.thumbnail((self.config.thumbnail_px, self.config.thumbnail_px))
         buffer = io.BytesIO()
@@ -377,8 +372,6 @@ def run_server(app: Starlette, sock: socket.socket, log_level: str = "info") -> 
 @contextlib.contextmanager
 def background_server(app: Starlette, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0) -> Iterator[str]:
     """Serve ``app`` from a thread (tests, notebooks); yields the base URL, stops on exit."""
-    import time
-
     import uvicorn
 
     sock = open_socket(host, port)

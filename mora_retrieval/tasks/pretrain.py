@@ -15,16 +15,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import open_clip
 import torch
 from torch import nn
 
-from ..engine import TrainConfig
-from ..engine.module import TrainModule
+from ..adapters import export_checkpoint
+from ..data.coco import COCOCaptions
+from ..data.collate import CaptionCollate
+from ..data.folder import ImageCaptionFolder
+from ..data.images import make_transform
+from ..engine import TrainConfig, Trainer, TrainModule, load_best
+from ..engine.distributed import detect
 from ..errors import MoraError
-from ..fileio import read_json, write_json
-
-CHECKPOINT = "pretrained.safetensors"
-RUN_CONFIG = "config.json"
+from ..model.backbone import image_size_of, load_backbone
+from ..model.encode import collect, ordered_loader
+from ..runs import PRETRAIN_DIR, PRETRAINED_FILE, has_record, read_record, resumable, write_record
+from .settings import layered, read_config_file
 
 
 @dataclass
@@ -49,6 +55,23 @@ class PretrainSettings:
         data["task"] = "pretrain"
         return data
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], run_dir: str) -> "PretrainSettings":
+        values = {k: v for k, v in data.items() if k not in ("task", "train")}
+        return cls(run_dir=run_dir, train=TrainConfig.from_dict(data["train"]), **values)
+
+
+def build_settings(run_dir: str, config_file: str | Path | None = None,
+                   overrides: dict[str, Any] | None = None) -> PretrainSettings:
+    """The defaults ← the config file ← command-line ``overrides`` (nested dict, None = unset).
+
+    An empty ``val_split`` (``--val-split ''``) skips validation.
+    """
+    config = read_config_file(config_file) if config_file is not None else {}
+    merged = layered(PretrainSettings(run_dir).to_dict(), config, overrides, str(config_file))
+    merged["val_split"] = merged["val_split"] or None
+    return PretrainSettings.from_dict(merged, run_dir)
+
 
 class ContrastivePretraining(TrainModule):
     """CLIP's contrastive objective over a batch of (image, caption) pairs."""
@@ -56,13 +79,13 @@ class ContrastivePretraining(TrainModule):
     main_metric = "mean_recall@1"
     higher_is_better = True
 
-    def __init__(self, model: nn.Module, tokenizer: Callable, val_set=None, rank: int = 0, world_size: int = 1):
+    def __init__(self, model: nn.Module, tokenizer: Callable, val_set=None, rank: int = 0, world_size: int = 1,
+                 precision: str = "fp32"):
         super().__init__()
-        import open_clip
-
         self.model = model
         self.tokenizer = tokenizer
         self.val_set = val_set
+        self.precision = precision
         self.loss = open_clip.ClipLoss(rank=rank, world_size=world_size)
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -73,18 +96,11 @@ class ContrastivePretraining(TrainModule):
     def evaluate(self, device: torch.device) -> dict[str, float]:
         if self.val_set is None:
             return {"mean_recall@1": float("nan")}
-        from torch.utils.data import DataLoader
-
-        from .cir import CaptionCollate
-
-        images, texts, ids = [], [], []
-        for batch in DataLoader(self.val_set, batch_size=256, collate_fn=CaptionCollate(self.tokenizer)):
-            if batch is None:
-                continue
-            images.append(self.model.encode_image(batch["image"].to(device), normalize=True))
-            texts.append(self.model.encode_text(batch["tokens"].to(device), normalize=True))
-            ids.extend(str(i) for i in batch["image_id"])
-        return caption_retrieval_recall(torch.cat(images), torch.cat(texts), ids)
+        out = collect(ordered_loader(self.val_set, 256, device, collate_fn=CaptionCollate(self.tokenizer)),
+                      lambda batch: {"image": self.model.encode_image(batch["image"].to(device), normalize=True),
+                                     "text": self.model.encode_text(batch["tokens"].to(device), normalize=True),
+                                     "ids": [str(i) for i in batch["image_id"]]}, device, self.precision)
+        return caption_retrieval_recall(out["image"].float(), out["text"].float(), out["ids"])
 
 
 def caption_retrieval_recall(image: torch.Tensor, text: torch.Tensor, image_ids: list[str]) -> dict[str, float]:
@@ -106,9 +122,6 @@ def caption_retrieval_recall(image: torch.Tensor, text: torch.Tensor, image_ids:
 
 
 def _datasets(settings: PretrainSettings, transform):
-    from ..data.coco import COCOCaptions
-    from ..data.folder import ImageCaptionFolder
-
     if (settings.coco_root is None) == (settings.folder is None):
         raise MoraError("pretraining needs exactly one source: --coco-root DIR or --folder DIR")
     if settings.coco_root is not None:
@@ -123,22 +136,15 @@ def _datasets(settings: PretrainSettings, transform):
 def is_pretrained(run_dir: str | Path, settings: PretrainSettings | None = None) -> bool:
     """Whether ``run_dir`` already holds a finished pretraining (with the same settings, if given)."""
     run_dir = Path(run_dir)
-    if not (run_dir / CHECKPOINT).is_file() or not (run_dir / RUN_CONFIG).is_file():
+    if not (run_dir / PRETRAINED_FILE).is_file() or not has_record(run_dir):
         return False
-    return settings is None or read_json(run_dir / RUN_CONFIG, "run config") == settings.to_dict()
+    return settings is None or read_record(run_dir) == settings.to_dict()
 
 
 def pretrain(settings: PretrainSettings, resume: bool = False, console=None, quiet: bool = False) -> dict[str, Any]:
     """Train, export ``pretrained.safetensors`` of the best epoch, and return a summary."""
-    from ..adapters import export_checkpoint
-    from ..backbone import image_size_of, load_backbone
-    from ..data.images import make_transform
-    from ..engine import Trainer
-    from ..engine.checkpoint import last_path, load_best
-    from ..engine.distributed import detect
-    from .cir import CaptionCollate
-
     run_dir = Path(settings.run_dir)
+    engine_dir = run_dir / PRETRAIN_DIR
     info = detect()
     backbone = load_backbone(settings.arch, settings.init)
     model = backbone.model
@@ -147,15 +153,14 @@ def pretrain(settings: PretrainSettings, resume: bool = False, console=None, qui
     transform = make_transform("clip", image_size_of(model))
     train_set, val_set = _datasets(settings, transform)
     module = ContrastivePretraining(model, backbone.tokenizer, val_set, info.rank, info.world_size)
-    trainer = Trainer(module, settings.train, run_dir / "train", train_set, CaptionCollate(backbone.tokenizer),
+    trainer = Trainer(module, settings.train, engine_dir, train_set, CaptionCollate(backbone.tokenizer),
                       console=console, quiet=quiet, extra_config={"arch": settings.arch, "init": settings.init})
-    result = trainer.fit(resume=resume and last_path(run_dir / "train").exists())
-    module.load_trainable_state_dict(load_best(run_dir / "train"))
+    module.precision = trainer.precision
+    result = trainer.fit(resume=resumable(engine_dir, resume))
+    module.load_trainable_state_dict(load_best(engine_dir))
     if info.is_main:
-        export_checkpoint(model, run_dir / CHECKPOINT)
-        write_json(run_dir / RUN_CONFIG, settings.to_dict())
+        export_checkpoint(model, run_dir / PRETRAINED_FILE)
+        write_record(run_dir, settings.to_dict())
     best = result.history[result.best_epoch - 1]["val"] if result.best_epoch else {}
-    return {"checkpoint": str(run_dir / CHECKPOINT), "best_epoch": result.best_epoch, "val": best,
+    return {"checkpoint": str(run_dir / PRETRAINED_FILE), "best_epoch": result.best_epoch, "val": best,
             "pairs": len(train_set)}
-
-

@@ -26,7 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .errors import BackboneError
+import open_clip
+import torch
+
+from ..errors import BackboneError
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
@@ -43,8 +46,6 @@ def local_dir_arch(folder: str | Path) -> str | None:
 
 def register_model_configs() -> None:
     """Add the toolkit's architectures to open_clip's registry (idempotent)."""
-    import open_clip
-
     if not all(name in open_clip.list_models() for name in toolkit_architectures()):
         open_clip.add_model_config(MODEL_CONFIG_DIR)
 
@@ -56,8 +57,6 @@ def toolkit_architectures() -> list[str]:
 
 def list_architectures() -> list[str]:
     """Every architecture open_clip can build, the toolkit's own included."""
-    import open_clip
-
     register_model_configs()
     return open_clip.list_models()
 
@@ -90,8 +89,6 @@ def _first_sentence(message: str, limit: int = 300) -> str:
 
 def _classify_pretrained(arch: str, pretrained: str | None) -> str:
     """Return ``'none'``, ``'file'`` or ``'tag'``; raise for anything else."""
-    import open_clip
-
     if pretrained in (None, "", "none"):
         return "none"
     path = Path(pretrained)
@@ -121,8 +118,6 @@ def load_backbone(
     incompatible checkpoint file, or a tag that cannot be downloaded (offline), in which case
     the message names the local-file alternative.
     """
-    import open_clip
-
     register_model_configs()
     if arch.startswith(LOCAL_DIR):
         folder = Path(arch[len(LOCAL_DIR):])
@@ -196,8 +191,6 @@ def weights_fingerprint(model_or_state: Any, length: int = 16) -> str:
     Used to check that an adapter or an index belongs to the weights it is used with.
     Values are hashed in float32 so the fingerprint does not depend on device or precision.
     """
-    import torch
-
     state = model_or_state if isinstance(model_or_state, dict) else model_or_state.state_dict()
     digest = hashlib.sha256()
     for name, tensor in sorted(state.items()):
@@ -214,12 +207,9 @@ def image_size_of(model: Any) -> int:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
-def tower_widths(model: Any) -> tuple[int, int]:
-    """``(d_v, d_t)``: the transformer widths of the vision and text towers."""
-    try:
-        return int(model.visual.transformer.width), int(model.transformer.width)
-    except AttributeError:
-        raise BackboneError(
-            f"{type(model).__name__}: expected an open_clip CLIP with transformer towers "
-            "(timm or Hugging Face towers are not supported by the adapters)"
-        ) from None
+def embed_dim(model: Any) -> int:
+    """The width of the joint image-text embedding space."""
+    proj = getattr(model, "text_projection", None)
+    if proj is not None:
+        return int(proj.shape[1]) if hasattr(proj, "shape") else int(proj.out_features)
+    return int(model.visual.output_dim)

@@ -1,15 +1,15 @@
 """Classification runs: train → keep the best epoch → merge → test; eval-only; the scenario grid.
 
-Run folder (the engine's ``config.json``, ``metrics.jsonl``, ``checkpoints/``, ``curves.png``, plus):
+Run folder (names in :mod:`mora_retrieval.runs`; the engine's ``config.json``, ``metrics.jsonl``,
+``checkpoints/``, ``curves.png``, plus):
 
 - ``adapter/``: the adapter folder of the best epoch (``save_adapters``);
 - ``head.safetensors``: the linear head of the best epoch (``weight``, ``bias``; metadata: task,
   feature mode, class names);
 - ``merged.safetensors``: the best adapter folded into the backbone, a plain open_clip checkpoint
   (``open_clip.create_model(arch, pretrained=...)`` loads it); not written for the prompt
-  methods (``dcp``, ``mmp``), which cannot be merged: their runs are loaded and tested unmerged
-  (the backbone rebuilt from the recorded weights, or re-drawn from the training seed, and
-  checked against the adapter's base fingerprint);
+  methods (``dcp``, ``mmp``), which cannot be merged: their runs are tested and loaded unmerged
+  (:meth:`~mora_retrieval.runs.FinishedRun.load_model`);
 - ``results.json``: test metrics on the **merged** model (``evaluated_on``; prompt methods:
   ``unmerged``) under the test scenario, with the
   scenarios, dataset, method, best epoch/validation metric, trainable share and the
@@ -30,29 +30,29 @@ import csv
 import io
 import math
 import os
-import warnings
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ..device import available_cores, default_num_workers, resolve_device
-from ..errors import TrainingError
-from ..fileio import atomic_write, read_json, write_json
-from .classify_setup import (ADAPTER_DIR, CONFIG_FILE, HEAD_FILE, MERGED_FILE, RESULTS_FILE, ClassifySettings,
-                             embed_dim_of, load_head, read_run_config, save_head, scenario_data)
-
-
-@dataclass
-class ClassifyParts:
-    """The live objects of a run: backbone pieces, classifier, datasets' metadata."""
-
-    classifier: Any
-    preprocess: Callable
-    tokenizer: Callable
-    task: str
-    class_names: list[str]
+from ...adapters import add_adapters, export_checkpoint, get_method, merge_adapters, save_adapters, trainable_share
+from ...data.missing import MissingSpec
+from ...device import available_cores, default_num_workers, resolve_device, resolve_precision
+from ...engine import TrainConfig, Trainer, load_best
+from ...engine.distributed import detect
+from ...engine.progress import SamplesPerSecond
+from ...errors import TrainingError
+from ...fileio import atomic_write, read_json
+from ...model.backbone import embed_dim, load_backbone
+from ...model.heads import CLIPClassifier, LinearHead, save_head
+from ...runs import (ADAPTER_DIR, EVAL_DIR, HEAD_FILE, MERGED_FILE, RESULTS_FILE, resumable, update_record,
+                     write_results)
+from .metrics import MAIN_METRIC, majority_baseline
+from .model import ClassifyCollate, ClassifyModule, evaluate_classifier, head_outputs
+from .predict import load_run_classifier
+from .settings import ClassifySettings, default_adapter_config, scenario_data
 
 
 @contextlib.contextmanager
@@ -61,17 +61,8 @@ def eval_progress(console: Any, total: int, label: str = "evaluate") -> Iterator
     if console is None or not getattr(console, "is_terminal", False) or getattr(console, "quiet", False):
         yield None
         return
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
-    from rich.text import Text
-
-    class _Speed(ProgressColumn):
-        def render(self, task) -> Text:
-            speed = task.finished_speed or task.speed
-            return Text("– samples/s" if speed is None else f"{speed:,.1f} samples/s", style="progress.data.speed")
-
-    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), _Speed(), TimeElapsedColumn(),
-                  TextColumn("ETA"), TimeRemainingColumn(), console=console) as progress:
+    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), SamplesPerSecond(),
+                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console) as progress:
         task = progress.add_task(label, total=total)
         yield lambda n: progress.advance(task, n)
 
@@ -84,29 +75,19 @@ def _missing_counts(dataset: Any) -> dict[str, int]:
 
 def build_classifier(settings: ClassifySettings, seed: int, task: str, num_classes: int):
     """Backbone (random weights drawn from ``seed`` when there are none), adapters, head."""
-    from ..adapters import add_adapters
-    from ..backbone import load_backbone
-    from .classify import CLIPClassifier, LinearHead, head_outputs
-
     torch.manual_seed(seed)
     backbone = load_backbone(settings.arch, settings.pretrained)
-    add_adapters(backbone.model, settings.adapter_config())
-    dim = embed_dim_of(backbone.model, backbone.tokenizer)
-    head = LinearHead(2 * dim, head_outputs(task, num_classes))
+    add_adapters(backbone.model, settings.adapter)
+    head = LinearHead(2 * embed_dim(backbone.model), head_outputs(task, num_classes))
     return CLIPClassifier(backbone.model, head, settings.features), backbone.preprocess, backbone.tokenizer
 
 
-def train_classifier(settings: ClassifySettings, train_config: Any, run_dir: str | os.PathLike, resume: bool = False,
-                     console: Any = None, quiet: bool = False) -> dict[str, Any] | None:
+def train_classifier(settings: ClassifySettings, train_config: TrainConfig, run_dir: str | os.PathLike,
+                     resume: bool = False, console: Any = None, quiet: bool = False) -> dict[str, Any] | None:
     """Train, select the best epoch on validation, merge, test; returns ``results.json``'s content.
 
     Under ``torchrun`` only rank 0 finishes the run (files, test); other ranks return ``None``.
     """
-    from ..adapters import export_checkpoint, get_method, merge_adapters, save_adapters, trainable_share
-    from ..engine import Trainer, load_best
-    from ..engine.distributed import detect
-    from .classify import ClassifyCollate, ClassifyModule, evaluate_classifier
-
     run_dir = Path(run_dir)
     scen = settings.scenarios
     probe = scenario_data(settings, "train", scen["train"], transform=None)
@@ -114,12 +95,11 @@ def train_classifier(settings: ClassifySettings, train_config: Any, run_dir: str
     train_set = scenario_data(settings, "train", scen["train"], preprocess)
     val_set = scenario_data(settings, "val", scen["val"], preprocess)
     collate = ClassifyCollate(tokenizer)
-    module = ClassifyModule(classifier, probe.task, val_set, collate, settings.eval_batch_size,
-                            train_config.num_workers, train_config.precision)
+    module = ClassifyModule(classifier, probe.task, val_set, collate, settings.eval_batch_size)
     shares = trainable_share(classifier.clip, classifier.head)
     trainer = Trainer(module, train_config, run_dir, train_set, collate_fn=collate, console=console,
                       extra_config=settings.training_record(), quiet=quiet)
-    module.num_workers = trainer.num_workers
+    module.precision, module.num_workers = trainer.precision, trainer.num_workers  # as resolved by the engine
     fit = trainer.fit(resume=resume)
     if not detect().is_main:
         return None
@@ -132,24 +112,25 @@ def train_classifier(settings: ClassifySettings, train_config: Any, run_dir: str
     save_adapters(classifier.clip, run_dir / ADAPTER_DIR, arch=settings.arch,
                   extra={"pretrained": settings.pretrained, "task": "classify", "dataset": settings.dataset})
     save_head(classifier.head, run_dir / HEAD_FILE, probe.task, probe.class_names, settings.features)
-    mergeable = get_method(settings.adapter["method"]).mergeable
+    mergeable = get_method(settings.adapter.method).mergeable
     if mergeable:  # prompt methods are tested as they trained: unmerged
         merge_adapters(classifier.clip)
         export_checkpoint(classifier.clip, run_dir / MERGED_FILE)
-    _write_run_record(run_dir, settings, probe.task, probe.class_names)
+    record = {**settings.to_dict(), "scenarios": scen, "dataset_task": probe.task,
+              "class_names": list(probe.class_names)}
+    update_record(run_dir, task="classify", arch=settings.arch, pretrained=settings.pretrained,
+                  dataset=settings.dataset, scenarios=scen, classify=record)
 
     classifier.to(device)
     test_set = scenario_data(settings, "test", scen["test"], preprocess)
     with eval_progress(None if quiet else console, len(test_set), f"test ({scen['test']})") as advance:
         test = evaluate_classifier(classifier, probe.task, test_set, collate, device, settings.eval_batch_size,
-                                   trainer.num_workers, train_config.precision, advance)
-    from .metrics import MAIN_METRIC, majority_baseline
-
+                                   trainer.num_workers, trainer.precision, advance)
     metric = MAIN_METRIC[probe.task]
     results = {
         "task": "classify",
         "dataset": settings.dataset,
-        "method": settings.adapter["method"],
+        "method": settings.adapter.method,
         "arch": settings.arch,
         "pretrained": settings.pretrained,
         "scenario": scen,
@@ -167,7 +148,7 @@ def train_classifier(settings: ClassifySettings, train_config: Any, run_dir: str
         "missing_counts": {"train": _missing_counts(train_set), "val": _missing_counts(val_set),
                            "test": _missing_counts(test_set)},
     }
-    write_json(run_dir / RESULTS_FILE, results)
+    write_results(run_dir / RESULTS_FILE, results)
     return results
 
 
@@ -177,105 +158,33 @@ def _labels(dataset: Any) -> torch.Tensor:
     return torch.stack([base.label_tensor(i) for i in range(len(base))])
 
 
-def _write_run_record(run_dir: Path, settings: ClassifySettings, task: str, class_names: list[str]) -> None:
-    """Add the ``classify`` record and top-level keys to the engine's ``config.json``."""
-    path = run_dir / CONFIG_FILE
-    data = read_json(path, "run config")
-    record = settings.to_dict()
-    record.update({"scenarios": settings.scenarios, "dataset_task": task, "class_names": list(class_names)})
-    data.update({"task": "classify", "arch": settings.arch, "pretrained": settings.pretrained,
-                 "dataset": settings.dataset, "scenarios": settings.scenarios, "classify": record})
-    write_json(path, data)
-
-
-def load_run_classifier(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Any, ClassifySettings, dict]:
-    """``(classifier, settings, run record)`` of a finished run folder: on the merged weights, or, for a
-    method that cannot be merged (``dcp``, ``mmp``), the backbone with the run's adapter loaded.
-
-    The record gains ``evaluated_on`` (``merged`` or ``unmerged``).
-    """
-    from ..backbone import load_backbone
-    from .classify import CLIPClassifier
-
-    run_dir = Path(run_dir)
-    record = read_run_config(run_dir)
-    settings = ClassifySettings.from_dict(record)
-    merged, head_path = run_dir / MERGED_FILE, run_dir / HEAD_FILE
-    unmerged = not _mergeable(settings)
-    for path in (run_dir / ADAPTER_DIR if unmerged else merged, head_path):
-        if not path.exists():
-            raise TrainingError(f"{path}: not found (the run did not finish; resume it with --resume)")
-    if unmerged:
-        backbone = _unmerged_backbone(run_dir, settings)
-    else:
-        backbone = load_backbone(settings.arch, str(merged))
-    head, meta = load_head(head_path)
-    dim = embed_dim_of(backbone.model, backbone.tokenizer)
-    if head.in_dim != 2 * dim:
-        raise TrainingError(f"{head_path}: head takes {head.in_dim} features but {settings.arch} gives {2 * dim}")
-    classifier = CLIPClassifier(backbone.model, head, meta.get("features") or settings.features).to(device).eval()
-    record = dict(record)
-    record["preprocess"], record["tokenizer"] = backbone.preprocess, backbone.tokenizer
-    record["head_meta"] = meta
-    record["evaluated_on"] = "unmerged" if unmerged else "merged"
-    return classifier, settings, record
-
-
-def _mergeable(settings: ClassifySettings) -> bool:
-    from ..adapters import get_method
-
-    return get_method(settings.adapter.get("method", "mora")).mergeable
-
-
-def _unmerged_backbone(run_dir: Path, settings: ClassifySettings):
-    """The run's backbone with its adapter folder loaded (not merged), checked against the base fingerprint.
-
-    Random base weights (``pretrained`` none) are re-drawn from the training seed, as training drew them.
-    """
-    from ..adapters import load_adapters
-    from ..backbone import load_backbone
-
-    seed = int((read_json(run_dir / CONFIG_FILE, "run config", error=TrainingError).get("train") or {}).get("seed", 0))
-    with torch.random.fork_rng(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*randomly initialised.*")  # the run's own draw, checked below
-        torch.manual_seed(seed)
-        backbone = load_backbone(settings.arch, settings.pretrained)
-    load_adapters(backbone.model, run_dir / ADAPTER_DIR, arch=settings.arch)
-    backbone.model.eval()
-    return backbone
-
-
 def evaluate_run(run_dir: str | os.PathLike, test_missing: str | None = None, data_root: str | None = None,
                  split: str = "test", device: str = "auto", batch_size: int | None = None, num_workers: int | None = None,
                  console: Any = None) -> dict[str, Any]:
-    """Re-test a finished run (merged weights, or the unmerged adapter of a prompt method, + head) under
-    another scenario; writes ``eval/…json``.
+    """Re-test a finished run (merged weights, or a prompt method's unmerged adapter, + head) under another
+    scenario; writes ``eval/…json``.
 
-    A progress bar is shown on ``console`` when it is a terminal.
+    ``data_root`` replaces the run's data root (the default assignment store moves with it). A
+    progress bar is shown on ``console`` when it is a terminal.
     """
-    from ..data.missing import MissingSpec
-    from .classify import ClassifyCollate, evaluate_classifier
-    from .metrics import MAIN_METRIC
-
     dev = resolve_device(device)
-    classifier, settings, record = load_run_classifier(run_dir, dev)
+    trained = load_run_classifier(run_dir, dev)
+    settings = trained.settings
     if data_root is not None:
-        settings.data_root = str(Path(data_root).resolve())
+        settings = replace(settings, data_root=data_root)
     scenario = str(MissingSpec.parse(test_missing)) if test_missing else settings.scenarios["test"]
-    dataset = scenario_data(settings, split, scenario, record["preprocess"])
-    task = record["dataset_task"]
+    dataset = scenario_data(settings, split, scenario, trained.preprocess)
     with eval_progress(console, len(dataset), f"{split} ({scenario})") as advance:
-        metrics = evaluate_classifier(classifier, task, dataset, ClassifyCollate(record["tokenizer"]), dev,
-                                      batch_size or settings.eval_batch_size,
+        metrics = evaluate_classifier(trained.classifier, trained.task, dataset, ClassifyCollate(trained.tokenizer),
+                                      dev, batch_size or settings.eval_batch_size,
                                       default_num_workers(dev.type, available_cores()) if num_workers is None
-                                      else num_workers, "auto", advance)
-    metric = MAIN_METRIC[task]
-    result = {"task": "classify", "dataset": settings.dataset, "method": settings.adapter["method"],
+                                      else num_workers, resolve_precision("auto", dev), advance)
+    metric = MAIN_METRIC[trained.task]
+    result = {"task": "classify", "dataset": settings.dataset, "method": settings.adapter.method,
               "split": split, "scenario": {"train": settings.scenarios["train"], "test": scenario},
               "metric": metric, "test_metric": metrics[metric], "test": metrics,
-              "evaluated_on": record["evaluated_on"], "samples": len(dataset), "missing_counts": _missing_counts(dataset)}
-    safe = scenario.replace(":", "_")
-    write_json(Path(run_dir) / "eval" / f"{split}-{safe}.json", result)
+              "evaluated_on": trained.evaluated_on, "samples": len(dataset), "missing_counts": _missing_counts(dataset)}
+    write_results(Path(run_dir) / EVAL_DIR / f"{split}-{scenario.replace(':', '_')}.json", result)
     return result
 
 
@@ -294,36 +203,34 @@ def grid_cell_dir(out_dir: Path, kind: str, ratio: float, method: str | None = N
 def method_settings(settings: ClassifySettings, method: str, **overrides: Any) -> ClassifySettings:
     """``settings`` with the adapter of ``method``: the dataset's defaults for it, then ``overrides``
     (AdapterConfig fields; ``None`` values are ignored)."""
-    from .classify_setup import default_adapter_config
-
-    return replace(settings, adapter=default_adapter_config(settings.dataset, method, **overrides).to_dict())
+    return replace(settings, adapter=default_adapter_config(settings.dataset, method, **overrides))
 
 
-def run_grid(settings: ClassifySettings, train_config: Any, out_dir: str | os.PathLike,
+def run_grid(settings: ClassifySettings, train_config: TrainConfig, out_dir: str | os.PathLike,
              ratios: tuple[float, ...] = GRID_RATIOS, types: tuple[str, ...] = GRID_TYPES, resume: bool = False,
-             console: Any = None, quiet: bool = False, methods: tuple[str, ...] | None = None,
-             adapter_overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+             console: Any = None, quiet: bool = False,
+             methods: Sequence[ClassifySettings] | None = None) -> list[dict[str, Any]]:
     """The paper's tables: one run per (type, ratio), trained and tested on that scenario.
 
-    Without ``methods``, the cells use ``settings``' adapter and live in ``out_dir/<type>-<ratio>``
-    (one method's row of Table 1). With ``methods`` (Table 1 / Table 4 shape), every method gets a
-    cell per scenario in ``out_dir/<method>/<type>-<ratio>``, its adapter being the dataset's
-    defaults for that method plus ``adapter_overrides``. Cells whose ``results.json`` exists are
-    reused (a cell holding another method's run is refused); with ``resume`` an interrupted cell is
-    continued. Writes ``grid.md`` and ``grid.csv`` in ``out_dir`` and returns the rows.
+    Without ``methods``, the cells use ``settings`` and live in ``out_dir/<type>-<ratio>`` (one
+    method's row of Table 1). ``methods`` (the Table 1 / Table 4 shape) gives one settings per
+    method (e.g. :func:`method_settings`); every method gets a cell per scenario in
+    ``out_dir/<method>/<type>-<ratio>``. Cells whose ``results.json`` exists are reused (a cell
+    holding another method's run is refused); with ``resume`` an interrupted cell is continued.
+    Writes ``grid.md`` and ``grid.csv`` in ``out_dir`` and returns the rows.
     """
-    from ..adapters import get_method
-
     out_dir = Path(out_dir)
-    plan = [(None, settings)] if not methods else \
-        [(m, method_settings(settings, get_method(m).name, **(adapter_overrides or {}))) for m in methods]
+    plan = [(None, settings)] if not methods else [(m.adapter.method, m) for m in methods]
+    names = [base.adapter.method for _, base in plan]
+    if len(set(names)) != len(names):
+        raise TrainingError(f"the grid repeats a method: {', '.join(names)}")
     rows = []
-    for method, base in plan:
-        name = base.adapter["method"]
+    for folder, base in plan:
+        name = base.adapter.method
         for kind in types:
             for ratio in ratios:
                 scenario = f"{kind}:{ratio:g}"
-                cell = grid_cell_dir(out_dir, kind, ratio, method)
+                cell = grid_cell_dir(out_dir, kind, ratio, folder)
                 done = cell / RESULTS_FILE
                 if done.is_file():
                     result = read_json(done, "results file", error=TrainingError)
@@ -332,14 +239,13 @@ def run_grid(settings: ClassifySettings, train_config: Any, out_dir: str | os.Pa
                                             f"(another grid's folder?); pick another --run-dir")
                 else:
                     if console is not None and not quiet:
-                        console.rule(f"{settings.dataset} · {name}: train = test = {scenario}")
+                        console.rule(f"{base.dataset} · {name}: train = test = {scenario}")
                     cell_settings = base.with_scenarios(missing=scenario, val_missing=None, test_missing=scenario)
-                    again = resume and (cell / "checkpoints" / "last.pt").is_file()
-                    result = train_classifier(cell_settings, train_config, cell, resume=again, console=console,
-                                              quiet=quiet)
+                    result = train_classifier(cell_settings, train_config, cell, resume=resumable(cell, resume),
+                                              console=console, quiet=quiet)
                     if result is None:  # a non-zero rank under torchrun
                         continue
-                rows.append({"dataset": settings.dataset, "method": name, "missing_type": kind,
+                rows.append({"dataset": base.dataset, "method": name, "missing_type": kind,
                              "ratio": ratio, "metric": result["metric"], "value": result["test_metric"],
                              "run_dir": str(cell)})
     if rows:

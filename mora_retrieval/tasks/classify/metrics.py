@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torchmetrics.functional.classification import binary_auroc as _auroc, multiclass_accuracy, multilabel_f1_score
 
 TASKS = ("multiclass", "multilabel", "binary")
 
@@ -37,8 +38,6 @@ def _check(task: str, logits: torch.Tensor, targets: torch.Tensor) -> None:
 
 def top1_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Percentage of rows whose arg-max logit is the label."""
-    from torchmetrics.functional.classification import multiclass_accuracy
-
     if len(labels) == 0:
         return math.nan
     value = multiclass_accuracy(logits.float(), labels.long(), num_classes=logits.shape[1], average="micro",
@@ -46,10 +45,9 @@ def top1_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return 100.0 * float(value)
 
 
-def macro_f1(logits: torch.Tensor, targets: torch.Tensor, threshold: float = 0.5, average: str = "macro") -> float:
-    """F1 of ``sigmoid(logits) > threshold`` per class, averaged (``macro`` or ``micro``), in percent."""
-    from torchmetrics.functional.classification import multilabel_f1_score
-
+def multilabel_f1(logits: torch.Tensor, targets: torch.Tensor, average: str = "macro", threshold: float = 0.5) -> float:
+    """F1 of ``sigmoid(logits) > threshold`` in percent: per class, then averaged (``"macro"``), or
+    over every (sample, class) decision pooled (``"micro"``)."""
     if len(targets) == 0:
         return math.nan
     probs = torch.sigmoid(logits.float())
@@ -60,8 +58,6 @@ def macro_f1(logits: torch.Tensor, targets: torch.Tensor, threshold: float = 0.5
 
 def binary_auroc(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """AUROC of ``softmax(logits)[:, 1]`` (two logits per row) against 0/1 labels, in percent."""
-    from torchmetrics.functional.classification import binary_auroc as _auroc
-
     labels = labels.long()
     if len(labels) == 0 or bool((labels == labels[0]).all()):
         return math.nan
@@ -76,7 +72,7 @@ def compute_metrics(task: str, logits: torch.Tensor, targets: torch.Tensor) -> d
     if task == "multiclass":
         return {"accuracy": top1_accuracy(logits, targets)}
     if task == "multilabel":
-        return {"macro_f1": macro_f1(logits, targets), "micro_f1": macro_f1(logits, targets, average="micro")}
+        return {"macro_f1": multilabel_f1(logits, targets), "micro_f1": multilabel_f1(logits, targets, "micro")}
     return {"auroc": binary_auroc(logits, targets), "accuracy": top1_accuracy(logits, targets)}
 
 
@@ -97,4 +93,4 @@ def majority_baseline(task: str, train_targets: torch.Tensor, test_targets: torc
         return top1_accuracy(logits, test_targets)
     freq = train_targets.float().mean(0)
     logits = torch.where(freq > 0.5, 1.0, -1.0).expand(n, -1)
-    return macro_f1(logits, test_targets)
+    return multilabel_f1(logits, test_targets)

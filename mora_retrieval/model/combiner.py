@@ -16,13 +16,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 
 from ..errors import MoraError
 from ..fileio import load_tensors, save_tensors
-
-COMBINER_FILE = "combiner.safetensors"
-
 
 class Combiner(nn.Module):
     """Baldrati et al.'s Combiner over ``dim``-d CLIP features."""
@@ -59,8 +57,6 @@ def save_combiner(combiner: Combiner, path: str | Path) -> None:
 
 def load_combiner(path: str | Path, map_location: str = "cpu") -> Combiner:
     """Read a file written by :func:`save_combiner`; one-line errors for damaged files."""
-    from safetensors import safe_open
-
     path = Path(path)
     tensors = load_tensors(path, "Combiner file")
     with safe_open(str(path), framework="pt") as handle:

@@ -1,4 +1,4 @@
-"""Predict with a finished classification run (merged weights + head) on one image and/or text.
+"""Load a finished classification run (merged weights + head) and predict one image and/or text.
 
 A prompt-adapted run (``dcp``, ``mmp``) is used unmerged, with the prompts of the input's
 missing case (complete, text missing, image missing).
@@ -18,14 +18,51 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from PIL import Image
 
-from ..device import resolve_device
-from ..errors import DataError
+from ...adapters import has_adapters
+from ...data.images import load_image
+from ...device import resolve_device
+from ...errors import DataError, TrainingError
+from ...model.backbone import embed_dim, image_size_of
+from ...model.heads import CLIPClassifier, load_head
+from ...runs import HEAD_FILE, FinishedRun
+from .settings import ClassifySettings, read_run_config
 
 COMPLETE, TEXT_MISSING, IMAGE_MISSING = 0, 1, 2
+
+
+@dataclass
+class TrainedClassifier:
+    """A finished run's classifier (merged weights + head, eval mode) with what feeds it."""
+
+    classifier: CLIPClassifier
+    settings: ClassifySettings
+    preprocess: Callable
+    tokenizer: Callable
+    task: str  # multiclass | multilabel | binary
+    class_names: list[str]
+    evaluated_on: str = "merged"  # "unmerged": a prompt method's adapter (dcp, mmp), which cannot be merged
+
+
+def load_run_classifier(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> TrainedClassifier:
+    """The classifier of a finished run folder, on ``device`` (merged weights; a prompt method's run: its
+    adapter loaded unmerged, see :meth:`~mora_retrieval.runs.FinishedRun.load_model`)."""
+    record = read_run_config(run_dir)
+    run = FinishedRun.open(run_dir, TrainingError)
+    head_path = run.require(HEAD_FILE)
+    head, meta = load_head(head_path)
+    backbone = run.load_model()
+    dim = embed_dim(backbone.model)
+    if head.in_dim != 2 * dim:
+        raise TrainingError(f"{head_path}: head takes {head.in_dim} features but {run.arch} gives {2 * dim}")
+    settings = ClassifySettings.from_dict(record)
+    classifier = CLIPClassifier(backbone.model, head, meta.get("features") or settings.features).to(device).eval()
+    return TrainedClassifier(classifier, settings, backbone.preprocess, backbone.tokenizer, record["dataset_task"],
+                             list(record["class_names"]), "unmerged" if has_adapters(backbone.model) else "merged")
 
 
 @dataclass
@@ -47,19 +84,13 @@ class Predictor:
     """A run's classifier ready for single predictions (eval mode, on ``device``)."""
 
     def __init__(self, run_dir: str | os.PathLike, device: str = "auto") -> None:
-        from .classify_run import load_run_classifier
-
         self.device = resolve_device(device)
-        self.classifier, self.settings, record = load_run_classifier(run_dir, self.device)
-        self.preprocess, self.tokenizer = record["preprocess"], record["tokenizer"]
-        self.task = record["dataset_task"]
-        self.class_names = list(record["class_names"])
+        trained = load_run_classifier(run_dir, self.device)
+        self.classifier, self.settings = trained.classifier, trained.settings
+        self.preprocess, self.tokenizer = trained.preprocess, trained.tokenizer
+        self.task, self.class_names = trained.task, trained.class_names
 
     def _blank_image(self) -> torch.Tensor:
-        from PIL import Image
-
-        from ..backbone import image_size_of
-
         size = image_size_of(self.classifier.clip)
         size = (size, size) if isinstance(size, int) else tuple(size)
         white = self.preprocess(Image.new("RGB", (size[1], size[0]), (255, 255, 255)))
@@ -67,10 +98,6 @@ class Predictor:
 
     def encode_inputs(self, image: str | os.PathLike | Any | None, text: str | None) -> tuple[torch.Tensor, torch.Tensor, int]:
         """``(image batch [1, 3, H, W], tokens [1, L], missing code)`` as the model receives them."""
-        from PIL import Image
-
-        from ..data.images import load_image
-
         if image is None and text is None:
             raise DataError("nothing to classify: give an image, a text, or both")
         if image is None:

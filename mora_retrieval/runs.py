@@ -1,0 +1,166 @@
+"""The run folder every training command writes: its file names, the run record, resume, a finished run.
+
+Layout (the engine's own files, one set per engine run, are named in
+:mod:`~mora_retrieval.engine.checkpoint`)::
+
+    config.json             the run record: the resolved settings (a ``task`` key names the recipe)
+    metrics.jsonl, curves.png, checkpoints/last.pt, checkpoints/best.safetensors
+                            the engine's files: in the run folder (classification), in stage1/ and
+                            stage2/ (CIR) or in train/ (pretraining)
+    adapter/                the adapter of the best epoch (METHOD.md §7)
+    merged.safetensors      the adapter folded into the backbone: a plain open_clip checkpoint (none
+                            for the prompt methods dcp and mmp, which cannot be merged)
+    combiner.safetensors    CIR: the Combiner
+    head.safetensors        classification: the linear head
+    pretrained.safetensors  pretraining: the best epoch's weights
+    results.json            the recipe's results (non-finite numbers written as null)
+    eval/                   classification: one ``<split>-<scenario>.json`` per later re-test
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .adapters import adapter_config_of, get_method, load_adapters, merge_adapters
+from .engine.checkpoint import CONFIG_FILE, last_path
+from .errors import MoraError
+from .fileio import read_json, write_json
+from .model.backbone import Backbone, load_backbone
+
+ADAPTER_DIR = "adapter"
+MERGED_FILE = "merged.safetensors"
+COMBINER_FILE = "combiner.safetensors"
+HEAD_FILE = "head.safetensors"
+PRETRAINED_FILE = "pretrained.safetensors"
+RESULTS_FILE = "results.json"
+EVAL_DIR = "eval"
+#: Sub-folders holding an engine run: CIR's two stages and pretraining's one.
+STAGE1_DIR, STAGE2_DIR, PRETRAIN_DIR = "stage1", "stage2", "train"
+
+
+def read_record(run_dir: str | os.PathLike, error: type[MoraError] = MoraError) -> dict[str, Any]:
+    """The run's ``config.json`` as a dict; a missing or malformed file raises ``error`` (one line)."""
+    path = Path(run_dir) / CONFIG_FILE
+    record = read_json(path, "run config", error=error)
+    if not isinstance(record, dict):
+        raise error(f"{path}: expected a JSON object of run settings")
+    return record
+
+
+def write_record(run_dir: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Write ``config.json`` (atomically)."""
+    write_json(Path(run_dir) / CONFIG_FILE, record)
+
+
+def update_record(run_dir: str | os.PathLike, **keys: Any) -> None:
+    """Add top-level keys to an existing ``config.json`` (e.g. the engine's, once a recipe is done)."""
+    write_record(run_dir, {**read_record(run_dir), **keys})
+
+
+def has_record(run_dir: str | os.PathLike) -> bool:
+    return (Path(run_dir) / CONFIG_FILE).is_file()
+
+
+def resumable(engine_dir: str | os.PathLike, resume: bool) -> bool:
+    """Whether to resume the engine run in ``engine_dir``: asked for, and something to resume.
+
+    With ``resume`` and no resumable checkpoint yet (e.g. the run was stopped before its first
+    one, or a later stage never started), training starts afresh.
+    """
+    return resume and last_path(Path(engine_dir)).is_file()
+
+
+def finite(obj: Any) -> Any:
+    """JSON has no NaN: non-finite floats become None, in nested dicts and lists too."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def write_results(path: str | os.PathLike, results: dict[str, Any]) -> None:
+    """Write a results file (``results.json``, ``eval/…json``); NaN and inf become null."""
+    write_json(path, finite(results))
+
+
+@dataclass
+class FinishedRun:
+    """A run folder as its products: the record and whichever of the weight files exist."""
+
+    path: Path
+    record: dict[str, Any]
+    error: type[MoraError] = MoraError  # raised, with one line, for what the run lacks
+
+    @classmethod
+    def open(cls, run_dir: str | os.PathLike, error: type[MoraError] = MoraError) -> "FinishedRun":
+        """Read ``config.json``; it must name the architecture (``arch``)."""
+        path = Path(run_dir)
+        if not path.is_dir():
+            raise error(f"{path}: run folder not found (expected a folder with {CONFIG_FILE})")
+        record = read_record(path, error)
+        if "arch" not in record:
+            raise error(f"{path / CONFIG_FILE}: expected a JSON object with an 'arch' key")
+        return cls(path, record, error)
+
+    @property
+    def arch(self) -> str:
+        return self.record["arch"]
+
+    @property
+    def pretrained(self) -> str | None:
+        return self.record.get("pretrained")
+
+    def find(self, name: str) -> Path | None:
+        """``path / name`` if it exists, else None."""
+        found = self.path / name
+        return found if found.exists() else None
+
+    def require(self, name: str) -> Path:
+        """``path / name``, or a one-line error saying the run did not finish."""
+        found = self.find(name)
+        if found is None:
+            raise self.error(f"{self.path / name}: not found (the run did not finish; resume it with --resume)")
+        return found
+
+    @property
+    def seed(self) -> int | None:
+        """The training seed (classification: ``train.seed``; CIR: ``stage1.seed``), if recorded."""
+        for section in ("train", "stage1"):
+            value = (self.record.get(section) or {}).get("seed") if isinstance(self.record.get(section), dict) else None
+            if value is not None:
+                return int(value)
+        return None
+
+    def load_model(self, device: str = "cpu") -> Backbone:
+        """The run's final weights: ``merged.safetensors``, or, where only ``adapter/`` was kept,
+        the adapter merged onto the run's base weights. An unfinished run is refused (never
+        replaced by its base weights).
+
+        A prompt method's adapter (``dcp``, ``mmp``), which cannot be merged, stays loaded
+        unmerged. Base weights drawn at random (no ``pretrained``) are re-drawn from the run's
+        training seed, as training drew them; loading the adapter checks them against its base
+        fingerprint either way."""
+        merged, adapter = self.find(MERGED_FILE), self.find(ADAPTER_DIR)
+        if merged is None and adapter is None:
+            raise self.error(f"{self.path}: the run has not finished (neither {MERGED_FILE} nor {ADAPTER_DIR}/ is "
+                             f"there yet): let it finish, or resume it with --resume, before using its weights")
+        if merged is not None:
+            return load_backbone(self.arch, str(merged), device=device)
+        with torch.random.fork_rng(), warnings.catch_warnings():
+            if self.pretrained in (None, "none") and self.seed is not None:
+                warnings.filterwarnings("ignore", message=".*randomly initialised.*")  # the run's own draw
+                torch.manual_seed(self.seed)
+            backbone = load_backbone(self.arch, self.pretrained, device=device)
+        model = load_adapters(backbone.model, adapter, arch=self.arch)
+        backbone.model = merge_adapters(model) if get_method(adapter_config_of(model).method).mergeable else model.eval()
+        return backbone

@@ -1,0 +1,191 @@
+"""``train_cirr``: the whole CLIP4CIR + adapter recipe, from a CIRR root to a run folder; ``evaluate_cirr_run``.
+
+Run folder (names in :mod:`mora_retrieval.runs`)::
+
+    config.json            task, arch, pretrained, data root, adapter and both stages' settings
+    stage1/                engine run of the encoder adaptation (config.json, metrics.jsonl,
+                           curves.png, checkpoints/last.pt + best.safetensors)
+    adapter/               the best stage-1 adapter (METHOD.md §7)
+    merged.safetensors     the plain open_clip checkpoint with the adapter folded in
+    stage2/                engine run of the Combiner (features cached once)
+    combiner.safetensors   the best Combiner
+    results.json           CIRR val metrics: stage 1 (summed features) and with the Combiner
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...adapters import add_adapters, export_checkpoint, get_method, merge_adapters, save_adapters, trainable_share
+from ...data.cirr import CIRRGallery, CIRRTriplets
+from ...data.images import make_transform, preprocess_spec
+from ...device import resolve_device, resolve_precision
+from ...engine import Trainer, load_best, seed_everything
+from ...engine.distributed import barrier, detect, process_group
+from ...errors import TrainingError
+from ...fileio import write_json
+from ...model.backbone import load_backbone
+from ...model.combiner import Combiner, load_combiner, save_combiner
+from ...runs import (ADAPTER_DIR, COMBINER_FILE, MERGED_FILE, RESULTS_FILE, STAGE1_DIR, STAGE2_DIR, FinishedRun,
+                     has_record, read_record, resumable, write_record, write_results)
+from .metrics import submission_files
+from .settings import CIRSettings
+from .inputs import CIRInputs, cir_inputs
+from .stages import CIRRValidation, CIRStage1, CIRStage2, SplitFeatures, TripletFeatures, encode_split
+
+
+def _inputs(settings: CIRSettings, model, tokenizer, workers: int | None) -> CIRInputs:
+    """The run's datasets at the model's input size, with the model's own preprocessing."""
+    return cir_inputs(settings.data_root, preprocess_spec(model, settings.transform), tokenizer,
+                      prepared=settings.prepared, prepared_dir=settings.prepared_dir,
+                      skip_bad_images=settings.skip_bad_images, workers=workers)
+
+
+def _enable_prefix_cache(module: CIRStage1, inputs: CIRInputs, device, distributed: bool, console) -> None:
+    """--cache-frozen: dense prefix caches over the training images and captions; with the
+    prepared cache and one process, batches stop carrying pixels once every image is cached."""
+    gallery = inputs.train_gallery
+    rows, names = (len(gallery.prepared), None) if inputs.prepared else (len(gallery.names), gallery.names)
+    if not module.enable_prefix_cache(device, rows, len(inputs.train), names):
+        if console is not None:
+            console.print("[yellow]--cache-frozen: no frozen leading blocks to cache with this adapter method[/]")
+    elif inputs.prepared and not distributed:
+        module.stop_reading_pixels_when_cached(inputs.collate.read_pixels, inputs.train.needed_rows)
+
+
+def _check_resume(run_dir: Path, settings: CIRSettings) -> None:
+    saved = read_record(run_dir)
+    ours = settings.to_dict()
+    changed = [k for k in ("arch", "pretrained", "adapter", "stage1", "transform") if saved.get(k) != ours.get(k)]
+    if changed:
+        raise TrainingError(f"{run_dir}: cannot resume, the run was started with other {', '.join(changed)}")
+
+
+def train_cirr(settings: CIRSettings, resume: bool = False, console=None, quiet: bool = False) -> dict[str, Any]:
+    """Train stage 1 (and stage 2 unless ``settings.stage2`` is None); return the results dict.
+
+    Under ``torchrun`` every rank runs this; both stages share one process group, only rank 0
+    writes files.
+    """
+    if not get_method(settings.adapter.method).mergeable:
+        raise TrainingError(f"train cirr: {settings.adapter.method} is a prompt baseline of the classification tables "
+                            f"and cannot be merged, but a CIR run exports a merged encoder; use mora, lora, dora, "
+                            f"bitfit, full or a MoRA ablation")
+    with process_group(settings.stage1.device):
+        return _train_cirr(settings, resume, console, quiet)
+
+
+def _train_cirr(settings: CIRSettings, resume: bool, console, quiet: bool) -> dict[str, Any]:
+    run_dir = Path(settings.run_dir)
+    info = detect()
+    main = info.is_main
+    if resume and has_record(run_dir):
+        _check_resume(run_dir, settings)
+    elif has_record(run_dir) and not resume:
+        raise TrainingError(f"{run_dir}: already holds a run; pass --resume to continue it or choose a new --run-dir")
+    barrier(info)  # every rank has checked the folder before rank 0 writes into it
+    if main:
+        write_record(run_dir, settings.to_dict())
+
+    seed_everything(settings.stage1.seed)  # random weights (if any) and adapter init follow the run's seed
+    backbone = load_backbone(settings.arch, settings.pretrained)
+    model = add_adapters(backbone.model, settings.adapter)
+    trainable, total, share = trainable_share(model)
+    inputs = _inputs(settings, model, backbone.tokenizer, settings.stage1.num_workers)
+    if any(inputs.dropped.values()) and console is not None and not quiet:
+        console.print("[yellow]left out for bad images: "
+                      + ", ".join(f"{n} {split} triplet(s)" for split, n in inputs.dropped.items()) + "[/]")
+    validation = CIRRValidation(inputs.val_gallery, inputs.val_records, settings.eval_batch_size)
+    module = CIRStage1(model, backbone.tokenizer, validation, pixel_spec=inputs.spec)
+    extra = {"task": "cir-stage1", "arch": settings.arch, "pretrained": settings.pretrained,
+             "adapter": settings.adapter.to_dict()}
+    trainer = Trainer(module, settings.stage1, run_dir / STAGE1_DIR, inputs.train, inputs.collate,
+                      console=console, quiet=quiet, extra_config=extra)
+    module.precision, validation.num_workers = trainer.precision, trainer.num_workers  # as resolved by the engine
+    if settings.cache_frozen:
+        _enable_prefix_cache(module, inputs, trainer.device, info.enabled, console if not quiet else None)
+    elif trainer.precision == "bf16":
+        module.enable_bf16_prefix()  # the frozen leading blocks in pure bf16
+    stage1 = trainer.fit(resume=resumable(run_dir / STAGE1_DIR, resume))
+    device, precision = trainer.device, trainer.precision
+
+    module.load_trainable_state_dict(load_best(run_dir / STAGE1_DIR))
+    if main:
+        save_adapters(model, run_dir / ADAPTER_DIR, arch=settings.arch,
+                      extra={"pretrained": settings.pretrained, "task": "cir"})
+    merged = merge_adapters(model).eval().to(device)
+    if main:
+        export_checkpoint(merged, run_dir / MERGED_FILE)
+    for param in merged.parameters():
+        param.requires_grad_(False)
+
+    results: dict[str, Any] = {
+        "arch": settings.arch,
+        "method": settings.adapter.method,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "trainable_percent": share,
+        "stage1_best_epoch": stage1.best_epoch,
+        "dropped_triplets": inputs.dropped,
+    }
+    val_split = validation.encode(merged, backbone.tokenizer, device, precision)  # once: stage-1 score, stage-2 data
+    results["val_stage1"] = validation.metrics(val_split)
+
+    if settings.stage2 is not None:
+        train_split = encode_split(merged, backbone.tokenizer, inputs.train_gallery,
+                                   [r["caption"] for r in inputs.train_records], device, precision,
+                                   settings.eval_batch_size, trainer.num_workers)
+        train_feats = TripletFeatures.from_split(train_split, inputs.train_records)
+        combiner = Combiner(train_feats.reference.shape[1])
+        stage2_module = CIRStage2(combiner, validation, val_split.to("cpu"))
+        trainer2 = Trainer(stage2_module, settings.stage2, run_dir / STAGE2_DIR, train_feats, console=console,
+                           quiet=quiet, extra_config={"task": "cir-stage2", "adapter_fingerprint": None})
+        stage2 = trainer2.fit(resume=resumable(run_dir / STAGE2_DIR, resume))
+        stage2_module.load_trainable_state_dict(load_best(run_dir / STAGE2_DIR))
+        combiner.eval()
+        if main:
+            save_combiner(combiner.cpu(), run_dir / COMBINER_FILE)
+        combiner.to(device)
+        with torch.no_grad():
+            results["val_combiner"] = stage2_module.evaluate(device)
+        results["stage2_best_epoch"] = stage2.best_epoch
+    if main:
+        write_results(run_dir / RESULTS_FILE, results)
+    return results
+
+
+def evaluate_cirr_run(run_dir: str | Path, data_root: str | None = None, split: str = "val",
+                      out_dir: str | Path | None = None, device: str | None = None,
+                      use_combiner: bool = True) -> dict[str, Any]:
+    """Evaluate a finished run's merged model (and Combiner) on CIRR ``val``, or export ``test1``.
+
+    For ``test1`` (no targets) writes ``recall_submission.json`` and
+    ``recall_subset_submission.json`` (the CIRR server's format) into ``out_dir`` (default: the
+    run folder) and returns their paths.
+    """
+    run = FinishedRun.open(run_dir)
+    settings = CIRSettings.from_dict(run.record, str(run_dir))
+    dev = resolve_device(device)
+    backbone = run.load_model(str(dev))
+    model = backbone.model.eval()
+    combiner_path = run.find(COMBINER_FILE) if use_combiner else None
+    combiner = load_combiner(combiner_path, str(dev)) if combiner_path is not None else None
+    root = data_root or settings.data_root
+    transform = make_transform(preprocess_spec(model, settings.transform))
+    triplets = CIRRTriplets(root, split, transform=transform)
+    validation = CIRRValidation.from_triplets(triplets, CIRRGallery(root, split, transform=transform),
+                                              settings.eval_batch_size)
+    feats = validation.encode(model, backbone.tokenizer, dev, resolve_precision("auto", dev))
+    with torch.no_grad():
+        if split != "test1":
+            return {"split": split, "combiner": combiner is not None, **validation.metrics(feats, combiner)}
+        full, subset = validation.rankings(feats, combiner)
+    recall, recall_subset = submission_files([r["pairid"] for r in validation.records], full, subset)
+    out = Path(out_dir or run_dir)
+    write_json(out / "recall_submission.json", recall)
+    write_json(out / "recall_subset_submission.json", recall_subset)
+    return {"split": split, "combiner": combiner is not None, "queries": len(validation.records),
+            "files": [str(out / "recall_submission.json"), str(out / "recall_subset_submission.json")]}

@@ -1,0 +1,109 @@
+"""Settings of a CIR run: the recipe's defaults per adapter method, and the layers over them.
+
+Defaults (METHOD.md §1, §4): MoRA and the other adapters use the CIRR row (r = r_s = 4, α 0.01,
+q and v of the last 2 blocks, lr 1e-2, weight decay 0.02, batch 256, 20 epochs); ``full`` (the
+CLIP4CIR baseline) uses lr 2e-6, batch 128, weight decay 0.01. The Combiner: Adam (AdamW with
+no weight decay) at lr 2e-5, batch 512, 20 epochs, ``p = 4d``, ``h = 8d``. All may be overridden.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ...adapters import AdapterConfig, get_method
+from ...engine import TrainConfig
+from ...runs import has_record, read_record
+from ..settings import layered, method_of, read_config_file, with_new_keys
+
+
+def cir_defaults(method: str) -> tuple[AdapterConfig, TrainConfig, TrainConfig]:
+    """Adapter, stage-1 and stage-2 defaults for ``method`` (see the module docstring)."""
+    adapter = AdapterConfig(method=method, r=4, r_shared=4, alpha=get_method(method).default_alpha,
+                            targets=("q", "v"), layers=2)
+    if method == "full":
+        stage1 = TrainConfig(epochs=20, batch_size=128, lr=2e-6, weight_decay=0.01)
+    else:
+        stage1 = TrainConfig(epochs=20, batch_size=256, lr=1e-2, weight_decay=0.02)
+    stage2 = TrainConfig(epochs=20, batch_size=512, lr=2e-5, weight_decay=0.0, betas=(0.9, 0.999))
+    return adapter, stage1, stage2
+
+
+@dataclass
+class CIRSettings:
+    """Everything ``train_cirr`` needs; ``stage2=None`` skips the Combiner."""
+
+    data_root: str
+    run_dir: str
+    arch: str = "ViT-B-16"
+    pretrained: str | None = "openai"
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    stage1: TrainConfig = field(default_factory=TrainConfig)
+    stage2: TrainConfig | None = None
+    transform: str = "targetpad"
+    skip_bad_images: bool = False
+    eval_batch_size: int = 256
+    cache_frozen: bool = False  # cache the frozen blocks' outputs across epochs (deterministic inputs)
+    prepared: bool = True  # read the galleries from the prepared-image cache (decoded once), not the files
+    prepared_dir: str | None = None  # where the cache lives; None: data.prepared.default_prepared_dir(data_root)
+
+    @classmethod
+    def with_defaults(cls, data_root: str, run_dir: str, method: str = "mora", **overrides: Any) -> "CIRSettings":
+        adapter, stage1, stage2 = cir_defaults(method)
+        return cls(data_root=data_root, run_dir=run_dir, adapter=adapter, stage1=stage1, stage2=stage2, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "task": "cir",
+            "arch": self.arch,
+            "pretrained": self.pretrained,
+            "data_root": str(self.data_root),
+            "transform": self.transform,
+            "skip_bad_images": self.skip_bad_images,
+            "eval_batch_size": self.eval_batch_size,
+            "cache_frozen": self.cache_frozen,
+            "prepared": self.prepared,
+            "prepared_dir": self.prepared_dir,
+            "adapter": self.adapter.to_dict(),
+            "stage1": self.stage1.to_dict(),
+            "stage2": None if self.stage2 is None else self.stage2.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], run_dir: str | None = None) -> "CIRSettings":
+        return cls(
+            data_root=data["data_root"],
+            run_dir=run_dir or data.get("run_dir", "."),
+            arch=data["arch"],
+            pretrained=data.get("pretrained"),
+            adapter=AdapterConfig.from_dict(data["adapter"]),
+            stage1=TrainConfig.from_dict(data["stage1"]),
+            stage2=None if data.get("stage2") is None else TrainConfig.from_dict(data["stage2"]),
+            transform=data.get("transform", "targetpad"),
+            skip_bad_images=data.get("skip_bad_images", False),
+            eval_batch_size=data.get("eval_batch_size", 256),
+            cache_frozen=data.get("cache_frozen", False),
+            prepared=data.get("prepared", True),
+            prepared_dir=data.get("prepared_dir"),
+        )
+
+
+def build_settings(data_root: str, run_dir: str, method: str | None = None, config_file: str | Path | None = None,
+                   overrides: dict[str, Any] | None = None, resume: bool = False) -> CIRSettings:
+    """Defaults for the method ← the config file ← command-line ``overrides`` (nested dict, None = unset).
+
+    With ``resume`` and an existing run, the run's own config is the base instead of the defaults.
+    ``{"no_combiner": True}`` (either layer) drops stage 2.
+    """
+    config = read_config_file(config_file) if config_file is not None else {}
+    overrides = dict(overrides or {})
+    if method is not None:
+        overrides["adapter"] = {**overrides.get("adapter", {}), "method": method}
+    no_combiner = [layer.pop("no_combiner", None) for layer in (config, overrides)]
+    defaults = CIRSettings.with_defaults(data_root, run_dir, method_of(config, overrides)).to_dict()
+    base = with_new_keys(read_record(run_dir), defaults) if resume and has_record(run_dir) else defaults
+    merged = layered(base, config, overrides, str(config_file))
+    if any(no_combiner):
+        merged["stage2"] = None
+    return CIRSettings.from_dict(merged, run_dir)

@@ -1,0 +1,83 @@
+"""The settings layer every training recipe shares: defaults, then ``--config FILE``, then the command line.
+
+Settings are nested dicts (a recipe's ``to_dict()``). A config file (JSON or TOML) holds any
+subset of their keys; command-line overrides are a nested dict in which ``None`` means "not
+given". A key the defaults do not have is a one-line error naming the file, so a typo never
+passes silently.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from ..errors import MoraError
+from ..fileio import read_json
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A JSON or TOML file of settings, as a dict."""
+    path = Path(path)
+    if path.suffix == ".toml":
+        if not path.is_file():
+            raise MoraError(f"{path}: config file not found")
+        try:
+            return tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise MoraError(f"{path}: not valid TOML ({exc})") from None
+    data = read_json(path, "config file")
+    if not isinstance(data, dict):
+        raise MoraError(f"{path}: expected a JSON object of settings")
+    return data
+
+
+def method_of(config: dict[str, Any], overrides: dict[str, Any] | None, default: str = "mora") -> str:
+    """The adapter method: the command line's, else the config file's, else ``default``.
+
+    It is read first because the defaults themselves depend on it (α, learning rate, …).
+    """
+    for layer in (overrides or {}, config):
+        method = (layer.get("adapter") or {}).get("method")
+        if method is not None:
+            return method
+    return default
+
+
+def with_new_keys(record: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """A run's recorded settings, plus the top-level ``defaults`` keys added to the recipe since
+    the run was started (so that resuming an older run accepts today's options)."""
+    return {**{key: value for key, value in defaults.items() if key not in record}, **record}
+
+
+def layered(defaults: dict[str, Any], config: dict[str, Any], overrides: dict[str, Any] | None,
+            source: str = "config file") -> dict[str, Any]:
+    """``defaults`` updated by ``config`` (checked against the defaults' keys), then by the
+    given (non-None) ``overrides``."""
+    merged = _deep_update(defaults, config, source)
+    return _deep_update(merged, _drop_none(overrides or {}), "command line")
+
+
+def _deep_update(base: dict[str, Any], update: dict[str, Any], source: str, where: str = "") -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if key not in base:
+            known = ", ".join(sorted(base))
+            raise MoraError(f"{source}: unknown setting '{where}{key}' (known: {known})")
+        if isinstance(value, dict) and isinstance(base[key], dict):
+            out[key] = _deep_update(base[key], value, source, f"{where}{key}.")
+        else:
+            out[key] = value
+    return out
+
+
+def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            value = _drop_none(value)
+            if value:
+                out[key] = value
+        elif value is not None:
+            out[key] = value
+    return out

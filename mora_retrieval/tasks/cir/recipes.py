@@ -22,34 +22,53 @@ import torch
 from ...adapters import add_adapters, export_checkpoint, merge_adapters, save_adapters, trainable_share
 from ...data.cirr import CIRRGallery, CIRRTriplets
 from ...data.collate import CaptionCollate
-from ...data.images import make_transform
+from ...data.images import make_transform, preprocess_spec
 from ...device import resolve_device, resolve_precision
 from ...engine import Trainer, load_best, seed_everything
 from ...engine.distributed import barrier, detect, process_group
 from ...errors import TrainingError
-from ...fileio import write_json
-from ...model.backbone import image_size_of, load_backbone
+from ...fileio import check_can_create, write_json
+from ...model.backbone import load_backbone
 from ...model.combiner import Combiner, load_combiner, save_combiner
 from ...runs import (ADAPTER_DIR, COMBINER_FILE, MERGED_FILE, RESULTS_FILE, STAGE1_DIR, STAGE2_DIR, FinishedRun,
                      has_record, read_record, resumable, write_record, write_results)
 from .metrics import submission_files
+from ...engine.config import TRAINING_FIELDS
+from ..settings import differences
 from .settings import CIRSettings
 from .stages import CIRRValidation, CIRStage1, CIRStage2, SplitFeatures, TripletFeatures, encode_split
 
 
-def _datasets(settings: CIRSettings, image_size: int):
-    transform = make_transform(settings.transform, image_size)
-    kw = {"transform": transform, "skip_bad_images": settings.skip_bad_images}
+def _datasets(settings: CIRSettings):
+    """The train and val triplets and galleries (files checked now; transforms set with the model)."""
+    kw = {"skip_bad_images": settings.skip_bad_images}
     return (CIRRTriplets(settings.data_root, "train", **kw), CIRRTriplets(settings.data_root, "val", **kw),
             CIRRGallery(settings.data_root, "train", **kw), CIRRGallery(settings.data_root, "val", **kw))
 
 
+def _set_transforms(settings: CIRSettings, model, *datasets) -> None:
+    """The model's own preprocessing (its open_clip ``preprocess_cfg``), with targetpad in front for CIR."""
+    transform = make_transform(preprocess_spec(model, settings.transform))
+    for dataset in datasets:
+        dataset.transform = transform
+
+
+#: Settings a resumed run must keep; the others (data root, workers, device, …) may change.
+RESUME_KEYS = ("arch", "pretrained", "adapter", "stage1", "transform")
+
+
 def _check_resume(run_dir: Path, settings: CIRSettings) -> None:
-    saved = read_record(run_dir)
-    ours = settings.to_dict()
-    changed = [k for k in ("arch", "pretrained", "adapter", "stage1", "transform") if saved.get(k) != ours.get(k)]
-    if changed:
-        raise TrainingError(f"{run_dir}: cannot resume, the run was started with other {', '.join(changed)}")
+    """Name the first setting that a resume may not change, with both values."""
+    for path, old, new in differences(read_record(run_dir), settings.to_dict(), RESUME_KEYS):
+        free = path.startswith("stage1.") and path.split(".", 1)[1] not in TRAINING_FIELDS  # workers, device, …
+        if not free:
+            raise TrainingError(f"{run_dir}: cannot resume: {path} was {old!r}, now {new!r} "
+                                f"(start a new --run-dir to change it)")
+
+
+def _started_epoch(run_dir: Path) -> bool:
+    """Whether the run has something to lose: a stage-1 checkpoint (an epoch or a mid-epoch one)."""
+    return resumable(run_dir / STAGE1_DIR, True)
 
 
 def train_cirr(settings: CIRSettings, resume: bool = False, console=None, quiet: bool = False) -> dict[str, Any]:
@@ -66,19 +85,26 @@ def _train_cirr(settings: CIRSettings, resume: bool, console, quiet: bool) -> di
     run_dir = Path(settings.run_dir)
     info = detect()
     main = info.is_main
+    check_can_create(run_dir, "run folder")
     if resume and has_record(run_dir):
         _check_resume(run_dir, settings)
-    elif has_record(run_dir) and not resume:
+    elif has_record(run_dir) and _started_epoch(run_dir):
         raise TrainingError(f"{run_dir}: already holds a run; pass --resume to continue it or choose a new --run-dir")
+    # Everything else that can be checked is checked before the run folder is written: the data,
+    # the weights, and both stages' batch sizes against the data (a failed start blocks no retry).
+    seed_everything(settings.stage1.seed)  # random weights (if any) and adapter init follow the run's seed
+    train_set, val_set, train_gallery, val_gallery = _datasets(settings)
+    settings.stage1.check_fits(len(train_set), f"{settings.data_root}: CIRR train split", info.world_size)
+    if settings.stage2 is not None:
+        settings.stage2.check_fits(len(train_set), f"{settings.data_root}: CIRR train split (Combiner)",
+                                   info.world_size)
+    backbone = load_backbone(settings.arch, settings.pretrained)
+    model = add_adapters(backbone.model, settings.adapter)
+    _set_transforms(settings, model, train_set, val_set, train_gallery, val_gallery)
+    trainable, total, share = trainable_share(model)
     barrier(info)  # every rank has checked the folder before rank 0 writes into it
     if main:
         write_record(run_dir, settings.to_dict())
-
-    seed_everything(settings.stage1.seed)  # random weights (if any) and adapter init follow the run's seed
-    backbone = load_backbone(settings.arch, settings.pretrained)
-    model = add_adapters(backbone.model, settings.adapter)
-    trainable, total, share = trainable_share(model)
-    train_set, val_set, train_gallery, val_gallery = _datasets(settings, image_size_of(model))
     validation = CIRRValidation.from_triplets(val_set, val_gallery, settings.eval_batch_size)
     module = CIRStage1(model, backbone.tokenizer, validation)
     extra = {"task": "cir-stage1", "arch": settings.arch, "pretrained": settings.pretrained,
@@ -111,11 +137,19 @@ def _train_cirr(settings: CIRSettings, resume: bool, console, quiet: bool) -> di
     }
     val_split = validation.encode(merged, backbone.tokenizer, device, precision)  # once: stage-1 score, stage-2 data
     results["val_stage1"] = validation.metrics(val_split)
+    if settings.skip_bad_images:  # counted from what was encoded (DataLoader workers keep their own logs)
+        results["skipped"] = {"val_images": len(val_gallery) - len(val_split.names),
+                              "val_queries_left_out": len(val_set.records) - len(validation.usable(val_split)[0].records)}
 
     if settings.stage2 is not None:
         train_split = encode_split(merged, backbone.tokenizer, train_gallery, [r["caption"] for r in train_set.records],
                                    device, precision, settings.eval_batch_size, trainer.num_workers)
         train_feats = TripletFeatures.from_split(train_split, train_set.records)
+        if settings.skip_bad_images:  # the same triplets were left out of stage 1 (their batches dropped them)
+            results["skipped"].update(train_images=len(train_gallery) - len(train_split.names),
+                                      train_triplets_left_out=train_feats.dropped)
+        if console is not None and not quiet:
+            console.rule(f"stage 2: the Combiner on cached features of {len(train_feats)} triplets")
         combiner = Combiner(train_feats.reference.shape[1])
         stage2_module = CIRStage2(combiner, validation, val_split.to("cpu"))
         trainer2 = Trainer(stage2_module, settings.stage2, run_dir / STAGE2_DIR, train_feats, console=console,
@@ -144,6 +178,9 @@ def evaluate_cirr_run(run_dir: str | Path, data_root: str | None = None, split: 
     run folder) and returns their paths.
     """
     run = FinishedRun.open(run_dir)
+    if run.record.get("task") != "cir":
+        raise TrainingError(f"{run_dir}: not a CIR run (its config.json has task {run.record.get('task')!r}); "
+                            f"eval cirr needs a folder written by `mora-ret train cirr`")
     settings = CIRSettings.from_dict(run.record, str(run_dir))
     dev = resolve_device(device)
     backbone = run.load_model(str(dev))
@@ -151,7 +188,7 @@ def evaluate_cirr_run(run_dir: str | Path, data_root: str | None = None, split: 
     combiner_path = run.find(COMBINER_FILE) if use_combiner else None
     combiner = load_combiner(combiner_path, str(dev)) if combiner_path is not None else None
     root = data_root or settings.data_root
-    transform = make_transform(settings.transform, image_size_of(model))
+    transform = make_transform(preprocess_spec(model, settings.transform))
     triplets = CIRRTriplets(root, split, transform=transform)
     validation = CIRRValidation.from_triplets(triplets, CIRRGallery(root, split, transform=transform),
                                               settings.eval_batch_size)

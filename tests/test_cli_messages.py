@@ -9,7 +9,7 @@ import warnings
 
 
 def test_random_weights_are_announced_once(caplog):
-    from mora_retrieval.backbone import load_backbone
+    from mora_retrieval.model.backbone import load_backbone
 
     with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
         warnings.simplefilter("always")

@@ -91,6 +91,18 @@ class TrainConfig:
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise TrainingError(f"train config: max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
 
+    def steps_per_epoch(self, samples: int, world_size: int = 1) -> int:
+        """Optimiser steps an epoch of ``samples`` gives (full global batches only, as the sampler)."""
+        return samples // (self.batch_size * world_size) // self.grad_accum
+
+    def check_fits(self, samples: int, what: str = "training set", world_size: int = 1) -> None:
+        """One line, before anything is written, when ``samples`` give no full optimiser step."""
+        if self.steps_per_epoch(samples, world_size) == 0:
+            raise TrainingError(
+                f"{what} of {samples} samples gives no full optimiser step with batch_size {self.batch_size} "
+                f"× grad_accum {self.grad_accum} × {world_size} process(es): lower the batch size "
+                f"(at most {max(samples // (self.grad_accum * world_size), 1)})")
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (betas as a list)."""
         out = asdict(self)

@@ -71,6 +71,22 @@ def _deep_update(base: dict[str, Any], update: dict[str, Any], source: str, wher
     return out
 
 
+def differences(saved: dict[str, Any], ours: dict[str, Any], keys: tuple[str, ...]) -> list[tuple[str, Any, Any]]:
+    """``(dotted.path, saved value, our value)`` for every setting under ``keys`` that differs."""
+    out: list[tuple[str, Any, Any]] = []
+
+    def walk(a: Any, b: Any, where: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in list(a) + [k for k in b if k not in a]:
+                walk(a.get(key), b.get(key), f"{where}.{key}")
+        elif a != b:
+            out.append((where, a, b))
+
+    for key in keys:
+        walk(saved.get(key), ours.get(key), key)
+    return out
+
+
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for key, value in d.items():

@@ -104,6 +104,7 @@ def build_settings(data_root: str, run_dir: str, method: str | None = None, conf
     defaults = CIRSettings.with_defaults(data_root, run_dir, method_of(config, overrides)).to_dict()
     base = with_new_keys(read_record(run_dir), defaults) if resume and has_record(run_dir) else defaults
     merged = layered(base, config, overrides, str(config_file))
+    merged["data_root"] = str(data_root)  # paths may change on resume (a moved dataset)
     if any(no_combiner):
         merged["stage2"] = None
     return CIRSettings.from_dict(merged, run_dir)

@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 
 from ...data.images import PreprocessSpec, normalize_uint8
 from ...engine.module import TrainModule
+from ...errors import DataError
 from ...model.combiner import Combiner
 from ...model.encode import collect, composed_query, encode_images, encode_texts, ordered_loader
 from ...model.bf16_prefix import Bf16Prefix
@@ -56,7 +57,19 @@ class SplitFeatures:
     def of(self, names: Sequence[str]) -> torch.Tensor:
         """Gallery features of the images ``names`` (references, targets), looked up by name."""
         index = {name: i for i, name in enumerate(self.names)}
+        missing = [name for name in names if name not in index]
+        if missing:
+            raise DataError(f"image {missing[0]!r} has no features: it was skipped as unreadable "
+                            f"({len(missing)} such lookups)")
         return self.gallery[[index[name] for name in names]]
+
+    def keep_queries(self, records: Sequence[dict[str, Any]]) -> list[int]:
+        """Positions of the triplets whose reference and target (where known) were encoded:
+        with ``skip_bad_images`` an unreadable image is not in the gallery, nor is any query
+        that needs it."""
+        known = set(self.names)
+        return [i for i, r in enumerate(records)
+                if r["reference"] in known and r.get("target_hard", r["reference"]) in known]
 
 
 @torch.no_grad()
@@ -96,6 +109,15 @@ class CIRRValidation:
     def reference_names(self) -> list[str]:
         return [r["reference"] for r in self.records]
 
+    def usable(self, feats: SplitFeatures) -> tuple["CIRRValidation", SplitFeatures]:
+        """This split without the queries whose images were skipped as unreadable (see
+        :meth:`SplitFeatures.keep_queries`), and their features; ``self`` when none was."""
+        keep = feats.keep_queries(self.records)
+        if len(keep) == len(self.records):
+            return self, feats
+        return (CIRRValidation(self.gallery, [self.records[i] for i in keep], self.batch_size, self.num_workers),
+                SplitFeatures(feats.gallery, feats.names, feats.text[keep]))
+
     def encode(self, model: nn.Module, tokenizer: Callable, device: torch.device, precision: str) -> SplitFeatures:
         return encode_split(model, tokenizer, self.gallery, [r["caption"] for r in self.records], device, precision,
                             self.batch_size, self.num_workers)
@@ -106,10 +128,11 @@ class CIRRValidation:
         return F.normalize(query, dim=-1) @ F.normalize(feats.gallery, dim=-1).T
 
     def metrics(self, feats: SplitFeatures, combiner: nn.Module | None = None) -> dict[str, float]:
-        """The CIRR metrics (:func:`~.metrics.cirr_recalls`) of the split."""
-        return cirr_recalls(self.similarity(feats, combiner), feats.names, self.reference_names,
-                            [r["target_hard"] for r in self.records],
-                            [list(r["img_set"]["members"]) for r in self.records])
+        """The CIRR metrics (:func:`~.metrics.cirr_recalls`) of the split's usable queries."""
+        split, feats = self.usable(feats)
+        return cirr_recalls(split.similarity(feats, combiner), feats.names, split.reference_names,
+                            [r["target_hard"] for r in split.records],
+                            [list(r["img_set"]["members"]) for r in split.records])
 
     def rankings(self, feats: SplitFeatures, combiner: nn.Module | None = None) -> tuple[list, list]:
         """Per query: the top 50 gallery names and the top 3 subset members (:func:`~.metrics.cirr_rankings`)."""
@@ -232,6 +255,7 @@ class TripletFeatures(Dataset):
         if not (len(reference) == len(text) == len(target)):
             raise ValueError("feature tensors must have the same length")
         self.reference, self.text, self.target = reference, text, target
+        self.dropped = 0  # triplets left out because an image was unreadable
 
     def __len__(self) -> int:
         return len(self.reference)
@@ -241,9 +265,14 @@ class TripletFeatures(Dataset):
 
     @classmethod
     def from_split(cls, feats: SplitFeatures, records: Sequence[dict[str, Any]]) -> "TripletFeatures":
-        """Per-triplet features (on the CPU) of ``encode_split(..., [r["caption"] for r in records])``."""
-        return cls(feats.of([r["reference"] for r in records]).cpu(), feats.text.cpu(),
-                   feats.of([r["target_hard"] for r in records]).cpu())
+        """Per-triplet features (on the CPU) of ``encode_split(..., [r["caption"] for r in records])``;
+        triplets whose images were skipped as unreadable are left out (``dropped`` counts them)."""
+        keep = feats.keep_queries(records)
+        kept = [records[i] for i in keep]
+        out = cls(feats.of([r["reference"] for r in kept]).cpu(), feats.text[keep].cpu(),
+                  feats.of([r["target_hard"] for r in kept]).cpu())
+        out.dropped = len(records) - len(kept)
+        return out
 
 
 class CIRStage2(TrainModule):

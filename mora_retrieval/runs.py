@@ -136,9 +136,9 @@ class FinishedRun:
     def seed(self) -> int | None:
         """The training seed (classification: ``train.seed``; CIR: ``stage1.seed``), if recorded."""
         for section in ("train", "stage1"):
-            value = (self.record.get(section) or {}).get("seed") if isinstance(self.record.get(section), dict) else None
-            if value is not None:
-                return int(value)
+            part = self.record.get(section)
+            if isinstance(part, dict) and part.get("seed") is not None:
+                return int(part["seed"])
         return None
 
     def load_model(self, device: str = "cpu") -> Backbone:

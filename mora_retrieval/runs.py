@@ -7,7 +7,7 @@ Layout (the engine's own files, one set per engine run, are named in
     metrics.jsonl, curves.png, checkpoints/last.pt, checkpoints/best.safetensors
                             the engine's files: in the run folder (classification), in stage1/ and
                             stage2/ (CIR) or in train/ (pretraining)
-    adapter/                the adapter of the best epoch (METHOD.md §7)
+    adapter/                the adapter of the best epoch (docs/protocols.md §7)
     merged.safetensors      the adapter folded into the backbone: a plain open_clip checkpoint (none
                             for the prompt methods dcp and mmp, which cannot be merged)
     combiner.safetensors    CIR: the Combiner

@@ -1,4 +1,4 @@
-"""The adapter folder: ``adapter_config.json`` + ``adapter.safetensors`` (METHOD.md §7).
+"""The adapter folder: ``adapter_config.json`` + ``adapter.safetensors`` (docs/protocols.md §7).
 
 Tensor names are a public contract:
 

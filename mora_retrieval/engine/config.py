@@ -39,7 +39,7 @@ TRAINING_FIELDS = (
 class TrainConfig:
     """Optimiser, schedule, precision, data loading and bookkeeping of one training run.
 
-    Defaults follow the paper's recipe (METHOD.md §1): AdamW with betas (0.9, 0.98), eps 1e-8,
+    Defaults follow the paper's recipe (docs/protocols.md §1): AdamW with betas (0.9, 0.98), eps 1e-8,
     lr 1e-2, weight decay 0.02, 10% linear warm-up then cosine decay to 0 (per optimiser step).
     """
 

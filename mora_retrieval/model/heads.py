@@ -2,7 +2,7 @@
 
 :class:`CLIPClassifier` concatenates the image and the text embedding of the two CLIP towers
 (``[image | text]``, ``2 × embed_dim``) and applies one :class:`LinearHead`, initialised
-``N(0, 0.02)`` with a zero bias (METHOD.md §3). Feature scaling: ``"normalized"`` (default)
+``N(0, 0.02)`` with a zero bias (docs/protocols.md §3). Feature scaling: ``"normalized"`` (default)
 L2-normalises each tower's embedding before concatenating, so both halves have the same scale
 whatever the backbone; ``"raw"`` concatenates the unnormalised embeddings.
 

@@ -5,7 +5,7 @@ Run folder (names in :mod:`mora_retrieval.runs`)::
     config.json            task, arch, pretrained, data root, adapter and both stages' settings
     stage1/                engine run of the encoder adaptation (config.json, metrics.jsonl,
                            curves.png, checkpoints/last.pt + best.safetensors)
-    adapter/               the best stage-1 adapter (METHOD.md §7)
+    adapter/               the best stage-1 adapter (docs/protocols.md §7)
     merged.safetensors     the plain open_clip checkpoint with the adapter folded in
     stage2/                engine run of the Combiner (features cached once)
     combiner.safetensors   the best Combiner

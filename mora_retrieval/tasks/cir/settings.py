@@ -1,6 +1,6 @@
 """Settings of a CIR run: the recipe's defaults per adapter method, and the layers over them.
 
-Defaults (METHOD.md §1, §4): MoRA and the other adapters use the CIRR row (r = r_s = 4, α 0.01,
+Defaults (docs/protocols.md §1, §4): MoRA and the other adapters use the CIRR row (r = r_s = 4, α 0.01,
 q and v of the last 2 blocks, lr 1e-2, weight decay 0.02, batch 256, 20 epochs); ``full`` (the
 CLIP4CIR baseline) uses lr 2e-6, batch 128, weight decay 0.01. The Combiner: Adam (AdamW with
 no weight decay) at lr 2e-5, batch 512, 20 epochs, ``p = 4d``, ``h = 8d``. All may be overridden.

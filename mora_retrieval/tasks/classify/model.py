@@ -1,4 +1,4 @@
-"""Missing-modality classification (METHOD.md §3): loss, collate, engine task, evaluation.
+"""Missing-modality classification (docs/protocols.md §3): loss, collate, engine task, evaluation.
 
 The model is :class:`~mora_retrieval.model.heads.CLIPClassifier` (a linear head on the
 concatenated image and text embeddings). Binary tasks use two logits with cross-entropy,

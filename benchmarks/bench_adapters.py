@@ -3,7 +3,7 @@
     python benchmarks/bench_adapters.py --arch ViT-B-16 --batch 8 [--device cuda]
 
 Prints one Markdown table row per model; targets: merged within 2% of plain, unmerged within
-10% (METHOD.md: merging leaves no inference overhead).
+10% (docs/protocols.md: merging leaves no inference overhead).
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ def run_variant(args: argparse.Namespace) -> dict:
         add_adapters(model, AdapterConfig(method="mora", targets=("q", "v"), layers=2))
     module = CIRStage1(model, tokenizer, validation=None).to(device).train()
     if args.variant == "mora+cache":
-        module.enable_prefix_cache(device)  # warm-up steps fill it: timed steps are later epochs
+        module.enable_prefix_cache(device, 2 * args.batch, args.batch)  # warm-up steps fill it: timed steps are later epochs
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     size = image_size_of(model)
@@ -49,8 +49,9 @@ def run_variant(args: argparse.Namespace) -> dict:
         "target": torch.randn(args.batch, 3, size, size, device=device),
         "tokens": tokenizer([f"make circle {i} blue" for i in range(args.batch)]).to(device),
         "caption": [f"make circle {i} blue" for i in range(args.batch)],
-        "reference_name": [f"ref{i}" for i in range(args.batch)],
-        "target_name": [f"tgt{i}" for i in range(args.batch)],
+        "reference_row": torch.arange(args.batch, device=device),
+        "target_row": torch.arange(args.batch, 2 * args.batch, device=device),
+        "index": torch.arange(args.batch, device=device),
     }
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 

@@ -7,15 +7,15 @@ from typing import Any, Optional
 
 import typer
 
-from .options import (ADAPTER_SETTINGS, CONFIG_OPTION, MODEL_SETTINGS, TRAINING_DEFAULTS, TRAINING_SETTINGS,
-                      device_option, make_console, with_settings)
+from .options import (ADAPTER_SETTINGS, CONFIG_OPTION, MODEL_SETTINGS, PROMPT_DEFAULTS, PROMPT_SETTINGS,
+                      TRAINING_DEFAULTS, TRAINING_SETTINGS, device_option, make_console, with_settings)
 
 DATASETS = "food101 | mmimdb | hateful-memes"
 CLASSIFY_DEFAULTS = {
     "model": "ViT-B-16", "pretrained": "openai", "method": "mora", "rank": "the dataset's",
     "rank_shared": "--rank, else the dataset's", "alpha": "the dataset's for MoRA and its ablations, r for lora/dora",
     "targets": "the dataset's", "layers": "2", "epochs": "the dataset's", "lr": "1e-2", "batch_size": "the dataset's",
-    "weight_decay": "the dataset's", **TRAINING_DEFAULTS,
+    "weight_decay": "the dataset's", **PROMPT_DEFAULTS, **TRAINING_DEFAULTS,
 }
 
 
@@ -35,7 +35,7 @@ def _metrics_table(title: str, metrics: dict, main: str):
     return table
 
 
-@with_settings(MODEL_SETTINGS + ADAPTER_SETTINGS + TRAINING_SETTINGS, CLASSIFY_DEFAULTS)
+@with_settings(MODEL_SETTINGS + ADAPTER_SETTINGS + PROMPT_SETTINGS + TRAINING_SETTINGS, CLASSIFY_DEFAULTS)
 def classify(
     dataset: Optional[str] = typer.Argument(None, help=f"{DATASETS} (optional with --eval-only --run DIR or a --config naming it)."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Dataset root in its published layout."),
@@ -56,14 +56,17 @@ def classify(
     grid: bool = typer.Option(False, "--grid", help="Train and test every scenario of the paper's table."),
     grid_ratios: str = typer.Option("0.5,0.7,0.9", "--grid-ratios", help="Missing ratios of the grid."),
     grid_types: str = typer.Option("text,image,both", "--grid-types", help="Missing types of the grid."),
+    methods: Optional[str] = typer.Option(None, "--methods", help="With --grid: one column per method, e.g. mora,lora,dora,dcp,mmp,full (the paper's Table 1 / 4); replaces --adapter."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
     overrides: dict[str, Any] = None,
 ) -> None:
     """Train adapters + a linear head under missing modalities, keep the best epoch, merge, and test.
 
     Writes adapter/, head.safetensors, merged.safetensors and results.json into the run folder
-    (besides the engine's config.json, metrics.jsonl, checkpoints/ and curves.png).
+    (besides the engine's config.json, metrics.jsonl, checkpoints/ and curves.png). The prompt
+    methods (dcp, mmp) cannot be merged: they are tested unmerged and write no merged.safetensors.
     """
+    from mora_retrieval.errors import TrainingError
     from mora_retrieval.tasks.classify import build_settings, train_classifier
 
     console = make_console(quiet=quiet)
@@ -76,11 +79,33 @@ def classify(
                       "missing_image": missing_image, "missing_seed": missing_seed,
                       "missing_store": None if missing_store is None else str(missing_store), "features": features,
                       "eval_batch_size": eval_batch_size, "skip_bad_images": skip_bad_images or None})
-    settings, train_config = build_settings(dataset, None if data_root is None else str(data_root), config, overrides)
+    method_list = _csv(methods)
+    if method_list is not None and (not grid or not method_list):
+        raise TrainingError("--methods needs --grid and at least one method (e.g. --grid --methods mora,dcp)")
+    root = None if data_root is None else str(data_root)
+    if method_list:
+        from mora_retrieval.adapters import get_method
+
+        for each in method_list:
+            get_method(each)  # one line naming the known methods, before any training
+        if len(set(method_list)) != len(method_list):
+            raise TrainingError(f"--methods repeats a method: {methods}")
+        # each method: its defaults, then --config, then the command line, as a run of its own would have
+        per_method = [build_settings(dataset, root, config, _for_method(overrides, each))[0] for each in method_list]
+        overrides = _for_method(overrides, method_list[0])
+    elif PROMPT_KEYS & set(overrides.get("adapter", {})):
+        from mora_retrieval.adapters import get_method
+
+        chosen = overrides.get("adapter", {}).get("method") or "mora"
+        if get_method(chosen).make_prompts is None:
+            raise TrainingError(f"--prompt-length and --prompt-depth apply to the prompt methods dcp and mmp, not "
+                                f"{chosen}")
+    settings, train_config = build_settings(dataset, root, config, overrides)
     name, method = settings.dataset, settings.adapter.method
     if grid:
-        _grid(console, settings, train_config, run_dir or Path(f"runs/classify-{name}-{method}-grid"),
-              grid_ratios, grid_types, resume, quiet)
+        default_dir = f"runs/classify-{name}-grid" if method_list else f"runs/classify-{name}-{method}-grid"
+        _grid(console, settings, train_config, run_dir or Path(default_dir), grid_ratios, grid_types, resume, quiet,
+              per_method if method_list else None)
         return
     run_dir = run_dir or Path(f"runs/classify-{name}-{method}-{settings.scenarios['train'].replace(':', '')}")
     results = train_classifier(settings, train_config, run_dir, resume=resume, console=console, quiet=quiet)
@@ -88,8 +113,8 @@ def classify(
         return
     scen = results["scenario"]
     console.print(_metrics_table(
-        f"{name} test — {method} on {settings.arch}, train {scen['train']} / test {scen['test']} (merged model)",
-        results["test"], results["metric"]))
+        f"{name} test — {method} on {settings.arch}, train {scen['train']} / test {scen['test']} "
+        f"({results['evaluated_on']} model)", results["test"], results["metric"]))
     share = results["trainable"]
     console.print(f"best epoch {results['best_epoch']} (val {results['metric']} {results['best_val_metric']:.2f}); "
                   f"majority baseline {results['majority_baseline']:.2f}; trainable {share['params']:,} "
@@ -141,12 +166,27 @@ def _eval_only(console, dataset, run_dir, test_missing, data_root, split, device
                           split=split, device=device, batch_size=batch_size, num_workers=workers, console=console)
     scen = result["scenario"]
     console.print(_metrics_table(
-        f"{result['dataset']} {split} — {result['method']}, train {scen['train']} / test {scen['test']} (merged model)",
-        result["test"], result["metric"]))
+        f"{result['dataset']} {split} — {result['method']}, train {scen['train']} / test {scen['test']} "
+        f"({result['evaluated_on']} model)", result["test"], result["metric"]))
     console.print(f"written to {Path(run_dir) / 'eval'}")
 
 
-def _grid(console, settings, train_config, out_dir: Path, ratios: str, types: str, resume: bool, quiet: bool) -> None:
+PROMPT_KEYS = {"prompt_length", "prompt_depth"}
+
+
+def _for_method(overrides: dict, method: str) -> dict:
+    """The command line's settings for one method of a grid: its name, and the prompt options only
+    for the prompt methods (dcp, mmp)."""
+    from mora_retrieval.adapters import get_method
+
+    adapter = {**overrides.get("adapter", {}), "method": method}
+    if get_method(method).make_prompts is None:
+        adapter = {k: v for k, v in adapter.items() if k not in PROMPT_KEYS}
+    return {**overrides, "adapter": adapter}
+
+
+def _grid(console, settings, train_config, out_dir: Path, ratios: str, types: str, resume: bool, quiet: bool,
+          per_method: Optional[list] = None) -> None:
     from rich.markdown import Markdown
 
     from mora_retrieval.errors import TrainingError
@@ -161,7 +201,7 @@ def _grid(console, settings, train_config, out_dir: Path, ratios: str, types: st
     if bad or not kinds or not ratio_values:
         raise TrainingError(f"--grid-types must be from text,image,both and --grid-ratios in (0, 1] (bad: {', '.join(bad)})")
     run_grid(settings, train_config, out_dir, ratios=ratio_values, types=kinds, resume=resume, console=console,
-             quiet=quiet)
+             quiet=quiet, methods=per_method)
     if (out_dir / "grid.md").is_file():
         console.print(Markdown((out_dir / "grid.md").read_text(encoding="utf-8")))
         console.print(f"tables: {out_dir / 'grid.md'}, {out_dir / 'grid.csv'}")

@@ -16,7 +16,7 @@ def demo(
     workers: int = typer.Option(1, "--workers", help="DataLoader worker processes."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
-    """Generate data, pretrain, train CLIP4CIR and CLIP4CIR + MoRA, index, evaluate, classify, search, report."""
+    """Generate data, pretrain, train CLIP4CIR (full, LoRA, MoRA), index, evaluate, classify, search, report."""
 
     from mora_retrieval.demo import DemoSettings, run_demo
 
@@ -34,7 +34,7 @@ def demo(
                                 {**summary["coco_rows"], "chance": summary["coco_chance"]}))
     c = data["classification"]
     console.print(f"classification ({c['dataset']}, {c['scenario']['test']}): {c['metric']} "
-                  f"{c['test']:.2f} (majority baseline {c['majority_baseline']})")
+                  f"{c['test']:.2f} (majority baseline {c['majority_baseline']:.2f})")
     console.print(summary["verdict"])
     console.print(summary["chance_note"])
     console.print(f"finished in {data['total_s']:.0f} s; report: [bold]{summary['report']}[/]")

@@ -12,7 +12,7 @@ import typer
 # mora_retrieval.adapters.list_methods(), written out so that --help imports no torch
 # (tests/test_cli_app.py checks that the two agree).
 METHOD_HELP = ("Adapter method: mora | no_gram | learned_gram | no_shared | no_specific | subtract_base | lora | dora "
-               "| bitfit | full.")
+               "| bitfit | full | dcp | mmp.")
 
 DEVICE_HELP = "auto (cuda:LOCAL_RANK when CUDA is present, else cpu) | cpu | cuda | cuda:N."
 PRECISION_HELP = "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32."
@@ -78,6 +78,13 @@ ADAPTER_SETTINGS = (
     Setting("targets", "--targets", str, "Projections, e.g. q,v or q,k,v,out.", "adapter.targets"),
     Setting("layers", "--layers", int, "Adapt the last N blocks of each tower.", "adapter.layers"),
 )
+#: The prompt baselines' own settings (classification only: they cannot be merged, CIR needs a merged encoder).
+PROMPT_SETTINGS = (
+    Setting("prompt_length", "--prompt-length", int, "dcp / mmp: prompt tokens per block.", "adapter.prompt_length"),
+    Setting("prompt_depth", "--prompt-depth", int, "dcp / mmp: prompts in the first N blocks of each tower.",
+            "adapter.prompt_depth"),
+)
+PROMPT_DEFAULTS = {"prompt_length": "dcp 36, mmp 16", "prompt_depth": "6"}
 TRAINING_SETTINGS = (
     Setting("epochs", "--epochs", int, "Training epochs.", "train.epochs"),
     Setting("lr", "--lr", float, "Learning rate (peak, after the warm-up).", "train.lr"),
@@ -93,6 +100,15 @@ TRAINING_SETTINGS = (
     Setting("precision", "--precision", str, PRECISION_HELP, "train.precision"),
     Setting("seed", "--seed", int, "Training seed (also draws random backbone weights).", "train.seed"),
 )
+#: Where the training images come from (recipes with a prepared-image cache: train cirr).
+INPUT_SETTINGS = (
+    Setting("prepared", "--prepared/--no-prepared", bool, "Decode and preprocess the images once into a "
+            "memory-mapped uint8 cache (rebuilt when the images or the preprocessing change) and train from it; "
+            "--no-prepared decodes the image files every epoch.", "prepared"),
+    Setting("prepared_dir", "--prepared-dir", str, "Folder of the prepared-image cache.", "prepared_dir"),
+)
+INPUT_DEFAULTS = {"prepared": "--prepared", "prepared_dir": "DATA_ROOT/prepared, else ~/.cache/mora-retrieval/prepared/..."}
+
 #: What the training options default to in every recipe (the recipes' own defaults are in their help).
 TRAINING_DEFAULTS = {"grad_accum": "1", "warmup_ratio": "0.1", "max_grad_norm": "off", "patience": "off",
                      "max_steps": "off", "workers": WORKERS_DEFAULT, "device": "auto", "precision": "auto", "seed": "0"}

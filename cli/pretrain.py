@@ -36,7 +36,8 @@ def pretrain_command(
     settings = build_settings(str(run_dir), config, overrides)
     console = make_console()
     summary = pretrain(settings, resume=resume, console=console)
-    console.print(f"best epoch {summary['best_epoch']}: {summary['val']}")
+    console.print(f"best epoch {summary['best_epoch']}: "
+                  + ", ".join(f"{name} {value:.2f}" for name, value in (summary["val"] or {}).items()))
     console.print(f"checkpoint: {summary['checkpoint']}  (use --pretrained {summary['checkpoint']} --model {settings.arch})")
 
 

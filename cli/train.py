@@ -7,20 +7,20 @@ from typing import Any, Optional
 
 import typer
 
-from .options import (ADAPTER_SETTINGS, CONFIG_OPTION, MODEL_SETTINGS, TRAINING_DEFAULTS, TRAINING_SETTINGS,
-                      make_console, with_settings)
+from .options import (ADAPTER_SETTINGS, CONFIG_OPTION, INPUT_DEFAULTS, INPUT_SETTINGS, MODEL_SETTINGS,
+                      TRAINING_DEFAULTS, TRAINING_SETTINGS, make_console, with_settings)
 
 CIR_DEFAULTS = {
     "model": "ViT-B-16", "pretrained": "openai", "method": "mora", "rank": "4", "rank_shared": "--rank, else 4",
     "alpha": "0.01 for MoRA and its ablations, r for lora/dora", "targets": "q,v", "layers": "2",
     "epochs": "20", "lr": "1e-2; 2e-6 for full", "batch_size": "256; 128 for full",
-    "weight_decay": "0.02; 0.01 for full", **TRAINING_DEFAULTS,
+    "weight_decay": "0.02; 0.01 for full", **TRAINING_DEFAULTS, **INPUT_DEFAULTS,
 }
-#: The stage-1 options that the Combiner's stage shares.
-SHARED_WITH_STAGE2 = ("num_workers", "device", "precision", "seed")
+#: The stage-1 options that the Combiner's stage shares (--max-steps limits each stage).
+SHARED_WITH_STAGE2 = ("num_workers", "device", "precision", "seed", "max_steps")
 
 
-@with_settings(MODEL_SETTINGS + ADAPTER_SETTINGS + TRAINING_SETTINGS, CIR_DEFAULTS, section="stage1")
+@with_settings(MODEL_SETTINGS + ADAPTER_SETTINGS + TRAINING_SETTINGS + INPUT_SETTINGS, CIR_DEFAULTS, section="stage1")
 def train_cirr_command(
     data_root: Path = typer.Option(..., "--data-root", help="CIRR root (captions/, image_splits/, train/, dev/)."),
     run_dir: Path = typer.Option(Path("runs/cirr"), "--run-dir", help="Run folder to create (or resume)."),
@@ -37,8 +37,8 @@ def train_cirr_command(
 ) -> None:
     """Train CLIP4CIR + MoRA (or another adapter) on CIRR; writes adapter, merged checkpoint and Combiner.
 
-    The model, adapter and training options set stage 1; --workers, --device, --precision and
-    --seed apply to the Combiner's stage too.
+    The model, adapter and training options set stage 1; --workers, --device, --precision,
+    --seed and --max-steps apply to the Combiner's stage too.
     """
     from mora_retrieval.tasks.cir import build_settings, train_cirr
 
@@ -61,6 +61,10 @@ def train_cirr_command(
     console.print(metrics_table(f"CIRR val — {settings.adapter.method} on {settings.arch}", rows))
     console.print(f"trainable parameters: {results['trainable_parameters']:,} "
                   f"({results['trainable_percent']:.3f}% of {results['total_parameters']:,})")
+    dropped = {split: n for split, n in (results.get("dropped_triplets") or {}).items() if n}
+    if dropped:
+        console.print("left out for unreadable images: "
+                      + ", ".join(f"{n} {split} triplet(s)" for split, n in dropped.items()))
     console.print(f"run folder: {run_dir}")
 
 

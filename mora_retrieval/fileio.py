@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save
 from .errors import MoraError
 
 
-def make_dirs(path: str | os.PathLike, what: str = "folder") -> Path:
-    """``mkdir -p path``; a file in the way raises a one-line MoraError naming it."""
+def check_can_create(path: str | os.PathLike, what: str = "folder") -> Path:
+    """Raise a one-line MoraError when a file stands where the folder ``path`` (or a parent) goes."""
     path = Path(path)
     for place in (path, *path.parents):
         if place.exists():
@@ -28,8 +28,13 @@ def make_dirs(path: str | os.PathLike, what: str = "folder") -> Path:
                 where = "is a file" if place == path else f"is a file, so {path} cannot be created"
                 raise MoraError(f"{place}: {where} (expected a {what})")
             break
-    path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def make_dirs(path: str | os.PathLike, what: str = "folder") -> Path:
+    """``mkdir -p path``; a file in the way raises a one-line MoraError naming it."""
+    check_can_create(path, what).mkdir(parents=True, exist_ok=True)
+    return Path(path)
 
 
 @contextlib.contextmanager

@@ -7,8 +7,9 @@ Layout (the engine's own files, one set per engine run, are named in
     metrics.jsonl, curves.png, checkpoints/last.pt, checkpoints/best.safetensors
                             the engine's files: in the run folder (classification), in stage1/ and
                             stage2/ (CIR) or in train/ (pretraining)
-    adapter/                the adapter of the best epoch (METHOD.md §7)
-    merged.safetensors      the adapter folded into the backbone: a plain open_clip checkpoint
+    adapter/                the adapter of the best epoch (docs/protocols.md §7)
+    merged.safetensors      the adapter folded into the backbone: a plain open_clip checkpoint (none
+                            for the prompt methods dcp and mmp, which cannot be merged)
     combiner.safetensors    CIR: the Combiner
     head.safetensors        classification: the linear head
     pretrained.safetensors  pretraining: the best epoch's weights
@@ -20,11 +21,14 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .adapters import load_adapters, merge_adapters
+import torch
+
+from .adapters import adapter_config_of, get_method, load_adapters, merge_adapters
 from .engine.checkpoint import CONFIG_FILE, last_path
 from .errors import MoraError
 from .fileio import read_json, write_json
@@ -128,15 +132,35 @@ class FinishedRun:
             raise self.error(f"{self.path / name}: not found (the run did not finish; resume it with --resume)")
         return found
 
+    @property
+    def seed(self) -> int | None:
+        """The training seed (classification: ``train.seed``; CIR: ``stage1.seed``), if recorded."""
+        for section in ("train", "stage1"):
+            part = self.record.get(section)
+            if isinstance(part, dict) and part.get("seed") is not None:
+                return int(part["seed"])
+        return None
+
     def load_model(self, device: str = "cpu") -> Backbone:
         """The run's final weights: ``merged.safetensors``, or, where only ``adapter/`` was kept,
         the adapter merged onto the run's base weights. An unfinished run is refused (never
-        replaced by its base weights)."""
+        replaced by its base weights).
+
+        A prompt method's adapter (``dcp``, ``mmp``), which cannot be merged, stays loaded
+        unmerged. Base weights drawn at random (no ``pretrained``) are re-drawn from the run's
+        training seed, as training drew them; loading the adapter checks them against its base
+        fingerprint either way."""
         merged, adapter = self.find(MERGED_FILE), self.find(ADAPTER_DIR)
         if merged is None and adapter is None:
             raise self.error(f"{self.path}: the run has not finished (neither {MERGED_FILE} nor {ADAPTER_DIR}/ is "
                              f"there yet): let it finish, or resume it with --resume, before using its weights")
-        backbone = load_backbone(self.arch, str(merged) if merged is not None else self.pretrained, device=device)
-        if merged is None:
-            backbone.model = merge_adapters(load_adapters(backbone.model, adapter, arch=self.arch))
+        if merged is not None:
+            return load_backbone(self.arch, str(merged), device=device)
+        with torch.random.fork_rng(), warnings.catch_warnings():
+            if self.pretrained in (None, "none") and self.seed is not None:
+                warnings.filterwarnings("ignore", message=".*randomly initialised.*")  # the run's own draw
+                torch.manual_seed(self.seed)
+            backbone = load_backbone(self.arch, self.pretrained, device=device)
+        model = load_adapters(backbone.model, adapter, arch=self.arch)
+        backbone.model = merge_adapters(model) if get_method(adapter_config_of(model).method).mergeable else model.eval()
         return backbone

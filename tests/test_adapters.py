@@ -396,8 +396,8 @@ def test_merging_a_copy_leaves_the_original_working(tiny_model):
 
 # ------------------------------------------------------------------------------- registry
 def test_registry_names_every_method_once_and_refuses_unknown_or_repeated_ones():
-    assert list_methods() == tuple(ALL_METHODS)
-    with pytest.raises(AdapterError, match="unknown adapter method 'loha' \\(choose from mora, no_gram, .*, full\\)"):
+    assert list_methods() == tuple(ALL_METHODS) + ("dcp", "mmp")
+    with pytest.raises(AdapterError, match="unknown adapter method 'loha' \\(choose from mora, no_gram, .*, full, dcp, mmp\\)"):
         get_method("loha")
     with pytest.raises(ValueError, match="registered twice"):
         register(AdapterMethod("mora"))

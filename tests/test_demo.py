@@ -1,11 +1,11 @@
-"""The demo at its smallest size: the whole pipeline, a report, chance levels and the verdict on them.
+"""The demo: its verdict sentences, and the whole pipeline at the smallest size with chance levels.
 
-At this size (CIRR val: 24 images, 20 queries; COCO val: 40 images; Food-101 test: 60 images)
-every model beats chance by a wide margin on CIRR Recall@K and avg and on classification, across
-seeds. COCO Recall@K and CIRR Recall_subset@K are not above chance reliably here (a handful of
-queries, measured over seeds 0-2: some fall at or just below chance): for them the test checks
-that the verdict names exactly the metrics that do not beat chance. ``mora-ret demo`` (the small
-world) beats chance on every metric.
+At the smallest size (CIRR val: 24 images, 20 queries; COCO val: 40 images; Food-101 test: 60
+images) every model beats chance by a wide margin on CIRR Recall@K and avg and on
+classification, across seeds. COCO Recall@K and CIRR Recall_subset@K are not above chance
+reliably there (a handful of queries; measured over seeds 0-2, some fall at or just below
+chance): for them the test checks that the verdict names exactly the metrics that do not beat
+chance. ``mora-ret demo`` (the small world) beats chance on every metric.
 """
 
 from __future__ import annotations
@@ -13,6 +13,20 @@ from __future__ import annotations
 import json
 
 import pytest
+
+
+def test_demo_verdict_states_each_comparison_exactly():
+    from mora_retrieval.demo import cir_verdict
+
+    cir = {"mora": {"val_stage1": {"avg": 44.0}, "val_combiner": {"avg": 63.5}},
+           "lora": {"val_stage1": {"avg": 43.5}, "val_combiner": {"avg": 63.5}},
+           "full": {"val_stage1": {"avg": 46.25}, "val_combiner": {"avg": 66.0}}}
+    text = cir_verdict(cir, 1e-4)
+    assert "summed features: MoRA 44.00 is higher than LoRA (same rank, same budget) 43.50" in text
+    assert "Combiner: MoRA 63.50 is equal to LoRA (same rank, same budget) 63.50" in text
+    assert "summed features: MoRA 44.00 is lower than full fine-tuning (lr 0.0001) 46.25" in text
+    assert "Combiner: MoRA 63.50 is lower than full fine-tuning (lr 0.0001) 66.00" in text
+    assert "beats" not in text
 
 
 def test_demo_smallest_size_end_to_end_and_its_chance_verdict(tmp_path):
@@ -31,9 +45,21 @@ def test_demo_smallest_size_end_to_end_and_its_chance_verdict(tmp_path):
     analysis = json.loads((out / "runs" / "classify-food101" / "analysis" / "analysis.json").read_text())
     assert data["analysis"].endswith("analysis.json") and analysis["pretrained"].endswith("pretrained.safetensors")
     assert analysis["drift"]["vision"]["l2"] > 0 and analysis["spectra"]["available"]
-    for row in list(data["cirr_val"].values()) + list(data["coco_i2i"].values()):
-        assert all(0.0 <= v <= 100.0 for v in row.values())
-    assert set(data["cirr_val"]) == {f"{m}, {s}" for m in ("CLIP4CIR (full)", "CLIP4CIR + MoRA")
+    cirr_chance = data["cirr_chance"]
+    for name, row in data["cirr_val"].items():
+        for metric in ("recall@1", "recall@5", "recall@10", "avg"):
+            assert row[metric] > cirr_chance[metric] + 5.0, (name, metric, row[metric], cirr_chance[metric])
+        assert row["recall@50"] == pytest.approx(100.0) == cirr_chance["recall@50"]  # 24 images: chance is 100
+    assert data["classification"]["test"] > 2 * data["classification"]["majority_baseline"]
+    below = [f"{name}: {metric}" for rows, chance in ((data["cirr_val"], cirr_chance),
+                                                      (data["coco_i2i"], data["coco_chance"]))
+             for name, row in rows.items() for metric, value in row.items()
+             if chance[metric] < 100.0 and not value > chance[metric]]
+    assert data["not_above_chance"] == below
+    assert summary["chance_note"] == ("Not above chance: " + "; ".join(below) + "." if below else
+                                      "Every model beats chance on every metric that chance does not already "
+                                      "score 100 on.")
+    assert set(data["cirr_val"]) == {f"{m}, {s}" for m in ("CLIP4CIR (full)", "CLIP4CIR + LoRA", "CLIP4CIR + MoRA")
                                      for s in ("summed features", "Combiner")}
     assert len(data["search"]["hits"]) == 8
     # Chance of the CIRR subset metric is K/5; the COCO chance is a probability per query.

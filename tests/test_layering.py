@@ -14,14 +14,15 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "mora_retrieval"
 
-#: Bottom to top. A unit is a top-level module or package of mora_retrieval, or a part of tasks.
+#: Bottom to top. A unit is a top-level module or package of mora_retrieval, a part of tasks, or
+#: model.heads (which sits above the adapters).
 LAYERS = (
     ("errors",),
     ("", "fileio", "device"),  # "": the package itself (its version)
     ("data", "report"),
     ("model",),
     ("adapters", "engine"),
-    ("runs",),
+    ("runs", "model.heads"),  # the classifier switches prompt adapters per missing case
     ("tasks", "tasks.settings"),
     ("tasks.cir", "tasks.classify", "tasks.pretrain", "retrieval"),
     ("analysis",),
@@ -43,7 +44,7 @@ MODULES = _modules()
 
 def unit_of(module: str) -> str:
     parts = module.split(".") if module else []
-    if parts[:1] == ["tasks"] and len(parts) > 1:
+    if (parts[:1] == ["tasks"] and len(parts) > 1) or module == "model.heads":
         return ".".join(parts[:2])
     return parts[0] if parts else ""
 

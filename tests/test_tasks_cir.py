@@ -296,10 +296,10 @@ def test_frozen_prefix_cache_gives_the_same_loss_and_gradients(tiny_model):
     captions = ["add a red circle", "make it blue", "remove the square"]
     images = torch.randn(5, 3, 32, 32)  # a b c d e; "a" is a reference and a target, as in CIRR
     batch = {"reference": images[[0, 1, 2]], "target": images[[3, 0, 4]],
-             "tokens": tokenizer(captions), "caption": captions,
+             "tokens": tokenizer(captions), "caption": captions, "index": torch.arange(3),
              "reference_name": ["a", "b", "c"], "target_name": ["d", "a", "e"]}
     want_loss, want = _grads(module, batch)
-    assert module.enable_prefix_cache()
+    assert module.enable_prefix_cache("cpu", image_rows=5, text_rows=3, image_names=list("abcde"))
     image_cache, text_cache = module.prefix_caches
     assert (image_cache.depth, text_cache.depth) == (3, 2)  # 4 and 3 blocks, the last one adapted
     for expected_misses in (6, 6):  # first pass fills the cache, the second only reads it
@@ -309,6 +309,8 @@ def test_frozen_prefix_cache_gives_the_same_loss_and_gradients(tiny_model):
         for name, grad in want.items():
             torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6)
     assert image_cache.hits == 6 and text_cache.hits == 3
+    assert image_cache.placement == "cpu" and image_cache.states.dtype == torch.float32
+    assert image_cache.states.shape[0] == 5 and bool(image_cache.filled.all())
     # The tower is intact afterwards: all 4 blocks are back.
     assert len(model.visual.transformer.resblocks) == 4
 

@@ -10,6 +10,7 @@ from ..errors import AdapterError
 from .methods import get_method
 
 PROJECTIONS = ("q", "k", "v", "out")
+PROMPT_FIELDS = ("prompt_length", "prompt_depth")
 
 
 @dataclass
@@ -21,6 +22,10 @@ class AdapterConfig:
     ``text_layers`` give explicit block indices instead (paired in the order given).
     ``alpha=None`` takes the method's default (``methods.py``): 0.01 for MoRA and its ablations
     (the deltas are scaled by α directly), ``r`` for LoRA/DoRA (scale α/r = 1, as usual in PEFT).
+
+    Prompt methods (``dcp``, ``mmp``) ignore the projection fields and use ``prompt_length``
+    (tokens added per layer) and ``prompt_depth`` (the first N blocks of each tower get prompts);
+    ``None`` takes the method's default (``prompts.py``).
     """
 
     method: str = "mora"
@@ -31,6 +36,8 @@ class AdapterConfig:
     layers: int | None = 2
     vision_layers: tuple[int, ...] | None = None
     text_layers: tuple[int, ...] | None = None
+    prompt_length: int | None = None
+    prompt_depth: int | None = None
 
     def __post_init__(self) -> None:
         self.targets = tuple(self.targets)
@@ -46,12 +53,34 @@ class AdapterConfig:
             raise AdapterError(f"adapter ranks must be >= 1 (got r={self.r}, r_shared={self.r_shared})")
         if self.layers is not None and self.layers < 1:
             raise AdapterError(f"layers must be >= 1 (got {self.layers})")
+        for name in PROMPT_FIELDS:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
+                raise AdapterError(f"{name} must be a whole number >= 1 (got {value!r})")
+
+    @property
+    def is_prompt_method(self) -> bool:
+        return get_method(self.method).make_prompts is not None
+
+    def resolved_prompts(self) -> tuple[int, int]:
+        """``(prompt_length, prompt_depth)`` in use: the configured ones, else the method's defaults."""
+        method = get_method(self.method)
+        if method.prompt_defaults is None:
+            raise AdapterError(f"method '{self.method}' adds no prompts")
+        length, depth = method.prompt_defaults
+        return (int(self.prompt_length if self.prompt_length is not None else length),
+                int(self.prompt_depth if self.prompt_depth is not None else depth))
 
     def resolved_alpha(self) -> float:
         return get_method(self.method).alpha(self.alpha, self.r)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """JSON-ready fields. Prompt methods record their resolved prompt length and depth; other
+        methods leave the prompt fields out (their records stay as they were)."""
+        data = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k not in PROMPT_FIELDS}
+        if self.is_prompt_method:
+            data["prompt_length"], data["prompt_depth"] = self.resolved_prompts()
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":

@@ -30,7 +30,8 @@ register(AdapterMethod("full", trains_base=lambda name: not name.startswith("log
 
 
 class AdapterRoot(nn.Module):
-    """Owns the adapter config and the shared slots; lives at ``model.mora_adapter``."""
+    """Owns the adapter config, the shared slots and, for prompt methods, the prompts (``.prompts``);
+    lives at ``model.mora_adapter``."""
 
     def __init__(self, config: AdapterConfig, slots: list[tuple[int | None, int | None]]):
         super().__init__()
@@ -111,13 +112,18 @@ def freeze_for(model: nn.Module, method: AdapterMethod) -> None:
     if has_adapters(model):
         for _, adapter in iter_projection_adapters(model):
             adapter.requires_grad_(True)
-        getattr(model, ROOT_ATTR).slots.requires_grad_(True)
+        root = getattr(model, ROOT_ATTR)
+        root.slots.requires_grad_(True)
+        if getattr(root, "prompts", None) is not None:
+            root.prompts.requires_grad_(True)
 
 
 def add_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
     """Inject adapters of ``config.method`` into both towers (in place) and freeze the rest.
 
-    ``bitfit`` and ``full`` add no modules: they only choose what is trainable. Returns ``model``.
+    ``bitfit`` and ``full`` add no modules: they only choose what is trainable. Prompt methods
+    (``dcp``, ``mmp``) add their prompt module at ``model.mora_adapter.prompts`` and hook both
+    towers (``prompts.py``). Returns ``model``.
     """
     method = get_method(config.method)
     if has_adapters(model):
@@ -137,6 +143,13 @@ def add_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
                 if block is not None:
                     where = f"{tower} block {block}"
                     _attach(_attention(tower_modules[tower].resblocks[block], where), config, slot, tower, where)
+    if method.make_prompts is not None:
+        widths = {tower: int(m.resblocks[0].attn.out_proj.weight.shape[1]) for tower, m in tower_modules.items()}
+        depths = {tower: len(m.resblocks) for tower, m in tower_modules.items()}
+        ref = tower_modules["visual"].resblocks[0].attn.out_proj.weight
+        prompts = method.make_prompts(config, widths, depths, dtype=ref.dtype, device=ref.device)
+        root.add_module("prompts", prompts)
+        prompts.attach(tower_modules)
     if method.trains_base is not None:
         # These methods train the base tensors themselves: remember what they started from.
         root.base_fingerprint = weights_fingerprint(base_state_dict(model))

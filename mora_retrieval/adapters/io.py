@@ -1,4 +1,4 @@
-"""The adapter folder: ``adapter_config.json`` + ``adapter.safetensors`` (METHOD.md §7).
+"""The adapter folder: ``adapter_config.json`` + ``adapter.safetensors`` (docs/protocols.md §7).
 
 Tensor names are a public contract:
 
@@ -7,7 +7,13 @@ Tensor names are a public contract:
 * ``{tower}.{block}.{proj}.A`` ``[r, d_in]``, ``.B`` ``[d_out, r]``, ``.m_specific``, ``.m_shared``
   ``[d_in]`` (MoRA), ``.A``/``.B`` (LoRA) and ``.m`` ``[d_out]`` (DoRA); ``tower`` is ``visual`` or ``text``,
   ``block`` the block index in that tower, ``proj`` one of ``q``, ``k``, ``v``, ``out``;
-* ``bitfit`` and ``full`` store the trained base tensors as ``base.{open_clip state-dict name}``.
+* ``bitfit`` and ``full`` store the trained base tensors as ``base.{open_clip state-dict name}``;
+* prompt methods store their module's parameters as ``prompts.{name}`` (``prompts.py``): ``mmp``
+  ``prompts.tokens.{tower}`` ``[3, N, P, d]`` (case, block, token, width); ``dcp``
+  ``prompts.initial.{tower}`` ``[2, P/3, d]`` (modality present, missing), ``prompts.modal``
+  ``[3, P/3, d_t]``, ``prompts.queries.{tower}`` ``[3, P/3, d]``, and the weights of its modules
+  ``prompts.norms.{tower}.{block}.*``, ``prompts.generators.{tower}.{block}.{0,2}.*``,
+  ``prompts.modal_proj.{tower}.{0,2}.*`` and ``prompts.query_attn.{tower}.*``.
 
 The config records the backbone architecture, the tower shapes and a fingerprint of the base
 weights, so loading onto another backbone fails with one clear line. Nothing is unpickled.
@@ -50,6 +56,9 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         tensors.update({f"shared.{slot}.{part}": getattr(module, part) for part in method.shared})
     for prefix, adapter in iter_projection_adapters(model):
         tensors.update({f"{prefix}.{part}": getattr(adapter, part) for part in method.specific + method.magnitudes})
+    prompts = getattr(getattr(model, ROOT_ATTR), "prompts", None)
+    if prompts is not None:
+        tensors.update({f"prompts.{name}": param for name, param in prompts.named_parameters()})
     return tensors
 
 

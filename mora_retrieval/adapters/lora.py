@@ -4,7 +4,7 @@
 * DoRA, as the DoRA authors and PEFT (``use_dora``) run it: ``V = W0 + (α/r)·B A`` and
   ``W' = (m / row(V)) ⊙ V`` with one magnitude per output row, ``m`` initialised to ``row(W0)``.
   ``row(V)`` is detached from the gradient (DoRA paper §4.3). MoRA's magnitudes are per input
-  column instead (METHOD.md §1, ``mora.py``).
+  column instead (docs/protocols.md §1, ``mora.py``).
 """
 
 from __future__ import annotations

@@ -50,6 +50,14 @@ def _fold(module: nn.Module, name: str, value: torch.Tensor) -> tuple | None:
     return module, name, parametrized_class, parametrizations
 
 
+def require_mergeable(method: str, where: str | Path | None = None) -> None:
+    """One-line :class:`AdapterError` when ``method`` cannot be folded into the weights."""
+    if not get_method(method).mergeable:
+        head = f"{where}: " if where is not None else ""
+        raise AdapterError(f"{head}{method} adapters cannot be merged: their prompts are extra tokens in every forward "
+                           f"pass, not a weight change (use the adapter folder unmerged)")
+
+
 @torch.no_grad()
 def merge_adapters(model: nn.Module, reversible: bool = False) -> nn.Module:
     """Fold the adapters into the base weights, in place; returns the now plain model.
@@ -57,7 +65,10 @@ def merge_adapters(model: nn.Module, reversible: bool = False) -> nn.Module:
     A model without adapters (or trained with ``bitfit``/``full``) is returned as it is, with
     its adapter root removed. All parameters end up trainable again, like a fresh open_clip model.
     A merged weight with NaN or inf raises :class:`AdapterError` and leaves the model unmerged.
+    Prompt methods (``dcp``, ``mmp``) are refused: they change the computation, not the weights.
     """
+    if has_adapters(model):
+        require_mergeable(getattr(model, ROOT_ATTR).config.method)
     merged = [(qualified, module, name, getattr(module, name).detach()) for qualified, module, name in parametrized_weights(model)]
     checked = [(qualified, value) for qualified, _, _, value in merged]
     if has_adapters(model):  # with bitfit/full, the trained base tensors are the merged weights
@@ -170,6 +181,7 @@ def merge_adapter_folder(
     merged weights, output path).
     """
     meta = read_adapter_config(adapter_dir)
+    require_mergeable(str(meta["adapter"].get("method", "mora")), adapter_dir)
     arch = arch or meta.get("arch")
     if not arch:
         raise AdapterError(f"{adapter_dir}: the adapter config names no architecture; pass --model")

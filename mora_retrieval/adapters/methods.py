@@ -2,7 +2,8 @@
 
 Each method's rules are one :class:`AdapterMethod`, registered where the method is defined:
 MoRA and its ablations in ``mora.py``, LoRA and DoRA in ``lora.py``, BitFit and full in
-``inject.py``. The toolkit asks :func:`get_method`; :func:`list_methods` gives the names.
+``inject.py``, the prompt baselines DCP and MMP in ``prompts.py``. The toolkit asks
+:func:`get_method`; :func:`list_methods` gives the names.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ class AdapterMethod:
     device=)``; a method with neither adds no modules. Freeze rule: ``trains_base(name)`` names
     the backbone parameters that train (None: none). ``convention = (key, value, meaning)`` is
     written into ``adapter_config.json`` and required at load.
+
+    Prompt methods: ``make_prompts(config, widths, depths, dtype=, device=)`` builds the module
+    that inserts learnable tokens into both towers (``prompts.py``); ``prompt_defaults`` is its
+    ``(prompt_length, prompt_depth)`` when the config gives none. ``mergeable`` is False for
+    methods whose change is not a weight change (prompts): merging them is refused.
     """
 
     name: str
@@ -35,6 +41,9 @@ class AdapterMethod:
     make_slot: Callable[..., Any] | None = None
     trains_base: Callable[[str], bool] | None = None
     convention: tuple[str, str, str] | None = None
+    make_prompts: Callable[..., Any] | None = None
+    prompt_defaults: tuple[int, int] | None = None
+    mergeable: bool = True
 
     def alpha(self, alpha: float | None, r: int) -> float:
         """The α in use: the configured one, else the method's default."""

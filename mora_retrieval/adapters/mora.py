@@ -1,6 +1,6 @@
 """MoRA: modality-specific low-rank pairs plus a modality-shared part coupled through Gram matrices.
 
-For a frozen square weight ``W0`` of modality ``m`` (METHOD.md §1):
+For a frozen square weight ``W0`` of modality ``m`` (docs/protocols.md §1):
 
 * specific: ``ΔW_m = B A`` (``A ~ N(0, 1/r)``, ``B = 0``), per projection;
 * shared, one ``SharedSlot`` per layer slot: ``S_v [r_s, d_v]``, ``S_t [r_s, d_t]`` ~ ``N(0, 1/r_s)``;

@@ -3,7 +3,9 @@
 This is the only module of :mod:`mora_retrieval.analysis` that imports ``mora_retrieval.tasks``
 (the settings classes of classification and CIR runs).
 
-* The **adapted** model is the run's merged checkpoint (``retrieval.encoder.load_encoder(run=…)``).
+* The **adapted** model is the run's merged checkpoint (``retrieval.encoder.load_encoder(run=…)``);
+  for a prompt method (``dcp``, ``mmp``), which cannot be merged, the adapter loaded unmerged onto
+  the rebuilt backbone, with every sample complete (the analysis embeds complete samples).
 * The **original** model is rebuilt from the run's recorded architecture and pretrained weights;
   an architecture trained without pretrained weights is re-drawn from the run's seed, exactly as
   training drew it. The rebuilt weights are checked against the base-weight fingerprint the
@@ -21,6 +23,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..adapters import get_method, list_methods
 from ..adapters.io import CONFIG_FILE as ADAPTER_CONFIG_FILE
 from ..data.cirr import CIRRTriplets
 from ..data.images import make_transform
@@ -91,7 +94,9 @@ def read_run(run_dir: str | Path) -> RunInfo:
         raise TrainingError(f"{run_dir / RUN_CONFIG}: not a classification or CIR run (task {task!r}); analyze "
                             "needs a run folder of `mora-ret classify` or `mora-ret train cirr`")
     adapter_dir = run_dir / ADAPTER_DIR
-    for needed in (run_dir / MERGED_FILE, adapter_dir / ADAPTER_CONFIG_FILE):
+    unmerged = info["method"] in list_methods() and not get_method(info["method"]).mergeable  # dcp, mmp
+    merged = [] if unmerged else [run_dir / MERGED_FILE]
+    for needed in (*merged, adapter_dir / ADAPTER_CONFIG_FILE):
         if not needed.is_file():
             raise TrainingError(f"{needed}: not found (the run did not finish; resume it with --resume)")
     meta = read_json(adapter_dir / ADAPTER_CONFIG_FILE, "adapter config", error=TrainingError)
@@ -102,7 +107,8 @@ def read_run(run_dir: str | Path) -> RunInfo:
 
 
 def adapted_encoder(info: RunInfo, device: str | None) -> Any:
-    """The run's merged model as a ``retrieval.encoder.Encoder``."""
+    """The run's merged model as a ``retrieval.encoder.Encoder`` (a prompt method's run: its backbone with
+    the adapter loaded unmerged, see ``runs.FinishedRun.load_model``)."""
     return load_encoder(None, run=info.run_dir, device=device)
 
 

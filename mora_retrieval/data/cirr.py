@@ -1,4 +1,4 @@
-"""CIRR in its published layout (METHOD.md §6).
+"""CIRR in its published layout (docs/protocols.md §6).
 
 ``root/captions/cap.rc2.{split}.json`` holds the triplets, ``root/image_splits/split.rc2.{split}.json``
 maps every image name of the split to its path relative to ``root`` (``./train/34/<name>.png``,

@@ -1,7 +1,7 @@
 """MS-COCO in its published layout: ``annotations/{instances,captions}_{split}.json``, images in ``{split}/``.
 
 Annotations are read with ``pycocotools`` (its console chatter is silenced). ``COCOImages`` is the
-image gallery of METHOD.md §5: ordered by image id, and by default only the images with at least
+image gallery of docs/protocols.md §5: ordered by image id, and by default only the images with at least
 one instance annotation. ``COCOCaptions`` yields one item per (image, caption) pair, for
 contrastive pretraining.
 """

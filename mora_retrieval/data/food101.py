@@ -1,4 +1,4 @@
-"""UPMC Food-101 in its published layout (METHOD.md §6).
+"""UPMC Food-101 in its published layout (docs/protocols.md §6).
 
 ``images/{train,test}/<class>/<file>.jpg`` and ``texts/{train,test}_titles.csv`` (no header;
 ``file name, title text, class name``). Class names are the sorted class folders found under

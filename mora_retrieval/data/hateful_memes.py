@@ -1,4 +1,4 @@
-"""Hateful Memes in its published layout (METHOD.md §6).
+"""Hateful Memes in its published layout (docs/protocols.md §6).
 
 ``img/<id>.png`` and one jsonl file per split with rows ``{id, img: "img/<id>.png", label, text}``.
 ``split`` maps to the labelled files used in the literature: ``train`` → ``train.jsonl``,

@@ -11,7 +11,7 @@ copy; the warnings still reach the log output.
 Preprocessing comes from the model. :func:`preprocess_spec` reads a model's open_clip
 preprocessing config (``model.visual.preprocess_cfg``: size, mean, std, interpolation, resize
 mode) into a frozen :class:`PreprocessSpec`; kind ``"targetpad"`` adds CLIP4CIR's targetpad
-(METHOD.md §4): images whose aspect ratio is at least ``ratio`` (1.25) are first padded
+(docs/protocols.md §4): images whose aspect ratio is at least ``ratio`` (1.25) are first padded
 symmetrically with black up to ``long_side / ratio`` on the short side. :func:`make_transform`
 turns a spec into open_clip's own eval transform (targetpad in front when asked), and
 :func:`make_uint8_transform` into the same pipeline stopped before the float conversion and
@@ -41,7 +41,7 @@ from torchvision.transforms import Compose, Normalize, ToTensor
 from ..errors import DataError
 
 TRANSFORM_KINDS = ("clip", "targetpad")
-#: CLIP4CIR's targetpad ratio (METHOD.md §4).
+#: CLIP4CIR's targetpad ratio (docs/protocols.md §4).
 TARGETPAD_RATIO = 1.25
 INTERPOLATIONS = ("bicubic", "bilinear")
 RESIZE_MODES = ("shortest", "longest", "squash")

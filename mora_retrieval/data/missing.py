@@ -1,4 +1,4 @@
-"""The missing-modality protocol (METHOD.md §2).
+"""The missing-modality protocol (docs/protocols.md §2).
 
 A :class:`MissingSpec` names a scenario: ``none``, ``text:η``, ``image:η`` or ``both:η[:s]``
 (η = share of samples with a missing modality; for ``both``, ``s`` = the share of those that lose

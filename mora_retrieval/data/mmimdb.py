@@ -1,4 +1,4 @@
-"""MM-IMDb in its published layout (METHOD.md §6).
+"""MM-IMDb in its published layout (docs/protocols.md §6).
 
 ``split.json`` (``{"train": [ids], "dev": [ids], "test": [ids]}``; ``val`` reads ``dev``) and,
 per movie, ``<id>.json`` (``plot``: list of strings, ``genres``: list) with ``<id>.jpeg``: either

@@ -39,7 +39,7 @@ TRAINING_FIELDS = (
 class TrainConfig:
     """Optimiser, schedule, precision, data loading and bookkeeping of one training run.
 
-    Defaults follow the paper's recipe (METHOD.md §1): AdamW with betas (0.9, 0.98), eps 1e-8,
+    Defaults follow the paper's recipe (docs/protocols.md §1): AdamW with betas (0.9, 0.98), eps 1e-8,
     lr 1e-2, weight decay 0.02, 10% linear warm-up then cosine decay to 0 (per optimiser step).
     """
 
@@ -90,6 +90,18 @@ class TrainConfig:
             raise TrainingError(f"train config: num_workers must be >= 0, got {self.num_workers}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise TrainingError(f"train config: max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+
+    def steps_per_epoch(self, samples: int, world_size: int = 1) -> int:
+        """Optimiser steps an epoch of ``samples`` gives (full global batches only, as the sampler)."""
+        return samples // (self.batch_size * world_size) // self.grad_accum
+
+    def check_fits(self, samples: int, what: str = "training set", world_size: int = 1) -> None:
+        """One line, before anything is written, when ``samples`` give no full optimiser step."""
+        if self.steps_per_epoch(samples, world_size) == 0:
+            raise TrainingError(
+                f"{what} of {samples} samples gives no full optimiser step with batch_size {self.batch_size} "
+                f"× grad_accum {self.grad_accum} × {world_size} process(es): lower the batch size "
+                f"(at most {max(samples // (self.grad_accum * world_size), 1)})")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (betas as a list)."""

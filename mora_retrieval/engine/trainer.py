@@ -137,10 +137,7 @@ class Trainer:
         self.module.to(self.device)
         sampler = ResumableSampler(len(self.dataset), cfg.batch_size, cfg.seed, info.rank, info.world_size)
         self.steps_per_epoch = sampler.batches_per_epoch() // cfg.grad_accum
-        if self.steps_per_epoch == 0:
-            raise TrainingError(
-                f"training set of {len(self.dataset)} samples gives no full optimiser step with batch_size "
-                f"{cfg.batch_size} × grad_accum {cfg.grad_accum} × {info.world_size} process(es)")
+        cfg.check_fits(len(self.dataset), "training set", info.world_size)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)

@@ -2,7 +2,7 @@
 
 :class:`CLIPClassifier` concatenates the image and the text embedding of the two CLIP towers
 (``[image | text]``, ``2 × embed_dim``) and applies one :class:`LinearHead`, initialised
-``N(0, 0.02)`` with a zero bias (METHOD.md §3). Feature scaling: ``"normalized"`` (default)
+``N(0, 0.02)`` with a zero bias (docs/protocols.md §3). Feature scaling: ``"normalized"`` (default)
 L2-normalises each tower's embedding before concatenating, so both halves have the same scale
 whatever the backbone; ``"raw"`` concatenates the unnormalised embeddings.
 
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
+from ..adapters.prompts import missing_cases
 from ..errors import TrainingError
 from ..fileio import load_tensors, save_tensors
 
@@ -70,8 +71,11 @@ class CLIPClassifier(nn.Module):
             img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
         return torch.cat([img, txt], dim=-1)
 
-    def forward(self, image: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(image, tokens))
+    def forward(self, image: torch.Tensor, tokens: torch.Tensor, missing: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits; ``missing`` (one code per sample: 0 complete, 1 text missing, 2 image missing) selects the
+        prompts of a prompt-adapted model (``dcp``, ``mmp``) and is ignored by every other model."""
+        with missing_cases(self.clip, missing):
+            return self.head(self.features(image, tokens))
 
 
 def save_head(head: LinearHead, path: str | os.PathLike, task: str, class_names: list[str], features: str) -> Path:

@@ -2,8 +2,9 @@
 
 When only the last blocks of a tower are trainable and the inputs are deterministic (no random
 augmentation, no dropout in the frozen part), the hidden state entering the first trainable
-block is the same every epoch. :class:`FrozenPrefixCache` stores it per sample key (an image
-name, a caption index) and, on later epochs, runs only the trainable suffix of the tower.
+block is the same every epoch. :class:`FrozenPrefixCache` stores it per sample row (an image's
+row in the prepared gallery, a caption's triplet index) in one dense tensor and, on later
+epochs, runs only the trainable suffix of the tower.
 
 Both directions use open_clip's own forward code: the prefix is run by the tower itself and
 stopped by a hook after the last frozen block; the suffix is run by the tower with its blocks
@@ -15,7 +16,7 @@ recomputed, which is cheap.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Hashable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -75,15 +76,48 @@ def start_after_prefix(transformer: nn.Module, depth: int, hidden: torch.Tensor)
         handle.remove()
 
 
-class FrozenPrefixCache:
-    """Per-key hidden states of one tower's frozen prefix, kept on ``storage`` (in ``dtype`` if given)."""
+#: Share of the free device memory a cache may take before it is kept in pinned host memory instead.
+DEVICE_BUDGET_SHARE = 0.5
 
-    def __init__(self, transformer: nn.Module, storage: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+
+def cache_placement(nbytes: int, device_type: str, free_device_bytes: int | None,
+                    budget_share: float = DEVICE_BUDGET_SHARE) -> str:
+    """Where a cache of ``nbytes`` lives: ``"device"`` (CUDA, within ``budget_share`` of the free
+    memory), ``"pinned"`` (CUDA, too large: page-locked host memory, copied per batch) or
+    ``"cpu"`` (training on the CPU)."""
+    if device_type != "cuda":
+        return "cpu"
+    if free_device_bytes is not None and nbytes <= budget_share * free_device_bytes:
+        return "device"
+    return "pinned"
+
+
+def cache_dtype(device_type: str, computed: torch.dtype) -> torch.dtype:
+    """bf16 on CUDA (half the memory, what autocast computes anyway); on the CPU the computed
+    dtype, so that a cached step equals an uncached one exactly."""
+    return torch.bfloat16 if device_type == "cuda" else computed
+
+
+class FrozenPrefixCache:
+    """Hidden states of one tower's frozen prefix for ``rows`` samples, dense and indexed by row.
+
+    One ``[rows, L, D]`` tensor, allocated at the first fill (when L and D are known) in
+    :func:`cache_dtype` and placed by :func:`cache_placement` for the training ``device``
+    (``memory_budget`` overrides the free device memory it compares against); a CPU bool mask
+    ``filled`` says which rows hold states. :meth:`encode` gathers a batch's rows with one index
+    and runs the prefix only for the rows not yet filled.
+    """
+
+    def __init__(self, transformer: nn.Module, rows: int, device: str | torch.device = "cpu",
+                 memory_budget: int | None = None):
         self.transformer = transformer
         self.depth = frozen_prefix_depth(transformer)
-        self.storage = torch.device(storage)
-        self.dtype = dtype
-        self.states: dict[Hashable, torch.Tensor] = {}
+        self.rows = int(rows)
+        self.device = torch.device(device)
+        self.memory_budget = memory_budget
+        self.filled = torch.zeros(self.rows, dtype=torch.bool)
+        self.states: torch.Tensor | None = None
+        self.placement: str | None = None
         self.hits = 0
         self.misses = 0
 
@@ -91,19 +125,40 @@ class FrozenPrefixCache:
     def active(self) -> bool:
         return self.depth > 0
 
+    def covers(self, rows: torch.Tensor) -> bool:
+        """Whether every row of ``rows`` (a CPU index tensor) holds its states."""
+        return bool(self.filled[rows].all())
+
+    def _allocate(self, fresh: torch.Tensor) -> None:
+        dtype = cache_dtype(self.device.type, fresh.dtype)
+        nbytes = self.rows * fresh[0].numel() * dtype.itemsize
+        free = self.memory_budget
+        if free is None and self.device.type == "cuda":
+            free = torch.cuda.mem_get_info(self.device)[0]
+        self.placement = cache_placement(nbytes, self.device.type, free)
+        shape = (self.rows, *fresh.shape[1:])
+        if self.placement == "device":
+            self.states = torch.empty(shape, dtype=dtype, device=self.device)
+        else:
+            self.states = torch.empty(shape, dtype=dtype, pin_memory=self.placement == "pinned")
+
     def encode(self, tower: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor,
-               keys: Sequence[Hashable]) -> torch.Tensor:
-        """``tower(inputs)`` with the frozen prefix read from (or added to) the cache."""
+               rows: torch.Tensor) -> torch.Tensor:
+        """``tower(inputs)`` with the frozen prefix of sample rows ``rows`` (int64) read from (or
+        added to) the cache. Rows already filled need no real ``inputs`` (the stem's result on
+        them is discarded): zeros of the right shape will do."""
         if not self.active:
             return tower(inputs)
-        missing = [i for i, key in enumerate(keys) if key not in self.states]
-        if missing:
-            index = torch.tensor(missing, device=inputs.device)
-            fresh = run_prefix(lambda: tower(inputs[index]), self.transformer, self.depth)
-            for row, i in enumerate(missing):
-                self.states[keys[i]] = fresh[row].to(self.storage, self.dtype or fresh.dtype)
+        rows_cpu = rows.to("cpu", torch.int64)
+        missing = (~self.filled[rows_cpu]).nonzero().squeeze(1)
+        if len(missing):
+            fresh = run_prefix(lambda: tower(inputs[missing.to(inputs.device)]), self.transformer, self.depth)
+            if self.states is None:
+                self._allocate(fresh)
+            self.states[rows_cpu[missing].to(self.states.device)] = fresh.to(self.states.device, self.states.dtype)
+            self.filled[rows_cpu[missing]] = True
         self.misses += len(missing)
-        self.hits += len(keys) - len(missing)
-        hidden = torch.stack([self.states[key] for key in keys]).to(inputs.device, non_blocking=True)
+        self.hits += len(rows_cpu) - len(missing)
+        hidden = self.states[rows_cpu.to(self.states.device)].to(inputs.device, non_blocking=True)
         with start_after_prefix(self.transformer, self.depth, hidden):
             return tower(inputs)

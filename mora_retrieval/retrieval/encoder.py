@@ -9,6 +9,9 @@
   ``merged.safetensors`` if present (else ``adapter/`` merged onto the base), plus the
   run's ``combiner.safetensors`` if present.
 
+An adapter of a prompt method (``dcp``, ``mmp``), which cannot be merged, stays loaded unmerged;
+its samples count as complete (both modalities), the case of every retrieval query.
+
 The encoder runs in fp32 on CPU and under bf16 autocast on CUDA. Features returned by
 ``encode_images``/``encode_texts`` are L2-normalised unless ``normalize=False``; the composed
 query uses the Combiner when one is loaded, else ``normalize(image_raw + text_raw)``.
@@ -29,7 +32,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ..adapters import load_adapters, merge_adapters
+from ..adapters import adapter_config_of, get_method, load_adapters, merge_adapters
 from ..data.images import preprocess_spec
 from ..device import inference_dtype, resolve_device, resolve_precision
 from ..errors import BackboneError
@@ -157,7 +160,9 @@ def load_encoder(
     if checkpoint is not None:
         source["checkpoint"] = str(Path(checkpoint).resolve())
     if adapter is not None:
-        model = merge_adapters(load_adapters(model, adapter, arch=arch))
+        model = load_adapters(model, adapter, arch=arch)
+        if get_method(adapter_config_of(model).method).mergeable:  # prompt methods (dcp, mmp) stay unmerged
+            model = merge_adapters(model)
         source["adapter"] = str(Path(adapter).resolve())
     comb = None
     if combiner is not None:

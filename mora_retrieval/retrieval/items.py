@@ -5,7 +5,7 @@ annotated category ids and its primary category (the category with the largest t
 annotated area; ties go to the smaller id). Those labels are what ``eval coco`` needs, so
 they are stored in the index folder (``items.jsonl``) and eval needs nothing else.
 
-* :func:`coco_items` – the METHOD.md §5 gallery: every image of a split with at least one
+* :func:`coco_items` – the docs/protocols.md §5 gallery: every image of a split with at least one
   instance annotation, ordered by image id.
 * :func:`folder_items` – every image under a folder (recursive, common extensions), sorted
   by relative path.

@@ -44,6 +44,12 @@ def method_of(config: dict[str, Any], overrides: dict[str, Any] | None, default:
     return default
 
 
+def with_new_keys(record: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """A run's recorded settings, plus the top-level ``defaults`` keys added to the recipe since
+    the run was started (so that resuming an older run accepts today's options)."""
+    return {**{key: value for key, value in defaults.items() if key not in record}, **record}
+
+
 def layered(defaults: dict[str, Any], config: dict[str, Any], overrides: dict[str, Any] | None,
             source: str = "config file") -> dict[str, Any]:
     """``defaults`` updated by ``config`` (checked against the defaults' keys), then by the
@@ -62,6 +68,22 @@ def _deep_update(base: dict[str, Any], update: dict[str, Any], source: str, wher
             out[key] = _deep_update(base[key], value, source, f"{where}{key}.")
         else:
             out[key] = value
+    return out
+
+
+def differences(saved: dict[str, Any], ours: dict[str, Any], keys: tuple[str, ...]) -> list[tuple[str, Any, Any]]:
+    """``(dotted.path, saved value, our value)`` for every setting under ``keys`` that differs."""
+    out: list[tuple[str, Any, Any]] = []
+
+    def walk(a: Any, b: Any, where: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in list(a) + [k for k in b if k not in a]:
+                walk(a.get(key), b.get(key), f"{where}.{key}")
+        elif a != b:
+            out.append((where, a, b))
+
+    for key in keys:
+        walk(saved.get(key), ours.get(key), key)
     return out
 
 

@@ -1,4 +1,4 @@
-"""CIRR metrics (METHOD.md §4): Recall@K with the reference removed, and Recall_subset@K.
+"""CIRR metrics (docs/protocols.md §4): Recall@K with the reference removed, and Recall_subset@K.
 
 Both work on one similarity matrix ``[queries, gallery]`` and one ranking: gallery items by
 descending score, ties in gallery order (a stable sort), the query's reference removed. The

@@ -5,7 +5,7 @@ Run folder (names in :mod:`mora_retrieval.runs`)::
     config.json            task, arch, pretrained, data root, adapter and both stages' settings
     stage1/                engine run of the encoder adaptation (config.json, metrics.jsonl,
                            curves.png, checkpoints/last.pt + best.safetensors)
-    adapter/               the best stage-1 adapter (METHOD.md §7)
+    adapter/               the best stage-1 adapter (docs/protocols.md §7)
     merged.safetensors     the plain open_clip checkpoint with the adapter folded in
     stage2/                engine run of the Combiner (features cached once)
     combiner.safetensors   the best Combiner
@@ -19,37 +19,62 @@ from typing import Any
 
 import torch
 
-from ...adapters import add_adapters, export_checkpoint, merge_adapters, save_adapters, trainable_share
+from ...adapters import add_adapters, export_checkpoint, get_method, merge_adapters, save_adapters, trainable_share
 from ...data.cirr import CIRRGallery, CIRRTriplets
-from ...data.collate import CaptionCollate
-from ...data.images import make_transform
+from ...data.images import make_transform, preprocess_spec
 from ...device import resolve_device, resolve_precision
 from ...engine import Trainer, load_best, seed_everything
 from ...engine.distributed import barrier, detect, process_group
 from ...errors import TrainingError
-from ...fileio import write_json
-from ...model.backbone import image_size_of, load_backbone
+from ...fileio import check_can_create, write_json
+from ...model.backbone import load_backbone
 from ...model.combiner import Combiner, load_combiner, save_combiner
 from ...runs import (ADAPTER_DIR, COMBINER_FILE, MERGED_FILE, RESULTS_FILE, STAGE1_DIR, STAGE2_DIR, FinishedRun,
                      has_record, read_record, resumable, write_record, write_results)
+from ...engine.config import TRAINING_FIELDS
+from ..settings import differences
+from .inputs import CIRInputs, cir_inputs
 from .metrics import submission_files
 from .settings import CIRSettings
 from .stages import CIRRValidation, CIRStage1, CIRStage2, SplitFeatures, TripletFeatures, encode_split
 
 
-def _datasets(settings: CIRSettings, image_size: int):
-    transform = make_transform(settings.transform, image_size)
-    kw = {"transform": transform, "skip_bad_images": settings.skip_bad_images}
-    return (CIRRTriplets(settings.data_root, "train", **kw), CIRRTriplets(settings.data_root, "val", **kw),
-            CIRRGallery(settings.data_root, "train", **kw), CIRRGallery(settings.data_root, "val", **kw))
+def _inputs(settings: CIRSettings, model, tokenizer, workers: int | None) -> CIRInputs:
+    """The run's datasets at the model's input size, with the model's own preprocessing."""
+    return cir_inputs(settings.data_root, preprocess_spec(model, settings.transform), tokenizer,
+                      prepared=settings.prepared, prepared_dir=settings.prepared_dir,
+                      skip_bad_images=settings.skip_bad_images, workers=workers)
+
+
+def _enable_prefix_cache(module: CIRStage1, inputs: CIRInputs, device, distributed: bool, console) -> None:
+    """--cache-frozen: dense prefix caches over the training images and captions; with the
+    prepared cache and one process, batches stop carrying pixels once every image is cached."""
+    gallery = inputs.train_gallery
+    rows, names = (len(gallery.prepared), None) if inputs.prepared else (len(gallery.names), gallery.names)
+    if not module.enable_prefix_cache(device, rows, len(inputs.train), names):
+        if console is not None:
+            console.print("[yellow]--cache-frozen: no frozen leading blocks to cache with this adapter method[/]")
+    elif inputs.prepared and not distributed:
+        module.stop_reading_pixels_when_cached(inputs.collate.read_pixels, inputs.train.needed_rows)
+
+
+
+#: Settings a resumed run must keep; the others (data root, workers, device, …) may change.
+RESUME_KEYS = ("arch", "pretrained", "adapter", "stage1", "transform")
 
 
 def _check_resume(run_dir: Path, settings: CIRSettings) -> None:
-    saved = read_record(run_dir)
-    ours = settings.to_dict()
-    changed = [k for k in ("arch", "pretrained", "adapter", "stage1", "transform") if saved.get(k) != ours.get(k)]
-    if changed:
-        raise TrainingError(f"{run_dir}: cannot resume, the run was started with other {', '.join(changed)}")
+    """Name the first setting that a resume may not change, with both values."""
+    for path, old, new in differences(read_record(run_dir), settings.to_dict(), RESUME_KEYS):
+        free = path.startswith("stage1.") and path.split(".", 1)[1] not in TRAINING_FIELDS  # workers, device, …
+        if not free:
+            raise TrainingError(f"{run_dir}: cannot resume: {path} was {old!r}, now {new!r} "
+                                f"(start a new --run-dir to change it)")
+
+
+def _started_epoch(run_dir: Path) -> bool:
+    """Whether the run has something to lose: a stage-1 checkpoint (an epoch or a mid-epoch one)."""
+    return resumable(run_dir / STAGE1_DIR, True)
 
 
 def train_cirr(settings: CIRSettings, resume: bool = False, console=None, quiet: bool = False) -> dict[str, Any]:
@@ -58,6 +83,10 @@ def train_cirr(settings: CIRSettings, resume: bool = False, console=None, quiet:
     Under ``torchrun`` every rank runs this; both stages share one process group, only rank 0
     writes files.
     """
+    if not get_method(settings.adapter.method).mergeable:
+        raise TrainingError(f"train cirr: {settings.adapter.method} is a prompt baseline of the classification tables "
+                            f"and cannot be merged, but a CIR run exports a merged encoder; use mora, lora, dora, "
+                            f"bitfit, full or a MoRA ablation")
     with process_group(settings.stage1.device):
         return _train_cirr(settings, resume, console, quiet)
 
@@ -66,28 +95,39 @@ def _train_cirr(settings: CIRSettings, resume: bool, console, quiet: bool) -> di
     run_dir = Path(settings.run_dir)
     info = detect()
     main = info.is_main
+    check_can_create(run_dir, "run folder")
     if resume and has_record(run_dir):
         _check_resume(run_dir, settings)
-    elif has_record(run_dir) and not resume:
+    elif has_record(run_dir) and _started_epoch(run_dir):
         raise TrainingError(f"{run_dir}: already holds a run; pass --resume to continue it or choose a new --run-dir")
-    barrier(info)  # every rank has checked the folder before rank 0 writes into it
-    if main:
-        write_record(run_dir, settings.to_dict())
-
+    # Everything else that can be checked is checked before the run folder is written: the data,
+    # the weights, and both stages' batch sizes against the data (a failed start blocks no retry).
     seed_everything(settings.stage1.seed)  # random weights (if any) and adapter init follow the run's seed
     backbone = load_backbone(settings.arch, settings.pretrained)
     model = add_adapters(backbone.model, settings.adapter)
     trainable, total, share = trainable_share(model)
-    train_set, val_set, train_gallery, val_gallery = _datasets(settings, image_size_of(model))
-    validation = CIRRValidation.from_triplets(val_set, val_gallery, settings.eval_batch_size)
-    module = CIRStage1(model, backbone.tokenizer, validation)
+    inputs = _inputs(settings, model, backbone.tokenizer, settings.stage1.num_workers)
+    settings.stage1.check_fits(len(inputs.train), f"{settings.data_root}: CIRR train split", info.world_size)
+    if settings.stage2 is not None:
+        settings.stage2.check_fits(len(inputs.train), f"{settings.data_root}: CIRR train split (Combiner)",
+                                   info.world_size)
+    barrier(info)  # every rank has checked the folder before rank 0 writes into it
+    if main:
+        write_record(run_dir, settings.to_dict())
+    if any(inputs.dropped.values()) and console is not None and not quiet:
+        console.print("[yellow]left out for bad images: "
+                      + ", ".join(f"{n} {split} triplet(s)" for split, n in inputs.dropped.items()) + "[/]")
+    validation = CIRRValidation(inputs.val_gallery, inputs.val_records, settings.eval_batch_size)
+    module = CIRStage1(model, backbone.tokenizer, validation, pixel_spec=inputs.spec)
     extra = {"task": "cir-stage1", "arch": settings.arch, "pretrained": settings.pretrained,
              "adapter": settings.adapter.to_dict()}
-    trainer = Trainer(module, settings.stage1, run_dir / STAGE1_DIR, train_set, CaptionCollate(backbone.tokenizer),
+    trainer = Trainer(module, settings.stage1, run_dir / STAGE1_DIR, inputs.train, inputs.collate,
                       console=console, quiet=quiet, extra_config=extra)
     module.precision, validation.num_workers = trainer.precision, trainer.num_workers  # as resolved by the engine
-    if settings.cache_frozen and not module.enable_prefix_cache(trainer.device) and console is not None and not quiet:
-        console.print("[yellow]--cache-frozen: no frozen leading blocks to cache with this adapter method[/]")
+    if settings.cache_frozen:
+        _enable_prefix_cache(module, inputs, trainer.device, info.enabled, console if not quiet else None)
+    elif trainer.precision == "bf16":
+        module.enable_bf16_prefix()  # the frozen leading blocks in pure bf16
     stage1 = trainer.fit(resume=resumable(run_dir / STAGE1_DIR, resume))
     device, precision = trainer.device, trainer.precision
 
@@ -108,14 +148,22 @@ def _train_cirr(settings: CIRSettings, resume: bool, console, quiet: bool) -> di
         "total_parameters": total,
         "trainable_percent": share,
         "stage1_best_epoch": stage1.best_epoch,
+        "dropped_triplets": inputs.dropped,
     }
     val_split = validation.encode(merged, backbone.tokenizer, device, precision)  # once: stage-1 score, stage-2 data
     results["val_stage1"] = validation.metrics(val_split)
+    if not inputs.prepared:  # image files: a bad image shows as a gallery image that was not encoded
+        results["dropped_triplets"]["val"] = len(inputs.val_records) - len(validation.usable(val_split)[0].records)
 
     if settings.stage2 is not None:
-        train_split = encode_split(merged, backbone.tokenizer, train_gallery, [r["caption"] for r in train_set.records],
-                                   device, precision, settings.eval_batch_size, trainer.num_workers)
-        train_feats = TripletFeatures.from_split(train_split, train_set.records)
+        train_split = encode_split(merged, backbone.tokenizer, inputs.train_gallery,
+                                   [r["caption"] for r in inputs.train_records], device, precision,
+                                   settings.eval_batch_size, trainer.num_workers)
+        train_feats = TripletFeatures.from_split(train_split, inputs.train_records)
+        if not inputs.prepared:
+            results["dropped_triplets"]["train"] = train_feats.dropped  # stage 1's batches dropped them too
+        if console is not None and not quiet:
+            console.rule(f"stage 2: the Combiner on cached features of {len(train_feats)} triplets")
         combiner = Combiner(train_feats.reference.shape[1])
         stage2_module = CIRStage2(combiner, validation, val_split.to("cpu"))
         trainer2 = Trainer(stage2_module, settings.stage2, run_dir / STAGE2_DIR, train_feats, console=console,
@@ -144,6 +192,9 @@ def evaluate_cirr_run(run_dir: str | Path, data_root: str | None = None, split: 
     run folder) and returns their paths.
     """
     run = FinishedRun.open(run_dir)
+    if run.record.get("task") != "cir":
+        raise TrainingError(f"{run_dir}: not a CIR run (its config.json has task {run.record.get('task')!r}); "
+                            f"eval cirr needs a folder written by `mora-ret train cirr`")
     settings = CIRSettings.from_dict(run.record, str(run_dir))
     dev = resolve_device(device)
     backbone = run.load_model(str(dev))
@@ -151,7 +202,7 @@ def evaluate_cirr_run(run_dir: str | Path, data_root: str | None = None, split: 
     combiner_path = run.find(COMBINER_FILE) if use_combiner else None
     combiner = load_combiner(combiner_path, str(dev)) if combiner_path is not None else None
     root = data_root or settings.data_root
-    transform = make_transform(settings.transform, image_size_of(model))
+    transform = make_transform(preprocess_spec(model, settings.transform))
     triplets = CIRRTriplets(root, split, transform=transform)
     validation = CIRRValidation.from_triplets(triplets, CIRRGallery(root, split, transform=transform),
                                               settings.eval_batch_size)

@@ -1,6 +1,6 @@
 """Settings of a CIR run: the recipe's defaults per adapter method, and the layers over them.
 
-Defaults (METHOD.md §1, §4): MoRA and the other adapters use the CIRR row (r = r_s = 4, α 0.01,
+Defaults (docs/protocols.md §1, §4): MoRA and the other adapters use the CIRR row (r = r_s = 4, α 0.01,
 q and v of the last 2 blocks, lr 1e-2, weight decay 0.02, batch 256, 20 epochs); ``full`` (the
 CLIP4CIR baseline) uses lr 2e-6, batch 128, weight decay 0.01. The Combiner: Adam (AdamW with
 no weight decay) at lr 2e-5, batch 512, 20 epochs, ``p = 4d``, ``h = 8d``. All may be overridden.
@@ -15,7 +15,7 @@ from typing import Any
 from ...adapters import AdapterConfig, get_method
 from ...engine import TrainConfig
 from ...runs import has_record, read_record
-from ..settings import layered, method_of, read_config_file
+from ..settings import layered, method_of, read_config_file, with_new_keys
 
 
 def cir_defaults(method: str) -> tuple[AdapterConfig, TrainConfig, TrainConfig]:
@@ -45,6 +45,8 @@ class CIRSettings:
     skip_bad_images: bool = False
     eval_batch_size: int = 256
     cache_frozen: bool = False  # cache the frozen blocks' outputs across epochs (deterministic inputs)
+    prepared: bool = True  # read the galleries from the prepared-image cache (decoded once), not the files
+    prepared_dir: str | None = None  # where the cache lives; None: data.prepared.default_prepared_dir(data_root)
 
     @classmethod
     def with_defaults(cls, data_root: str, run_dir: str, method: str = "mora", **overrides: Any) -> "CIRSettings":
@@ -61,6 +63,8 @@ class CIRSettings:
             "skip_bad_images": self.skip_bad_images,
             "eval_batch_size": self.eval_batch_size,
             "cache_frozen": self.cache_frozen,
+            "prepared": self.prepared,
+            "prepared_dir": self.prepared_dir,
             "adapter": self.adapter.to_dict(),
             "stage1": self.stage1.to_dict(),
             "stage2": None if self.stage2 is None else self.stage2.to_dict(),
@@ -80,6 +84,8 @@ class CIRSettings:
             skip_bad_images=data.get("skip_bad_images", False),
             eval_batch_size=data.get("eval_batch_size", 256),
             cache_frozen=data.get("cache_frozen", False),
+            prepared=data.get("prepared", True),
+            prepared_dir=data.get("prepared_dir"),
         )
 
 
@@ -95,11 +101,10 @@ def build_settings(data_root: str, run_dir: str, method: str | None = None, conf
     if method is not None:
         overrides["adapter"] = {**overrides.get("adapter", {}), "method": method}
     no_combiner = [layer.pop("no_combiner", None) for layer in (config, overrides)]
-    if resume and has_record(run_dir):
-        base = read_record(run_dir)
-    else:
-        base = CIRSettings.with_defaults(data_root, run_dir, method_of(config, overrides)).to_dict()
+    defaults = CIRSettings.with_defaults(data_root, run_dir, method_of(config, overrides)).to_dict()
+    base = with_new_keys(read_record(run_dir), defaults) if resume and has_record(run_dir) else defaults
     merged = layered(base, config, overrides, str(config_file))
+    merged["data_root"] = str(data_root)  # paths may change on resume (a moved dataset)
     if any(no_combiner):
         merged["stage2"] = None
     return CIRSettings.from_dict(merged, run_dir)

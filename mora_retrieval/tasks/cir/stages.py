@@ -15,6 +15,7 @@ evaluation and the reference features are looked up in it.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -23,10 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from ...data.images import PreprocessSpec, normalize_uint8
 from ...engine.module import TrainModule
+from ...errors import DataError
 from ...model.combiner import Combiner
-from ...model.encode import composed_query, encode_images, encode_texts
+from ...model.encode import collect, composed_query, encode_images, encode_texts, ordered_loader
+from ...model.bf16_prefix import Bf16Prefix
 from ...model.prefix_cache import FrozenPrefixCache
+from .inputs import PreparedGallery
 from .metrics import cirr_rankings, cirr_recalls
 
 LOGIT_SCALE = 100.0
@@ -52,15 +57,38 @@ class SplitFeatures:
     def of(self, names: Sequence[str]) -> torch.Tensor:
         """Gallery features of the images ``names`` (references, targets), looked up by name."""
         index = {name: i for i, name in enumerate(self.names)}
+        missing = [name for name in names if name not in index]
+        if missing:
+            raise DataError(f"image {missing[0]!r} has no features: it was skipped as unreadable "
+                            f"({len(missing)} such lookups)")
         return self.gallery[[index[name] for name in names]]
+
+    def keep_queries(self, records: Sequence[dict[str, Any]]) -> list[int]:
+        """Positions of the triplets whose reference and target (where known) were encoded:
+        with ``skip_bad_images`` an unreadable image is not in the gallery, nor is any query
+        that needs it."""
+        known = set(self.names)
+        return [i for i, r in enumerate(records)
+                if r["reference"] in known and r.get("target_hard", r["reference"]) in known]
 
 
 @torch.no_grad()
 def encode_split(model: nn.Module, tokenizer: Callable, gallery: Dataset, captions: Sequence[str],
                  device: torch.device, precision: str = "fp32", batch_size: int = 256,
                  num_workers: int = 0) -> SplitFeatures:
-    """Encode a split's gallery (items with ``image`` and ``name``) and its captions."""
-    feats, names = encode_images(model, gallery, device, precision, batch_size=batch_size, num_workers=num_workers)
+    """Encode a split's gallery (items with ``image`` and ``name``, or a prepared gallery whose
+    uint8 pixels are normalised on ``device``) and its captions."""
+    if isinstance(gallery, PreparedGallery):  # one uint8 batch per step, normalised here
+        prepared = gallery.prepared
+        out = collect(ordered_loader(gallery, batch_size, device, num_workers, collate_fn=gallery.collate),
+                      lambda batch: {"features": model.encode_image(prepared.normalize(batch["pixels"], device=device))
+                                     .float(), "ids": list(batch["name"])}, device, precision)
+        if not out:
+            raise ValueError("no image to encode (every image of the gallery is bad)")
+        feats, names = out["features"], out["ids"]
+    else:
+        feats, names = encode_images(model, gallery, device, precision, batch_size=batch_size,
+                                     num_workers=num_workers)
     return SplitFeatures(feats, names, encode_texts(model, tokenizer, captions, device, precision))
 
 
@@ -81,6 +109,15 @@ class CIRRValidation:
     def reference_names(self) -> list[str]:
         return [r["reference"] for r in self.records]
 
+    def usable(self, feats: SplitFeatures) -> tuple["CIRRValidation", SplitFeatures]:
+        """This split without the queries whose images were skipped as unreadable (see
+        :meth:`SplitFeatures.keep_queries`), and their features; ``self`` when none was."""
+        keep = feats.keep_queries(self.records)
+        if len(keep) == len(self.records):
+            return self, feats
+        return (CIRRValidation(self.gallery, [self.records[i] for i in keep], self.batch_size, self.num_workers),
+                SplitFeatures(feats.gallery, feats.names, feats.text[keep]))
+
     def encode(self, model: nn.Module, tokenizer: Callable, device: torch.device, precision: str) -> SplitFeatures:
         return encode_split(model, tokenizer, self.gallery, [r["caption"] for r in self.records], device, precision,
                             self.batch_size, self.num_workers)
@@ -91,10 +128,11 @@ class CIRRValidation:
         return F.normalize(query, dim=-1) @ F.normalize(feats.gallery, dim=-1).T
 
     def metrics(self, feats: SplitFeatures, combiner: nn.Module | None = None) -> dict[str, float]:
-        """The CIRR metrics (:func:`~.metrics.cirr_recalls`) of the split."""
-        return cirr_recalls(self.similarity(feats, combiner), feats.names, self.reference_names,
-                            [r["target_hard"] for r in self.records],
-                            [list(r["img_set"]["members"]) for r in self.records])
+        """The CIRR metrics (:func:`~.metrics.cirr_recalls`) of the split's usable queries."""
+        split, feats = self.usable(feats)
+        return cirr_recalls(split.similarity(feats, combiner), feats.names, split.reference_names,
+                            [r["target_hard"] for r in split.records],
+                            [list(r["img_set"]["members"]) for r in split.records])
 
     def rankings(self, feats: SplitFeatures, combiner: nn.Module | None = None) -> tuple[list, list]:
         """Per query: the top 50 gallery names and the top 3 subset members (:func:`~.metrics.cirr_rankings`)."""
@@ -103,42 +141,105 @@ class CIRRValidation:
 
 
 class CIRStage1(TrainModule):
-    """Stage 1: adapt the encoders (adapters already injected into ``model``)."""
+    """Stage 1: adapt the encoders (adapters already injected into ``model``).
+
+    A batch carries either normalised ``reference`` and ``target`` images, or (prepared cache)
+    uint8 ``pixels`` ``[2B, 3, H, W]``, references first, which are normalised here on the
+    batch's device with ``pixel_spec``'s mean and std, in float32 (the model then runs under
+    the engine's autocast).
+    """
 
     main_metric = "avg"
     higher_is_better = True
 
     def __init__(self, model: nn.Module, tokenizer: Callable, validation: CIRRValidation | None,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", pixel_spec: PreprocessSpec | None = None):
         super().__init__()
         self.model = model
+        self.pixel_spec = pixel_spec
         self.tokenizer = tokenizer
         self.validation = validation
         self.precision = precision
         self.prefix_caches = None
+        self._row_of: dict[str, int] | None = None
+        self._read_pixels: torch.Tensor | None = None
+        self._needed_rows: torch.Tensor | None = None
+        self.bf16_prefixes: tuple[Bf16Prefix, Bf16Prefix] | None = None
 
-    def enable_prefix_cache(self, storage: str | torch.device = "cpu") -> bool:
-        """Cache the frozen leading blocks' outputs per image name and caption across epochs.
+    def enable_prefix_cache(self, device: str | torch.device = "cpu", image_rows: int = 0, text_rows: int = 0,
+                            image_names: Sequence[str] | None = None, memory_budget: int | None = None) -> bool:
+        """Cache the frozen leading blocks' outputs per image row and per caption (triplet index)
+        across epochs, in dense stores of ``image_rows`` and ``text_rows`` rows
+        (:class:`~mora_retrieval.model.prefix_cache.FrozenPrefixCache`).
 
-        Valid only for deterministic inputs (no random augmentation). Returns whether any tower
-        has a frozen prefix to cache (none with ``full`` or ``bitfit``).
+        Batches of the prepared cache carry image rows; batches of image files carry names,
+        mapped to rows by their position in ``image_names``. Valid only for deterministic inputs
+        (no random augmentation). Returns whether any tower has a frozen prefix to cache (none
+        with ``full`` or ``bitfit``).
         """
-        caches = (FrozenPrefixCache(self.model.visual.transformer, storage),
-                  FrozenPrefixCache(self.model.transformer, storage))
+        caches = (FrozenPrefixCache(self.model.visual.transformer, image_rows, device, memory_budget),
+                  FrozenPrefixCache(self.model.transformer, text_rows, device, memory_budget))
         self.prefix_caches = caches if any(c.active for c in caches) else None
+        self._row_of = None if image_names is None else {name: i for i, name in enumerate(image_names)}
         return self.prefix_caches is not None
 
+    def enable_bf16_prefix(self) -> bool:
+        """Run the frozen leading blocks of both towers from bf16 copies with autocast off
+        (:class:`~mora_retrieval.model.bf16_prefix.Bf16Prefix`; for bf16 precision). Not combined
+        with the prefix cache, which skips those blocks after the first epoch anyway. Returns
+        whether any tower has a frozen prefix."""
+        prefixes = (Bf16Prefix(self.model.visual.transformer), Bf16Prefix(self.model.transformer))
+        self.bf16_prefixes = prefixes if any(p.usable for p in prefixes) else None
+        return self.bf16_prefixes is not None
+
+    def stop_reading_pixels_when_cached(self, read_pixels: torch.Tensor, needed_rows: torch.Tensor) -> None:
+        """Clear the shared flag ``read_pixels`` (seen by persistent DataLoader workers) as soon as
+        the image cache holds every row of ``needed_rows``: later batches come without pixels.
+
+        Single process only: under DDP each rank fills only the rows it sees, and the sampler
+        gives it other rows every epoch, so the ranks keep reading pixels.
+        """
+        self._read_pixels, self._needed_rows = read_pixels, needed_rows
+
+    def images(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The batch's references then targets, normalised, ``[2B, 3, H, W]``; zeros when the
+        batch comes without pixels (every image's prefix is cached, the stem's output is unused)."""
+        if "reference" in batch:
+            return torch.cat([batch["reference"], batch["target"]])
+        if self.pixel_spec is None:
+            raise ValueError("CIRStage1 got prepared-cache batches but no pixel_spec")
+        if "pixels" not in batch:
+            n = 2 * len(batch["reference_row"])
+            return torch.zeros(n, 3, *self.pixel_spec.size, device=batch["reference_row"].device)
+        return normalize_uint8(batch["pixels"], self.pixel_spec.mean, self.pixel_spec.std)
+
+    def image_rows(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The cache rows of the batch's images (references then targets)."""
+        if "reference_row" in batch:
+            return torch.cat([batch["reference_row"], batch["target_row"]])
+        if self._row_of is None:
+            raise ValueError("image batches without rows need enable_prefix_cache(image_names=...)")
+        names = list(batch["reference_name"]) + list(batch["target_name"])
+        return torch.tensor([self._row_of[name] for name in names], dtype=torch.int64)
+
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
-        n = batch["reference"].shape[0]
-        images = torch.cat([batch["reference"], batch["target"]])
+        images = self.images(batch)
+        n = images.shape[0] // 2
         if self.prefix_caches is None:
-            features = self.model.encode_image(images)
-            text = self.model.encode_text(batch["tokens"])
+            with contextlib.ExitStack() as stack:
+                for prefix in self.bf16_prefixes or ():
+                    stack.enter_context(prefix.active())
+                features = self.model.encode_image(images)
+                text = self.model.encode_text(batch["tokens"])
         else:
             image_cache, text_cache = self.prefix_caches
-            names = list(batch["reference_name"]) + list(batch["target_name"])
-            features = image_cache.encode(self.model.encode_image, images, names)
-            text = text_cache.encode(self.model.encode_text, batch["tokens"], list(batch["caption"]))
+            if "pixels" not in batch and "reference" not in batch and not image_cache.covers(
+                    self.image_rows(batch).cpu()):
+                raise RuntimeError("a batch without pixels has images whose frozen prefix is not cached")
+            features = image_cache.encode(self.model.encode_image, images, self.image_rows(batch))
+            text = text_cache.encode(self.model.encode_text, batch["tokens"], batch["index"])
+            if self._read_pixels is not None and bool(self._read_pixels) and image_cache.covers(self._needed_rows):
+                self._read_pixels.fill_(False)
         return contrastive_loss(features[:n] + text, features[n:])
 
     def evaluate(self, device: torch.device) -> dict[str, float]:
@@ -154,6 +255,7 @@ class TripletFeatures(Dataset):
         if not (len(reference) == len(text) == len(target)):
             raise ValueError("feature tensors must have the same length")
         self.reference, self.text, self.target = reference, text, target
+        self.dropped = 0  # triplets left out because an image was unreadable
 
     def __len__(self) -> int:
         return len(self.reference)
@@ -163,9 +265,14 @@ class TripletFeatures(Dataset):
 
     @classmethod
     def from_split(cls, feats: SplitFeatures, records: Sequence[dict[str, Any]]) -> "TripletFeatures":
-        """Per-triplet features (on the CPU) of ``encode_split(..., [r["caption"] for r in records])``."""
-        return cls(feats.of([r["reference"] for r in records]).cpu(), feats.text.cpu(),
-                   feats.of([r["target_hard"] for r in records]).cpu())
+        """Per-triplet features (on the CPU) of ``encode_split(..., [r["caption"] for r in records])``;
+        triplets whose images were skipped as unreadable are left out (``dropped`` counts them)."""
+        keep = feats.keep_queries(records)
+        kept = [records[i] for i in keep]
+        out = cls(feats.of([r["reference"] for r in kept]).cpu(), feats.text[keep].cpu(),
+                  feats.of([r["target_hard"] for r in kept]).cpu())
+        out.dropped = len(records) - len(kept)
+        return out
 
 
 class CIRStage2(TrainModule):

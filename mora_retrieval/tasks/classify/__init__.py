@@ -1,4 +1,4 @@
-"""Missing-modality classification with a linear head on CLIP features (METHOD.md §3).
+"""Missing-modality classification with a linear head on CLIP features (docs/protocols.md §3).
 
 :mod:`.settings` (per-dataset defaults, the settings layers, data under a scenario),
 :mod:`.model` (loss, collate, the engine task, evaluation), :mod:`.metrics`, :mod:`.recipes`

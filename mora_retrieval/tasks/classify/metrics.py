@@ -1,4 +1,4 @@
-"""Classification metrics of the three missing-modality benchmarks (METHOD.md §3), via torchmetrics.
+"""Classification metrics of the three missing-modality benchmarks (docs/protocols.md §3), via torchmetrics.
 
 Every value is a percentage (0–100), as in the paper's tables.
 

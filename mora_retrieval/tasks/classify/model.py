@@ -1,4 +1,4 @@
-"""Missing-modality classification (METHOD.md §3): loss, collate, engine task, evaluation.
+"""Missing-modality classification (docs/protocols.md §3): loss, collate, engine task, evaluation.
 
 The model is :class:`~mora_retrieval.model.heads.CLIPClassifier` (a linear head on the
 concatenated image and text embeddings). Binary tasks use two logits with cross-entropy,
@@ -7,7 +7,9 @@ multiclass cross-entropy, multilabel one logit per class with binary cross-entro
 Tokenisation happens in the DataLoader's ``collate_fn`` (:class:`ClassifyCollate`, picklable, so
 it runs in the worker processes), never in the training step. A missing modality reaches the
 model exactly as the data protocol prepared it (``WithMissingModality``: the empty string, a
-tensor of ones or the transformed white image); nothing is dropped or masked here.
+tensor of ones or the transformed white image); nothing is dropped or masked here. Each batch's
+``missing`` codes go to the classifier, which hands them to a prompt-adapted model (``dcp``,
+``mmp``: one prompt set per missing case), in training and in evaluation alike.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def predict_logits(classifier: CLIPClassifier, loader: DataLoader, device: torch
     try:
         out = collect(loader, lambda batch: {
             "logits": classifier(batch["image"].to(device, non_blocking=True),
-                                 batch["tokens"].to(device, non_blocking=True)).float().cpu(),
+                                 batch["tokens"].to(device, non_blocking=True), batch["missing"]).float().cpu(),
             **{key: batch[key] for key in ("label", "index", "missing")}}, device, precision, progress)
     finally:
         classifier.train(was_training)
@@ -107,7 +109,7 @@ class ClassifyModule(TrainModule):
         self.precision = precision
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = self.classifier(batch["image"], batch["tokens"])
+        logits = self.classifier(batch["image"], batch["tokens"], batch.get("missing"))
         return classification_loss(self.task, logits, batch["label"])
 
     def evaluate(self, device: torch.device) -> dict[str, float]:

@@ -1,5 +1,8 @@
 """Load a finished classification run (merged weights + head) and predict one image and/or text.
 
+A prompt-adapted run (``dcp``, ``mmp``) is used unmerged, with the prompts of the input's
+missing case (complete, text missing, image missing).
+
 An absent input is handled exactly like the protocol's missing modality: no text → the empty
 string; no image → a tensor of ones of the model's input shape (or the transformed white image,
 if the run was trained with ``missing_image="white"``). At least one input is required (the
@@ -20,6 +23,7 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
+from ...adapters import has_adapters
 from ...data.images import load_image
 from ...device import resolve_device
 from ...errors import DataError, TrainingError
@@ -41,10 +45,12 @@ class TrainedClassifier:
     tokenizer: Callable
     task: str  # multiclass | multilabel | binary
     class_names: list[str]
+    evaluated_on: str = "merged"  # "unmerged": a prompt method's adapter (dcp, mmp), which cannot be merged
 
 
 def load_run_classifier(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> TrainedClassifier:
-    """The classifier of a finished run folder, on ``device``."""
+    """The classifier of a finished run folder, on ``device`` (merged weights; a prompt method's run: its
+    adapter loaded unmerged, see :meth:`~mora_retrieval.runs.FinishedRun.load_model`)."""
     record = read_run_config(run_dir)
     run = FinishedRun.open(run_dir, TrainingError)
     head_path = run.require(HEAD_FILE)
@@ -56,7 +62,7 @@ def load_run_classifier(run_dir: str | os.PathLike, device: str | torch.device =
     settings = ClassifySettings.from_dict(record)
     classifier = CLIPClassifier(backbone.model, head, meta.get("features") or settings.features).to(device).eval()
     return TrainedClassifier(classifier, settings, backbone.preprocess, backbone.tokenizer, record["dataset_task"],
-                             list(record["class_names"]))
+                             list(record["class_names"]), "unmerged" if has_adapters(backbone.model) else "merged")
 
 
 @dataclass
@@ -108,7 +114,8 @@ class Predictor:
                 top_k: int = 5) -> Prediction:
         """Classify one sample; ``top_k`` limits the listed multiclass scores."""
         pixels, tokens, code = self.encode_inputs(image, text)
-        logits = self.classifier(pixels.to(self.device), tokens.to(self.device)).float().cpu()[0]
+        logits = self.classifier(pixels.to(self.device), tokens.to(self.device),
+                                 torch.tensor([code])).float().cpu()[0]
         if self.task == "multilabel":
             probs = torch.sigmoid(logits)
         else:

@@ -7,8 +7,11 @@ Run folder (names in :mod:`mora_retrieval.runs`; the engine's ``config.json``, `
 - ``head.safetensors``: the linear head of the best epoch (``weight``, ``bias``; metadata: task,
   feature mode, class names);
 - ``merged.safetensors``: the best adapter folded into the backbone, a plain open_clip checkpoint
-  (``open_clip.create_model(arch, pretrained=...)`` loads it);
-- ``results.json``: test metrics on the **merged** model under the test scenario, with the
+  (``open_clip.create_model(arch, pretrained=...)`` loads it); not written for the prompt
+  methods (``dcp``, ``mmp``), which cannot be merged: their runs are tested and loaded unmerged
+  (:meth:`~mora_retrieval.runs.FinishedRun.load_model`);
+- ``results.json``: test metrics on the **merged** model (``evaluated_on``; prompt methods:
+  ``unmerged``) under the test scenario, with the
   scenarios, dataset, method, best epoch/validation metric, trainable share and the
   majority-class baseline;
 - ``config.json`` gains, once training is done, a top-level ``classify`` record (every setting,
@@ -29,12 +32,12 @@ import math
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ...adapters import add_adapters, export_checkpoint, merge_adapters, save_adapters, trainable_share
+from ...adapters import add_adapters, export_checkpoint, get_method, merge_adapters, save_adapters, trainable_share
 from ...data.missing import MissingSpec
 from ...device import available_cores, default_num_workers, resolve_device, resolve_precision
 from ...engine import TrainConfig, Trainer, load_best
@@ -49,7 +52,7 @@ from ...runs import (ADAPTER_DIR, EVAL_DIR, HEAD_FILE, MERGED_FILE, RESULTS_FILE
 from .metrics import MAIN_METRIC, majority_baseline
 from .model import ClassifyCollate, ClassifyModule, evaluate_classifier, head_outputs
 from .predict import load_run_classifier
-from .settings import ClassifySettings, scenario_data
+from .settings import ClassifySettings, default_adapter_config, scenario_data
 
 
 @contextlib.contextmanager
@@ -109,8 +112,10 @@ def train_classifier(settings: ClassifySettings, train_config: TrainConfig, run_
     save_adapters(classifier.clip, run_dir / ADAPTER_DIR, arch=settings.arch,
                   extra={"pretrained": settings.pretrained, "task": "classify", "dataset": settings.dataset})
     save_head(classifier.head, run_dir / HEAD_FILE, probe.task, probe.class_names, settings.features)
-    merge_adapters(classifier.clip)
-    export_checkpoint(classifier.clip, run_dir / MERGED_FILE)
+    mergeable = get_method(settings.adapter.method).mergeable
+    if mergeable:  # prompt methods are tested as they trained: unmerged
+        merge_adapters(classifier.clip)
+        export_checkpoint(classifier.clip, run_dir / MERGED_FILE)
     record = {**settings.to_dict(), "scenarios": scen, "dataset_task": probe.task,
               "class_names": list(probe.class_names)}
     update_record(run_dir, task="classify", arch=settings.arch, pretrained=settings.pretrained,
@@ -132,7 +137,7 @@ def train_classifier(settings: ClassifySettings, train_config: TrainConfig, run_
         "metric": metric,
         "test_metric": test[metric],
         "test": test,
-        "evaluated_on": "merged",
+        "evaluated_on": "merged" if mergeable else "unmerged",
         "best_epoch": fit.best_epoch,
         "best_val_metric": fit.best_metric,
         "epochs_run": len(fit.history),
@@ -156,7 +161,8 @@ def _labels(dataset: Any) -> torch.Tensor:
 def evaluate_run(run_dir: str | os.PathLike, test_missing: str | None = None, data_root: str | None = None,
                  split: str = "test", device: str = "auto", batch_size: int | None = None, num_workers: int | None = None,
                  console: Any = None) -> dict[str, Any]:
-    """Re-test a finished run (merged weights + head) under another scenario; writes ``eval/…json``.
+    """Re-test a finished run (merged weights, or a prompt method's unmerged adapter, + head) under another
+    scenario; writes ``eval/…json``.
 
     ``data_root`` replaces the run's data root (the default assignment store moves with it). A
     progress bar is shown on ``console`` when it is a terminal.
@@ -176,8 +182,8 @@ def evaluate_run(run_dir: str | os.PathLike, test_missing: str | None = None, da
     metric = MAIN_METRIC[trained.task]
     result = {"task": "classify", "dataset": settings.dataset, "method": settings.adapter.method,
               "split": split, "scenario": {"train": settings.scenarios["train"], "test": scenario},
-              "metric": metric, "test_metric": metrics[metric], "test": metrics, "evaluated_on": "merged",
-              "samples": len(dataset), "missing_counts": _missing_counts(dataset)}
+              "metric": metric, "test_metric": metrics[metric], "test": metrics,
+              "evaluated_on": trained.evaluated_on, "samples": len(dataset), "missing_counts": _missing_counts(dataset)}
     write_results(Path(run_dir) / EVAL_DIR / f"{split}-{scenario.replace(':', '_')}.json", result)
     return result
 
@@ -188,45 +194,75 @@ GRID_TYPES = ("text", "image", "both")
 GRID_RATIOS = (0.5, 0.7, 0.9)
 
 
-def grid_cell_dir(out_dir: Path, kind: str, ratio: float) -> Path:
-    return Path(out_dir) / f"{kind}-{ratio:g}"
+def grid_cell_dir(out_dir: Path, kind: str, ratio: float, method: str | None = None) -> Path:
+    """A grid cell's run folder: ``<type>-<ratio>``, under ``<method>/`` in a grid over methods."""
+    out_dir = Path(out_dir) if method is None else Path(out_dir) / method
+    return out_dir / f"{kind}-{ratio:g}"
+
+
+def method_settings(settings: ClassifySettings, method: str, **overrides: Any) -> ClassifySettings:
+    """``settings`` with the adapter of ``method``: the dataset's defaults for it, then ``overrides``
+    (AdapterConfig fields; ``None`` values are ignored)."""
+    return replace(settings, adapter=default_adapter_config(settings.dataset, method, **overrides))
 
 
 def run_grid(settings: ClassifySettings, train_config: TrainConfig, out_dir: str | os.PathLike,
              ratios: tuple[float, ...] = GRID_RATIOS, types: tuple[str, ...] = GRID_TYPES, resume: bool = False,
-             console: Any = None, quiet: bool = False) -> list[dict[str, Any]]:
-    """The paper's table: one run per (type, ratio), trained and tested on that scenario.
+             console: Any = None, quiet: bool = False,
+             methods: Sequence[ClassifySettings] | None = None) -> list[dict[str, Any]]:
+    """The paper's tables: one run per (type, ratio), trained and tested on that scenario.
 
-    Cells whose ``results.json`` exists are reused; with ``resume`` an interrupted cell is
-    continued. Writes ``grid.md`` and ``grid.csv`` in ``out_dir`` and returns the rows.
+    Without ``methods``, the cells use ``settings`` and live in ``out_dir/<type>-<ratio>`` (one
+    method's row of Table 1). ``methods`` (the Table 1 / Table 4 shape) gives one settings per
+    method (e.g. :func:`method_settings`); every method gets a cell per scenario in
+    ``out_dir/<method>/<type>-<ratio>``. Cells whose ``results.json`` exists are reused (a cell
+    holding another method's run is refused); with ``resume`` an interrupted cell is continued.
+    Writes ``grid.md`` and ``grid.csv`` in ``out_dir`` and returns the rows.
     """
     out_dir = Path(out_dir)
+    plan = [(None, settings)] if not methods else [(m.adapter.method, m) for m in methods]
+    names = [base.adapter.method for _, base in plan]
+    if len(set(names)) != len(names):
+        raise TrainingError(f"the grid repeats a method: {', '.join(names)}")
     rows = []
-    for kind in types:
-        for ratio in ratios:
-            scenario = f"{kind}:{ratio:g}"
-            cell = grid_cell_dir(out_dir, kind, ratio)
-            done = cell / RESULTS_FILE
-            if done.is_file():
-                result = read_json(done, "results file", error=TrainingError)
-            else:
-                if console is not None and not quiet:
-                    console.rule(f"{settings.dataset}: train = test = {scenario}")
-                cell_settings = settings.with_scenarios(missing=scenario, val_missing=None, test_missing=scenario)
-                result = train_classifier(cell_settings, train_config, cell, resume=resumable(cell, resume),
-                                          console=console, quiet=quiet)
-                if result is None:  # a non-zero rank under torchrun
-                    continue
-            rows.append({"dataset": settings.dataset, "method": settings.adapter.method, "missing_type": kind,
-                         "ratio": ratio, "metric": result["metric"], "value": result["test_metric"],
-                         "run_dir": str(cell)})
+    for folder, base in plan:
+        name = base.adapter.method
+        for kind in types:
+            for ratio in ratios:
+                scenario = f"{kind}:{ratio:g}"
+                cell = grid_cell_dir(out_dir, kind, ratio, folder)
+                done = cell / RESULTS_FILE
+                if done.is_file():
+                    result = read_json(done, "results file", error=TrainingError)
+                    if result.get("method") != name:
+                        raise TrainingError(f"{done}: the cell holds a {result.get('method')!r} run, not {name!r} "
+                                            f"(another grid's folder?); pick another --run-dir")
+                else:
+                    if console is not None and not quiet:
+                        console.rule(f"{base.dataset} · {name}: train = test = {scenario}")
+                    cell_settings = base.with_scenarios(missing=scenario, val_missing=None, test_missing=scenario)
+                    result = train_classifier(cell_settings, train_config, cell, resume=resumable(cell, resume),
+                                              console=console, quiet=quiet)
+                    if result is None:  # a non-zero rank under torchrun
+                        continue
+                rows.append({"dataset": base.dataset, "method": name, "missing_type": kind,
+                             "ratio": ratio, "metric": result["metric"], "value": result["test_metric"],
+                             "run_dir": str(cell)})
     if rows:
         write_grid_tables(rows, out_dir)
     return rows
 
 
+def _cell(value: Any) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
+
+
 def write_grid_tables(rows: list[dict[str, Any]], out_dir: Path) -> tuple[Path, Path]:
-    """``grid.csv`` (one row per cell) and ``grid.md`` (types × ratios), atomically."""
+    """``grid.csv`` (one row per cell) and ``grid.md``, atomically.
+
+    One method: missing types × ratios. Several (the paper's Table 1 shape): one column per
+    method, one row per (ratio, missing type), and each ratio's average over its types.
+    """
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
@@ -235,15 +271,29 @@ def write_grid_tables(rows: list[dict[str, Any]], out_dir: Path) -> tuple[Path, 
         handle.write(buf.getvalue())
     ratios = sorted({r["ratio"] for r in rows})
     types = list(dict.fromkeys(r["missing_type"] for r in rows))
-    value = {(r["missing_type"], r["ratio"]): r["value"] for r in rows}
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    value = {(r["method"], r["missing_type"], r["ratio"]): r["value"] for r in rows}
     first = rows[0]
-    lines = [f"{first['dataset']} · {first['method']} · {first['metric']} (%) · train = test scenario", "",
-             "| missing type | " + " | ".join(f"η = {100 * r:g}%" for r in ratios) + " |",
-             "|---|" + "---:|" * len(ratios)]
-    for kind in types:
-        cells = [value.get((kind, r)) for r in ratios]
-        lines.append(f"| {kind} | " + " | ".join("–" if v is None or (isinstance(v, float) and math.isnan(v))
-                                                 else f"{v:.2f}" for v in cells) + " |")
+    if len(methods) == 1:
+        lines = [f"{first['dataset']} · {first['method']} · {first['metric']} (%) · train = test scenario", "",
+                 "| missing type | " + " | ".join(f"η = {100 * r:g}%" for r in ratios) + " |",
+                 "|---|" + "---:|" * len(ratios)]
+        for kind in types:
+            lines.append(f"| {kind} | " + " | ".join(_cell(value.get((methods[0], kind, r))) for r in ratios) + " |")
+    else:
+        lines = [f"{first['dataset']} · {first['metric']} (%) · train = test scenario", "",
+                 "| η | missing | " + " | ".join(methods) + " |", "|---:|---|" + "---:|" * len(methods)]
+        for ratio in ratios:
+            for kind in types:
+                cells = [_cell(value.get((m, kind, ratio))) for m in methods]
+                lines.append(f"| {100 * ratio:g}% | {kind} | " + " | ".join(cells) + " |")
+            if len(types) > 1:
+                means = []
+                for m in methods:
+                    got = [value.get((m, kind, ratio)) for kind in types]
+                    ok = all(v is not None and not (isinstance(v, float) and math.isnan(v)) for v in got)
+                    means.append(_cell(sum(got) / len(got)) if ok else "–")
+                lines.append(f"| {100 * ratio:g}% | average | " + " | ".join(means) + " |")
     with atomic_write(out_dir / "grid.md", "w") as handle:
         handle.write("\n".join(lines) + "\n")
     return out_dir / "grid.md", out_dir / "grid.csv"

@@ -1,6 +1,6 @@
 """Settings of a classification run: per-dataset defaults, the settings layers, data under a scenario.
 
-Defaults (METHOD.md §1, the paper's released configuration):
+Defaults (docs/protocols.md §1, the paper's released configuration):
 
 ============== ======== ====== ======= ====== ===== ===== ===== ======
 dataset        r, r_s   α      targets layers lr    wd    batch epochs

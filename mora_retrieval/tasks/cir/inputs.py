@@ -1,0 +1,176 @@
+"""What ``train_cirr`` reads: CIRR triplets and galleries, from the prepared-image cache or the image files.
+
+With the prepared cache (the default) each CIRR split's gallery is decoded and preprocessed
+once, with the model's own preprocessing (:func:`~mora_retrieval.data.images.preprocess_spec`),
+into a memory-mapped uint8 file (:mod:`mora_retrieval.data.prepared`), reused by every epoch
+and every later run while the images and the preprocessing stay the same. Training items are
+then just rows and a caption (:class:`PreparedTriplets`); :class:`PreparedTripletCollate`
+gathers a batch's reference and target pixels into ONE uint8 tensor ``[2B, 3, H, W]``
+(references first) and tokenises the captions, so a DataLoader worker ships one buffer per
+batch. Normalisation runs on the training device, inside the stage-1 forward. Validation and
+the Combiner's features read the same caches (:class:`PreparedGallery`).
+
+Bad images (``skip_bad_images``): their rows are not ok in the cache; the triplets whose
+reference or target is such a row are left out of stage 1, stage 2 and validation, and
+counted in :attr:`CIRInputs.dropped`.
+
+Without the cache, the datasets decode the image files every epoch with the equivalent PIL
+transform (:func:`~mora_retrieval.data.images.make_transform` of the same spec); on the CPU
+both give bit-identical pixels.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ...data.cirr import CIRRGallery, CIRRTriplets, read_image_split
+from ...data.collate import CaptionCollate
+from ...data.images import PreprocessSpec, make_transform
+from ...data.prepared import PreparedImages, default_prepared_dir, prepare_images, prepared_path
+
+#: Prefix of the cache files of CIRR's splits (``cirr-train-224x224.npy``, ...).
+CACHE_PREFIX = "cirr"
+
+
+def prepare_cirr_split(data_root: str | os.PathLike, split: str, spec: PreprocessSpec,
+                       directory: str | os.PathLike | None = None, skip_bad_images: bool = False,
+                       workers: int | None = None) -> PreparedImages:
+    """The prepared cache of every image of a CIRR split (built, or reused when still valid);
+    rows are named by the CIRR image names."""
+    paths = read_image_split(data_root, split)
+    directory = default_prepared_dir(data_root) if directory is None else directory
+    return prepare_images(list(paths.values()), spec, prepared_path(directory, f"{CACHE_PREFIX}-{split}", spec),
+                          names=list(paths), skip_bad_images=skip_bad_images, workers=workers)
+
+
+def usable_records(records: Sequence[dict[str, Any]], prepared: PreparedImages,
+                   has_targets: bool = True) -> tuple[list[dict[str, Any]], int]:
+    """The triplets whose reference (and target) image is ok in ``prepared``; and how many were left out."""
+    keep = [rec for rec in records
+            if prepared.ok[prepared.row(rec["reference"])]
+            and (not has_targets or prepared.ok[prepared.row(rec["target_hard"])])]
+    return keep, len(records) - len(keep)
+
+
+class PreparedTriplets(Dataset):
+    """Training triplets over a prepared gallery: item ``i`` -> ``{"reference_row", "target_row",
+    "caption", "index"}`` (no pixels; :class:`PreparedTripletCollate` gathers them per batch).
+
+    ``records`` keeps only the triplets whose images are ok; ``dropped`` counts the others.
+    """
+
+    def __init__(self, records: Sequence[dict[str, Any]], prepared: PreparedImages) -> None:
+        self.records, self.dropped = usable_records(records, prepared)
+        self.prepared = prepared
+        self.reference_rows = np.array([prepared.row(r["reference"]) for r in self.records], dtype=np.int64)
+        self.target_rows = np.array([prepared.row(r["target_hard"]) for r in self.records], dtype=np.int64)
+
+    @property
+    def needed_rows(self) -> torch.Tensor:
+        """The gallery rows the triplets use (references and targets), sorted, unique."""
+        return torch.from_numpy(np.union1d(self.reference_rows, self.target_rows))
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"reference_row": int(self.reference_rows[index]), "target_row": int(self.target_rows[index]),
+                "caption": self.records[index]["caption"], "index": int(index)}
+
+
+class PreparedTripletCollate:
+    """Items of :class:`PreparedTriplets` -> one batch: ``pixels`` uint8 ``[2B, 3, H, W]`` (the B
+    references, then the B targets, read from the map in one gather), ``reference_row``,
+    ``target_row`` and ``index`` as int64 tensors, ``caption`` and its ``tokens``.
+
+    ``read_pixels`` is a flag in shared memory, so persistent DataLoader workers see it change:
+    once cleared (every image's frozen prefix is cached, see
+    :meth:`.stages.CIRStage1.stop_reading_pixels_when_cached`) batches come without ``pixels``.
+    """
+
+    def __init__(self, prepared: PreparedImages, tokenizer: Callable) -> None:
+        self.prepared = prepared
+        self.tokenizer = tokenizer
+        self.read_pixels = torch.ones((), dtype=torch.bool).share_memory_()
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        reference = torch.tensor([item["reference_row"] for item in items], dtype=torch.int64)
+        target = torch.tensor([item["target_row"] for item in items], dtype=torch.int64)
+        captions = [item["caption"] for item in items]
+        batch = {"reference_row": reference, "target_row": target,
+                 "index": torch.tensor([item["index"] for item in items], dtype=torch.int64),
+                 "caption": captions, "tokens": self.tokenizer(captions)}
+        if bool(self.read_pixels):
+            batch["pixels"] = self.prepared.batch(torch.cat([reference, target]).numpy())
+        return batch
+
+
+class PreparedGallery(Dataset):
+    """The ok images of a prepared split: item -> ``{"row", "name"}``; batch them with
+    :meth:`collate` (one uint8 ``pixels`` tensor per batch) and normalise on the device."""
+
+    def __init__(self, prepared: PreparedImages) -> None:
+        self.prepared = prepared
+        self.rows = np.flatnonzero(prepared.ok)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row = int(self.rows[index])
+        return {"row": row, "name": self.prepared.names[row]}
+
+    def collate(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        rows = [item["row"] for item in items]
+        return {"pixels": self.prepared.batch(rows), "name": [item["name"] for item in items]}
+
+
+@dataclass
+class CIRInputs:
+    """The datasets of a CIR run: stage-1 triplets and their collate, the galleries (train for the
+    Combiner's features, val for validation) and the val triplets' records."""
+
+    train: Dataset
+    collate: Callable
+    train_gallery: Dataset
+    val_gallery: Dataset
+    val_records: list[dict[str, Any]]
+    spec: PreprocessSpec
+    prepared: bool
+    dropped: dict[str, int] = field(default_factory=dict)  # triplets left out for bad images, per split
+
+    @property
+    def train_records(self) -> list[dict[str, Any]]:
+        return self.train.records
+
+
+def cir_inputs(data_root: str | os.PathLike, spec: PreprocessSpec, tokenizer: Callable, *, prepared: bool = True,
+               prepared_dir: str | os.PathLike | None = None, skip_bad_images: bool = False,
+               workers: int | None = None) -> CIRInputs:
+    """The training and validation inputs of CIRR at ``data_root`` under ``spec``.
+
+    ``prepared``: read the prepared caches of the train and val galleries (built or reused in
+    ``prepared_dir``, default :func:`~mora_retrieval.data.prepared.default_prepared_dir`, with
+    ``workers`` decoding processes); otherwise decode the image files with the PIL transform.
+    """
+    if not prepared:
+        kw = {"transform": make_transform(spec), "skip_bad_images": skip_bad_images}
+        train, val = CIRRTriplets(data_root, "train", **kw), CIRRTriplets(data_root, "val", **kw)
+        return CIRInputs(train, CaptionCollate(tokenizer), CIRRGallery(data_root, "train", **kw),
+                         CIRRGallery(data_root, "val", **kw), list(val.records), spec, prepared=False)
+    train_triplets, val_triplets = CIRRTriplets(data_root, "train"), CIRRTriplets(data_root, "val")
+    directory = Path(default_prepared_dir(data_root) if prepared_dir is None else prepared_dir)
+    train_images, val_images = (prepare_cirr_split(data_root, split, spec, directory, skip_bad_images, workers)
+                                for split in ("train", "val"))
+    train = PreparedTriplets(train_triplets.records, train_images)
+    val_records, val_dropped = usable_records(val_triplets.records, val_images)
+    return CIRInputs(train, PreparedTripletCollate(train_images, tokenizer), PreparedGallery(train_images),
+                     PreparedGallery(val_images), val_records, spec, prepared=True,
+                     dropped={"train": train.dropped, "val": val_dropped})

@@ -181,7 +181,8 @@ def transport_only(paths: list[str], batch: int, workers: int, per_batch: bool) 
 
 
 def bench_embedding(arch: str, count: int, batch: int, device: str, workers: int | None, repeat: int = 1) -> list[dict]:
-    from mora_retrieval.retrieval.embed import EmbedConfig, default_workers, embed_paths
+    from mora_retrieval.device import default_workers
+    from mora_retrieval.retrieval.embed import EmbedConfig, embed_paths
     from mora_retrieval.retrieval.encoder import load_encoder
 
     with warnings.catch_warnings():

@@ -67,6 +67,13 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def default_workers() -> int:
+    """Decoding workers of the embedding pipeline and the prepared-image build: one per core, at
+    most 8, none on single-core machines."""
+    cores = available_cores()
+    return 0 if cores <= 1 else min(8, cores)
+
+
 def local_rank() -> int:
     """This process's ``LOCAL_RANK`` under torchrun, 0 otherwise."""
     return int(os.environ.get("LOCAL_RANK", 0))

@@ -45,6 +45,7 @@ import PIL
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..device import default_workers
 from ..errors import DataError
 from ..fileio import atomic_write, read_json
 from .images import PreprocessSpec, load_image, make_uint8_transform, normalize_uint8
@@ -55,7 +56,7 @@ except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["FORMAT_VERSION", "ImageList", "PreparedImages", "PreparedImageDataset", "default_prepared_dir",
-           "default_workers", "normalize_uint8", "open_prepared", "prepare_images", "prepared_path", "stale_reason"]
+           "normalize_uint8", "open_prepared", "prepare_images", "prepared_path", "stale_reason"]
 
 FORMAT_VERSION = 1
 PREPARED_DIR = "prepared"
@@ -63,11 +64,6 @@ Progress = Callable[[int, int], None]
 
 _log = logging.getLogger(__name__)
 
-
-def default_workers() -> int:
-    """Build workers: one per core, at most 8, none on single-core machines."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return 0 if cores <= 1 else min(8, cores)
 
 
 def _writable(folder: Path) -> bool:

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence
@@ -60,6 +59,7 @@ from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from ..data.images import decode_image_bytes, load_image
+from ..device import available_cores, default_workers
 from ..errors import DataError, MoraError
 from ..fileio import atomic_write, read_json, write_json
 
@@ -70,11 +70,6 @@ RESIZE_MODES = ("shortest", "squash")  # resize modes the tensor-decode path imp
 INTERPOLATIONS = ("bicubic", "bilinear")
 MAX_RESIZE_GROUP = 64  # images per batched interpolate (bounds the float32 working set)
 
-
-def default_workers() -> int:
-    """DataLoader workers: one per core, at most 8, none on single-core machines."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return 0 if cores <= 1 else min(8, cores)
 
 
 @dataclass
@@ -595,8 +590,7 @@ def embed_paths(
         if reporter is not None:
             reporter.advance(len(positions))
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, cores - workers) if workers > 0 and not on_cuda else None
+    threads = max(1, available_cores() - workers) if workers > 0 and not on_cuda else None
     with _cpu_threads(threads):
         waiting: _Prepared | None = None
         for loaded in loader:

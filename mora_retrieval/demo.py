@@ -101,7 +101,7 @@ class _Clock:
 
 
 def coco_chance(folder: Any, rule: Any, ks=(1, 5, 10)) -> dict[str, float]:
-    """Expected Recall@K (percent) of a random ranking under the protocol of METHOD.md §5."""
+    """Expected Recall@K (percent) of a random ranking under the protocol of docs/protocols.md §5."""
     table = CategoryTable.from_items(folder.items)
     n = folder.count
     rel = table.relevance(np.arange(n), rule)

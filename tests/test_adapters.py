@@ -1,4 +1,4 @@
-"""Adapters: weights against an independent computation of METHOD.md §1, merging, file format."""
+"""Adapters: weights against an independent computation of docs/protocols.md §1, merging, file format."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ ALL_METHODS = LOW_RANK + ["bitfit", "full"]
 ROWS = {"q": 0, "k": 1, "v": 2}
 
 
-# ---------------------------------------------------------------- independent reference (METHOD.md §1)
+# ---------------------------------------------------------------- independent reference (docs/protocols.md §1)
 def _col(x):
     return torch.linalg.vector_norm(x, dim=0).clamp(min=1e-5)
 

@@ -30,7 +30,7 @@ def _gradient(w: int, h: int) -> Image.Image:
 
 def _reference_targetpad(img: Image.Image, size: int, ratio: float = 1.25, mean=CLIP_MEAN, std=CLIP_STD,
                          resample=Image.Resampling.BICUBIC) -> np.ndarray:
-    """METHOD.md §4 written out step by step with numpy and PIL only."""
+    """docs/protocols.md §4 written out step by step with numpy and PIL only."""
     arr = np.asarray(img)
     h, w = arr.shape[:2]
     if max(w, h) / min(w, h) >= ratio:

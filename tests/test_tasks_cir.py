@@ -15,7 +15,7 @@ from mora_retrieval.tasks.cir.metrics import cirr_rankings, cirr_recalls, submis
 
 # ------------------------------------------------------------------ metrics
 def _brute_force(sim, names, refs, targets, members):
-    """Recall@K and Recall_subset@K by sorting Python lists, straight from METHOD.md §4."""
+    """Recall@K and Recall_subset@K by sorting Python lists, straight from docs/protocols.md §4."""
     out = {}
     full_hits = {k: 0 for k in (1, 5, 10, 50)}
     subset_hits = {k: 0 for k in (1, 2, 3)}

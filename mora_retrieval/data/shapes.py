@@ -1,7 +1,7 @@
 """The generated "shapes world": one synthetic universe written in the five published layouts.
 
 ``generate_shapes_world(out_dir, size, seed)`` writes ``out_dir/{cirr,coco,food101,mmimdb,
-hateful_memes}`` exactly as METHOD.md §6 describes, so the ordinary loaders read them, plus
+hateful_memes}`` exactly as docs/protocols.md §6 describes, so the ordinary loaders read them, plus
 ``out_dir/shapes_world.json`` (seed, size, counts). Images show 1–3 objects (5 shapes, 6
 colours, 2 sizes, 4 quadrant positions) on white/gray/black backgrounds, some with light noise
 (see :mod:`.shapes_scene`). The same seed gives the same bytes.

@@ -1,4 +1,4 @@
-"""Image-to-image Recall@K on COCO (METHOD.md §5).
+"""Image-to-image Recall@K on COCO (docs/protocols.md §5).
 
 Protocol: the gallery is the index (every image of the split with an instance annotation);
 each gallery image is also a query and is removed from its own ranking. Relevance between

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import typer
-from typer.testing import CliRunner
+from cli_helpers import cli_app, invoke_ok
 
 from mora_retrieval.data.shapes import generate_shapes_world
 from mora_retrieval.errors import BackboneError, DataError, MoraError, TrainingError
@@ -22,19 +22,10 @@ COMMON = ("--model", "mora-tiny", "--pretrained", "none", "--quiet", "--device",
 
 @pytest.fixture(scope="module")
 def app() -> typer.Typer:
-    from mora_retrieval_cli.app import build_app
-
-    application = typer.Typer()
-    application.callback()(lambda: None)
-    return build_app(application, ("classify", "analyze"))
+    return cli_app("classify", "analyze")
 
 
-def _invoke(app, *args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    assert result.exit_code == 0, result.output
-    return result
+_invoke = invoke_ok
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import warnings
 import pytest
 import torch
 import typer
+from cli_helpers import cli_app, invoke_ok
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from mora_retrieval.data.shapes import generate_shapes_world
 from mora_retrieval.errors import TrainingError
@@ -32,19 +32,10 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def app() -> typer.Typer:
-    from mora_retrieval_cli.app import build_app
-
-    application = typer.Typer()
-    application.callback()(lambda: None)
-    return build_app(application, ("classify", "analyze"))
+    return cli_app("classify", "analyze")
 
 
-def _invoke(app, *args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    assert result.exit_code == 0, result.output
-    return result
+_invoke = invoke_ok
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 import typer
-from typer.testing import CliRunner
+from cli_helpers import cli_app, invoke_ok
 
 from mora_retrieval.data.shapes import generate_shapes_world
 from mora_retrieval.errors import DataError, TrainingError
@@ -30,19 +30,10 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def app() -> typer.Typer:
-    from mora_retrieval_cli.app import build_app
-
-    application = typer.Typer()
-    application.callback()(lambda: None)
-    return build_app(application, ("classify",))
+    return cli_app("classify")
 
 
-def _invoke(app, *args: str):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    assert result.exit_code == 0, result.output
-    return result
+_invoke = invoke_ok
 
 
 @pytest.fixture(scope="module")

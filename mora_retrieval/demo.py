@@ -253,8 +253,8 @@ def cir_verdict(cir: dict[str, dict], full_lr: float) -> str:
             mine, theirs = cir["mora"][key]["avg"], cir[other][key]["avg"]
             word = "higher than" if mine > theirs else ("lower than" if mine < theirs else "equal to")
             parts.append(f"{how}: MoRA {mine:.2f} is {word} {name} {theirs:.2f}")
-    return ("CIRR val avg on this world (one seed, one small synthetic world, so gaps of a few points are within "
-            "run-to-run noise): " + "; ".join(parts) + ".")
+    return ("CIRR val avg on this world (one seed, one small synthetic world; it says nothing about real data): "
+            + "; ".join(parts) + ".")
 
 
 def _summarise(settings, world, cir, retrieval, classify, query_image, caption, hits, clock) -> dict[str, Any]:

@@ -62,6 +62,13 @@ def default_num_workers(device_type: str, cores: int, local_world_size: int = 1)
     return max(0, min(8, cores // max(local_world_size, 1) - 1))
 
 
+def resolve_num_workers(num_workers: int | None, device: torch.device, world_size: int = 1) -> int:
+    """An explicit worker count as given; ``None`` by :func:`default_num_workers` on this machine."""
+    if num_workers is not None:
+        return num_workers
+    return default_num_workers(device.type, available_cores(), world_size)
+
+
 def available_cores() -> int:
     """The cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

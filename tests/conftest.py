@@ -32,6 +32,14 @@ def _quiet_random_weights_warning():
         yield
 
 
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The smallest shapes world, ``{part: root}``, made once per test module (tests may copy it)."""
+    from mora_retrieval.data.shapes import generate_shapes_world
+
+    return generate_shapes_world(tmp_path_factory.mktemp("world"), size="tiny")
+
+
 @pytest.fixture
 def tiny_model():
     """``mora-tiny`` (vision 64 wide x 4 blocks, text 48 wide x 3 blocks) with seeded weights."""

@@ -12,7 +12,6 @@ import torch
 import typer
 from cli_helpers import cli_app, invoke_ok
 
-from mora_retrieval.data.shapes import generate_shapes_world
 from mora_retrieval.errors import BackboneError, DataError, MoraError, TrainingError
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -25,20 +24,10 @@ def app() -> typer.Typer:
     return cli_app("classify", "analyze")
 
 
-_invoke = invoke_ok
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    out = tmp_path_factory.mktemp("world")
-    generate_shapes_world(out, "tiny", seed=0)
-    return out
-
-
 def _classify_run(app, world, run, method):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*randomly initialised.*")
-        _invoke(app, "classify", "food101", "--data-root", world / "food101", "--missing", "both:0.7",
+        invoke_ok(app, "classify", "food101", "--data-root", world["food101"], "--missing", "both:0.7",
                 "--adapter", method, "--epochs", "1", "--max-steps", "3", "--seed", "2", "--run-dir", run, *COMMON)
     return run
 
@@ -56,7 +45,7 @@ def _encode_independently(world, run, indices):
     torch.manual_seed(2)
     original = load_backbone("mora-tiny", None)
     adapted = load_backbone("mora-tiny", str(run / "merged.safetensors"))
-    data = Food101(world / "food101", "test", transform=original.preprocess)
+    data = Food101(world["food101"], "test", transform=original.preprocess)
     images = torch.stack([data[i]["image"] for i in indices])
     tokens = original.tokenizer([data.texts[i] for i in indices])
     labels = np.array([data.labels[i] for i in indices])
@@ -74,7 +63,7 @@ def _unit(x):
 
 def test_classification_run_end_to_end(app, mora_run, world, tmp_path):
     out = tmp_path / "analysis"
-    printed = _invoke(app, "analyze", "--run", mora_run, "--out", out, "--max-samples", "40", "--device", "cpu").output
+    printed = invoke_ok(app, "analyze", "--run", mora_run, "--out", out, "--max-samples", "40", "--device", "cpu").output
     assert "Inter-modal distance" in printed and "Modality-specific drift" in printed
     for name in ("analysis.json", "analysis.html", "spectra.png", "tsne.png"):
         assert (out / name).is_file(), name
@@ -135,7 +124,7 @@ def test_the_original_model_against_itself_has_no_drift(mora_run):
 
 def test_a_method_without_shared_part_has_no_spectra(app, world, tmp_path):
     run = _classify_run(app, world, tmp_path / "food-lora", "lora")
-    _invoke(app, "analyze", "--run", run, "--max-samples", "10", "--device", "cpu")
+    invoke_ok(app, "analyze", "--run", run, "--max-samples", "10", "--device", "cpu")
     data = json.loads((run / "analysis" / "analysis.json").read_text())
     assert data["spectra"]["available"] is False and data["spectra"]["slots"] == []
     assert any("no shared part" in note for note in data["notes"])
@@ -147,14 +136,14 @@ def test_cir_run_uses_reference_images_and_captions(world, tmp_path):
     from mora_retrieval.engine import TrainConfig
     from mora_retrieval.tasks.cir import CIRSettings, train_cirr
 
-    settings = CIRSettings.with_defaults(str(world / "cirr"), str(tmp_path / "cir"), "mora", arch="mora-tiny",
+    settings = CIRSettings.with_defaults(str(world["cirr"]), str(tmp_path / "cir"), "mora", arch="mora-tiny",
                                          pretrained=None)
     settings.stage1 = TrainConfig(epochs=1, batch_size=8, max_steps=2, seed=5, device="cpu")
     settings.stage2 = None
     train_cirr(settings, quiet=True)
     result = analyze_run(tmp_path / "cir", config=AnalyzeConfig(device="cpu"))
     data = result.data
-    captions = json.loads((world / "cirr" / "captions" / "cap.rc2.val.json").read_text())
+    captions = json.loads((world["cirr"] / "captions" / "cap.rc2.val.json").read_text())
     assert data["split"] == "val" and data["samples"]["pairs"] == len(captions)
     assert data["samples"]["images"] == len({c["reference"] for c in captions}) < len(captions)
     assert data["inter_modal"] is None and data["tsne"]["colour"] == "modality"

@@ -14,13 +14,6 @@ from mora_retrieval.data.images import make_transform, preprocess_spec
 from mora_retrieval.errors import DataError
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from mora_retrieval.data.shapes import generate_shapes_world
-
-    return generate_shapes_world(tmp_path_factory.mktemp("world"), size="tiny")
-
-
 def _settings(root, run_dir, **kw):
     from mora_retrieval.engine import TrainConfig
     from mora_retrieval.tasks.cir import CIRSettings

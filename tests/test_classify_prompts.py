@@ -13,7 +13,6 @@ import typer
 from cli_helpers import cli_app, invoke_ok
 from safetensors.torch import load_file
 
-from mora_retrieval.data.shapes import generate_shapes_world
 from mora_retrieval.errors import TrainingError
 
 COMMON = ("--model", "mora-tiny", "--pretrained", "none", "--quiet", "--eval-batch-size", "16", "--device", "cpu",
@@ -35,20 +34,10 @@ def app() -> typer.Typer:
     return cli_app("classify", "analyze")
 
 
-_invoke = invoke_ok
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    out = tmp_path_factory.mktemp("world")
-    generate_shapes_world(out, "tiny", seed=0)
-    return out
-
-
 @pytest.fixture(scope="module", params=["dcp", "mmp"])
 def trained(request, app, world, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / request.param
-    _invoke(app, "classify", "hateful-memes", "--data-root", world / "hateful_memes", "--missing", "both:0.7",
+    invoke_ok(app, "classify", "hateful-memes", "--data-root", world["hateful_memes"], "--missing", "both:0.7",
             "--adapter", request.param, "--epochs", "2", "--batch-size", "16", "--seed", "3", "--run-dir", run,
             *COMMON)
     return request.param, run
@@ -83,7 +72,7 @@ def test_eval_only_reloads_the_unmerged_run_and_feeds_each_sample_its_missing_ca
         return real(self, image, tokens, missing)
 
     monkeypatch.setattr(CLIPClassifier, "forward", spy)
-    _invoke(app, "classify", "--eval-only", "--run", run, "--quiet")
+    invoke_ok(app, "classify", "--eval-only", "--run", run, "--quiet")
     monkeypatch.undo()
     results = json.loads((run / "results.json").read_text())
     again = json.loads((run / "eval" / "test-both_0.7.json").read_text())
@@ -117,7 +106,7 @@ def test_predict_uses_the_prompts_of_the_missing_input(app, trained, world):
     assert code == 2
     with torch.no_grad():
         want = torch.softmax(predictor.classifier(pixels, tokens, torch.tensor([2])), 1)[0, 1]
-    pred = json.loads(_invoke(app, "predict", "--run", run, "--text", "a large red circle", "--json").output)
+    pred = json.loads(invoke_ok(app, "predict", "--run", run, "--text", "a large red circle", "--json").output)
     assert pred["missing"] == "image"
     assert {s["label"]: s["score"] for s in pred["scores"]}["hateful"] == pytest.approx(float(want), abs=1e-5)
 
@@ -135,7 +124,7 @@ def test_analyze_compares_the_unmerged_prompt_run_with_its_backbone(app, trained
         want = trained_classifier.classifier.clip.encode_text(tokens)  # no missing cases given: every sample complete
         torch.testing.assert_close(adapted.model.encode_text(tokens), want)
         assert (original.model.encode_text(tokens) - want).abs().max() > 1e-4
-    _invoke(app, "analyze", "--run", run, "--max-samples", "10", "--device", "cpu")
+    invoke_ok(app, "analyze", "--run", run, "--max-samples", "10", "--device", "cpu")
     data = json.loads((run / "analysis" / "analysis.json").read_text())
     assert data["drift"]["text"]["l2"] > 0 and data["spectra"]["available"] is False
 
@@ -144,20 +133,20 @@ def test_a_prompt_depth_beyond_the_towers_fails_before_training(app, world, tmp_
     from mora_retrieval.errors import AdapterError
 
     with pytest.raises(AdapterError, match="prompt_depth=6 exceeds the shallower tower"):
-        _invoke(app, "classify", "hateful-memes", "--data-root", world / "hateful_memes", "--adapter", "dcp",
+        invoke_ok(app, "classify", "hateful-memes", "--data-root", world["hateful_memes"], "--adapter", "dcp",
                 "--model", "mora-tiny", "--pretrained", "none", "--quiet", "--run-dir", tmp_path / "run")
     assert not (tmp_path / "run").exists()
     with pytest.raises(TrainingError, match="apply to the prompt methods dcp and mmp, not lora"):
-        _invoke(app, "classify", "hateful-memes", "--data-root", world / "hateful_memes", "--adapter", "lora",
+        invoke_ok(app, "classify", "hateful-memes", "--data-root", world["hateful_memes"], "--adapter", "lora",
                 "--prompt-depth", "2", "--run-dir", tmp_path / "run")
 
 
 def test_grid_over_methods_writes_table_1_shape_and_reuses_finished_cells(app, world, tmp_path):
     out = tmp_path / "grid"
-    args = ("classify", "hateful-memes", "--data-root", world / "hateful_memes", "--grid", "--methods", "mmp,mora",
+    args = ("classify", "hateful-memes", "--data-root", world["hateful_memes"], "--grid", "--methods", "mmp,mora",
             "--grid-types", "both", "--grid-ratios", "0.5", "--epochs", "1", "--batch-size", "16", "--run-dir", out,
             *COMMON)
-    _invoke(app, *args)
+    invoke_ok(app, *args)
     rows = (out / "grid.csv").read_text().splitlines()
     assert rows[0] == "dataset,method,missing_type,ratio,metric,value,run_dir" and len(rows) == 3
     cells = {m: json.loads((out / m / "both-0.5" / "results.json").read_text()) for m in ("mmp", "mora")}
@@ -171,17 +160,17 @@ def test_grid_over_methods_writes_table_1_shape_and_reuses_finished_cells(app, w
     stamp = (out / "mmp" / "both-0.5" / "results.json").stat().st_mtime_ns
     for path in sorted((out / "mora").rglob("*"), reverse=True):
         path.unlink() if path.is_file() else path.rmdir()
-    _invoke(app, *args)
+    invoke_ok(app, *args)
     assert (out / "mmp" / "both-0.5" / "results.json").stat().st_mtime_ns == stamp
     assert (out / "mora" / "both-0.5" / "results.json").is_file()
     assert len((out / "grid.csv").read_text().splitlines()) == 3
 
     with pytest.raises(TrainingError, match="--methods needs --grid"):
-        _invoke(app, "classify", "hateful-memes", "--data-root", world / "hateful_memes", "--methods", "mora")
+        invoke_ok(app, "classify", "hateful-memes", "--data-root", world["hateful_memes"], "--methods", "mora")
     from mora_retrieval.errors import AdapterError
 
     with pytest.raises(AdapterError, match="unknown adapter method 'coop'"):
-        _invoke(app, *args[:5], "--methods", "mora,coop", *args[7:])
+        invoke_ok(app, *args[:5], "--methods", "mora,coop", *args[7:])
 
 
 def test_cir_refuses_prompt_methods_before_training(tmp_path):

@@ -10,18 +10,23 @@ from mora_retrieval.adapters import AdapterConfig, add_adapters, export_checkpoi
 from mora_retrieval_cli.app import app
 
 
-def test_merge_command_writes_a_plain_checkpoint(tiny_model, tmp_path):
-    base = export_checkpoint(tiny_model.model, tmp_path / "base.safetensors")
-    model = tiny_model.model
-    add_adapters(model, AdapterConfig(method="mora", targets=("q", "v")))
+def _trained_adapter(model, method: str, folder, **extra):
+    """Adapters on q and v moved away from their start and saved; an image batch and the adapted
+    model's features of it, which every merged export must reproduce."""
+    add_adapters(model, AdapterConfig(method=method, targets=("q", "v")))
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.1 * torch.randn_like(p))
-    save_adapters(model, tmp_path / "adapter", arch="mora-tiny")
+    save_adapters(model, folder, arch="mora-tiny", extra=extra or None)
     image = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        want = model.encode_image(image)
+        return image, model.encode_image(image)
+
+
+def test_merge_command_writes_a_plain_checkpoint(tiny_model, tmp_path):
+    base = export_checkpoint(tiny_model.model, tmp_path / "base.safetensors")
+    image, want = _trained_adapter(tiny_model.model, "mora", tmp_path / "adapter")
 
     result = CliRunner().invoke(
         app, ["merge", "--adapter", str(tmp_path / "adapter"), "--pretrained", str(base), "-o", str(tmp_path / "m.safetensors")]
@@ -55,16 +60,7 @@ def test_merge_into_a_folder_that_plain_open_clip_loads(tiny_model, tmp_path):
     from mora_retrieval.retrieval.encoder import load_encoder
 
     base = export_checkpoint(tiny_model.model, tmp_path / "base.safetensors")
-    model = tiny_model.model
-    add_adapters(model, AdapterConfig(method="lora", targets=("q", "v")))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.1 * torch.randn_like(p))
-    save_adapters(model, tmp_path / "adapter", arch="mora-tiny", extra={"pretrained": str(base)})
-    image = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        want = model.encode_image(image)
+    image, want = _trained_adapter(tiny_model.model, "lora", tmp_path / "adapter", pretrained=str(base))
     torch.save(image, tmp_path / "image.pt")
     result = CliRunner().invoke(app, ["merge", "--adapter", str(tmp_path / "adapter"), "-o", str(tmp_path / "merged")])
     assert result.exit_code == 0, result.output

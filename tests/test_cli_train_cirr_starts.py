@@ -15,13 +15,6 @@ COMMON = ("--model", "mora-tiny", "--pretrained", "none", "--epochs", "1", "--ba
           "--combiner-epochs", "1", "--combiner-batch-size", "8", "--device", "cpu", "--workers", "0")
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from mora_retrieval.data.shapes import generate_shapes_world
-
-    return generate_shapes_world(tmp_path_factory.mktemp("world"), size="tiny")
-
-
 def _train(*args):
     return CliRunner().invoke(app, ["train", "cirr", *map(str, args)], terminal_width=200)
 

@@ -16,13 +16,6 @@ import torch.nn.functional as F
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from mora_retrieval.data.shapes import generate_shapes_world
-
-    return generate_shapes_world(tmp_path_factory.mktemp("world"), size="tiny")
-
-
 def _resolved(run_dir) -> dict:
     return json.loads((run_dir / "config.json").read_text())["resolved"]
 

@@ -152,13 +152,6 @@ def test_settings_precedence_defaults_file_cli(tmp_path):
 
 
 # ------------------------------------------------------------------ end to end
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from mora_retrieval.data.shapes import generate_shapes_world
-
-    return generate_shapes_world(tmp_path_factory.mktemp("world"), size="tiny")
-
-
 def _settings(world, run_dir, **kw):
     from mora_retrieval.engine import TrainConfig
     from mora_retrieval.tasks.cir import CIRSettings

@@ -16,7 +16,6 @@ import torch
 import typer
 from cli_helpers import cli_app, invoke_ok
 
-from mora_retrieval.data.shapes import generate_shapes_world
 from mora_retrieval.errors import DataError, TrainingError
 
 
@@ -33,16 +32,6 @@ def app() -> typer.Typer:
     return cli_app("classify")
 
 
-_invoke = invoke_ok
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    out = tmp_path_factory.mktemp("world")
-    generate_shapes_world(out, "tiny", seed=0)
-    return out
-
-
 COMMON = ("--model", "mora-tiny", "--pretrained", "none", "--quiet", "--eval-batch-size", "64", "--device", "cpu")
 
 
@@ -53,7 +42,7 @@ def trained(app, world, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "memes"
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*randomly initialised.*")
-        _invoke(app, "classify", "hateful-memes", "--data-root", world / "hateful_memes", "--missing", "none",
+        invoke_ok(app, "classify", "hateful-memes", "--data-root", world["hateful_memes"], "--missing", "none",
                 "--adapter", "full", "--lr", "1e-3", "--batch-size", "8", "--epochs", "8", "--seed", "0",
                 "--run-dir", run, *COMMON)
     return run
@@ -88,11 +77,11 @@ def test_training_beats_the_constant_baseline_and_writes_the_run_folder(trained)
 
 def test_eval_only_reproduces_the_test_metric_and_tests_other_scenarios(app, trained, world):
     results = json.loads((trained / "results.json").read_text())
-    _invoke(app, "classify", "--eval-only", "--run", trained, "--test-missing", "none", "--quiet")
+    invoke_ok(app, "classify", "--eval-only", "--run", trained, "--test-missing", "none", "--quiet")
     same = json.loads((trained / "eval" / "test-none.json").read_text())
     assert same["test_metric"] == pytest.approx(results["test_metric"], abs=1e-3)
 
-    _invoke(app, "classify", "hateful-memes", "--eval-only", "--run", trained, "--test-missing", "image:0.9",
+    invoke_ok(app, "classify", "hateful-memes", "--eval-only", "--run", trained, "--test-missing", "image:0.9",
             "--quiet")
     cross = json.loads((trained / "eval" / "test-image_0.9.json").read_text())
     assert cross["scenario"] == {"train": "none", "test": "image:0.9"}
@@ -100,13 +89,13 @@ def test_eval_only_reproduces_the_test_metric_and_tests_other_scenarios(app, tra
     assert math.isfinite(cross["test_metric"]) and cross["metric"] == "auroc"
 
     with pytest.raises(TrainingError, match="trained on hateful_memes, not food101"):
-        _invoke(app, "classify", "food101", "--eval-only", "--run", trained)
+        invoke_ok(app, "classify", "food101", "--eval-only", "--run", trained)
 
 
 def test_predict_treats_absent_inputs_as_the_protocol_does(app, trained, world):
     from mora_retrieval.tasks.classify import Predictor
 
-    out = _invoke(app, "predict", "--run", trained, "--text", "look at this large red circle", "--json").output
+    out = invoke_ok(app, "predict", "--run", trained, "--text", "look at this large red circle", "--json").output
     pred = json.loads(out)
     assert pred["task"] == "binary" and pred["missing"] == "image"
     scores = {s["label"]: s["score"] for s in pred["scores"]}
@@ -116,7 +105,7 @@ def test_predict_treats_absent_inputs_as_the_protocol_does(app, trained, world):
     predictor = Predictor(trained)
     pixels, tokens, code = predictor.encode_inputs(None, "a text")
     assert code == 2 and torch.equal(pixels, torch.ones(1, 3, 32, 32))
-    image = next((world / "hateful_memes" / "img").glob("*.png"))
+    image = next((world["hateful_memes"] / "img").glob("*.png"))
     pixels, tokens, code = predictor.encode_inputs(image, None)
     assert code == 1 and torch.equal(tokens, predictor.tokenizer([""]))
     # the CLI's numbers are the classifier's softmax on exactly those inputs
@@ -124,26 +113,26 @@ def test_predict_treats_absent_inputs_as_the_protocol_does(app, trained, world):
         logits = predictor.classifier(*predictor.encode_inputs(None, "look at this large red circle")[:2])
     assert scores["hateful"] == pytest.approx(float(torch.softmax(logits, 1)[0, 1]), abs=1e-5)
 
-    table = _invoke(app, "predict", "--run", trained, "--image", image).output
+    table = invoke_ok(app, "predict", "--run", trained, "--image", image).output
     assert "missing text" in table and "hateful" in table
     with pytest.raises(DataError, match="give an image, a text, or both"):
-        _invoke(app, "predict", "--run", trained)
+        invoke_ok(app, "predict", "--run", trained)
     with pytest.raises(DataError, match="nope.png: image file not found"):
-        _invoke(app, "predict", "--run", trained, "--image", world / "nope.png")
+        invoke_ok(app, "predict", "--run", trained, "--image", world["food101"] / "nope.png")
 
 
 def test_resume_refuses_changed_scenarios(app, trained, world):
     with pytest.raises(TrainingError, match="task settings changed .*scenarios"):
-        _invoke(app, "classify", "hateful-memes", "--data-root", world / "hateful_memes", "--missing", "text:0.5",
+        invoke_ok(app, "classify", "hateful-memes", "--data-root", world["hateful_memes"], "--missing", "text:0.5",
                 "--adapter", "full", "--lr", "1e-3", "--batch-size", "8", "--epochs", "8", "--seed", "0",
                 "--run-dir", trained, "--resume", *COMMON)
 
 
 def test_grid_writes_one_markdown_and_csv_table(app, world, tmp_path):
-    args = ("classify", "hateful-memes", "--data-root", world / "hateful_memes", "--grid", "--grid-ratios",
+    args = ("classify", "hateful-memes", "--data-root", world["hateful_memes"], "--grid", "--grid-ratios",
             "0.5,0.9", "--grid-types", "both", "--epochs", "1", "--batch-size", "16", "--run-dir", tmp_path / "grid",
             *COMMON)
-    _invoke(app, *args)
+    invoke_ok(app, *args)
     rows = (tmp_path / "grid" / "grid.csv").read_text().splitlines()
     assert rows[0] == "dataset,method,missing_type,ratio,metric,value,run_dir" and len(rows) == 3
     for ratio in ("0.5", "0.9"):
@@ -155,7 +144,7 @@ def test_grid_writes_one_markdown_and_csv_table(app, world, tmp_path):
     md = (tmp_path / "grid" / "grid.md").read_text()
     assert "| missing type | η = 50% | η = 90% |" in md and md.count("| both |") == 1
     before = (tmp_path / "grid" / "grid.csv").read_text()
-    _invoke(app, *args)  # finished cells are reused, not retrained
+    invoke_ok(app, *args)  # finished cells are reused, not retrained
     assert (tmp_path / "grid" / "grid.csv").read_text() == before
 
 
@@ -164,9 +153,9 @@ def test_interrupted_run_resumes_to_the_same_weights_and_results(app, world, tmp
     from mora_retrieval.fileio import load_tensors
     from mora_retrieval.tasks.classify.model import ClassifyModule
 
-    args = ("classify", "hateful-memes", "--data-root", world / "hateful_memes", "--missing", "both:0.5",
+    args = ("classify", "hateful-memes", "--data-root", world["hateful_memes"], "--missing", "both:0.5",
             "--epochs", "2", "--batch-size", "16", "--seed", "1", *COMMON)
-    _invoke(app, *args, "--run-dir", tmp_path / "straight")
+    invoke_ok(app, *args, "--run-dir", tmp_path / "straight")
 
     real, calls = ClassifyModule.forward, {"n": 0}
 
@@ -178,10 +167,10 @@ def test_interrupted_run_resumes_to_the_same_weights_and_results(app, world, tmp
 
     monkeypatch.setattr(ClassifyModule, "forward", interrupted_at_step_7)
     with pytest.raises(TrainingInterrupted, match="--resume"):
-        _invoke(app, *args, "--run-dir", tmp_path / "resumed")
+        invoke_ok(app, *args, "--run-dir", tmp_path / "resumed")
     monkeypatch.undo()
     assert not (tmp_path / "resumed" / "results.json").exists()
-    _invoke(app, *args, "--run-dir", tmp_path / "resumed", "--resume")
+    invoke_ok(app, *args, "--run-dir", tmp_path / "resumed", "--resume")
 
     a = json.loads((tmp_path / "straight" / "results.json").read_text())
     b = json.loads((tmp_path / "resumed" / "results.json").read_text())
@@ -196,10 +185,10 @@ def test_eval_only_on_a_moved_data_root_keeps_its_assignments_there(trained, wor
 
     from mora_retrieval.tasks.classify import evaluate_run
 
-    old_store = world / "hateful_memes" / "missing_assignments"
+    old_store = world["hateful_memes"] / "missing_assignments"
     before = sorted(p.name for p in old_store.iterdir())
     moved = tmp_path / "moved"
-    shutil.copytree(world / "hateful_memes", moved, ignore=shutil.ignore_patterns("missing_assignments"))
+    shutil.copytree(world["hateful_memes"], moved, ignore=shutil.ignore_patterns("missing_assignments"))
     evaluate_run(trained, test_missing="text:0.7", data_root=str(moved), device="cpu")
     assert [p.name for p in (moved / "missing_assignments").iterdir()] == ["hateful_memes__test__text-r0.7-s0.5-seed0.json"]
     assert sorted(p.name for p in old_store.iterdir()) == before  # the old root is not written to

@@ -31,7 +31,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
-from ..device import autocast, available_cores, default_num_workers, resolve_device, resolve_precision
+from ..device import autocast, available_cores, resolve_device, resolve_num_workers, resolve_precision
 from ..errors import TrainingError
 from ..fileio import atomic_write, write_json
 from . import checkpoint as ckpt
@@ -110,8 +110,7 @@ class Trainer:
         self.dist = detect()
         self.device = resolve_device(config.device, self.dist.local_rank)
         self.precision = resolve_precision(config.precision, self.device)
-        self.num_workers = config.num_workers if config.num_workers is not None else default_num_workers(
-            self.device.type, available_cores(), self.dist.world_size)
+        self.num_workers = resolve_num_workers(config.num_workers, self.device, self.dist.world_size)
 
     # ------------------------------------------------------------------ public
     def fit(self, resume: bool = False) -> TrainResult:

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import IndexFolderError, MoraError
-from ..fileio import read_json, write_json
+from ..fileio import check_can_create, read_json, write_json
 from .embed import EmbedConfig, Reporter, embed_paths
 from .index import (
     EMBEDDINGS_FILE,
@@ -113,11 +113,7 @@ def check_output_folder(out: Path, fingerprint: str, overwrite: bool = False) ->
     index of another model (unless ``overwrite``): re-indexing must never replace it silently."""
     if out.exists() and not out.is_dir():
         raise IndexFolderError(f"{out}: exists and is not a folder (expected the index folder to create)")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise IndexFolderError(f"{parent}: is a file, so the index folder {out} cannot be created there")
-            break
+    check_can_create(out, "folder for the index")
     manifest = out / MANIFEST_FILE
     if overwrite or not manifest.is_file():
         return

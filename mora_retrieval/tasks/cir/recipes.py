@@ -148,7 +148,7 @@ def _train_cirr(settings: CIRSettings, resume: bool, console, quiet: bool) -> di
         "total_parameters": total,
         "trainable_percent": share,
         "stage1_best_epoch": stage1.best_epoch,
-        "dropped_triplets": inputs.dropped,
+        "dropped_triplets": dict(inputs.dropped),
     }
     val_split = validation.encode(merged, backbone.tokenizer, device, precision)  # once: stage-1 score, stage-2 data
     results["val_stage1"] = validation.metrics(val_split)

@@ -39,7 +39,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ...adapters import add_adapters, export_checkpoint, get_method, merge_adapters, save_adapters, trainable_share
 from ...data.missing import MissingSpec
-from ...device import available_cores, default_num_workers, resolve_device, resolve_precision
+from ...device import resolve_device, resolve_num_workers, resolve_precision
 from ...engine import TrainConfig, Trainer, load_best
 from ...engine.distributed import detect
 from ...engine.progress import SamplesPerSecond
@@ -177,8 +177,7 @@ def evaluate_run(run_dir: str | os.PathLike, test_missing: str | None = None, da
     with eval_progress(console, len(dataset), f"{split} ({scenario})") as advance:
         metrics = evaluate_classifier(trained.classifier, trained.task, dataset, ClassifyCollate(trained.tokenizer),
                                       dev, batch_size or settings.eval_batch_size,
-                                      default_num_workers(dev.type, available_cores()) if num_workers is None
-                                      else num_workers, resolve_precision("auto", dev), advance)
+                                      resolve_num_workers(num_workers, dev), resolve_precision("auto", dev), advance)
     metric = MAIN_METRIC[trained.task]
     result = {"task": "classify", "dataset": settings.dataset, "method": settings.adapter.method,
               "split": split, "scenario": {"train": settings.scenarios["train"], "test": scenario},

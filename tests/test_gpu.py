@@ -76,3 +76,27 @@ def test_demo_tiny_on_cuda(tmp_path):
     run_demo(settings, quiet=True)
     assert (tmp_path / "demo" / "report.html").is_file()
     assert _resolved(tmp_path / "demo" / "runs" / "cir-mora" / "stage1")["device"] == "cuda:0"
+
+
+@pytest.mark.parametrize("memory_budget", [0, None])  # 0: the cache does not fit, it lives in pinned host memory
+def test_frozen_prefix_cache_on_cuda_device_and_pinned(tiny_model, memory_budget):
+    from mora_retrieval.model.prefix_cache import FrozenPrefixCache
+
+    visual = tiny_model.model.visual.to("cuda").eval()
+    for p in visual.parameters():
+        p.requires_grad_(False)
+    for p in visual.transformer.resblocks[-1].parameters():
+        p.requires_grad_(True)
+    torch.manual_seed(0)
+    images = torch.rand(6, 3, 32, 32, device="cuda")
+    rows = torch.tensor([5, 0, 3, 1, 2, 4])
+    cache = FrozenPrefixCache(visual.transformer, rows=6, device="cuda", memory_budget=memory_budget)
+    with torch.no_grad():
+        exact = visual(images).float()
+        filled = cache.encode(visual, images, rows).float()
+        cached = cache.encode(visual, torch.zeros_like(images), rows).float()  # every row is a hit
+    assert cache.placement == ("pinned" if memory_budget == 0 else "device")
+    assert cache.states.is_pinned() == (memory_budget == 0)
+    assert cache.hits == 6 and cache.misses == 6
+    assert torch.equal(filled, cached)
+    assert float(F.cosine_similarity(exact, cached, dim=-1).min()) > 0.99  # bf16 states

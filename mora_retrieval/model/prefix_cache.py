@@ -142,6 +142,15 @@ class FrozenPrefixCache:
         else:
             self.states = torch.empty(shape, dtype=dtype, pin_memory=self.placement == "pinned")
 
+    def gather(self, rows_cpu: torch.Tensor) -> torch.Tensor:
+        """The states of ``rows_cpu``. From pinned host memory the rows are gathered into a fresh
+        page-locked buffer (torch's caching host allocator reuses it once its copy is done), so
+        the copy to the device that follows is truly asynchronous."""
+        if self.placement != "pinned":
+            return self.states[rows_cpu.to(self.states.device)]
+        out = torch.empty((len(rows_cpu), *self.states.shape[1:]), dtype=self.states.dtype, pin_memory=True)
+        return torch.index_select(self.states, 0, rows_cpu, out=out)
+
     def encode(self, tower: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor,
                rows: torch.Tensor) -> torch.Tensor:
         """``tower(inputs)`` with the frozen prefix of sample rows ``rows`` (int64) read from (or
@@ -159,6 +168,6 @@ class FrozenPrefixCache:
             self.filled[rows_cpu[missing]] = True
         self.misses += len(missing)
         self.hits += len(rows_cpu) - len(missing)
-        hidden = self.states[rows_cpu.to(self.states.device)].to(inputs.device, non_blocking=True)
+        hidden = self.gather(rows_cpu).to(inputs.device, non_blocking=True)
         with start_after_prefix(self.transformer, self.depth, hidden):
             return tower(inputs)

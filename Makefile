@@ -6,8 +6,11 @@ VENV ?= .venv
 # Override with `make TORCH="torch torchvision"` (or your CUDA build) elsewhere.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
+# bash with pipefail, so that a failing benchmark piped into tee stops make
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 
-.PHONY: install demo test test-gpu bench clean browser
+.PHONY: install demo test test-gpu bench bench-gpu clean browser
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +50,19 @@ bench: install
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_prepared.py
 	$(BIN)/python benchmarks/bench_retrieval.py
 	$(BIN)/python benchmarks/bench_serve.py
+
+# On a CUDA machine: issue #13's GPU figures (ViT-B-16, random weights; the speed does not depend
+# on them), each script's comparisons from one run.
+# Logs go to $(BENCH_OUT); BENCHMARKS.md says how to read each table.
+BENCH_OUT ?= runs/bench-gpu
+bench-gpu: install
+	$(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'bench-gpu: no CUDA device is visible')"
+	mkdir -p $(BENCH_OUT)
+	$(BIN)/python benchmarks/bench_cir.py --arch ViT-B-16 --batch 256 --device cuda 2>&1 | tee $(BENCH_OUT)/cir.txt
+	$(BIN)/python benchmarks/bench_train_e2e.py --arch ViT-B-16 --batch 128 --world medium --device cuda --workers 12 \
+		2>&1 | tee $(BENCH_OUT)/train_e2e.txt
+	$(BIN)/python benchmarks/bench_retrieval.py --device cuda --skip-index 2>&1 | tee $(BENCH_OUT)/retrieval.txt
+	$(BIN)/python benchmarks/bench_inference.py --arch ViT-B-16 --device cuda 2>&1 | tee $(BENCH_OUT)/inference.txt
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -16,35 +16,19 @@ def shapes(
     image_size: int = typer.Option(64, "--image-size", help="Image side in pixels (MM-IMDb posters are 1.5x taller)."),
 ) -> None:
     """Write CIRR, COCO, Food-101, MM-IMDb and Hateful-Memes-format datasets of drawn shapes."""
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
     from rich.table import Table
 
     from mora_retrieval.data.shapes import WORLD_SIZES, generate_shapes_world, read_world_manifest
     from mora_retrieval.errors import DataError
+    from mora_retrieval.progress import ProgressBar
 
     if size not in WORLD_SIZES:
         raise DataError(f"unknown --size {size!r} (expected one of: {', '.join(WORLD_SIZES)})")
     console = make_console()
-    total = WORLD_SIZES[size].total_images()
-    columns = (TextColumn("[bold]{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[rate]}"),
-               TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task("shapes world", total=total, rate="")
-
-        pending = {"n": 0}
-
-        def tick(part: str, n: int) -> None:  # refresh every 50 images: rich updates are not free
-            pending["n"] += n
-            if pending["n"] >= 50:
-                progress.update(task, advance=pending["n"], description=part)
-                pending["n"] = 0
-                speed = progress.tasks[task].speed
-                progress.update(task, rate=f"{speed:,.0f} img/s" if speed else "")
-
-        roots = generate_shapes_world(out, size=size, seed=seed, image_size=image_size, progress=tick)
-        progress.update(task, advance=pending["n"])
+    with ProgressBar(console, "shapes world", "img/s") as bar:
+        bar.start(WORLD_SIZES[size].total_images())
+        roots = generate_shapes_world(out, size=size, seed=seed, image_size=image_size,
+                                      progress=lambda part, n: bar.advance(n, description=f"{part:<13}"))
     manifest = read_world_manifest(out)
     table = Table("dataset", "split", "counts", "root", title=f"shapes world ({size}, seed {seed})")
     for part, root in roots.items():

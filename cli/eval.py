@@ -28,11 +28,12 @@ def eval_coco(
     from rich.table import Table
 
     from mora_retrieval.errors import MoraError
+    from mora_retrieval.progress import ProgressBar
     from mora_retrieval.retrieval.embed import EmbedConfig
     from mora_retrieval.retrieval.evaluate import RelevanceRule, evaluate_coco
     from mora_retrieval.retrieval.index import load_index_folder
 
-    from .index import RichReporter, load_encoder_from_options
+    from .index import load_encoder_from_options
 
     if mode not in ("image", "cir", "both"):
         raise MoraError(f"--mode '{mode}': expected image, cir or both")
@@ -48,7 +49,7 @@ def eval_coco(
     if encoder is None:
         result = evaluate_coco(folder, rule, relevance, modes)
     else:
-        with RichReporter("re-encoding for cir queries") as reporter:
+        with ProgressBar(make_console(stderr=True), "re-encoding for cir queries", "img/s") as reporter:
             result = evaluate_coco(folder, rule, relevance, modes, encoder=encoder, embed=embed, reporter=reporter)
     if as_json:
         typer.echo(json.dumps({"index": str(index), **result.to_json()}, indent=2))

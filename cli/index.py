@@ -1,7 +1,6 @@
 """``mora-ret index coco|images|merge|rebuild``: build FAISS index folders.
 
-Also holds the helpers the retrieval commands share (model options → encoder, the rich
-progress bar with images/s and ETA).
+Also holds what the retrieval commands share: the model options and the encoder they name.
 """
 
 from __future__ import annotations
@@ -38,53 +37,11 @@ def load_encoder_from_options(
     )
 
 
-class RichReporter:
-    """Rich progress bar for the embedding pipeline: count, images/s and ETA."""
-
-    def __init__(self, description: str) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            ProgressColumn,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-        from rich.text import Text
-
-        class RateColumn(ProgressColumn):
-            def render(self, task: Any) -> Text:
-                speed = task.finished_speed or task.speed
-                return Text(f"{speed:,.1f} img/s" if speed else "-- img/s", style="progress.data.speed")
-
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            console=make_console(stderr=True), transient=False,
-        )
-        self.description = description
-        self.task: Any = None
-
-    def __enter__(self) -> "RichReporter":
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.progress.stop()
-
-    def start(self, total: int, completed: int) -> None:
-        desc = self.description + (f" (resumed at {completed})" if completed else "")
-        self.task = self.progress.add_task(desc, total=total, completed=completed)
-
-    def advance(self, count: int) -> None:
-        self.progress.advance(self.task, count)
-
-
 def _build(items_fn: Any, collection: dict, default_name: str, opts: dict) -> None:
     import time
     from rich.table import Table
 
+    from mora_retrieval.progress import ProgressBar
     from mora_retrieval.retrieval.build import BuildConfig, build_index, parse_shard
     from mora_retrieval.retrieval.embed import EmbedConfig
 
@@ -108,7 +65,7 @@ def _build(items_fn: Any, collection: dict, default_name: str, opts: dict) -> No
     start = time.perf_counter()
     label = f"embedding {len(items)} images" if shard is None else f"embedding shard {shard[0]}/{shard[1]}"
     try:
-        with RichReporter(label) as reporter:
+        with ProgressBar(console, label, "img/s") as reporter:
             result = build_index(encoder, items, out, config, collection=collection, reporter=reporter)
     except KeyboardInterrupt:
         console.print(f"interrupted: the finished chunks are kept under {out}; run the same command again to "

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mora_retrieval"
 #: model.heads (which sits above the adapters).
 LAYERS = (
     ("errors",),
-    ("", "fileio", "device"),  # "": the package itself (its version)
+    ("", "fileio", "device", "progress"),  # "": the package itself (its version)
     ("data", "report"),
     ("model",),
     ("adapters", "engine"),

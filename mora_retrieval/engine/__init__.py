@@ -3,7 +3,7 @@
 Modules: :mod:`.config` (``TrainConfig``), :mod:`.module` (``TrainModule``, what a task
 implements), :mod:`.trainer` (``Trainer``), :mod:`.checkpoint` (the engine's run folder and the
 resume check), :mod:`.sampling` (the resumable sampler), :mod:`.schedule`, :mod:`.rng`,
-:mod:`.distributed`, :mod:`.interrupt`, :mod:`.progress`, :mod:`.curves`.
+:mod:`.distributed`, :mod:`.interrupt`, :mod:`.curves` (console output: :mod:`mora_retrieval.progress`).
 """
 
 from .checkpoint import load_best, resume_or_fail

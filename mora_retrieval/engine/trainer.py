@@ -34,13 +34,13 @@ from torch.utils.data import Dataset
 from ..device import autocast, available_cores, resolve_device, resolve_num_workers, resolve_precision
 from ..errors import TrainingError
 from ..fileio import atomic_write, write_json
+from ..progress import TrainProgress
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .curves import plot_curves
 from .distributed import all_reduce_sum, barrier, broadcast_object, detect, gather_objects, init_if_needed
 from .interrupt import StopFlag, TrainingInterrupted
 from .module import TrainModule
-from .progress import TrainProgress
 from .rng import capture_rng, restore_rng, seed_everything
 from .sampling import ResumableSampler, build_loader, to_device
 from .schedule import build_scheduler

@@ -25,46 +25,32 @@ so a resumed run rebuilds the very same frozen backbone.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import math
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ...adapters import add_adapters, export_checkpoint, get_method, merge_adapters, save_adapters, trainable_share
 from ...data.missing import MissingSpec
 from ...device import resolve_device, resolve_num_workers, resolve_precision
 from ...engine import TrainConfig, Trainer, load_best
 from ...engine.distributed import detect
-from ...engine.progress import SamplesPerSecond
 from ...errors import TrainingError
 from ...fileio import atomic_write, read_json
 from ...model.backbone import embed_dim, load_backbone
 from ...model.heads import CLIPClassifier, LinearHead, save_head
+from ...progress import ProgressBar
 from ...runs import (ADAPTER_DIR, EVAL_DIR, HEAD_FILE, MERGED_FILE, RESULTS_FILE, resumable, update_record,
                      write_results)
 from .metrics import MAIN_METRIC, majority_baseline
 from .model import ClassifyCollate, ClassifyModule, evaluate_classifier, head_outputs
 from .predict import load_run_classifier
 from .settings import ClassifySettings, default_adapter_config, scenario_data
-
-
-@contextlib.contextmanager
-def eval_progress(console: Any, total: int, label: str = "evaluate") -> Iterator[Callable[[int], None] | None]:
-    """A rich bar (samples, samples/s, ETA) on a terminal console; yields its ``advance(n)`` or ``None``."""
-    if console is None or not getattr(console, "is_terminal", False) or getattr(console, "quiet", False):
-        yield None
-        return
-    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), SamplesPerSecond(),
-                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console) as progress:
-        task = progress.add_task(label, total=total)
-        yield lambda n: progress.advance(task, n)
 
 
 def _missing_counts(dataset: Any) -> dict[str, int]:
@@ -123,9 +109,10 @@ def train_classifier(settings: ClassifySettings, train_config: TrainConfig, run_
 
     classifier.to(device)
     test_set = scenario_data(settings, "test", scen["test"], preprocess)
-    with eval_progress(None if quiet else console, len(test_set), f"test ({scen['test']})") as advance:
+    with ProgressBar(None if quiet else console, f"test ({scen['test']})", "samples/s") as bar:
+        bar.start(len(test_set))
         test = evaluate_classifier(classifier, probe.task, test_set, collate, device, settings.eval_batch_size,
-                                   trainer.num_workers, trainer.precision, advance)
+                                   trainer.num_workers, trainer.precision, bar.advance)
     metric = MAIN_METRIC[probe.task]
     results = {
         "task": "classify",
@@ -174,10 +161,11 @@ def evaluate_run(run_dir: str | os.PathLike, test_missing: str | None = None, da
         settings = replace(settings, data_root=data_root)
     scenario = str(MissingSpec.parse(test_missing)) if test_missing else settings.scenarios["test"]
     dataset = scenario_data(settings, split, scenario, trained.preprocess)
-    with eval_progress(console, len(dataset), f"{split} ({scenario})") as advance:
+    with ProgressBar(console, f"{split} ({scenario})", "samples/s") as bar:
+        bar.start(len(dataset))
         metrics = evaluate_classifier(trained.classifier, trained.task, dataset, ClassifyCollate(trained.tokenizer),
                                       dev, batch_size or settings.eval_batch_size,
-                                      resolve_num_workers(num_workers, dev), resolve_precision("auto", dev), advance)
+                                      resolve_num_workers(num_workers, dev), resolve_precision("auto", dev), bar.advance)
     metric = MAIN_METRIC[trained.task]
     result = {"task": "classify", "dataset": settings.dataset, "method": settings.adapter.method,
               "split": split, "scenario": {"train": settings.scenarios["train"], "test": scenario},

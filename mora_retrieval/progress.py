@@ -1,0 +1,119 @@
+"""Console progress of every long loop (training, evaluation, embedding, dataset writing).
+
+:class:`ProgressBar` is the one rich bar: description, bar, done/total, the caller's columns,
+throughput with its unit (samples/s, img/s), elapsed time and ETA. It is off when there is no
+console, when the console is quiet, or when it is not a terminal (log files, CI): every method
+then does nothing. :class:`TrainProgress` adds what a training run prints besides the bar: one
+line per epoch (also without a terminal) and the table of the best epoch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.table import Table
+from rich.text import Text
+
+
+class Throughput(ProgressColumn):
+    """Rich's speed of the task times its field ``scale`` (units per step, 1 if absent), with the unit."""
+
+    def __init__(self, unit: str) -> None:
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Any) -> Text:
+        speed = task.finished_speed or task.speed
+        value = "–" if speed is None else f"{speed * task.fields.get('scale', 1):,.1f}"
+        return Text(f"{value} {self.unit}", style="progress.data.speed")
+
+
+class ProgressBar:
+    """One progress bar on ``console``; a context manager, and the embedding pipeline's reporter.
+
+    ``columns`` are rich text-column templates shown after the count (e.g. ``"loss {task.fields[loss]}"``).
+    """
+
+    def __init__(self, console: Console | None, description: str, unit: str, *columns: str) -> None:
+        self.console = console
+        self.description = description
+        self.live = console is not None and console.is_terminal and not console.quiet
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            *(TextColumn(template) for template in columns), Throughput(unit),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=console) if self.live else None
+        self._task: Any = None
+
+    def __enter__(self) -> "ProgressBar":
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def start(self, total: int, completed: int = 0, **fields: Any) -> None:
+        """Show the task; work done before (a resumed run) is noted and not counted in the throughput."""
+        if self._progress is not None:
+            note = f" (resumed at {completed})" if completed else ""
+            self._task = self._progress.add_task(self.description + note, total=total, completed=completed, **fields)
+
+    def advance(self, count: int = 1, **changes: Any) -> None:
+        """``count`` more done; ``changes`` update the description or the task's fields."""
+        if self._task is not None:
+            self._progress.advance(self._task, count)
+            if changes:
+                self.update(**changes)
+
+    def update(self, **changes: Any) -> None:
+        """Change the description or the task's fields."""
+        if self._task is not None:
+            self._progress.update(self._task, **changes)
+
+
+class TrainProgress(ProgressBar):
+    """The console output of :class:`~mora_retrieval.engine.trainer.Trainer` (rank 0 only): the bar
+    (epoch, steps, last synced loss, samples/s, ETA), one line per epoch and the final table.
+    Nothing at all with ``quiet``."""
+
+    def __init__(self, console: Console | None, quiet: bool, enabled: bool = True) -> None:
+        console = None if quiet or not enabled else (console or Console())
+        super().__init__(console, "train", "samples/s", "loss {task.fields[loss]}")
+
+    def start(self, total_steps: int, done_steps: int, samples_per_step: int, epoch: int) -> None:
+        super().start(total_steps, done_steps, scale=samples_per_step, loss="–")
+        self.update(epoch=epoch)
+
+    def update(self, epoch: int | None = None, loss: float | None = None, **changes: Any) -> None:
+        if epoch is not None:
+            changes["description"] = f"epoch {epoch}"
+        if loss is not None:
+            changes["loss"] = f"{loss:.4f}"
+        super().update(**changes)
+
+    def print(self, message: str) -> None:
+        if self.console is not None:
+            self.console.print(message)
+
+    def epoch_line(self, record: dict[str, Any]) -> None:
+        """One line per epoch (printed with or without the bar)."""
+        vals = ", ".join(f"{k} {v:.4f}" for k, v in record["val"].items() if isinstance(v, (int, float)))
+        self.print(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}, {vals}, "
+                   f"{record['samples_per_s']:.1f} samples/s, {record['time_s']:.1f} s")
+
+    def final_table(self, result: Any, main_metric: str) -> None:
+        """The best epoch's validation metrics."""
+        if self.console is None:
+            return
+        table = Table(title=f"best epoch {result.best_epoch} ({main_metric})")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        best = next((r for r in result.history if r["epoch"] == result.best_epoch), None)
+        for key, value in (best or {}).get("val", {}).items():
+            table.add_row(key, f"{value:.4f}" if isinstance(value, (int, float)) else str(value))
+        self.console.print(table)

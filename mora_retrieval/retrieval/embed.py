@@ -16,9 +16,10 @@ processes costs a shared-memory segment of its own.
   decoded and preprocessed by the workers as on the CPU path, in the same batch. With
   ``device="cpu"`` the same code runs on the CPU (that is how the tests cover it).
 
-On CUDA the image tower runs in bf16 weights cast once (:meth:`.encoder.Encoder.encode_prepared`),
-the next batch is decoded on a side CUDA stream while the current one is encoded, and the
-host waits for the device only when a chunk is written.
+Batches are prepared in the encoder's dtype (bf16 on CUDA, see :mod:`.encoder`) and encoded by
+``Encoder.encode_images``, the method single queries use. On CUDA the next batch is decoded on a
+side CUDA stream while the current one is encoded, and the host waits for the device only when
+a chunk is written.
 
 Resuming. Work is cut into *chunks* of ``chunk_size`` images. Each finished chunk is written
 to ``<work_dir>/part-NNNNN.npy`` (float16 features) and recorded in
@@ -386,7 +387,7 @@ class _Stager:
     def __init__(self, encoder: Any, paths: Sequence[str], mean_std: tuple[list[float], list[float]]) -> None:
         self.paths = paths
         self.device = str(encoder.device)
-        self.dtype = encoder.pipeline_dtype
+        self.dtype = encoder.dtype
         self.cfg = encoder.preprocess_cfg
         self.mean = torch.tensor(mean_std[0], dtype=torch.float32, device=self.device)
         self.std = torch.tensor(mean_std[1], dtype=torch.float32, device=self.device)
@@ -584,7 +585,7 @@ def embed_paths(
             chunk_skipped.setdefault(chunk, []).append(position)
         if prepared.images is not None:
             stager.hand_over(prepared)
-            feats = encoder.encode_prepared(prepared.images, normalize=config.normalize)
+            feats = encoder.encode_images(prepared.images, normalize=config.normalize)
             pieces.append((np.asarray(prepared.positions, dtype=np.int64), feats))
         encoded += len(positions)
         if reporter is not None:

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import IndexFolderError, MoraError
 from ..fileio import check_can_create, read_json, write_json
-from .embed import EmbedConfig, Reporter, embed_paths
+from .embed import EmbedConfig, Reporter, decode_path, embed_paths
 from .index import (
     EMBEDDINGS_FILE,
     MANIFEST_FILE,
@@ -90,12 +90,14 @@ def shard_bounds(count: int, shard: tuple[int, int]) -> tuple[int, int]:
 
 
 def encoder_info(encoder: Any, embed: EmbedConfig | None = None) -> dict[str, Any]:
-    """The manifest fields that describe the model (and the decoding used)."""
+    """The manifest fields that describe the model, its dtype and the decoding used."""
+    embed = embed or EmbedConfig()
     return {
         "arch": encoder.source.get("arch"),
         "fingerprint": encoder.fingerprint,
         "source": encoder.source,
-        "preprocess": {**encoder.preprocess_cfg, "fast_jpeg": bool(embed and embed.fast_jpeg)},
+        "preprocess": {**encoder.preprocess_cfg, "fast_jpeg": bool(embed.fast_jpeg), "decode": decode_path(embed, encoder)},
+        "encoder_dtype": str(encoder.dtype).removeprefix("torch."),
     }
 
 
@@ -200,6 +202,12 @@ def _all_parts_complete(out: Path, n: int) -> bool:
     return all((out / PARTS_DIR / f"{i}-of-{n}" / PART_FILE).is_file() for i in range(n))
 
 
+def _embedding_setup(part: dict[str, Any]) -> str:
+    """A part's decode path and encoder dtype (``None`` for parts written before they were recorded)."""
+    encoder = part["encoder"]
+    return f"decode {encoder.get('preprocess', {}).get('decode')}, dtype {encoder.get('encoder_dtype')}"
+
+
 def merge_parts(out: str | Path, index_type: str = "auto", search_params: str | None = None) -> IndexFolder:
     """Combine the parts under ``<out>/parts/`` into the index folder ``out``."""
     out = Path(out)
@@ -222,6 +230,10 @@ def merge_parts(out: str | Path, index_type: str = "auto", search_params: str | 
             raise IndexFolderError(f"{part_dir / PART_FILE}: embedded with other weights than part 0-of-{n}")
         if meta["items_digest"] != first["items_digest"]:
             raise IndexFolderError(f"{part_dir / PART_FILE}: was cut from another item list than part 0-of-{n}")
+        if _embedding_setup(meta) != _embedding_setup(first):  # decoding and dtype change the features slightly
+            raise IndexFolderError(f"{part_dir / PART_FILE}: embedded with {_embedding_setup(meta)}, part 0-of-{n} with "
+                                   f"{_embedding_setup(first)}; embed every part on the same kind of device with the "
+                                   f"same --fast-jpeg")
     embeddings, items, skipped = [], [], []
     for i in range(n):
         meta, part_dir = by_index[i]

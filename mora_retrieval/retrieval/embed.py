@@ -488,6 +488,15 @@ def _use_tensor_decode(config: EmbedConfig, on_cuda: bool, cfg: dict[str, Any]) 
     return bool(config.gpu_decode)
 
 
+def decode_path(config: EmbedConfig, encoder: Any) -> str:
+    """How :func:`embed_paths` decodes JPEGs for ``config`` with ``encoder`` (what the index
+    manifest records): ``tensor-jpeg`` (batched on the encoder's device), ``pil-draft``
+    (``fast_jpeg``) or ``pil``."""
+    if _use_tensor_decode(config, str(encoder.device).startswith("cuda"), encoder.preprocess_cfg):
+        return "tensor-jpeg"
+    return "pil-draft" if config.fast_jpeg else "pil"
+
+
 def embed_paths(
     encoder: Any,
     paths: Sequence[str],
@@ -510,7 +519,7 @@ def embed_paths(
     chunk_size = max(1, int(config.chunk_size))
     n_chunks = (n + chunk_size - 1) // chunk_size
     on_cuda = str(encoder.device).startswith("cuda")
-    tensor_decode = _use_tensor_decode(config, on_cuda, encoder.preprocess_cfg)
+    decode = decode_path(config, encoder)
     dim = encoder.dim
 
     progress: dict[str, Any] = {"done": {}}
@@ -534,8 +543,8 @@ def embed_paths(
         reporter.start(n, completed)
 
     batches = batch_plan(n, chunk_size, config.batch_size, pending)
-    draft = int(encoder.preprocess_cfg.get("size", 0)) if config.fast_jpeg and not tensor_decode else None
-    dataset = _BatchFiles(paths, encoder.preprocess, raw_jpeg=tensor_decode, draft_size=draft)
+    draft = int(encoder.preprocess_cfg.get("size", 0)) if decode == "pil-draft" else None
+    dataset = _BatchFiles(paths, encoder.preprocess, raw_jpeg=decode == "tensor-jpeg", draft_size=draft)
     workers = config.workers if batches else 0
     loader = DataLoader(
         dataset,

@@ -2,7 +2,8 @@
 
 Layout of ``indexes/<name>/``::
 
-    manifest.json     architecture, weights fingerprint, model source, preprocessing, dim,
+    manifest.json     architecture, weights fingerprint, model source, preprocessing (with
+                      the decode path: pil, tensor-jpeg or pil-draft), encoder dtype, dim,
                       metric, count, FAISS factory string + search parameters, toolkit
                       version, creation time, collection description, skipped images
     index.faiss       the FAISS index (faiss.write_index), inner-product metric
@@ -52,6 +53,8 @@ FORMAT_VERSION = 1
 EXACT_LIMIT = 100_000
 IVF_FLAT_LIMIT = 2_000_000
 REQUIRED_MANIFEST_KEYS = ("format", "arch", "fingerprint", "source", "dim", "metric", "count", "index_type")
+#: What ``encoder_info`` holds; ``encoder_dtype`` (and ``preprocess.decode``) are absent from older manifests.
+ENCODER_KEYS = ("arch", "fingerprint", "source", "preprocess", "encoder_dtype")
 
 
 @dataclass
@@ -243,8 +246,8 @@ def write_index_folder(
 ) -> IndexFolder:
     """Write a complete index folder; ``index`` is built from ``embeddings`` when not given.
 
-    ``encoder_info`` holds ``arch``, ``fingerprint``, ``source`` and ``preprocess``. The
-    manifest is written last, so a folder with a manifest is complete.
+    ``encoder_info`` holds :data:`ENCODER_KEYS` (``arch``, ``fingerprint`` and ``source`` at least).
+    The manifest is written last, so a folder with a manifest is complete.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -264,10 +267,8 @@ def write_index_folder(
         "format_version": FORMAT_VERSION,
         "toolkit_version": mora_retrieval.__version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "arch": encoder_info["arch"],
-        "fingerprint": encoder_info["fingerprint"],
-        "source": encoder_info["source"],
-        "preprocess": encoder_info.get("preprocess", {}),
+        "preprocess": {},
+        **{key: encoder_info[key] for key in ENCODER_KEYS if key in encoder_info},
         "dim": int(embeddings.shape[1]),
         "metric": "inner_product",
         "count": int(embeddings.shape[0]),
@@ -345,7 +346,7 @@ def rebuild_index(path: str | Path, index_type: str = "auto", search_params: str
     """Rebuild ``index.faiss`` of a folder from its stored embeddings (no re-encoding)."""
     folder = load_index_folder(path, load_index=False)
     spec = resolve_index_type(index_type, folder.count, search_params)
-    info = {k: folder.manifest[k] for k in ("arch", "fingerprint", "source", "preprocess") if k in folder.manifest}
+    info = {k: folder.manifest[k] for k in ENCODER_KEYS if k in folder.manifest}
     return write_index_folder(
         folder.path,
         np.array(folder.embeddings),

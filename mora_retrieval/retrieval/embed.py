@@ -46,7 +46,6 @@ decoder rejects is retried with PIL before it counts as bad.
 from __future__ import annotations
 
 import contextlib
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence
@@ -62,7 +61,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from ..data.images import decode_image_bytes, load_image
 from ..device import available_cores, default_workers
 from ..errors import DataError, MoraError
-from ..fileio import atomic_write, read_json, write_json
+from ..fileio import read_json, write_json
+from .index import save_npy
 
 PROGRESS_FILE = "progress.json"
 JPEG_SUFFIXES = (".jpg", ".jpeg")
@@ -448,13 +448,6 @@ def _cpu_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with atomic_write(path, "wb") as handle:
-        buffer = io.BytesIO()
-        np.save(buffer, array, allow_pickle=False)
-        handle.write(buffer.getvalue())
-
-
 def _load_progress(work_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
     """The recorded chunks if ``progress.json`` matches ``state``; else a fresh record."""
     path = work_dir / PROGRESS_FILE
@@ -573,7 +566,7 @@ def embed_paths(
         feats = feats.astype(np.float16) if config.normalize else feats.astype(np.float32)
         chunk_feats[chunk] = feats
         if work_dir is not None:
-            _save_npy(work_dir / _part_name(chunk), feats)
+            save_npy(work_dir / _part_name(chunk), feats)
             done[str(chunk)] = {"count": int(feats.shape[0]), "skipped": sorted(chunk_skipped.get(chunk, []))}
             write_json(work_dir / PROGRESS_FILE, {**progress, "done": done})
         pieces.clear()

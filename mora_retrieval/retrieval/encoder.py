@@ -168,13 +168,5 @@ def load_encoder(
 def load_encoder_from_source(source: dict[str, Any], device: str | None = None,
                              dtype: torch.dtype | None = None) -> Encoder:
     """Rebuild the encoder recorded in an index manifest's ``source``."""
-    return load_encoder(
-        source.get("arch"),
-        source.get("pretrained"),
-        adapter=source.get("adapter"),
-        checkpoint=source.get("checkpoint"),
-        run=source.get("run"),
-        combiner=source.get("combiner"),
-        device=device,
-        dtype=dtype,
-    )
+    files = {key: source.get(key) for key in ("adapter", "checkpoint", "run", "combiner")}
+    return load_encoder(source.get("arch"), source.get("pretrained"), device=device, dtype=dtype, **files)

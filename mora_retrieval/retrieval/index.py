@@ -89,12 +89,18 @@ def _pow2(x: float) -> int:
     return int(2 ** round(math.log2(max(x, 1.0))))
 
 
+def _ivf_lists(factory: str) -> int | None:
+    """``nlist`` of an IVF factory string, ``None`` for other index types."""
+    ivf = re.search(r"IVF(\d+)", factory)
+    return int(ivf.group(1)) if ivf else None
+
+
 def default_search_params(factory: str) -> str:
     """Sensible ``nprobe``/``efSearch`` for a factory string (see the module docstring)."""
     params = []
-    ivf = re.search(r"IVF(\d+)", factory)
-    if ivf:
-        nprobe = max(16, int(ivf.group(1)) // 16)
+    nlist = _ivf_lists(factory)
+    if nlist:
+        nprobe = max(16, nlist // 16)
         params.append(f"nprobe={nprobe}")
         if re.search(r"IVF\d+_HNSW", factory):
             params.append(f"quantizer_efSearch={2 * nprobe}")
@@ -138,15 +144,17 @@ def _first_line(exc: BaseException) -> str:
     return (lines[0] if lines else exc.__class__.__name__)[:200]
 
 
-def check_index_spec(spec: IndexSpec, count: int, dim: int) -> None:
-    """Fail early (before any encoding) on a bad factory string or too few vectors to train."""
+def check_index_spec(spec: IndexSpec, count: int, dim: int) -> Any:
+    """The empty inner-product index of ``spec``; a bad factory string, or too few vectors to
+    train it, fails in one line (called before any encoding, and again when building)."""
     try:
-        faiss.index_factory(dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
         raise IndexFolderError(f"'{spec.factory}': not a valid FAISS factory string ({_first_line(exc)})") from None
-    ivf = re.search(r"IVF(\d+)", spec.factory)
-    if ivf and count < int(ivf.group(1)):
-        raise IndexFolderError(f"'{spec.factory}': needs at least {ivf.group(1)} vectors to train, the collection has {count}")
+    nlist = _ivf_lists(spec.factory)
+    if nlist and count < nlist:
+        raise IndexFolderError(f"'{spec.factory}': needs at least {nlist} vectors to train, the collection has {count}")
+    return index
 
 
 def build_faiss_index(
@@ -164,18 +172,10 @@ def build_faiss_index(
     parts = [p for p in parts if p.shape[0] > 0]
     if not parts:
         raise IndexFolderError("cannot build an index over zero images")
-    dim = int(parts[0].shape[1])
     total = sum(int(p.shape[0]) for p in parts)
-    try:
-        index = faiss.index_factory(dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as exc:
-        raise IndexFolderError(f"'{spec.factory}': not a valid FAISS factory string ({_first_line(exc)})") from None
+    index = check_index_spec(spec, total, int(parts[0].shape[1]))
     if not index.is_trained:
-        ivf = re.search(r"IVF(\d+)", spec.factory)
-        nlist = int(ivf.group(1)) if ivf else 256
-        if ivf and total < nlist:
-            raise IndexFolderError(f"'{spec.factory}': needs at least {nlist} vectors to train, the collection has {total}")
-        n_train = min(total, max_train_per_list * nlist)
+        n_train = min(total, max_train_per_list * (_ivf_lists(spec.factory) or 256))
         rng = np.random.default_rng(seed)
         chosen = np.sort(rng.choice(total, size=n_train, replace=False))
         offsets = np.cumsum([0] + [p.shape[0] for p in parts])
@@ -193,7 +193,8 @@ def build_faiss_index(
     return index
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """``np.save`` (no pickles) through an atomic write."""
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     with atomic_write(path, "wb") as handle:
@@ -259,7 +260,7 @@ def write_index_folder(
     manifest_path = path / MANIFEST_FILE
     if manifest_path.exists():
         manifest_path.unlink()  # the folder is incomplete until the new manifest lands
-    _save_npy(path / EMBEDDINGS_FILE, embeddings)
+    save_npy(path / EMBEDDINGS_FILE, embeddings)
     write_items(path / ITEMS_FILE, items)
     write_faiss(path / INDEX_FILE, index)
     manifest = {

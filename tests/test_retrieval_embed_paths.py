@@ -26,9 +26,9 @@ from mora_retrieval.retrieval.embed import (
     EmbedConfig,
     LoadedBatch,
     _BatchFiles,
-    _use_tensor_decode,
     batch_plan,
     crop_origin,
+    decode_path,
     decode_jpegs,
     embed_paths,
     plan_resize_groups,
@@ -124,13 +124,16 @@ def test_split_transform_and_tensor_decode_switch(encoder):
     assert mean == pytest.approx(encoder.preprocess_cfg["mean"]) and std == pytest.approx(encoder.preprocess_cfg["std"])
     assert split_transform(lambda img: img) is None
     cfg = encoder.preprocess_cfg
-    assert _use_tensor_decode(EmbedConfig(), on_cuda=False, cfg=cfg) is False
-    assert _use_tensor_decode(EmbedConfig(), on_cuda=True, cfg=cfg) is True
-    assert _use_tensor_decode(EmbedConfig(gpu_decode=True), on_cuda=False, cfg=cfg) is True
+    assert decode_path(EmbedConfig(), "cpu", cfg) == "pil"
+    assert decode_path(EmbedConfig(fast_jpeg=True), "cpu", cfg) == "pil-draft"
+    assert decode_path(EmbedConfig(), "cuda:0", cfg) == "tensor-jpeg"
+    assert decode_path(EmbedConfig(fast_jpeg=True), "cuda:0", cfg) == "tensor-jpeg"  # draft mode is PIL's
+    assert decode_path(EmbedConfig(gpu_decode=True), "cpu", cfg) == "tensor-jpeg"
+    assert decode_path(EmbedConfig(gpu_decode=False), "cuda:0", cfg) == "pil"
     longest = {**cfg, "resize_mode": "longest"}
-    assert _use_tensor_decode(EmbedConfig(), on_cuda=True, cfg=longest) is False  # falls back to PIL
+    assert decode_path(EmbedConfig(), "cuda:0", longest) == "pil"  # falls back to PIL
     with pytest.raises(MoraError, match="'longest'"):
-        _use_tensor_decode(EmbedConfig(gpu_decode=True), on_cuda=True, cfg=longest)
+        decode_path(EmbedConfig(gpu_decode=True), "cuda:0", longest)
     from mora_retrieval.device import inference_dtype
 
     assert inference_dtype(torch.device("cpu")) == torch.float32
@@ -289,7 +292,7 @@ def test_tensor_decode_bad_image_policy(files, encoder, tmp_path):
 def test_gpu_pipeline_bf16_matches_cpu_preprocessing(files, encoder, ckpt):
     """On CUDA: nvJPEG, batched GPU resize, side-stream overlap and the bf16 weights."""
     cuda = _encoder(ckpt, "cuda")
-    assert _use_tensor_decode(EmbedConfig(), on_cuda=True, cfg=cuda.preprocess_cfg)
+    assert decode_path(EmbedConfig(), cuda.device, cuda.preprocess_cfg) == "tensor-jpeg"
     gpu = embed_paths(cuda, files, EmbedConfig(batch_size=4, chunk_size=6, workers=2))
     ref = embed_paths(encoder, files, EmbedConfig(batch_size=4, workers=0))
     assert np.array_equal(gpu.positions, ref.positions)

@@ -139,7 +139,8 @@ def test_manifest_records_decoding_and_dtype_and_cir_eval_decodes_alike(world, t
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         half = load_encoder("mora-tiny", str(world["ckpt"]), device="cpu", dtype=torch.bfloat16)
-    folders = {"pil": world["full"], "pil-draft": build_index(enc, items, tmp_path / "fast", _cfg(fast_jpeg=True)).folder,
+    folders = {"pil": world["full"],
+               "pil-draft": build_index(enc, items, tmp_path / "fast", _cfg(fast_jpeg=True)).folder,
                "tensor-jpeg": build_index(enc, items, tmp_path / "tensor", _cfg(gpu_decode=True)).folder}
     bf16 = build_index(half, items, tmp_path / "bf16", _cfg()).folder
     assert {name: f.manifest["preprocess"]["decode"] for name, f in folders.items()} == {n: n for n in folders}
@@ -183,7 +184,8 @@ def test_manifests_without_decode_and_dtype_still_load_search_and_evaluate(world
 def test_merge_refuses_parts_decoded_differently(world, tmp_path):
     enc, items = world["encoder"], world["items"]
     build_index(enc, items, tmp_path / "idx", BuildConfig(shard=(0, 2), embed=EmbedConfig(workers=0, fast_jpeg=True)))
-    with pytest.raises(IndexFolderError, match=r"1-of-2/part.json: embedded with decode pil, dtype float32, part 0-of-2 with decode pil-draft"):
+    with pytest.raises(IndexFolderError, match=r"1-of-2/part.json: embedded with decode pil, dtype float32, "
+                                               r"part 0-of-2 with decode pil-draft"):
         build_index(enc, items, tmp_path / "idx", BuildConfig(shard=(1, 2), embed=EmbedConfig(workers=0)))
     assert not (tmp_path / "idx" / "manifest.json").exists()
 

@@ -96,7 +96,8 @@ def encoder_info(encoder: Any, embed: EmbedConfig | None = None) -> dict[str, An
         "arch": encoder.source.get("arch"),
         "fingerprint": encoder.fingerprint,
         "source": encoder.source,
-        "preprocess": {**encoder.preprocess_cfg, "fast_jpeg": bool(embed.fast_jpeg), "decode": decode_path(embed, encoder)},
+        "preprocess": {**encoder.preprocess_cfg, "fast_jpeg": bool(embed.fast_jpeg),
+                       "decode": decode_path(embed, encoder.device, encoder.preprocess_cfg)},
         "encoder_dtype": str(encoder.dtype).removeprefix("torch."),
     }
 
@@ -159,8 +160,8 @@ def build_index(
     _check_finite(result.features, kept, out)
     if part_dir is None:
         spec = resolve_index_type(config.index_type, len(kept), config.search_params)
-        folder = write_index_folder(out, result.features, kept, spec=spec, encoder_info=encoder_info(encoder, embed_cfg),
-                                    collection=collection, skipped=skipped)
+        folder = write_index_folder(out, result.features, kept, spec=spec, collection=collection, skipped=skipped,
+                                    encoder_info=encoder_info(encoder, embed_cfg))
         shutil.rmtree(work, ignore_errors=True)
         return BuildResult(folder, result.encoded, skipped)
 
@@ -219,9 +220,9 @@ def merge_parts(out: str | Path, index_type: str = "auto", search_params: str | 
         if meta["items_digest"] != first["items_digest"]:
             raise IndexFolderError(f"{part_dir / PART_FILE}: was cut from another item list than part 0-of-{n}")
         if _embedding_setup(meta) != _embedding_setup(first):  # decoding and dtype change the features slightly
-            raise IndexFolderError(f"{part_dir / PART_FILE}: embedded with {_embedding_setup(meta)}, part 0-of-{n} with "
-                                   f"{_embedding_setup(first)}; embed every part on the same kind of device with the "
-                                   f"same --fast-jpeg")
+            raise IndexFolderError(f"{part_dir / PART_FILE}: embedded with {_embedding_setup(meta)}, part 0-of-{n} "
+                                   f"with {_embedding_setup(first)}; embed every part on the same kind of device "
+                                   f"with the same --fast-jpeg")
         emb = load_embeddings(part_dir / EMBEDDINGS_FILE)
         part_items = read_items(part_dir / ITEMS_FILE)
         if emb.shape[0] != len(part_items) or emb.shape[0] != int(meta["count"]):

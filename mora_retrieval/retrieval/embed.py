@@ -167,11 +167,6 @@ def batch_plan(n: int, chunk_size: int, batch_size: int, pending: Sequence[int])
     return batches
 
 
-def tensor_decode_supported(cfg: dict[str, Any]) -> bool:
-    """Whether :func:`preprocess_decoded` implements the model's preprocessing ``cfg``."""
-    return str(cfg.get("resize_mode", "shortest")) in RESIZE_MODES and str(cfg.get("interpolation", "bicubic")) in INTERPOLATIONS
-
-
 def split_transform(transform: Callable) -> tuple[Callable, list[float], list[float]] | None:
     """``(pil_stage, mean, std)`` of a torchvision ``Compose`` ending in ``ToTensor`` +
     ``Normalize`` (open_clip's eval transform and the toolkit's targetpad are), else ``None``.
@@ -469,23 +464,18 @@ def _part_name(chunk: int) -> str:
     return f"part-{chunk:05d}.npy"
 
 
-def _use_tensor_decode(config: EmbedConfig, on_cuda: bool, cfg: dict[str, Any]) -> bool:
-    """The ``gpu_decode`` setting resolved: explicit, else on CUDA when the preprocessing allows it."""
-    if config.gpu_decode is None:
-        return on_cuda and tensor_decode_supported(cfg)
-    if config.gpu_decode and not tensor_decode_supported(cfg):
+def decode_path(config: EmbedConfig, device: str, cfg: dict[str, Any]) -> str:
+    """How :func:`embed_paths` decodes JPEGs (what the index manifest records): ``tensor-jpeg``,
+    batched on ``device`` (``gpu_decode``; ``None``: on CUDA when :func:`preprocess_decoded`
+    implements the model's preprocessing ``cfg``), else ``pil-draft`` (``fast_jpeg``) or ``pil``."""
+    supported = (str(cfg.get("resize_mode", "shortest")) in RESIZE_MODES
+                 and str(cfg.get("interpolation", "bicubic")) in INTERPOLATIONS)
+    if config.gpu_decode and not supported:
         raise MoraError(
             f"GPU JPEG decoding implements resize modes {', '.join(RESIZE_MODES)} with {' or '.join(INTERPOLATIONS)} "
             f"interpolation; the model uses {cfg.get('resize_mode')!r} / {cfg.get('interpolation')!r}: turn gpu_decode off"
         )
-    return bool(config.gpu_decode)
-
-
-def decode_path(config: EmbedConfig, encoder: Any) -> str:
-    """How :func:`embed_paths` decodes JPEGs for ``config`` with ``encoder`` (what the index
-    manifest records): ``tensor-jpeg`` (batched on the encoder's device), ``pil-draft``
-    (``fast_jpeg``) or ``pil``."""
-    if _use_tensor_decode(config, str(encoder.device).startswith("cuda"), encoder.preprocess_cfg):
+    if config.gpu_decode or (config.gpu_decode is None and str(device).startswith("cuda") and supported):
         return "tensor-jpeg"
     return "pil-draft" if config.fast_jpeg else "pil"
 
@@ -512,7 +502,7 @@ def embed_paths(
     chunk_size = max(1, int(config.chunk_size))
     n_chunks = (n + chunk_size - 1) // chunk_size
     on_cuda = str(encoder.device).startswith("cuda")
-    decode = decode_path(config, encoder)
+    decode = decode_path(config, encoder.device, encoder.preprocess_cfg)
     dim = encoder.dim
 
     progress: dict[str, Any] = {"done": {}}

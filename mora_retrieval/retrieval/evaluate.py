@@ -195,7 +195,8 @@ def recorded_decoding(manifest: dict[str, Any]) -> dict[str, Any]:
 def cir_queries(folder: Any, encoder: Any, embed: Any = None, reporter: Any = None, batch: int = 4096) -> np.ndarray:
     """Every gallery image through the composed-query path with an empty caption ``[N, d]``."""
     check_encoder(folder, encoder)
-    config = replace(embed or EmbedConfig(), normalize=False, skip_bad_images=False, **recorded_decoding(folder.manifest))
+    config = replace(embed or EmbedConfig(), normalize=False, skip_bad_images=False,
+                     **recorded_decoding(folder.manifest))
     raw = embed_paths(encoder, [it.path for it in folder.items], config, reporter=reporter).features
     text = encoder.encode_texts([""], normalize=False)
     out = [

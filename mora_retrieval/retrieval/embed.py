@@ -504,6 +504,7 @@ def embed_paths(
     on_cuda = str(encoder.device).startswith("cuda")
     decode = decode_path(config, encoder.device, encoder.preprocess_cfg)
     dim = encoder.dim
+    out_dtype = np.float16 if config.normalize else np.float32
 
     progress: dict[str, Any] = {"done": {}}
     if work_dir is not None:
@@ -552,8 +553,7 @@ def embed_paths(
             feats = torch.cat([f for _, f in pieces]).float().cpu().numpy()
         else:
             feats = np.zeros((0, dim), np.float32)
-        feats = feats[np.argsort(order_pos, kind="stable")]
-        feats = feats.astype(np.float16) if config.normalize else feats.astype(np.float32)
+        feats = feats[np.argsort(order_pos, kind="stable")].astype(out_dtype)
         chunk_feats[chunk] = feats
         if work_dir is not None:
             save_npy(work_dir / _part_name(chunk), feats)
@@ -607,9 +607,8 @@ def embed_paths(
         features.append(feats)
         positions_out.append(kept)
         skipped.extend(sorted(bad))
-    dtype = np.float16 if config.normalize else np.float32
     return EmbedResult(
-        features=np.concatenate(features) if features else np.zeros((0, dim), dtype),
+        features=np.concatenate(features) if features else np.zeros((0, dim), out_dtype),
         positions=np.concatenate(positions_out) if positions_out else np.zeros(0, np.int64),
         skipped=skipped,
         encoded=encoded,

@@ -181,6 +181,8 @@ def transport_only(paths: list[str], batch: int, workers: int, per_batch: bool) 
 
 
 def bench_embedding(arch: str, count: int, batch: int, device: str, workers: int | None, repeat: int = 1) -> list[dict]:
+    import copy
+
     from mora_retrieval.device import default_workers
     from mora_retrieval.retrieval.embed import EmbedConfig, embed_paths
     from mora_retrieval.retrieval.encoder import load_encoder
@@ -207,9 +209,10 @@ def bench_embedding(arch: str, count: int, batch: int, device: str, workers: int
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_images(Path(tmp), count)
         embed_paths(encoder, paths[:batch], EmbedConfig(batch_size=batch, workers=0))  # warm-up
-        row("plain loop (1 process, PIL, fp32)", lambda: plain_loop(encoder.model, encoder.preprocess, paths, batch, device))
+        fp32 = copy.deepcopy(encoder.model).float()  # the baselines keep fp32 weights (the encoder's are bf16 on CUDA)
+        row("plain loop (1 process, PIL, fp32)", lambda: plain_loop(fp32, encoder.preprocess, paths, batch, device))
         row(f"clip-retrieval-style peer ({workers} workers, PIL, {'autocast bf16' if on_cuda else 'fp32'})",
-            lambda: peer_loader(encoder.model, encoder.preprocess, paths, batch, device, workers))
+            lambda: peer_loader(fp32, encoder.preprocess, paths, batch, device, workers))
         for fast in (False,) if on_cuda else (False, True):
             name = "GPU JPEG decode, bf16" if on_cuda else ("--fast-jpeg" if fast else "default")
             row(f"toolkit `embed_paths` ({workers} workers, {name})", lambda: toolkit(fast))

@@ -30,8 +30,7 @@ def search_cmd(
 
     from mora_retrieval.errors import MoraError
     from mora_retrieval.retrieval.index import load_index_folder
-    from mora_retrieval.retrieval.queries import query_mode, search_payload
-    from mora_retrieval.retrieval.search import search
+    from mora_retrieval.retrieval.search import query_mode, search, search_payload
 
     from .index import load_encoder_from_options
 

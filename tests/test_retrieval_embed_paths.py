@@ -26,9 +26,9 @@ from mora_retrieval.retrieval.embed import (
     EmbedConfig,
     LoadedBatch,
     _BatchFiles,
-    _use_tensor_decode,
     batch_plan,
     crop_origin,
+    decode_path,
     decode_jpegs,
     embed_paths,
     plan_resize_groups,
@@ -66,10 +66,10 @@ def ckpt(tmp_path_factory):
     return str(write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"))
 
 
-def _encoder(ckpt, device):
+def _encoder(ckpt, device, dtype=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return load_encoder("mora-tiny", ckpt, device=device)
+        return load_encoder("mora-tiny", ckpt, device=device, dtype=dtype)
 
 
 @pytest.fixture(scope="module")
@@ -124,13 +124,16 @@ def test_split_transform_and_tensor_decode_switch(encoder):
     assert mean == pytest.approx(encoder.preprocess_cfg["mean"]) and std == pytest.approx(encoder.preprocess_cfg["std"])
     assert split_transform(lambda img: img) is None
     cfg = encoder.preprocess_cfg
-    assert _use_tensor_decode(EmbedConfig(), on_cuda=False, cfg=cfg) is False
-    assert _use_tensor_decode(EmbedConfig(), on_cuda=True, cfg=cfg) is True
-    assert _use_tensor_decode(EmbedConfig(gpu_decode=True), on_cuda=False, cfg=cfg) is True
+    assert decode_path(EmbedConfig(), "cpu", cfg) == "pil"
+    assert decode_path(EmbedConfig(fast_jpeg=True), "cpu", cfg) == "pil-draft"
+    assert decode_path(EmbedConfig(), "cuda:0", cfg) == "tensor-jpeg"
+    assert decode_path(EmbedConfig(fast_jpeg=True), "cuda:0", cfg) == "tensor-jpeg"  # draft mode is PIL's
+    assert decode_path(EmbedConfig(gpu_decode=True), "cpu", cfg) == "tensor-jpeg"
+    assert decode_path(EmbedConfig(gpu_decode=False), "cuda:0", cfg) == "pil"
     longest = {**cfg, "resize_mode": "longest"}
-    assert _use_tensor_decode(EmbedConfig(), on_cuda=True, cfg=longest) is False  # falls back to PIL
+    assert decode_path(EmbedConfig(), "cuda:0", longest) == "pil"  # falls back to PIL
     with pytest.raises(MoraError, match="'longest'"):
-        _use_tensor_decode(EmbedConfig(gpu_decode=True), on_cuda=True, cfg=longest)
+        decode_path(EmbedConfig(gpu_decode=True), "cuda:0", longest)
     from mora_retrieval.device import inference_dtype
 
     assert inference_dtype(torch.device("cpu")) == torch.float32
@@ -165,24 +168,26 @@ def test_tensor_preprocessing_matches_pil_preprocessing(files, size):
 def test_tensor_path_features_within_1e2_cosine_of_pil_path(files, encoder):
     decoded = [_decode(p) for p in files]
     batch, order = preprocess_decoded(decoded, encoder.preprocess_cfg)
-    ours = encoder.encode_prepared(batch)
+    ours = encoder.encode_images(batch)
     ref = encoder.encode_images(torch.stack([encoder.preprocess(load_image(files[i])) for i in order]))
     cos = (ours * ref).sum(1)
     assert cos.min() > 1 - 1e-2, cos
 
 
-def test_bf16_tower_is_cast_once_and_close_to_fp32(files, encoder):
-    tower = encoder.image_tower(torch.bfloat16)
-    assert tower is encoder.image_tower(torch.bfloat16)  # cast once, kept
-    assert all(p.dtype == torch.bfloat16 for p in tower.parameters())
-    assert all(p.dtype == torch.float32 for p in encoder.model.parameters())  # the model is left alone
-    assert encoder.image_tower(torch.float32) is encoder.model.visual
-    batch = torch.stack([encoder.preprocess(load_image(p)) for p in files])
-    with torch.inference_mode():
-        low = F.normalize(tower(batch.to(torch.bfloat16)).float(), dim=-1)
-    cos = (low * encoder.encode_images(batch)).sum(1)
-    assert cos.min() > 0.99
-    assert torch.equal(encoder.encode_prepared(batch), encoder.encode_images(batch))  # CPU: fp32, as before
+def test_pipeline_and_single_queries_give_the_same_bf16_features(files, ckpt):
+    """Gallery images and query images run the same weights: the same bits for the same batch."""
+    from mora_retrieval.retrieval.search import Query, encode_queries
+
+    half = _encoder(ckpt, "cpu", torch.bfloat16)
+    images = [half.preprocess(load_image(p)) for p in files]
+    single = torch.cat([half.encode_images(image[None], normalize=False) for image in images])
+    alone = embed_paths(half, files, EmbedConfig(batch_size=1, workers=0, normalize=False, gpu_decode=False))
+    assert np.array_equal(alone.features, single.numpy())
+    batched = embed_paths(half, files, EmbedConfig(batch_size=4, workers=0, normalize=False, gpu_decode=False))
+    want = torch.cat([half.encode_images(torch.stack(images[s : s + 4]), normalize=False) for s in range(0, 9, 4)])
+    assert np.array_equal(batched.features, want.numpy())
+    query = encode_queries(half, [Query(image=load_image(files[0]))])
+    assert np.array_equal(query[0], F.normalize(single[0], dim=-1).numpy())
 
 
 # ----------------------------------------------------------------------------- transport
@@ -285,9 +290,9 @@ def test_tensor_decode_bad_image_policy(files, encoder, tmp_path):
 
 @pytest.mark.gpu
 def test_gpu_pipeline_bf16_matches_cpu_preprocessing(files, encoder, ckpt):
-    """On CUDA: nvJPEG, batched GPU resize, side-stream overlap and the bf16 tower."""
+    """On CUDA: nvJPEG, batched GPU resize, side-stream overlap and the bf16 weights."""
     cuda = _encoder(ckpt, "cuda")
-    assert _use_tensor_decode(EmbedConfig(), on_cuda=True, cfg=cuda.preprocess_cfg)
+    assert decode_path(EmbedConfig(), cuda.device, cuda.preprocess_cfg) == "tensor-jpeg"
     gpu = embed_paths(cuda, files, EmbedConfig(batch_size=4, chunk_size=6, workers=2))
     ref = embed_paths(encoder, files, EmbedConfig(batch_size=4, workers=0))
     assert np.array_equal(gpu.positions, ref.positions)

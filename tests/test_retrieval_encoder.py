@@ -102,6 +102,37 @@ def test_composed_query_uses_the_combiner_else_the_sum(adapted):
     assert torch.allclose(enc.encode_composed(img, txt), F.normalize(img + txt, dim=-1), atol=1e-6)
 
 
+def _cosine(a, b):
+    return F.cosine_similarity(a.float(), b.float(), dim=-1)
+
+
+def test_bf16_encoder_matches_fp32_for_images_texts_and_composed_queries(adapted):
+    """The bf16 path (CUDA's default) run on the CPU: one cast of the weights, no autocast."""
+    run = adapted["root"] / "run"
+    full = load_encoder(None, run=run, device="cpu")
+    half = load_encoder(None, run=run, device="cpu", dtype=torch.bfloat16)
+    assert full.dtype == torch.float32  # the CPU's inference dtype
+    assert {p.dtype for p in full.model.parameters()} == {torch.float32}
+    assert {p.dtype for p in half.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in half.combiner.parameters()} == {torch.float32}  # the Combiner stays float32
+    assert half.fingerprint == full.fingerprint == adapted["fingerprint"]  # taken before the cast
+    torch.manual_seed(0)
+    images = torch.randn(5, 3, 32, 32)
+    texts = ["a red square", "two blue circles on the left", "", "x " * 100]
+    raw = {}
+    for name, enc in (("full", full), ("half", half)):
+        img, txt = enc.encode_images(images, normalize=False), enc.encode_texts(texts, normalize=False)
+        assert img.dtype == txt.dtype == torch.float32
+        with_combiner = enc.encode_composed(img[:4], txt)
+        enc.combiner, combiner = None, enc.combiner
+        summed = enc.encode_composed(img[:4], txt)
+        enc.combiner = combiner
+        raw[name] = (img, txt, with_combiner, summed)
+    for ours, ref in zip(raw["half"], raw["full"]):
+        assert not torch.equal(ours, ref)  # the bf16 path really ran
+        assert _cosine(ours, ref).min() > 1 - 1e-2
+
+
 def test_source_errors_are_one_line(adapted, tmp_path):
     with pytest.raises(BackboneError, match="at most one"):
         load_encoder("mora-tiny", adapter=adapted["root"] / "adapter", checkpoint=adapted["base"])

@@ -132,6 +132,64 @@ def test_two_shards_merge_to_the_single_run(world, tmp_path):
     assert again.manifest["index_type"] == "HNSW8" and again.count == len(items)
 
 
+def test_manifest_records_decoding_and_dtype_and_cir_eval_decodes_alike(world, tmp_path, monkeypatch):
+    import mora_retrieval.retrieval.evaluate as evaluate
+
+    enc, items = world["encoder"], world["items"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        half = load_encoder("mora-tiny", str(world["ckpt"]), device="cpu", dtype=torch.bfloat16)
+    folders = {"pil": world["full"],
+               "pil-draft": build_index(enc, items, tmp_path / "fast", _cfg(fast_jpeg=True)).folder,
+               "tensor-jpeg": build_index(enc, items, tmp_path / "tensor", _cfg(gpu_decode=True)).folder}
+    bf16 = build_index(half, items, tmp_path / "bf16", _cfg()).folder
+    assert {name: f.manifest["preprocess"]["decode"] for name, f in folders.items()} == {n: n for n in folders}
+    assert folders["pil-draft"].manifest["preprocess"]["fast_jpeg"] is True
+    assert world["full"].manifest["encoder_dtype"] == "float32" and bf16.manifest["encoder_dtype"] == "bfloat16"
+    assert bf16.manifest["fingerprint"] == world["full"].manifest["fingerprint"]
+    seen = []
+    real = evaluate.embed_paths
+    monkeypatch.setattr(evaluate, "embed_paths", lambda *args, **kw: seen.append(args[2]) or real(*args, **kw))
+    embed = EmbedConfig(batch_size=4, workers=0)
+    for folder in folders.values():
+        evaluate.cir_queries(folder, enc, embed)
+    assert [(c.gpu_decode, c.fast_jpeg) for c in seen] == [(False, False), (False, True), (True, False)]
+
+
+def test_manifests_without_decode_and_dtype_still_load_search_and_evaluate(world, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    import mora_retrieval.retrieval.evaluate as evaluate
+    from mora_retrieval.retrieval.index import rebuild_index
+
+    shutil.copytree(world["full"].path, tmp_path / "old")
+    manifest_path = tmp_path / "old" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["encoder_dtype"], manifest["preprocess"]["decode"]
+    manifest["preprocess"]["fast_jpeg"] = True  # what an older --fast-jpeg index recorded
+    manifest_path.write_text(json.dumps(manifest))
+    old = load_index_folder(tmp_path / "old")
+    assert search(old, world["encoder"], text="a red square", k=2)[0].rank == 1
+    seen = []
+    real = evaluate.embed_paths
+    monkeypatch.setattr(evaluate, "embed_paths", lambda *args, **kw: seen.append(args[2]) or real(*args, **kw))
+    result = evaluate.evaluate_coco(old, RelevanceRule.parse("any"), "any", ["image", "cir"], encoder=world["encoder"],
+                                    embed=EmbedConfig(batch_size=4, workers=0))
+    assert result.results["cir"].evaluated == 8 and seen[0].fast_jpeg is True and seen[0].gpu_decode is None
+    rebuilt = rebuild_index(tmp_path / "old", "HNSW8").manifest
+    assert "encoder_dtype" not in rebuilt and "decode" not in rebuilt["preprocess"]  # nothing is made up
+
+
+def test_merge_refuses_parts_decoded_differently(world, tmp_path):
+    enc, items = world["encoder"], world["items"]
+    build_index(enc, items, tmp_path / "idx", BuildConfig(shard=(0, 2), embed=EmbedConfig(workers=0, fast_jpeg=True)))
+    with pytest.raises(IndexFolderError, match=r"1-of-2/part.json: embedded with decode pil, dtype float32, "
+                                               r"part 0-of-2 with decode pil-draft"):
+        build_index(enc, items, tmp_path / "idx", BuildConfig(shard=(1, 2), embed=EmbedConfig(workers=0)))
+    assert not (tmp_path / "idx" / "manifest.json").exists()
+
+
 def test_shard_from_torchrun_env(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "2")

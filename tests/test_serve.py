@@ -30,11 +30,10 @@ from mora_retrieval.data.images import load_image  # noqa: E402
 from mora_retrieval.errors import IndexFolderError, MoraError  # noqa: E402
 from mora_retrieval.retrieval.encoder import load_encoder_from_source  # noqa: E402
 from mora_retrieval.retrieval.index import load_index_folder  # noqa: E402
-from mora_retrieval.retrieval.queries import QueryQueue  # noqa: E402
-from mora_retrieval.retrieval.search import Query, search_many  # noqa: E402
-from mora_retrieval.retrieval.search import search  # noqa: E402
+from mora_retrieval.retrieval.search import Query, search, search_many  # noqa: E402
 from mora_retrieval.retrieval.serve import (  # noqa: E402
     TEXT_TRUNCATED_HEADER,
+    QueryQueue,
     ServeConfig,
     create_app,
     is_loopback,
@@ -335,6 +334,8 @@ def test_one_failing_query_does_not_fail_its_batch():
 
     a, boom, c = asyncio.run(main())
     assert (a, c) == ("A", "C") and isinstance(boom, MoraError)
+    with pytest.raises(MoraError, match="max_batch 0: expected at least 1"):
+        QueryQueue(answer, max_batch=0)
 
 
 def test_concurrent_http_clients_all_get_their_own_answer(client, world):

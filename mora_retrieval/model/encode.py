@@ -6,6 +6,10 @@ encoder. :func:`collect` is the one loop: it runs a step over the batches of a l
 ``torch.no_grad()`` and :func:`~mora_retrieval.device.autocast` and concatenates what the step
 returns. Features come out as float32 and stay on the device they were computed on.
 
+``precision="bf16"`` autocasts a model kept in fp32 (training's validation). A model whose weights
+were cast once (the retrieval encoder, bf16 on CUDA) runs with the default ``"fp32"``, i.e. without
+autocast, its image batches given in the weights' dtype.
+
 The composed query (CLIP4CIR) is ``normalize(image + text)`` of the *raw* (unnormalised)
 features, or the Combiner's output when one is given.
 """

@@ -8,7 +8,8 @@ Submodules (imported on demand; this package imports nothing heavy):
 * :mod:`.embed`    – the batched, resumable embedding pipeline.
 * :mod:`.build`    – items → index folder, in one process or in shards, and the merge.
 * :mod:`.index`    – index folders: FAISS index, items table, float16 embeddings, manifest.
-* :mod:`.search`   – query encoding and k-NN search against an index folder.
+* :mod:`.search`   – query encoding and k-NN search against an index folder, the JSON answer.
 * :mod:`.evaluate` – Recall@K, the COCO image-to-image protocol (docs/protocols.md §5).
 * :mod:`.gallery`  – a self-contained HTML page of a query and its results.
+* :mod:`.serve`    – ``mora-ret serve``: a search page and JSON API, with its batching query queue.
 """

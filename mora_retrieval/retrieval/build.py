@@ -25,19 +25,19 @@ import numpy as np
 
 from ..errors import IndexFolderError, MoraError
 from ..fileio import check_can_create, read_json, write_json
-from .embed import EmbedConfig, Reporter, embed_paths
+from .embed import EmbedConfig, Reporter, decode_path, embed_paths
 from .index import (
     EMBEDDINGS_FILE,
     MANIFEST_FILE,
     ITEMS_FILE,
     IndexFolder,
-    _save_npy,
     build_faiss_index,
     check_index_spec,
     load_embeddings,
     read_manifest,
     read_items,
     resolve_index_type,
+    save_npy,
     write_index_folder,
     write_items,
 )
@@ -90,12 +90,15 @@ def shard_bounds(count: int, shard: tuple[int, int]) -> tuple[int, int]:
 
 
 def encoder_info(encoder: Any, embed: EmbedConfig | None = None) -> dict[str, Any]:
-    """The manifest fields that describe the model (and the decoding used)."""
+    """The manifest fields that describe the model, its dtype and the decoding used."""
+    embed = embed or EmbedConfig()
     return {
         "arch": encoder.source.get("arch"),
         "fingerprint": encoder.fingerprint,
         "source": encoder.source,
-        "preprocess": {**encoder.preprocess_cfg, "fast_jpeg": bool(embed and embed.fast_jpeg)},
+        "preprocess": {**encoder.preprocess_cfg, "fast_jpeg": bool(embed.fast_jpeg),
+                       "decode": decode_path(embed, encoder.device, encoder.preprocess_cfg)},
+        "encoder_dtype": str(encoder.dtype).removeprefix("torch."),
     }
 
 
@@ -146,35 +149,24 @@ def build_index(
     check_output_folder(out, encoder.fingerprint, config.overwrite)
     shard = config.shard if config.shard and config.shard[1] > 1 else None
     check_index_spec(resolve_index_type(config.index_type, len(items), config.search_params), len(items), encoder.dim)
-    if shard is None:
-        work = out / WORK_DIR
-        result = embed_paths(
-            encoder, [it.path for it in items], embed_cfg, work_dir=work, run_key=items_digest(items),
-            reporter=reporter, on_chunk=on_chunk,
-        )
-        kept = [items[p] for p in result.positions]
-        skipped = [items[p].path for p in result.skipped]
-        _check_finite(result.features, kept, out)
-        spec = resolve_index_type(config.index_type, len(kept), config.search_params)
-        folder = write_index_folder(
-            out, result.features, kept, spec=spec, encoder_info=encoder_info(encoder, embed_cfg),
-            collection=collection, skipped=skipped,
-        )
-        shutil.rmtree(work, ignore_errors=True)
-        return BuildResult(folder, result.encoded, skipped)
-
-    lo, hi = shard_bounds(len(items), shard)
-    part_dir = out / PARTS_DIR / f"{shard[0]}-of-{shard[1]}"
+    lo, hi = shard_bounds(len(items), shard) if shard else (0, len(items))
+    part_dir = out / PARTS_DIR / f"{shard[0]}-of-{shard[1]}" if shard else None
+    work = part_dir / "chunks" if part_dir else out / WORK_DIR
     mine = items[lo:hi]
-    result = embed_paths(
-        encoder, [it.path for it in mine], embed_cfg, work_dir=part_dir / "chunks",
-        run_key=items_digest(mine), reporter=reporter, on_chunk=on_chunk,
-    )
+    result = embed_paths(encoder, [it.path for it in mine], embed_cfg, work_dir=work, run_key=items_digest(mine),
+                         reporter=reporter, on_chunk=on_chunk)
     kept = [mine[p] for p in result.positions]
     skipped = [mine[p].path for p in result.skipped]
     _check_finite(result.features, kept, out)
+    if part_dir is None:
+        spec = resolve_index_type(config.index_type, len(kept), config.search_params)
+        folder = write_index_folder(out, result.features, kept, spec=spec, collection=collection, skipped=skipped,
+                                    encoder_info=encoder_info(encoder, embed_cfg))
+        shutil.rmtree(work, ignore_errors=True)
+        return BuildResult(folder, result.encoded, skipped)
+
     (part_dir / PART_FILE).unlink(missing_ok=True)
-    _save_npy(part_dir / EMBEDDINGS_FILE, result.features)
+    save_npy(part_dir / EMBEDDINGS_FILE, result.features)
     write_items(part_dir / ITEMS_FILE, kept)
     write_json(
         part_dir / PART_FILE,
@@ -189,7 +181,7 @@ def build_index(
             "collection": collection or {},
         },
     )
-    shutil.rmtree(part_dir / "chunks", ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
     folder = None
     if _all_parts_complete(out, shard[1]):
         folder = merge_parts(out, config.index_type, config.search_params)
@@ -200,6 +192,12 @@ def _all_parts_complete(out: Path, n: int) -> bool:
     return all((out / PARTS_DIR / f"{i}-of-{n}" / PART_FILE).is_file() for i in range(n))
 
 
+def _embedding_setup(part: dict[str, Any]) -> str:
+    """A part's decode path and encoder dtype (``None`` for parts written before they were recorded)."""
+    encoder = part["encoder"]
+    return f"decode {encoder.get('preprocess', {}).get('decode')}, dtype {encoder.get('encoder_dtype')}"
+
+
 def merge_parts(out: str | Path, index_type: str = "auto", search_params: str | None = None) -> IndexFolder:
     """Combine the parts under ``<out>/parts/`` into the index folder ``out``."""
     out = Path(out)
@@ -207,24 +205,24 @@ def merge_parts(out: str | Path, index_type: str = "auto", search_params: str | 
     found = sorted(parts_root.glob(f"*-of-*/{PART_FILE}")) if parts_root.is_dir() else []
     if not found:
         raise IndexFolderError(f"{parts_root}: no index parts found (run `mora-ret index ... --shard i/n` first)")
-    metas = []
-    for path in found:
-        metas.append(read_json(path, "index part description", error=IndexFolderError))
+    metas = [read_json(path, "index part description", error=IndexFolderError) for path in found]
     n = int(metas[0]["shard"][1])
     by_index = {int(m["shard"][0]): (m, p.parent) for m, p in zip(metas, found) if int(m["shard"][1]) == n}
     missing = [i for i in range(n) if i not in by_index]
     if missing:
         raise IndexFolderError(f"{parts_root}: parts {', '.join(f'{i}-of-{n}' for i in missing)} are missing or unfinished")
     first = by_index[0][0]
+    embeddings, items, skipped = [], [], []
     for i in range(n):
         meta, part_dir = by_index[i]
         if meta["encoder"]["fingerprint"] != first["encoder"]["fingerprint"]:
             raise IndexFolderError(f"{part_dir / PART_FILE}: embedded with other weights than part 0-of-{n}")
         if meta["items_digest"] != first["items_digest"]:
             raise IndexFolderError(f"{part_dir / PART_FILE}: was cut from another item list than part 0-of-{n}")
-    embeddings, items, skipped = [], [], []
-    for i in range(n):
-        meta, part_dir = by_index[i]
+        if _embedding_setup(meta) != _embedding_setup(first):  # decoding and dtype change the features slightly
+            raise IndexFolderError(f"{part_dir / PART_FILE}: embedded with {_embedding_setup(meta)}, part 0-of-{n} "
+                                   f"with {_embedding_setup(first)}; embed every part on the same kind of device "
+                                   f"with the same --fast-jpeg")
         emb = load_embeddings(part_dir / EMBEDDINGS_FILE)
         part_items = read_items(part_dir / ITEMS_FILE)
         if emb.shape[0] != len(part_items) or emb.shape[0] != int(meta["count"]):

@@ -16,9 +16,10 @@ processes costs a shared-memory segment of its own.
   decoded and preprocessed by the workers as on the CPU path, in the same batch. With
   ``device="cpu"`` the same code runs on the CPU (that is how the tests cover it).
 
-On CUDA the image tower runs in bf16 weights cast once (:meth:`.encoder.Encoder.encode_prepared`),
-the next batch is decoded on a side CUDA stream while the current one is encoded, and the
-host waits for the device only when a chunk is written.
+Batches are prepared in the encoder's dtype (bf16 on CUDA, see :mod:`.encoder`) and encoded by
+``Encoder.encode_images``, the method single queries use. On CUDA the next batch is decoded on a
+side CUDA stream while the current one is encoded, and the host waits for the device only when
+a chunk is written.
 
 Resuming. Work is cut into *chunks* of ``chunk_size`` images. Each finished chunk is written
 to ``<work_dir>/part-NNNNN.npy`` (float16 features) and recorded in
@@ -45,7 +46,6 @@ decoder rejects is retried with PIL before it counts as bad.
 from __future__ import annotations
 
 import contextlib
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence
@@ -61,7 +61,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from ..data.images import decode_image_bytes, load_image
 from ..device import available_cores, default_workers
 from ..errors import DataError, MoraError
-from ..fileio import atomic_write, read_json, write_json
+from ..fileio import read_json, write_json
+from .index import save_npy
 
 PROGRESS_FILE = "progress.json"
 JPEG_SUFFIXES = (".jpg", ".jpeg")
@@ -164,11 +165,6 @@ def batch_plan(n: int, chunk_size: int, batch_size: int, pending: Sequence[int])
         stop = min(n, (c + 1) * chunk_size)
         batches.extend(list(range(s, min(stop, s + step))) for s in range(c * chunk_size, stop, step))
     return batches
-
-
-def tensor_decode_supported(cfg: dict[str, Any]) -> bool:
-    """Whether :func:`preprocess_decoded` implements the model's preprocessing ``cfg``."""
-    return str(cfg.get("resize_mode", "shortest")) in RESIZE_MODES and str(cfg.get("interpolation", "bicubic")) in INTERPOLATIONS
 
 
 def split_transform(transform: Callable) -> tuple[Callable, list[float], list[float]] | None:
@@ -386,7 +382,7 @@ class _Stager:
     def __init__(self, encoder: Any, paths: Sequence[str], mean_std: tuple[list[float], list[float]]) -> None:
         self.paths = paths
         self.device = str(encoder.device)
-        self.dtype = encoder.pipeline_dtype
+        self.dtype = encoder.dtype
         self.cfg = encoder.preprocess_cfg
         self.mean = torch.tensor(mean_std[0], dtype=torch.float32, device=self.device)
         self.std = torch.tensor(mean_std[1], dtype=torch.float32, device=self.device)
@@ -447,13 +443,6 @@ def _cpu_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with atomic_write(path, "wb") as handle:
-        buffer = io.BytesIO()
-        np.save(buffer, array, allow_pickle=False)
-        handle.write(buffer.getvalue())
-
-
 def _load_progress(work_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
     """The recorded chunks if ``progress.json`` matches ``state``; else a fresh record."""
     path = work_dir / PROGRESS_FILE
@@ -475,16 +464,20 @@ def _part_name(chunk: int) -> str:
     return f"part-{chunk:05d}.npy"
 
 
-def _use_tensor_decode(config: EmbedConfig, on_cuda: bool, cfg: dict[str, Any]) -> bool:
-    """The ``gpu_decode`` setting resolved: explicit, else on CUDA when the preprocessing allows it."""
-    if config.gpu_decode is None:
-        return on_cuda and tensor_decode_supported(cfg)
-    if config.gpu_decode and not tensor_decode_supported(cfg):
+def decode_path(config: EmbedConfig, device: str, cfg: dict[str, Any]) -> str:
+    """How :func:`embed_paths` decodes JPEGs (what the index manifest records): ``tensor-jpeg``,
+    batched on ``device`` (``gpu_decode``; ``None``: on CUDA when :func:`preprocess_decoded`
+    implements the model's preprocessing ``cfg``), else ``pil-draft`` (``fast_jpeg``) or ``pil``."""
+    supported = (str(cfg.get("resize_mode", "shortest")) in RESIZE_MODES
+                 and str(cfg.get("interpolation", "bicubic")) in INTERPOLATIONS)
+    if config.gpu_decode and not supported:
         raise MoraError(
             f"GPU JPEG decoding implements resize modes {', '.join(RESIZE_MODES)} with {' or '.join(INTERPOLATIONS)} "
             f"interpolation; the model uses {cfg.get('resize_mode')!r} / {cfg.get('interpolation')!r}: turn gpu_decode off"
         )
-    return bool(config.gpu_decode)
+    if config.gpu_decode or (config.gpu_decode is None and str(device).startswith("cuda") and supported):
+        return "tensor-jpeg"
+    return "pil-draft" if config.fast_jpeg else "pil"
 
 
 def embed_paths(
@@ -509,8 +502,9 @@ def embed_paths(
     chunk_size = max(1, int(config.chunk_size))
     n_chunks = (n + chunk_size - 1) // chunk_size
     on_cuda = str(encoder.device).startswith("cuda")
-    tensor_decode = _use_tensor_decode(config, on_cuda, encoder.preprocess_cfg)
+    decode = decode_path(config, encoder.device, encoder.preprocess_cfg)
     dim = encoder.dim
+    out_dtype = np.float16 if config.normalize else np.float32
 
     progress: dict[str, Any] = {"done": {}}
     if work_dir is not None:
@@ -533,8 +527,8 @@ def embed_paths(
         reporter.start(n, completed)
 
     batches = batch_plan(n, chunk_size, config.batch_size, pending)
-    draft = int(encoder.preprocess_cfg.get("size", 0)) if config.fast_jpeg and not tensor_decode else None
-    dataset = _BatchFiles(paths, encoder.preprocess, raw_jpeg=tensor_decode, draft_size=draft)
+    draft = int(encoder.preprocess_cfg.get("size", 0)) if decode == "pil-draft" else None
+    dataset = _BatchFiles(paths, encoder.preprocess, raw_jpeg=decode == "tensor-jpeg", draft_size=draft)
     workers = config.workers if batches else 0
     loader = DataLoader(
         dataset,
@@ -559,11 +553,10 @@ def embed_paths(
             feats = torch.cat([f for _, f in pieces]).float().cpu().numpy()
         else:
             feats = np.zeros((0, dim), np.float32)
-        feats = feats[np.argsort(order_pos, kind="stable")]
-        feats = feats.astype(np.float16) if config.normalize else feats.astype(np.float32)
+        feats = feats[np.argsort(order_pos, kind="stable")].astype(out_dtype)
         chunk_feats[chunk] = feats
         if work_dir is not None:
-            _save_npy(work_dir / _part_name(chunk), feats)
+            save_npy(work_dir / _part_name(chunk), feats)
             done[str(chunk)] = {"count": int(feats.shape[0]), "skipped": sorted(chunk_skipped.get(chunk, []))}
             write_json(work_dir / PROGRESS_FILE, {**progress, "done": done})
         pieces.clear()
@@ -584,7 +577,7 @@ def embed_paths(
             chunk_skipped.setdefault(chunk, []).append(position)
         if prepared.images is not None:
             stager.hand_over(prepared)
-            feats = encoder.encode_prepared(prepared.images, normalize=config.normalize)
+            feats = encoder.encode_images(prepared.images, normalize=config.normalize)
             pieces.append((np.asarray(prepared.positions, dtype=np.int64), feats))
         encoded += len(positions)
         if reporter is not None:
@@ -614,9 +607,8 @@ def embed_paths(
         features.append(feats)
         positions_out.append(kept)
         skipped.extend(sorted(bad))
-    dtype = np.float16 if config.normalize else np.float32
     return EmbedResult(
-        features=np.concatenate(features) if features else np.zeros((0, dim), dtype),
+        features=np.concatenate(features) if features else np.zeros((0, dim), out_dtype),
         positions=np.concatenate(positions_out) if positions_out else np.zeros(0, np.int64),
         skipped=skipped,
         encoded=encoded,

@@ -12,29 +12,34 @@
 An adapter of a prompt method (``dcp``, ``mmp``), which cannot be merged, stays loaded unmerged;
 its samples count as complete (both modalities), the case of every retrieval query.
 
-The encoder runs in fp32 on CPU and under bf16 autocast on CUDA. Features returned by
-``encode_images``/``encode_texts`` are L2-normalised unless ``normalize=False``; the composed
-query uses the Combiner when one is loaded, else ``normalize(image_raw + text_raw)``.
+Precision. The model is held in one inference dtype, decided once when it is loaded
+(:func:`~mora_retrieval.device.inference_dtype`: bf16 on CUDA, fp32 on CPU; ``dtype=`` overrides
+it, e.g. to run the bf16 path on a CPU). The weights fingerprint is taken before the cast, so
+it names the weights, not their precision. Gallery images (the embedding pipeline), query
+images, texts and composed queries all run these same weights, without autocast: every layer
+runs in ``dtype`` (open_clip casts the text attention mask to the activations' dtype, and its
+LayerNorm runs in the input's dtype, accumulating in float32 internally). Images of any float
+dtype are cast to ``dtype`` on the way in; features come out as float32.
 
-The embedding pipeline encodes through ``encode_prepared``: on CUDA a copy of the image tower
-whose weights are cast to bf16 once (no autocast: every layer runs in bf16), on CPU the fp32
-model as ``encode_images`` does.
+Features returned by ``encode_images``/``encode_texts`` are L2-normalised unless
+``normalize=False``. The composed query uses the Combiner when one is loaded, else
+``normalize(image_raw + text_raw)``. The Combiner is small and stays in float32: it takes the
+float32 raw features, so a composed query gets the same arithmetic whether its image feature
+came from the pipeline (``eval --mode cir``) or from a single query.
 """
 
 from __future__ import annotations
 
-import copy
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 from ..adapters import adapter_config_of, get_method, load_adapters, merge_adapters
 from ..data.images import preprocess_spec
-from ..device import inference_dtype, resolve_device, resolve_precision
+from ..device import inference_dtype, resolve_device
 from ..errors import BackboneError
 from ..model.backbone import embed_dim, load_backbone, local_dir_arch, weights_fingerprint
 from ..model.combiner import load_combiner
@@ -44,7 +49,7 @@ from ..runs import COMBINER_FILE, CONFIG_FILE, FinishedRun
 
 @dataclass
 class Encoder:
-    """A CLIP model ready for retrieval queries (eval mode, on ``device``, autocast in ``precision``)."""
+    """A CLIP model ready for retrieval queries: eval mode, on ``device``, its weights in ``dtype``."""
 
     model: Any
     preprocess: Callable
@@ -54,52 +59,23 @@ class Encoder:
     source: dict[str, Any]
     combiner: Any = None
     preprocess_cfg: dict[str, Any] = field(default_factory=dict)
-    precision: str = "fp32"
-    _towers: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+    dtype: torch.dtype = torch.float32
 
     def encode_images(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Features (float32, on ``device``) of a preprocessed image batch ``[B, 3, H, W]``."""
         with torch.inference_mode():
-            return encode_image_batch(self.model, images, torch.device(self.device), self.precision, normalize)
-
-    @property
-    def pipeline_dtype(self) -> torch.dtype:
-        """The dtype of :meth:`encode_prepared`'s input and weights: bf16 on CUDA, else float32."""
-        return inference_dtype(torch.device(self.device))
-
-    def image_tower(self, dtype: torch.dtype) -> Any:
-        """The image tower with weights in ``dtype``: the model's own for its dtype, else a
-        copy cast once and kept (the model itself is left as it is)."""
-        visual = self.model.visual
-        if next(visual.parameters()).dtype == dtype:
-            return visual
-        if dtype not in self._towers:
-            self._towers[dtype] = copy.deepcopy(visual).to(dtype=dtype).eval()
-        return self._towers[dtype]
-
-    def encode_prepared(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """Features (float32, on ``device``) of a preprocessed batch, for the embedding pipeline.
-
-        On CUDA the batch runs through :meth:`image_tower` in bf16 without autocast; on CPU
-        this is :meth:`encode_images`.
-        """
-        dtype = self.pipeline_dtype
-        if dtype == torch.float32:
-            return self.encode_images(images, normalize=normalize)
-        with torch.inference_mode():
-            feats = self.image_tower(dtype)(images.to(self.device, dtype=dtype, non_blocking=True))
-            feats = (feats[0] if isinstance(feats, tuple) else feats).float()
-        return F.normalize(feats, dim=-1) if normalize else feats
+            images = images.to(self.device, dtype=self.dtype, non_blocking=True)
+            return encode_image_batch(self.model, images, torch.device(self.device), normalize=normalize)
 
     def encode_texts(self, texts: list[str], normalize: bool = True) -> torch.Tensor:
         """Features (float32, on ``device``) of a list of strings."""
         with torch.inference_mode():
-            return encode_texts(self.model, self.tokenizer, texts, torch.device(self.device), self.precision,
-                                normalize=normalize)
+            return encode_texts(self.model, self.tokenizer, texts, torch.device(self.device), normalize=normalize)
 
     def encode_composed(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         """Composed query feature from *raw* (unnormalised) image and text features (one text
-        row is paired with every image row): the Combiner when present, else ``normalize(image + text)``."""
+        row is paired with every image row): the Combiner when present, else ``normalize(image + text)``.
+        Both go in as float32 (see the module docstring)."""
         with torch.inference_mode():
             return composed_query(image_features.float().to(self.device), text_features.float().to(self.device),
                                   self.combiner).float()
@@ -127,8 +103,10 @@ def load_encoder(
     run: str | Path | None = None,
     combiner: str | Path | None = None,
     device: str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Encoder:
-    """Build an :class:`Encoder` from one weight source (see the module docstring)."""
+    """Build an :class:`Encoder` from one weight source (see the module docstring); ``dtype``
+    ``None``: the device's inference dtype."""
     if sum(x is not None for x in (adapter, checkpoint, run)) > 1:
         raise BackboneError("give at most one of --adapter, --checkpoint and --run")
     dev = resolve_device(device)
@@ -169,10 +147,11 @@ def load_encoder(
         comb = load_combiner(combiner)
         source["combiner"] = str(Path(combiner).resolve())
     model = model.eval()
-    fingerprint = weights_fingerprint(model)
-    model = model.to(device)
+    fingerprint = weights_fingerprint(model)  # of the weights as loaded, before the cast
+    dtype = dtype or inference_dtype(dev)
+    model = model.to(device=device, dtype=dtype)
     if comb is not None:
-        comb = comb.to(device).eval()
+        comb = comb.to(device=device, dtype=torch.float32).eval()
     return Encoder(
         model=model,
         preprocess=backbone.preprocess,
@@ -182,18 +161,12 @@ def load_encoder(
         source=source,
         combiner=comb,
         preprocess_cfg=preprocess_config(model),
-        precision=resolve_precision("auto", dev),
+        dtype=dtype,
     )
 
 
-def load_encoder_from_source(source: dict[str, Any], device: str | None = None) -> Encoder:
+def load_encoder_from_source(source: dict[str, Any], device: str | None = None,
+                             dtype: torch.dtype | None = None) -> Encoder:
     """Rebuild the encoder recorded in an index manifest's ``source``."""
-    return load_encoder(
-        source.get("arch"),
-        source.get("pretrained"),
-        adapter=source.get("adapter"),
-        checkpoint=source.get("checkpoint"),
-        run=source.get("run"),
-        combiner=source.get("combiner"),
-        device=device,
-    )
+    files = {key: source.get(key) for key in ("adapter", "checkpoint", "run", "combiner")}
+    return load_encoder(source.get("arch"), source.get("pretrained"), device=device, dtype=dtype, **files)

@@ -12,8 +12,9 @@ two images is one of
 Queries with no relevant image left in the gallery are left out of the mean and counted.
 Recall@K is the percentage of evaluated queries with at least one relevant image in their
 top K. The ranking comes from the index itself (approximate indexes are evaluated as built).
-Mode ``image`` uses the stored embeddings as queries; mode ``cir`` re-encodes every image
-through the composed-query path with an empty caption.
+Mode ``image`` uses the stored embeddings as queries; mode ``cir`` re-encodes every image,
+decoded as the manifest records the gallery was, through the composed-query path with an empty
+caption.
 """
 
 from __future__ import annotations
@@ -181,11 +182,21 @@ def evaluate_queries(
     return total
 
 
+def recorded_decoding(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The :class:`~.embed.EmbedConfig` fields that decode images as the index was built; a
+    manifest written before ``preprocess.decode`` was recorded gives its ``fast_jpeg`` alone."""
+    recorded = manifest.get("preprocess", {})
+    decode = recorded.get("decode")
+    if decode is None:
+        return {"fast_jpeg": bool(recorded.get("fast_jpeg", False))}
+    return {"gpu_decode": decode == "tensor-jpeg", "fast_jpeg": decode == "pil-draft"}
+
+
 def cir_queries(folder: Any, encoder: Any, embed: Any = None, reporter: Any = None, batch: int = 4096) -> np.ndarray:
     """Every gallery image through the composed-query path with an empty caption ``[N, d]``."""
     check_encoder(folder, encoder)
-    fast_jpeg = bool(folder.manifest.get("preprocess", {}).get("fast_jpeg", False))  # decode as the index did
-    config = replace(embed or EmbedConfig(), normalize=False, skip_bad_images=False, fast_jpeg=fast_jpeg)
+    config = replace(embed or EmbedConfig(), normalize=False, skip_bad_images=False,
+                     **recorded_decoding(folder.manifest))
     raw = embed_paths(encoder, [it.path for it in folder.items], config, reporter=reporter).features
     text = encoder.encode_texts([""], normalize=False)
     out = [

@@ -31,13 +31,19 @@ figcaption{font-size:12px;word-break:break-all;margin-top:4px}
 """
 
 
-def thumbnail_data_uri(path: str | Path, size: int = THUMBNAIL) -> str:
-    """A base64 JPEG data URI of a thumbnail of ``path`` (raises DataError if unreadable)."""
+def thumbnail_jpeg(path: str | Path, size: int = THUMBNAIL) -> bytes:
+    """A JPEG thumbnail of ``path``, at most ``size`` px a side (raises DataError if unreadable);
+    the search page and ``mora-ret serve`` both show these."""
     image = load_image(path)
     image.thumbnail((size, size))
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=85)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return buffer.getvalue()
+
+
+def thumbnail_data_uri(path: str | Path, size: int = THUMBNAIL) -> str:
+    """:func:`thumbnail_jpeg` as a base64 ``data:`` URI."""
+    return "data:image/jpeg;base64," + base64.b64encode(thumbnail_jpeg(path, size)).decode("ascii")
 
 
 def _figure(path: str, caption: str, css: str = "") -> str:

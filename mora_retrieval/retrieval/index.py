@@ -2,7 +2,8 @@
 
 Layout of ``indexes/<name>/``::
 
-    manifest.json     architecture, weights fingerprint, model source, preprocessing, dim,
+    manifest.json     architecture, weights fingerprint, model source, preprocessing (with
+                      the decode path: pil, tensor-jpeg or pil-draft), encoder dtype, dim,
                       metric, count, FAISS factory string + search parameters, toolkit
                       version, creation time, collection description, skipped images
     index.faiss       the FAISS index (faiss.write_index), inner-product metric
@@ -52,6 +53,8 @@ FORMAT_VERSION = 1
 EXACT_LIMIT = 100_000
 IVF_FLAT_LIMIT = 2_000_000
 REQUIRED_MANIFEST_KEYS = ("format", "arch", "fingerprint", "source", "dim", "metric", "count", "index_type")
+#: What ``encoder_info`` holds; ``encoder_dtype`` (and ``preprocess.decode``) are absent from older manifests.
+ENCODER_KEYS = ("arch", "fingerprint", "source", "preprocess", "encoder_dtype")
 
 
 @dataclass
@@ -86,12 +89,18 @@ def _pow2(x: float) -> int:
     return int(2 ** round(math.log2(max(x, 1.0))))
 
 
+def _ivf_lists(factory: str) -> int | None:
+    """``nlist`` of an IVF factory string, ``None`` for other index types."""
+    ivf = re.search(r"IVF(\d+)", factory)
+    return int(ivf.group(1)) if ivf else None
+
+
 def default_search_params(factory: str) -> str:
     """Sensible ``nprobe``/``efSearch`` for a factory string (see the module docstring)."""
     params = []
-    ivf = re.search(r"IVF(\d+)", factory)
-    if ivf:
-        nprobe = max(16, int(ivf.group(1)) // 16)
+    nlist = _ivf_lists(factory)
+    if nlist:
+        nprobe = max(16, nlist // 16)
         params.append(f"nprobe={nprobe}")
         if re.search(r"IVF\d+_HNSW", factory):
             params.append(f"quantizer_efSearch={2 * nprobe}")
@@ -135,15 +144,17 @@ def _first_line(exc: BaseException) -> str:
     return (lines[0] if lines else exc.__class__.__name__)[:200]
 
 
-def check_index_spec(spec: IndexSpec, count: int, dim: int) -> None:
-    """Fail early (before any encoding) on a bad factory string or too few vectors to train."""
+def check_index_spec(spec: IndexSpec, count: int, dim: int) -> Any:
+    """The empty inner-product index of ``spec``; a bad factory string, or too few vectors to
+    train it, fails in one line (called before any encoding, and again when building)."""
     try:
-        faiss.index_factory(dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
         raise IndexFolderError(f"'{spec.factory}': not a valid FAISS factory string ({_first_line(exc)})") from None
-    ivf = re.search(r"IVF(\d+)", spec.factory)
-    if ivf and count < int(ivf.group(1)):
-        raise IndexFolderError(f"'{spec.factory}': needs at least {ivf.group(1)} vectors to train, the collection has {count}")
+    nlist = _ivf_lists(spec.factory)
+    if nlist and count < nlist:
+        raise IndexFolderError(f"'{spec.factory}': needs at least {nlist} vectors to train, the collection has {count}")
+    return index
 
 
 def build_faiss_index(
@@ -161,18 +172,10 @@ def build_faiss_index(
     parts = [p for p in parts if p.shape[0] > 0]
     if not parts:
         raise IndexFolderError("cannot build an index over zero images")
-    dim = int(parts[0].shape[1])
     total = sum(int(p.shape[0]) for p in parts)
-    try:
-        index = faiss.index_factory(dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as exc:
-        raise IndexFolderError(f"'{spec.factory}': not a valid FAISS factory string ({_first_line(exc)})") from None
+    index = check_index_spec(spec, total, int(parts[0].shape[1]))
     if not index.is_trained:
-        ivf = re.search(r"IVF(\d+)", spec.factory)
-        nlist = int(ivf.group(1)) if ivf else 256
-        if ivf and total < nlist:
-            raise IndexFolderError(f"'{spec.factory}': needs at least {nlist} vectors to train, the collection has {total}")
-        n_train = min(total, max_train_per_list * nlist)
+        n_train = min(total, max_train_per_list * (_ivf_lists(spec.factory) or 256))
         rng = np.random.default_rng(seed)
         chosen = np.sort(rng.choice(total, size=n_train, replace=False))
         offsets = np.cumsum([0] + [p.shape[0] for p in parts])
@@ -190,7 +193,8 @@ def build_faiss_index(
     return index
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """``np.save`` (no pickles) through an atomic write."""
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     with atomic_write(path, "wb") as handle:
@@ -243,8 +247,8 @@ def write_index_folder(
 ) -> IndexFolder:
     """Write a complete index folder; ``index`` is built from ``embeddings`` when not given.
 
-    ``encoder_info`` holds ``arch``, ``fingerprint``, ``source`` and ``preprocess``. The
-    manifest is written last, so a folder with a manifest is complete.
+    ``encoder_info`` holds :data:`ENCODER_KEYS` (``arch``, ``fingerprint`` and ``source`` at least).
+    The manifest is written last, so a folder with a manifest is complete.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -256,7 +260,7 @@ def write_index_folder(
     manifest_path = path / MANIFEST_FILE
     if manifest_path.exists():
         manifest_path.unlink()  # the folder is incomplete until the new manifest lands
-    _save_npy(path / EMBEDDINGS_FILE, embeddings)
+    save_npy(path / EMBEDDINGS_FILE, embeddings)
     write_items(path / ITEMS_FILE, items)
     write_faiss(path / INDEX_FILE, index)
     manifest = {
@@ -264,10 +268,8 @@ def write_index_folder(
         "format_version": FORMAT_VERSION,
         "toolkit_version": mora_retrieval.__version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "arch": encoder_info["arch"],
-        "fingerprint": encoder_info["fingerprint"],
-        "source": encoder_info["source"],
-        "preprocess": encoder_info.get("preprocess", {}),
+        "preprocess": {},
+        **{key: encoder_info[key] for key in ENCODER_KEYS if key in encoder_info},
         "dim": int(embeddings.shape[1]),
         "metric": "inner_product",
         "count": int(embeddings.shape[0]),
@@ -345,7 +347,7 @@ def rebuild_index(path: str | Path, index_type: str = "auto", search_params: str
     """Rebuild ``index.faiss`` of a folder from its stored embeddings (no re-encoding)."""
     folder = load_index_folder(path, load_index=False)
     spec = resolve_index_type(index_type, folder.count, search_params)
-    info = {k: folder.manifest[k] for k in ("arch", "fingerprint", "source", "preprocess") if k in folder.manifest}
+    info = {k: folder.manifest[k] for k in ENCODER_KEYS if k in folder.manifest}
     return write_index_folder(
         folder.path,
         np.array(folder.embeddings),

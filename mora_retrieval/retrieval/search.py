@@ -12,7 +12,8 @@ the returned scores are the exact inner products with the stored vectors.
 :func:`search_many` answers a list of :class:`Query` (what a server receives) with one image
 forward and one text forward for the whole list, then one index search; :func:`search` is one
 query from a file. A query with both parts is composed by ``encoder.encode_composed`` on the raw
-features; a query with one part is that part's normalised feature.
+features; a query with one part is that part's normalised feature. :func:`search_payload` is the
+JSON answer of ``mora-ret search --json`` and ``POST /api/search``.
 """
 
 from __future__ import annotations
@@ -283,6 +284,25 @@ def search(
 ) -> list[Hit]:
     """Encode one query (an image file and/or a text) and return its top ``k`` hits."""
     check_encoder(folder, encoder)
-    if image is None and text is None:
-        raise MoraError("give a query: --image FILE, --text TEXT, or both")
     return search_many(folder, encoder, [Query(None if image is None else load_image(image), text, k)])[0]
+
+
+def search_payload(index: str, encoder: Any, hits: Sequence[Hit], *, image: str | None, text: str | None) -> dict[str, Any]:
+    """The JSON object ``mora-ret search --json`` prints (and ``POST /api/search`` returns)."""
+    return {
+        "index": index,
+        "mode": query_mode(image is not None, text is not None),
+        "image": image,
+        "text": text,
+        "composed_with": "combiner" if encoder.combiner is not None else "sum",
+        "results": [h.to_json() for h in hits],
+    }
+
+
+def text_is_truncated(tokenizer: Any, text: str) -> bool:
+    """Whether ``tokenizer`` cuts ``text`` to its context length (open_clip truncates silently)."""
+    context = getattr(tokenizer, "context_length", None)
+    encode = getattr(tokenizer, "encode", None)
+    if context is None or encode is None:
+        return False
+    return len(encode(text)) + 2 > int(context)  # + start and end tokens

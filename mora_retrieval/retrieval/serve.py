@@ -14,11 +14,16 @@ app:
   batches of each size the model has run).
 
 Bad input is answered with a 4xx status and ``{"error": "<one line>"}``. Queries go through a
-:class:`.queries.QueryQueue`: one model forward at a time, concurrent queries batched.
+:class:`QueryQueue`: one first-in first-out queue that a single worker thread drains, so the
+model runs one forward at a time; requests waiting while it runs are batched together (up to
+``max_batch``), and none is dropped.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import concurrent.futures
 import contextlib
 import functools
 import io
@@ -31,12 +36,11 @@ import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 from PIL import Image
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 from starlette.requests import Request
@@ -45,9 +49,9 @@ from starlette.routing import Route
 
 from ..data.images import decode_image_bytes, load_image
 from ..errors import DataError, MoraError
+from .gallery import thumbnail_jpeg
 from .index import IndexFolder
-from .queries import QueryQueue, search_payload, text_is_truncated
-from .search import EMPTY_QUERY, Query, check_encoder, search_many
+from .search import EMPTY_QUERY, Query, check_encoder, search_many, search_payload, text_is_truncated
 
 MAX_K = 1000
 STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
@@ -136,6 +140,100 @@ def _decode_upload(data: bytes, name: str, max_pixels: int) -> Any:
     if width * height > max_pixels:
         raise DataError(f"{origin}: {width}x{height} pixels is over the limit of {max_pixels:,}")
     return decode_image_bytes(data, origin)
+
+
+@dataclass
+class _Pending:
+    query: Query
+    future: asyncio.Future
+
+
+class QueryQueue:
+    """Requests from an asyncio server, answered in batches by one worker thread.
+
+    ``answer(queries) -> results`` runs in that thread, one call at a time. When a batch fails,
+    its queries are retried one by one, so one bad query cannot fail the others. Use as an async
+    context manager (``async with QueryQueue(...)``) in the server's lifespan.
+    """
+
+    def __init__(self, answer: Callable[[list[Query]], list[Any]], max_batch: int = 32) -> None:
+        if max_batch < 1:
+            raise MoraError(f"max_batch {max_batch}: expected at least 1")
+        self.answer = answer
+        self.max_batch = max_batch
+        self.batch_sizes: collections.Counter[int] = collections.Counter()  # batch size -> how many ran
+        self._queue: asyncio.Queue[_Pending] | None = None
+        self._worker: asyncio.Task | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+    async def __aenter__(self) -> "QueryQueue":
+        self._queue = asyncio.Queue()
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mora-query")
+        self._worker = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+        self._worker = self._executor = self._queue = None
+
+    @property
+    def waiting(self) -> int:
+        """Queries queued and not yet taken by the worker."""
+        return 0 if self._queue is None else self._queue.qsize()
+
+    async def submit(self, query: Query) -> Any:
+        """Queue ``query`` and wait for its result (exceptions of ``answer`` are re-raised here)."""
+        if self._queue is None:
+            raise RuntimeError("QueryQueue is not running (use it as an async context manager)")
+        future = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pending(query, future))
+        return await future
+
+    def _answer_each(self, batch: list[Query]) -> list[Any]:
+        try:
+            results = self.answer(batch)
+            if len(results) != len(batch):
+                raise RuntimeError(f"answer() gave {len(results)} results for {len(batch)} queries")
+            return results
+        except Exception as exc:
+            if len(batch) == 1:
+                return [exc]
+        out: list[Any] = []
+        for query in batch:
+            try:
+                out.append(self.answer([query])[0])
+            except Exception as exc:  # reported to the request that sent this query
+                out.append(exc)
+        return out
+
+    async def _run(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            pending = [await self._queue.get()]
+            while len(pending) < self.max_batch and not self._queue.empty():
+                pending.append(self._queue.get_nowait())
+            self.batch_sizes[len(pending)] += 1
+            try:
+                results = await loop.run_in_executor(self._executor, self._answer_each, [p.query for p in pending])
+            except asyncio.CancelledError:
+                for p in pending:
+                    p.future.cancel()
+                raise
+            for p, result in zip(pending, results):
+                if p.future.done():  # the client went away
+                    continue
+                if isinstance(result, Exception):
+                    p.future.set_exception(result)
+                else:
+                    p.future.set_result(result)
 
 
 class _App:
@@ -252,11 +350,7 @@ class _App:
 
     # ------------------------------------------------------------------ pages and images
     def _thumbnail(self, row: int) -> bytes:
-        image = load_image(self.folder.items[row].path)
-        image.thumbnail((self.config.thumbnail_px, self.config.thumbnail_px))
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=85)
-        return buffer.getvalue()
+        return thumbnail_jpeg(self.folder.items[row].path, self.config.thumbnail_px)
 
     async def image(self, request: Request) -> Response:
         text = request.path_params["row"]

@@ -111,6 +111,7 @@ class Trainer:
         self.device = resolve_device(config.device, self.dist.local_rank)
         self.precision = resolve_precision(config.precision, self.device)
         self.num_workers = resolve_num_workers(config.num_workers, self.device, self.dist.world_size)
+        module.precision, module.num_workers = self.precision, self.num_workers
 
     # ------------------------------------------------------------------ public
     def fit(self, resume: bool = False) -> TrainResult:
@@ -135,8 +136,8 @@ class Trainer:
 
         self.module.to(self.device)
         sampler = ResumableSampler(len(self.dataset), cfg.batch_size, cfg.seed, info.rank, info.world_size)
-        self.steps_per_epoch = sampler.batches_per_epoch() // cfg.grad_accum
         cfg.check_fits(len(self.dataset), "training set", info.world_size)
+        self.steps_per_epoch = cfg.steps_per_epoch(len(self.dataset), info.world_size)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)

@@ -123,7 +123,7 @@ def _train_cirr(settings: CIRSettings, resume: bool, console, quiet: bool) -> di
              "adapter": settings.adapter.to_dict()}
     trainer = Trainer(module, settings.stage1, run_dir / STAGE1_DIR, inputs.train, inputs.collate,
                       console=console, quiet=quiet, extra_config=extra)
-    module.precision, validation.num_workers = trainer.precision, trainer.num_workers  # as resolved by the engine
+    validation.num_workers = trainer.num_workers  # as resolved by the engine
     if settings.cache_frozen:
         _enable_prefix_cache(module, inputs, trainer.device, info.enabled, console if not quiet else None)
     elif trainer.precision == "bf16":
@@ -195,7 +195,7 @@ def evaluate_cirr_run(run_dir: str | Path, data_root: str | None = None, split: 
     if run.record.get("task") != "cir":
         raise TrainingError(f"{run_dir}: not a CIR run (its config.json has task {run.record.get('task')!r}); "
                             f"eval cirr needs a folder written by `mora-ret train cirr`")
-    settings = CIRSettings.from_dict(run.record, str(run_dir))
+    settings = CIRSettings.from_dict(run.record, run_dir=str(run_dir))
     dev = resolve_device(device)
     backbone = run.load_model(str(dev))
     model = backbone.model.eval()

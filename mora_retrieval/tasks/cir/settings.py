@@ -15,7 +15,7 @@ from typing import Any
 from ...adapters import AdapterConfig, get_method
 from ...engine import TrainConfig
 from ...runs import has_record, read_record
-from ..settings import layered, method_of, read_config_file, with_new_keys
+from ..settings import SettingsRecord, layered, method_of, read_config_file, with_new_keys
 
 
 def cir_defaults(method: str) -> tuple[AdapterConfig, TrainConfig, TrainConfig]:
@@ -31,8 +31,10 @@ def cir_defaults(method: str) -> tuple[AdapterConfig, TrainConfig, TrainConfig]:
 
 
 @dataclass
-class CIRSettings:
+class CIRSettings(SettingsRecord):
     """Everything ``train_cirr`` needs; ``stage2=None`` skips the Combiner."""
+
+    TASK = "cir"
 
     data_root: str
     run_dir: str
@@ -53,40 +55,14 @@ class CIRSettings:
         adapter, stage1, stage2 = cir_defaults(method)
         return cls(data_root=data_root, run_dir=run_dir, adapter=adapter, stage1=stage1, stage2=stage2, **overrides)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "task": "cir",
-            "arch": self.arch,
-            "pretrained": self.pretrained,
-            "data_root": str(self.data_root),
-            "transform": self.transform,
-            "skip_bad_images": self.skip_bad_images,
-            "eval_batch_size": self.eval_batch_size,
-            "cache_frozen": self.cache_frozen,
-            "prepared": self.prepared,
-            "prepared_dir": self.prepared_dir,
-            "adapter": self.adapter.to_dict(),
-            "stage1": self.stage1.to_dict(),
-            "stage2": None if self.stage2 is None else self.stage2.to_dict(),
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], run_dir: str | None = None) -> "CIRSettings":
-        return cls(
-            data_root=data["data_root"],
-            run_dir=run_dir or data.get("run_dir", "."),
-            arch=data["arch"],
-            pretrained=data.get("pretrained"),
-            adapter=AdapterConfig.from_dict(data["adapter"]),
-            stage1=TrainConfig.from_dict(data["stage1"]),
-            stage2=None if data.get("stage2") is None else TrainConfig.from_dict(data["stage2"]),
-            transform=data.get("transform", "targetpad"),
-            skip_bad_images=data.get("skip_bad_images", False),
-            eval_batch_size=data.get("eval_batch_size", 256),
-            cache_frozen=data.get("cache_frozen", False),
-            prepared=data.get("prepared", True),
-            prepared_dir=data.get("prepared_dir"),
-        )
+    def __post_init__(self) -> None:
+        self.data_root = str(self.data_root)
+        if isinstance(self.adapter, dict):
+            self.adapter = AdapterConfig.from_dict(self.adapter)
+        if isinstance(self.stage1, dict):
+            self.stage1 = TrainConfig.from_dict(self.stage1)
+        if isinstance(self.stage2, dict):
+            self.stage2 = TrainConfig.from_dict(self.stage2)
 
 
 def build_settings(data_root: str, run_dir: str, method: str | None = None, config_file: str | Path | None = None,
@@ -96,7 +72,7 @@ def build_settings(data_root: str, run_dir: str, method: str | None = None, conf
     With ``resume`` and an existing run, the run's own config is the base instead of the defaults.
     ``{"no_combiner": True}`` (either layer) drops stage 2.
     """
-    config = read_config_file(config_file) if config_file is not None else {}
+    config = read_config_file(config_file)
     overrides = dict(overrides or {})
     if method is not None:
         overrides["adapter"] = {**overrides.get("adapter", {}), "method": method}
@@ -107,4 +83,4 @@ def build_settings(data_root: str, run_dir: str, method: str | None = None, conf
     merged["data_root"] = str(data_root)  # paths may change on resume (a moved dataset)
     if any(no_combiner):
         merged["stage2"] = None
-    return CIRSettings.from_dict(merged, run_dir)
+    return CIRSettings.from_dict(merged, run_dir=run_dir)

@@ -153,13 +153,12 @@ class CIRStage1(TrainModule):
     higher_is_better = True
 
     def __init__(self, model: nn.Module, tokenizer: Callable, validation: CIRRValidation | None,
-                 precision: str = "fp32", pixel_spec: PreprocessSpec | None = None):
+                 pixel_spec: PreprocessSpec | None = None):
         super().__init__()
         self.model = model
         self.pixel_spec = pixel_spec
         self.tokenizer = tokenizer
         self.validation = validation
-        self.precision = precision
         self.prefix_caches = None
         self._row_of: dict[str, int] | None = None
         self._read_pixels: torch.Tensor | None = None

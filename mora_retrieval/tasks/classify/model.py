@@ -95,18 +95,14 @@ class ClassifyModule(TrainModule):
     higher_is_better = True
 
     def __init__(self, classifier: CLIPClassifier, task: str, val_dataset: Dataset, collate: ClassifyCollate,
-                 eval_batch_size: int = 256, num_workers: int = 0, precision: str = "fp32") -> None:
+                 eval_batch_size: int = 256) -> None:
         super().__init__()
-        if task not in TASKS:
-            raise ValueError(f"unknown classification task {task!r}")
         self.classifier = classifier
         self.task = task
         self.main_metric = MAIN_METRIC[task]
         self.val_dataset = val_dataset
         self.collate = collate
         self.eval_batch_size = eval_batch_size
-        self.num_workers = num_workers
-        self.precision = precision
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = self.classifier(batch["image"], batch["tokens"], batch.get("missing"))

@@ -52,7 +52,7 @@ from ...runs import (ADAPTER_DIR, EVAL_DIR, HEAD_FILE, MERGED_FILE, RESULTS_FILE
 from .metrics import MAIN_METRIC, majority_baseline
 from .model import ClassifyCollate, ClassifyModule, evaluate_classifier, head_outputs
 from .predict import load_run_classifier
-from .settings import ClassifySettings, default_adapter_config, scenario_data
+from .settings import ClassifySettings, scenario_data
 
 
 @contextlib.contextmanager
@@ -99,7 +99,6 @@ def train_classifier(settings: ClassifySettings, train_config: TrainConfig, run_
     shares = trainable_share(classifier.clip, classifier.head)
     trainer = Trainer(module, train_config, run_dir, train_set, collate_fn=collate, console=console,
                       extra_config=settings.training_record(), quiet=quiet)
-    module.precision, module.num_workers = trainer.precision, trainer.num_workers  # as resolved by the engine
     fit = trainer.fit(resume=resume)
     if not detect().is_main:
         return None
@@ -193,18 +192,6 @@ GRID_TYPES = ("text", "image", "both")
 GRID_RATIOS = (0.5, 0.7, 0.9)
 
 
-def grid_cell_dir(out_dir: Path, kind: str, ratio: float, method: str | None = None) -> Path:
-    """A grid cell's run folder: ``<type>-<ratio>``, under ``<method>/`` in a grid over methods."""
-    out_dir = Path(out_dir) if method is None else Path(out_dir) / method
-    return out_dir / f"{kind}-{ratio:g}"
-
-
-def method_settings(settings: ClassifySettings, method: str, **overrides: Any) -> ClassifySettings:
-    """``settings`` with the adapter of ``method``: the dataset's defaults for it, then ``overrides``
-    (AdapterConfig fields; ``None`` values are ignored)."""
-    return replace(settings, adapter=default_adapter_config(settings.dataset, method, **overrides))
-
-
 def run_grid(settings: ClassifySettings, train_config: TrainConfig, out_dir: str | os.PathLike,
              ratios: tuple[float, ...] = GRID_RATIOS, types: tuple[str, ...] = GRID_TYPES, resume: bool = False,
              console: Any = None, quiet: bool = False,
@@ -213,13 +200,13 @@ def run_grid(settings: ClassifySettings, train_config: TrainConfig, out_dir: str
 
     Without ``methods``, the cells use ``settings`` and live in ``out_dir/<type>-<ratio>`` (one
     method's row of Table 1). ``methods`` (the Table 1 / Table 4 shape) gives one settings per
-    method (e.g. :func:`method_settings`); every method gets a cell per scenario in
+    method (the CLI builds each as a run of its own would be); every method gets a cell per scenario in
     ``out_dir/<method>/<type>-<ratio>``. Cells whose ``results.json`` exists are reused (a cell
     holding another method's run is refused); with ``resume`` an interrupted cell is continued.
     Writes ``grid.md`` and ``grid.csv`` in ``out_dir`` and returns the rows.
     """
     out_dir = Path(out_dir)
-    plan = [(None, settings)] if not methods else [(m.adapter.method, m) for m in methods]
+    plan = [(out_dir, settings)] if not methods else [(out_dir / m.adapter.method, m) for m in methods]
     names = [base.adapter.method for _, base in plan]
     if len(set(names)) != len(names):
         raise TrainingError(f"the grid repeats a method: {', '.join(names)}")
@@ -229,7 +216,7 @@ def run_grid(settings: ClassifySettings, train_config: TrainConfig, out_dir: str
         for kind in types:
             for ratio in ratios:
                 scenario = f"{kind}:{ratio:g}"
-                cell = grid_cell_dir(out_dir, kind, ratio, folder)
+                cell = folder / f"{kind}-{ratio:g}"
                 done = cell / RESULTS_FILE
                 if done.is_file():
                     result = read_json(done, "results file", error=TrainingError)
@@ -239,7 +226,7 @@ def run_grid(settings: ClassifySettings, train_config: TrainConfig, out_dir: str
                 else:
                     if console is not None and not quiet:
                         console.rule(f"{base.dataset} · {name}: train = test = {scenario}")
-                    cell_settings = base.with_scenarios(missing=scenario, val_missing=None, test_missing=scenario)
+                    cell_settings = replace(base, missing=scenario, val_missing=None, test_missing=scenario)
                     result = train_classifier(cell_settings, train_config, cell, resume=resumable(cell, resume),
                                               console=console, quiet=quiet)
                     if result is None:  # a non-zero rank under torchrun

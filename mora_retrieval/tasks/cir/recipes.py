@@ -36,14 +36,7 @@ from ..settings import differences
 from .inputs import CIRInputs, cir_inputs
 from .metrics import submission_files
 from .settings import CIRSettings
-from .stages import CIRRValidation, CIRStage1, CIRStage2, SplitFeatures, TripletFeatures, encode_split
-
-
-def _inputs(settings: CIRSettings, model, tokenizer, workers: int | None) -> CIRInputs:
-    """The run's datasets at the model's input size, with the model's own preprocessing."""
-    return cir_inputs(settings.data_root, preprocess_spec(model, settings.transform), tokenizer,
-                      prepared=settings.prepared, prepared_dir=settings.prepared_dir,
-                      skip_bad_images=settings.skip_bad_images, workers=workers)
+from .stages import CIRRValidation, CIRStage1, CIRStage2, TripletFeatures, encode_split
 
 
 def _enable_prefix_cache(module: CIRStage1, inputs: CIRInputs, device, distributed: bool, console) -> None:
@@ -58,7 +51,6 @@ def _enable_prefix_cache(module: CIRStage1, inputs: CIRInputs, device, distribut
         module.stop_reading_pixels_when_cached(inputs.collate.read_pixels, inputs.train.needed_rows)
 
 
-
 #: Settings a resumed run must keep; the others (data root, workers, device, …) may change.
 RESUME_KEYS = ("arch", "pretrained", "adapter", "stage1", "transform")
 
@@ -70,11 +62,6 @@ def _check_resume(run_dir: Path, settings: CIRSettings) -> None:
         if not free:
             raise TrainingError(f"{run_dir}: cannot resume: {path} was {old!r}, now {new!r} "
                                 f"(start a new --run-dir to change it)")
-
-
-def _started_epoch(run_dir: Path) -> bool:
-    """Whether the run has something to lose: a stage-1 checkpoint (an epoch or a mid-epoch one)."""
-    return resumable(run_dir / STAGE1_DIR, True)
 
 
 def train_cirr(settings: CIRSettings, resume: bool = False, console=None, quiet: bool = False) -> dict[str, Any]:
@@ -98,7 +85,7 @@ def _train_cirr(settings: CIRSettings, resume: bool, console, quiet: bool) -> di
     check_can_create(run_dir, "run folder")
     if resume and has_record(run_dir):
         _check_resume(run_dir, settings)
-    elif has_record(run_dir) and _started_epoch(run_dir):
+    elif has_record(run_dir) and resumable(run_dir / STAGE1_DIR, True):  # a stage-1 checkpoint to lose
         raise TrainingError(f"{run_dir}: already holds a run; pass --resume to continue it or choose a new --run-dir")
     # Everything else that can be checked is checked before the run folder is written: the data,
     # the weights, and both stages' batch sizes against the data (a failed start blocks no retry).
@@ -106,7 +93,9 @@ def _train_cirr(settings: CIRSettings, resume: bool, console, quiet: bool) -> di
     backbone = load_backbone(settings.arch, settings.pretrained)
     model = add_adapters(backbone.model, settings.adapter)
     trainable, total, share = trainable_share(model)
-    inputs = _inputs(settings, model, backbone.tokenizer, settings.stage1.num_workers)
+    inputs = cir_inputs(settings.data_root, preprocess_spec(model, settings.transform), backbone.tokenizer,
+                        prepared=settings.prepared, prepared_dir=settings.prepared_dir,
+                        skip_bad_images=settings.skip_bad_images, workers=settings.stage1.num_workers)
     settings.stage1.check_fits(len(inputs.train), f"{settings.data_root}: CIRR train split", info.world_size)
     if settings.stage2 is not None:
         settings.stage2.check_fits(len(inputs.train), f"{settings.data_root}: CIRR train split (Combiner)",
@@ -204,8 +193,8 @@ def evaluate_cirr_run(run_dir: str | Path, data_root: str | None = None, split: 
     root = data_root or settings.data_root
     transform = make_transform(preprocess_spec(model, settings.transform))
     triplets = CIRRTriplets(root, split, transform=transform)
-    validation = CIRRValidation.from_triplets(triplets, CIRRGallery(root, split, transform=transform),
-                                              settings.eval_batch_size)
+    validation = CIRRValidation(CIRRGallery(root, split, transform=transform), list(triplets.records),
+                                settings.eval_batch_size)
     feats = validation.encode(model, backbone.tokenizer, dev, resolve_precision("auto", dev))
     with torch.no_grad():
         if split != "test1":

@@ -31,7 +31,7 @@ from ...model.combiner import Combiner
 from ...model.encode import collect, composed_query, encode_images, encode_texts, ordered_loader
 from ...model.bf16_prefix import Bf16Prefix
 from ...model.prefix_cache import FrozenPrefixCache
-from .inputs import PreparedGallery
+from .inputs import PreparedGallery, usable_positions
 from .metrics import cirr_rankings, cirr_recalls
 
 LOGIT_SCALE = 100.0
@@ -63,14 +63,6 @@ class SplitFeatures:
                             f"({len(missing)} such lookups)")
         return self.gallery[[index[name] for name in names]]
 
-    def keep_queries(self, records: Sequence[dict[str, Any]]) -> list[int]:
-        """Positions of the triplets whose reference and target (where known) were encoded:
-        with ``skip_bad_images`` an unreadable image is not in the gallery, nor is any query
-        that needs it."""
-        known = set(self.names)
-        return [i for i, r in enumerate(records)
-                if r["reference"] in known and r.get("target_hard", r["reference"]) in known]
-
 
 @torch.no_grad()
 def encode_split(model: nn.Module, tokenizer: Callable, gallery: Dataset, captions: Sequence[str],
@@ -101,18 +93,14 @@ class CIRRValidation:
     batch_size: int = 256
     num_workers: int = 0
 
-    @classmethod
-    def from_triplets(cls, triplets, gallery: Dataset, batch_size: int = 256, num_workers: int = 0) -> "CIRRValidation":
-        return cls(gallery, list(triplets.records), batch_size, num_workers)
-
     @property
     def reference_names(self) -> list[str]:
         return [r["reference"] for r in self.records]
 
     def usable(self, feats: SplitFeatures) -> tuple["CIRRValidation", SplitFeatures]:
         """This split without the queries whose images were skipped as unreadable (see
-        :meth:`SplitFeatures.keep_queries`), and their features; ``self`` when none was."""
-        keep = feats.keep_queries(self.records)
+        :func:`~.inputs.usable_positions`), and their features; ``self`` when none was."""
+        keep = usable_positions(self.records, set(feats.names))
         if len(keep) == len(self.records):
             return self, feats
         return (CIRRValidation(self.gallery, [self.records[i] for i in keep], self.batch_size, self.num_workers),
@@ -266,7 +254,7 @@ class TripletFeatures(Dataset):
     def from_split(cls, feats: SplitFeatures, records: Sequence[dict[str, Any]]) -> "TripletFeatures":
         """Per-triplet features (on the CPU) of ``encode_split(..., [r["caption"] for r in records])``;
         triplets whose images were skipped as unreadable are left out (``dropped`` counts them)."""
-        keep = feats.keep_queries(records)
+        keep = usable_positions(records, set(feats.names))
         kept = [records[i] for i in keep]
         out = cls(feats.of([r["reference"] for r in kept]).cpu(), feats.text[keep].cpu(),
                   feats.of([r["target_hard"] for r in kept]).cpu())

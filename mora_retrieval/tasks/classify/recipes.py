@@ -125,18 +125,9 @@ def train_classifier(settings: ClassifySettings, train_config: TrainConfig, run_
     with eval_progress(None if quiet else console, len(test_set), f"test ({scen['test']})") as advance:
         test = evaluate_classifier(classifier, probe.task, test_set, collate, device, settings.eval_batch_size,
                                    trainer.num_workers, trainer.precision, advance)
-    metric = MAIN_METRIC[probe.task]
     results = {
-        "task": "classify",
-        "dataset": settings.dataset,
-        "method": settings.adapter.method,
-        "arch": settings.arch,
-        "pretrained": settings.pretrained,
-        "scenario": scen,
-        "metric": metric,
-        "test_metric": test[metric],
-        "test": test,
-        "evaluated_on": "merged" if mergeable else "unmerged",
+        **_test_result(settings, probe.task, test, "merged" if mergeable else "unmerged", arch=settings.arch,
+                       pretrained=settings.pretrained, scenario=scen),
         "best_epoch": fit.best_epoch,
         "best_val_metric": fit.best_metric,
         "epochs_run": len(fit.history),
@@ -149,6 +140,14 @@ def train_classifier(settings: ClassifySettings, train_config: TrainConfig, run_
     }
     write_results(run_dir / RESULTS_FILE, results)
     return results
+
+
+def _test_result(settings: ClassifySettings, task: str, metrics: dict[str, float], evaluated_on: str,
+                 **where: Any) -> dict[str, Any]:
+    """What ``results.json`` and ``eval/…json`` share: the run, ``where`` it was tested, the metrics."""
+    metric = MAIN_METRIC[task]
+    return {"task": "classify", "dataset": settings.dataset, "method": settings.adapter.method, **where,
+            "metric": metric, "test_metric": metrics[metric], "test": metrics, "evaluated_on": evaluated_on}
 
 
 def _labels(dataset: Any) -> torch.Tensor:
@@ -177,11 +176,9 @@ def evaluate_run(run_dir: str | os.PathLike, test_missing: str | None = None, da
         metrics = evaluate_classifier(trained.classifier, trained.task, dataset, ClassifyCollate(trained.tokenizer),
                                       dev, batch_size or settings.eval_batch_size,
                                       resolve_num_workers(num_workers, dev), resolve_precision("auto", dev), advance)
-    metric = MAIN_METRIC[trained.task]
-    result = {"task": "classify", "dataset": settings.dataset, "method": settings.adapter.method,
-              "split": split, "scenario": {"train": settings.scenarios["train"], "test": scenario},
-              "metric": metric, "test_metric": metrics[metric], "test": metrics,
-              "evaluated_on": trained.evaluated_on, "samples": len(dataset), "missing_counts": _missing_counts(dataset)}
+    result = {**_test_result(settings, trained.task, metrics, trained.evaluated_on, split=split,
+                             scenario={"train": settings.scenarios["train"], "test": scenario}),
+              "samples": len(dataset), "missing_counts": _missing_counts(dataset)}
     write_results(Path(run_dir) / EVAL_DIR / f"{split}-{scenario.replace(':', '_')}.json", result)
     return result
 

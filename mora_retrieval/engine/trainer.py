@@ -124,6 +124,17 @@ class Trainer:
             if created:
                 torch.distributed.destroy_process_group()
 
+    def restore_best(self) -> bool:
+        """After :meth:`fit`: load the best epoch's trainable state into the module. When no epoch had
+        a finite validation metric (no best epoch, e.g. no validation set) the last weights stay,
+        with a warning, and the answer is False."""
+        if not ckpt.best_path(self.run_dir).is_file():
+            if self.console is not None and not self.quiet and self.dist.is_main:
+                self.console.print("[yellow]no epoch had a finite validation metric; keeping the last weights[/]")
+            return False
+        self.module.load_trainable_state_dict(ckpt.load_best(self.run_dir))
+        return True
+
     # ------------------------------------------------------------------ setup
     def _fit(self, resume: bool, stop: StopFlag) -> TrainResult:
         cfg, info = self.config, self.dist

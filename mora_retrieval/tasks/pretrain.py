@@ -24,7 +24,7 @@ from ..data.coco import COCOCaptions
 from ..data.collate import CaptionCollate
 from ..data.folder import ImageCaptionFolder
 from ..data.images import make_transform
-from ..engine import TrainConfig, Trainer, TrainModule, load_best
+from ..engine import TrainConfig, Trainer, TrainModule
 from ..engine.distributed import detect
 from ..errors import MoraError
 from ..model.backbone import image_size_of, load_backbone
@@ -147,7 +147,7 @@ def pretrain(settings: PretrainSettings, resume: bool = False, console=None, qui
     trainer = Trainer(module, settings.train, engine_dir, train_set, CaptionCollate(backbone.tokenizer),
                       console=console, quiet=quiet, extra_config={"arch": settings.arch, "init": settings.init})
     result = trainer.fit(resume=resumable(engine_dir, resume))
-    module.load_trainable_state_dict(load_best(engine_dir))
+    trainer.restore_best()
     if info.is_main:
         export_checkpoint(model, run_dir / PRETRAINED_FILE)
         write_record(run_dir, settings.to_dict())

@@ -23,7 +23,7 @@ from ...adapters import add_adapters, export_checkpoint, get_method, merge_adapt
 from ...data.cirr import CIRRGallery, CIRRTriplets
 from ...data.images import make_transform, preprocess_spec
 from ...device import resolve_device, resolve_precision
-from ...engine import Trainer, load_best, seed_everything
+from ...engine import Trainer, seed_everything
 from ...engine.distributed import barrier, detect, process_group
 from ...errors import TrainingError
 from ...fileio import check_can_create, write_json
@@ -120,7 +120,7 @@ def _train_cirr(settings: CIRSettings, resume: bool, console, quiet: bool) -> di
     stage1 = trainer.fit(resume=resumable(run_dir / STAGE1_DIR, resume))
     device, precision = trainer.device, trainer.precision
 
-    module.load_trainable_state_dict(load_best(run_dir / STAGE1_DIR))
+    trainer.restore_best()
     if main:
         save_adapters(model, run_dir / ADAPTER_DIR, arch=settings.arch,
                       extra={"pretrained": settings.pretrained, "task": "cir"})
@@ -158,7 +158,7 @@ def _train_cirr(settings: CIRSettings, resume: bool, console, quiet: bool) -> di
         trainer2 = Trainer(stage2_module, settings.stage2, run_dir / STAGE2_DIR, train_feats, console=console,
                            quiet=quiet, extra_config={"task": "cir-stage2", "adapter_fingerprint": None})
         stage2 = trainer2.fit(resume=resumable(run_dir / STAGE2_DIR, resume))
-        stage2_module.load_trainable_state_dict(load_best(run_dir / STAGE2_DIR))
+        trainer2.restore_best()
         combiner.eval()
         if main:
             save_combiner(combiner.cpu(), run_dir / COMBINER_FILE)

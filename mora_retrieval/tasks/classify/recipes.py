@@ -40,7 +40,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ...adapters import add_adapters, export_checkpoint, get_method, merge_adapters, save_adapters, trainable_share
 from ...data.missing import MissingSpec
 from ...device import resolve_device, resolve_num_workers, resolve_precision
-from ...engine import TrainConfig, Trainer, load_best
+from ...engine import TrainConfig, Trainer
 from ...engine.distributed import detect
 from ...engine.progress import SamplesPerSecond
 from ...errors import TrainingError
@@ -103,10 +103,7 @@ def train_classifier(settings: ClassifySettings, train_config: TrainConfig, run_
     if not detect().is_main:
         return None
     device = trainer.device
-    if fit.best_checkpoint is not None:
-        module.load_trainable_state_dict(load_best(run_dir))
-    elif console is not None and not quiet:
-        console.print("[yellow]no epoch had a finite validation metric; keeping the last weights[/]")
+    trainer.restore_best()
     module.to("cpu")
     save_adapters(classifier.clip, run_dir / ADAPTER_DIR, arch=settings.arch,
                   extra={"pretrained": settings.pretrained, "task": "classify", "dataset": settings.dataset})

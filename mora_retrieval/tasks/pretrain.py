@@ -63,7 +63,7 @@ def build_settings(run_dir: str, config_file: str | Path | None = None,
     """
     merged = layered(PretrainSettings(run_dir).to_dict(), read_config_file(config_file), overrides, str(config_file))
     merged["val_split"] = merged["val_split"] or None
-    return PretrainSettings.from_dict(merged, run_dir=run_dir)
+    return PretrainSettings.from_dict(merged, run_dir)
 
 
 class ContrastivePretraining(TrainModule):

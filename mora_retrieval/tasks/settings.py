@@ -37,11 +37,14 @@ class SettingsRecord:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], **values: Any):
+    def from_dict(cls, data: dict[str, Any], run_dir: str | None = None):
         """Inverse of :meth:`to_dict`: keys that are no field (``task``) are ignored, absent fields take
-        their defaults, ``values`` (e.g. ``run_dir``) win."""
+        their defaults; ``run_dir``, which is not recorded, is given here."""
         known = {field.name for field in fields(cls)}
-        return cls(**{**{key: value for key, value in data.items() if key in known}, **values})
+        values = {key: value for key, value in data.items() if key in known}
+        if run_dir is not None:
+            values["run_dir"] = run_dir
+        return cls(**values)
 
 
 def read_config_file(path: str | Path | None) -> dict[str, Any]:

@@ -184,7 +184,7 @@ def evaluate_cirr_run(run_dir: str | Path, data_root: str | None = None, split: 
     if run.record.get("task") != "cir":
         raise TrainingError(f"{run_dir}: not a CIR run (its config.json has task {run.record.get('task')!r}); "
                             f"eval cirr needs a folder written by `mora-ret train cirr`")
-    settings = CIRSettings.from_dict(run.record, run_dir=str(run_dir))
+    settings = CIRSettings.from_dict(run.record, str(run_dir))
     dev = resolve_device(device)
     backbone = run.load_model(str(dev))
     model = backbone.model.eval()

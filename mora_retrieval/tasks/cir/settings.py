@@ -18,18 +18,6 @@ from ...runs import has_record, read_record
 from ..settings import SettingsRecord, layered, method_of, read_config_file, with_new_keys
 
 
-def cir_defaults(method: str) -> tuple[AdapterConfig, TrainConfig, TrainConfig]:
-    """Adapter, stage-1 and stage-2 defaults for ``method`` (see the module docstring)."""
-    adapter = AdapterConfig(method=method, r=4, r_shared=4, alpha=get_method(method).default_alpha,
-                            targets=("q", "v"), layers=2)
-    if method == "full":
-        stage1 = TrainConfig(epochs=20, batch_size=128, lr=2e-6, weight_decay=0.01)
-    else:
-        stage1 = TrainConfig(epochs=20, batch_size=256, lr=1e-2, weight_decay=0.02)
-    stage2 = TrainConfig(epochs=20, batch_size=512, lr=2e-5, weight_decay=0.0, betas=(0.9, 0.999))
-    return adapter, stage1, stage2
-
-
 @dataclass
 class CIRSettings(SettingsRecord):
     """Everything ``train_cirr`` needs; ``stage2=None`` skips the Combiner."""
@@ -52,7 +40,14 @@ class CIRSettings(SettingsRecord):
 
     @classmethod
     def with_defaults(cls, data_root: str, run_dir: str, method: str = "mora", **overrides: Any) -> "CIRSettings":
-        adapter, stage1, stage2 = cir_defaults(method)
+        """The recipe's defaults for ``method`` (see the module docstring), then ``overrides``."""
+        adapter = AdapterConfig(method=method, r=4, r_shared=4, alpha=get_method(method).default_alpha,
+                                targets=("q", "v"), layers=2)
+        if method == "full":
+            stage1 = TrainConfig(epochs=20, batch_size=128, lr=2e-6, weight_decay=0.01)
+        else:
+            stage1 = TrainConfig(epochs=20, batch_size=256, lr=1e-2, weight_decay=0.02)
+        stage2 = TrainConfig(epochs=20, batch_size=512, lr=2e-5, weight_decay=0.0, betas=(0.9, 0.999))
         return cls(data_root=data_root, run_dir=run_dir, adapter=adapter, stage1=stage1, stage2=stage2, **overrides)
 
     def __post_init__(self) -> None:
@@ -83,4 +78,4 @@ def build_settings(data_root: str, run_dir: str, method: str | None = None, conf
     merged["data_root"] = str(data_root)  # paths may change on resume (a moved dataset)
     if any(no_combiner):
         merged["stage2"] = None
-    return CIRSettings.from_dict(merged, run_dir=run_dir)
+    return CIRSettings.from_dict(merged, run_dir)

@@ -1,9 +1,9 @@
 """The settings layer every training recipe shares: defaults, then ``--config FILE``, then the command line.
 
-Settings are nested dicts (a recipe's ``to_dict()``, see :class:`SettingsRecord`). A config file (JSON or TOML) holds any
-subset of their keys; command-line overrides are a nested dict in which ``None`` means "not
-given". A key the defaults do not have is a one-line error naming the file, so a typo never
-passes silently.
+Settings are nested dicts (a recipe's ``to_dict()``, see :class:`SettingsRecord`). A config file
+(JSON or TOML) holds any subset of their keys; command-line overrides are a nested dict in which
+``None`` means "not given". A key the defaults do not have is a one-line error naming the file,
+so a typo never passes silently.
 """
 
 from __future__ import annotations

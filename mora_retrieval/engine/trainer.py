@@ -60,7 +60,6 @@ class TrainResult:
     stopped_early: bool
     best_checkpoint: Path | None
     global_step: int = 0
-    run_dir: Path | None = None
 
 
 @dataclass
@@ -425,7 +424,7 @@ class Trainer:
         best = ckpt.best_path(self.run_dir)
         return TrainResult(best_metric=pos.best_metric, best_epoch=pos.best_epoch, history=list(pos.history),
                            stopped_early=pos.stopped_early, best_checkpoint=best if best.is_file() else None,
-                           global_step=pos.global_step, run_dir=self.run_dir)
+                           global_step=pos.global_step)
 
 
 

@@ -36,7 +36,7 @@ from ..settings import differences
 from .inputs import CIRInputs, cir_inputs
 from .metrics import submission_files
 from .settings import CIRSettings
-from .stages import CIRRValidation, CIRStage1, CIRStage2, TripletFeatures, encode_split
+from .stages import CIRRValidation, CIRStage1, CIRStage2, encode_split, triplet_features
 
 
 def _enable_prefix_cache(module: CIRStage1, inputs: CIRInputs, device, distributed: bool, console) -> None:
@@ -148,12 +148,12 @@ def _train_cirr(settings: CIRSettings, resume: bool, console, quiet: bool) -> di
         train_split = encode_split(merged, backbone.tokenizer, inputs.train_gallery,
                                    [r["caption"] for r in inputs.train_records], device, precision,
                                    settings.eval_batch_size, trainer.num_workers)
-        train_feats = TripletFeatures.from_split(train_split, inputs.train_records)
+        train_feats, dropped = triplet_features(train_split, inputs.train_records)
         if not inputs.prepared:
-            results["dropped_triplets"]["train"] = train_feats.dropped  # stage 1's batches dropped them too
+            results["dropped_triplets"]["train"] = dropped  # stage 1's batches dropped them too
         if console is not None and not quiet:
             console.rule(f"stage 2: the Combiner on cached features of {len(train_feats)} triplets")
-        combiner = Combiner(train_feats.reference.shape[1])
+        combiner = Combiner(train_feats.tensors[0].shape[1])
         stage2_module = CIRStage2(combiner, validation, val_split.to("cpu"))
         trainer2 = Trainer(stage2_module, settings.stage2, run_dir / STAGE2_DIR, train_feats, console=console,
                            quiet=quiet, extra_config={"task": "cir-stage2", "adapter_fingerprint": None})

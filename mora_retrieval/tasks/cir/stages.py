@@ -6,7 +6,7 @@ targets of the (per-process) batch as negatives. Reference and target images go 
 image tower in one batch.
 
 Stage 2 (Combiner): the merged encoders are frozen; the features of every triplet are computed
-once (:func:`encode_split`, :meth:`TripletFeatures.from_split`) and the Combiner trains on them with the same loss.
+once (:func:`encode_split`, :func:`triplet_features`) and the Combiner trains on them with the same loss.
 
 Validation (both stages) uses the CIRR metrics of :mod:`.metrics` on the val split
 (:class:`CIRRValidation`, also behind ``mora-ret eval cirr``): the gallery is encoded once per
@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
 from ...data.images import PreprocessSpec, normalize_uint8
 from ...engine.module import TrainModule
@@ -235,31 +235,15 @@ class CIRStage1(TrainModule):
         return self.validation.metrics(self.validation.encode(self.model, self.tokenizer, device, self.precision))
 
 
-class TripletFeatures(Dataset):
-    """Cached stage-2 features: items ``{"reference", "text", "target"}`` (raw features)."""
-
-    def __init__(self, reference: torch.Tensor, text: torch.Tensor, target: torch.Tensor):
-        if not (len(reference) == len(text) == len(target)):
-            raise ValueError("feature tensors must have the same length")
-        self.reference, self.text, self.target = reference, text, target
-        self.dropped = 0  # triplets left out because an image was unreadable
-
-    def __len__(self) -> int:
-        return len(self.reference)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"reference": self.reference[i], "text": self.text[i], "target": self.target[i]}
-
-    @classmethod
-    def from_split(cls, feats: SplitFeatures, records: Sequence[dict[str, Any]]) -> "TripletFeatures":
-        """Per-triplet features (on the CPU) of ``encode_split(..., [r["caption"] for r in records])``;
-        triplets whose images were skipped as unreadable are left out (``dropped`` counts them)."""
-        keep = usable_positions(records, set(feats.names))
-        kept = [records[i] for i in keep]
-        out = cls(feats.of([r["reference"] for r in kept]).cpu(), feats.text[keep].cpu(),
-                  feats.of([r["target_hard"] for r in kept]).cpu())
-        out.dropped = len(records) - len(kept)
-        return out
+def triplet_features(feats: SplitFeatures, records: Sequence[dict[str, Any]]) -> tuple[TensorDataset, int]:
+    """Stage 2's training set: the raw ``(reference, text, target)`` features (on the CPU) of every triplet of
+    ``encode_split(..., [r["caption"] for r in records])``; and how many triplets were left out because
+    an image was skipped as unreadable."""
+    keep = usable_positions(records, set(feats.names))
+    kept = [records[i] for i in keep]
+    data = TensorDataset(feats.of([r["reference"] for r in kept]).cpu(), feats.text[keep].cpu(),
+                         feats.of([r["target_hard"] for r in kept]).cpu())
+    return data, len(records) - len(kept)
 
 
 class CIRStage2(TrainModule):
@@ -275,9 +259,10 @@ class CIRStage2(TrainModule):
         self.validation = validation
         self.val_split = val_split
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        query = self.combiner(batch["reference"], batch["text"])
-        return contrastive_loss(query, batch["target"])
+    def forward(self, batch: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The loss of a batch of :func:`triplet_features`: ``(reference, text, target)``."""
+        reference, text, target = batch
+        return contrastive_loss(self.combiner(reference, text), target)
 
     def evaluate(self, device: torch.device) -> dict[str, float]:
         if self.validation is None or self.val_split is None:

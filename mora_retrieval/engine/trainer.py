@@ -37,7 +37,7 @@ from ..fileio import atomic_write, write_json
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .curves import plot_curves
-from .distributed import all_reduce_sum, barrier, broadcast_object, detect, gather_objects, init_if_needed
+from .distributed import all_reduce_sum, barrier, broadcast_object, detect, gather_objects, process_group
 from .interrupt import StopFlag, TrainingInterrupted
 from .module import TrainModule
 from .progress import TrainProgress
@@ -115,13 +115,8 @@ class Trainer:
     # ------------------------------------------------------------------ public
     def fit(self, resume: bool = False) -> TrainResult:
         """Train (or continue an interrupted run with ``resume=True``) and return the outcome."""
-        created = init_if_needed(self.dist, self.device)
-        try:
-            with StopFlag() as stop:
-                return self._fit(resume, stop)
-        finally:
-            if created:
-                torch.distributed.destroy_process_group()
+        with process_group(self.config.device), StopFlag() as stop:
+            return self._fit(resume, stop)
 
     def restore_best(self) -> bool:
         """After :meth:`fit`: load the best epoch's trainable state into the module. When no epoch had

@@ -62,6 +62,7 @@ def classify(
     (besides the engine's config.json, metrics.jsonl, checkpoints/ and curves.png). The prompt
     methods (dcp, mmp) cannot be merged: they are tested unmerged and write no merged.safetensors.
     """
+    from mora_retrieval.adapters import get_method
     from mora_retrieval.errors import TrainingError
     from mora_retrieval.tasks.classify import build_settings, train_classifier
 
@@ -80,16 +81,12 @@ def classify(
         raise TrainingError("--methods needs --grid and at least one method (e.g. --grid --methods mora,dcp)")
     root = None if data_root is None else str(data_root)
     if method_list:
-        from mora_retrieval.adapters import get_method
-
         for each in method_list:
             get_method(each)  # one line naming the known methods, before any training (run_grid refuses repeats)
         # each method: its defaults, then --config, then the command line, as a run of its own would have
         per_method = [build_settings(dataset, root, config, _for_method(overrides, each))[0] for each in method_list]
         overrides = _for_method(overrides, method_list[0])
     elif PROMPT_KEYS & set(overrides.get("adapter", {})):
-        from mora_retrieval.adapters import get_method
-
         chosen = overrides.get("adapter", {}).get("method") or "mora"
         if get_method(chosen).make_prompts is None:
             raise TrainingError(f"--prompt-length and --prompt-depth apply to the prompt methods dcp and mmp, not "

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import typer
 
 from .options import (ADAPTER_SETTINGS, CONFIG_OPTION, MODEL_SETTINGS, PROMPT_DEFAULTS, PROMPT_SETTINGS,
-                      TRAINING_DEFAULTS, TRAINING_SETTINGS, device_option, make_console, with_settings)
+                      TRAINING_DEFAULTS, TRAINING_SETTINGS, comma_list, device_option, make_console, with_settings)
 
 DATASETS = "food101 | mmimdb | hateful-memes"
 CLASSIFY_DEFAULTS = {
@@ -17,10 +17,6 @@ CLASSIFY_DEFAULTS = {
     "targets": "the dataset's", "layers": "2", "epochs": "the dataset's", "lr": "1e-2", "batch_size": "the dataset's",
     "weight_decay": "the dataset's", **PROMPT_DEFAULTS, **TRAINING_DEFAULTS,
 }
-
-
-def _csv(value: Optional[str]) -> Optional[list[str]]:
-    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
 
 
 def _metrics_table(title: str, metrics: dict, main: str):
@@ -66,6 +62,7 @@ def classify(
     (besides the engine's config.json, metrics.jsonl, checkpoints/ and curves.png). The prompt
     methods (dcp, mmp) cannot be merged: they are tested unmerged and write no merged.safetensors.
     """
+    from mora_retrieval.adapters import get_method
     from mora_retrieval.errors import TrainingError
     from mora_retrieval.tasks.classify import build_settings, train_classifier
 
@@ -79,23 +76,17 @@ def classify(
                       "missing_image": missing_image, "missing_seed": missing_seed,
                       "missing_store": None if missing_store is None else str(missing_store), "features": features,
                       "eval_batch_size": eval_batch_size, "skip_bad_images": skip_bad_images or None})
-    method_list = _csv(methods)
+    method_list = comma_list(methods)
     if method_list is not None and (not grid or not method_list):
         raise TrainingError("--methods needs --grid and at least one method (e.g. --grid --methods mora,dcp)")
     root = None if data_root is None else str(data_root)
     if method_list:
-        from mora_retrieval.adapters import get_method
-
         for each in method_list:
-            get_method(each)  # one line naming the known methods, before any training
-        if len(set(method_list)) != len(method_list):
-            raise TrainingError(f"--methods repeats a method: {methods}")
+            get_method(each)  # one line naming the known methods, before any training (run_grid refuses repeats)
         # each method: its defaults, then --config, then the command line, as a run of its own would have
         per_method = [build_settings(dataset, root, config, _for_method(overrides, each))[0] for each in method_list]
         overrides = _for_method(overrides, method_list[0])
     elif PROMPT_KEYS & set(overrides.get("adapter", {})):
-        from mora_retrieval.adapters import get_method
-
         chosen = overrides.get("adapter", {}).get("method") or "mora"
         if get_method(chosen).make_prompts is None:
             raise TrainingError(f"--prompt-length and --prompt-depth apply to the prompt methods dcp and mmp, not "
@@ -193,10 +184,10 @@ def _grid(console, settings, train_config, out_dir: Path, ratios: str, types: st
     from mora_retrieval.tasks.classify.recipes import GRID_TYPES, run_grid
 
     try:
-        ratio_values = tuple(float(r) for r in _csv(ratios) or ())
+        ratio_values = tuple(float(r) for r in comma_list(ratios) or ())
     except ValueError:
         raise TrainingError(f"--grid-ratios must be numbers separated by commas, got {ratios!r}") from None
-    kinds = tuple(_csv(types) or ())
+    kinds = tuple(comma_list(types) or ())
     bad = [k for k in kinds if k not in GRID_TYPES] + [str(r) for r in ratio_values if not 0.0 < r <= 1.0]
     if bad or not kinds or not ratio_values:
         raise TrainingError(f"--grid-types must be from text,image,both and --grid-ratios in (0, 1] (bad: {', '.join(bad)})")

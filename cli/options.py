@@ -136,7 +136,7 @@ def with_settings(options: Sequence[Setting], defaults: dict[str, str], section:
                 if value is None:
                     continue
                 if option.name == "targets":
-                    value = [v.strip() for v in value.split(",") if v.strip()]
+                    value = comma_list(value)
                 *parents, leaf = option.key.replace("train.", f"{section}.", 1).split(".")
                 node = overrides
                 for parent in parents:
@@ -156,6 +156,11 @@ def with_settings(options: Sequence[Setting], defaults: dict[str, str], section:
         return run
 
     return decorate
+
+
+def comma_list(value: str | None) -> list[str] | None:
+    """``"a, b,"`` → ``["a", "b"]``; ``None`` stays ``None``."""
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
 
 
 def _with_default(help: str, default: str | None) -> str:

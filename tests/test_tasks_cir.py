@@ -131,10 +131,9 @@ def test_stage2_loss_uses_the_combiner():
 
     torch.manual_seed(0)
     combiner = Combiner(8).eval()
-    batch = {"reference": torch.randn(5, 8), "text": torch.randn(5, 8), "target": torch.randn(5, 8)}
-    loss = CIRStage2(combiner)(batch)
-    query = combiner(batch["reference"], batch["text"])
-    logits = 100 * query @ F.normalize(batch["target"], dim=-1).T
+    reference, text, target = torch.randn(5, 8), torch.randn(5, 8), torch.randn(5, 8)
+    loss = CIRStage2(combiner)([reference, text, target])
+    logits = 100 * combiner(reference, text) @ F.normalize(target, dim=-1).T
     assert loss.item() == pytest.approx(F.cross_entropy(logits, torch.arange(5)).item(), rel=1e-5)
 
 

@@ -1,4 +1,4 @@
-"""Contrastive pretraining: its validation metric and the captioned-folder source."""
+"""Contrastive pretraining: its validation metric, the captioned-folder source, a run without validation."""
 
 from __future__ import annotations
 
@@ -40,3 +40,29 @@ def test_image_caption_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no image with a sidecar caption"):
         ImageCaptionFolder(tmp_path / "empty")
+
+
+def test_pretraining_without_validation_exports_the_last_weights(tmp_path):
+    """No validation set: no epoch is "best", so the last epoch's weights are exported."""
+    import open_clip
+    from safetensors.torch import load_file
+
+    from mora_retrieval.engine import TrainConfig
+    from mora_retrieval.engine.checkpoint import load_checkpoint
+    from mora_retrieval.tasks.pretrain import PretrainSettings, build_settings, pretrain
+
+    for i, colour in enumerate(["red", "blue", "green", "white", "black", "yellow"]):
+        Image.new("RGB", (16, 16), colour).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text(f"a {colour} square")
+    settings = PretrainSettings(run_dir=str(tmp_path / "run"), folder=str(tmp_path),
+                                train=TrainConfig(epochs=1, batch_size=2, device="cpu", num_workers=0))
+    with pytest.warns(UserWarning, match="randomly initialised"):
+        summary = pretrain(settings, quiet=True)
+    assert summary["best_epoch"] is None and summary["pairs"] == 6
+    exported = load_file(summary["checkpoint"])
+    assert set(exported) == set(open_clip.create_model("mora-tiny").state_dict())
+    last = load_checkpoint(tmp_path / "run" / "train" / "checkpoints" / "last.pt")["trainable"]
+    assert all(torch.equal(tensor, last[f"model.{name}"]) for name, tensor in exported.items())
+    # the record round-trips through the settings layers: a resume rebuilds the same settings
+    again = build_settings(settings.run_dir, overrides={"folder": str(tmp_path), "train": settings.train.to_dict()})
+    assert again.to_dict() == settings.to_dict()

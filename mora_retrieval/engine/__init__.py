@@ -6,7 +6,7 @@ resume check), :mod:`.sampling` (the resumable sampler), :mod:`.schedule`, :mod:
 :mod:`.distributed`, :mod:`.interrupt`, :mod:`.curves` (console output: :mod:`mora_retrieval.progress`).
 """
 
-from .checkpoint import load_best, resume_or_fail
+from .checkpoint import resume_or_fail
 from .config import TRAINING_FIELDS, TrainConfig
 from .interrupt import TrainingInterrupted
 from .module import TrainModule
@@ -17,5 +17,5 @@ from .trainer import Trainer, TrainResult
 
 __all__ = [
     "TRAINING_FIELDS", "ResumableSampler", "TrainConfig", "TrainModule", "TrainResult", "Trainer",
-    "TrainingInterrupted", "load_best", "lr_factor", "resume_or_fail", "seed_everything", "to_device",
+    "TrainingInterrupted", "lr_factor", "resume_or_fail", "seed_everything", "to_device",
 ]

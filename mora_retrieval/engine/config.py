@@ -92,7 +92,9 @@ class TrainConfig:
             raise TrainingError(f"train config: max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
 
     def steps_per_epoch(self, samples: int, world_size: int = 1) -> int:
-        """Optimiser steps an epoch of ``samples`` gives (full global batches only, as the sampler)."""
+        """Optimiser steps an epoch of ``samples`` gives: full *global* batches only (the sampler's padded
+        tail is unused, so ``W`` ranks take as many steps as one process with ``W`` times the batch),
+        grouped by ``grad_accum``."""
         return samples // (self.batch_size * world_size) // self.grad_accum
 
     def check_fits(self, samples: int, what: str = "training set", world_size: int = 1) -> None:

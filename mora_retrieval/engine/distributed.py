@@ -92,10 +92,11 @@ def barrier(info: DistInfo) -> None:
 
 @contextlib.contextmanager
 def process_group(device_spec: str = "auto") -> Iterator[DistInfo]:
-    """Hold the torchrun process group across several ``Trainer.fit`` calls (e.g. two stages).
+    """The torchrun process group, for the duration of the context (created here unless it exists).
 
-    Re-creating the default group between stages can deadlock the rendezvous; inside this
-    context every trainer finds the group initialised and leaves it alone.
+    ``Trainer.fit`` holds it for one training; a recipe with several (e.g. two stages) holds it
+    across them, since re-creating the default group between stages can deadlock the rendezvous:
+    inside the recipe's context every trainer finds the group initialised and leaves it alone.
     """
     info = detect()
     created = init_if_needed(info, resolve_device(device_spec, info.local_rank))

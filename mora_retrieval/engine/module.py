@@ -3,7 +3,7 @@
 A task is an ``nn.Module`` whose ``forward(batch)`` returns the scalar loss of a batch that the
 engine has already moved to the device. It names its validation metric (``main_metric``,
 ``higher_is_better``) and implements ``evaluate(device)``, which the engine calls once per epoch
-in eval mode under ``torch.no_grad()``.
+in eval mode under ``torch.no_grad()``, with the engine's ``precision`` and ``num_workers``.
 
 Defaults a task may override:
 
@@ -32,6 +32,9 @@ class TrainModule(nn.Module):
 
     main_metric: str = "loss"
     higher_is_better: bool = False
+    #: Set by the Trainer to the precision and DataLoader workers it resolved, for ``evaluate`` to use too.
+    precision: str = "fp32"
+    num_workers: int = 0
 
     def forward(self, batch) -> torch.Tensor:  # pragma: no cover - abstract
         """Return the scalar training loss of ``batch`` (already on the device)."""

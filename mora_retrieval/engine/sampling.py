@@ -58,11 +58,6 @@ class ResumableSampler(Sampler[int]):
     def __len__(self) -> int:
         return max(0, -(-self.num_samples // self.world_size) - self.start_batch * self.batch_size)
 
-    def batches_per_epoch(self) -> int:
-        """Batches per rank per epoch: full *global* batches only, so the padded tail is unused
-        and ``W`` ranks take exactly as many steps as one process with ``W`` times the batch."""
-        return self.num_samples // (self.batch_size * self.world_size)
-
 
 def build_loader(dataset: Dataset, sampler: ResumableSampler, collate_fn: Callable | None,
                  num_workers: int, pin_memory: bool) -> DataLoader:

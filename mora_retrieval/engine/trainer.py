@@ -38,7 +38,7 @@ from ..progress import TrainProgress
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .curves import plot_curves
-from .distributed import all_reduce_sum, barrier, broadcast_object, detect, gather_objects, init_if_needed
+from .distributed import all_reduce_sum, barrier, broadcast_object, detect, gather_objects, process_group
 from .interrupt import StopFlag, TrainingInterrupted
 from .module import TrainModule
 from .rng import capture_rng, restore_rng, seed_everything
@@ -60,7 +60,6 @@ class TrainResult:
     stopped_early: bool
     best_checkpoint: Path | None
     global_step: int = 0
-    run_dir: Path | None = None
 
 
 @dataclass
@@ -111,17 +110,24 @@ class Trainer:
         self.device = resolve_device(config.device, self.dist.local_rank)
         self.precision = resolve_precision(config.precision, self.device)
         self.num_workers = resolve_num_workers(config.num_workers, self.device, self.dist.world_size)
+        module.precision, module.num_workers = self.precision, self.num_workers
 
     # ------------------------------------------------------------------ public
     def fit(self, resume: bool = False) -> TrainResult:
         """Train (or continue an interrupted run with ``resume=True``) and return the outcome."""
-        created = init_if_needed(self.dist, self.device)
-        try:
-            with StopFlag() as stop:
-                return self._fit(resume, stop)
-        finally:
-            if created:
-                torch.distributed.destroy_process_group()
+        with process_group(self.config.device), StopFlag() as stop:
+            return self._fit(resume, stop)
+
+    def restore_best(self) -> bool:
+        """After :meth:`fit`: load the best epoch's trainable state into the module. When no epoch had
+        a finite validation metric (no best epoch, e.g. no validation set) the last weights stay,
+        with a warning, and the answer is False."""
+        if not ckpt.best_path(self.run_dir).is_file():
+            if self.console is not None and not self.quiet and self.dist.is_main:
+                self.console.print("[yellow]no epoch had a finite validation metric; keeping the last weights[/]")
+            return False
+        self.module.load_trainable_state_dict(ckpt.load_best(self.run_dir))
+        return True
 
     # ------------------------------------------------------------------ setup
     def _fit(self, resume: bool, stop: StopFlag) -> TrainResult:
@@ -135,8 +141,8 @@ class Trainer:
 
         self.module.to(self.device)
         sampler = ResumableSampler(len(self.dataset), cfg.batch_size, cfg.seed, info.rank, info.world_size)
-        self.steps_per_epoch = sampler.batches_per_epoch() // cfg.grad_accum
         cfg.check_fits(len(self.dataset), "training set", info.world_size)
+        self.steps_per_epoch = cfg.steps_per_epoch(len(self.dataset), info.world_size)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
@@ -413,7 +419,7 @@ class Trainer:
         best = ckpt.best_path(self.run_dir)
         return TrainResult(best_metric=pos.best_metric, best_epoch=pos.best_epoch, history=list(pos.history),
                            stopped_early=pos.stopped_early, best_checkpoint=best if best.is_file() else None,
-                           global_step=pos.global_step, run_dir=self.run_dir)
+                           global_step=pos.global_step)
 
 
 

@@ -40,14 +40,6 @@ class LinearHead(nn.Module):
         nn.init.normal_(self.linear.weight, mean=0.0, std=std)
         nn.init.zeros_(self.linear.bias)
 
-    @property
-    def in_dim(self) -> int:
-        return self.linear.in_features
-
-    @property
-    def out_dim(self) -> int:
-        return self.linear.out_features
-
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.linear(features)
 

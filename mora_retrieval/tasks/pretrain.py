@@ -24,18 +24,20 @@ from ..data.coco import COCOCaptions
 from ..data.collate import CaptionCollate
 from ..data.folder import ImageCaptionFolder
 from ..data.images import make_transform
-from ..engine import TrainConfig, Trainer, TrainModule, load_best
+from ..engine import TrainConfig, Trainer, TrainModule
 from ..engine.distributed import detect
 from ..errors import MoraError
 from ..model.backbone import image_size_of, load_backbone
 from ..model.encode import collect, ordered_loader
 from ..runs import PRETRAIN_DIR, PRETRAINED_FILE, has_record, read_record, resumable, write_record
-from .settings import layered, read_config_file
+from .settings import SettingsRecord, layered, read_config_file
 
 
 @dataclass
-class PretrainSettings:
+class PretrainSettings(SettingsRecord):
     """What to pretrain on what. ``coco_root`` or ``folder`` (not both)."""
+
+    TASK = "pretrain"
 
     run_dir: str
     arch: str = "mora-tiny"
@@ -48,17 +50,9 @@ class PretrainSettings:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, batch_size=128, lr=1e-3,
                                                                    weight_decay=0.1))
 
-    def to_dict(self) -> dict[str, Any]:
-        data = {k: getattr(self, k) for k in ("arch", "init", "coco_root", "train_split", "val_split", "folder",
-                                              "val_folder")}
-        data["train"] = self.train.to_dict()
-        data["task"] = "pretrain"
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], run_dir: str) -> "PretrainSettings":
-        values = {k: v for k, v in data.items() if k not in ("task", "train")}
-        return cls(run_dir=run_dir, train=TrainConfig.from_dict(data["train"]), **values)
+    def __post_init__(self) -> None:
+        if isinstance(self.train, dict):
+            self.train = TrainConfig.from_dict(self.train)
 
 
 def build_settings(run_dir: str, config_file: str | Path | None = None,
@@ -67,8 +61,7 @@ def build_settings(run_dir: str, config_file: str | Path | None = None,
 
     An empty ``val_split`` (``--val-split ''``) skips validation.
     """
-    config = read_config_file(config_file) if config_file is not None else {}
-    merged = layered(PretrainSettings(run_dir).to_dict(), config, overrides, str(config_file))
+    merged = layered(PretrainSettings(run_dir).to_dict(), read_config_file(config_file), overrides, str(config_file))
     merged["val_split"] = merged["val_split"] or None
     return PretrainSettings.from_dict(merged, run_dir)
 
@@ -79,13 +72,11 @@ class ContrastivePretraining(TrainModule):
     main_metric = "mean_recall@1"
     higher_is_better = True
 
-    def __init__(self, model: nn.Module, tokenizer: Callable, val_set=None, rank: int = 0, world_size: int = 1,
-                 precision: str = "fp32"):
+    def __init__(self, model: nn.Module, tokenizer: Callable, val_set=None, rank: int = 0, world_size: int = 1):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.val_set = val_set
-        self.precision = precision
         self.loss = open_clip.ClipLoss(rank=rank, world_size=world_size)
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -155,9 +146,8 @@ def pretrain(settings: PretrainSettings, resume: bool = False, console=None, qui
     module = ContrastivePretraining(model, backbone.tokenizer, val_set, info.rank, info.world_size)
     trainer = Trainer(module, settings.train, engine_dir, train_set, CaptionCollate(backbone.tokenizer),
                       console=console, quiet=quiet, extra_config={"arch": settings.arch, "init": settings.init})
-    module.precision = trainer.precision
     result = trainer.fit(resume=resumable(engine_dir, resume))
-    module.load_trainable_state_dict(load_best(engine_dir))
+    trainer.restore_best()
     if info.is_main:
         export_checkpoint(model, run_dir / PRETRAINED_FILE)
         write_record(run_dir, settings.to_dict())

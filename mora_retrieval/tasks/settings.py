@@ -1,23 +1,56 @@
 """The settings layer every training recipe shares: defaults, then ``--config FILE``, then the command line.
 
-Settings are nested dicts (a recipe's ``to_dict()``). A config file (JSON or TOML) holds any
-subset of their keys; command-line overrides are a nested dict in which ``None`` means "not
-given". A key the defaults do not have is a one-line error naming the file, so a typo never
-passes silently.
+Settings are nested dicts (a recipe's ``to_dict()``, see :class:`SettingsRecord`). A config file
+(JSON or TOML) holds any subset of their keys; command-line overrides are a nested dict in which
+``None`` means "not given". A key the defaults do not have is a one-line error naming the file,
+so a typo never passes silently.
 """
 
 from __future__ import annotations
 
 import tomllib
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ..errors import MoraError
 from ..fileio import read_json
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A JSON or TOML file of settings, as a dict."""
+class SettingsRecord:
+    """``to_dict`` / ``from_dict`` of a recipe's settings dataclass (the run record, the layers' base).
+
+    Nested configs (``AdapterConfig``, ``TrainConfig``) are written with their own ``to_dict``;
+    the subclass's ``__post_init__`` turns such dicts back into configs. ``TASK`` (if set) is
+    written as the record's ``task`` key; the fields in ``NOT_RECORDED`` are left out.
+    """
+
+    TASK: ClassVar[str | None] = None
+    NOT_RECORDED: ClassVar[tuple[str, ...]] = ("run_dir",)
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {} if self.TASK is None else {"task": self.TASK}
+        for field in fields(self):
+            if field.name not in self.NOT_RECORDED:
+                value = getattr(self, field.name)
+                data[field.name] = value.to_dict() if hasattr(value, "to_dict") else value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], run_dir: str | None = None):
+        """Inverse of :meth:`to_dict`: keys that are no field (``task``) are ignored, absent fields take
+        their defaults; ``run_dir``, which is not recorded, is given here."""
+        known = {field.name for field in fields(cls)}
+        values = {key: value for key, value in data.items() if key in known}
+        if run_dir is not None:
+            values["run_dir"] = run_dir
+        return cls(**values)
+
+
+def read_config_file(path: str | Path | None) -> dict[str, Any]:
+    """A JSON or TOML file of settings, as a dict; no file (``None``): no settings."""
+    if path is None:
+        return {}
     path = Path(path)
     if path.suffix == ".toml":
         if not path.is_file():

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Container, Sequence
 
 import numpy as np
 import torch
@@ -50,12 +50,17 @@ def prepare_cirr_split(data_root: str | os.PathLike, split: str, spec: Preproces
                           names=list(paths), skip_bad_images=skip_bad_images, workers=workers)
 
 
-def usable_records(records: Sequence[dict[str, Any]], prepared: PreparedImages,
-                   has_targets: bool = True) -> tuple[list[dict[str, Any]], int]:
-    """The triplets whose reference (and target) image is ok in ``prepared``; and how many were left out."""
-    keep = [rec for rec in records
-            if prepared.ok[prepared.row(rec["reference"])]
-            and (not has_targets or prepared.ok[prepared.row(rec["target_hard"])])]
+def usable_positions(records: Sequence[dict[str, Any]], known: Container[str]) -> list[int]:
+    """Positions of the triplets whose reference and target (where the split has targets) are ``known``
+    images: with ``skip_bad_images`` an unreadable image is not, nor is any triplet that needs it."""
+    return [i for i, r in enumerate(records)
+            if r["reference"] in known and r.get("target_hard", r["reference"]) in known]
+
+
+def usable_records(records: Sequence[dict[str, Any]], prepared: PreparedImages) -> tuple[list[dict[str, Any]], int]:
+    """The triplets whose images are ok in ``prepared``; and how many were left out."""
+    ok = {name for name, good in zip(prepared.names, prepared.ok) if good}
+    keep = [records[i] for i in usable_positions(records, ok)]
     return keep, len(records) - len(keep)
 
 

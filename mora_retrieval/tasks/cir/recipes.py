@@ -23,7 +23,7 @@ from ...adapters import add_adapters, export_checkpoint, get_method, merge_adapt
 from ...data.cirr import CIRRGallery, CIRRTriplets
 from ...data.images import make_transform, preprocess_spec
 from ...device import resolve_device, resolve_precision
-from ...engine import Trainer, load_best, seed_everything
+from ...engine import Trainer, seed_everything
 from ...engine.distributed import barrier, detect, process_group
 from ...errors import TrainingError
 from ...fileio import check_can_create, write_json
@@ -36,14 +36,7 @@ from ..settings import differences
 from .inputs import CIRInputs, cir_inputs
 from .metrics import submission_files
 from .settings import CIRSettings
-from .stages import CIRRValidation, CIRStage1, CIRStage2, SplitFeatures, TripletFeatures, encode_split
-
-
-def _inputs(settings: CIRSettings, model, tokenizer, workers: int | None) -> CIRInputs:
-    """The run's datasets at the model's input size, with the model's own preprocessing."""
-    return cir_inputs(settings.data_root, preprocess_spec(model, settings.transform), tokenizer,
-                      prepared=settings.prepared, prepared_dir=settings.prepared_dir,
-                      skip_bad_images=settings.skip_bad_images, workers=workers)
+from .stages import CIRRValidation, CIRStage1, CIRStage2, encode_split, triplet_features
 
 
 def _enable_prefix_cache(module: CIRStage1, inputs: CIRInputs, device, distributed: bool, console) -> None:
@@ -58,7 +51,6 @@ def _enable_prefix_cache(module: CIRStage1, inputs: CIRInputs, device, distribut
         module.stop_reading_pixels_when_cached(inputs.collate.read_pixels, inputs.train.needed_rows)
 
 
-
 #: Settings a resumed run must keep; the others (data root, workers, device, …) may change.
 RESUME_KEYS = ("arch", "pretrained", "adapter", "stage1", "transform")
 
@@ -70,11 +62,6 @@ def _check_resume(run_dir: Path, settings: CIRSettings) -> None:
         if not free:
             raise TrainingError(f"{run_dir}: cannot resume: {path} was {old!r}, now {new!r} "
                                 f"(start a new --run-dir to change it)")
-
-
-def _started_epoch(run_dir: Path) -> bool:
-    """Whether the run has something to lose: a stage-1 checkpoint (an epoch or a mid-epoch one)."""
-    return resumable(run_dir / STAGE1_DIR, True)
 
 
 def train_cirr(settings: CIRSettings, resume: bool = False, console=None, quiet: bool = False) -> dict[str, Any]:
@@ -98,7 +85,7 @@ def _train_cirr(settings: CIRSettings, resume: bool, console, quiet: bool) -> di
     check_can_create(run_dir, "run folder")
     if resume and has_record(run_dir):
         _check_resume(run_dir, settings)
-    elif has_record(run_dir) and _started_epoch(run_dir):
+    elif has_record(run_dir) and resumable(run_dir / STAGE1_DIR, True):  # a stage-1 checkpoint to lose
         raise TrainingError(f"{run_dir}: already holds a run; pass --resume to continue it or choose a new --run-dir")
     # Everything else that can be checked is checked before the run folder is written: the data,
     # the weights, and both stages' batch sizes against the data (a failed start blocks no retry).
@@ -106,7 +93,9 @@ def _train_cirr(settings: CIRSettings, resume: bool, console, quiet: bool) -> di
     backbone = load_backbone(settings.arch, settings.pretrained)
     model = add_adapters(backbone.model, settings.adapter)
     trainable, total, share = trainable_share(model)
-    inputs = _inputs(settings, model, backbone.tokenizer, settings.stage1.num_workers)
+    inputs = cir_inputs(settings.data_root, preprocess_spec(model, settings.transform), backbone.tokenizer,
+                        prepared=settings.prepared, prepared_dir=settings.prepared_dir,
+                        skip_bad_images=settings.skip_bad_images, workers=settings.stage1.num_workers)
     settings.stage1.check_fits(len(inputs.train), f"{settings.data_root}: CIRR train split", info.world_size)
     if settings.stage2 is not None:
         settings.stage2.check_fits(len(inputs.train), f"{settings.data_root}: CIRR train split (Combiner)",
@@ -123,7 +112,7 @@ def _train_cirr(settings: CIRSettings, resume: bool, console, quiet: bool) -> di
              "adapter": settings.adapter.to_dict()}
     trainer = Trainer(module, settings.stage1, run_dir / STAGE1_DIR, inputs.train, inputs.collate,
                       console=console, quiet=quiet, extra_config=extra)
-    module.precision, validation.num_workers = trainer.precision, trainer.num_workers  # as resolved by the engine
+    validation.num_workers = trainer.num_workers  # as resolved by the engine
     if settings.cache_frozen:
         _enable_prefix_cache(module, inputs, trainer.device, info.enabled, console if not quiet else None)
     elif trainer.precision == "bf16":
@@ -131,7 +120,7 @@ def _train_cirr(settings: CIRSettings, resume: bool, console, quiet: bool) -> di
     stage1 = trainer.fit(resume=resumable(run_dir / STAGE1_DIR, resume))
     device, precision = trainer.device, trainer.precision
 
-    module.load_trainable_state_dict(load_best(run_dir / STAGE1_DIR))
+    trainer.restore_best()
     if main:
         save_adapters(model, run_dir / ADAPTER_DIR, arch=settings.arch,
                       extra={"pretrained": settings.pretrained, "task": "cir"})
@@ -159,17 +148,17 @@ def _train_cirr(settings: CIRSettings, resume: bool, console, quiet: bool) -> di
         train_split = encode_split(merged, backbone.tokenizer, inputs.train_gallery,
                                    [r["caption"] for r in inputs.train_records], device, precision,
                                    settings.eval_batch_size, trainer.num_workers)
-        train_feats = TripletFeatures.from_split(train_split, inputs.train_records)
+        train_feats, dropped = triplet_features(train_split, inputs.train_records)
         if not inputs.prepared:
-            results["dropped_triplets"]["train"] = train_feats.dropped  # stage 1's batches dropped them too
+            results["dropped_triplets"]["train"] = dropped  # stage 1's batches dropped them too
         if console is not None and not quiet:
             console.rule(f"stage 2: the Combiner on cached features of {len(train_feats)} triplets")
-        combiner = Combiner(train_feats.reference.shape[1])
+        combiner = Combiner(train_feats.tensors[0].shape[1])
         stage2_module = CIRStage2(combiner, validation, val_split.to("cpu"))
         trainer2 = Trainer(stage2_module, settings.stage2, run_dir / STAGE2_DIR, train_feats, console=console,
                            quiet=quiet, extra_config={"task": "cir-stage2", "adapter_fingerprint": None})
         stage2 = trainer2.fit(resume=resumable(run_dir / STAGE2_DIR, resume))
-        stage2_module.load_trainable_state_dict(load_best(run_dir / STAGE2_DIR))
+        trainer2.restore_best()
         combiner.eval()
         if main:
             save_combiner(combiner.cpu(), run_dir / COMBINER_FILE)
@@ -204,8 +193,8 @@ def evaluate_cirr_run(run_dir: str | Path, data_root: str | None = None, split: 
     root = data_root or settings.data_root
     transform = make_transform(preprocess_spec(model, settings.transform))
     triplets = CIRRTriplets(root, split, transform=transform)
-    validation = CIRRValidation.from_triplets(triplets, CIRRGallery(root, split, transform=transform),
-                                              settings.eval_batch_size)
+    validation = CIRRValidation(CIRRGallery(root, split, transform=transform), list(triplets.records),
+                                settings.eval_batch_size)
     feats = validation.encode(model, backbone.tokenizer, dev, resolve_precision("auto", dev))
     with torch.no_grad():
         if split != "test1":

@@ -15,24 +15,14 @@ from typing import Any
 from ...adapters import AdapterConfig, get_method
 from ...engine import TrainConfig
 from ...runs import has_record, read_record
-from ..settings import layered, method_of, read_config_file, with_new_keys
-
-
-def cir_defaults(method: str) -> tuple[AdapterConfig, TrainConfig, TrainConfig]:
-    """Adapter, stage-1 and stage-2 defaults for ``method`` (see the module docstring)."""
-    adapter = AdapterConfig(method=method, r=4, r_shared=4, alpha=get_method(method).default_alpha,
-                            targets=("q", "v"), layers=2)
-    if method == "full":
-        stage1 = TrainConfig(epochs=20, batch_size=128, lr=2e-6, weight_decay=0.01)
-    else:
-        stage1 = TrainConfig(epochs=20, batch_size=256, lr=1e-2, weight_decay=0.02)
-    stage2 = TrainConfig(epochs=20, batch_size=512, lr=2e-5, weight_decay=0.0, betas=(0.9, 0.999))
-    return adapter, stage1, stage2
+from ..settings import SettingsRecord, layered, method_of, read_config_file, with_new_keys
 
 
 @dataclass
-class CIRSettings:
+class CIRSettings(SettingsRecord):
     """Everything ``train_cirr`` needs; ``stage2=None`` skips the Combiner."""
+
+    TASK = "cir"
 
     data_root: str
     run_dir: str
@@ -50,43 +40,24 @@ class CIRSettings:
 
     @classmethod
     def with_defaults(cls, data_root: str, run_dir: str, method: str = "mora", **overrides: Any) -> "CIRSettings":
-        adapter, stage1, stage2 = cir_defaults(method)
+        """The recipe's defaults for ``method`` (see the module docstring), then ``overrides``."""
+        adapter = AdapterConfig(method=method, r=4, r_shared=4, alpha=get_method(method).default_alpha,
+                                targets=("q", "v"), layers=2)
+        if method == "full":
+            stage1 = TrainConfig(epochs=20, batch_size=128, lr=2e-6, weight_decay=0.01)
+        else:
+            stage1 = TrainConfig(epochs=20, batch_size=256, lr=1e-2, weight_decay=0.02)
+        stage2 = TrainConfig(epochs=20, batch_size=512, lr=2e-5, weight_decay=0.0, betas=(0.9, 0.999))
         return cls(data_root=data_root, run_dir=run_dir, adapter=adapter, stage1=stage1, stage2=stage2, **overrides)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "task": "cir",
-            "arch": self.arch,
-            "pretrained": self.pretrained,
-            "data_root": str(self.data_root),
-            "transform": self.transform,
-            "skip_bad_images": self.skip_bad_images,
-            "eval_batch_size": self.eval_batch_size,
-            "cache_frozen": self.cache_frozen,
-            "prepared": self.prepared,
-            "prepared_dir": self.prepared_dir,
-            "adapter": self.adapter.to_dict(),
-            "stage1": self.stage1.to_dict(),
-            "stage2": None if self.stage2 is None else self.stage2.to_dict(),
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], run_dir: str | None = None) -> "CIRSettings":
-        return cls(
-            data_root=data["data_root"],
-            run_dir=run_dir or data.get("run_dir", "."),
-            arch=data["arch"],
-            pretrained=data.get("pretrained"),
-            adapter=AdapterConfig.from_dict(data["adapter"]),
-            stage1=TrainConfig.from_dict(data["stage1"]),
-            stage2=None if data.get("stage2") is None else TrainConfig.from_dict(data["stage2"]),
-            transform=data.get("transform", "targetpad"),
-            skip_bad_images=data.get("skip_bad_images", False),
-            eval_batch_size=data.get("eval_batch_size", 256),
-            cache_frozen=data.get("cache_frozen", False),
-            prepared=data.get("prepared", True),
-            prepared_dir=data.get("prepared_dir"),
-        )
+    def __post_init__(self) -> None:
+        self.data_root = str(self.data_root)
+        if isinstance(self.adapter, dict):
+            self.adapter = AdapterConfig.from_dict(self.adapter)
+        if isinstance(self.stage1, dict):
+            self.stage1 = TrainConfig.from_dict(self.stage1)
+        if isinstance(self.stage2, dict):
+            self.stage2 = TrainConfig.from_dict(self.stage2)
 
 
 def build_settings(data_root: str, run_dir: str, method: str | None = None, config_file: str | Path | None = None,
@@ -96,7 +67,7 @@ def build_settings(data_root: str, run_dir: str, method: str | None = None, conf
     With ``resume`` and an existing run, the run's own config is the base instead of the defaults.
     ``{"no_combiner": True}`` (either layer) drops stage 2.
     """
-    config = read_config_file(config_file) if config_file is not None else {}
+    config = read_config_file(config_file)
     overrides = dict(overrides or {})
     if method is not None:
         overrides["adapter"] = {**overrides.get("adapter", {}), "method": method}

@@ -6,7 +6,7 @@ targets of the (per-process) batch as negatives. Reference and target images go 
 image tower in one batch.
 
 Stage 2 (Combiner): the merged encoders are frozen; the features of every triplet are computed
-once (:func:`encode_split`, :meth:`TripletFeatures.from_split`) and the Combiner trains on them with the same loss.
+once (:func:`encode_split`, :func:`triplet_features`) and the Combiner trains on them with the same loss.
 
 Validation (both stages) uses the CIRR metrics of :mod:`.metrics` on the val split
 (:class:`CIRRValidation`, also behind ``mora-ret eval cirr``): the gallery is encoded once per
@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
 from ...data.images import PreprocessSpec, normalize_uint8
 from ...engine.module import TrainModule
@@ -31,7 +31,7 @@ from ...model.combiner import Combiner
 from ...model.encode import collect, composed_query, encode_images, encode_texts, ordered_loader
 from ...model.bf16_prefix import Bf16Prefix
 from ...model.prefix_cache import FrozenPrefixCache
-from .inputs import PreparedGallery
+from .inputs import PreparedGallery, usable_positions
 from .metrics import cirr_rankings, cirr_recalls
 
 LOGIT_SCALE = 100.0
@@ -63,14 +63,6 @@ class SplitFeatures:
                             f"({len(missing)} such lookups)")
         return self.gallery[[index[name] for name in names]]
 
-    def keep_queries(self, records: Sequence[dict[str, Any]]) -> list[int]:
-        """Positions of the triplets whose reference and target (where known) were encoded:
-        with ``skip_bad_images`` an unreadable image is not in the gallery, nor is any query
-        that needs it."""
-        known = set(self.names)
-        return [i for i, r in enumerate(records)
-                if r["reference"] in known and r.get("target_hard", r["reference"]) in known]
-
 
 @torch.no_grad()
 def encode_split(model: nn.Module, tokenizer: Callable, gallery: Dataset, captions: Sequence[str],
@@ -101,18 +93,14 @@ class CIRRValidation:
     batch_size: int = 256
     num_workers: int = 0
 
-    @classmethod
-    def from_triplets(cls, triplets, gallery: Dataset, batch_size: int = 256, num_workers: int = 0) -> "CIRRValidation":
-        return cls(gallery, list(triplets.records), batch_size, num_workers)
-
     @property
     def reference_names(self) -> list[str]:
         return [r["reference"] for r in self.records]
 
     def usable(self, feats: SplitFeatures) -> tuple["CIRRValidation", SplitFeatures]:
         """This split without the queries whose images were skipped as unreadable (see
-        :meth:`SplitFeatures.keep_queries`), and their features; ``self`` when none was."""
-        keep = feats.keep_queries(self.records)
+        :func:`~.inputs.usable_positions`), and their features; ``self`` when none was."""
+        keep = usable_positions(self.records, set(feats.names))
         if len(keep) == len(self.records):
             return self, feats
         return (CIRRValidation(self.gallery, [self.records[i] for i in keep], self.batch_size, self.num_workers),
@@ -153,13 +141,12 @@ class CIRStage1(TrainModule):
     higher_is_better = True
 
     def __init__(self, model: nn.Module, tokenizer: Callable, validation: CIRRValidation | None,
-                 precision: str = "fp32", pixel_spec: PreprocessSpec | None = None):
+                 pixel_spec: PreprocessSpec | None = None):
         super().__init__()
         self.model = model
         self.pixel_spec = pixel_spec
         self.tokenizer = tokenizer
         self.validation = validation
-        self.precision = precision
         self.prefix_caches = None
         self._row_of: dict[str, int] | None = None
         self._read_pixels: torch.Tensor | None = None
@@ -248,31 +235,15 @@ class CIRStage1(TrainModule):
         return self.validation.metrics(self.validation.encode(self.model, self.tokenizer, device, self.precision))
 
 
-class TripletFeatures(Dataset):
-    """Cached stage-2 features: items ``{"reference", "text", "target"}`` (raw features)."""
-
-    def __init__(self, reference: torch.Tensor, text: torch.Tensor, target: torch.Tensor):
-        if not (len(reference) == len(text) == len(target)):
-            raise ValueError("feature tensors must have the same length")
-        self.reference, self.text, self.target = reference, text, target
-        self.dropped = 0  # triplets left out because an image was unreadable
-
-    def __len__(self) -> int:
-        return len(self.reference)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"reference": self.reference[i], "text": self.text[i], "target": self.target[i]}
-
-    @classmethod
-    def from_split(cls, feats: SplitFeatures, records: Sequence[dict[str, Any]]) -> "TripletFeatures":
-        """Per-triplet features (on the CPU) of ``encode_split(..., [r["caption"] for r in records])``;
-        triplets whose images were skipped as unreadable are left out (``dropped`` counts them)."""
-        keep = feats.keep_queries(records)
-        kept = [records[i] for i in keep]
-        out = cls(feats.of([r["reference"] for r in kept]).cpu(), feats.text[keep].cpu(),
-                  feats.of([r["target_hard"] for r in kept]).cpu())
-        out.dropped = len(records) - len(kept)
-        return out
+def triplet_features(feats: SplitFeatures, records: Sequence[dict[str, Any]]) -> tuple[TensorDataset, int]:
+    """Stage 2's training set: the raw ``(reference, text, target)`` features (on the CPU) of every triplet of
+    ``encode_split(..., [r["caption"] for r in records])``; and how many triplets were left out because
+    an image was skipped as unreadable."""
+    keep = usable_positions(records, set(feats.names))
+    kept = [records[i] for i in keep]
+    data = TensorDataset(feats.of([r["reference"] for r in kept]).cpu(), feats.text[keep].cpu(),
+                         feats.of([r["target_hard"] for r in kept]).cpu())
+    return data, len(records) - len(kept)
 
 
 class CIRStage2(TrainModule):
@@ -288,9 +259,10 @@ class CIRStage2(TrainModule):
         self.validation = validation
         self.val_split = val_split
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        query = self.combiner(batch["reference"], batch["text"])
-        return contrastive_loss(query, batch["target"])
+    def forward(self, batch: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The loss of a batch of :func:`triplet_features`: ``(reference, text, target)``."""
+        reference, text, target = batch
+        return contrastive_loss(self.combiner(reference, text), target)
 
     def evaluate(self, device: torch.device) -> dict[str, float]:
         if self.validation is None or self.val_split is None:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from ...data.collate import CaptionCollate
 from ...engine.module import TrainModule
 from ...model.encode import collect, ordered_loader
 from ...model.heads import CLIPClassifier
@@ -41,28 +42,22 @@ def classification_loss(task: str, logits: torch.Tensor, targets: torch.Tensor) 
     return F.cross_entropy(logits, targets.long())
 
 
-class ClassifyCollate:
-    """Batch items ``{image, text, label, index[, missing]}`` into tensors, tokenising the texts.
+class ClassifyCollate(CaptionCollate):
+    """Batch items ``{image, text, label, index[, missing]}``, tokenising the texts.
 
     Items that a dataset skipped (``None``, bad images) are dropped. Output keys: ``image``
-    ``[B, 3, H, W]``, ``tokens`` ``[B, L]``, ``label``, ``index`` and ``missing`` (0 when the
-    dataset has no missing-modality codes).
+    ``[B, 3, H, W]``, ``text``, ``tokens`` ``[B, L]``, ``label``, ``index`` and ``missing`` (0 when
+    the dataset has no missing-modality codes).
     """
 
     def __init__(self, tokenizer: Callable[[list[str]], torch.Tensor]) -> None:
-        self.tokenizer = tokenizer
+        super().__init__(tokenizer, field="text")
 
-    def __call__(self, items: Sequence[dict[str, Any] | None]) -> dict[str, torch.Tensor]:
-        items = [item for item in items if item is not None]
+    def __call__(self, items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+        items = [{"missing": 0, **item} for item in items if item is not None]
         if not items:
             raise ValueError("every item of the batch was skipped")
-        return {
-            "image": torch.stack([item["image"] for item in items]),
-            "tokens": self.tokenizer([item["text"] for item in items]),
-            "label": torch.stack([torch.as_tensor(item["label"]) for item in items]),
-            "index": torch.tensor([int(item["index"]) for item in items], dtype=torch.long),
-            "missing": torch.tensor([int(item.get("missing", 0)) for item in items], dtype=torch.long),
-        }
+        return super().__call__(items)
 
 
 def predict_logits(classifier: CLIPClassifier, loader: DataLoader, device: torch.device | str,
@@ -95,18 +90,14 @@ class ClassifyModule(TrainModule):
     higher_is_better = True
 
     def __init__(self, classifier: CLIPClassifier, task: str, val_dataset: Dataset, collate: ClassifyCollate,
-                 eval_batch_size: int = 256, num_workers: int = 0, precision: str = "fp32") -> None:
+                 eval_batch_size: int = 256) -> None:
         super().__init__()
-        if task not in TASKS:
-            raise ValueError(f"unknown classification task {task!r}")
         self.classifier = classifier
         self.task = task
         self.main_metric = MAIN_METRIC[task]
         self.val_dataset = val_dataset
         self.collate = collate
         self.eval_batch_size = eval_batch_size
-        self.num_workers = num_workers
-        self.precision = precision
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = self.classifier(batch["image"], batch["tokens"], batch.get("missing"))

@@ -57,8 +57,9 @@ def load_run_classifier(run_dir: str | os.PathLike, device: str | torch.device =
     head, meta = load_head(head_path)
     backbone = run.load_model()
     dim = embed_dim(backbone.model)
-    if head.in_dim != 2 * dim:
-        raise TrainingError(f"{head_path}: head takes {head.in_dim} features but {run.arch} gives {2 * dim}")
+    if head.linear.in_features != 2 * dim:
+        raise TrainingError(f"{head_path}: head takes {head.linear.in_features} features but {run.arch} gives "
+                            f"{2 * dim}")
     settings = ClassifySettings.from_dict(record)
     classifier = CLIPClassifier(backbone.model, head, meta.get("features") or settings.features).to(device).eval()
     return TrainedClassifier(classifier, settings, backbone.preprocess, backbone.tokenizer, record["dataset_task"],

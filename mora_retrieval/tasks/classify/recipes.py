@@ -38,7 +38,7 @@ import torch
 from ...adapters import add_adapters, export_checkpoint, get_method, merge_adapters, save_adapters, trainable_share
 from ...data.missing import MissingSpec
 from ...device import resolve_device, resolve_num_workers, resolve_precision
-from ...engine import TrainConfig, Trainer, load_best
+from ...engine import TrainConfig, Trainer
 from ...engine.distributed import detect
 from ...errors import TrainingError
 from ...fileio import atomic_write, read_json
@@ -50,7 +50,7 @@ from ...runs import (ADAPTER_DIR, EVAL_DIR, HEAD_FILE, MERGED_FILE, RESULTS_FILE
 from .metrics import MAIN_METRIC, majority_baseline
 from .model import ClassifyCollate, ClassifyModule, evaluate_classifier, head_outputs
 from .predict import load_run_classifier
-from .settings import ClassifySettings, default_adapter_config, scenario_data
+from .settings import ClassifySettings, scenario_data
 
 
 def _missing_counts(dataset: Any) -> dict[str, int]:
@@ -85,15 +85,11 @@ def train_classifier(settings: ClassifySettings, train_config: TrainConfig, run_
     shares = trainable_share(classifier.clip, classifier.head)
     trainer = Trainer(module, train_config, run_dir, train_set, collate_fn=collate, console=console,
                       extra_config=settings.training_record(), quiet=quiet)
-    module.precision, module.num_workers = trainer.precision, trainer.num_workers  # as resolved by the engine
     fit = trainer.fit(resume=resume)
     if not detect().is_main:
         return None
     device = trainer.device
-    if fit.best_checkpoint is not None:
-        module.load_trainable_state_dict(load_best(run_dir))
-    elif console is not None and not quiet:
-        console.print("[yellow]no epoch had a finite validation metric; keeping the last weights[/]")
+    trainer.restore_best()
     module.to("cpu")
     save_adapters(classifier.clip, run_dir / ADAPTER_DIR, arch=settings.arch,
                   extra={"pretrained": settings.pretrained, "task": "classify", "dataset": settings.dataset})
@@ -113,18 +109,9 @@ def train_classifier(settings: ClassifySettings, train_config: TrainConfig, run_
         bar.start(len(test_set))
         test = evaluate_classifier(classifier, probe.task, test_set, collate, device, settings.eval_batch_size,
                                    trainer.num_workers, trainer.precision, bar.advance)
-    metric = MAIN_METRIC[probe.task]
     results = {
-        "task": "classify",
-        "dataset": settings.dataset,
-        "method": settings.adapter.method,
-        "arch": settings.arch,
-        "pretrained": settings.pretrained,
-        "scenario": scen,
-        "metric": metric,
-        "test_metric": test[metric],
-        "test": test,
-        "evaluated_on": "merged" if mergeable else "unmerged",
+        **_test_result(settings, probe.task, test, "merged" if mergeable else "unmerged", arch=settings.arch,
+                       pretrained=settings.pretrained, scenario=scen),
         "best_epoch": fit.best_epoch,
         "best_val_metric": fit.best_metric,
         "epochs_run": len(fit.history),
@@ -137,6 +124,14 @@ def train_classifier(settings: ClassifySettings, train_config: TrainConfig, run_
     }
     write_results(run_dir / RESULTS_FILE, results)
     return results
+
+
+def _test_result(settings: ClassifySettings, task: str, metrics: dict[str, float], evaluated_on: str,
+                 **where: Any) -> dict[str, Any]:
+    """What ``results.json`` and ``eval/…json`` share: the run, ``where`` it was tested, the metrics."""
+    metric = MAIN_METRIC[task]
+    return {"task": "classify", "dataset": settings.dataset, "method": settings.adapter.method, **where,
+            "metric": metric, "test_metric": metrics[metric], "test": metrics, "evaluated_on": evaluated_on}
 
 
 def _labels(dataset: Any) -> torch.Tensor:
@@ -166,11 +161,9 @@ def evaluate_run(run_dir: str | os.PathLike, test_missing: str | None = None, da
         metrics = evaluate_classifier(trained.classifier, trained.task, dataset, ClassifyCollate(trained.tokenizer),
                                       dev, batch_size or settings.eval_batch_size,
                                       resolve_num_workers(num_workers, dev), resolve_precision("auto", dev), bar.advance)
-    metric = MAIN_METRIC[trained.task]
-    result = {"task": "classify", "dataset": settings.dataset, "method": settings.adapter.method,
-              "split": split, "scenario": {"train": settings.scenarios["train"], "test": scenario},
-              "metric": metric, "test_metric": metrics[metric], "test": metrics,
-              "evaluated_on": trained.evaluated_on, "samples": len(dataset), "missing_counts": _missing_counts(dataset)}
+    result = {**_test_result(settings, trained.task, metrics, trained.evaluated_on, split=split,
+                             scenario={"train": settings.scenarios["train"], "test": scenario}),
+              "samples": len(dataset), "missing_counts": _missing_counts(dataset)}
     write_results(Path(run_dir) / EVAL_DIR / f"{split}-{scenario.replace(':', '_')}.json", result)
     return result
 
@@ -181,18 +174,6 @@ GRID_TYPES = ("text", "image", "both")
 GRID_RATIOS = (0.5, 0.7, 0.9)
 
 
-def grid_cell_dir(out_dir: Path, kind: str, ratio: float, method: str | None = None) -> Path:
-    """A grid cell's run folder: ``<type>-<ratio>``, under ``<method>/`` in a grid over methods."""
-    out_dir = Path(out_dir) if method is None else Path(out_dir) / method
-    return out_dir / f"{kind}-{ratio:g}"
-
-
-def method_settings(settings: ClassifySettings, method: str, **overrides: Any) -> ClassifySettings:
-    """``settings`` with the adapter of ``method``: the dataset's defaults for it, then ``overrides``
-    (AdapterConfig fields; ``None`` values are ignored)."""
-    return replace(settings, adapter=default_adapter_config(settings.dataset, method, **overrides))
-
-
 def run_grid(settings: ClassifySettings, train_config: TrainConfig, out_dir: str | os.PathLike,
              ratios: tuple[float, ...] = GRID_RATIOS, types: tuple[str, ...] = GRID_TYPES, resume: bool = False,
              console: Any = None, quiet: bool = False,
@@ -201,13 +182,13 @@ def run_grid(settings: ClassifySettings, train_config: TrainConfig, out_dir: str
 
     Without ``methods``, the cells use ``settings`` and live in ``out_dir/<type>-<ratio>`` (one
     method's row of Table 1). ``methods`` (the Table 1 / Table 4 shape) gives one settings per
-    method (e.g. :func:`method_settings`); every method gets a cell per scenario in
+    method (the CLI builds each as a run of its own would be); every method gets a cell per scenario in
     ``out_dir/<method>/<type>-<ratio>``. Cells whose ``results.json`` exists are reused (a cell
     holding another method's run is refused); with ``resume`` an interrupted cell is continued.
     Writes ``grid.md`` and ``grid.csv`` in ``out_dir`` and returns the rows.
     """
     out_dir = Path(out_dir)
-    plan = [(None, settings)] if not methods else [(m.adapter.method, m) for m in methods]
+    plan = [(out_dir, settings)] if not methods else [(out_dir / m.adapter.method, m) for m in methods]
     names = [base.adapter.method for _, base in plan]
     if len(set(names)) != len(names):
         raise TrainingError(f"the grid repeats a method: {', '.join(names)}")
@@ -217,7 +198,7 @@ def run_grid(settings: ClassifySettings, train_config: TrainConfig, out_dir: str
         for kind in types:
             for ratio in ratios:
                 scenario = f"{kind}:{ratio:g}"
-                cell = grid_cell_dir(out_dir, kind, ratio, folder)
+                cell = folder / f"{kind}-{ratio:g}"
                 done = cell / RESULTS_FILE
                 if done.is_file():
                     result = read_json(done, "results file", error=TrainingError)
@@ -227,7 +208,7 @@ def run_grid(settings: ClassifySettings, train_config: TrainConfig, out_dir: str
                 else:
                     if console is not None and not quiet:
                         console.rule(f"{base.dataset} · {name}: train = test = {scenario}")
-                    cell_settings = base.with_scenarios(missing=scenario, val_missing=None, test_missing=scenario)
+                    cell_settings = replace(base, missing=scenario, val_missing=None, test_missing=scenario)
                     result = train_classifier(cell_settings, train_config, cell, resume=resumable(cell, resume),
                                               console=console, quiet=quiet)
                     if result is None:  # a non-zero rank under torchrun

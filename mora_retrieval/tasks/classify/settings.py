@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import MISSING, asdict, dataclass, fields, replace
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from ...engine import TrainConfig
 from ...errors import TrainingError
 from ...model.heads import FEATURE_MODES
 from ...runs import CONFIG_FILE, read_record
-from ..settings import layered, method_of, read_config_file
+from ..settings import SettingsRecord, layered, method_of, read_config_file
 
 
 @dataclass(frozen=True)
@@ -96,12 +96,14 @@ def default_missing_store(data_root: str | os.PathLike, dataset: str) -> Path:
 
 
 @dataclass
-class ClassifySettings:
+class ClassifySettings(SettingsRecord):
     """Everything that defines a classification run besides the optimiser (``TrainConfig``).
 
     ``adapter=None`` takes the dataset's defaults; ``missing_store=None`` the default store of
     the data root, decided by :meth:`store` when the data is read.
     """
+
+    NOT_RECORDED = ()
 
     dataset: str
     data_root: str
@@ -168,17 +170,6 @@ class ClassifySettings:
                 "missing_store": str(self.store()), "features": self.features,
                 "skip_bad_images": self.skip_bad_images}
 
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "adapter": self.adapter.to_dict()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ClassifySettings":
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    def with_scenarios(self, **kw: str | None) -> "ClassifySettings":
-        return replace(self, **kw)
-
 
 def build_settings(dataset: str | None, data_root: str | None, config_file: str | os.PathLike | None = None,
                    overrides: dict[str, Any] | None = None) -> tuple[ClassifySettings, TrainConfig]:
@@ -187,7 +178,7 @@ def build_settings(dataset: str | None, data_root: str | None, config_file: str 
     Keys are those of :meth:`ClassifySettings.to_dict` plus ``train`` (a :class:`TrainConfig`);
     the dataset and the data root come from the arguments, else from the config file.
     """
-    config = read_config_file(config_file) if config_file is not None else {}
+    config = read_config_file(config_file)
     dataset = dataset or config.get("dataset")
     if dataset is None:
         raise TrainingError("give the dataset (e.g. mora-ret classify food101 --data-root DIR)")

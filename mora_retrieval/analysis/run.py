@@ -17,12 +17,13 @@ import torch
 from ..device import resolve_device
 from ..errors import MoraError
 from ..fileio import write_json
+from ..model.backbone import weights_fingerprint
 from ..report import write_report
 from .drift import embedding_drift
 from .figures import ScatterPanel, plot_scatter_grid, plot_spectra
 from .gap import modality_gap
 from .intermodal import inter_modal_distance
-from .runs import adapted_encoder, image_transform, original_encoder, read_run, run_samples
+from .runs import DEFAULT_SPLIT, adapted_encoder, image_transform, original_encoder, read_run, run_samples
 from .samples import Embeddings, PairedSamples, encode_samples, spread_indices
 from .section import analysis_section
 from .spectra import read_adapter_layout, read_shared_factors, slot_spectra
@@ -123,26 +124,26 @@ def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None, config: 
     config = config or AnalyzeConfig()
     config.validate()
     info = read_run(run_dir)
-    split = config.split or info.default_split
+    split = config.split or DEFAULT_SPLIT[info.task]
     samples = run_samples(info, split, config.data_root)
     total = len(samples)
     samples = samples.select(spread_indices(total, config.max_samples))
-    out = Path(out_dir) if out_dir is not None else info.run_dir / "analysis"
+    run = info.run
+    out = Path(out_dir) if out_dir is not None else run.path / "analysis"
     if out.exists() and not out.is_dir():
         raise MoraError(f"{out}: exists and is not a folder (--out must be a folder)")
     device = str(resolve_device(config.device))
-    encoders = {"adapted": adapted_encoder(info, device), "original": original_encoder(info, device)}
+    models = {"adapted": adapted_encoder(info, device), "original": original_encoder(info, device)}
     _say(console, f"encoding {len(samples)} {split} samples ({len(samples.image_paths)} images) with the adapted and "
                   f"the original model on {device}")
-    samples, embeddings = encode_samples(encoders, samples, image_transform(info, encoders["adapted"]),
+    samples, embeddings = encode_samples(models, samples, image_transform(info, models["adapted"]),
                                          config.batch_size, config.num_workers, info.skip_bad_images)
     data: dict[str, Any] = {
         "format": FORMAT, "format_version": 1,
-        "run": str(info.run_dir.resolve()), "task": info.task, "dataset": info.dataset, "method": info.method,
-        "arch": info.arch, "pretrained": info.pretrained, "split": split,
-        "original": {"arch": info.arch, "pretrained": info.pretrained,
-                     "seed": None if info.pretrained else info.seed,
-                     "fingerprint": encoders["original"].fingerprint},
+        "run": str(run.path.resolve()), "task": info.task, "dataset": info.dataset, "method": info.method,
+        "arch": run.arch, "pretrained": run.pretrained, "split": split,
+        "original": {"arch": run.arch, "pretrained": run.pretrained, "seed": None if run.pretrained else run.seed,
+                     "fingerprint": weights_fingerprint(models["original"].model)},
         "samples": {"available": total, "pairs": len(samples), "images": len(samples.image_paths),
                     "categories": None if samples.labels is None else len(samples.class_names),
                     "complete": True},
@@ -154,7 +155,7 @@ def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None, config: 
         data["notes"].append("No inter-modal distance per category: CIRR has no categories, and its captions are "
                              "modification instructions, not descriptions of the reference image. The modality gap "
                              "is the whole-set counterpart.")
-    spectra = _spectra(info, encoders["original"].model, data)
+    spectra = _spectra(info, models["original"].model, data)
     panels = _tsne(samples, embeddings, config.tsne_seed, data, console)
     out.mkdir(parents=True, exist_ok=True)
     figures: dict[str, Path] = {}
@@ -166,7 +167,7 @@ def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None, config: 
     data["figures"] = {name: path.name for name, path in figures.items()}
     write_json(out / JSON_FILE, data)
     result = AnalysisResult(data=data, out_dir=out, files={"json": out / JSON_FILE, **figures})
-    result.files["html"] = write_report(out / HTML_FILE, f"Analysis of {info.run_dir.name}", [result.section()])
+    result.files["html"] = write_report(out / HTML_FILE, f"Analysis of {run.path.name}", [result.section()])
     return result
 
 
@@ -175,7 +176,7 @@ def _checked(compute, info, *args):
     try:
         return compute(*args)
     except ValueError as exc:
-        raise MoraError(f"{info.run_dir}: cannot analyse its embeddings ({exc})") from None
+        raise MoraError(f"{info.run.path}: cannot analyse its embeddings ({exc})") from None
 
 
 def _spectra(info, original_model: Any, data: dict[str, Any]) -> list:

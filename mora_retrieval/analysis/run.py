@@ -7,7 +7,7 @@ Output folder (default ``<run>/analysis``): ``analysis.json`` (every number, see
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import torch
 
 from ..device import resolve_device
 from ..errors import MoraError
-from ..fileio import write_json
+from ..fileio import check_can_create, write_json
 from ..model.backbone import weights_fingerprint
 from ..report import write_report
 from .drift import embedding_drift
@@ -48,7 +48,8 @@ class AnalyzeConfig:
 
     def validate(self) -> None:
         if self.max_samples is not None and self.max_samples < MIN_POINTS:
-            raise MoraError(f"--max-samples must be at least {MIN_POINTS} (t-SNE needs that many), got {self.max_samples}")
+            raise MoraError(f"--max-samples must be at least {MIN_POINTS} (t-SNE needs that many), "
+                            f"got {self.max_samples}")
         if self.batch_size < 1:
             raise MoraError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.num_workers < 0:
@@ -76,15 +77,15 @@ def geometry(samples: PairedSamples, embeddings: dict[str, Embeddings]) -> dict[
     out: dict[str, Any] = {"inter_modal": None, "modality_gap": {}, "drift": {}}
     if samples.labels is not None:
         out["inter_modal"] = {
-            name: {variant: inter_modal_distance(emb.paired_image(samples), emb.text, samples.labels,
-                                                 normalize=variant == "normalized").to_json()
+            name: {variant: asdict(inter_modal_distance(emb.paired_image(samples), emb.text, samples.labels,
+                                                        normalize=variant == "normalized"))
                    for variant in ("raw", "normalized")}
             for name, emb in ((m, embeddings[m]) for m in MODELS)
         }
     out["modality_gap"] = {m: modality_gap(embeddings[m].image, embeddings[m].text) for m in MODELS}
     adapted, original = embeddings["adapted"], embeddings["original"]
-    out["drift"] = {"vision": embedding_drift(adapted.image, original.image).to_json(),
-                    "text": embedding_drift(adapted.text, original.text).to_json()}
+    out["drift"] = {"vision": asdict(embedding_drift(adapted.image, original.image)),
+                    "text": asdict(embedding_drift(adapted.text, original.text))}
     return out
 
 
@@ -98,20 +99,17 @@ def tsne_groups(samples: PairedSamples) -> np.ndarray:
 
 
 def _tsne_panels(samples: PairedSamples, embeddings: dict[str, Embeddings], seed: int):
+    """Each tower coloured by class; without classes, the images and captions of each model together."""
     if samples.labels is not None:
-        groups, names = tsne_groups(samples), samples.class_names
-        rows = []
-        for tower, attr in (("image", "image"), ("text", "text")):
-            rows.append([ScatterPanel(f"{model}: {tower} embeddings", tsne_2d(getattr(embeddings[model], attr), seed),
-                                      groups, names) for model in MODELS])
-        return rows, "class"
+        groups = tsne_groups(samples)
+        return [[ScatterPanel(f"{model}: {tower} embeddings", tsne_2d(getattr(embeddings[model], tower), seed), groups,
+                              samples.class_names) for model in MODELS] for tower in ("image", "text")], "class"
     row = []
     for model in MODELS:
         emb = embeddings[model]
-        joint = torch.cat([emb.image, emb.text])
-        groups = np.r_[np.zeros(len(emb.image), dtype=np.int64), np.ones(len(emb.text), dtype=np.int64)]
-        row.append(ScatterPanel(f"{model}: images and captions", tsne_2d(joint, seed), groups,
-                                ["reference image", "caption"]))
+        groups = np.repeat(np.array([0, 1], dtype=np.int64), [len(emb.image), len(emb.text)])
+        row.append(ScatterPanel(f"{model}: images and captions", tsne_2d(torch.cat([emb.image, emb.text]), seed),
+                                groups, ["reference image", "caption"]))
     return [row], "modality"
 
 
@@ -129,9 +127,7 @@ def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None, config: 
     total = len(samples)
     samples = samples.select(spread_indices(total, config.max_samples))
     run = info.run
-    out = Path(out_dir) if out_dir is not None else run.path / "analysis"
-    if out.exists() and not out.is_dir():
-        raise MoraError(f"{out}: exists and is not a folder (--out must be a folder)")
+    out = check_can_create(out_dir if out_dir is not None else run.path / "analysis", "folder for --out")
     device = str(resolve_device(config.device))
     models = {"adapted": adapted_encoder(info, device), "original": original_encoder(info, device)}
     _say(console, f"encoding {len(samples)} {split} samples ({len(samples.image_paths)} images) with the adapted and "
@@ -185,7 +181,7 @@ def _spectra(info, original_model: Any, data: dict[str, Any]) -> list:
     factors = read_shared_factors(info.adapter_dir)
     spectra = _checked(slot_spectra, info, factors, original_model, layout) if factors else []
     data["spectra"] = {"available": bool(spectra), "method": layout.method, "targets": list(layout.targets),
-                       "slots": [s.to_json() for s in spectra]}
+                       "slots": [asdict(s) for s in spectra]}
     if not spectra:
         data["notes"].append(f"No Gram spectra: method '{layout.method}' has no shared part (only MoRA and its "
                              "ablations have shared factors S_v, S_t).")

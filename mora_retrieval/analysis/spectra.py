@@ -17,15 +17,15 @@ the adapter folder's ``adapter.safetensors`` under their public names ``shared.{
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..adapters.io import CONFIG_FILE as ADAPTER_CONFIG_FILE, WEIGHTS_FILE as ADAPTER_WEIGHTS_FILE
+from ..adapters.io import CONFIG_FILE as ADAPTER_CONFIG_FILE, WEIGHTS_FILE as ADAPTER_WEIGHTS_FILE, read_adapter_config
 from ..errors import AdapterError
-from ..fileio import load_tensors, read_json
+from ..fileio import load_tensors
 
 _SHARED_NAME = re.compile(r"^shared\.(?P<slot>[^.]+)\.(?P<tower>vision|text)$")
 _QKV = ("q", "k", "v")
@@ -42,11 +42,10 @@ class AdapterLayout:
 
 def read_adapter_layout(adapter_dir: str | Path) -> AdapterLayout:
     """Method, targets and the ``[vision block, text block]`` of every slot from ``adapter_config.json``."""
-    path = Path(adapter_dir) / ADAPTER_CONFIG_FILE
-    meta = read_json(path, "adapter config", error=AdapterError)
-    adapter = meta.get("adapter") if isinstance(meta, dict) else None
+    meta = read_adapter_config(adapter_dir)  # the toolkit's adapter format, else one line
+    adapter = meta["adapter"]
     if not isinstance(adapter, dict) or "method" not in adapter:
-        raise AdapterError(f"{path}: not a mora-retrieval adapter config (no 'adapter' settings)")
+        raise AdapterError(f"{Path(adapter_dir) / ADAPTER_CONFIG_FILE}: no adapter method recorded")
     slots = [(pair[0], pair[1]) for pair in meta.get("slots") or []]
     return AdapterLayout(str(adapter["method"]), tuple(adapter.get("targets") or ()), slots)
 
@@ -109,9 +108,6 @@ class SlotSpectra:
     gram_vision: list[float]
     gram_text: list[float]
     pretrained: dict[str, list[float]]
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def slot_spectra(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], original_model: Any,

@@ -104,7 +104,7 @@ def run_samples(info: AnalysisRun, split: str, data_root: str | None = None) -> 
             raise DataError(f"{root}: the {split} split of {info.dataset} is empty")
         labels = torch.stack([data.label_tensor(i) for i in range(len(data))])
         return PairedSamples([Path(p) for p in data.paths], list(data.texts), list(range(len(data))), labels,
-                             list(data.class_names), data.task)
+                             list(data.class_names))
     triplets = CIRRTriplets(root, split)
     if not triplets.records:
         raise DataError(f"{root}: the CIRR {split} split has no triplets")

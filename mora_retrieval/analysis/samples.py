@@ -34,7 +34,6 @@ class PairedSamples:
     pair_image: list[int]
     labels: torch.Tensor | None = None
     class_names: list[str] = field(default_factory=list)
-    task: str | None = None
 
     def __post_init__(self) -> None:
         if len(self.texts) != len(self.pair_image):

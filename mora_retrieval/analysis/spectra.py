@@ -23,12 +23,12 @@ from typing import Any
 
 import torch
 
+from ..adapters.inject import QKV, towers
 from ..adapters.io import CONFIG_FILE as ADAPTER_CONFIG_FILE, WEIGHTS_FILE as ADAPTER_WEIGHTS_FILE, read_adapter_config
 from ..errors import AdapterError
 from ..fileio import load_tensors
 
 _SHARED_NAME = re.compile(r"^shared\.(?P<slot>[^.]+)\.(?P<tower>vision|text)$")
-_QKV = ("q", "k", "v")
 
 
 @dataclass(frozen=True)
@@ -89,13 +89,10 @@ def singular_spectrum(weight: Any, top: int) -> torch.Tensor:
 
 def projection_weight(model: Any, tower: str, block: int, projection: str) -> torch.Tensor:
     """``W0`` of one attention projection of an open_clip model (``tower`` is ``visual`` or ``text``)."""
-    transformer = model.visual.transformer if tower == "visual" else model.transformer
-    attn = transformer.resblocks[block].attn
+    attn = towers(model)[tower].resblocks[block].attn
     if projection == "out":
         return attn.out_proj.weight.detach()
-    d = attn.out_proj.weight.shape[1]
-    start = _QKV.index(projection) * d
-    return attn.in_proj_weight.detach()[start:start + d]
+    return attn.in_proj_weight.detach().chunk(3)[QKV.index(projection)]  # rows: q, k, v
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import torch
 
 from ..adapters import get_method
 from ..adapters.io import CONFIG_FILE as ADAPTER_CONFIG_FILE
-from ..data.cirr import CIRRTriplets
+from ..data.cirr import CIRR_SPLITS, CIRRTriplets
 from ..data.images import make_transform, preprocess_spec
 from ..data.registry import get_classification_dataset
 from ..errors import DataError, TrainingError
@@ -37,7 +37,7 @@ from ..tasks.classify.settings import ClassifySettings, read_run_config
 from .samples import PairedSamples
 
 CLASSIFY, CIR = "classify", "cir"
-SPLITS = {CLASSIFY: ("train", "val", "test"), CIR: ("train", "val", "test1")}
+SPLITS = {CLASSIFY: ("train", "val", "test"), CIR: CIRR_SPLITS}
 DEFAULT_SPLIT = {CLASSIFY: "test", CIR: "val"}
 
 

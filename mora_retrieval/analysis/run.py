@@ -22,7 +22,7 @@ from ..report import write_report
 from .drift import embedding_drift
 from .figures import ScatterPanel, plot_scatter_grid, plot_spectra
 from .gap import modality_gap
-from .intermodal import inter_modal_distance
+from .intermodal import category_members, inter_modal_distance
 from .runs import DEFAULT_SPLIT, adapted_encoder, image_transform, original_encoder, read_run, run_samples
 from .samples import Embeddings, PairedSamples, encode_samples, spread_indices
 from .section import analysis_section
@@ -91,11 +91,8 @@ def geometry(samples: PairedSamples, embeddings: dict[str, Embeddings]) -> dict[
 
 def tsne_groups(samples: PairedSamples) -> np.ndarray:
     """The class of each sample for colouring: its index; multilabel: the first label (−1: none)."""
-    labels = samples.labels.cpu()
-    if labels.ndim == 1:
-        return labels.long().numpy()
-    positive = labels > 0.5
-    return np.where(positive.any(dim=1).numpy(), positive.float().argmax(dim=1).numpy(), -1)
+    members = category_members(samples.labels).numpy()
+    return np.where(members.any(axis=1), members.argmax(axis=1), -1)
 
 
 def _tsne_panels(samples: PairedSamples, embeddings: dict[str, Embeddings], seed: int):

@@ -27,6 +27,7 @@ from ..adapters.inject import QKV, towers
 from ..adapters.io import CONFIG_FILE as ADAPTER_CONFIG_FILE, WEIGHTS_FILE as ADAPTER_WEIGHTS_FILE, read_adapter_config
 from ..errors import AdapterError
 from ..fileio import load_tensors
+from .vectors import as_matrix
 
 _SHARED_NAME = re.compile(r"^shared\.(?P<slot>[^.]+)\.(?P<tower>vision|text)$")
 
@@ -67,9 +68,7 @@ def read_shared_factors(adapter_dir: str | Path) -> dict[str, tuple[torch.Tensor
 
 def gram_spectrum(factor: Any) -> torch.Tensor:
     """Eigenvalues of ``S Sᵀ`` (descending), normalised to sum to 1; ``factor`` is ``S [r_s, d]``."""
-    s = torch.as_tensor(factor).detach().to("cpu", torch.float64)
-    if s.ndim != 2:
-        raise ValueError(f"shared factor: expected [r_s, d], got shape {tuple(s.shape)}")
+    s = as_matrix(factor, "shared factor")
     eigenvalues = torch.linalg.eigvalsh(s @ s.T).flip(0).clamp_min(0.0)  # PSD: round-off below 0 is 0
     total = eigenvalues.sum()
     if total <= 0:
@@ -79,8 +78,7 @@ def gram_spectrum(factor: Any) -> torch.Tensor:
 
 def singular_spectrum(weight: Any, top: int) -> torch.Tensor:
     """The ``top`` largest singular values of ``weight``, each divided by the sum of all of them."""
-    w = torch.as_tensor(weight).detach().to("cpu", torch.float64)
-    values = torch.linalg.svdvals(w)
+    values = torch.linalg.svdvals(as_matrix(weight, "weight"))
     total = values.sum()
     if total <= 0:
         raise ValueError("weight is zero: no singular spectrum")

@@ -82,7 +82,9 @@ def test_base_weights_are_redrawn_from_the_seed_and_checked(tmp_path):
     assert base.state_dict().keys() == original.keys()
     assert all(torch.equal(tensor, original[name]) for name, tensor in base.state_dict().items())
     merged = merge_adapters(drawn).state_dict()  # only adapter/ kept: merged onto the re-drawn base
-    loaded = FinishedRun.open(tmp_path).load_model().model.state_dict()
+    model = FinishedRun.open(tmp_path).load_model().model
+    loaded = model.state_dict()
+    assert not model.training
     assert any(not torch.equal(merged[name], original[name]) for name in original)
     assert all(torch.equal(tensor, merged[name]) for name, tensor in loaded.items())
     write_record(tmp_path, {"task": "cir", "arch": "mora-tiny", "pretrained": None, "stage1": {"seed": 8}})

@@ -46,7 +46,8 @@ def read_adapter_layout(adapter_dir: str | Path) -> AdapterLayout:
     meta = read_adapter_config(adapter_dir)  # the toolkit's adapter format, else one line
     adapter = meta["adapter"]
     if not isinstance(adapter, dict) or "method" not in adapter:
-        raise AdapterError(f"{Path(adapter_dir) / ADAPTER_CONFIG_FILE}: no adapter method recorded")
+        raise AdapterError(f"{Path(adapter_dir) / ADAPTER_CONFIG_FILE}: not a mora-retrieval adapter config "
+                           "(no adapter method)")
     slots = [(pair[0], pair[1]) for pair in meta.get("slots") or []]
     return AdapterLayout(str(adapter["method"]), tuple(adapter.get("targets") or ()), slots)
 

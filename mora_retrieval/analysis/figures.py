@@ -75,13 +75,9 @@ def plot_scatter_grid(panels: Sequence[Sequence[ScatterPanel]], path: str | Path
         for c, panel in enumerate(row):
             ax = axes[r][c]
             groups = np.asarray(panel.groups)
-            none = groups < 0
-            if none.any():
-                ax.scatter(panel.points[none, 0], panel.points[none, 1], s=8, color="lightgrey")
-            for g in range(len(names)):
-                mask = groups == g
-                if mask.any():
-                    ax.scatter(panel.points[mask, 0], panel.points[mask, 1], s=8, color=cmap(g % cmap.N))
+            for g in np.unique(groups):  # ascending: the points of no group (−1) first, in grey
+                x, y = panel.points[groups == g].T
+                ax.scatter(x, y, s=8, color="lightgrey" if g < 0 else cmap(g % cmap.N))
             ax.set_title(panel.title, fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])

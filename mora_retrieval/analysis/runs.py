@@ -67,15 +67,14 @@ def read_run(run_dir: str | Path) -> AnalysisRun:
                            needs="analyze needs a run folder of `mora-ret classify` or `mora-ret train cirr`")
     if run.task == CLASSIFY:
         settings = ClassifySettings.from_dict(read_run_config(run.path))
-        info = AnalysisRun(run, settings.adapter.method, settings.dataset, settings.data_root, None,
-                           settings.skip_bad_images)
+        dataset, transform = settings.dataset, None
     else:
         try:
             settings = CIRSettings.from_dict(run.record, str(run.path))
         except (KeyError, TypeError, ValueError) as exc:
             raise TrainingError(f"{run.path / RUN_CONFIG}: not a valid CIR run config ({exc})") from None
-        info = AnalysisRun(run, settings.adapter.method, "cirr", settings.data_root, settings.transform,
-                           settings.skip_bad_images)
+        dataset, transform = "cirr", settings.transform
+    info = AnalysisRun(run, settings.adapter.method, dataset, settings.data_root, transform, settings.skip_bad_images)
     if get_method(info.method).mergeable:  # a prompt method's run (dcp, mmp) keeps only its adapter
         run.require(MERGED_FILE)
     run.require(f"{ADAPTER_DIR}/{ADAPTER_CONFIG_FILE}")

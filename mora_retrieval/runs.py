@@ -28,11 +28,11 @@ from typing import Any
 
 import torch
 
-from .adapters import adapter_config_of, get_method, load_adapters, merge_adapters
+from .adapters import adapter_config_of, get_method, load_adapters, merge_adapters, read_adapter_config
 from .engine.checkpoint import CONFIG_FILE, last_path
-from .errors import MoraError
+from .errors import BackboneError, MoraError
 from .fileio import read_json, write_json
-from .model.backbone import Backbone, load_backbone
+from .model.backbone import Backbone, load_backbone, weights_fingerprint
 
 ADAPTER_DIR = "adapter"
 MERGED_FILE = "merged.safetensors"
@@ -43,6 +43,8 @@ RESULTS_FILE = "results.json"
 EVAL_DIR = "eval"
 #: Sub-folders holding an engine run: CIR's two stages and pretraining's one.
 STAGE1_DIR, STAGE2_DIR, PRETRAIN_DIR = "stage1", "stage2", "train"
+#: How errors name the runs of each recipe (the ``task`` of the record).
+TASK_NAMES = {"classify": "classification", "cir": "CIR", "pretrain": "pretraining"}
 
 
 def read_record(run_dir: str | os.PathLike, error: type[MoraError] = MoraError) -> dict[str, Any]:
@@ -102,15 +104,33 @@ class FinishedRun:
     error: type[MoraError] = MoraError  # raised, with one line, for what the run lacks
 
     @classmethod
-    def open(cls, run_dir: str | os.PathLike, error: type[MoraError] = MoraError) -> "FinishedRun":
-        """Read ``config.json``; it must name the architecture (``arch``)."""
+    def open(cls, run_dir: str | os.PathLike, error: type[MoraError] = MoraError, tasks: tuple[str, ...] = (),
+             needs: str = "") -> "FinishedRun":
+        """Read ``config.json``; it must name the architecture (``arch``) and, given ``tasks``, one of them.
+
+        ``needs`` ends the error for another task with what the caller needs (e.g. which commands write
+        such runs); a run of a wanted task without ``arch`` has not finished.
+        """
         path = Path(run_dir)
         if not path.is_dir():
             raise error(f"{path}: run folder not found (expected a folder with {CONFIG_FILE})")
-        record = read_record(path, error)
-        if "arch" not in record:
+        run = cls(path, read_record(path, error), error)
+        if tasks and run.task not in tasks:
+            names, ending = " or ".join(TASK_NAMES.get(task, task) for task in tasks), f"; {needs}" if needs else ""
+            raise error(f"{path / CONFIG_FILE}: not a {names} run (task {run.task!r}){ending}")
+        if "arch" not in run.record:
+            if tasks:  # the engine's record only (classification writes the run's own when it ends)
+                raise error(f"{path / CONFIG_FILE}: the run did not finish (no {run.task} record); "
+                            "resume it with --resume")
             raise error(f"{path / CONFIG_FILE}: expected a JSON object with an 'arch' key")
-        return cls(path, record, error)
+        return run
+
+    @property
+    def task(self) -> str | None:
+        """The recipe that wrote the run (``classify``, ``cir``, ``pretrain``); an unfinished classification run
+        names it only in the engine's record (``extra``)."""
+        extra = self.record.get("extra")
+        return self.record.get("task") or (extra.get("task") if isinstance(extra, dict) else None)
 
     @property
     def arch(self) -> str:
@@ -118,7 +138,9 @@ class FinishedRun:
 
     @property
     def pretrained(self) -> str | None:
-        return self.record.get("pretrained")
+        """The base weights' tag or file; None for random weights (recorded as None, "" or "none")."""
+        pretrained = self.record.get("pretrained")
+        return None if pretrained in ("", "none") else pretrained
 
     def find(self, name: str) -> Path | None:
         """``path / name`` if it exists, else None."""
@@ -141,26 +163,41 @@ class FinishedRun:
                 return int(part["seed"])
         return None
 
-    def load_model(self, device: str = "cpu") -> Backbone:
-        """The run's final weights: ``merged.safetensors``, or, where only ``adapter/`` was kept,
-        the adapter merged onto the run's base weights. An unfinished run is refused (never
-        replaced by its base weights).
+    def load_base(self, device: str = "cpu") -> Backbone:
+        """The backbone the run started from, in eval mode: its ``pretrained`` weights, or random weights re-drawn
+        from the run's training seed, as training drew them (the global random state is left as it was).
 
-        A prompt method's adapter (``dcp``, ``mmp``), which cannot be merged, stays loaded
-        unmerged. Base weights drawn at random (no ``pretrained``) are re-drawn from the run's
-        training seed, as training drew them; loading the adapter checks them against its base
-        fingerprint either way."""
+        Checked against the base-weight fingerprint ``adapter/`` recorded, so a run is never compared with, or
+        merged onto, other weights (e.g. a pretrained file that changed since)."""
+        with torch.random.fork_rng(), warnings.catch_warnings():
+            if self.pretrained is None and self.seed is not None:
+                warnings.filterwarnings("ignore", message=".*randomly initialised.*")  # the run's own draw
+                torch.manual_seed(self.seed)
+            backbone = load_backbone(self.arch, self.pretrained, device=device)
+        adapter = self.find(ADAPTER_DIR)
+        expected = read_adapter_config(adapter).get("base_fingerprint") if adapter is not None else None
+        if expected and (found := weights_fingerprint(backbone.model)) != expected:
+            weights = self.pretrained or f"random weights from seed {self.seed}"
+            raise BackboneError(f"{adapter}: the run started from base weights {expected}, but {self.arch} with "
+                                f"{weights} gives {found} (the pretrained file changed?)")
+        backbone.model.eval()
+        return backbone
+
+    def load_model(self, device: str = "cpu") -> Backbone:
+        """The run's final weights, in eval mode: ``merged.safetensors``, or, where only ``adapter/`` was kept,
+        the adapter merged onto the run's base weights (:meth:`load_base`). An unfinished run is refused
+        (never replaced by its base weights).
+
+        A prompt method's adapter (``dcp``, ``mmp``), which cannot be merged, stays loaded unmerged."""
         merged, adapter = self.find(MERGED_FILE), self.find(ADAPTER_DIR)
         if merged is None and adapter is None:
             raise self.error(f"{self.path}: the run has not finished (neither {MERGED_FILE} nor {ADAPTER_DIR}/ is "
                              f"there yet): let it finish, or resume it with --resume, before using its weights")
         if merged is not None:
-            return load_backbone(self.arch, str(merged), device=device)
-        with torch.random.fork_rng(), warnings.catch_warnings():
-            if self.pretrained in (None, "none") and self.seed is not None:
-                warnings.filterwarnings("ignore", message=".*randomly initialised.*")  # the run's own draw
-                torch.manual_seed(self.seed)
-            backbone = load_backbone(self.arch, self.pretrained, device=device)
-        model = load_adapters(backbone.model, adapter, arch=self.arch)
-        backbone.model = merge_adapters(model) if get_method(adapter_config_of(model).method).mergeable else model.eval()
+            backbone = load_backbone(self.arch, str(merged), device=device)
+        else:
+            backbone = self.load_base(device)
+            model = load_adapters(backbone.model, adapter, arch=self.arch, check_fingerprint=False)  # load_base checked
+            backbone.model = merge_adapters(model) if get_method(adapter_config_of(model).method).mergeable else model
+        backbone.model.eval()
         return backbone

@@ -168,8 +168,10 @@ def test_bad_input_fails_before_anything_is_written(mora_run, tmp_path):
     with pytest.raises(TrainingError, match="run folder not found"):
         analyze_run(tmp_path / "nowhere", out)
     (tmp_path / "a-file").write_text("x")
-    with pytest.raises(MoraError, match="not a folder"):
+    with pytest.raises(MoraError, match="a-file: is a file \\(expected a folder for --out\\)"):
         analyze_run(mora_run, tmp_path / "a-file", AnalyzeConfig(device="cpu"))
+    with pytest.raises(MoraError, match="a-file: is a file, so .*a-file/sub cannot be created"):
+        analyze_run(mora_run, tmp_path / "a-file" / "sub", AnalyzeConfig(device="cpu"))
     # the original backbone must be the one the run started from
     copy = tmp_path / "copy"
     shutil.copytree(mora_run, copy, ignore=shutil.ignore_patterns("checkpoints", "analysis"))

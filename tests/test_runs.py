@@ -6,8 +6,9 @@ import json
 import math
 
 import pytest
+import torch
 
-from mora_retrieval.errors import BackboneError, MoraError
+from mora_retrieval.errors import BackboneError, MoraError, TrainingError
 from mora_retrieval.runs import (ADAPTER_DIR, MERGED_FILE, FinishedRun, read_record, resumable, update_record,
                                  write_record, write_results)
 
@@ -47,3 +48,46 @@ def test_finished_run_finds_its_files_and_names_what_is_missing(tmp_path):
         run.require(MERGED_FILE)
     with pytest.raises(BackboneError, match=f"neither {MERGED_FILE} nor {ADAPTER_DIR}/ is there yet"):
         run.load_model()
+
+
+def test_finished_run_of_a_wanted_task(tmp_path):
+    needs = "this command needs a classification run"
+    write_record(tmp_path, {"train": {"seed": 1}, "extra": {"task": "cir-stage1"}})  # a CIR stage folder
+    with pytest.raises(TrainingError, match=r"not a classification or CIR run \(task 'cir-stage1'\); " + needs):
+        FinishedRun.open(tmp_path, TrainingError, tasks=("classify", "cir"), needs=needs)
+    write_record(tmp_path, {"train": {"seed": 1}, "extra": {"task": "classify"}})  # the engine's record only
+    with pytest.raises(TrainingError, match="the run did not finish \\(no classify record\\); resume it with --resume"):
+        FinishedRun.open(tmp_path, TrainingError, tasks=("classify",))
+    write_record(tmp_path, {"task": "classify", "arch": "mora-tiny", "pretrained": "none", "train": {"seed": 4}})
+    run = FinishedRun.open(tmp_path, tasks=("classify",))
+    assert (run.task, run.pretrained, run.seed) == ("classify", None, 4)
+
+
+def test_base_weights_are_redrawn_from_the_seed_and_checked(tmp_path):
+    from mora_retrieval.adapters import AdapterConfig, add_adapters, merge_adapters, save_adapters
+    from mora_retrieval.model.backbone import load_backbone
+
+    torch.manual_seed(7)  # as training draws random base weights: seeded, then built
+    drawn = load_backbone("mora-tiny").model
+    original = {name: tensor.clone() for name, tensor in drawn.state_dict().items()}
+    add_adapters(drawn, AdapterConfig(method="lora", r=2, targets=("q",), layers=1))
+    with torch.no_grad():
+        for param in (p for p in drawn.parameters() if p.requires_grad):
+            param.add_(0.1)  # a trained adapter: merged weights differ from the base
+    save_adapters(drawn, tmp_path / ADAPTER_DIR, arch="mora-tiny")
+    write_record(tmp_path, {"task": "cir", "arch": "mora-tiny", "pretrained": None, "stage1": {"seed": 7}})
+    state = torch.random.get_rng_state()
+    base = FinishedRun.open(tmp_path).load_base().model
+    assert torch.equal(torch.random.get_rng_state(), state) and not base.training  # the caller's draws go on
+    assert base.state_dict().keys() == original.keys()
+    assert all(torch.equal(tensor, original[name]) for name, tensor in base.state_dict().items())
+    merged = merge_adapters(drawn).state_dict()  # only adapter/ kept: merged onto the re-drawn base
+    model = FinishedRun.open(tmp_path).load_model().model
+    loaded = model.state_dict()
+    assert not model.training
+    assert any(not torch.equal(merged[name], original[name]) for name in original)
+    assert all(torch.equal(tensor, merged[name]) for name, tensor in loaded.items())
+    write_record(tmp_path, {"task": "cir", "arch": "mora-tiny", "pretrained": None, "stage1": {"seed": 8}})
+    for load in (FinishedRun.load_base, FinishedRun.load_model):
+        with pytest.raises(BackboneError, match="the run started from base weights .*random weights from seed 8"):
+            load(FinishedRun.open(tmp_path))

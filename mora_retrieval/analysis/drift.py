@@ -9,7 +9,7 @@ different embedding scale.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from .vectors import angle_degrees, as_matrix, unit_rows
@@ -23,9 +23,6 @@ class Drift:
     angle: float
     l2_normalized: float
     samples: int
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def embedding_drift(adapted: Any, original: Any) -> Drift:

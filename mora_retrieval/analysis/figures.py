@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +9,6 @@ from typing import Sequence
 
 import numpy as np
 from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
@@ -31,11 +29,9 @@ class ScatterPanel:
     group_names: Sequence[str]
 
 
-def _save(fig, path: Path) -> Path:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
+def _save(fig: Figure, path: Path) -> Path:
     with atomic_write(path, "wb") as handle:
-        handle.write(buffer.getvalue())
+        fig.savefig(handle, format="png")
     return Path(path)
 
 
@@ -46,7 +42,6 @@ def plot_spectra(spectra: Sequence[SlotSpectra], path: str | Path) -> Path:
     cols = min(SPECTRA_COLUMNS, len(spectra))
     rows = math.ceil(len(spectra) / cols)
     fig = Figure(figsize=(4.2 * cols, 3.6 * rows), dpi=90)
-    FigureCanvasAgg(fig)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax in axes[len(spectra):]:
         ax.set_visible(False)
@@ -73,7 +68,6 @@ def plot_scatter_grid(panels: Sequence[Sequence[ScatterPanel]], path: str | Path
     """A grid of t-SNE panels (rows × columns), points coloured by group; one shared legend."""
     rows, cols = len(panels), max(len(r) for r in panels)
     fig = Figure(figsize=(4.2 * cols + 1.8, 4.0 * rows), dpi=90)
-    FigureCanvasAgg(fig)
     axes = fig.subplots(rows, cols, squeeze=False)
     names = list(panels[0][0].group_names)
     cmap = colormaps["tab10" if len(names) <= 10 else "tab20"]
@@ -81,13 +75,9 @@ def plot_scatter_grid(panels: Sequence[Sequence[ScatterPanel]], path: str | Path
         for c, panel in enumerate(row):
             ax = axes[r][c]
             groups = np.asarray(panel.groups)
-            none = groups < 0
-            if none.any():
-                ax.scatter(panel.points[none, 0], panel.points[none, 1], s=8, color="lightgrey")
-            for g in range(len(names)):
-                mask = groups == g
-                if mask.any():
-                    ax.scatter(panel.points[mask, 0], panel.points[mask, 1], s=8, color=cmap(g % cmap.N))
+            for g in np.unique(groups):  # ascending: the points of no group (−1) first, in grey
+                x, y = panel.points[groups == g].T
+                ax.scatter(x, y, s=8, color="lightgrey" if g < 0 else cmap(g % cmap.N))
             ax.set_title(panel.title, fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])

@@ -16,7 +16,7 @@ to compare with it. The angle hardly depends on the choice (normalising only rew
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,9 +35,6 @@ class InterModalDistance:
     per_category_angle: list[float]
     per_category_count: list[int]
     category_ids: list[int]
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def category_members(labels: Any, num_categories: int | None = None) -> torch.Tensor:

@@ -7,7 +7,7 @@ Output folder (default ``<run>/analysis``): ``analysis.json`` (every number, see
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +16,14 @@ import torch
 
 from ..device import resolve_device
 from ..errors import MoraError
-from ..fileio import write_json
+from ..fileio import check_can_create, write_json
+from ..model.backbone import weights_fingerprint
 from ..report import write_report
 from .drift import embedding_drift
 from .figures import ScatterPanel, plot_scatter_grid, plot_spectra
 from .gap import modality_gap
-from .intermodal import inter_modal_distance
-from .runs import adapted_encoder, image_transform, original_encoder, read_run, run_samples
+from .intermodal import category_members, inter_modal_distance
+from .runs import DEFAULT_SPLIT, adapted_encoder, image_transform, original_encoder, read_run, run_samples
 from .samples import Embeddings, PairedSamples, encode_samples, spread_indices
 from .section import analysis_section
 from .spectra import read_adapter_layout, read_shared_factors, slot_spectra
@@ -47,7 +48,8 @@ class AnalyzeConfig:
 
     def validate(self) -> None:
         if self.max_samples is not None and self.max_samples < MIN_POINTS:
-            raise MoraError(f"--max-samples must be at least {MIN_POINTS} (t-SNE needs that many), got {self.max_samples}")
+            raise MoraError(f"--max-samples must be at least {MIN_POINTS} (t-SNE needs that many), "
+                            f"got {self.max_samples}")
         if self.batch_size < 1:
             raise MoraError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.num_workers < 0:
@@ -75,42 +77,36 @@ def geometry(samples: PairedSamples, embeddings: dict[str, Embeddings]) -> dict[
     out: dict[str, Any] = {"inter_modal": None, "modality_gap": {}, "drift": {}}
     if samples.labels is not None:
         out["inter_modal"] = {
-            name: {variant: inter_modal_distance(emb.paired_image(samples), emb.text, samples.labels,
-                                                 normalize=variant == "normalized").to_json()
+            name: {variant: asdict(inter_modal_distance(emb.paired_image(samples), emb.text, samples.labels,
+                                                        normalize=variant == "normalized"))
                    for variant in ("raw", "normalized")}
             for name, emb in ((m, embeddings[m]) for m in MODELS)
         }
     out["modality_gap"] = {m: modality_gap(embeddings[m].image, embeddings[m].text) for m in MODELS}
     adapted, original = embeddings["adapted"], embeddings["original"]
-    out["drift"] = {"vision": embedding_drift(adapted.image, original.image).to_json(),
-                    "text": embedding_drift(adapted.text, original.text).to_json()}
+    out["drift"] = {"vision": asdict(embedding_drift(adapted.image, original.image)),
+                    "text": asdict(embedding_drift(adapted.text, original.text))}
     return out
 
 
 def tsne_groups(samples: PairedSamples) -> np.ndarray:
     """The class of each sample for colouring: its index; multilabel: the first label (−1: none)."""
-    labels = samples.labels.cpu()
-    if labels.ndim == 1:
-        return labels.long().numpy()
-    positive = labels > 0.5
-    return np.where(positive.any(dim=1).numpy(), positive.float().argmax(dim=1).numpy(), -1)
+    members = category_members(samples.labels).numpy()
+    return np.where(members.any(axis=1), members.argmax(axis=1), -1)
 
 
 def _tsne_panels(samples: PairedSamples, embeddings: dict[str, Embeddings], seed: int):
+    """Each tower coloured by class; without classes, the images and captions of each model together."""
     if samples.labels is not None:
-        groups, names = tsne_groups(samples), samples.class_names
-        rows = []
-        for tower, attr in (("image", "image"), ("text", "text")):
-            rows.append([ScatterPanel(f"{model}: {tower} embeddings", tsne_2d(getattr(embeddings[model], attr), seed),
-                                      groups, names) for model in MODELS])
-        return rows, "class"
+        groups = tsne_groups(samples)
+        return [[ScatterPanel(f"{model}: {tower} embeddings", tsne_2d(getattr(embeddings[model], tower), seed), groups,
+                              samples.class_names) for model in MODELS] for tower in ("image", "text")], "class"
     row = []
     for model in MODELS:
         emb = embeddings[model]
-        joint = torch.cat([emb.image, emb.text])
-        groups = np.r_[np.zeros(len(emb.image), dtype=np.int64), np.ones(len(emb.text), dtype=np.int64)]
-        row.append(ScatterPanel(f"{model}: images and captions", tsne_2d(joint, seed), groups,
-                                ["reference image", "caption"]))
+        groups = np.repeat(np.array([0, 1], dtype=np.int64), [len(emb.image), len(emb.text)])
+        row.append(ScatterPanel(f"{model}: images and captions", tsne_2d(torch.cat([emb.image, emb.text]), seed),
+                                groups, ["reference image", "caption"]))
     return [row], "modality"
 
 
@@ -123,26 +119,24 @@ def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None, config: 
     config = config or AnalyzeConfig()
     config.validate()
     info = read_run(run_dir)
-    split = config.split or info.default_split
+    split = config.split or DEFAULT_SPLIT[info.task]
     samples = run_samples(info, split, config.data_root)
     total = len(samples)
     samples = samples.select(spread_indices(total, config.max_samples))
-    out = Path(out_dir) if out_dir is not None else info.run_dir / "analysis"
-    if out.exists() and not out.is_dir():
-        raise MoraError(f"{out}: exists and is not a folder (--out must be a folder)")
+    run = info.run
+    out = check_can_create(out_dir if out_dir is not None else run.path / "analysis", "folder for --out")
     device = str(resolve_device(config.device))
-    encoders = {"adapted": adapted_encoder(info, device), "original": original_encoder(info, device)}
+    models = {"adapted": adapted_encoder(info, device), "original": original_encoder(info, device)}
     _say(console, f"encoding {len(samples)} {split} samples ({len(samples.image_paths)} images) with the adapted and "
                   f"the original model on {device}")
-    samples, embeddings = encode_samples(encoders, samples, image_transform(info, encoders["adapted"]),
+    samples, embeddings = encode_samples(models, samples, image_transform(info, models["adapted"]),
                                          config.batch_size, config.num_workers, info.skip_bad_images)
     data: dict[str, Any] = {
         "format": FORMAT, "format_version": 1,
-        "run": str(info.run_dir.resolve()), "task": info.task, "dataset": info.dataset, "method": info.method,
-        "arch": info.arch, "pretrained": info.pretrained, "split": split,
-        "original": {"arch": info.arch, "pretrained": info.pretrained,
-                     "seed": None if info.pretrained else info.seed,
-                     "fingerprint": encoders["original"].fingerprint},
+        "run": str(run.path.resolve()), "task": info.task, "dataset": info.dataset, "method": info.method,
+        "arch": run.arch, "pretrained": run.pretrained, "split": split,
+        "original": {"arch": run.arch, "pretrained": run.pretrained, "seed": None if run.pretrained else run.seed,
+                     "fingerprint": weights_fingerprint(models["original"].model)},
         "samples": {"available": total, "pairs": len(samples), "images": len(samples.image_paths),
                     "categories": None if samples.labels is None else len(samples.class_names),
                     "complete": True},
@@ -154,7 +148,7 @@ def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None, config: 
         data["notes"].append("No inter-modal distance per category: CIRR has no categories, and its captions are "
                              "modification instructions, not descriptions of the reference image. The modality gap "
                              "is the whole-set counterpart.")
-    spectra = _spectra(info, encoders["original"].model, data)
+    spectra = _spectra(info, models["original"].model, data)
     panels = _tsne(samples, embeddings, config.tsne_seed, data, console)
     out.mkdir(parents=True, exist_ok=True)
     figures: dict[str, Path] = {}
@@ -166,7 +160,7 @@ def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None, config: 
     data["figures"] = {name: path.name for name, path in figures.items()}
     write_json(out / JSON_FILE, data)
     result = AnalysisResult(data=data, out_dir=out, files={"json": out / JSON_FILE, **figures})
-    result.files["html"] = write_report(out / HTML_FILE, f"Analysis of {info.run_dir.name}", [result.section()])
+    result.files["html"] = write_report(out / HTML_FILE, f"Analysis of {run.path.name}", [result.section()])
     return result
 
 
@@ -175,7 +169,7 @@ def _checked(compute, info, *args):
     try:
         return compute(*args)
     except ValueError as exc:
-        raise MoraError(f"{info.run_dir}: cannot analyse its embeddings ({exc})") from None
+        raise MoraError(f"{info.run.path}: cannot analyse its embeddings ({exc})") from None
 
 
 def _spectra(info, original_model: Any, data: dict[str, Any]) -> list:
@@ -184,7 +178,7 @@ def _spectra(info, original_model: Any, data: dict[str, Any]) -> list:
     factors = read_shared_factors(info.adapter_dir)
     spectra = _checked(slot_spectra, info, factors, original_model, layout) if factors else []
     data["spectra"] = {"available": bool(spectra), "method": layout.method, "targets": list(layout.targets),
-                       "slots": [s.to_json() for s in spectra]}
+                       "slots": [asdict(s) for s in spectra]}
     if not spectra:
         data["notes"].append(f"No Gram spectra: method '{layout.method}' has no shared part (only MoRA and its "
                              "ablations have shared factors S_v, S_t).")

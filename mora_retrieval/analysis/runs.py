@@ -1,15 +1,16 @@
-"""Finished runs as the analysis sees them: settings, the adapted and the original model, the samples.
+"""Finished runs as the analysis sees them: the two models, the samples and the image transform.
 
 This is the only module of :mod:`mora_retrieval.analysis` that imports ``mora_retrieval.tasks``
-(the settings classes of classification and CIR runs).
+(the settings classes of classification and CIR runs). Reading the run folder and its models is
+:class:`~mora_retrieval.runs.FinishedRun`'s:
 
-* The **adapted** model is the run's merged checkpoint (``retrieval.encoder.load_encoder(run=…)``);
+* The **adapted** model is the run's final model (``FinishedRun.load_model``: the merged checkpoint;
   for a prompt method (``dcp``, ``mmp``), which cannot be merged, the adapter loaded unmerged onto
-  the rebuilt backbone, with every sample complete (the analysis embeds complete samples).
-* The **original** model is rebuilt from the run's recorded architecture and pretrained weights;
-  an architecture trained without pretrained weights is re-drawn from the run's seed, exactly as
-  training drew it. The rebuilt weights are checked against the base-weight fingerprint the
-  adapter folder recorded, so the comparison is never made against the wrong backbone.
+  the rebuilt backbone, with every sample complete: the analysis embeds complete samples).
+* The **original** model is the backbone the run started from (``FinishedRun.load_base``): its
+  pretrained weights, or, trained without them, random weights re-drawn from the run's seed exactly
+  as training drew them; checked against the base-weight fingerprint the adapter folder recorded,
+  so the comparison is never made against the wrong backbone.
 * The **samples**: a classification run's split (every sample complete: image and text; the
   categories are the classes); a CIR run's CIRR split (each triplet's reference image and
   caption; no categories).
@@ -19,115 +20,81 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
-from ..adapters import get_method, list_methods
+from ..adapters import get_method
 from ..adapters.io import CONFIG_FILE as ADAPTER_CONFIG_FILE
-from ..data.cirr import CIRRTriplets
-from ..data.images import make_transform
+from ..data.cirr import CIRR_SPLITS, CIRRTriplets
+from ..data.images import make_transform, preprocess_spec
 from ..data.registry import get_classification_dataset
-from ..errors import BackboneError, DataError, TrainingError
-from ..fileio import read_json
-from ..model.backbone import image_size_of
-from ..retrieval.encoder import load_encoder
-from ..runs import ADAPTER_DIR, CONFIG_FILE as RUN_CONFIG, MERGED_FILE, read_record
+from ..errors import DataError, TrainingError
+from ..model.backbone import Backbone
+from ..runs import ADAPTER_DIR, CONFIG_FILE as RUN_CONFIG, MERGED_FILE, FinishedRun
 from ..tasks.cir.settings import CIRSettings
 from ..tasks.classify.settings import ClassifySettings, read_run_config
 from .samples import PairedSamples
 
 CLASSIFY, CIR = "classify", "cir"
-SPLITS = {CLASSIFY: ("train", "val", "test"), CIR: ("train", "val", "test1")}
+SPLITS = {CLASSIFY: ("train", "val", "test"), CIR: CIRR_SPLITS}
 DEFAULT_SPLIT = {CLASSIFY: "test", CIR: "val"}
 
 
 @dataclass(frozen=True)
-class RunInfo:
-    """What the analysis needs to know about a finished run."""
+class AnalysisRun:
+    """A finished classification or CIR run with the settings the analysis reads beyond ``FinishedRun``'s."""
 
-    run_dir: Path
-    task: str
-    arch: str
-    pretrained: str | None
-    seed: int
+    run: FinishedRun
     method: str
     dataset: str
     data_root: str
     transform: str | None  # CIR's image transform; None: the model's own eval preprocessing
     skip_bad_images: bool
-    adapter_dir: Path
-    base_fingerprint: str | None
 
     @property
-    def default_split(self) -> str:
-        return DEFAULT_SPLIT[self.task]
+    def task(self) -> str:
+        return self.run.task
 
     @property
-    def splits(self) -> tuple[str, ...]:
-        return SPLITS[self.task]
+    def adapter_dir(self) -> Path:
+        return self.run.path / ADAPTER_DIR
 
 
-def read_run(run_dir: str | Path) -> RunInfo:
+def read_run(run_dir: str | Path) -> AnalysisRun:
     """Read a finished ``mora-ret classify`` or ``mora-ret train cirr`` run folder (one-line errors)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise TrainingError(f"{run_dir}: run folder not found")
-    config = read_record(run_dir, error=TrainingError)
-    extra = config.get("extra") if isinstance(config.get("extra"), dict) else {}
-    task = config.get("task") or extra.get("task")
-    if task == CLASSIFY:
-        settings = ClassifySettings.from_dict(read_run_config(run_dir))
-        seed = int((config.get("train") or {}).get("seed", 0))
-        info = dict(arch=settings.arch, pretrained=settings.pretrained, seed=seed,
-                    method=settings.adapter.method, dataset=settings.dataset,
-                    data_root=settings.data_root, transform=None, skip_bad_images=settings.skip_bad_images)
-    elif task == CIR:
-        try:
-            settings = CIRSettings.from_dict(config, str(run_dir))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise TrainingError(f"{run_dir / RUN_CONFIG}: not a valid CIR run config ({exc})") from None
-        info = dict(arch=settings.arch, pretrained=settings.pretrained, seed=settings.stage1.seed,
-                    method=settings.adapter.method, dataset="cirr", data_root=settings.data_root,
-                    transform=settings.transform, skip_bad_images=settings.skip_bad_images)
+    run = FinishedRun.open(run_dir, TrainingError, tasks=(CLASSIFY, CIR),
+                           needs="analyze needs a run folder of `mora-ret classify` or `mora-ret train cirr`")
+    if run.task == CLASSIFY:
+        settings = ClassifySettings.from_dict(read_run_config(run.path))
+        dataset, transform = settings.dataset, None
     else:
-        raise TrainingError(f"{run_dir / RUN_CONFIG}: not a classification or CIR run (task {task!r}); analyze "
-                            "needs a run folder of `mora-ret classify` or `mora-ret train cirr`")
-    adapter_dir = run_dir / ADAPTER_DIR
-    unmerged = info["method"] in list_methods() and not get_method(info["method"]).mergeable  # dcp, mmp
-    merged = [] if unmerged else [run_dir / MERGED_FILE]
-    for needed in (*merged, adapter_dir / ADAPTER_CONFIG_FILE):
-        if not needed.is_file():
-            raise TrainingError(f"{needed}: not found (the run did not finish; resume it with --resume)")
-    meta = read_json(adapter_dir / ADAPTER_CONFIG_FILE, "adapter config", error=TrainingError)
-    fingerprint = meta.get("base_fingerprint") if isinstance(meta, dict) else None
-    if info["pretrained"] in ("", "none"):
-        info["pretrained"] = None
-    return RunInfo(run_dir=run_dir, task=task, adapter_dir=adapter_dir, base_fingerprint=fingerprint, **info)
+        try:
+            settings = CIRSettings.from_dict(run.record, str(run.path))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TrainingError(f"{run.path / RUN_CONFIG}: not a valid CIR run config ({exc})") from None
+        dataset, transform = "cirr", settings.transform
+    info = AnalysisRun(run, settings.adapter.method, dataset, settings.data_root, transform, settings.skip_bad_images)
+    if get_method(info.method).mergeable:  # a prompt method's run (dcp, mmp) keeps only its adapter
+        run.require(MERGED_FILE)
+    run.require(f"{ADAPTER_DIR}/{ADAPTER_CONFIG_FILE}")
+    return info
 
 
-def adapted_encoder(info: RunInfo, device: str | None) -> Any:
-    """The run's merged model as a ``retrieval.encoder.Encoder`` (a prompt method's run: its backbone with
-    the adapter loaded unmerged, see ``runs.FinishedRun.load_model``)."""
-    return load_encoder(None, run=info.run_dir, device=device)
+def adapted_encoder(info: AnalysisRun, device: str) -> Backbone:
+    """The run's final model (see the module docstring), on ``device``."""
+    return info.run.load_model(device)
 
 
-def original_encoder(info: RunInfo, device: str | None) -> Any:
-    """The unadapted backbone the run started from, checked against the adapter's base fingerprint."""
-    with torch.random.fork_rng():  # random weights come from the run's seed; the global RNGs are restored
-        torch.manual_seed(info.seed)
-        encoder = load_encoder(info.arch, info.pretrained, device=device)
-    if info.base_fingerprint and encoder.fingerprint != info.base_fingerprint:
-        weights = info.pretrained or f"random weights from seed {info.seed}"
-        raise BackboneError(f"{info.adapter_dir}: the run started from base weights {info.base_fingerprint}, but "
-                            f"{info.arch} with {weights} gives {encoder.fingerprint} (the pretrained file changed?)")
-    return encoder
+def original_encoder(info: AnalysisRun, device: str) -> Backbone:
+    """The backbone the run started from (see the module docstring), on ``device``."""
+    return info.run.load_base(device)
 
 
-def run_samples(info: RunInfo, split: str, data_root: str | None = None) -> PairedSamples:
+def run_samples(info: AnalysisRun, split: str, data_root: str | None = None) -> PairedSamples:
     """The image–text samples of ``split`` (see the module docstring)."""
-    if split not in info.splits:
-        raise DataError(f"--split {split!r}: a {info.task} run has the splits {', '.join(info.splits)}")
+    if split not in SPLITS[info.task]:
+        raise DataError(f"--split {split!r}: a {info.task} run has the splits {', '.join(SPLITS[info.task])}")
     root = data_root or info.data_root
     if info.task == CLASSIFY:
         data = get_classification_dataset(info.dataset, root, split, transform=None,
@@ -136,7 +103,7 @@ def run_samples(info: RunInfo, split: str, data_root: str | None = None) -> Pair
             raise DataError(f"{root}: the {split} split of {info.dataset} is empty")
         labels = torch.stack([data.label_tensor(i) for i in range(len(data))])
         return PairedSamples([Path(p) for p in data.paths], list(data.texts), list(range(len(data))), labels,
-                             list(data.class_names), data.task)
+                             list(data.class_names))
     triplets = CIRRTriplets(root, split)
     if not triplets.records:
         raise DataError(f"{root}: the CIRR {split} split has no triplets")
@@ -146,8 +113,9 @@ def run_samples(info: RunInfo, split: str, data_root: str | None = None) -> Pair
                          [position[r["reference"]] for r in triplets.records])
 
 
-def image_transform(info: RunInfo, encoder: Any) -> Callable:
-    """The image preprocessing the run used: the model's eval transform, or CIR's recorded transform."""
+def image_transform(info: AnalysisRun, backbone: Backbone) -> Callable:
+    """The image preprocessing the run used: the model's eval transform, or CIR's recorded transform on the
+    model's own preprocessing (as ``train cirr`` and ``eval cirr`` build it)."""
     if info.transform is None:
-        return encoder.preprocess
-    return make_transform(info.transform, image_size_of(encoder.model))
+        return backbone.preprocess
+    return make_transform(preprocess_spec(backbone.model, info.transform))

@@ -17,7 +17,9 @@ import torch
 
 from ..data.base import ImageDataset
 from ..errors import DataError
-from ..model.encode import collect, ordered_loader
+from ..device import resolve_precision
+from ..model.backbone import Backbone
+from ..model.encode import collect, encode_image_batch, encode_texts, ordered_loader
 
 
 @dataclass
@@ -32,7 +34,6 @@ class PairedSamples:
     pair_image: list[int]
     labels: torch.Tensor | None = None
     class_names: list[str] = field(default_factory=list)
-    task: str | None = None
 
     def __post_init__(self) -> None:
         if len(self.texts) != len(self.pair_image):
@@ -92,20 +93,23 @@ class Embeddings:
         return self.image[torch.as_tensor(samples.pair_image, dtype=torch.long)]
 
 
-def encode_samples(encoders: Mapping[str, Any], samples: PairedSamples, transform: Callable, batch_size: int = 64,
+def encode_samples(models: Mapping[str, Backbone], samples: PairedSamples, transform: Callable, batch_size: int = 64,
                    num_workers: int = 0, skip_bad_images: bool = False
                    ) -> tuple[PairedSamples, dict[str, Embeddings]]:
-    """Embed every image and text with each encoder (``retrieval.encoder.Encoder``); raw features.
+    """Embed every image and text with each model (eval mode, all on one device); raw features.
 
     Returns the samples that survived (pairs whose image was a skipped bad image are dropped) and
     ``{name: Embeddings}`` aligned with them.
     """
-    cpu = torch.device("cpu")
-    out = collect(ordered_loader(_ImageFiles(samples.image_paths, transform, skip_bad_images), batch_size, cpu,
-                                 num_workers),
-                  lambda batch: {"index": batch["index"], **{name: encoder.encode_images(batch["image"],
-                                                                                          normalize=False).cpu()
-                                                            for name, encoder in encoders.items()}}, cpu)
+    device = next(next(iter(models.values())).model.parameters()).device
+    precision = resolve_precision("auto", device)
+
+    def encode_batch(batch: dict[str, Any]) -> dict[str, Any]:  # every model sees the batch's pixels
+        return {"index": batch["index"], **{name: encode_image_batch(m.model, batch["image"], device, precision).cpu()
+                                            for name, m in models.items()}}
+
+    images = _ImageFiles(samples.image_paths, transform, skip_bad_images)
+    out = collect(ordered_loader(images, batch_size, device, num_workers), encode_batch, device)
     row_of = {image: row for row, image in enumerate(out["index"].tolist())} if out else {}
     pairs = [i for i, image in enumerate(samples.pair_image) if image in row_of]
     if not pairs:
@@ -113,6 +117,7 @@ def encode_samples(encoders: Mapping[str, Any], samples: PairedSamples, transfor
     used = sorted({samples.pair_image[i] for i in pairs})  # the image order of samples.select(pairs)
     rows = torch.tensor([row_of[image] for image in used], dtype=torch.long)
     samples = samples.select(pairs)
-    return samples, {name: Embeddings(image=out[name][rows], text=encoder.encode_texts(samples.texts,
-                                                                                      normalize=False).cpu())
-                     for name, encoder in encoders.items()}
+    with torch.no_grad():
+        texts = {name: encode_texts(m.model, m.tokenizer, samples.texts, device, precision).cpu()
+                 for name, m in models.items()}
+    return samples, {name: Embeddings(image=out[name][rows], text=texts[name]) for name in models}

@@ -17,18 +17,19 @@ the adapter folder's ``adapter.safetensors`` under their public names ``shared.{
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..adapters.io import CONFIG_FILE as ADAPTER_CONFIG_FILE, WEIGHTS_FILE as ADAPTER_WEIGHTS_FILE
+from ..adapters.inject import QKV, towers
+from ..adapters.io import CONFIG_FILE as ADAPTER_CONFIG_FILE, WEIGHTS_FILE as ADAPTER_WEIGHTS_FILE, read_adapter_config
 from ..errors import AdapterError
-from ..fileio import load_tensors, read_json
+from ..fileio import load_tensors
+from .vectors import as_matrix
 
 _SHARED_NAME = re.compile(r"^shared\.(?P<slot>[^.]+)\.(?P<tower>vision|text)$")
-_QKV = ("q", "k", "v")
 
 
 @dataclass(frozen=True)
@@ -42,11 +43,11 @@ class AdapterLayout:
 
 def read_adapter_layout(adapter_dir: str | Path) -> AdapterLayout:
     """Method, targets and the ``[vision block, text block]`` of every slot from ``adapter_config.json``."""
-    path = Path(adapter_dir) / ADAPTER_CONFIG_FILE
-    meta = read_json(path, "adapter config", error=AdapterError)
-    adapter = meta.get("adapter") if isinstance(meta, dict) else None
+    meta = read_adapter_config(adapter_dir)  # the toolkit's adapter format, else one line
+    adapter = meta["adapter"]
     if not isinstance(adapter, dict) or "method" not in adapter:
-        raise AdapterError(f"{path}: not a mora-retrieval adapter config (no 'adapter' settings)")
+        raise AdapterError(f"{Path(adapter_dir) / ADAPTER_CONFIG_FILE}: not a mora-retrieval adapter config "
+                           "(no adapter method)")
     slots = [(pair[0], pair[1]) for pair in meta.get("slots") or []]
     return AdapterLayout(str(adapter["method"]), tuple(adapter.get("targets") or ()), slots)
 
@@ -68,9 +69,7 @@ def read_shared_factors(adapter_dir: str | Path) -> dict[str, tuple[torch.Tensor
 
 def gram_spectrum(factor: Any) -> torch.Tensor:
     """Eigenvalues of ``S Sᵀ`` (descending), normalised to sum to 1; ``factor`` is ``S [r_s, d]``."""
-    s = torch.as_tensor(factor).detach().to("cpu", torch.float64)
-    if s.ndim != 2:
-        raise ValueError(f"shared factor: expected [r_s, d], got shape {tuple(s.shape)}")
+    s = as_matrix(factor, "shared factor")
     eigenvalues = torch.linalg.eigvalsh(s @ s.T).flip(0).clamp_min(0.0)  # PSD: round-off below 0 is 0
     total = eigenvalues.sum()
     if total <= 0:
@@ -80,8 +79,7 @@ def gram_spectrum(factor: Any) -> torch.Tensor:
 
 def singular_spectrum(weight: Any, top: int) -> torch.Tensor:
     """The ``top`` largest singular values of ``weight``, each divided by the sum of all of them."""
-    w = torch.as_tensor(weight).detach().to("cpu", torch.float64)
-    values = torch.linalg.svdvals(w)
+    values = torch.linalg.svdvals(as_matrix(weight, "weight"))
     total = values.sum()
     if total <= 0:
         raise ValueError("weight is zero: no singular spectrum")
@@ -90,13 +88,10 @@ def singular_spectrum(weight: Any, top: int) -> torch.Tensor:
 
 def projection_weight(model: Any, tower: str, block: int, projection: str) -> torch.Tensor:
     """``W0`` of one attention projection of an open_clip model (``tower`` is ``visual`` or ``text``)."""
-    transformer = model.visual.transformer if tower == "visual" else model.transformer
-    attn = transformer.resblocks[block].attn
+    attn = towers(model)[tower].resblocks[block].attn
     if projection == "out":
         return attn.out_proj.weight.detach()
-    d = attn.out_proj.weight.shape[1]
-    start = _QKV.index(projection) * d
-    return attn.in_proj_weight.detach()[start:start + d]
+    return attn.in_proj_weight.detach().chunk(3)[QKV.index(projection)]  # rows: q, k, v
 
 
 @dataclass(frozen=True)
@@ -109,9 +104,6 @@ class SlotSpectra:
     gram_vision: list[float]
     gram_text: list[float]
     pretrained: dict[str, list[float]]
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def slot_spectra(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], original_model: Any,

@@ -94,4 +94,4 @@ def test_eval_cirr_refuses_another_task_run(tmp_path):
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"task": "classify", "arch": "mora-tiny", "dataset": "food101"}))
     result = CliRunner().invoke(app, ["eval", "cirr", "--run", str(run)])
-    assert "not a CIR run (its config.json has task 'classify')" in _error(result)
+    assert "not a CIR run (task 'classify'); eval cirr needs a folder written by" in _error(result)

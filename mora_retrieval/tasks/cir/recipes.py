@@ -180,10 +180,8 @@ def evaluate_cirr_run(run_dir: str | Path, data_root: str | None = None, split: 
     ``recall_subset_submission.json`` (the CIRR server's format) into ``out_dir`` (default: the
     run folder) and returns their paths.
     """
-    run = FinishedRun.open(run_dir)
-    if run.record.get("task") != "cir":
-        raise TrainingError(f"{run_dir}: not a CIR run (its config.json has task {run.record.get('task')!r}); "
-                            f"eval cirr needs a folder written by `mora-ret train cirr`")
+    run = FinishedRun.open(run_dir, TrainingError, tasks=("cir",),
+                           needs="eval cirr needs a folder written by `mora-ret train cirr`")
     settings = CIRSettings.from_dict(run.record, str(run_dir))
     dev = resolve_device(device)
     backbone = run.load_model(str(dev))

@@ -37,7 +37,7 @@ from ...data.registry import canonical_name, get_classification_dataset
 from ...engine import TrainConfig
 from ...errors import TrainingError
 from ...model.heads import FEATURE_MODES
-from ...runs import CONFIG_FILE, read_record
+from ...runs import CONFIG_FILE, FinishedRun
 from ..settings import SettingsRecord, layered, method_of, read_config_file
 
 
@@ -193,14 +193,12 @@ def build_settings(dataset: str | None, data_root: str | None, config_file: str 
 
 def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     """The classification record of a run folder (``config.json``), or a one-line error."""
-    data = read_record(run_dir, error=TrainingError)
-    record = data.get("classify")
+    run = FinishedRun.open(run_dir, TrainingError, tasks=("classify",),
+                           needs="expected a folder written by `mora-ret classify`")
+    record = run.record.get("classify")
     if not isinstance(record, dict):
-        extra = data.get("extra")
-        where = Path(run_dir) / CONFIG_FILE
-        if isinstance(extra, dict) and extra.get("task") == "classify":
-            raise TrainingError(f"{where}: the run did not finish (no classify record); resume it with --resume")
-        raise TrainingError(f"{where}: not a classification run (expected task 'classify')")
+        raise TrainingError(f"{run.path / CONFIG_FILE}: the run did not finish (no classify record); "
+                            "resume it with --resume")
     return record
 
 

@@ -41,6 +41,12 @@ class AdapterRoot(nn.Module):
         self.base_fingerprint: str | None = None  # set when the method trains base tensors; others hash at save time
 
 
+def tower_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """``{"visual": [width, depth], "text": [width, depth]}``."""
+    return {tower: [int(m.resblocks[0].attn.out_proj.weight.shape[1]), len(m.resblocks)]
+            for tower, m in towers(model).items()}
+
+
 def towers(model: nn.Module) -> dict[str, nn.Module]:
     """The two transformers of an open_clip CLIP: ``{"visual": ..., "text": ...}``."""
     try:
@@ -129,25 +135,23 @@ def add_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
     if has_adapters(model):
         raise AdapterError("the model already has adapters; merge or reload it before adding others")
     tower_modules = towers(model)
-    slots = resolve_layers(config, len(tower_modules["visual"].resblocks), len(tower_modules["text"].resblocks))
+    shapes = tower_shapes(model)
+    widths, depths = ({tower: shape[i] for tower, shape in shapes.items()} for i in (0, 1))
+    slots = resolve_layers(config, depths["visual"], depths["text"])
     root = AdapterRoot(config, slots)
+    ref = tower_modules["visual"].resblocks[0].attn.out_proj.weight
+    like = {"dtype": ref.dtype, "device": ref.device}
     if method.make_projection is not None:
-        ref = tower_modules["visual"].resblocks[0].attn.out_proj.weight
-        d_v, d_t = ref.shape[1], tower_modules["text"].resblocks[0].attn.out_proj.weight.shape[1]
         for j, (vb, tb) in enumerate(slots):
             slot = None
             if method.make_slot is not None:
-                slot = method.make_slot(config, d_v, d_t, dtype=ref.dtype, device=ref.device)
-                root.slots[str(j)] = slot
+                slot = root.slots[str(j)] = method.make_slot(config, widths["visual"], widths["text"], **like)
             for tower, block in (("visual", vb), ("text", tb)):
                 if block is not None:
                     where = f"{tower} block {block}"
                     _attach(_attention(tower_modules[tower].resblocks[block], where), config, slot, tower, where)
     if method.make_prompts is not None:
-        widths = {tower: int(m.resblocks[0].attn.out_proj.weight.shape[1]) for tower, m in tower_modules.items()}
-        depths = {tower: len(m.resblocks) for tower, m in tower_modules.items()}
-        ref = tower_modules["visual"].resblocks[0].attn.out_proj.weight
-        prompts = method.make_prompts(config, widths, depths, dtype=ref.dtype, device=ref.device)
+        prompts = method.make_prompts(config, widths, depths, **like)
         root.add_module("prompts", prompts)
         prompts.attach(tower_modules)
     if method.trains_base is not None:
@@ -158,28 +162,21 @@ def add_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
     return model
 
 
-def _adapted_weights(model: nn.Module) -> Iterator[tuple[str, int, nn.Module, str]]:
-    """``(tower, block index, module, tensor name)`` of every weight carrying an adapter parametrization."""
+def iter_projection_adapters(model: nn.Module) -> Iterator[tuple[str, ProjectionAdapter]]:
+    """Yield ``("{tower}.{block}.{proj}", adapter)`` for every adapted projection, in a stable order."""
     for tower, module in towers(model).items():
         for index, block in enumerate(module.resblocks):
             for owner, attr in ((block.attn, "in_proj_weight"), (block.attn.out_proj, "weight")):
-                if parametrize.is_parametrized(owner, attr):
-                    yield tower, index, owner, attr
-
-
-def iter_projection_adapters(model: nn.Module) -> Iterator[tuple[str, ProjectionAdapter]]:
-    """Yield ``("{tower}.{block}.{proj}", adapter)`` for every adapted projection, in a stable order."""
-    for tower, index, owner, attr in _adapted_weights(model):
-        for weight in owner.parametrizations[attr]:
-            for proj, adapter in weight.projections.items():
-                yield f"{tower}.{index}.{proj}", adapter
+                for weight in owner.parametrizations[attr] if parametrize.is_parametrized(owner, attr) else ():
+                    for proj, adapter in weight.projections.items():
+                        yield f"{tower}.{index}.{proj}", adapter
 
 
 def parametrized_weights(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
-    """Yield ``(state-dict name, module, tensor name)`` for every weight carrying an adapter parametrization."""
-    names = {id(module): name for name, module in model.named_modules()}
-    for _, _, owner, attr in _adapted_weights(model):
-        yield f"{names[id(owner)]}.{attr}", owner, attr
+    """Yield ``(state-dict name, module, tensor name)`` for every parametrized weight of ``model``."""
+    for name, module in model.named_modules():
+        for attr in module.parametrizations if parametrize.is_parametrized(module) else ():
+            yield f"{name}.{attr}", module, attr
 
 
 def trainable_share(*modules: nn.Module) -> tuple[int, int, float]:

@@ -32,17 +32,12 @@ from ..model.backbone import weights_fingerprint
 from ..errors import AdapterError
 from ..fileio import load_tensors, read_json, save_tensors, write_json
 from .config import AdapterConfig
-from .inject import ROOT_ATTR, add_adapters, adapter_config_of, base_state_dict, iter_projection_adapters, towers
+from .inject import ROOT_ATTR, add_adapters, adapter_config_of, base_state_dict, iter_projection_adapters, tower_shapes
 from .methods import get_method
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
 FORMAT = "mora-retrieval-adapter"
-
-
-def tower_shapes(model: nn.Module) -> dict[str, list[int]]:
-    """``{"visual": [width, depth], "text": [width, depth]}``."""
-    return {tower: [int(m.resblocks[0].attn.out_proj.weight.shape[1]), len(m.resblocks)] for tower, m in towers(model).items()}
 
 
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -11,9 +11,7 @@ model without reloading it (as PEFT's ``merge_adapter`` / ``unmerge_adapter``).
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
-from typing import Iterator
 
 import open_clip
 import torch
@@ -102,11 +100,9 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
     return model
 
 
-@contextlib.contextmanager
-def cached_adapted_weights() -> Iterator[None]:
-    """Evaluate each adapted weight once per block of code (inference without merging)."""
-    with parametrize.cached():
-        yield
+#: ``with cached_adapted_weights():`` evaluates each adapted weight once per block of code (inference
+#: without merging): torch's own ``parametrize.cached``.
+cached_adapted_weights = parametrize.cached
 
 
 def export_checkpoint(model: nn.Module, path: str | Path, arch: str | None = None) -> Path:
@@ -126,11 +122,9 @@ def export_checkpoint(model: nn.Module, path: str | Path, arch: str | None = Non
         return _export_folder(model, state, path, arch)
     if path.suffix == ".safetensors":
         save_tensors(path, state, metadata={"format": "open_clip"})
-    elif path.suffix in (".pt", ".pth", ".bin"):
+    else:  # .pt, .pth, .bin
         with atomic_write(path, "wb") as handle:
             torch.save(state, handle)
-    else:
-        raise AdapterError(f"{path}: checkpoint must end in .safetensors, .pt, .pth or .bin")
     return path
 
 

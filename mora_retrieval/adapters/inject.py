@@ -112,16 +112,13 @@ def _attach(attn: nn.Module, config: AdapterConfig, slot: nn.Module | None, towe
 
 
 def freeze_for(model: nn.Module, method: AdapterMethod) -> None:
-    """Set ``requires_grad``: the adapter tensors and the base tensors ``method.trains_base`` names."""
+    """Set ``requires_grad`` of an adapted model: the adapter tensors (the projections' and those of
+    the adapter root: shared slots, prompts) and the base tensors ``method.trains_base`` names."""
     for name, param in model.named_parameters():
         param.requires_grad_(method.trains_base is not None and method.trains_base(name))
-    if has_adapters(model):
-        for _, adapter in iter_projection_adapters(model):
-            adapter.requires_grad_(True)
-        root = getattr(model, ROOT_ATTR)
-        root.slots.requires_grad_(True)
-        if getattr(root, "prompts", None) is not None:
-            root.prompts.requires_grad_(True)
+    for _, adapter in iter_projection_adapters(model):
+        adapter.requires_grad_(True)
+    getattr(model, ROOT_ATTR).requires_grad_(True)
 
 
 def add_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:

@@ -115,7 +115,7 @@ def export_checkpoint(model: nn.Module, path: str | Path, arch: str | None = Non
     that ``open_clip.create_model("local-dir:" + path)`` loads by itself.
     """
     path = Path(path)
-    if has_adapters(model) or any(True for _ in parametrized_weights(model)):
+    if has_adapters(model) or any(parametrized_weights(model)):
         raise AdapterError(f"{path}: merge the adapters before exporting a checkpoint (merge_adapters(model))")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if path.suffix not in CHECKPOINT_SUFFIXES:

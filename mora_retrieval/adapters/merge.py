@@ -65,19 +65,21 @@ def merge_adapters(model: nn.Module, reversible: bool = False) -> nn.Module:
     A merged weight with NaN or inf raises :class:`AdapterError` and leaves the model unmerged.
     Prompt methods (``dcp``, ``mmp``) are refused: they change the computation, not the weights.
     """
-    if has_adapters(model):
-        require_mergeable(getattr(model, ROOT_ATTR).config.method)
-    merged = [(qualified, module, name, getattr(module, name).detach()) for qualified, module, name in parametrized_weights(model)]
+    root = getattr(model, ROOT_ATTR, None)
+    if root is not None:
+        require_mergeable(root.config.method)
+    merged = [(qualified, module, name, getattr(module, name).detach())
+              for qualified, module, name in parametrized_weights(model)]
     checked = [(qualified, value) for qualified, _, _, value in merged]
-    if has_adapters(model):  # with bitfit/full, the trained base tensors are the merged weights
+    if root is not None:  # with bitfit/full, the trained base tensors are the merged weights
         checked += [(n, p) for n, p in model.named_parameters() if p.requires_grad and ".parametrizations." not in n]
     bad = next((qualified for qualified, value in checked if not torch.isfinite(value).all()), None)
     if bad is not None:
         raise AdapterError(f"merging gives NaN or inf in {bad}: the adapter is broken (the model is left unmerged)")
     folded = [undo for undo in (_fold(module, name, value) for _, module, name, value in merged) if undo]
-    if has_adapters(model):
+    if root is not None:
         if reversible:
-            model.__dict__[UNMERGE_ATTR] = (getattr(model, ROOT_ATTR), folded)
+            model.__dict__[UNMERGE_ATTR] = (root, folded)
         delattr(model, ROOT_ATTR)
     for param in model.parameters():
         param.requires_grad_(True)

@@ -58,15 +58,6 @@ def towers(model: nn.Module) -> dict[str, nn.Module]:
         ) from None
 
 
-def _attention(block: nn.Module, where: str) -> nn.Module:
-    attn = getattr(block, "attn", None)
-    ok = attn is not None and hasattr(attn, "out_proj")
-    ok = ok and (getattr(attn, "in_proj_weight", None) is not None or "in_proj_weight" in getattr(attn, "parametrizations", {}))
-    if not ok:
-        raise AdapterError(f"{where}: expected attention with a fused in_proj_weight and out_proj, found {type(attn).__name__}")
-    return attn
-
-
 def has_adapters(model: nn.Module) -> bool:
     return hasattr(model, ROOT_ATTR)
 
@@ -93,7 +84,11 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _attach(attn: nn.Module, config: AdapterConfig, slot: nn.Module | None, tower: str, where: str) -> None:
+def _attach(block: nn.Module, config: AdapterConfig, slot: nn.Module | None, tower: str, where: str) -> None:
+    attn = getattr(block, "attn", None)
+    if not hasattr(attn, "out_proj") or getattr(attn, "in_proj_weight", None) is None:
+        raise AdapterError(f"{where}: expected attention with a fused in_proj_weight and out_proj, "
+                           f"found {type(attn).__name__}")
     make = get_method(config.method).make_projection
     d = attn.out_proj.weight.shape[1]
     w_in = attn.in_proj_weight
@@ -145,8 +140,7 @@ def add_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
                 slot = root.slots[str(j)] = method.make_slot(config, widths["visual"], widths["text"], **like)
             for tower, block in (("visual", vb), ("text", tb)):
                 if block is not None:
-                    where = f"{tower} block {block}"
-                    _attach(_attention(tower_modules[tower].resblocks[block], where), config, slot, tower, where)
+                    _attach(tower_modules[tower].resblocks[block], config, slot, tower, f"{tower} block {block}")
     if method.make_prompts is not None:
         prompts = method.make_prompts(config, widths, depths, **like)
         root.add_module("prompts", prompts)

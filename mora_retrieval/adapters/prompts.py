@@ -258,8 +258,7 @@ def _check_cases(cases: torch.Tensor) -> torch.Tensor:
 
 def prompt_module(model: nn.Module) -> PromptModule | None:
     """The prompt module of an adapted model, or None (no adapters, or a weight-based method)."""
-    root = getattr(model, ROOT_ATTR, None)
-    return getattr(root, "prompts", None) if root is not None else None
+    return getattr(getattr(model, ROOT_ATTR, None), "prompts", None)
 
 
 @contextlib.contextmanager

@@ -140,8 +140,7 @@ def _recorded_weights(adapter_dir: Path, meta: dict) -> str:
     if recorded in (None, "none"):
         raise AdapterError(f"{adapter_dir}: the adapter was trained on random weights, which cannot be rebuilt; "
                            f"export them once and train with --pretrained FILE")
-    suffix_or_path = Path(recorded).suffix in CHECKPOINT_SUFFIXES or "/" in recorded
-    if not suffix_or_path:
+    if Path(recorded).suffix not in CHECKPOINT_SUFFIXES and "/" not in recorded:
         return recorded  # an open_clip tag
     for candidate in (Path(recorded), adapter_dir.parent / recorded):
         if candidate.is_file():

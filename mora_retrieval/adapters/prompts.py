@@ -225,8 +225,8 @@ class CorrelatedPrompts(PromptModule):
         out: dict[str, list[torch.Tensor]] = {"visual": [], "text": []}
         for layer in range(self.depth):
             joint = torch.cat([previous["visual"], previous["text"]], dim=-1)
-            previous = {tower: self.generators[tower][layer](self.norms[tower][layer](joint)) for tower in out}
             for tower in out:
+                previous[tower] = self.generators[tower][layer](self.norms[tower][layer](joint))
                 out[tower].append(previous[tower])
         return out
 

@@ -24,13 +24,12 @@ def merge(
     from mora_retrieval.adapters.merge import merge_adapter_folder
 
     summary = merge_adapter_folder(adapter, out, arch=model, pretrained=pretrained)
-    make_console().print(
-        f"merged [bold]{summary['method']}[/] adapter into {summary['arch']} "
-        f"(fingerprint {summary['fingerprint']}) -> {summary['checkpoint']}"
-    )
+    console = make_console()
+    console.print(f"merged [bold]{summary['method']}[/] adapter into {summary['arch']} "
+                  f"(fingerprint {summary['fingerprint']}) -> {summary['checkpoint']}")
     if Path(summary["checkpoint"]).is_dir():
-        make_console().print(f"load it with open_clip.create_model_and_transforms('local-dir:{summary['checkpoint']}'), "
-                             f"or --checkpoint {summary['checkpoint']} (no --model needed)")
+        console.print(f"load it with open_clip.create_model_and_transforms('local-dir:{summary['checkpoint']}'), "
+                      f"or --checkpoint {summary['checkpoint']} (no --model needed)")
 
 
 COMMANDS = {"merge": merge}

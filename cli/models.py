@@ -14,9 +14,8 @@ def models(pattern: str = typer.Argument("*", help="Glob over architecture names
     import open_clip
     from rich.table import Table
 
-    from mora_retrieval.model.backbone import list_architectures, toolkit_architectures
-
     from mora_retrieval.errors import MoraError
+    from mora_retrieval.model.backbone import list_architectures, toolkit_architectures
 
     matched = [arch for arch in list_architectures() if fnmatch.fnmatch(arch, pattern)]
     if not matched:

@@ -14,7 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from safetensors.torch import load_file, save
+from safetensors import safe_open
+from safetensors.torch import save
 
 from .errors import MoraError
 
@@ -96,10 +97,18 @@ def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str
 
 def load_tensors(path: str | os.PathLike, what: str = "safetensors file", error: type[MoraError] = MoraError) -> dict:
     """Load a safetensors file (never unpickles); corrupt or missing files raise ``error`` with one line."""
+    return load_tensors_and_metadata(path, what, error)[0]
+
+
+def load_tensors_and_metadata(
+    path: str | os.PathLike, what: str = "safetensors file", error: type[MoraError] = MoraError
+) -> tuple[dict, dict[str, str]]:
+    """``(tensors, metadata)`` of a safetensors file in one read; errors as :func:`load_tensors`."""
     path = Path(path)
     if not path.is_file():
         raise error(f"{path}: {what} not found")
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            return {name: handle.get_tensor(name) for name in handle.keys()}, handle.metadata() or {}
     except Exception as exc:  # safetensors raises several types for damaged headers/payloads
         raise error(f"{path}: corrupted or unreadable {what} ({exc})") from None

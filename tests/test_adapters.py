@@ -288,6 +288,14 @@ def test_out_of_range_block_is_rejected(tiny_model):
         add_adapters(tiny_model.model, AdapterConfig(method="lora", vision_layers=(1,), text_layers=(7,)))
 
 
+def test_blocks_without_fused_attention_are_rejected(tiny_model):
+    model = tiny_model.model
+    model.transformer.resblocks[2].attn = torch.nn.Identity()
+    with pytest.raises(AdapterError, match="text block 2: expected attention with a fused in_proj_weight and "
+                                           "out_proj, found Identity"):
+        add_adapters(model, AdapterConfig(method="lora", layers=2))
+
+
 # ------------------------------------------------------------------------------- adapter files
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_save_load_round_trip(tiny_model, tmp_path, method):

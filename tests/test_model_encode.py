@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from mora_retrieval.model.combiner import Combiner
+from mora_retrieval.errors import MoraError
+from mora_retrieval.fileio import save_tensors
+from mora_retrieval.model.combiner import Combiner, load_combiner, save_combiner
 from mora_retrieval.model.encode import collect, composed_query, encode_image_batch, encode_images, encode_texts
 
 CPU = torch.device("cpu")
@@ -64,3 +66,18 @@ def test_composed_query_is_the_normalised_sum_or_the_combiner():
     with torch.no_grad():
         assert torch.allclose(composed_query(image, one, combiner), combiner(image, one.expand(4, -1)))
         assert composed_query(image, text, combiner).norm(dim=-1) == pytest.approx([1.0] * 4, abs=1e-5)
+
+
+def test_combiner_file_round_trip_and_errors(tmp_path):
+    combiner = Combiner(8, proj_dim=12, hidden_dim=20).eval()
+    save_combiner(combiner, tmp_path / "combiner.safetensors")
+    loaded = load_combiner(tmp_path / "combiner.safetensors")
+    assert loaded.sizes() == {"dim": 8, "proj_dim": 12, "hidden_dim": 20} and not loaded.training
+    image, text = torch.randn(3, 8), torch.randn(3, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(image, text), combiner(image, text))
+    save_tensors(tmp_path / "other.safetensors", {"x": torch.zeros(2)})
+    with pytest.raises(MoraError, match="other.safetensors: not a Combiner file"):
+        load_combiner(tmp_path / "other.safetensors")
+    with pytest.raises(MoraError, match="missing.safetensors: Combiner file not found"):
+        load_combiner(tmp_path / "missing.safetensors")

@@ -8,6 +8,8 @@ forward code runs unchanged and merging is a single evaluation of the weight fun
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -20,6 +22,13 @@ def column_norm(weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
 def row_norm(weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """L2 norm of each output row of a ``[d_out, d_in]`` weight, clamped below at ``eps`` (DoRA)."""
     return weight.norm(dim=1).clamp_min(eps)
+
+
+def low_rank_pair(w0: torch.Tensor, r: int) -> tuple[nn.Parameter, nn.Parameter]:
+    """``A [r, d_in] ~ N(0, 1/r)`` and ``B [d_out, r] = 0`` beside ``w0`` (``B A = 0`` at initialisation)."""
+    d_out, d_in = w0.shape
+    a = torch.randn(r, d_in, dtype=w0.dtype, device=w0.device) / math.sqrt(r)
+    return nn.Parameter(a), nn.Parameter(torch.zeros(d_out, r, dtype=w0.dtype, device=w0.device))
 
 
 class ProjectionAdapter(nn.Module):

@@ -58,10 +58,6 @@ class AdapterConfig:
             if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
                 raise AdapterError(f"{name} must be a whole number >= 1 (got {value!r})")
 
-    @property
-    def is_prompt_method(self) -> bool:
-        return get_method(self.method).make_prompts is not None
-
     def resolved_prompts(self) -> tuple[int, int]:
         """``(prompt_length, prompt_depth)`` in use: the configured ones, else the method's defaults."""
         method = get_method(self.method)
@@ -78,7 +74,7 @@ class AdapterConfig:
         """JSON-ready fields. Prompt methods record their resolved prompt length and depth; other
         methods leave the prompt fields out (their records stay as they were)."""
         data = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k not in PROMPT_FIELDS}
-        if self.is_prompt_method:
+        if get_method(self.method).prompt_defaults is not None:
             data["prompt_length"], data["prompt_depth"] = self.resolved_prompts()
         return data
 

@@ -41,6 +41,12 @@ class AdapterRoot(nn.Module):
         self.base_fingerprint: str | None = None  # set when the method trains base tensors; others hash at save time
 
 
+def tower_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """``{"visual": [width, depth], "text": [width, depth]}``."""
+    return {tower: [int(m.resblocks[0].attn.out_proj.weight.shape[1]), len(m.resblocks)]
+            for tower, m in towers(model).items()}
+
+
 def towers(model: nn.Module) -> dict[str, nn.Module]:
     """The two transformers of an open_clip CLIP: ``{"visual": ..., "text": ...}``."""
     try:
@@ -50,15 +56,6 @@ def towers(model: nn.Module) -> dict[str, nn.Module]:
             f"{type(model).__name__} is not an open_clip CLIP with transformer towers "
             "(models with timm or Hugging Face towers are not supported)"
         ) from None
-
-
-def _attention(block: nn.Module, where: str) -> nn.Module:
-    attn = getattr(block, "attn", None)
-    ok = attn is not None and hasattr(attn, "out_proj")
-    ok = ok and (getattr(attn, "in_proj_weight", None) is not None or "in_proj_weight" in getattr(attn, "parametrizations", {}))
-    if not ok:
-        raise AdapterError(f"{where}: expected attention with a fused in_proj_weight and out_proj, found {type(attn).__name__}")
-    return attn
 
 
 def has_adapters(model: nn.Module) -> bool:
@@ -87,7 +84,11 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _attach(attn: nn.Module, config: AdapterConfig, slot: nn.Module | None, tower: str, where: str) -> None:
+def _attach(block: nn.Module, config: AdapterConfig, slot: nn.Module | None, tower: str, where: str) -> None:
+    attn = getattr(block, "attn", None)
+    if not hasattr(attn, "out_proj") or getattr(attn, "in_proj_weight", None) is None:
+        raise AdapterError(f"{where}: expected attention with a fused in_proj_weight and out_proj, "
+                           f"found {type(attn).__name__}")
     make = get_method(config.method).make_projection
     d = attn.out_proj.weight.shape[1]
     w_in = attn.in_proj_weight
@@ -106,16 +107,13 @@ def _attach(attn: nn.Module, config: AdapterConfig, slot: nn.Module | None, towe
 
 
 def freeze_for(model: nn.Module, method: AdapterMethod) -> None:
-    """Set ``requires_grad``: the adapter tensors and the base tensors ``method.trains_base`` names."""
+    """Set ``requires_grad`` of an adapted model: the adapter tensors (the projections' and those of
+    the adapter root: shared slots, prompts) and the base tensors ``method.trains_base`` names."""
     for name, param in model.named_parameters():
         param.requires_grad_(method.trains_base is not None and method.trains_base(name))
-    if has_adapters(model):
-        for _, adapter in iter_projection_adapters(model):
-            adapter.requires_grad_(True)
-        root = getattr(model, ROOT_ATTR)
-        root.slots.requires_grad_(True)
-        if getattr(root, "prompts", None) is not None:
-            root.prompts.requires_grad_(True)
+    for _, adapter in iter_projection_adapters(model):
+        adapter.requires_grad_(True)
+    getattr(model, ROOT_ATTR).requires_grad_(True)
 
 
 def add_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
@@ -129,25 +127,22 @@ def add_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
     if has_adapters(model):
         raise AdapterError("the model already has adapters; merge or reload it before adding others")
     tower_modules = towers(model)
-    slots = resolve_layers(config, len(tower_modules["visual"].resblocks), len(tower_modules["text"].resblocks))
+    shapes = tower_shapes(model)
+    widths, depths = ({tower: shape[i] for tower, shape in shapes.items()} for i in (0, 1))
+    slots = resolve_layers(config, depths["visual"], depths["text"])
     root = AdapterRoot(config, slots)
+    ref = tower_modules["visual"].resblocks[0].attn.out_proj.weight
+    like = {"dtype": ref.dtype, "device": ref.device}
     if method.make_projection is not None:
-        ref = tower_modules["visual"].resblocks[0].attn.out_proj.weight
-        d_v, d_t = ref.shape[1], tower_modules["text"].resblocks[0].attn.out_proj.weight.shape[1]
         for j, (vb, tb) in enumerate(slots):
             slot = None
             if method.make_slot is not None:
-                slot = method.make_slot(config, d_v, d_t, dtype=ref.dtype, device=ref.device)
-                root.slots[str(j)] = slot
+                slot = root.slots[str(j)] = method.make_slot(config, widths["visual"], widths["text"], **like)
             for tower, block in (("visual", vb), ("text", tb)):
                 if block is not None:
-                    where = f"{tower} block {block}"
-                    _attach(_attention(tower_modules[tower].resblocks[block], where), config, slot, tower, where)
+                    _attach(tower_modules[tower].resblocks[block], config, slot, tower, f"{tower} block {block}")
     if method.make_prompts is not None:
-        widths = {tower: int(m.resblocks[0].attn.out_proj.weight.shape[1]) for tower, m in tower_modules.items()}
-        depths = {tower: len(m.resblocks) for tower, m in tower_modules.items()}
-        ref = tower_modules["visual"].resblocks[0].attn.out_proj.weight
-        prompts = method.make_prompts(config, widths, depths, dtype=ref.dtype, device=ref.device)
+        prompts = method.make_prompts(config, widths, depths, **like)
         root.add_module("prompts", prompts)
         prompts.attach(tower_modules)
     if method.trains_base is not None:
@@ -158,28 +153,21 @@ def add_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
     return model
 
 
-def _adapted_weights(model: nn.Module) -> Iterator[tuple[str, int, nn.Module, str]]:
-    """``(tower, block index, module, tensor name)`` of every weight carrying an adapter parametrization."""
+def iter_projection_adapters(model: nn.Module) -> Iterator[tuple[str, ProjectionAdapter]]:
+    """Yield ``("{tower}.{block}.{proj}", adapter)`` for every adapted projection, in a stable order."""
     for tower, module in towers(model).items():
         for index, block in enumerate(module.resblocks):
             for owner, attr in ((block.attn, "in_proj_weight"), (block.attn.out_proj, "weight")):
-                if parametrize.is_parametrized(owner, attr):
-                    yield tower, index, owner, attr
-
-
-def iter_projection_adapters(model: nn.Module) -> Iterator[tuple[str, ProjectionAdapter]]:
-    """Yield ``("{tower}.{block}.{proj}", adapter)`` for every adapted projection, in a stable order."""
-    for tower, index, owner, attr in _adapted_weights(model):
-        for weight in owner.parametrizations[attr]:
-            for proj, adapter in weight.projections.items():
-                yield f"{tower}.{index}.{proj}", adapter
+                for weight in owner.parametrizations[attr] if parametrize.is_parametrized(owner, attr) else ():
+                    for proj, adapter in weight.projections.items():
+                        yield f"{tower}.{index}.{proj}", adapter
 
 
 def parametrized_weights(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
-    """Yield ``(state-dict name, module, tensor name)`` for every weight carrying an adapter parametrization."""
-    names = {id(module): name for name, module in model.named_modules()}
-    for _, _, owner, attr in _adapted_weights(model):
-        yield f"{names[id(owner)]}.{attr}", owner, attr
+    """Yield ``(state-dict name, module, tensor name)`` for every parametrized weight of ``model``."""
+    for name, module in model.named_modules():
+        for attr in module.parametrizations if parametrize.is_parametrized(module) else ():
+            yield f"{name}.{attr}", module, attr
 
 
 def trainable_share(*modules: nn.Module) -> tuple[int, int, float]:

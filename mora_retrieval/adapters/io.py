@@ -32,17 +32,13 @@ from ..model.backbone import weights_fingerprint
 from ..errors import AdapterError
 from ..fileio import load_tensors, read_json, save_tensors, write_json
 from .config import AdapterConfig
-from .inject import ROOT_ATTR, add_adapters, adapter_config_of, base_state_dict, iter_projection_adapters, towers
+from .inject import ROOT_ATTR, add_adapters, adapter_config_of, base_state_dict, iter_projection_adapters, tower_shapes
 from .methods import get_method
+from .prompts import prompt_module
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
 FORMAT = "mora-retrieval-adapter"
-
-
-def tower_shapes(model: nn.Module) -> dict[str, list[int]]:
-    """``{"visual": [width, depth], "text": [width, depth]}``."""
-    return {tower: [int(m.resblocks[0].attn.out_proj.weight.shape[1]), len(m.resblocks)] for tower, m in towers(model).items()}
 
 
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -56,8 +52,7 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         tensors.update({f"shared.{slot}.{part}": getattr(module, part) for part in method.shared})
     for prefix, adapter in iter_projection_adapters(model):
         tensors.update({f"{prefix}.{part}": getattr(adapter, part) for part in method.specific + method.magnitudes})
-    prompts = getattr(getattr(model, ROOT_ATTR), "prompts", None)
-    if prompts is not None:
+    if (prompts := prompt_module(model)) is not None:
         tensors.update({f"prompts.{name}": param for name, param in prompts.named_parameters()})
     return tensors
 

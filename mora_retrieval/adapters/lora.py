@@ -9,22 +9,18 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from .base import ProjectionAdapter, row_norm
+from .base import ProjectionAdapter, low_rank_pair, row_norm
 from .methods import AdapterMethod, register
 
 
 class LoRAAdapter(ProjectionAdapter):
     def __init__(self, w0: torch.Tensor, r: int, alpha: float):
-        d_out, d_in = w0.shape
         super().__init__()
         self.scale = alpha / r
-        self.A = nn.Parameter(torch.randn(r, d_in, dtype=w0.dtype, device=w0.device) / math.sqrt(r))
-        self.B = nn.Parameter(torch.zeros(d_out, r, dtype=w0.dtype, device=w0.device))
+        self.A, self.B = low_rank_pair(w0, r)
 
     def delta(self) -> torch.Tensor:
         return self.scale * (self.B @ self.A)

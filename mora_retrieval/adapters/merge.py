@@ -11,9 +11,7 @@ model without reloading it (as PEFT's ``merge_adapter`` / ``unmerge_adapter``).
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
-from typing import Iterator
 
 import open_clip
 import torch
@@ -67,19 +65,21 @@ def merge_adapters(model: nn.Module, reversible: bool = False) -> nn.Module:
     A merged weight with NaN or inf raises :class:`AdapterError` and leaves the model unmerged.
     Prompt methods (``dcp``, ``mmp``) are refused: they change the computation, not the weights.
     """
-    if has_adapters(model):
-        require_mergeable(getattr(model, ROOT_ATTR).config.method)
-    merged = [(qualified, module, name, getattr(module, name).detach()) for qualified, module, name in parametrized_weights(model)]
+    root = getattr(model, ROOT_ATTR, None)
+    if root is not None:
+        require_mergeable(root.config.method)
+    merged = [(qualified, module, name, getattr(module, name).detach())
+              for qualified, module, name in parametrized_weights(model)]
     checked = [(qualified, value) for qualified, _, _, value in merged]
-    if has_adapters(model):  # with bitfit/full, the trained base tensors are the merged weights
+    if root is not None:  # with bitfit/full, the trained base tensors are the merged weights
         checked += [(n, p) for n, p in model.named_parameters() if p.requires_grad and ".parametrizations." not in n]
     bad = next((qualified for qualified, value in checked if not torch.isfinite(value).all()), None)
     if bad is not None:
         raise AdapterError(f"merging gives NaN or inf in {bad}: the adapter is broken (the model is left unmerged)")
     folded = [undo for undo in (_fold(module, name, value) for _, module, name, value in merged) if undo]
-    if has_adapters(model):
+    if root is not None:
         if reversible:
-            model.__dict__[UNMERGE_ATTR] = (getattr(model, ROOT_ATTR), folded)
+            model.__dict__[UNMERGE_ATTR] = (root, folded)
         delattr(model, ROOT_ATTR)
     for param in model.parameters():
         param.requires_grad_(True)
@@ -102,11 +102,9 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
     return model
 
 
-@contextlib.contextmanager
-def cached_adapted_weights() -> Iterator[None]:
-    """Evaluate each adapted weight once per block of code (inference without merging)."""
-    with parametrize.cached():
-        yield
+#: ``with cached_adapted_weights():`` evaluates each adapted weight once per block of code (inference
+#: without merging): torch's own ``parametrize.cached``.
+cached_adapted_weights = parametrize.cached
 
 
 def export_checkpoint(model: nn.Module, path: str | Path, arch: str | None = None) -> Path:
@@ -119,18 +117,16 @@ def export_checkpoint(model: nn.Module, path: str | Path, arch: str | None = Non
     that ``open_clip.create_model("local-dir:" + path)`` loads by itself.
     """
     path = Path(path)
-    if has_adapters(model) or any(True for _ in parametrized_weights(model)):
+    if has_adapters(model) or any(parametrized_weights(model)):
         raise AdapterError(f"{path}: merge the adapters before exporting a checkpoint (merge_adapters(model))")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if path.suffix not in CHECKPOINT_SUFFIXES:
         return _export_folder(model, state, path, arch)
     if path.suffix == ".safetensors":
         save_tensors(path, state, metadata={"format": "open_clip"})
-    elif path.suffix in (".pt", ".pth", ".bin"):
+    else:  # .pt, .pth, .bin
         with atomic_write(path, "wb") as handle:
             torch.save(state, handle)
-    else:
-        raise AdapterError(f"{path}: checkpoint must end in .safetensors, .pt, .pth or .bin")
     return path
 
 
@@ -144,8 +140,7 @@ def _recorded_weights(adapter_dir: Path, meta: dict) -> str:
     if recorded in (None, "none"):
         raise AdapterError(f"{adapter_dir}: the adapter was trained on random weights, which cannot be rebuilt; "
                            f"export them once and train with --pretrained FILE")
-    suffix_or_path = Path(recorded).suffix in CHECKPOINT_SUFFIXES or "/" in recorded
-    if not suffix_or_path:
+    if Path(recorded).suffix not in CHECKPOINT_SUFFIXES and "/" not in recorded:
         return recorded  # an open_clip tag
     for candidate in (Path(recorded), adapter_dir.parent / recorded):
         if candidate.is_file():

@@ -21,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-from .base import ProjectionAdapter, column_norm
+from .base import ProjectionAdapter, column_norm, low_rank_pair
 from .methods import AdapterMethod, register
 
 
@@ -59,13 +59,10 @@ class SharedSlot(nn.Module):
 
 
 class MoRAAdapter(ProjectionAdapter):
-    """One adapted projection of MoRA (or of one of its ablations)."""
+    """One adapted projection of MoRA (or of one of its ablations); ``w0`` is square (``inject.py`` checks)."""
 
     def __init__(self, w0: torch.Tensor, r: int, alpha: float, slot: SharedSlot, tower: str,
                  specific: bool = True, subtract_base: bool = False):
-        d_out, d_in = w0.shape
-        if d_out != d_in:
-            raise ValueError(f"MoRA needs square projections, got {d_out}x{d_in}")
         super().__init__()
         self.alpha, self.tower, self.specific, self.subtract_base = alpha, tower, specific, subtract_base
         # The slot is owned by the model's adapter root; keep an unregistered reference so its
@@ -73,8 +70,7 @@ class MoRAAdapter(ProjectionAdapter):
         object.__setattr__(self, "_slot", slot)
         magnitude = column_norm(w0.detach()).clone()
         if specific:
-            self.A = nn.Parameter(torch.randn(r, d_in, dtype=w0.dtype, device=w0.device) / math.sqrt(r))
-            self.B = nn.Parameter(torch.zeros(d_out, r, dtype=w0.dtype, device=w0.device))
+            self.A, self.B = low_rank_pair(w0, r)
             self.m_specific = nn.Parameter(magnitude.clone())
         self.m_shared = nn.Parameter(magnitude)
 

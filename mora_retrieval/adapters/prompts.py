@@ -47,9 +47,7 @@ from ..errors import AdapterError
 from .inject import ROOT_ATTR
 from .methods import AdapterMethod, register
 
-COMPLETE, TEXT_MISSING, IMAGE_MISSING = 0, 1, 2
-NUM_CASES = 3
-CASE_NAMES = ("complete", "text missing", "image missing")
+NUM_CASES = 3  # complete, text missing, image missing (the codes of data/missing.py)
 PROMPT_INIT_STD = 0.02
 DCP_REDUCTION = 16  # hidden width of DCP's MLPs: input width // 16, as in the reference code
 
@@ -170,16 +168,18 @@ class PromptModule(nn.Module):
         return output if run is None or not run.prefix else output[:, run.prefix:]
 
 
+def _normal(*shape: int, dtype=None, device=None) -> nn.Parameter:
+    return nn.Parameter(torch.randn(*shape, dtype=dtype, device=device) * PROMPT_INIT_STD)
+
+
 class MissingAwarePrompts(PromptModule):
     """MMP: independent prompts per case and block, prepended and accumulated (module docstring)."""
 
     def __init__(self, length: int, depth: int, widths: dict[str, int], depths: dict[str, int],
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
         super().__init__(length, depth, widths, depths)
-        self.tokens = nn.ParameterDict({
-            tower: nn.Parameter(torch.randn(NUM_CASES, depth, length, width, dtype=dtype, device=device)
-                                * PROMPT_INIT_STD)
-            for tower, width in widths.items()})
+        self.tokens = nn.ParameterDict({tower: _normal(NUM_CASES, depth, length, width, dtype=dtype, device=device)
+                                        for tower, width in widths.items()})
 
     def insert(self, tower, layer, x, prefix, prepared, cases):
         return torch.cat([self.select(self.tokens[tower][:, layer], cases).to(x.dtype), x], dim=1)
@@ -189,10 +189,6 @@ def _mlp(d_in: int, d_out: int, dtype=None, device=None) -> nn.Sequential:
     hidden = max(d_in // DCP_REDUCTION, 1)
     return nn.Sequential(nn.Linear(d_in, hidden, dtype=dtype, device=device), nn.GELU(),
                          nn.Linear(hidden, d_out, dtype=dtype, device=device))
-
-
-def _normal(*shape: int, dtype=None, device=None) -> nn.Parameter:
-    return nn.Parameter(torch.randn(*shape, dtype=dtype, device=device) * PROMPT_INIT_STD)
 
 
 class CorrelatedPrompts(PromptModule):
@@ -229,8 +225,8 @@ class CorrelatedPrompts(PromptModule):
         out: dict[str, list[torch.Tensor]] = {"visual": [], "text": []}
         for layer in range(self.depth):
             joint = torch.cat([previous["visual"], previous["text"]], dim=-1)
-            previous = {tower: self.generators[tower][layer](self.norms[tower][layer](joint)) for tower in out}
             for tower in out:
+                previous[tower] = self.generators[tower][layer](self.norms[tower][layer](joint))
                 out[tower].append(previous[tower])
         return out
 
@@ -262,8 +258,7 @@ def _check_cases(cases: torch.Tensor) -> torch.Tensor:
 
 def prompt_module(model: nn.Module) -> PromptModule | None:
     """The prompt module of an adapted model, or None (no adapters, or a weight-based method)."""
-    root = getattr(model, ROOT_ATTR, None)
-    return getattr(root, "prompts", None) if root is not None else None
+    return getattr(getattr(model, ROOT_ATTR, None), "prompts", None)
 
 
 @contextlib.contextmanager

@@ -12,8 +12,8 @@ the transformer's block list is, for the duration of one forward, the bf16 prefi
 to bf16, attention mask cast, autocast off, output cast back to float32) followed by the
 adapted blocks, which keep their fp32 master weights under the caller's autocast.
 
-The copy is made when first used, on the device of the fp32 blocks; call :meth:`refresh` if the
-frozen weights ever change.
+The copy is made when first used, on the device of the fp32 blocks (they are frozen: their weights
+do not change while it is in use).
 """
 
 from __future__ import annotations
@@ -62,10 +62,6 @@ class Bf16Prefix:
     @property
     def usable(self) -> bool:
         return self.depth > 0
-
-    def refresh(self) -> None:
-        """Drop the bf16 copy; the next forward casts the fp32 blocks again."""
-        self._copy = None
 
     def _blocks(self) -> _Bf16Blocks:
         if self._copy is None:

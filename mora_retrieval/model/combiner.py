@@ -16,11 +16,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
 from ..errors import MoraError
-from ..fileio import load_tensors, save_tensors
+from ..fileio import load_tensors_and_metadata, save_tensors
 
 class Combiner(nn.Module):
     """Baldrati et al.'s Combiner over ``dim``-d CLIP features."""
@@ -58,9 +57,7 @@ def save_combiner(combiner: Combiner, path: str | Path) -> None:
 def load_combiner(path: str | Path, map_location: str = "cpu") -> Combiner:
     """Read a file written by :func:`save_combiner`; one-line errors for damaged files."""
     path = Path(path)
-    tensors = load_tensors(path, "Combiner file")
-    with safe_open(str(path), framework="pt") as handle:
-        meta = handle.metadata() or {}
+    tensors, meta = load_tensors_and_metadata(path, "Combiner file")
     if "combiner" not in meta:
         raise MoraError(f"{path}: not a Combiner file (no 'combiner' sizes in its metadata)")
     combiner = Combiner(**json.loads(meta["combiner"]))

@@ -19,12 +19,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
 from ..adapters.prompts import missing_cases
 from ..errors import TrainingError
-from ..fileio import load_tensors, save_tensors
+from ..fileio import load_tensors_and_metadata, save_tensors
 
 FEATURE_MODES = ("normalized", "raw")
 HEAD_INIT_STD = 0.02
@@ -82,9 +81,7 @@ def save_head(head: LinearHead, path: str | os.PathLike, task: str, class_names:
 def load_head(path: str | os.PathLike) -> tuple[LinearHead, dict[str, Any]]:
     """``(LinearHead, {"task", "features", "class_names"})`` from :func:`save_head`'s file."""
     path = Path(path)
-    tensors = load_tensors(path, "classifier head", error=TrainingError)
-    with safe_open(str(path), framework="pt") as handle:  # load_tensors has read it already
-        meta = handle.metadata() or {}
+    tensors, meta = load_tensors_and_metadata(path, "classifier head", error=TrainingError)
     weight, bias = tensors.get("weight"), tensors.get("bias")
     if meta.get("format") != HEAD_FORMAT or weight is None or bias is None or weight.ndim != 2 \
             or tuple(bias.shape) != (weight.shape[0],):

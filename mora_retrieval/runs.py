@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .adapters import adapter_config_of, get_method, load_adapters, merge_adapters, read_adapter_config
+from .adapters import load_merged, read_adapter_config
 from .engine.checkpoint import CONFIG_FILE, last_path
 from .errors import BackboneError, MoraError
 from .fileio import read_json, write_json
@@ -197,7 +197,6 @@ class FinishedRun:
             backbone = load_backbone(self.arch, str(merged), device=device)
         else:
             backbone = self.load_base(device)
-            model = load_adapters(backbone.model, adapter, arch=self.arch, check_fingerprint=False)  # load_base checked
-            backbone.model = merge_adapters(model) if get_method(adapter_config_of(model).method).mergeable else model
+            backbone.model = load_merged(backbone.model, adapter, self.arch, check_fingerprint=False)  # load_base checked
         backbone.model.eval()
         return backbone

@@ -14,12 +14,13 @@ from .methods import AdapterMethod, get_method, list_methods
 from . import mora, lora  # registers MoRA and its ablations, then LoRA and DoRA (the listing order)
 from .inject import add_adapters, adapter_config_of, base_state_dict, has_adapters, iter_projection_adapters, trainable_share
 from .io import load_adapters, read_adapter_config, save_adapters
-from .merge import cached_adapted_weights, export_checkpoint, merge_adapters, require_mergeable, unmerge_adapters
+from .merge import (cached_adapted_weights, export_checkpoint, load_merged, merge_adapters, require_mergeable,
+                    unmerge_adapters)
 from .prompts import missing_cases, prompt_module  # registers DCP and MMP (after BitFit and full)
 
 __all__ = [
     "PROJECTIONS", "AdapterConfig", "AdapterMethod", "add_adapters", "adapter_config_of", "base_state_dict",
     "cached_adapted_weights", "export_checkpoint", "get_method", "has_adapters", "iter_projection_adapters",
     "list_methods", "load_adapters", "merge_adapters", "missing_cases", "prompt_module", "read_adapter_config",
-    "require_mergeable", "resolve_layers", "save_adapters", "trainable_share", "unmerge_adapters",
+    "load_merged", "require_mergeable", "resolve_layers", "save_adapters", "trainable_share", "unmerge_adapters",
 ]

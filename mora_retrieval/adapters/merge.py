@@ -86,6 +86,16 @@ def merge_adapters(model: nn.Module, reversible: bool = False) -> nn.Module:
     return model
 
 
+def load_merged(model: nn.Module, adapter_dir: str | Path, arch: str | None = None,
+                check_fingerprint: bool = True) -> nn.Module:
+    """The adapter folder loaded onto ``model`` and merged into it, for inference (eval mode); a prompt
+    method's adapter (``dcp``, ``mmp``), which cannot be merged, stays loaded unmerged."""
+    model = load_adapters(model, adapter_dir, arch=arch, check_fingerprint=check_fingerprint)
+    if get_method(getattr(model, ROOT_ATTR).config.method).mergeable:
+        model = merge_adapters(model)
+    return model.eval()
+
+
 def unmerge_adapters(model: nn.Module) -> nn.Module:
     """Restore, in place, the adapted model that ``merge_adapters(model, reversible=True)`` merged.
 

@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..adapters import adapter_config_of, get_method, load_adapters, merge_adapters
+from ..adapters import load_merged
 from ..data.images import preprocess_spec
 from ..device import inference_dtype, resolve_device
 from ..errors import BackboneError
@@ -138,9 +138,7 @@ def load_encoder(
     if checkpoint is not None:
         source["checkpoint"] = str(Path(checkpoint).resolve())
     if adapter is not None:
-        model = load_adapters(model, adapter, arch=arch)
-        if get_method(adapter_config_of(model).method).mergeable:  # prompt methods (dcp, mmp) stay unmerged
-            model = merge_adapters(model)
+        model = load_merged(model, adapter, arch=arch)  # prompt methods (dcp, mmp) stay unmerged
         source["adapter"] = str(Path(adapter).resolve())
     comb = None
     if combiner is not None:

@@ -10,6 +10,7 @@ import open_clip
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch.nn.utils import parametrize
 
 from mora_retrieval.adapters import (
     AdapterConfig,
@@ -294,6 +295,8 @@ def test_blocks_without_fused_attention_are_rejected(tiny_model):
     with pytest.raises(AdapterError, match="text block 2: expected attention with a fused in_proj_weight and "
                                            "out_proj, found Identity"):
         add_adapters(model, AdapterConfig(method="lora", layers=2))
+    # checked before any block is touched: the earlier blocks of both towers are left as they were
+    assert not any(parametrize.is_parametrized(m) for m in model.modules()) and not has_adapters(model)
 
 
 # ------------------------------------------------------------------------------- adapter files

@@ -84,19 +84,25 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _attach(block: nn.Module, config: AdapterConfig, slot: nn.Module | None, tower: str, where: str) -> None:
+def _checked_attention(block: nn.Module, where: str) -> nn.Module:
+    """``block.attn``, if adapters can take it: a fused, square ``in_proj_weight`` and ``out_proj``."""
     attn = getattr(block, "attn", None)
     if not hasattr(attn, "out_proj") or getattr(attn, "in_proj_weight", None) is None:
         raise AdapterError(f"{where}: expected attention with a fused in_proj_weight and out_proj, "
                            f"found {type(attn).__name__}")
+    d = attn.out_proj.weight.shape[1]
+    if attn.in_proj_weight.shape != (3 * d, d) or attn.out_proj.weight.shape != (d, d):
+        raise AdapterError(
+            f"{where}: projections are not square (in_proj {tuple(attn.in_proj_weight.shape)}, out_proj "
+            f"{tuple(attn.out_proj.weight.shape)}); MoRA and LoRA here need d x d q/k/v/out"
+        )
+    return attn
+
+
+def _attach(attn: nn.Module, config: AdapterConfig, slot: nn.Module | None, tower: str) -> None:
     make = get_method(config.method).make_projection
     d = attn.out_proj.weight.shape[1]
     w_in = attn.in_proj_weight
-    if w_in.shape != (3 * d, d) or attn.out_proj.weight.shape != (d, d):
-        raise AdapterError(
-            f"{where}: projections are not square (in_proj {tuple(w_in.shape)}, out_proj "
-            f"{tuple(attn.out_proj.weight.shape)}); MoRA and LoRA here need d x d q/k/v/out"
-        )
     qkv = {name: (i * d, (i + 1) * d) for i, name in enumerate(QKV)}
     in_adapters = {name: make(w_in.detach()[a:b], config, slot, tower) for name, (a, b) in qkv.items() if name in config.targets}
     if in_adapters:
@@ -134,13 +140,15 @@ def add_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
     ref = tower_modules["visual"].resblocks[0].attn.out_proj.weight
     like = {"dtype": ref.dtype, "device": ref.device}
     if method.make_projection is not None:
-        for j, (vb, tb) in enumerate(slots):
+        # Every block is checked before the first is touched: a refused model is left as it was.
+        attentions = [{tower: _checked_attention(tower_modules[tower].resblocks[block], f"{tower} block {block}")
+                       for tower, block in (("visual", vb), ("text", tb)) if block is not None} for vb, tb in slots]
+        for j, slot_attentions in enumerate(attentions):
             slot = None
             if method.make_slot is not None:
                 slot = root.slots[str(j)] = method.make_slot(config, widths["visual"], widths["text"], **like)
-            for tower, block in (("visual", vb), ("text", tb)):
-                if block is not None:
-                    _attach(tower_modules[tower].resblocks[block], config, slot, tower, f"{tower} block {block}")
+            for tower, attn in slot_attentions.items():
+                _attach(attn, config, slot, tower)
     if method.make_prompts is not None:
         prompts = method.make_prompts(config, widths, depths, **like)
         root.add_module("prompts", prompts)

@@ -155,7 +155,7 @@ def test_interrupted_run_resumes_to_the_same_weights_and_results(app, world, tmp
 
     args = ("classify", "hateful-memes", "--data-root", world["hateful_memes"], "--missing", "both:0.5",
             "--epochs", "2", "--batch-size", "16", "--seed", "1", *COMMON)
-    invoke_ok(app, *args, "--run-dir", tmp_path / "straight")
+    invoke_ok(app, *args, "--run-dir", tmp_path / "straight", "--resume")  # nothing to resume: starts afresh
 
     real, calls = ClassifyModule.forward, {"n": 0}
 

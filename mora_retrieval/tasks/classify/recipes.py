@@ -85,7 +85,7 @@ def train_classifier(settings: ClassifySettings, train_config: TrainConfig, run_
     shares = trainable_share(classifier.clip, classifier.head)
     trainer = Trainer(module, train_config, run_dir, train_set, collate_fn=collate, console=console,
                       extra_config=settings.training_record(), quiet=quiet)
-    fit = trainer.fit(resume=resume)
+    fit = trainer.fit(resume=resumable(run_dir, resume))  # nothing to resume yet: start afresh, as train cirr does
     if not detect().is_main:
         return None
     device = trainer.device
@@ -209,7 +209,7 @@ def run_grid(settings: ClassifySettings, train_config: TrainConfig, out_dir: str
                     if console is not None and not quiet:
                         console.rule(f"{base.dataset} · {name}: train = test = {scenario}")
                     cell_settings = replace(base, missing=scenario, val_missing=None, test_missing=scenario)
-                    result = train_classifier(cell_settings, train_config, cell, resume=resumable(cell, resume),
+                    result = train_classifier(cell_settings, train_config, cell, resume=resume,
                                               console=console, quiet=quiet)
                     if result is None:  # a non-zero rank under torchrun
                         continue

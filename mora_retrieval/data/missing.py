@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError
 from ..fileio import read_json, write_json
+from .images import require_choice
 
 COMPLETE, TEXT_MISSING, IMAGE_MISSING = 0, 1, 2
 MISSING_KINDS = ("none", "text", "image", "both")
@@ -45,8 +46,7 @@ class MissingSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind not in MISSING_KINDS:
-            raise DataError(f"unknown missing-modality type {self.kind!r} (expected one of: {', '.join(MISSING_KINDS)})")
+        require_choice(self.kind, MISSING_KINDS, "missing-modality type")
         if not 0.0 <= self.ratio <= 1.0 or not 0.0 <= self.both_image_share <= 1.0:
             raise DataError(f"missing-modality ratio and both-split must lie in [0, 1], got {self.ratio} and "
                             f"{self.both_image_share}")

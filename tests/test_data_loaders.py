@@ -162,6 +162,9 @@ def test_coco_images(tmp_path):
     assert everything.image_ids == [7, 19, 42] and everything.categories_of(19) == frozenset()
     with pytest.raises(DataError, match="image id 19 has no instance annotation"):
         everything.primary_category(19)
+    _json(root / "annotations" / "captions_val2017.json", {"annotations": 3})
+    with pytest.raises(DataError, match=r"captions_val2017\.json: not a COCO captions file"):
+        COCOImages(root).captions_of(7)
 
 
 def test_coco_captions_and_errors(tmp_path):

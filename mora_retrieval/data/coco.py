@@ -87,11 +87,9 @@ class COCOImages(ImageDataset):
         """The image's captions from ``annotations/captions_{split}.json``."""
         if self._captions is None:
             path = self.root / "annotations" / f"captions_{self.split}.json"
-            data = read_json(path, "COCO captions file", error=DataError)
-            if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
-                raise DataError(f"{path}: not a COCO captions file (expected a list under 'annotations')")
+            annotations = _load_coco(path, "captions file", ("annotations",)).dataset["annotations"]
             captions: dict[int, list[str]] = {}
-            for a in sorted(data["annotations"], key=lambda a: a.get("id", 0)):
+            for a in sorted(annotations, key=lambda a: a.get("id", 0)):
                 captions.setdefault(a["image_id"], []).append(a["caption"])
             self._captions = captions
         return list(self._captions.get(image_id, []))

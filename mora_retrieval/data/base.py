@@ -12,7 +12,7 @@ from .images import BadImageLog, ImageReader
 
 
 class ImageDataset(Dataset):
-    """Base class: ``_image(path)`` decodes (or skips) and applies ``transform``."""
+    """Base class: ``_image(path)`` decodes (or skips) and applies ``transform``; ``_item`` builds an item on it."""
 
     def __init__(self, transform: Callable | None = None, skip_bad_images: bool = False) -> None:
         self.transform = transform
@@ -33,6 +33,11 @@ class ImageDataset(Dataset):
         if image is None or self.transform is None:
             return image
         return self.transform(image)
+
+    def _item(self, path: str | os.PathLike, data: bytes | None = None, /, **fields: Any) -> dict[str, Any] | None:
+        """``{"image": <its transformed image>, **fields}``, or ``None`` when the image is bad and skipped."""
+        image = self._image(path, data)
+        return None if image is None else {"image": image, **fields}
 
 
 class ClassificationDataset(ImageDataset):
@@ -66,10 +71,7 @@ class ClassificationDataset(ImageDataset):
         return torch.tensor(self.labels[index], dtype=torch.long)
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
-        image = self._image(self.paths[index])
-        if image is None:
-            return None
-        return {"image": image, **self.item_without_image(index)}
+        return self._item(self.paths[index], **self.item_without_image(index))
 
     def item_without_image(self, index: int) -> dict[str, Any]:
         """The item's text, label and index, without reading its image (for image-missing samples)."""

@@ -49,10 +49,7 @@ class CIRRGallery(ImageDataset):
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         name = self.names[index]
-        image = self._image(self.paths_by_name[name])
-        if image is None:
-            return None
-        return {"image": image, "name": name, "index": index}
+        return self._item(self.paths_by_name[name], name=name, index=index)
 
 
 class CIRRTriplets(ImageDataset):

@@ -60,10 +60,7 @@ class COCOImages(ImageDataset):
         return len(self.image_ids)
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
-        image = self._image(self.paths[index])
-        if image is None:
-            return None
-        return {"image": image, "image_id": self.image_ids[index], "index": index, "path": str(self.paths[index])}
+        return self._item(self.paths[index], image_id=self.image_ids[index], index=index, path=str(self.paths[index]))
 
     def _anns(self, image_id: int) -> list[dict[str, Any]]:
         if image_id not in self.coco.imgs:
@@ -118,7 +115,4 @@ class COCOCaptions(ImageDataset):
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         image_id, caption = self.pairs[index]
-        image = self._image(self.paths_by_id[image_id])
-        if image is None:
-            return None
-        return {"image": image, "caption": caption, "image_id": image_id, "index": index}
+        return self._item(self.paths_by_id[image_id], caption=caption, image_id=image_id, index=index)

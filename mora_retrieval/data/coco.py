@@ -54,7 +54,6 @@ class COCOImages(ImageDataset):
         self.paths: list[Path] = [self.root / split / self.coco.imgs[i]["file_name"] for i in ids]
         require_files(self.paths, "COCO image")
         self.category_names: dict[int, str] = {c["id"]: c["name"] for c in self.coco.dataset["categories"]}
-        self._captions: dict[int, list[str]] | None = None
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -79,17 +78,6 @@ class COCOImages(ImageDataset):
         if not areas:
             raise DataError(f"image id {image_id} has no instance annotation in instances_{self.split}.json")
         return min(areas, key=lambda c: (-areas[c], c))
-
-    def captions_of(self, image_id: int) -> list[str]:
-        """The image's captions from ``annotations/captions_{split}.json``."""
-        if self._captions is None:
-            path = self.root / "annotations" / f"captions_{self.split}.json"
-            annotations = _load_coco(path, "captions file", ("annotations",)).dataset["annotations"]
-            captions: dict[int, list[str]] = {}
-            for a in sorted(annotations, key=lambda a: a.get("id", 0)):
-                captions.setdefault(a["image_id"], []).append(a["caption"])
-            self._captions = captions
-        return list(self._captions.get(image_id, []))
 
 
 class COCOCaptions(ImageDataset):

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,9 +43,6 @@ TRANSFORM_KINDS = ("clip", "targetpad")
 TARGETPAD_RATIO = 1.25
 INTERPOLATIONS = ("bicubic", "bilinear")
 RESIZE_MODES = ("shortest", "longest", "squash")
-
-_log = logging.getLogger(__name__)
-
 
 #: File endings the toolkit treats as images when it scans folders.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -91,28 +87,6 @@ class BadImageLog:
         if str(path) not in self.paths:
             self.paths.append(str(path))
             self.reasons.append(reason)
-
-
-class ImageReader:
-    """Reads images under a bad-image policy; datasets own one and expose its ``log``."""
-
-    def __init__(self, skip_bad_images: bool = False) -> None:
-        self.skip_bad_images = skip_bad_images
-        self.log = BadImageLog()
-
-    def read(self, path: str | os.PathLike, data: bytes | None = None) -> Image.Image | None:
-        """The decoded image, or ``None`` (logged) when it is bad and skipping is on.
-
-        With ``data``, decode those bytes and use ``path`` only to name them.
-        """
-        try:
-            return load_image(path) if data is None else decode_image_bytes(data, str(path))
-        except DataError as exc:
-            if not self.skip_bad_images:
-                raise
-            self.log.add(path, str(exc))
-            _log.warning("skipping bad image: %s", exc)
-            return None
 
 
 def require_files(paths: Iterable[str | os.PathLike], what: str = "image file") -> None:

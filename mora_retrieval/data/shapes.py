@@ -86,10 +86,7 @@ def _rng(seed: int, *keys: str | int) -> np.random.Generator:
 
 def _save(img, path: Path, fmt: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "JPEG":
-        img.save(path, format="JPEG", quality=92)
-    else:
-        img.save(path, format="PNG", optimize=False)
+    img.save(path, format=fmt, **({"quality": 92} if fmt == "JPEG" else {}))
 
 
 # ---------------------------------------------------------------- CIRR

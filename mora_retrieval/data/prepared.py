@@ -270,12 +270,8 @@ class PreparedImages:
         except KeyError:
             raise DataError(f"{self.path}: no image named {name!r} in the prepared images") from None
 
-    def image(self, row: int) -> torch.Tensor:
-        """One image as a uint8 ``[3, H, W]`` tensor (a copy out of the map)."""
-        return torch.from_numpy(np.array(self.pixels[row]))
-
     def batch(self, rows: Sequence[int] | np.ndarray) -> torch.Tensor:
-        """Images as one uint8 ``[B, 3, H, W]`` tensor, read in one gather."""
+        """Images as one uint8 ``[B, 3, H, W]`` tensor, read in one gather (a copy out of the map)."""
         return torch.from_numpy(self.pixels[np.asarray(rows, dtype=np.int64)])
 
     def normalize(self, batch: torch.Tensor, dtype: torch.dtype = torch.float32,
@@ -297,8 +293,7 @@ class PreparedImageDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, index: int) -> torch.Tensor | None:
-        row = int(self.rows[index])
-        return self.prepared.image(row) if self.prepared.ok[row] else None
+        return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: Sequence[int]) -> list[torch.Tensor | None]:
         rows = self.rows[np.asarray(indices, dtype=np.int64)]

@@ -24,8 +24,9 @@ _TARGET_KEYS = ("target_hard",)
 
 def read_image_split(root: str | os.PathLike, split: str) -> dict[str, Path]:
     """``{name: absolute path}`` for every image of the split, in file order."""
+    split = require_choice(split, CIRR_SPLITS, "CIRR split")
     root = require_dir(root, "CIRR root")
-    path = root / "image_splits" / f"split.rc2.{require_choice(split, CIRR_SPLITS, 'CIRR split')}.json"
+    path = root / "image_splits" / f"split.rc2.{split}.json"
     mapping = read_json(path, "CIRR image split file (a {name: relative path} object)", error=DataError)
     if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
         raise DataError(f"{path}: expected a JSON object mapping image names to relative paths")

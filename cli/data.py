@@ -18,12 +18,11 @@ def shapes(
     """Write CIRR, COCO, Food-101, MM-IMDb and Hateful-Memes-format datasets of drawn shapes."""
     from rich.table import Table
 
+    from mora_retrieval.data.images import require_choice
     from mora_retrieval.data.shapes import WORLD_SIZES, generate_shapes_world, read_world_manifest
-    from mora_retrieval.errors import DataError
     from mora_retrieval.progress import ProgressBar
 
-    if size not in WORLD_SIZES:
-        raise DataError(f"unknown --size {size!r} (expected one of: {', '.join(WORLD_SIZES)})")
+    require_choice(size, WORLD_SIZES, "--size")  # before the progress bar starts
     console = make_console()
     with ProgressBar(console, "shapes world", "img/s") as bar:
         bar.start(WORLD_SIZES[size].total_images())

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mora_retrieval.data.images import (BadImageLog, ImageReader, PreprocessSpec, TargetPad,
+from mora_retrieval.data.base import ImageDataset
+from mora_retrieval.data.images import (BadImageLog, PreprocessSpec, TargetPad,
                                         load_image, make_transform, make_uint8_transform, normalize_uint8,
                                         preprocess_spec, require_files)
 from mora_retrieval.errors import DataError
@@ -191,17 +192,21 @@ def test_load_image_converts_and_reports_errors(tmp_path):
         load_image(trunc)
 
 
-def test_reader_skips_and_counts(tmp_path):
+def test_dataset_skips_and_counts_bad_images(tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_text("garbage")
-    strict = ImageReader(skip_bad_images=False)
+    strict = ImageDataset(skip_bad_images=False)
     with pytest.raises(DataError, match="bad.png"):
-        strict.read(bad)
-    lenient = ImageReader(skip_bad_images=True)
-    assert lenient.read(bad) is None and lenient.read(bad) is None
-    assert lenient.log.count == 1 and lenient.log.paths == [str(bad)]
-    assert "unreadable or corrupt" in lenient.log.reasons[0]
-    assert BadImageLog().count == 0
+        strict._image(bad)
+    lenient = ImageDataset(transform=make_transform("clip", 8), skip_bad_images=True)
+    assert lenient._image(bad) is None and lenient._item(bad, index=0) is None
+    assert lenient.bad_images.count == 1 and lenient.bad_images.paths == [str(bad)]
+    assert "unreadable or corrupt" in lenient.bad_images.reasons[0]
+    assert BadImageLog().count == 0 and strict.bad_images.count == 0
+    good = tmp_path / "good.png"
+    Image.new("RGB", (10, 6), (9, 99, 199)).save(good)
+    item = lenient._item(good, index=3, path="x")
+    assert set(item) == {"image", "index", "path"} and item["image"].shape == (3, 8, 8)
 
 
 def test_require_files_names_first_missing(tmp_path):

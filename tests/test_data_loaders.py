@@ -157,11 +157,13 @@ def test_coco_images(tmp_path):
     assert item["path"].endswith("000000000042.jpg")
     assert ds.categories_of(7) == frozenset({1, 2}) and ds.categories_of(42) == frozenset({3})
     assert ds.primary_category(7) == 1  # 10 + 30 > 35
-    assert ds.captions_of(7) == ["pets", "two cats and a dog"]  # ordered by annotation id
     everything = COCOImages(root, require_instances=False)
     assert everything.image_ids == [7, 19, 42] and everything.categories_of(19) == frozenset()
     with pytest.raises(DataError, match="image id 19 has no instance annotation"):
         everything.primary_category(19)
+    _json(root / "annotations" / "captions_val2017.json", {"images": [], "annotations": 3})
+    with pytest.raises(DataError, match=r"captions_val2017\.json: not a COCO captions file"):
+        COCOCaptions(root, "val2017")
 
 
 def test_coco_captions_and_errors(tmp_path):

@@ -107,7 +107,7 @@ def test_memmap_file_round_trips(tmp_path):
     calls = []
     again = prepare_images(paths, SPEC, path, names=[f"n{i}" for i in range(len(paths))],
                            progress=lambda d, n: calls.append(d))
-    assert calls == [] and again.row("n3") == 3 and torch.equal(again.image(3), cache.image(3))
+    assert calls == [] and again.row("n3") == 3 and torch.equal(again.batch([3]), cache.batch([3]))
     # pickles without its pixels, and maps the file again on use
     payload = pickle.dumps(again)
     assert len(payload) < 4096
@@ -120,7 +120,7 @@ def test_dataset_view_in_a_dataloader(tmp_path):
     paths = _images(tmp_path / "imgs")
     cache = prepare_images(paths, SPEC, tmp_path / "x-16x16.npy", workers=0)
     view = PreparedImageDataset(cache, rows=[6, 0, 3])
-    assert len(view) == 3 and torch.equal(view[0], cache.image(6))
+    assert len(view) == 3 and torch.equal(view[0], torch.from_numpy(np.array(cache.pixels[6])))
     batches = list(DataLoader(view, batch_size=2, collate_fn=collate_skip_none))
     assert [b.shape[0] for b in batches] == [2, 1] and batches[0].dtype == torch.uint8
     assert torch.equal(batches[0], cache.batch([6, 0]))
@@ -146,14 +146,14 @@ def test_validation_refuses_or_rebuilds_a_changed_image_list(tmp_path):
 def test_validation_sees_a_changed_file(tmp_path):
     paths = _images(tmp_path / "imgs")
     path = tmp_path / "x-16x16.npy"
-    before = prepare_images(paths, SPEC, path, workers=0).image(2)
+    before = prepare_images(paths, SPEC, path, workers=0).batch([2])
     Image.new("RGB", (50, 50), (250, 10, 10)).save(paths[2])
     st = os.stat(paths[2])
     os.utime(paths[2], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     with pytest.raises(DataError, match=r"1 image file\(s\) changed since the build \(first: .*img2\.jpg\)"):
         open_prepared(path, ImageList.stat(paths), SPEC)
     after = prepare_images(paths, SPEC, path, workers=0)
-    assert not torch.equal(after.image(2), before)
+    assert not torch.equal(after.batch([2]), before)
     assert torch.equal(after.normalize(after.batch([2])), _reference(paths[2:3], SPEC))
 
 

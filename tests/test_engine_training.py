@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import io
 import json
+import math
 
 import pytest
 import torch
 from rich.console import Console
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from engine_toys import ToyData, ToyTask, params_of
+from mora_retrieval.data.collate import collate_skip_none
 from mora_retrieval.engine import Trainer, TrainConfig, TrainingInterrupted, lr_factor, resume_or_fail
 from mora_retrieval.engine.checkpoint import best_path, last_path, load_checkpoint
+from mora_retrieval.engine.sampling import ResumableSampler
 from mora_retrieval.errors import DeviceError, TrainingError
 from mora_retrieval.fileio import load_tensors
 
@@ -251,3 +255,83 @@ def test_task_mistakes_are_one_line_errors(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(DeviceError, match="CUDA is not available"):
             fit(ToyTask(), tmp_path / "c", cfg(epochs=1, device="cuda"))
+
+
+class _BadBatches(ToyData):
+    """ToyData whose items at ``bad`` are ``None`` (bad images under ``skip_bad_images=True``)."""
+
+    def __init__(self, n: int, bad: set[int]) -> None:
+        super().__init__(n)
+        self.bad = bad
+
+    def __getitem__(self, i: int):
+        return None if i in self.bad else super().__getitem__(i)
+
+
+def _empty_batch_data(config: TrainConfig, epoch_batches: dict[int, list[int]]) -> _BadBatches:
+    """48 samples whose per-epoch batches named in ``epoch_batches`` are all bad (the sampler's order)."""
+    sampler = ResumableSampler(48, config.batch_size, config.seed)
+    bad = set()
+    for epoch, batches in epoch_batches.items():
+        sampler.set_epoch(epoch)
+        order = sampler.epoch_order()
+        for b in batches:
+            bad.update(order[b * config.batch_size:(b + 1) * config.batch_size])
+    return _BadBatches(48, bad)
+
+
+def _empty_batches_per_epoch(data: _BadBatches, config: TrainConfig) -> list[int]:
+    sampler = ResumableSampler(48, config.batch_size, config.seed)
+    counts = []
+    for epoch in range(config.epochs):
+        sampler.set_epoch(epoch)
+        order = sampler.epoch_order()
+        batches = [order[k:k + config.batch_size] for k in range(0, 48, config.batch_size)]
+        counts.append(sum(all(i in data.bad for i in batch) for batch in batches))
+    return counts
+
+
+@pytest.mark.parametrize("accum,interrupt_at", [(1, 6), (2, 4), (2, 15)])
+def test_batches_of_only_bad_images_are_skipped_counted_and_resume_exactly(tmp_path, accum, interrupt_at):
+    config = cfg(grad_accum=accum)
+    data = _empty_batch_data(config, {0: [2, 3], 1: [5]})  # epoch 1: a whole accumulation group
+    expected = _empty_batches_per_epoch(data, config)
+    assert expected[:2] == [2, 1]
+    collate = collate_skip_none
+    reference = ToyTask(dropout=0.3)
+    fit(reference, tmp_path / "a", config, data, collate_fn=collate)
+    records = history_without_times(tmp_path / "a")
+    assert [r["empty_batches"] for r in records] == expected
+    assert all(math.isfinite(r["train_loss"]) and r["train_loss"] > 0 for r in records)
+    # the forwards that ran are exactly the non-empty micro-batches
+    assert reference.forwards == 3 * 12 - sum(expected)
+
+    with pytest.raises(TrainingInterrupted):
+        fit(ToyTask(dropout=0.3, interrupt_at=interrupt_at), tmp_path / "b", config, data, collate_fn=collate)
+    resumed = ToyTask(dropout=0.3)
+    fit(resumed, tmp_path / "b", config, data, resume=True, collate_fn=collate)
+    for key, value in params_of(reference).items():
+        assert torch.equal(value, params_of(resumed)[key]), key
+    for rec_a, rec_b in zip(records, history_without_times(tmp_path / "b"), strict=True):
+        assert rec_b.pop("train_loss") == pytest.approx(rec_a.pop("train_loss"), rel=1e-6)
+        assert rec_a == rec_b
+
+
+def test_an_empty_batch_adds_no_gradient(tmp_path):
+    """A group of one real and one empty micro-batch steps on the real loss / grad_accum; a group of
+    two empty ones steps with no gradient at all."""
+    config = cfg(epochs=1, grad_accum=2)
+    data = _empty_batch_data(config, {0: [1, 4, 5]})
+    task = ToyTask()
+    grads = []
+    hook = register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: grads.append(task.net[0].weight.grad))
+    try:
+        fit(task, tmp_path, config, data, collate_fn=collate_skip_none)
+    finally:
+        hook.remove()
+    assert len(grads) == 6 and grads[2] is None and all(g is not None for i, g in enumerate(grads) if i != 2)
+    first = collate_skip_none([data[i] for i in ResumableSampler(48, 4, config.seed).epoch_order()[:4]])
+    check = ToyTask()
+    (check(first) / 2).backward()
+    torch.testing.assert_close(grads[0], check.net[0].weight.grad)

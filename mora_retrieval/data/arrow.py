@@ -81,7 +81,8 @@ class ArrowClassification(ClassificationDataset):
         text_column = text_column or next((c for c in ("text", "plots") if c in columns), None)
         for col in (image_column, label_column, text_column):
             if col is None or col not in columns:
-                raise DataError(f"{self.file}: column {col or 'text/plots'!r} not found (has: {', '.join(sorted(columns))})")
+                raise DataError(f"{self.file}: column {col or 'text/plots'!r} not found "
+                                f"(has: {', '.join(sorted(columns))})")
         self._images = table.column(image_column)
         raw_labels = table.column(label_column).to_pylist()
         raw_texts = table.column(text_column).to_pylist()
@@ -115,7 +116,4 @@ class ArrowClassification(ClassificationDataset):
         data = self._images[self.rows[index]].as_py()
         if not isinstance(data, (bytes, bytearray)):
             raise DataError(f"{self.paths[index]}: image column holds {type(data).__name__}, expected encoded bytes")
-        image = self._image(self.paths[index], bytes(data))
-        if image is None:
-            return None
-        return {"image": image, **self.item_without_image(index)}
+        return self._item(self.paths[index], bytes(data), **self.item_without_image(index))

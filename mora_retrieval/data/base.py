@@ -1,38 +1,49 @@
-"""The part every image dataset shares: a transform and a reader with the bad-image policy."""
+"""The part every image dataset shares: a transform and the bad-image policy."""
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Callable
 
 import torch
 from torch.utils.data import Dataset
 
-from .images import BadImageLog, ImageReader
+from ..errors import DataError
+from .images import BadImageLog, decode_image_bytes, load_image
+
+_log = logging.getLogger(__name__)
 
 
 class ImageDataset(Dataset):
-    """Base class: ``_image(path)`` decodes (or skips) and applies ``transform``."""
+    """Base class: ``_image(path)`` decodes under the bad-image policy and applies ``transform``;
+    ``_item`` builds an item on it. ``bad_images`` logs the images skipped so far (always empty
+    unless ``skip_bad_images=True``)."""
 
     def __init__(self, transform: Callable | None = None, skip_bad_images: bool = False) -> None:
         self.transform = transform
-        self._reader = ImageReader(skip_bad_images)
-
-    @property
-    def skip_bad_images(self) -> bool:
-        return self._reader.skip_bad_images
-
-    @property
-    def bad_images(self) -> BadImageLog:
-        """The images skipped so far (always empty unless ``skip_bad_images=True``)."""
-        return self._reader.log
+        self.skip_bad_images = skip_bad_images
+        self.bad_images = BadImageLog()
 
     def _image(self, path: str | os.PathLike, data: bytes | None = None) -> Any:
-        """The transformed image (PIL if no transform), or ``None`` if it was bad and skipped."""
-        image = self._reader.read(path, data)
-        if image is None or self.transform is None:
-            return image
-        return self.transform(image)
+        """The transformed image (PIL if no transform), or ``None`` (logged) if it was bad and skipped.
+
+        With ``data``, decode those bytes and use ``path`` only to name them.
+        """
+        try:
+            image = load_image(path) if data is None else decode_image_bytes(data, str(path))
+        except DataError as exc:
+            if not self.skip_bad_images:
+                raise
+            self.bad_images.add(path, str(exc))
+            _log.warning("skipping bad image: %s", exc)
+            return None
+        return image if self.transform is None else self.transform(image)
+
+    def _item(self, path: str | os.PathLike, data: bytes | None = None, /, **fields: Any) -> dict[str, Any] | None:
+        """``{"image": <its transformed image>, **fields}``, or ``None`` when the image is bad and skipped."""
+        image = self._image(path, data)
+        return None if image is None else {"image": image, **fields}
 
 
 class ClassificationDataset(ImageDataset):
@@ -66,10 +77,7 @@ class ClassificationDataset(ImageDataset):
         return torch.tensor(self.labels[index], dtype=torch.long)
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
-        image = self._image(self.paths[index])
-        if image is None:
-            return None
-        return {"image": image, **self.item_without_image(index)}
+        return self._item(self.paths[index], **self.item_without_image(index))
 
     def item_without_image(self, index: int) -> dict[str, Any]:
         """The item's text, label and index, without reading its image (for image-missing samples)."""

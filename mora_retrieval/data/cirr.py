@@ -15,23 +15,18 @@ from typing import Any, Callable
 from ..errors import DataError
 from ..fileio import read_json
 from .base import ImageDataset
-from .images import require_dir, require_files
+from .images import require_choice, require_dir, require_files
 
 CIRR_SPLITS = ("train", "val", "test1")
 _TRIPLET_KEYS = ("pairid", "reference", "caption", "img_set")
 _TARGET_KEYS = ("target_hard",)
 
 
-def _check_split(split: str) -> str:
-    if split not in CIRR_SPLITS:
-        raise DataError(f"unknown CIRR split {split!r} (expected one of: {', '.join(CIRR_SPLITS)})")
-    return split
-
-
 def read_image_split(root: str | os.PathLike, split: str) -> dict[str, Path]:
     """``{name: absolute path}`` for every image of the split, in file order."""
+    split = require_choice(split, CIRR_SPLITS, "CIRR split")
     root = require_dir(root, "CIRR root")
-    path = root / "image_splits" / f"split.rc2.{_check_split(split)}.json"
+    path = root / "image_splits" / f"split.rc2.{split}.json"
     mapping = read_json(path, "CIRR image split file (a {name: relative path} object)", error=DataError)
     if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
         raise DataError(f"{path}: expected a JSON object mapping image names to relative paths")
@@ -45,7 +40,7 @@ class CIRRGallery(ImageDataset):
                  skip_bad_images: bool = False) -> None:
         super().__init__(transform, skip_bad_images)
         self.root = Path(root)
-        self.split = _check_split(split)
+        self.split = split
         self.paths_by_name = read_image_split(root, split)
         self.names: list[str] = list(self.paths_by_name)
         require_files(self.paths_by_name.values(), "CIRR image")
@@ -55,10 +50,7 @@ class CIRRGallery(ImageDataset):
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         name = self.names[index]
-        image = self._image(self.paths_by_name[name])
-        if image is None:
-            return None
-        return {"image": image, "name": name, "index": index}
+        return self._item(self.paths_by_name[name], name=name, index=index)
 
 
 class CIRRTriplets(ImageDataset):
@@ -69,7 +61,7 @@ class CIRRTriplets(ImageDataset):
                  skip_bad_images: bool = False) -> None:
         super().__init__(transform, skip_bad_images)
         self.root = Path(root)
-        self.split = _check_split(split)
+        self.split = split
         self.has_targets = split != "test1"
         self.paths_by_name = read_image_split(root, split)
         path = self.root / "captions" / f"cap.rc2.{split}.json"

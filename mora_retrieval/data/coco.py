@@ -54,16 +54,12 @@ class COCOImages(ImageDataset):
         self.paths: list[Path] = [self.root / split / self.coco.imgs[i]["file_name"] for i in ids]
         require_files(self.paths, "COCO image")
         self.category_names: dict[int, str] = {c["id"]: c["name"] for c in self.coco.dataset["categories"]}
-        self._captions: dict[int, list[str]] | None = None
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
-        image = self._image(self.paths[index])
-        if image is None:
-            return None
-        return {"image": image, "image_id": self.image_ids[index], "index": index, "path": str(self.paths[index])}
+        return self._item(self.paths[index], image_id=self.image_ids[index], index=index, path=str(self.paths[index]))
 
     def _anns(self, image_id: int) -> list[dict[str, Any]]:
         if image_id not in self.coco.imgs:
@@ -82,19 +78,6 @@ class COCOImages(ImageDataset):
         if not areas:
             raise DataError(f"image id {image_id} has no instance annotation in instances_{self.split}.json")
         return min(areas, key=lambda c: (-areas[c], c))
-
-    def captions_of(self, image_id: int) -> list[str]:
-        """The image's captions from ``annotations/captions_{split}.json``."""
-        if self._captions is None:
-            path = self.root / "annotations" / f"captions_{self.split}.json"
-            data = read_json(path, "COCO captions file", error=DataError)
-            if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
-                raise DataError(f"{path}: not a COCO captions file (expected a list under 'annotations')")
-            captions: dict[int, list[str]] = {}
-            for a in sorted(data["annotations"], key=lambda a: a.get("id", 0)):
-                captions.setdefault(a["image_id"], []).append(a["caption"])
-            self._captions = captions
-        return list(self._captions.get(image_id, []))
 
 
 class COCOCaptions(ImageDataset):
@@ -120,7 +103,4 @@ class COCOCaptions(ImageDataset):
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         image_id, caption = self.pairs[index]
-        image = self._image(self.paths_by_id[image_id])
-        if image is None:
-            return None
-        return {"image": image, "caption": caption, "image_id": image_id, "index": index}
+        return self._item(self.paths_by_id[image_id], caption=caption, image_id=image_id, index=index)

@@ -36,7 +36,4 @@ class ImageCaptionFolder(ImageDataset):
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         path, caption = self.pairs[index]
-        image = self._image(path)
-        if image is None:
-            return None
-        return {"image": image, "caption": caption, "image_id": path.relative_to(self.root).as_posix(), "index": index}
+        return self._item(path, caption=caption, image_id=path.relative_to(self.root).as_posix(), index=index)

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import DataError
 from .base import ClassificationDataset
-from .images import require_dir, require_files
+from .images import require_choice, require_dir, require_files
 
 FOOD101_SPLITS = ("train", "val", "test")
 
@@ -73,10 +73,8 @@ class Food101(ClassificationDataset):
     def __init__(self, root: str | os.PathLike, split: str, transform: Callable | None = None,
                  skip_bad_images: bool = False, val_fraction: float = 0.1, val_seed: int = 0) -> None:
         super().__init__(transform, skip_bad_images)
-        if split not in FOOD101_SPLITS:
-            raise DataError(f"unknown Food-101 split {split!r} (expected one of: {', '.join(FOOD101_SPLITS)})")
+        self.split = require_choice(split, FOOD101_SPLITS, "Food-101 split")
         self.root = require_dir(root, "Food-101 root")
-        self.split = split
         source = "test" if split == "test" else "train"
         rows = read_titles(self.root / "texts" / f"{source}_titles.csv")
         folders = sorted({p.name for s in ("train", "test") if (self.root / "images" / s).is_dir()

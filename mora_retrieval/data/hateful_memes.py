@@ -14,7 +14,7 @@ from typing import Callable
 
 from ..errors import DataError
 from .base import ClassificationDataset
-from .images import require_dir, require_files
+from .images import require_choice, require_dir, require_files
 
 HATEFUL_MEMES_SPLITS = {"train": "train.jsonl", "val": "dev_seen.jsonl", "test": "test_seen.jsonl"}
 
@@ -28,11 +28,8 @@ class HatefulMemes(ClassificationDataset):
     def __init__(self, root: str | os.PathLike, split: str, transform: Callable | None = None,
                  skip_bad_images: bool = False) -> None:
         super().__init__(transform, skip_bad_images)
-        if split not in HATEFUL_MEMES_SPLITS:
-            raise DataError(f"unknown Hateful Memes split {split!r} "
-                            f"(expected one of: {', '.join(HATEFUL_MEMES_SPLITS)})")
+        self.split = require_choice(split, HATEFUL_MEMES_SPLITS, "Hateful Memes split")
         self.root = require_dir(root, "Hateful Memes root")
-        self.split = split
         self.class_names = ["not hateful", "hateful"]
         path = self.root / HATEFUL_MEMES_SPLITS[split]
         if not path.is_file():

@@ -25,18 +25,16 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-import numpy as np
 import open_clip
 import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 from PIL import Image
-from torchvision.transforms import Compose, Normalize, ToTensor
+from torchvision.transforms import Compose, Normalize, PILToTensor, ToTensor
 
 from ..errors import DataError
 
@@ -45,9 +43,6 @@ TRANSFORM_KINDS = ("clip", "targetpad")
 TARGETPAD_RATIO = 1.25
 INTERPOLATIONS = ("bicubic", "bilinear")
 RESIZE_MODES = ("shortest", "longest", "squash")
-
-_log = logging.getLogger(__name__)
-
 
 #: File endings the toolkit treats as images when it scans folders.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -60,21 +55,20 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise DataError(f"{path}: is a folder (expected an image file)")
     if not path.is_file():
         raise DataError(f"{path}: image file not found")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
-    except Exception as exc:  # PIL raises many types for truncated or foreign files
-        raise DataError(f"{path}: unreadable or corrupt image ({exc.__class__.__name__}: {exc})") from None
+    return _decode(path, path)
 
 
 def decode_image_bytes(data: bytes, origin: str) -> Image.Image:
     """Decode an encoded image held in memory (``origin`` names it in errors) as RGB."""
+    return _decode(io.BytesIO(data), origin)
+
+
+def _decode(source: Path | io.BytesIO, origin: str | Path) -> Image.Image:
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(source) as img:
             img.load()
             return img.convert("RGB")
-    except Exception as exc:
+    except Exception as exc:  # PIL raises many types for truncated or foreign files
         raise DataError(f"{origin}: unreadable or corrupt image ({exc.__class__.__name__}: {exc})") from None
 
 
@@ -95,34 +89,20 @@ class BadImageLog:
             self.reasons.append(reason)
 
 
-class ImageReader:
-    """Reads images under a bad-image policy; datasets own one and expose its ``log``."""
-
-    def __init__(self, skip_bad_images: bool = False) -> None:
-        self.skip_bad_images = skip_bad_images
-        self.log = BadImageLog()
-
-    def read(self, path: str | os.PathLike, data: bytes | None = None) -> Image.Image | None:
-        """The decoded image, or ``None`` (logged) when it is bad and skipping is on.
-
-        With ``data``, decode those bytes and use ``path`` only to name them.
-        """
-        try:
-            return load_image(path) if data is None else decode_image_bytes(data, str(path))
-        except DataError as exc:
-            if not self.skip_bad_images:
-                raise
-            self.log.add(path, str(exc))
-            _log.warning("skipping bad image: %s", exc)
-            return None
-
-
 def require_files(paths: Iterable[str | os.PathLike], what: str = "image file") -> None:
     """Raise one DataError naming the first missing file (and how many others are missing)."""
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         more = f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""
         raise DataError(f"{missing[0]}: {what} not found{more}")
+
+
+def require_choice(value: str, choices: Iterable[str], what: str) -> str:
+    """Return ``value``, or raise ``DataError("unknown <what> 'x' (expected one of: a, b)")``."""
+    choices = list(choices)
+    if value not in choices:
+        raise DataError(f"unknown {what} {value!r} (expected one of: {', '.join(choices)})")
+    return value
 
 
 def require_dir(path: str | os.PathLike, what: str) -> Path:
@@ -186,10 +166,8 @@ class PreprocessSpec:
         object.__setattr__(self, "std", _triple(self.std, "std"))
         if min(self.std) <= 0:
             raise DataError(f"preprocessing std must be positive, got {list(self.std)}")
-        if self.interpolation not in INTERPOLATIONS:
-            raise DataError(f"unknown interpolation {self.interpolation!r} (expected one of: {', '.join(INTERPOLATIONS)})")
-        if self.resize_mode not in RESIZE_MODES:
-            raise DataError(f"unknown resize mode {self.resize_mode!r} (expected one of: {', '.join(RESIZE_MODES)})")
+        require_choice(self.interpolation, INTERPOLATIONS, "interpolation")
+        require_choice(self.resize_mode, RESIZE_MODES, "resize mode")
         if self.targetpad_ratio is not None and not self.targetpad_ratio >= 1.0:
             raise DataError(f"targetpad ratio must be at least 1, got {self.targetpad_ratio}")
 
@@ -222,9 +200,7 @@ class PreprocessSpec:
 
 
 def check_transform_kind(kind: str) -> str:
-    if kind not in TRANSFORM_KINDS:
-        raise DataError(f"unknown transform kind {kind!r} (expected one of: {', '.join(TRANSFORM_KINDS)})")
-    return kind
+    return require_choice(kind, TRANSFORM_KINDS, "transform kind")
 
 
 def preprocess_spec(model: Any, kind: str = "clip", targetpad_ratio: float = TARGETPAD_RATIO) -> PreprocessSpec:
@@ -270,22 +246,12 @@ def make_transform(kind: str | PreprocessSpec, image_size: int | None = None) ->
     return Compose([*steps, to_tensor, normalize])
 
 
-class _ToUint8CHW:
-    """PIL RGB image -> contiguous uint8 ``[3, H, W]`` tensor (the pixels, unscaled)."""
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        array = np.asarray(image.convert("RGB") if image.mode != "RGB" else image, dtype=np.uint8)
-        return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
-
-    def __repr__(self) -> str:
-        return "ToUint8CHW()"
-
-
 def make_uint8_transform(spec: PreprocessSpec) -> Callable[[Image.Image], torch.Tensor]:
     """``spec``'s transform up to, not including, ToTensor and Normalize: PIL image -> uint8
-    ``[3, H, W]``. :func:`normalize_uint8` finishes it (on any device)."""
+    ``[3, H, W]`` (open_clip's steps end in an RGB conversion). :func:`normalize_uint8` finishes it
+    (on any device)."""
     steps, _, _ = _pil_steps(spec)
-    return Compose([*steps, _ToUint8CHW()])
+    return Compose([*steps, PILToTensor()])
 
 
 def normalize_uint8(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float],

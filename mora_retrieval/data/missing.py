@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError
 from ..fileio import read_json, write_json
+from .images import require_choice
 
 COMPLETE, TEXT_MISSING, IMAGE_MISSING = 0, 1, 2
 MISSING_KINDS = ("none", "text", "image", "both")
@@ -45,8 +46,7 @@ class MissingSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind not in MISSING_KINDS:
-            raise DataError(f"unknown missing-modality type {self.kind!r} (expected one of: {', '.join(MISSING_KINDS)})")
+        require_choice(self.kind, MISSING_KINDS, "missing-modality type")
         if not 0.0 <= self.ratio <= 1.0 or not 0.0 <= self.both_image_share <= 1.0:
             raise DataError(f"missing-modality ratio and both-split must lie in [0, 1], got {self.ratio} and "
                             f"{self.both_image_share}")
@@ -125,8 +125,8 @@ class MissingAssignments:
         write_json(path, {
             "dataset": dataset_name, "split": split, "spec": str(spec), "kind": spec.kind,
             "ratio": spec.ratio, "both_image_share": spec.both_image_share, "seed": spec.seed,
-            "n": n, "counts": {"complete": int((codes == 0).sum()), "text_missing": int((codes == 1).sum()),
-                               "image_missing": int((codes == 2).sum())},
+            "n": n, "counts": dict(zip(("complete", "text_missing", "image_missing"),
+                                       np.bincount(codes, minlength=3).tolist())),
             "codes": codes.tolist(),
         })
         return codes
@@ -141,8 +141,7 @@ class WithMissingModality(Dataset):
     """
 
     def __init__(self, dataset: Any, codes: np.ndarray, missing_image: str = "ones") -> None:
-        if missing_image not in MISSING_IMAGE_FILLS:
-            raise DataError(f"unknown missing-image fill {missing_image!r} (expected ones or white)")
+        require_choice(missing_image, MISSING_IMAGE_FILLS, "missing-image fill")
         if len(codes) != len(dataset):
             raise DataError(f"missing-modality codes cover {len(codes)} samples but the dataset has {len(dataset)}")
         self.dataset = dataset
@@ -160,8 +159,7 @@ class WithMissingModality(Dataset):
         return getattr(self.dataset, name)
 
     def _blank(self, image: Any) -> Any:
-        if not isinstance(image, torch.Tensor):
-            raise DataError("WithMissingModality needs a dataset whose transform returns tensors")
+        self._blank_check(image)
         if self.missing_image == "ones":
             return torch.ones_like(image)
         shape = tuple(image.shape)
@@ -183,15 +181,14 @@ class WithMissingModality(Dataset):
         if item is None:
             return None
         item = dict(item)
-        if self._image_like is None and "image" in item:
+        if "image" in item:
             self._blank_check(item["image"])
-            self._image_like = item["image"]
+            if self._image_like is None:
+                self._image_like = item["image"]
         if code == TEXT_MISSING:
             item["text" if "text" in item else "caption"] = ""
         elif code == IMAGE_MISSING:
             item["image"] = self._blank(item["image"])
-        elif "image" in item:
-            self._blank_check(item["image"])
         item["missing"] = code
         return item
 

@@ -19,7 +19,7 @@ from typing import Callable
 from ..errors import DataError
 from ..fileio import read_json
 from .base import ClassificationDataset
-from .images import require_dir, require_files
+from .images import require_choice, require_dir, require_files
 
 MMIMDB_GENRES = (
     "Drama", "Comedy", "Romance", "Thriller", "Crime", "Action", "Adventure", "Horror",
@@ -62,10 +62,8 @@ class MMIMDb(ClassificationDataset):
     def __init__(self, root: str | os.PathLike, split: str, transform: Callable | None = None,
                  skip_bad_images: bool = False) -> None:
         super().__init__(transform, skip_bad_images)
-        if split not in MMIMDB_SPLITS:
-            raise DataError(f"unknown MM-IMDb split {split!r} (expected one of: {', '.join(MMIMDB_SPLITS)})")
+        self.split = require_choice(split, MMIMDB_SPLITS, "MM-IMDb split")
         self.root = require_dir(root, "MM-IMDb root")
-        self.split = split
         self.class_names = list(MMIMDB_GENRES)
         if not (self.root / "dataset").is_dir() and not (self.root / "labels").is_dir():
             raise DataError(f"{self.root}: MM-IMDb movies not found (expected dataset/ or images/ + labels/)")

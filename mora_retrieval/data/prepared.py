@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..device import default_workers
 from ..errors import DataError
 from ..fileio import atomic_write, read_json
-from .images import PreprocessSpec, load_image, make_uint8_transform, normalize_uint8
+from .images import PreprocessSpec, load_image, make_uint8_transform, normalize_uint8, require_files
 
 try:  # POSIX file locks; elsewhere concurrent builders are not serialised
     import fcntl
@@ -65,11 +65,16 @@ Progress = Callable[[int, int], None]
 _log = logging.getLogger(__name__)
 
 
+def _existing(path: Path) -> Path:
+    """``path``, or if absent its nearest existing parent."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
 
 def _writable(folder: Path) -> bool:
     """Whether ``folder`` (or, if absent, its nearest existing parent) accepts new files."""
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
+    folder = _existing(folder)
     return folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
 
 
@@ -127,19 +132,9 @@ class ImageList:
         if len(set(names)) != len(names):
             dup = next(n for n, count in Counter(names).items() if count > 1)
             raise DataError(f"prepared images: image name {dup!r} appears more than once (names must be unique)")
-        sizes, mtimes, missing = [], [], []
-        for path in paths:
-            try:
-                st = os.stat(path)
-            except OSError:
-                missing.append(path)
-                continue
-            sizes.append(st.st_size)
-            mtimes.append(st.st_mtime_ns)
-        if missing:
-            more = f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""
-            raise DataError(f"{missing[0]}: image file not found{more}")
-        return cls(tuple(names), tuple(paths), tuple(sizes), tuple(mtimes))
+        require_files(paths)
+        stats = [os.stat(path) for path in paths]
+        return cls(tuple(names), tuple(paths), tuple(st.st_size for st in stats), tuple(st.st_mtime_ns for st in stats))
 
     def __len__(self) -> int:
         return len(self.names)
@@ -275,12 +270,8 @@ class PreparedImages:
         except KeyError:
             raise DataError(f"{self.path}: no image named {name!r} in the prepared images") from None
 
-    def image(self, row: int) -> torch.Tensor:
-        """One image as a uint8 ``[3, H, W]`` tensor (a copy out of the map)."""
-        return torch.from_numpy(np.array(self.pixels[row]))
-
     def batch(self, rows: Sequence[int] | np.ndarray) -> torch.Tensor:
-        """Images as one uint8 ``[B, 3, H, W]`` tensor, read in one gather."""
+        """Images as one uint8 ``[B, 3, H, W]`` tensor, read in one gather (a copy out of the map)."""
         return torch.from_numpy(self.pixels[np.asarray(rows, dtype=np.int64)])
 
     def normalize(self, batch: torch.Tensor, dtype: torch.dtype = torch.float32,
@@ -302,8 +293,7 @@ class PreparedImageDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, index: int) -> torch.Tensor | None:
-        row = int(self.rows[index])
-        return self.prepared.image(row) if self.prepared.ok[row] else None
+        return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: Sequence[int]) -> list[torch.Tensor | None]:
         rows = self.rows[np.asarray(indices, dtype=np.int64)]
@@ -409,11 +399,8 @@ def _human(n: float) -> str:
 def _check_space(path: Path, needed: int) -> None:
     """Raise unless the disk holding ``path`` has room for ``needed`` bytes, counting the files
     a build replaces."""
-    existing = path.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
     reclaimable = sum(p.stat().st_size for p in (path, _partial(path)) if p.is_file())
-    free = shutil.disk_usage(existing).free + reclaimable
+    free = shutil.disk_usage(_existing(path.parent)).free + reclaimable
     if free < needed:
         raise DataError(f"{path}: the prepared images need {_human(needed)}, only {_human(free)} are free there "
                         f"(choose another location)")

@@ -45,6 +45,7 @@ import numpy as np
 
 from ..errors import DataError
 from ..fileio import read_json, write_json
+from .images import require_choice
 from .mmimdb import MMIMDB_GENRES
 from .shapes_scene import (COLOUR_NAMES, SHAPES, Obj, Scene, distinct_edits, join_phrases, noun_phrase, object_polygon, polygon_area,
                            random_object, random_scene, render, scene_captions)
@@ -85,10 +86,7 @@ def _rng(seed: int, *keys: str | int) -> np.random.Generator:
 
 def _save(img, path: Path, fmt: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "JPEG":
-        img.save(path, format="JPEG", quality=92)
-    else:
-        img.save(path, format="PNG", optimize=False)
+    img.save(path, format=fmt, **({"quality": 92} if fmt == "JPEG" else {}))
 
 
 # ---------------------------------------------------------------- CIRR
@@ -291,8 +289,7 @@ def generate_shapes_world(out_dir: str | os.PathLike, size: str = "tiny", seed: 
     ``out_dir/<part>`` folder is left alone and raises DataError. ``progress(part, n)`` is called
     after every written image.
     """
-    if size not in WORLD_SIZES:
-        raise DataError(f"unknown shapes-world size {size!r} (expected one of: {', '.join(WORLD_SIZES)})")
+    require_choice(size, WORLD_SIZES, "shapes-world size")
     if image_size < 16:
         raise DataError(f"image size {image_size} is too small for the shapes world (need at least 16)")
     out = Path(out_dir)

@@ -85,10 +85,15 @@ def random_scene(rng: np.random.Generator, n_objects: int | None = None, *, colo
 # ---------------------------------------------------------------- geometry and drawing
 
 
+def _centre_radius(obj: Obj, scale: float, y_offset: float) -> tuple[float, float, float]:
+    """The object's centre and radius in pixels."""
+    cx0, cy0 = _SLOT_CENTRES[obj.slot]
+    return (cx0 + obj.dx) * scale, (cy0 + obj.dy) * scale + y_offset, _RADIUS[obj.size] * scale
+
+
 def object_polygon(obj: Obj, scale: float, y_offset: float = 0.0) -> list[tuple[float, float]]:
     """The object's outline in pixels (circles as a 24-gon)."""
-    cx0, cy0 = _SLOT_CENTRES[obj.slot]
-    cx, cy, r = (cx0 + obj.dx) * scale, (cy0 + obj.dy) * scale + y_offset, _RADIUS[obj.size] * scale
+    cx, cy, r = _centre_radius(obj, scale, y_offset)
     if obj.shape == "circle":
         t = np.linspace(0, 2 * np.pi, 24, endpoint=False)
         return [(cx + r * np.cos(a), cy + r * np.sin(a)) for a in t]
@@ -126,9 +131,7 @@ def render(scene: Scene, size: int, rng: np.random.Generator, height: int | None
         jitter = rng.integers(-12, 13, size=3)
         fill = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(COLOURS[obj.colour], jitter))
         if obj.shape == "circle":
-            cx0, cy0 = _SLOT_CENTRES[obj.slot]
-            s, r = size * k / 64, _RADIUS[obj.size] * size * k / 64
-            cx, cy = (cx0 + obj.dx) * s, (cy0 + obj.dy) * s + y_off
+            cx, cy, r = _centre_radius(obj, size * k / 64, y_off)
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
         else:
             draw.polygon(object_polygon(obj, size * k / 64, y_off), fill=fill)

@@ -13,6 +13,12 @@ leaves ``last.pt`` as it was (the in-memory state is never saved once a NaN/inf 
 
 The epoch length is ``floor(batches per rank / grad_accum)`` optimiser steps; micro-batches
 that would not complete an accumulation group are skipped, like the partial last batch.
+
+A ``None`` batch (a collate such as :func:`~mora_retrieval.data.collate.collate_skip_none` found
+every item skipped as a bad image) is consumed without a forward: it adds no loss and no gradient
+(its group steps on the others' ``loss / grad_accum``), keeps its place in the epoch, so resume
+stays exact, and is counted as ``empty_batches`` in ``metrics.jsonl``. Several processes cannot
+skip one rank's batch alone, so there it is an error.
 """
 
 from __future__ import annotations
@@ -71,6 +77,7 @@ class _Position:
     global_step: int = 0  # optimiser steps taken
     loss_sum: float = 0.0  # summed micro-batch losses of this epoch (all ranks)
     loss_count: int = 0  # micro-batches in loss_sum (all ranks)
+    empty_batches: int = 0  # micro-batches of this epoch whose every item was skipped
     best_metric: float | None = None
     best_epoch: int | None = None
     bad_epochs: int = 0
@@ -226,7 +233,8 @@ class Trainer:
         self.module.train()
         window = torch.zeros((), device=self.device)  # losses of finished steps, not yet synced
         group = torch.zeros((), device=self.device)  # losses of the accumulation group in progress
-        window_count = 0
+        group_empty = 0  # None micro-batches of the group in progress
+        window_count = window_steps = 0
         boundary_rng = capture_rng() if not info.enabled else None
         t_start = time.perf_counter()
         reached_max = cfg.max_steps is not None and pos.global_step >= cfg.max_steps
@@ -235,16 +243,23 @@ class Trainer:
         updating = False
         try:
             for batch in itertools.islice(loader, remaining):
-                batch = to_device(batch, self.device)
                 last = (pos.micro_batch + 1) % accum == 0
-                sync = self.model.no_sync() if info.enabled and not last else contextlib.nullcontext()
-                with sync:
-                    with autocast(self.device, self.precision):
-                        loss = self.model(batch)
-                    if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-                        raise TrainingError(f"{type(self.module).__name__}.forward must return a scalar loss tensor")
-                    (loss.float() / accum).backward()
-                group += loss.detach().float()
+                if batch is None:
+                    if info.enabled:
+                        raise TrainingError(f"rank {info.rank}: every item of a training batch was skipped as a bad "
+                                            f"image; several processes cannot skip one rank's batch (remove the "
+                                            f"bad images or use a larger batch size)")
+                    group_empty += 1
+                else:
+                    sync = self.model.no_sync() if info.enabled and not last else contextlib.nullcontext()
+                    with sync:
+                        with autocast(self.device, self.precision):
+                            loss = self.model(to_device(batch, self.device))
+                        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+                            raise TrainingError(
+                                f"{type(self.module).__name__}.forward must return a scalar loss tensor")
+                        (loss.float() / accum).backward()
+                    group += loss.detach().float()
                 pos.micro_batch += 1
                 if not last:
                     continue
@@ -257,7 +272,10 @@ class Trainer:
                 pos.global_step += 1
                 window += group
                 group.zero_()
-                window_count += accum
+                window_count += accum - group_empty
+                window_steps += 1
+                pos.empty_batches += group_empty
+                group_empty = 0
                 self.progress.advance()
                 reached_max = cfg.max_steps is not None and pos.global_step >= cfg.max_steps
                 end = reached_max or pos.micro_batch >= limit
@@ -265,9 +283,9 @@ class Trainer:
                 log_due = pos.global_step % cfg.log_every == 0 or end or ckpt_due
                 stop_now = stop.requested and not info.enabled
                 if log_due or stop_now:
-                    stop_now = self._sync_window(pos, window, window_count, stop.requested) or stop_now
+                    stop_now = self._sync_window(pos, window, window_count, window_steps, stop.requested) or stop_now
                     window.zero_()
-                    window_count = 0
+                    window_count = window_steps = 0
                 if stop_now and end:
                     stop_pending = True  # finish the epoch (validation, last.pt), then stop
                 elif stop_now:
@@ -286,19 +304,19 @@ class Trainer:
         except KeyboardInterrupt:
             if updating:
                 raise  # mid-update: parameters and optimiser may disagree; keep the last checkpoint
-            self._save_after_keyboard_interrupt(pos, window, window_count, boundary_rng)
+            self._save_after_keyboard_interrupt(pos, window, window_count, window_steps, boundary_rng)
             raise self._interrupted(pos) from None
         self._end_epoch(pos, metrics, start_micro, train_time, time.perf_counter() - t_eval, reached_max)
         if (stop_pending or (stop.requested and not info.enabled)) and not pos.finished:
             raise self._interrupted(pos)
 
-    def _sync_window(self, pos: _Position, window: torch.Tensor, count: int, stop: bool) -> bool:
-        """Read the window's loss (all ranks), fold it into the epoch, NaN-check; True if any rank stops."""
+    def _sync_window(self, pos: _Position, window: torch.Tensor, count: int, steps: int, stop: bool) -> bool:
+        """Read the loss of the window's ``count`` micro-batches (all ranks) and ``steps`` optimiser steps,
+        fold it into the epoch, NaN-check; True if any rank stops."""
         vec = torch.stack([window.float(), torch.tensor(float(count), device=self.device),
                            torch.tensor(float(stop), device=self.device)])
         total, n, stops = all_reduce_sum(vec, self.dist).tolist()
         if not math.isfinite(total):
-            steps = count // self.config.grad_accum
             last = ckpt.last_path(self.run_dir)
             kept = (f"{last} (the last good state) was left untouched" if last.exists()
                     else "no checkpoint had been written yet")
@@ -334,6 +352,7 @@ class Trainer:
             "epoch": pos.epoch + 1,
             "step": pos.global_step,
             "train_loss": pos.loss_sum / max(1, pos.loss_count),
+            "empty_batches": pos.empty_batches,
             "lr": self.scheduler.get_last_lr()[0],
             "val": metrics,
             "samples_per_s": samples / train_time if train_time > 0 else 0.0,
@@ -351,7 +370,7 @@ class Trainer:
         pos.history.append(record)
         pos.stopped_early = cfg.patience is not None and pos.bad_epochs >= cfg.patience
         pos.epoch += 1
-        pos.micro_batch, pos.loss_sum, pos.loss_count = 0, 0.0, 0
+        pos.micro_batch, pos.loss_sum, pos.loss_count, pos.empty_batches = 0, 0.0, 0, 0
         pos.finished = pos.stopped_early or reached_max or pos.epoch >= cfg.epochs
         if info.is_main:
             if improved:
@@ -400,14 +419,14 @@ class Trainer:
             "rng": rngs,
         })
 
-    def _save_after_keyboard_interrupt(self, pos: _Position, window: torch.Tensor, count: int,
+    def _save_after_keyboard_interrupt(self, pos: _Position, window: torch.Tensor, count: int, steps: int,
                                        boundary_rng: dict | None) -> None:
         """Roll back to the last finished optimiser step and save it (single process only)."""
         if self.dist.enabled or boundary_rng is None:
             raise KeyboardInterrupt  # ranks cannot agree here; the last periodic checkpoint stays
         self.optimizer.zero_grad(set_to_none=True)
         pos.micro_batch -= pos.micro_batch % self.config.grad_accum
-        self._sync_window(pos, window, count, False)
+        self._sync_window(pos, window, count, steps, False)
         self._save_last(pos, rng=boundary_rng)
 
     def _interrupted(self, pos: _Position) -> TrainingInterrupted:

@@ -66,6 +66,20 @@ def test_collate_tokenises_and_drops_skipped_items(tiny_model):
     assert batch["missing"].tolist() == [2, 0]
 
 
+def test_a_batch_of_only_bad_images_is_passed_over_in_evaluation(tiny_model, tmp_path):
+    _memes_fixture(tmp_path / "memes", n=6)
+    for meme in ("te000", "te001"):  # the whole first batch of 2
+        (tmp_path / "memes" / "img" / f"{meme}.png").write_bytes(b"not a png")
+    settings = ClassifySettings(dataset="hateful_memes", data_root=str(tmp_path / "memes"), arch="mora-tiny",
+                                pretrained=None, missing="none", missing_store=str(tmp_path / "store"),
+                                skip_bad_images=True)
+    data = scenario_data(settings, "test", "none", tiny_model.preprocess)
+    collate = ClassifyCollate(tiny_model.tokenizer)
+    assert collate([data[0], data[1]]) is None
+    out = predict_logits(_classifier(tiny_model), ordered_loader(data, 2, CPU, collate_fn=collate), "cpu")
+    assert out["index"].tolist() == [2, 3, 4, 5] and out["logits"].shape == (4, 2)
+
+
 def test_losses_match_their_definitions():
     logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 1.0, -2.0]])
     labels = torch.tensor([0, 2])

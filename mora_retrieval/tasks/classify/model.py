@@ -53,11 +53,9 @@ class ClassifyCollate(CaptionCollate):
     def __init__(self, tokenizer: Callable[[list[str]], torch.Tensor]) -> None:
         super().__init__(tokenizer, field="text")
 
-    def __call__(self, items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
-        items = [{"missing": 0, **item} for item in items if item is not None]
-        if not items:
-            raise ValueError("every item of the batch was skipped")
-        return super().__call__(items)
+    def __call__(self, items: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
+        """The batch, or ``None`` when every item was a skipped bad image (training and evaluation pass over it)."""
+        return super().__call__([{"missing": 0, **item} for item in items if item is not None])
 
 
 def predict_logits(classifier: CLIPClassifier, loader: DataLoader, device: torch.device | str,

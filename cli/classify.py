@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import typer
 
-from .options import (ADAPTER_SETTINGS, CONFIG_OPTION, MODEL_SETTINGS, PROMPT_DEFAULTS, PROMPT_SETTINGS,
+from .options import (ADAPTER_SETTINGS, CONFIG_OPTION, JSON_OPTION, MODEL_SETTINGS, PROMPT_DEFAULTS, PROMPT_SETTINGS,
                       TRAINING_DEFAULTS, TRAINING_SETTINGS, comma_list, device_option, make_console, with_settings)
 
 DATASETS = "food101 | mmimdb | hateful-memes"
@@ -119,7 +119,7 @@ def predict(
     text: Optional[str] = typer.Option(None, "--text", help="Text (absent: treated as a missing text)."),
     top_k: int = typer.Option(5, "--top-k", help="Classes listed for multiclass tasks."),
     device: str = device_option(),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Classify one image and/or text with a run's merged model and head."""
     import json

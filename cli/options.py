@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import typer
@@ -48,6 +49,63 @@ def command_group(help: str) -> typer.Typer:
     renders as it is (rich help markup swallowed ``[default: …]`` and showed flags as ``<bool>``)."""
     return typer.Typer(help=help, no_args_is_help=True, add_completion=False, rich_markup_mode=None,
                        pretty_exceptions_enable=False)
+
+
+JSON_OPTION = typer.Option(False, "--json", help="Print JSON instead of a table.")
+INDEX_OPTION = typer.Option(..., "--index", help="Index folder (indexes/<name>).")
+
+
+# ---------------------------------------------------------------- model options of the retrieval commands
+
+MODEL_PANEL = "Model options"
+QUERY_COMBINER_HELP = "Combiner file for composed queries."
+
+
+@dataclass(frozen=True)
+class EncoderOptions:
+    """What the model options of the retrieval commands name (``None``: not given)."""
+
+    model: Optional[str] = None
+    pretrained: Optional[str] = None
+    adapter: Optional[Path] = None
+    checkpoint: Optional[Path] = None
+    run: Optional[Path] = None
+    combiner: Optional[Path] = None
+    device: str = "auto"
+
+    def given(self) -> bool:
+        """Whether any option naming a model was given."""
+        return any(getattr(self, name) is not None
+                   for name in ("model", "pretrained", "adapter", "checkpoint", "run", "combiner"))
+
+    def load(self, manifest: Optional[dict] = None) -> Any:
+        """The encoder the options name, else (when none is given) the index manifest's model."""
+        from mora_retrieval.retrieval.encoder import load_encoder, load_encoder_from_source
+
+        if not self.given() and manifest is not None:
+            return load_encoder_from_source(manifest["source"], device=self.device)
+        return load_encoder(self.model, self.pretrained, adapter=self.adapter, checkpoint=self.checkpoint,
+                            run=self.run, combiner=self.combiner, device=self.device)
+
+
+def model_options(combiner_help: Optional[str] = None) -> list[inspect.Parameter]:
+    """--model, --pretrained, --adapter, --checkpoint, --run, --combiner (when it has a help text) and
+    --device: a command with them (``with_options(model_options(), "encoder", EncoderOptions)``)
+    receives ``encoder``, an :class:`EncoderOptions`."""
+    def model_option(name: str, annotation: Any, flag: str, help: str) -> inspect.Parameter:
+        return option(name, Optional[annotation], typer.Option(None, flag, help=help, rich_help_panel=MODEL_PANEL))
+
+    options = [
+        model_option("model", str, "--model", "open_clip architecture, e.g. ViT-B-16 or mora-tiny."),
+        model_option("pretrained", str, "--pretrained", "open_clip tag or checkpoint file."),
+        model_option("adapter", Path, "--adapter", "Adapter folder, merged onto --pretrained."),
+        model_option("checkpoint", Path, "--checkpoint", "Merged open_clip checkpoint: a file (with --model), or a "
+                     "folder from `mora-ret merge -o DIR`."),
+        model_option("run", Path, "--run", "Training run folder (config.json, merged/adapter, combiner)."),
+    ]
+    if combiner_help is not None:
+        options.append(model_option("combiner", Path, "--combiner", combiner_help))
+    return options + [option("device", str, device_option(rich_help_panel=MODEL_PANEL))]
 
 
 # ---------------------------------------------------------------- settings options of the training commands
@@ -117,6 +175,35 @@ CONFIG_OPTION = typer.Option(None, "--config", help="JSON/TOML file of settings:
                              "keys (command-line options win).")
 
 
+def option(name: str, annotation: Any, info: typer.models.OptionInfo) -> inspect.Parameter:
+    """A keyword parameter ``name`` declared as the typer option ``info`` (for :func:`with_options`)."""
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=info)
+
+
+def with_options(options: Sequence[inspect.Parameter], into: str, pack: Callable[..., Any] = dict) -> Callable:
+    """Append ``options`` to a command's parameters, declared once for every command that takes them.
+
+    The command receives their values as one argument ``into``: ``pack(**values)`` (a dict by default).
+    """
+    names = [parameter.name for parameter in options]
+
+    def decorate(command: Callable) -> Callable:
+        own = [p for p in inspect.signature(command).parameters.values() if p.name != into]
+
+        @functools.wraps(command)
+        def run(**kwargs: Any) -> Any:
+            values = {name: kwargs.pop(name) for name in names}
+            return command(**kwargs, **{into: pack(**values)})
+
+        run.__signature__ = inspect.Signature([p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+                                              + list(options))
+        run.__annotations__ = {**{k: v for k, v in command.__annotations__.items() if k != into},
+                               **{p.name: p.annotation for p in options}}
+        return run
+
+    return decorate
+
+
 def with_settings(options: Sequence[Setting], defaults: dict[str, str], section: str = "train") -> Callable:
     """Add ``options`` to a command, declared here once for every training command.
 
@@ -125,37 +212,28 @@ def with_settings(options: Sequence[Setting], defaults: dict[str, str], section:
     ready for the recipe's ``build_settings``. ``--rank`` sets r_s too unless ``--rank-shared``
     is given; ``--targets`` is split at commas.
     """
-    def decorate(command: Callable) -> Callable:
-        own = [p for p in inspect.signature(command).parameters.values() if p.name != "overrides"]
+    def overrides(**values: Any) -> dict[str, Any]:
+        nested: dict[str, Any] = {}
+        for setting in options:
+            value = values[setting.name]
+            if value is None:
+                continue
+            if setting.name == "targets":
+                value = comma_list(value)
+            *parents, leaf = setting.key.replace("train.", f"{section}.", 1).split(".")
+            node = nested
+            for parent in parents:
+                node = node.setdefault(parent, {})
+            node[leaf] = value
+        adapter = nested.get("adapter", {})
+        if "r" in adapter:
+            adapter.setdefault("r_shared", adapter["r"])
+        return nested
 
-        @functools.wraps(command)
-        def run(**kwargs: Any) -> Any:
-            overrides: dict[str, Any] = {}
-            for option in options:
-                value = kwargs.pop(option.name)
-                if value is None:
-                    continue
-                if option.name == "targets":
-                    value = comma_list(value)
-                *parents, leaf = option.key.replace("train.", f"{section}.", 1).split(".")
-                node = overrides
-                for parent in parents:
-                    node = node.setdefault(parent, {})
-                node[leaf] = value
-            adapter = overrides.get("adapter", {})
-            if "r" in adapter:
-                adapter.setdefault("r_shared", adapter["r"])
-            return command(**kwargs, overrides=overrides)
-
-        added = [inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[o.type],
-                                   default=typer.Option(None, o.flag, help=_with_default(o.help, defaults.get(o.name))))
-                 for o in options]
-        run.__signature__ = inspect.Signature([p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + added)
-        run.__annotations__ = {**{k: v for k, v in command.__annotations__.items() if k != "overrides"},
-                               **{o.name: Optional[o.type] for o in options}}
-        return run
-
-    return decorate
+    parameters = [option(o.name, Optional[o.type],
+                         typer.Option(None, o.flag, help=_with_default(o.help, defaults.get(o.name))))
+                  for o in options]
+    return with_options(parameters, "overrides", overrides)
 
 
 def comma_list(value: str | None) -> list[str] | None:

@@ -73,16 +73,12 @@ class EncoderOptions:
     combiner: Optional[Path] = None
     device: str = "auto"
 
-    def given(self) -> bool:
-        """Whether any option naming a model was given."""
-        return any(getattr(self, name) is not None
-                   for name in ("model", "pretrained", "adapter", "checkpoint", "run", "combiner"))
-
     def load(self, manifest: Optional[dict] = None) -> Any:
         """The encoder the options name, else (when none is given) the index manifest's model."""
         from mora_retrieval.retrieval.encoder import load_encoder, load_encoder_from_source
 
-        if not self.given() and manifest is not None:
+        named = (self.model, self.pretrained, self.adapter, self.checkpoint, self.run, self.combiner)
+        if manifest is not None and all(value is None for value in named):
             return load_encoder_from_source(manifest["source"], device=self.device)
         return load_encoder(self.model, self.pretrained, adapter=self.adapter, checkpoint=self.checkpoint,
                             run=self.run, combiner=self.combiner, device=self.device)

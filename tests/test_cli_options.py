@@ -48,6 +48,5 @@ def test_model_options_arrive_as_encoder_options_beside_the_commands_own():
     [(k, encoder)] = _invoke(command, "-k", "5", "--model", "mora-tiny", "--run", "runs/a", "--combiner", "c.pt")
     assert k == 5
     assert encoder == EncoderOptions(model="mora-tiny", run=Path("runs/a"), combiner=Path("c.pt"), device="auto")
-    assert encoder.given()
     [(_, encoder)] = _invoke(command, "--device", "cpu")
-    assert encoder == EncoderOptions(device="cpu") and not encoder.given()
+    assert encoder == EncoderOptions(device="cpu")

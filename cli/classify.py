@@ -19,14 +19,16 @@ CLASSIFY_DEFAULTS = {
 }
 
 
-def _metrics_table(title: str, metrics: dict, main: str):
+def _test_table(head: str, result: dict):
+    """The test metrics of a classification result; the title names its scenarios and the model tested."""
     from rich.table import Table
 
-    table = Table(title=title)
+    scenario = result["scenario"]
+    table = Table(title=f"{head}, train {scenario['train']} / test {scenario['test']} ({result['evaluated_on']} model)")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key, value in metrics.items():
-        style = "bold" if key == main else None
+    for key, value in result["test"].items():
+        style = "bold" if key == result["metric"] else None
         table.add_row(key, f"{value:.2f}" if key != "loss" else f"{value:.4f}", style=style)
     return table
 
@@ -102,10 +104,7 @@ def classify(
     results = train_classifier(settings, train_config, run_dir, resume=resume, console=console, quiet=quiet)
     if results is None:  # a non-zero torchrun rank
         return
-    scen = results["scenario"]
-    console.print(_metrics_table(
-        f"{name} test — {method} on {settings.arch}, train {scen['train']} / test {scen['test']} "
-        f"({results['evaluated_on']} model)", results["test"], results["metric"]))
+    console.print(_test_table(f"{name} test — {method} on {settings.arch}", results))
     share = results["trainable"]
     console.print(f"best epoch {results['best_epoch']} (val {results['metric']} {results['best_val_metric']:.2f}); "
                   f"majority baseline {results['majority_baseline']:.2f}; trainable {share['params']:,} "
@@ -155,10 +154,7 @@ def _eval_only(console, dataset, run_dir, test_missing, data_root, split, device
         raise TrainingError(f"{run_dir}: the run was trained on {record['dataset']}, not {canonical_name(dataset)}")
     result = evaluate_run(run_dir, test_missing=test_missing, data_root=str(data_root) if data_root else None,
                           split=split, device=device, batch_size=batch_size, num_workers=workers, console=console)
-    scen = result["scenario"]
-    console.print(_metrics_table(
-        f"{result['dataset']} {split} — {result['method']}, train {scen['train']} / test {scen['test']} "
-        f"({result['evaluated_on']} model)", result["test"], result["metric"]))
+    console.print(_test_table(f"{result['dataset']} {split} — {result['method']}", result))
     console.print(f"written to {Path(run_dir) / 'eval'}")
 
 

@@ -8,7 +8,8 @@ from typing import Any, Optional
 import typer
 
 from .options import (ADAPTER_SETTINGS, CONFIG_OPTION, JSON_OPTION, MODEL_SETTINGS, PROMPT_DEFAULTS, PROMPT_SETTINGS,
-                      TRAINING_DEFAULTS, TRAINING_SETTINGS, comma_list, device_option, make_console, with_settings)
+                      SKIP_BAD_IMAGES_OPTION, TRAINING_DEFAULTS, TRAINING_SETTINGS, comma_list, device_option,
+                      make_console, with_settings)
 
 DATASETS = "food101 | mmimdb | hateful-memes"
 CLASSIFY_DEFAULTS = {
@@ -47,7 +48,7 @@ def classify(
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", "--run", help="Run folder (training output; the run to re-test with --eval-only; the grid's parent folder)."),
     features: Optional[str] = typer.Option(None, "--features", help="Head input: normalized | raw CLIP embeddings.  [default: normalized]"),
     eval_batch_size: Optional[int] = typer.Option(None, "--eval-batch-size", help="Batch of validation and test.  [default: 256]"),
-    skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Skip (and count) unreadable images."),
+    skip_bad_images: bool = SKIP_BAD_IMAGES_OPTION,
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run (or grid) exactly."),
     eval_only: bool = typer.Option(False, "--eval-only", help="Re-test the finished run --run under --test-missing."),
     split: str = typer.Option("test", "--split", help="Split for --eval-only: test | val."),

@@ -53,6 +53,8 @@ def command_group(help: str) -> typer.Typer:
 
 JSON_OPTION = typer.Option(False, "--json", help="Print JSON instead of a table.")
 INDEX_OPTION = typer.Option(..., "--index", help="Index folder (indexes/<name>).")
+RESUME_OPTION = typer.Option(False, "--resume", help="Continue an interrupted run in --run-dir exactly.")
+SKIP_BAD_IMAGES_OPTION = typer.Option(False, "--skip-bad-images", help="Skip (and count) unreadable images.")
 
 
 # ---------------------------------------------------------------- model options of the retrieval commands

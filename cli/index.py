@@ -46,13 +46,14 @@ def _build(items_fn: Any, collection: dict, default_name: str, encoder_options: 
     seconds = time.perf_counter() - start
     for path in result.skipped:
         console.print(f"[yellow]skipped bad image:[/] {path}")
-    table = Table("index folder", "images", "type", "dim", "encoded now", "skipped", "seconds", title="index")
     if result.folder is None:
         console.print(f"part written to {result.part_dir}; the index is merged when every part is done "
                       f"(or run `mora-ret index merge {out}`)")
         return
     m = result.folder.manifest
-    table.add_row(str(out), str(m["count"]), m["index_type"] + (f" ({m['search_params']})" if m["search_params"] else ""),
+    params = f" ({m['search_params']})" if m["search_params"] else ""
+    table = Table("index folder", "images", "type", "dim", "encoded now", "skipped", "seconds", title="index")
+    table.add_row(str(out), str(m["count"]), m["index_type"] + params,
                   str(m["dim"]), str(result.encoded), str(len(result.skipped)), f"{seconds:.1f}")
     make_console().print(table)
 
@@ -60,7 +61,8 @@ def _build(items_fn: Any, collection: dict, default_name: str, encoder_options: 
 
 TypeOpt = typer.Option("auto", "--index-type",
                        help="auto, or a FAISS factory string: Flat, IVF1024,Flat, HNSW32, IVF4096,PQ64, ...")
-ParamsOpt = typer.Option(None, "--search-params", help="FAISS search parameters stored in the manifest, e.g. nprobe=64.")
+ParamsOpt = typer.Option(None, "--search-params",
+                         help="FAISS search parameters stored in the manifest, e.g. nprobe=64.")
 #: The options of `index coco` and `index images` after the model options.
 BUILD_OPTIONS = [
     option("name", Optional[str], typer.Option(None, "--name", help="Index name: the folder is indexes/<name>.")),
@@ -75,8 +77,8 @@ BUILD_OPTIONS = [
         None, "--shard", help="i/n: embed the i-th of n blocks (default: from torchrun RANK/WORLD_SIZE).")),
     option("skip_bad_images", bool, typer.Option(
         False, "--skip-bad-images", help="Leave unreadable images out (listed in the manifest) instead of stopping.")),
-    option("fast_jpeg", bool, typer.Option(
-        False, "--fast-jpeg", help="Decode JPEGs at a reduced DCT scale (faster on CPU, slightly different features).")),
+    option("fast_jpeg", bool, typer.Option(False, "--fast-jpeg", help="Decode JPEGs at a reduced DCT scale (faster on "
+                                                                     "CPU, slightly different features).")),
     option("overwrite", bool, typer.Option(
         False, "--overwrite", help="Replace a finished index of another model in the output folder.")),
 ]
@@ -89,7 +91,8 @@ def build_command(command: Any) -> Any:
 
 @build_command
 def index_coco(
-    data_root: Path = typer.Option(..., "--data-root", help="COCO root: annotations/instances_<split>.json and <split>/."),
+    data_root: Path = typer.Option(..., "--data-root",
+                                   help="COCO root: annotations/instances_<split>.json and <split>/."),
     split: str = typer.Option("val2017", "--split"),
     encoder: EncoderOptions = None, opts: dict = None,
 ) -> None:
@@ -126,7 +129,8 @@ def index_merge(
 
 
 def index_rebuild(
-    out: Path = typer.Argument(..., help="Index folder."), index_type: str = TypeOpt, search_params: Optional[str] = ParamsOpt,
+    out: Path = typer.Argument(..., help="Index folder."),
+    index_type: str = TypeOpt, search_params: Optional[str] = ParamsOpt,
 ) -> None:
     """Rebuild index.faiss from the stored embeddings with another index type (no re-encoding)."""
 

@@ -86,24 +86,25 @@ class EncoderOptions:
                             run=self.run, combiner=self.combiner, device=self.device)
 
 
-def model_options(combiner_help: Optional[str] = None) -> list[inspect.Parameter]:
-    """--model, --pretrained, --adapter, --checkpoint, --run, --combiner (when it has a help text) and
-    --device: a command with them (``with_options(model_options(), "encoder", EncoderOptions)``)
-    receives ``encoder``, an :class:`EncoderOptions`."""
-    def model_option(name: str, annotation: Any, flag: str, help: str) -> inspect.Parameter:
-        return option(name, Optional[annotation], typer.Option(None, flag, help=help, rich_help_panel=MODEL_PANEL))
+#: The model options of the retrieval commands: parameter (also the flag's name), type, help.
+MODEL_OPTIONS = (
+    ("model", str, "open_clip architecture, e.g. ViT-B-16 or mora-tiny."),
+    ("pretrained", str, "open_clip tag or checkpoint file."),
+    ("adapter", Path, "Adapter folder, merged onto --pretrained."),
+    ("checkpoint", Path,
+     "Merged open_clip checkpoint: a file (with --model), or a folder from `mora-ret merge -o DIR`."),
+    ("run", Path, "Training run folder (config.json, merged/adapter, combiner)."),
+)
 
-    options = [
-        model_option("model", str, "--model", "open_clip architecture, e.g. ViT-B-16 or mora-tiny."),
-        model_option("pretrained", str, "--pretrained", "open_clip tag or checkpoint file."),
-        model_option("adapter", Path, "--adapter", "Adapter folder, merged onto --pretrained."),
-        model_option("checkpoint", Path, "--checkpoint", "Merged open_clip checkpoint: a file (with --model), or a "
-                     "folder from `mora-ret merge -o DIR`."),
-        model_option("run", Path, "--run", "Training run folder (config.json, merged/adapter, combiner)."),
-    ]
-    if combiner_help is not None:
-        options.append(model_option("combiner", Path, "--combiner", combiner_help))
-    return options + [option("device", str, device_option(rich_help_panel=MODEL_PANEL))]
+
+def model_options(combiner_help: Optional[str] = None) -> list[inspect.Parameter]:
+    """:data:`MODEL_OPTIONS`, --combiner (when it has a help text) and --device: a command with them
+    (``with_options(model_options(), "encoder", EncoderOptions)``) receives ``encoder``, an
+    :class:`EncoderOptions`."""
+    combiner = [] if combiner_help is None else [("combiner", Path, combiner_help)]
+    return [option(name, Optional[kind], typer.Option(None, f"--{name}", help=help, rich_help_panel=MODEL_PANEL))
+            for name, kind, help in (*MODEL_OPTIONS, *combiner)] + [
+        option("device", str, device_option(rich_help_panel=MODEL_PANEL))]
 
 
 # ---------------------------------------------------------------- settings options of the training commands
@@ -163,7 +164,8 @@ INPUT_SETTINGS = (
             "--no-prepared decodes the image files every epoch.", "prepared"),
     Setting("prepared_dir", "--prepared-dir", str, "Folder of the prepared-image cache.", "prepared_dir"),
 )
-INPUT_DEFAULTS = {"prepared": "--prepared", "prepared_dir": "DATA_ROOT/prepared, else ~/.cache/mora-retrieval/prepared/..."}
+INPUT_DEFAULTS = {"prepared": "--prepared",
+                  "prepared_dir": "DATA_ROOT/prepared, else ~/.cache/mora-retrieval/prepared/..."}
 
 #: What the training options default to in every recipe (the recipes' own defaults are in their help).
 TRAINING_DEFAULTS = {"grad_accum": "1", "warmup_ratio": "0.1", "max_grad_norm": "off", "patience": "off",

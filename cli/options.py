@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, get_type_hints
 
 import typer
 
@@ -63,48 +63,43 @@ MODEL_PANEL = "Model options"
 QUERY_COMBINER_HELP = "Combiner file for composed queries."
 
 
+def _model_option(help: str) -> Any:
+    return field(default=None, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class EncoderOptions:
-    """What the model options of the retrieval commands name (``None``: not given)."""
+    """The model options of the retrieval commands, each field the option ``--<name>`` (``None``: not given)."""
 
-    model: Optional[str] = None
-    pretrained: Optional[str] = None
-    adapter: Optional[Path] = None
-    checkpoint: Optional[Path] = None
-    run: Optional[Path] = None
-    combiner: Optional[Path] = None
+    model: Optional[str] = _model_option("open_clip architecture, e.g. ViT-B-16 or mora-tiny.")
+    pretrained: Optional[str] = _model_option("open_clip tag or checkpoint file.")
+    adapter: Optional[Path] = _model_option("Adapter folder, merged onto --pretrained.")
+    checkpoint: Optional[Path] = _model_option("Merged open_clip checkpoint: a file (with --model), or a folder "
+                                               "from `mora-ret merge -o DIR`.")
+    run: Optional[Path] = _model_option("Training run folder (config.json, merged/adapter, combiner).")
+    combiner: Optional[Path] = None  # its help depends on the command: model_options(combiner_help)
     device: str = "auto"
 
     def load(self, manifest: Optional[dict] = None) -> Any:
         """The encoder the options name, else (when none is given) the index manifest's model."""
         from mora_retrieval.retrieval.encoder import load_encoder, load_encoder_from_source
 
-        named = (self.model, self.pretrained, self.adapter, self.checkpoint, self.run, self.combiner)
-        if manifest is not None and all(value is None for value in named):
+        if manifest is not None and all(getattr(self, f.name) is None for f in fields(self) if f.name != "device"):
             return load_encoder_from_source(manifest["source"], device=self.device)
         return load_encoder(self.model, self.pretrained, adapter=self.adapter, checkpoint=self.checkpoint,
                             run=self.run, combiner=self.combiner, device=self.device)
 
 
-#: The model options of the retrieval commands: parameter (also the flag's name), type, help.
-MODEL_OPTIONS = (
-    ("model", str, "open_clip architecture, e.g. ViT-B-16 or mora-tiny."),
-    ("pretrained", str, "open_clip tag or checkpoint file."),
-    ("adapter", Path, "Adapter folder, merged onto --pretrained."),
-    ("checkpoint", Path,
-     "Merged open_clip checkpoint: a file (with --model), or a folder from `mora-ret merge -o DIR`."),
-    ("run", Path, "Training run folder (config.json, merged/adapter, combiner)."),
-)
-
-
 def model_options(combiner_help: Optional[str] = None) -> list[inspect.Parameter]:
-    """:data:`MODEL_OPTIONS`, --combiner (when it has a help text) and --device: a command with them
+    """The options of :class:`EncoderOptions` (--combiner when it has a help text): a command with them
     (``with_options(model_options(), "encoder", EncoderOptions)``) receives ``encoder``, an
     :class:`EncoderOptions`."""
-    combiner = [] if combiner_help is None else [("combiner", Path, combiner_help)]
-    return [option(name, Optional[kind], typer.Option(None, f"--{name}", help=help, rich_help_panel=MODEL_PANEL))
-            for name, kind, help in (*MODEL_OPTIONS, *combiner)] + [
-        option("device", str, device_option(rich_help_panel=MODEL_PANEL))]
+    types = get_type_hints(EncoderOptions)
+    helps = {f.name: f.metadata["help"] for f in fields(EncoderOptions) if "help" in f.metadata}
+    if combiner_help is not None:
+        helps["combiner"] = combiner_help
+    return [option(name, types[name], typer.Option(None, f"--{name}", help=help, rich_help_panel=MODEL_PANEL))
+            for name, help in helps.items()] + [option("device", str, device_option(rich_help_panel=MODEL_PANEL))]
 
 
 # ---------------------------------------------------------------- settings options of the training commands

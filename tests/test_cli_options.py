@@ -50,3 +50,15 @@ def test_model_options_arrive_as_encoder_options_beside_the_commands_own():
     assert encoder == EncoderOptions(model="mora-tiny", run=Path("runs/a"), combiner=Path("c.pt"), device="auto")
     [(_, encoder)] = _invoke(command, "--device", "cpu")
     assert encoder == EncoderOptions(device="cpu")
+
+
+def test_encoder_options_load_the_manifests_model_unless_a_model_option_is_given(monkeypatch):
+    import mora_retrieval.retrieval.encoder as encoder_module
+
+    monkeypatch.setattr(encoder_module, "load_encoder_from_source", lambda source, device: ("manifest", source, device))
+    monkeypatch.setattr(encoder_module, "load_encoder", lambda model, pretrained, **kw: ("options", model, kw["run"]))
+    manifest = {"source": {"arch": "mora-tiny"}}
+    assert EncoderOptions(device="cpu").load(manifest) == ("manifest", {"arch": "mora-tiny"}, "cpu")
+    assert EncoderOptions(run=Path("r")).load(manifest) == ("options", None, Path("r"))
+    assert EncoderOptions(combiner=Path("c")).load(manifest)[0] == "options"
+    assert EncoderOptions(model="mora-tiny").load() == ("options", "mora-tiny", None)

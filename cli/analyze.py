@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .options import device_option, make_console
+from .options import WORKERS_HELP, device_option, make_console
 
 
 def analyze(
@@ -18,7 +18,7 @@ def analyze(
                                               help="Use at most N samples, evenly spread over the split (>= 5)."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Dataset root (default: the run's)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Encoding batch size."),
-    workers: int = typer.Option(0, "--workers", help="DataLoader worker processes."),
+    workers: int = typer.Option(0, "--workers", help=WORKERS_HELP),
     seed: int = typer.Option(0, "--seed", help="t-SNE seed."),
     device: str = device_option(),
     as_json: bool = typer.Option(False, "--json", help="Print analysis.json instead of the tables."),

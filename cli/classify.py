@@ -7,8 +7,9 @@ from typing import Any, Optional
 
 import typer
 
-from .options import (ADAPTER_SETTINGS, CONFIG_OPTION, MODEL_SETTINGS, PROMPT_DEFAULTS, PROMPT_SETTINGS,
-                      TRAINING_DEFAULTS, TRAINING_SETTINGS, comma_list, device_option, make_console, with_settings)
+from .options import (ADAPTER_SETTINGS, CONFIG_OPTION, JSON_OPTION, MODEL_SETTINGS, PROMPT_DEFAULTS, PROMPT_SETTINGS,
+                      SKIP_BAD_IMAGES_OPTION, TRAINING_DEFAULTS, TRAINING_SETTINGS, comma_list, device_option,
+                      make_console, with_settings)
 
 DATASETS = "food101 | mmimdb | hateful-memes"
 CLASSIFY_DEFAULTS = {
@@ -19,14 +20,16 @@ CLASSIFY_DEFAULTS = {
 }
 
 
-def _metrics_table(title: str, metrics: dict, main: str):
+def _test_table(head: str, result: dict):
+    """The test metrics of a classification result; the title names its scenarios and the model tested."""
     from rich.table import Table
 
-    table = Table(title=title)
+    scenario = result["scenario"]
+    table = Table(title=f"{head}, train {scenario['train']} / test {scenario['test']} ({result['evaluated_on']} model)")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key, value in metrics.items():
-        style = "bold" if key == main else None
+    for key, value in result["test"].items():
+        style = "bold" if key == result["metric"] else None
         table.add_row(key, f"{value:.2f}" if key != "loss" else f"{value:.4f}", style=style)
     return table
 
@@ -45,7 +48,7 @@ def classify(
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", "--run", help="Run folder (training output; the run to re-test with --eval-only; the grid's parent folder)."),
     features: Optional[str] = typer.Option(None, "--features", help="Head input: normalized | raw CLIP embeddings.  [default: normalized]"),
     eval_batch_size: Optional[int] = typer.Option(None, "--eval-batch-size", help="Batch of validation and test.  [default: 256]"),
-    skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Skip (and count) unreadable images."),
+    skip_bad_images: bool = SKIP_BAD_IMAGES_OPTION,
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run (or grid) exactly."),
     eval_only: bool = typer.Option(False, "--eval-only", help="Re-test the finished run --run under --test-missing."),
     split: str = typer.Option("test", "--split", help="Split for --eval-only: test | val."),
@@ -102,10 +105,7 @@ def classify(
     results = train_classifier(settings, train_config, run_dir, resume=resume, console=console, quiet=quiet)
     if results is None:  # a non-zero torchrun rank
         return
-    scen = results["scenario"]
-    console.print(_metrics_table(
-        f"{name} test — {method} on {settings.arch}, train {scen['train']} / test {scen['test']} "
-        f"({results['evaluated_on']} model)", results["test"], results["metric"]))
+    console.print(_test_table(f"{name} test — {method} on {settings.arch}", results))
     share = results["trainable"]
     console.print(f"best epoch {results['best_epoch']} (val {results['metric']} {results['best_val_metric']:.2f}); "
                   f"majority baseline {results['majority_baseline']:.2f}; trainable {share['params']:,} "
@@ -119,7 +119,7 @@ def predict(
     text: Optional[str] = typer.Option(None, "--text", help="Text (absent: treated as a missing text)."),
     top_k: int = typer.Option(5, "--top-k", help="Classes listed for multiclass tasks."),
     device: str = device_option(),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Classify one image and/or text with a run's merged model and head."""
     import json
@@ -155,10 +155,7 @@ def _eval_only(console, dataset, run_dir, test_missing, data_root, split, device
         raise TrainingError(f"{run_dir}: the run was trained on {record['dataset']}, not {canonical_name(dataset)}")
     result = evaluate_run(run_dir, test_missing=test_missing, data_root=str(data_root) if data_root else None,
                           split=split, device=device, batch_size=batch_size, num_workers=workers, console=console)
-    scen = result["scenario"]
-    console.print(_metrics_table(
-        f"{result['dataset']} {split} — {result['method']}, train {scen['train']} / test {scen['test']} "
-        f"({result['evaluated_on']} model)", result["test"], result["metric"]))
+    console.print(_test_table(f"{result['dataset']} {split} — {result['method']}", result))
     console.print(f"written to {Path(run_dir) / 'eval'}")
 
 

@@ -7,21 +7,18 @@ from typing import Optional
 
 import typer
 
-from .options import make_console
+from .options import JSON_OPTION, EncoderOptions, make_console, model_options, with_options
 
-from .index import AdapterOpt, CheckpointOpt, DeviceOpt, ModelOpt, PretrainedOpt, RunOpt, MODEL_HELP
 
+@with_options(model_options("Combiner file for mode cir."), "encoder", EncoderOptions)
 def eval_coco(
     index: Path = typer.Option(..., "--index", help="Index folder built with `mora-ret index coco`."),
     relevance: str = typer.Option("exact", "--relevance", help="exact | primary | any | jaccard:T"),
     mode: str = typer.Option("image", "--mode", help="image | cir | both (cir re-encodes every image)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    as_json: bool = JSON_OPTION,
     batch_size: int = typer.Option(256, "--batch-size", help="Images per batch (mode cir)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers (mode cir)."),
-    model: Optional[str] = ModelOpt, pretrained: Optional[str] = PretrainedOpt, adapter: Optional[Path] = AdapterOpt,
-    checkpoint: Optional[Path] = CheckpointOpt, run: Optional[Path] = RunOpt,
-    combiner: Optional[Path] = typer.Option(None, "--combiner", help="Combiner file for mode cir.", rich_help_panel=MODEL_HELP),
-    device: Optional[str] = DeviceOpt,
+    encoder: EncoderOptions = None,
 ) -> None:
     """Image-to-image Recall@1/5/10 on the indexed COCO gallery (docs/protocols.md §5)."""
     import json
@@ -33,28 +30,25 @@ def eval_coco(
     from mora_retrieval.retrieval.evaluate import RelevanceRule, evaluate_coco
     from mora_retrieval.retrieval.index import load_index_folder
 
-    from .index import load_encoder_from_options
-
     if mode not in ("image", "cir", "both"):
         raise MoraError(f"--mode '{mode}': expected image, cir or both")
     rule = RelevanceRule.parse(relevance)
     folder = load_index_folder(index)
     modes = ["image", "cir"] if mode == "both" else [mode]
-    encoder = None
-    if "cir" in modes:
-        encoder = load_encoder_from_options(model, pretrained, adapter, checkpoint, run, combiner, device, folder.manifest)
-    embed = EmbedConfig(batch_size=batch_size)
-    if workers is not None:
-        embed.workers = workers
-    if encoder is None:
+    if "cir" not in modes:
         result = evaluate_coco(folder, rule, relevance, modes)
     else:
+        model = encoder.load(folder.manifest)
+        embed = EmbedConfig(batch_size=batch_size)
+        if workers is not None:
+            embed.workers = workers
         with ProgressBar(make_console(stderr=True), "re-encoding for cir queries", "img/s") as reporter:
-            result = evaluate_coco(folder, rule, relevance, modes, encoder=encoder, embed=embed, reporter=reporter)
+            result = evaluate_coco(folder, rule, relevance, modes, encoder=model, embed=embed, reporter=reporter)
     if as_json:
         typer.echo(json.dumps({"index": str(index), **result.to_json()}, indent=2))
         return
-    table = Table("mode", "R@1", "R@5", "R@10", "queries", "left out (no relevant)", title=f"COCO image-to-image, relevance {relevance}")
+    table = Table("mode", "R@1", "R@5", "R@10", "queries", "left out (no relevant)",
+                  title=f"COCO image-to-image, relevance {relevance}")
     for name, r in result.results.items():
         rec = r.recall
         table.add_row(name, *(f"{rec[k]:.2f}" for k in (1, 5, 10)), str(r.evaluated), str(r.no_relevant))

@@ -1,7 +1,4 @@
-"""``mora-ret index coco|images|merge|rebuild``: build FAISS index folders.
-
-Also holds what the retrieval commands share: the model options and the encoder they name.
-"""
+"""``mora-ret index coco|images|merge|rebuild``: build FAISS index folders."""
 
 from __future__ import annotations
 
@@ -10,34 +7,12 @@ from typing import Any, Optional
 
 import typer
 
-from .options import device_option, make_console
+from .options import EncoderOptions, make_console, model_options, option, with_options
 
 DEFAULT_INDEX_ROOT = Path("indexes")
-MODEL_HELP = "Model options"
 
 
-def load_encoder_from_options(
-    model: Optional[str],
-    pretrained: Optional[str],
-    adapter: Optional[Path],
-    checkpoint: Optional[Path],
-    run: Optional[Path],
-    combiner: Optional[Path],
-    device: Optional[str],
-    manifest: Optional[dict] = None,
-) -> Any:
-    """The encoder named by the options, else (when none is given) the manifest's model."""
-    from mora_retrieval.retrieval.encoder import load_encoder, load_encoder_from_source
-
-    given = any(x is not None for x in (model, pretrained, adapter, checkpoint, run, combiner))
-    if not given and manifest is not None:
-        return load_encoder_from_source(manifest["source"], device=device)
-    return load_encoder(
-        model, pretrained, adapter=adapter, checkpoint=checkpoint, run=run, combiner=combiner, device=device
-    )
-
-
-def _build(items_fn: Any, collection: dict, default_name: str, opts: dict) -> None:
+def _build(items_fn: Any, collection: dict, default_name: str, encoder_options: EncoderOptions, opts: dict) -> None:
     import time
     from rich.table import Table
 
@@ -47,17 +22,14 @@ def _build(items_fn: Any, collection: dict, default_name: str, opts: dict) -> No
 
     console = make_console(stderr=True)
     shard = parse_shard(opts["shard"])
-    device = opts["device"]
     items = items_fn()  # before the model: a wrong data path fails at once
-    encoder = load_encoder_from_options(
-        opts["model"], opts["pretrained"], opts["adapter"], opts["checkpoint"], opts["run"], None, device
-    )
+    encoder = encoder_options.load()
     if not any(encoder.source.get(k) for k in ("pretrained", "checkpoint", "adapter", "run")):
         console.print("[yellow]note:[/] random weights: `search` and `eval --mode cir` will not be able to reload "
                       "this model (use --pretrained FILE or --checkpoint FILE)")
     out = opts["out"] or DEFAULT_INDEX_ROOT / (opts["name"] or default_name)
-    embed = EmbedConfig(batch_size=opts["batch_size"], chunk_size=opts["chunk_size"], skip_bad_images=opts["skip_bad_images"],
-                        fast_jpeg=opts["fast_jpeg"])
+    embed = EmbedConfig(batch_size=opts["batch_size"], chunk_size=opts["chunk_size"],
+                        skip_bad_images=opts["skip_bad_images"], fast_jpeg=opts["fast_jpeg"])
     if opts["workers"] is not None:
         embed.workers = opts["workers"]
     config = BuildConfig(index_type=opts["index_type"], search_params=opts["search_params"], shard=shard, embed=embed,
@@ -74,71 +46,74 @@ def _build(items_fn: Any, collection: dict, default_name: str, opts: dict) -> No
     seconds = time.perf_counter() - start
     for path in result.skipped:
         console.print(f"[yellow]skipped bad image:[/] {path}")
-    table = Table("index folder", "images", "type", "dim", "encoded now", "skipped", "seconds", title="index")
     if result.folder is None:
         console.print(f"part written to {result.part_dir}; the index is merged when every part is done "
                       f"(or run `mora-ret index merge {out}`)")
         return
     m = result.folder.manifest
-    table.add_row(str(out), str(m["count"]), m["index_type"] + (f" ({m['search_params']})" if m["search_params"] else ""),
+    params = f" ({m['search_params']})" if m["search_params"] else ""
+    table = Table("index folder", "images", "type", "dim", "encoded now", "skipped", "seconds", title="index")
+    table.add_row(str(out), str(m["count"]), m["index_type"] + params,
                   str(m["dim"]), str(result.encoded), str(len(result.skipped)), f"{seconds:.1f}")
     make_console().print(table)
 
 
 
-ModelOpt = typer.Option(None, "--model", help="open_clip architecture, e.g. ViT-B-16 or mora-tiny.", rich_help_panel=MODEL_HELP)
-PretrainedOpt = typer.Option(None, "--pretrained", help="open_clip tag or checkpoint file.", rich_help_panel=MODEL_HELP)
-AdapterOpt = typer.Option(None, "--adapter", help="Adapter folder, merged onto --pretrained.", rich_help_panel=MODEL_HELP)
-CheckpointOpt = typer.Option(None, "--checkpoint", help="Merged open_clip checkpoint: a file (with --model), or a folder from `mora-ret merge -o DIR`.", rich_help_panel=MODEL_HELP)
-RunOpt = typer.Option(None, "--run", help="Training run folder (config.json, merged/adapter, combiner).", rich_help_panel=MODEL_HELP)
-DeviceOpt = device_option(rich_help_panel=MODEL_HELP)
-NameOpt = typer.Option(None, "--name", help="Index name: the folder is indexes/<name>.")
-OutOpt = typer.Option(None, "--out", help="Index folder (overrides --name).")
-TypeOpt = typer.Option("auto", "--index-type", help="auto, or a FAISS factory string: Flat, IVF1024,Flat, HNSW32, IVF4096,PQ64, ...")
-ParamsOpt = typer.Option(None, "--search-params", help="FAISS search parameters stored in the manifest, e.g. nprobe=64.")
-BatchOpt = typer.Option(256, "--batch-size", help="Images per batch.")
-WorkersOpt = typer.Option(None, "--workers", help="DataLoader workers (default: one per core, at most 8).")
-ChunkOpt = typer.Option(8192, "--chunk-size", help="Images per resumable chunk file.")
-ShardOpt = typer.Option(None, "--shard", help="i/n: embed the i-th of n blocks (default: from torchrun RANK/WORLD_SIZE).")
-FastOpt = typer.Option(False, "--fast-jpeg", help="Decode JPEGs at a reduced DCT scale (faster on CPU, slightly different features).")
-SkipOpt = typer.Option(False, "--skip-bad-images", help="Leave unreadable images out (listed in the manifest) instead of stopping.")
-OverwriteOpt = typer.Option(False, "--overwrite", help="Replace a finished index of another model in the output folder.")
+TypeOpt = typer.Option("auto", "--index-type",
+                       help="auto, or a FAISS factory string: Flat, IVF1024,Flat, HNSW32, IVF4096,PQ64, ...")
+ParamsOpt = typer.Option(None, "--search-params",
+                         help="FAISS search parameters stored in the manifest, e.g. nprobe=64.")
+#: The options of `index coco` and `index images` after the model options.
+BUILD_OPTIONS = [
+    option("name", Optional[str], typer.Option(None, "--name", help="Index name: the folder is indexes/<name>.")),
+    option("out", Optional[Path], typer.Option(None, "--out", help="Index folder (overrides --name).")),
+    option("index_type", str, TypeOpt),
+    option("search_params", Optional[str], ParamsOpt),
+    option("batch_size", int, typer.Option(256, "--batch-size", help="Images per batch.")),
+    option("workers", Optional[int],
+           typer.Option(None, "--workers", help="DataLoader workers (default: one per core, at most 8).")),
+    option("chunk_size", int, typer.Option(8192, "--chunk-size", help="Images per resumable chunk file.")),
+    option("shard", Optional[str], typer.Option(
+        None, "--shard", help="i/n: embed the i-th of n blocks (default: from torchrun RANK/WORLD_SIZE).")),
+    option("skip_bad_images", bool, typer.Option(
+        False, "--skip-bad-images", help="Leave unreadable images out (listed in the manifest) instead of stopping.")),
+    option("fast_jpeg", bool, typer.Option(False, "--fast-jpeg", help="Decode JPEGs at a reduced DCT scale (faster on "
+                                                                     "CPU, slightly different features).")),
+    option("overwrite", bool, typer.Option(
+        False, "--overwrite", help="Replace a finished index of another model in the output folder.")),
+]
 
 
+def build_command(command: Any) -> Any:
+    """Give an index-building command the model options (``encoder``) and :data:`BUILD_OPTIONS` (``opts``)."""
+    return with_options(BUILD_OPTIONS, "opts")(with_options(model_options(), "encoder", EncoderOptions)(command))
+
+
+@build_command
 def index_coco(
-    data_root: Path = typer.Option(..., "--data-root", help="COCO root: annotations/instances_<split>.json and <split>/."),
+    data_root: Path = typer.Option(..., "--data-root",
+                                   help="COCO root: annotations/instances_<split>.json and <split>/."),
     split: str = typer.Option("val2017", "--split"),
-    model: Optional[str] = ModelOpt, pretrained: Optional[str] = PretrainedOpt, adapter: Optional[Path] = AdapterOpt,
-    checkpoint: Optional[Path] = CheckpointOpt, run: Optional[Path] = RunOpt, device: Optional[str] = DeviceOpt,
-    name: Optional[str] = NameOpt, out: Optional[Path] = OutOpt, index_type: str = TypeOpt,
-    search_params: Optional[str] = ParamsOpt, batch_size: int = BatchOpt, workers: Optional[int] = WorkersOpt,
-    chunk_size: int = ChunkOpt, shard: Optional[str] = ShardOpt, skip_bad_images: bool = SkipOpt,
-    fast_jpeg: bool = FastOpt, overwrite: bool = OverwriteOpt,
+    encoder: EncoderOptions = None, opts: dict = None,
 ) -> None:
     """Index the COCO gallery of a split (images with at least one instance annotation)."""
     from mora_retrieval.retrieval.items import coco_items
 
-    opts = dict(locals())
     collection = {"kind": "coco", "root": str(data_root.resolve()), "split": split}
-    arch = model or (run.name if run else "model")
-    _build(lambda: coco_items(data_root, split), collection, f"coco-{split}-{arch}", opts)
+    arch = encoder.model or (encoder.run.name if encoder.run else "model")
+    _build(lambda: coco_items(data_root, split), collection, f"coco-{split}-{arch}", encoder, opts)
 
 
+@build_command
 def index_images(
     folder: Path = typer.Argument(..., help="Folder of images (searched recursively)."),
-    model: Optional[str] = ModelOpt, pretrained: Optional[str] = PretrainedOpt, adapter: Optional[Path] = AdapterOpt,
-    checkpoint: Optional[Path] = CheckpointOpt, run: Optional[Path] = RunOpt, device: Optional[str] = DeviceOpt,
-    name: Optional[str] = NameOpt, out: Optional[Path] = OutOpt, index_type: str = TypeOpt,
-    search_params: Optional[str] = ParamsOpt, batch_size: int = BatchOpt, workers: Optional[int] = WorkersOpt,
-    chunk_size: int = ChunkOpt, shard: Optional[str] = ShardOpt, skip_bad_images: bool = SkipOpt,
-    fast_jpeg: bool = FastOpt, overwrite: bool = OverwriteOpt,
+    encoder: EncoderOptions = None, opts: dict = None,
 ) -> None:
     """Index every image under a folder (jpg, png, webp, bmp, gif, tif)."""
     from mora_retrieval.retrieval.items import folder_items
 
-    opts = dict(locals())
     collection = {"kind": "folder", "root": str(folder.resolve())}
-    _build(lambda: folder_items(folder), collection, folder.resolve().name, opts)
+    _build(lambda: folder_items(folder), collection, folder.resolve().name, encoder, opts)
 
 
 def index_merge(
@@ -154,7 +129,8 @@ def index_merge(
 
 
 def index_rebuild(
-    out: Path = typer.Argument(..., help="Index folder."), index_type: str = TypeOpt, search_params: Optional[str] = ParamsOpt,
+    out: Path = typer.Argument(..., help="Index folder."),
+    index_type: str = TypeOpt, search_params: Optional[str] = ParamsOpt,
 ) -> None:
     """Rebuild index.faiss from the stored embeddings with another index type (no re-encoding)."""
 

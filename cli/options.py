@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, get_type_hints
 
 import typer
 
@@ -48,6 +49,57 @@ def command_group(help: str) -> typer.Typer:
     renders as it is (rich help markup swallowed ``[default: …]`` and showed flags as ``<bool>``)."""
     return typer.Typer(help=help, no_args_is_help=True, add_completion=False, rich_markup_mode=None,
                        pretty_exceptions_enable=False)
+
+
+JSON_OPTION = typer.Option(False, "--json", help="Print JSON instead of a table.")
+INDEX_OPTION = typer.Option(..., "--index", help="Index folder (indexes/<name>).")
+RESUME_OPTION = typer.Option(False, "--resume", help="Continue an interrupted run in --run-dir exactly.")
+SKIP_BAD_IMAGES_OPTION = typer.Option(False, "--skip-bad-images", help="Skip (and count) unreadable images.")
+
+
+# ---------------------------------------------------------------- model options of the retrieval commands
+
+MODEL_PANEL = "Model options"
+QUERY_COMBINER_HELP = "Combiner file for composed queries."
+
+
+def _model_option(help: str) -> Any:
+    return field(default=None, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class EncoderOptions:
+    """The model options of the retrieval commands, each field the option ``--<name>`` (``None``: not given)."""
+
+    model: Optional[str] = _model_option("open_clip architecture, e.g. ViT-B-16 or mora-tiny.")
+    pretrained: Optional[str] = _model_option("open_clip tag or checkpoint file.")
+    adapter: Optional[Path] = _model_option("Adapter folder, merged onto --pretrained.")
+    checkpoint: Optional[Path] = _model_option("Merged open_clip checkpoint: a file (with --model), or a folder "
+                                               "from `mora-ret merge -o DIR`.")
+    run: Optional[Path] = _model_option("Training run folder (config.json, merged/adapter, combiner).")
+    combiner: Optional[Path] = None  # its help depends on the command: model_options(combiner_help)
+    device: str = "auto"
+
+    def load(self, manifest: Optional[dict] = None) -> Any:
+        """The encoder the options name, else (when none is given) the index manifest's model."""
+        from mora_retrieval.retrieval.encoder import load_encoder, load_encoder_from_source
+
+        if manifest is not None and all(getattr(self, f.name) is None for f in fields(self) if f.name != "device"):
+            return load_encoder_from_source(manifest["source"], device=self.device)
+        return load_encoder(self.model, self.pretrained, adapter=self.adapter, checkpoint=self.checkpoint,
+                            run=self.run, combiner=self.combiner, device=self.device)
+
+
+def model_options(combiner_help: Optional[str] = None) -> list[inspect.Parameter]:
+    """The options of :class:`EncoderOptions` (--combiner when it has a help text): a command with them
+    (``with_options(model_options(), "encoder", EncoderOptions)``) receives ``encoder``, an
+    :class:`EncoderOptions`."""
+    types = get_type_hints(EncoderOptions)
+    helps = {f.name: f.metadata["help"] for f in fields(EncoderOptions) if "help" in f.metadata}
+    if combiner_help is not None:
+        helps["combiner"] = combiner_help
+    return [option(name, types[name], typer.Option(None, f"--{name}", help=help, rich_help_panel=MODEL_PANEL))
+            for name, help in helps.items()] + [option("device", str, device_option(rich_help_panel=MODEL_PANEL))]
 
 
 # ---------------------------------------------------------------- settings options of the training commands
@@ -107,7 +159,8 @@ INPUT_SETTINGS = (
             "--no-prepared decodes the image files every epoch.", "prepared"),
     Setting("prepared_dir", "--prepared-dir", str, "Folder of the prepared-image cache.", "prepared_dir"),
 )
-INPUT_DEFAULTS = {"prepared": "--prepared", "prepared_dir": "DATA_ROOT/prepared, else ~/.cache/mora-retrieval/prepared/..."}
+INPUT_DEFAULTS = {"prepared": "--prepared",
+                  "prepared_dir": "DATA_ROOT/prepared, else ~/.cache/mora-retrieval/prepared/..."}
 
 #: What the training options default to in every recipe (the recipes' own defaults are in their help).
 TRAINING_DEFAULTS = {"grad_accum": "1", "warmup_ratio": "0.1", "max_grad_norm": "off", "patience": "off",
@@ -115,6 +168,35 @@ TRAINING_DEFAULTS = {"grad_accum": "1", "warmup_ratio": "0.1", "max_grad_norm": 
 
 CONFIG_OPTION = typer.Option(None, "--config", help="JSON/TOML file of settings: any subset of the run's config.json "
                              "keys (command-line options win).")
+
+
+def option(name: str, annotation: Any, info: typer.models.OptionInfo) -> inspect.Parameter:
+    """A keyword parameter ``name`` declared as the typer option ``info`` (for :func:`with_options`)."""
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=info)
+
+
+def with_options(options: Sequence[inspect.Parameter], into: str, pack: Callable[..., Any] = dict) -> Callable:
+    """Append ``options`` to a command's parameters, declared once for every command that takes them.
+
+    The command receives their values as one argument ``into``: ``pack(**values)`` (a dict by default).
+    """
+    names = [parameter.name for parameter in options]
+
+    def decorate(command: Callable) -> Callable:
+        own = [p for p in inspect.signature(command).parameters.values() if p.name != into]
+
+        @functools.wraps(command)
+        def run(**kwargs: Any) -> Any:
+            values = {name: kwargs.pop(name) for name in names}
+            return command(**kwargs, **{into: pack(**values)})
+
+        run.__signature__ = inspect.Signature([p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+                                              + list(options))
+        run.__annotations__ = {**{k: v for k, v in command.__annotations__.items() if k != into},
+                               **{p.name: p.annotation for p in options}}
+        return run
+
+    return decorate
 
 
 def with_settings(options: Sequence[Setting], defaults: dict[str, str], section: str = "train") -> Callable:
@@ -125,37 +207,28 @@ def with_settings(options: Sequence[Setting], defaults: dict[str, str], section:
     ready for the recipe's ``build_settings``. ``--rank`` sets r_s too unless ``--rank-shared``
     is given; ``--targets`` is split at commas.
     """
-    def decorate(command: Callable) -> Callable:
-        own = [p for p in inspect.signature(command).parameters.values() if p.name != "overrides"]
+    def overrides(**values: Any) -> dict[str, Any]:
+        nested: dict[str, Any] = {}
+        for setting in options:
+            value = values[setting.name]
+            if value is None:
+                continue
+            if setting.name == "targets":
+                value = comma_list(value)
+            *parents, leaf = setting.key.replace("train.", f"{section}.", 1).split(".")
+            node = nested
+            for parent in parents:
+                node = node.setdefault(parent, {})
+            node[leaf] = value
+        adapter = nested.get("adapter", {})
+        if "r" in adapter:
+            adapter.setdefault("r_shared", adapter["r"])
+        return nested
 
-        @functools.wraps(command)
-        def run(**kwargs: Any) -> Any:
-            overrides: dict[str, Any] = {}
-            for option in options:
-                value = kwargs.pop(option.name)
-                if value is None:
-                    continue
-                if option.name == "targets":
-                    value = comma_list(value)
-                *parents, leaf = option.key.replace("train.", f"{section}.", 1).split(".")
-                node = overrides
-                for parent in parents:
-                    node = node.setdefault(parent, {})
-                node[leaf] = value
-            adapter = overrides.get("adapter", {})
-            if "r" in adapter:
-                adapter.setdefault("r_shared", adapter["r"])
-            return command(**kwargs, overrides=overrides)
-
-        added = [inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[o.type],
-                                   default=typer.Option(None, o.flag, help=_with_default(o.help, defaults.get(o.name))))
-                 for o in options]
-        run.__signature__ = inspect.Signature([p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + added)
-        run.__annotations__ = {**{k: v for k, v in command.__annotations__.items() if k != "overrides"},
-                               **{o.name: Optional[o.type] for o in options}}
-        return run
-
-    return decorate
+    parameters = [option(o.name, Optional[o.type],
+                         typer.Option(None, o.flag, help=_with_default(o.help, defaults.get(o.name))))
+                  for o in options]
+    return with_options(parameters, "overrides", overrides)
 
 
 def comma_list(value: str | None) -> list[str] | None:

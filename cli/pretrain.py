@@ -7,7 +7,8 @@ from typing import Any, Optional
 
 import typer
 
-from .options import CONFIG_OPTION, MODEL_SETTINGS, TRAINING_DEFAULTS, TRAINING_SETTINGS, make_console, with_settings
+from .options import (CONFIG_OPTION, MODEL_SETTINGS, RESUME_OPTION, TRAINING_DEFAULTS, TRAINING_SETTINGS, make_console,
+                      with_settings)
 
 PRETRAIN_DEFAULTS = {"model": "mora-tiny", "epochs": "10", "batch_size": "128", "lr": "1e-3", "weight_decay": "0.1",
                      **TRAINING_DEFAULTS}
@@ -23,7 +24,7 @@ def pretrain_command(
     val_split: Optional[str] = typer.Option(None, "--val-split", help="'' to skip validation.  [default: val2017]"),
     folder: Optional[Path] = typer.Option(None, "--folder", help="Folder of images with sidecar .txt captions."),
     val_folder: Optional[Path] = typer.Option(None, "--val-folder"),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --run-dir exactly."),
+    resume: bool = RESUME_OPTION,
     overrides: dict[str, Any] = None,
 ) -> None:
     """Pretrain CLIP contrastively; writes RUN_DIR/pretrained.safetensors (a plain open_clip checkpoint)."""

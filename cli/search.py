@@ -7,22 +7,19 @@ from typing import Optional
 
 import typer
 
-from .options import make_console
+from .options import INDEX_OPTION, JSON_OPTION, QUERY_COMBINER_HELP, EncoderOptions, make_console, model_options, \
+    with_options
 
-from .index import AdapterOpt, CheckpointOpt, DeviceOpt, ModelOpt, PretrainedOpt, RunOpt, MODEL_HELP
 
-
+@with_options(model_options(QUERY_COMBINER_HELP), "encoder", EncoderOptions)
 def search_cmd(
-    index: Path = typer.Option(..., "--index", help="Index folder (indexes/<name>)."),
+    index: Path = INDEX_OPTION,
     image: Optional[Path] = typer.Option(None, "--image", help="Query image."),
     text: Optional[str] = typer.Option(None, "--text", help="Query text (with --image: a composed query)."),
     k: int = typer.Option(10, "-k", "--top-k", min=1, help="Number of results (at least 1)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    as_json: bool = JSON_OPTION,
     html_out: Optional[Path] = typer.Option(None, "--html", help="Write a self-contained HTML gallery page."),
-    model: Optional[str] = ModelOpt, pretrained: Optional[str] = PretrainedOpt, adapter: Optional[Path] = AdapterOpt,
-    checkpoint: Optional[Path] = CheckpointOpt, run: Optional[Path] = RunOpt,
-    combiner: Optional[Path] = typer.Option(None, "--combiner", help="Combiner file for composed queries.", rich_help_panel=MODEL_HELP),
-    device: Optional[str] = DeviceOpt,
+    encoder: EncoderOptions = None,
 ) -> None:
     """Top-k images for a query; the model is reloaded from the index manifest unless model options are given."""
     import json
@@ -32,20 +29,18 @@ def search_cmd(
     from mora_retrieval.retrieval.index import load_index_folder
     from mora_retrieval.retrieval.search import query_mode, search, search_payload
 
-    from .index import load_encoder_from_options
-
     if image is None and text is None:
         raise MoraError("give a query: --image FILE, --text TEXT, or both")
     folder = load_index_folder(index)
-    encoder = load_encoder_from_options(model, pretrained, adapter, checkpoint, run, combiner, device, folder.manifest)
-    hits = search(folder, encoder, image=image, text=text, k=k)
+    model = encoder.load(folder.manifest)
+    hits = search(folder, model, image=image, text=text, k=k)
     if html_out is not None:
         from mora_retrieval.retrieval.gallery import write_gallery
 
         write_gallery(html_out, hits, image=image, text=text, title=f"{index.name}: top {k}")
     mode = query_mode(image is not None, text is not None)
     if as_json:
-        payload = search_payload(str(index), encoder, hits, image=str(image) if image else None, text=text)
+        payload = search_payload(str(index), model, hits, image=str(image) if image else None, text=text)
         typer.echo(json.dumps(payload, indent=2))
         return
     table = Table("rank", "score", "item", "image id", "categories", title=f"{mode} query, top {len(hits)}")

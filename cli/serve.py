@@ -7,8 +7,7 @@ from typing import Optional
 
 import typer
 
-from .index import AdapterOpt, CheckpointOpt, DeviceOpt, ModelOpt, PretrainedOpt, RunOpt, MODEL_HELP
-from .options import make_console
+from .options import INDEX_OPTION, QUERY_COMBINER_HELP, EncoderOptions, make_console, model_options, with_options
 
 SERVE_PACKAGES = ("starlette", "uvicorn", "multipart")
 INSTALL_HINT = "mora-ret serve needs the serve extra: pip install 'mora-retrieval[serve]'"
@@ -25,16 +24,14 @@ def check_serve_extra() -> None:
         raise MoraError(f"{INSTALL_HINT} (missing: {', '.join(missing)})")
 
 
+@with_options(model_options(QUERY_COMBINER_HELP), "encoder", EncoderOptions)
 def serve_cmd(
-    index: Path = typer.Option(..., "--index", help="Index folder (indexes/<name>)."),
+    index: Path = INDEX_OPTION,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on. Anything but localhost is reachable from other machines: a warning is printed."),
     port: int = typer.Option(8000, "--port", help="TCP port (0: a free one)."),
     max_upload_mb: float = typer.Option(10.0, "--max-upload-mb", help="Largest accepted search request (image upload), in MB."),
     max_batch: int = typer.Option(32, "--max-batch", help="Most queries encoded together when requests arrive at the same time."),
-    model: Optional[str] = ModelOpt, pretrained: Optional[str] = PretrainedOpt, adapter: Optional[Path] = AdapterOpt,
-    checkpoint: Optional[Path] = CheckpointOpt, run: Optional[Path] = RunOpt,
-    combiner: Optional[Path] = typer.Option(None, "--combiner", help="Combiner file for composed queries.", rich_help_panel=MODEL_HELP),
-    device: Optional[str] = DeviceOpt,
+    encoder: EncoderOptions = None,
 ) -> None:
     """Serve a search page and a JSON API over an index; the model is reloaded from the manifest as in `search`."""
     from mora_retrieval.errors import MoraError
@@ -43,8 +40,6 @@ def serve_cmd(
     from mora_retrieval.retrieval.index import load_index_folder
     from mora_retrieval.retrieval.serve import ServeConfig, create_app, is_loopback, open_socket, run_server, url_of
 
-    from .index import load_encoder_from_options
-
     console = make_console(stderr=True)
     if not 0 <= port <= 65535:
         raise MoraError(f"--port {port}: expected 0..65535")
@@ -52,8 +47,7 @@ def serve_cmd(
         raise MoraError(f"--max-batch {max_batch}: expected at least 1")
     config = ServeConfig(max_upload_mb=max_upload_mb, max_batch=max_batch)
     folder = load_index_folder(index)
-    encoder = load_encoder_from_options(model, pretrained, adapter, checkpoint, run, combiner, device, folder.manifest)
-    app = create_app(folder, encoder, index_label=str(index), config=config)
+    app = create_app(folder, encoder.load(folder.manifest), index_label=str(index), config=config)
     sock = open_socket(host, port)
     if not is_loopback(host):
         console.print(f"[bold yellow]warning:[/] listening on {host}: the index, its images and the search API are "

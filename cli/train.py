@@ -7,8 +7,8 @@ from typing import Any, Optional
 
 import typer
 
-from .options import (ADAPTER_SETTINGS, CONFIG_OPTION, INPUT_DEFAULTS, INPUT_SETTINGS, MODEL_SETTINGS,
-                      TRAINING_DEFAULTS, TRAINING_SETTINGS, make_console, with_settings)
+from .options import (ADAPTER_SETTINGS, CONFIG_OPTION, INPUT_DEFAULTS, INPUT_SETTINGS, MODEL_SETTINGS, RESUME_OPTION,
+                      SKIP_BAD_IMAGES_OPTION, TRAINING_DEFAULTS, TRAINING_SETTINGS, make_console, with_settings)
 
 CIR_DEFAULTS = {
     "model": "ViT-B-16", "pretrained": "openai", "method": "mora", "rank": "4", "rank_shared": "--rank, else 4",
@@ -29,10 +29,10 @@ def train_cirr_command(
     combiner_lr: Optional[float] = typer.Option(None, "--combiner-lr", help="Stage-2 learning rate.  [default: 2e-5]"),
     combiner_batch_size: Optional[int] = typer.Option(None, "--combiner-batch-size", help="Stage-2 batch.  [default: 512]"),
     no_combiner: bool = typer.Option(False, "--no-combiner", help="Stop after stage 1."),
-    skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Skip (and count) unreadable images."),
+    skip_bad_images: bool = SKIP_BAD_IMAGES_OPTION,
     cache_frozen: bool = typer.Option(False, "--cache-frozen",
                                       help="Cache the frozen blocks' outputs across epochs (stage 1; needs memory)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --run-dir exactly."),
+    resume: bool = RESUME_OPTION,
     overrides: dict[str, Any] = None,
 ) -> None:
     """Train CLIP4CIR + MoRA (or another adapter) on CIRR; writes adapter, merged checkpoint and Combiner.

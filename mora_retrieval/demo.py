@@ -28,19 +28,20 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from scipy.stats import hypergeom
 
 from .analysis import AnalyzeConfig, analyze_run
 from .data.shapes import PARTS, generate_shapes_world, read_world_manifest
 from .engine import TrainConfig
 from .engine.checkpoint import curves_path
 from .fileio import read_json, write_json
-from .report import Section, rows_from_metrics, write_report
+from .report import Section, write_report
 from .retrieval.build import BuildConfig, build_index
 from .retrieval.embed import EmbedConfig
 from .retrieval.encoder import load_encoder
@@ -88,35 +89,29 @@ def _log(console, message: str) -> None:
 
 
 class _Clock:
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.steps: dict[str, float] = {}
-        self._last = self.start
+    """Seconds of each step, from the end of the one before."""
 
-    def lap(self, name: str) -> float:
+    def __init__(self) -> None:
+        self.steps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
         now = time.perf_counter()
-        self.steps[name] = now - self._last
-        self._last = now
-        return self.steps[name]
+        self.steps[name], self._last = now - self._last, now
 
 
 def coco_chance(folder: Any, rule: Any, ks=(1, 5, 10)) -> dict[str, float]:
-    """Expected Recall@K (percent) of a random ranking under the protocol of docs/protocols.md §5."""
+    """Expected Recall@K (percent) of a random ranking under the protocol of docs/protocols.md §5: a query with
+    m relevant images among the n - 1 others misses all of them in K random draws with the hypergeometric
+    probability C(n - 1 - m, K) / C(n - 1, K)."""
     table = CategoryTable.from_items(folder.items)
-    n = folder.count
-    rel = table.relevance(np.arange(n), rule)
+    rel = table.relevance(np.arange(folder.count), rule)
     np.fill_diagonal(rel, False)
     m = rel.sum(axis=1)
     m = m[m > 0]
-    others = n - 1
-    out = {}
-    for k in ks:
-        # 1 - C(others - m, k) / C(others, k), computed as a product to stay in floating point.
-        miss = np.ones_like(m, dtype=np.float64)
-        for j in range(min(k, others)):
-            miss *= np.clip((others - m - j) / (others - j), 0.0, None)
-        out[f"R@{k}"] = float(100.0 * (1.0 - miss).mean()) if len(m) else math.nan
-    return out
+    others = folder.count - 1
+    return {f"R@{k}": float(100.0 * (1.0 - hypergeom.pmf(0, others, m, min(k, others))).mean()) if len(m) else math.nan
+            for k in ks}
 
 
 def _world(settings: DemoSettings, console) -> dict[str, Path]:
@@ -151,32 +146,30 @@ def _train_cir(settings: DemoSettings, world, checkpoint: Path, method: str, con
     run = Path(settings.out) / "runs" / f"cir-{method}"
     cir = CIRSettings.with_defaults(str(world["cirr"]), str(run), method, arch=settings.arch,
                                     pretrained=str(checkpoint))
-    common = {"seed": settings.seed, "num_workers": settings.workers, "log_every": 10}
+    common = {"seed": settings.seed, "num_workers": settings.workers, "log_every": 10, "batch_size": settings.cir_batch}
     lr = {"lr": settings.full_lr} if method == "full" else {}
-    cir.stage1 = TrainConfig(**{**cir.stage1.to_dict(), "epochs": settings.cir_epochs,
-                                "batch_size": settings.cir_batch, **lr, **common})
-    cir.stage2 = TrainConfig(**{**cir.stage2.to_dict(), "epochs": settings.combiner_epochs,
-                                "batch_size": settings.cir_batch, "lr": 1e-3, **common})
+    cir.stage1 = replace(cir.stage1, epochs=settings.cir_epochs, **lr, **common)
+    cir.stage2 = replace(cir.stage2, epochs=settings.combiner_epochs, lr=1e-3, **common)
     _log(console, f"{CIR_LABELS[method]} -> {run}")
     results = train_cirr(cir, console=console, quiet=quiet)
     results["run"] = str(run)
     return results
 
 
+#: The COCO-format evaluation: relevance rule and query modes (the text is missing in both).
+RELEVANCE, COCO_MODES = "exact", ("image", "cir")
+
+
 def _index_and_eval(name: str, world, encoder_kwargs: dict, settings: DemoSettings) -> dict:
     encoder = load_encoder(settings.arch, **encoder_kwargs)
-    out = Path(settings.out) / "indexes" / name
-    if out.exists():
-        shutil.rmtree(out)
-    items = coco_items(world["coco"], "val2017")
-    built = build_index(encoder, items, out, BuildConfig(embed=EmbedConfig(batch_size=256, workers=settings.workers)),
+    out = Path(settings.out) / "indexes" / name  # run_demo emptied indexes/ first
+    embed = EmbedConfig(batch_size=256, workers=settings.workers)
+    built = build_index(encoder, coco_items(world["coco"], "val2017"), out, BuildConfig(embed=embed),
                         collection={"dataset": "coco", "split": "val2017", "root": str(world["coco"])})
-    rule = RelevanceRule.parse("exact")
-    modes = ("image", "cir")
-    evaluation = evaluate_coco(built.folder, rule, "exact", modes, encoder=encoder,
-                               embed=EmbedConfig(batch_size=256, workers=settings.workers))
-    result = {mode: evaluation.results[mode].to_json() for mode in modes}
-    return {"index": str(out), "folder": built.folder, "encoder": encoder, "coco": result, "rule": rule}
+    evaluation = evaluate_coco(built.folder, RelevanceRule.parse(RELEVANCE), RELEVANCE, COCO_MODES, encoder=encoder,
+                               embed=embed)
+    result = {mode: evaluation.results[mode].to_json() for mode in COCO_MODES}
+    return {"index": str(out), "folder": built.folder, "encoder": encoder, "coco": result}
 
 
 def _classify(settings: DemoSettings, world, checkpoint: Path, console, quiet: bool) -> dict:
@@ -199,7 +192,8 @@ def _analyze(settings: DemoSettings, classify: dict, console, quiet: bool):
 
 
 def run_demo(settings: DemoSettings, console=None, quiet: bool = False) -> dict[str, Any]:
-    """Run every step; return the results and write ``<out>/report.html`` and ``<out>/results.json``."""
+    """Run every step; write ``<out>/results.json`` and ``<out>/report.html``; return ``{"json": the results,
+    "chance_note", "report": its path, "serve_command"}``."""
     torch.manual_seed(settings.seed)
     out = Path(settings.out)
     clock = _Clock()
@@ -228,15 +222,16 @@ def run_demo(settings: DemoSettings, console=None, quiet: bool = False) -> dict[
     mora_index = retrieval["CLIP4CIR + MoRA"]
     hits = search(mora_index["folder"], mora_index["encoder"], image=query_image, text=first["caption"], k=8)
     clock.lap("search")
+    query = {"image": str(query_image), "text": first["caption"],
+             "hits": [{"rank": h.rank, "score": h.score, "path": h.item.path} for h in hits]}
 
-    summary = _summarise(settings, world, cir, retrieval, classify, query_image, first["caption"], hits, clock)
-    summary["json"]["analysis"] = str(analysis.files["json"])
-    write_json(out / RESULTS_FILE, summary["json"])
-    report = _write_report(out / "report.html", summary, cir, retrieval, classify, checkpoint, query_image,
-                           first["caption"], hits, analysis.section())
-    summary["report"] = str(report)
-    summary["serve_command"] = f"mora-ret serve --index {mora_index['index']}"
-    return summary
+    data = _results(settings, len(val), cir, retrieval, classify, query, clock)
+    data["analysis"] = str(analysis.files["json"])
+    write_json(out / RESULTS_FILE, data)
+    note = chance_note(data["not_above_chance"])
+    report = _write_report(out / "report.html", data, note, cir, classify, checkpoint, hits, analysis.section())
+    return {"json": data, "chance_note": note, "report": str(report),
+            "serve_command": f"mora-ret serve --index {mora_index['index']}"}
 
 
 #: The CIR models the demo trains, in report order.
@@ -257,25 +252,31 @@ def cir_verdict(cir: dict[str, dict], full_lr: float) -> str:
             + "; ".join(parts) + ".")
 
 
-def _summarise(settings, world, cir, retrieval, classify, query_image, caption, hits, clock) -> dict[str, Any]:
-    gallery = len(read_json(world["cirr"] / "image_splits" / "split.rc2.val.json", "CIRR split"))
-    cirr_chance = {f"recall@{k}": 100.0 * min(k, gallery - 1) / (gallery - 1) for k in (1, 5, 10, 50)}
+def chance_note(below: list[str]) -> str:
+    """One sentence on the metrics that do not beat chance (``not_above_chance`` of ``results.json``)."""
+    if not below:
+        return "Every model beats chance on every metric that chance does not already score 100 on."
+    return "Not above chance: " + "; ".join(below) + "."
+
+
+def _results(settings, gallery_size: int, cir, retrieval, classify, query: dict, clock) -> dict[str, Any]:
+    """The content of ``results.json``: every table with its chance levels, the verdicts and the search."""
+    cirr_chance = {f"recall@{k}": 100.0 * min(k, gallery_size - 1) / (gallery_size - 1) for k in (1, 5, 10, 50)}
     cirr_chance.update({f"recall_subset@{k}": 100.0 * k / 5 for k in (1, 2, 3)})
     cirr_chance["avg"] = (cirr_chance["recall@5"] + cirr_chance["recall_subset@1"]) / 2
-    cirr_rows = {}
-    for method, label in CIR_LABELS.items():
-        cirr_rows[f"{label}, summed features"] = cir[method]["val_stage1"]
-        cirr_rows[f"{label}, Combiner"] = cir[method]["val_combiner"]
-    coco_rows = {}
-    any_folder = next(iter(retrieval.values()))
-    coco_chance_row = coco_chance(any_folder["folder"], any_folder["rule"])
-    for label, entry in retrieval.items():
-        for mode in ("image", "cir"):
-            coco_rows[f"{label} ({mode} query)"] = entry["coco"][mode]["recall"]
-    evaluated = any_folder["coco"]["image"]["evaluated_queries"]
-    no_relevant = any_folder["coco"]["image"]["queries_without_relevant"]
-    metric = classify["metric"]
-    json_out = {
+    cirr_rows = {f"{label}, {stage}": cir[method][key] for method, label in CIR_LABELS.items()
+                 for stage, key in (("summed features", "val_stage1"), ("Combiner", "val_combiner"))}
+    coco_rows = {f"{label} ({mode} query)": entry["coco"][mode]["recall"]
+                 for label, entry in retrieval.items() for mode in COCO_MODES}
+    any_index = next(iter(retrieval.values()))
+    coco_chance_row = coco_chance(any_index["folder"], RelevanceRule.parse(RELEVANCE))
+    below = [f"{name}: {metric}" for rows, chance in ((cirr_rows, cirr_chance), (coco_rows, coco_chance_row))
+             for name, metrics in rows.items() for metric, value in metrics.items()
+             if metric in chance and chance[metric] < 100.0 and not value > chance[metric]]
+    if classify["test_metric"] <= classify["majority_baseline"]:
+        below.append(f"classification: {classify['metric']}")
+    coco_queries = any_index["coco"]["image"]
+    return {
         "settings": settings.__dict__,
         "timings_s": clock.steps,
         "total_s": sum(clock.steps.values()),
@@ -283,56 +284,43 @@ def _summarise(settings, world, cir, retrieval, classify, query_image, caption, 
         "cirr_chance": cirr_chance,
         "coco_i2i": coco_rows,
         "coco_chance": coco_chance_row,
-        "coco_queries": {"evaluated": evaluated, "without_relevant": no_relevant},
-        "classification": {"dataset": "food101", "scenario": classify["scenario"], "metric": metric,
+        "coco_queries": {"evaluated": coco_queries["evaluated_queries"],
+                         "without_relevant": coco_queries["queries_without_relevant"]},
+        "classification": {"dataset": "food101", "scenario": classify["scenario"], "metric": classify["metric"],
                            "test": classify["test_metric"], "majority_baseline": classify["majority_baseline"]},
-        "search": {"image": str(query_image), "text": caption,
-                   "hits": [{"rank": h.rank, "score": h.score, "path": h.item.path} for h in hits]},
+        "search": query,
         "trainable_percent": {m: cir[m]["trainable_percent"] for m in cir},
+        "verdict": cir_verdict(cir, settings.full_lr),
+        "not_above_chance": below,
     }
-    verdict = cir_verdict(cir, settings.full_lr)
-    json_out["verdict"] = verdict
-    below = [f"{name}: {metric}" for rows, chance in ((cirr_rows, cirr_chance), (coco_rows, coco_chance_row))
-             for name, metrics in rows.items() for metric, value in metrics.items()
-             if metric in chance and chance[metric] < 100.0 and not value > chance[metric]]
-    if classify["test_metric"] <= classify["majority_baseline"]:
-        below.append(f"classification: {metric}")
-    json_out["not_above_chance"] = below
-    chance_note = ("Every model beats chance on every metric that chance does not already score 100 on."
-                   if not below else "Not above chance: " + "; ".join(below) + ".")
-    return {"json": json_out, "cirr_rows": cirr_rows, "cirr_chance": cirr_chance, "coco_rows": coco_rows,
-            "coco_chance": coco_chance_row, "verdict": verdict, "chance_note": chance_note}
 
 
-def _write_report(path: Path, summary, cir, retrieval, classify, checkpoint, query_image, caption, hits,
-                  analysis) -> Path:
-    data = summary["json"]
-    cirr_cols = ["recall@1", "recall@5", "recall@10", "recall@50", "recall_subset@1", "recall_subset@2",
-                 "recall_subset@3", "avg"]
+def _write_report(path: Path, data: dict, chance_note_text: str, cir, classify, checkpoint, hits, analysis) -> Path:
     overview = Section("Overview", notes=[
         f"Every figure below was measured by this run ({data['total_s']:.0f} s in all; steps: "
         + ", ".join(f"{k} {v:.0f} s" for k, v in data["timings_s"].items()) + ").",
-        summary["verdict"],
-        summary["chance_note"],
+        data["verdict"],
+        chance_note_text,
         "Trainable share of the CIR models: " + ", ".join(
             f"{method} {share:.3f}%" for method, share in data["trainable_percent"].items()) + ".",
     ])
     cirr = Section("CIRR-format validation (composed image retrieval)",
                    notes=["Recall@K with the reference removed; Recall_subset@K within the 5 other members of the "
                           "query's image set; avg = (R@5 + Rs@1) / 2."])
-    cirr.table("CIRR val (percent)", ["model", *cirr_cols],
-               rows_from_metrics({**summary["cirr_rows"], "chance": summary["cirr_chance"]}, cirr_cols))
+    cirr.metrics("CIRR val (percent)", ["recall@1", "recall@5", "recall@10", "recall@50", "recall_subset@1",
+                                        "recall_subset@2", "recall_subset@3", "avg"],
+                 {**data["cirr_val"], "chance": data["cirr_chance"]})
     coco = Section("COCO-format image-to-image retrieval (the text is missing)",
-                   notes=[f"Relevance 'exact' (same category set); {data['coco_queries']['evaluated']} queries "
+                   notes=[f"Relevance '{RELEVANCE}' (same category set); {data['coco_queries']['evaluated']} queries "
                           f"evaluated, {data['coco_queries']['without_relevant']} had no relevant image and were "
                           "left out. Mode 'image': image embedding; 'cir': composed query with an empty caption."])
-    coco.table("Recall@K (percent)", ["model", "R@1", "R@5", "R@10"],
-               rows_from_metrics({**summary["coco_rows"], "chance": summary["coco_chance"]}, ["R@1", "R@5", "R@10"]))
+    coco.metrics("Recall@K (percent)", ["R@1", "R@5", "R@10"], {**data["coco_i2i"], "chance": data["coco_chance"]})
+    result = data["classification"]
     cls = Section("Missing-modality classification (Food-101 format)",
-                  notes=[f"Train/val/test scenarios: {classify['scenario']}; metric {classify['metric']} on the "
+                  notes=[f"Train/val/test scenarios: {result['scenario']}; metric {result['metric']} on the "
                          "merged model; chance = the majority-class baseline."])
-    cls.table("Test", ["model", classify["metric"], "majority baseline"],
-              [["MoRA (merged)", classify["test_metric"], classify["majority_baseline"]]])
+    cls.table("Test", ["model", result["metric"], "majority baseline"],
+              [["MoRA (merged)", result["test"], result["majority_baseline"]]])
     curves = Section("Training curves")
     curves.images.append(("contrastive pretraining", curves_path(Path(checkpoint).parent / PRETRAIN_DIR)))
     for method in CIR_LABELS:
@@ -340,8 +328,10 @@ def _write_report(path: Path, summary, cir, retrieval, classify, checkpoint, que
         curves.images.append((f"CIR {method}: stage 1", curves_path(run / STAGE1_DIR)))
         curves.images.append((f"CIR {method}: Combiner", curves_path(run / STAGE2_DIR)))
     curves.images.append(("classification", curves_path(Path(classify["run"]))))
-    gallery = Section("A composed search", notes=[f"Query: {query_image} + \"{caption}\" against the CLIP4CIR + MoRA "
-                                                  "index of the COCO-format val images."])
-    gallery.embedded_pages.append(render_gallery(hits, image=query_image, text=caption, title="composed search"))
+    query = data["search"]
+    gallery = Section("A composed search", notes=[f"Query: {query['image']} + \"{query['text']}\" against the "
+                                                  "CLIP4CIR + MoRA index of the COCO-format val images."])
+    gallery.embedded_pages.append(render_gallery(hits, image=query["image"], text=query["text"],
+                                                 title="composed search"))
     return write_report(path, "mora-retrieval demo: the shapes world", [overview, cirr, coco, cls, analysis, curves,
                                                                               gallery])

@@ -76,6 +76,13 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         handle.write("\n")
 
 
+def write_png(figure: Any, path: str | os.PathLike) -> Path:
+    """Render a matplotlib ``Figure`` as PNG into ``path``, atomically; return the path."""
+    with atomic_write(path, "wb") as handle:
+        figure.savefig(handle, format="png")
+    return Path(path)
+
+
 def read_json(path: str | os.PathLike, what: str = "JSON file", error: type[MoraError] = MoraError) -> Any:
     """Read JSON; a missing or malformed file raises ``error`` (a :class:`MoraError`) with one line."""
     path = Path(path)

@@ -35,6 +35,11 @@ class Section:
     def table(self, caption: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
         self.tables.append((caption, list(header), [[_cell(v) for v in row] for row in rows]))
 
+    def metrics(self, caption: str, columns: Sequence[str], results: Mapping[str, Mapping[str, float]]) -> None:
+        """A table of named results: one row per model, one column per metric, ``-`` where one is absent."""
+        rows = [[name, *(metrics.get(c, "-") for c in columns)] for name, metrics in results.items()]
+        self.table(caption, ["model", *columns], rows)
+
 
 def _cell(value: object) -> str:
     if isinstance(value, float):
@@ -72,8 +77,3 @@ def write_report(path: str | Path, title: str, sections: Sequence[Section]) -> P
     with atomic_write(path, "w") as handle:
         handle.write(render(title, sections))
     return Path(path)
-
-
-def rows_from_metrics(results: Mapping[str, Mapping[str, float]], columns: Sequence[str]) -> list[list[object]]:
-    """``[[name, results[name][c] for c in columns], …]`` with ``-`` for absent values."""
-    return [[name, *(metrics.get(c, "-") for c in columns)] for name, metrics in results.items()]

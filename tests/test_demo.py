@@ -29,6 +29,54 @@ def test_demo_verdict_states_each_comparison_exactly():
     assert "beats" not in text
 
 
+def test_coco_chance_is_the_share_of_random_top_k_sets_holding_a_relevant_image():
+    from itertools import combinations
+    from types import SimpleNamespace
+
+    from mora_retrieval.demo import coco_chance
+    from mora_retrieval.retrieval.evaluate import RelevanceRule
+    from mora_retrieval.retrieval.items import Item
+
+    labels = [(1,), (1,), (1,), (2,), (2,), (1, 2), (3,), (1, 2)]  # image 6 has no relevant image: left out
+    folder = SimpleNamespace(items=[Item(f"{i}.png", categories=c) for i, c in enumerate(labels)], count=len(labels))
+    expected = {}
+    for k in (1, 5, 10):
+        shares = []
+        for q, mine in enumerate(labels):
+            others = [i for i in range(len(labels)) if i != q]
+            relevant = {i for i in others if set(labels[i]) == set(mine)}
+            if relevant:
+                draws = list(combinations(others, min(k, len(others))))
+                shares.append(sum(bool(relevant & set(d)) for d in draws) / len(draws))
+        expected[f"R@{k}"] = 100.0 * sum(shares) / len(shares)
+    assert coco_chance(folder, RelevanceRule.parse("exact")) == pytest.approx(expected)
+    assert expected["R@10"] == 100.0
+
+
+def test_write_png_writes_the_figure_whole_or_not_at_all(tmp_path):
+    """The one way the toolkit writes a figure (training curves, the report's PNGs)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    from mora_retrieval.fileio import write_png
+
+    figure = Figure(figsize=(3, 2), dpi=50)
+    FigureCanvasAgg(figure)
+    figure.subplots().plot([1, 2], [3, 4])
+    with Image.open(write_png(figure, tmp_path / "sub" / "plot.png")) as image:
+        assert (image.format, image.size) == ("PNG", (150, 100))
+
+    class FailingFigure:
+        def savefig(self, handle, format):
+            handle.write(b"\x89PNG half")
+            raise RuntimeError("renderer failed")
+
+    with pytest.raises(RuntimeError):
+        write_png(FailingFigure(), tmp_path / "sub" / "broken.png")
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["plot.png"]
+
+
 def test_demo_smallest_size_end_to_end_and_its_chance_verdict(tmp_path):
     import open_clip
 

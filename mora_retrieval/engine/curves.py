@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ..fileio import atomic_write
+from ..fileio import write_png
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path, main_metric: str) -> None:
@@ -31,7 +30,4 @@ def plot_curves(history: list[dict[str, Any]], path: Path, main_metric: str) -> 
     for ax in (loss_ax, val_ax):
         ax.grid(alpha=0.3)
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.9, wspace=0.2)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    with atomic_write(path, "wb") as handle:
-        handle.write(buffer.getvalue())
+    write_png(fig, path)

@@ -12,7 +12,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from ..fileio import atomic_write
+from ..fileio import write_png
 from .spectra import SlotSpectra
 
 _TOWER_LABEL = {"visual": "vision", "text": "text"}
@@ -27,12 +27,6 @@ class ScatterPanel:
     points: np.ndarray
     groups: np.ndarray
     group_names: Sequence[str]
-
-
-def _save(fig: Figure, path: Path) -> Path:
-    with atomic_write(path, "wb") as handle:
-        fig.savefig(handle, format="png")
-    return Path(path)
 
 
 def plot_spectra(spectra: Sequence[SlotSpectra], path: str | Path) -> Path:
@@ -61,7 +55,7 @@ def plot_spectra(spectra: Sequence[SlotSpectra], path: str | Path) -> Path:
         ax.title.set_fontsize(9)
     axes[len(spectra) - 1].legend(fontsize="x-small")
     fig.tight_layout()
-    return _save(fig, Path(path))
+    return write_png(fig, Path(path))
 
 
 def plot_scatter_grid(panels: Sequence[Sequence[ScatterPanel]], path: str | Path, title: str = "") -> Path:
@@ -88,4 +82,4 @@ def plot_scatter_grid(panels: Sequence[Sequence[ScatterPanel]], path: str | Path
         fig.subplots_adjust(right=1 - 1.6 / fig.get_figwidth())
     if title:
         fig.suptitle(title, fontsize=10)
-    return _save(fig, Path(path))
+    return write_png(fig, Path(path))

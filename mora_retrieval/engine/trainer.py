@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
@@ -44,7 +45,7 @@ from ..progress import TrainProgress
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .curves import plot_curves
-from .distributed import all_reduce_sum, barrier, broadcast_object, detect, gather_objects, process_group
+from .distributed import barrier, detect, process_group
 from .interrupt import StopFlag, TrainingInterrupted
 from .module import TrainModule
 from .rng import capture_rng, restore_rng, seed_everything
@@ -177,8 +178,7 @@ class Trainer:
                 find_unused_parameters=False)
         if self.device.type == "cpu":
             _leave_cores_for_workers(self.num_workers, info.world_size)
-        loader = build_loader(self.dataset, sampler, self.collate_fn, self.num_workers,
-                              pin_memory=self.device.type == "cuda")
+        loader = build_loader(self.dataset, sampler, self.collate_fn, self.num_workers, self.device)
         self.progress = TrainProgress(self.console, self.quiet, enabled=info.is_main)
         self._last_plot = time.monotonic()
         try:
@@ -228,7 +228,7 @@ class Trainer:
         limit = self.steps_per_epoch * accum
         start_micro = pos.micro_batch
         sampler.set_epoch(pos.epoch, start_batch=start_micro)
-        loader.generator.manual_seed(cfg.seed * 100_003 + pos.epoch)
+        loader.generator.manual_seed(sampler.epoch_seed)
         self.progress.update(epoch=pos.epoch + 1)
         self.module.train()
         window = torch.zeros((), device=self.device)  # losses of finished steps, not yet synced
@@ -258,8 +258,9 @@ class Trainer:
                         if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
                             raise TrainingError(
                                 f"{type(self.module).__name__}.forward must return a scalar loss tensor")
-                        (loss.float() / accum).backward()
-                    group += loss.detach().float()
+                        loss = loss.float()  # no-op for an fp32 loss
+                        (loss / accum if accum > 1 else loss).backward()
+                    group += loss.detach()
                 pos.micro_batch += 1
                 if not last:
                     continue
@@ -312,10 +313,17 @@ class Trainer:
 
     def _sync_window(self, pos: _Position, window: torch.Tensor, count: int, steps: int, stop: bool) -> bool:
         """Read the loss of the window's ``count`` micro-batches (all ranks) and ``steps`` optimiser steps,
-        fold it into the epoch, NaN-check; True if any rank stops."""
-        vec = torch.stack([window.float(), torch.tensor(float(count), device=self.device),
-                           torch.tensor(float(stop), device=self.device)])
-        total, n, stops = all_reduce_sum(vec, self.dist).tolist()
+        fold it into the epoch, NaN-check; True if any rank stops.
+
+        One host sync: ``.item()`` in a single process; under torchrun, ``.tolist()`` of the
+        all-reduced ``[loss, count, stop]``, whose last two are filled on the device (no host copy).
+        """
+        if self.dist.enabled:
+            vec = torch.stack([window, window.new_full((), count), window.new_full((), float(stop))])
+            dist.all_reduce(vec)
+            total, n, stops = vec.tolist()
+        else:
+            total, n, stops = window.item(), count, stop
         if not math.isfinite(total):
             last = ckpt.last_path(self.run_dir)
             kept = (f"{last} (the last good state) was left untouched" if last.exists()
@@ -342,7 +350,11 @@ class Trainer:
                 raise TrainingError(f"{type(self.module).__name__}.evaluate() returned no '{metric}' "
                                     f"(got {sorted(raw) if isinstance(raw, dict) else type(raw).__name__})")
             metrics = {k: float(v) for k, v in raw.items()}
-        return broadcast_object(metrics, self.dist)
+        if self.dist.enabled:
+            holder = [metrics]
+            dist.broadcast_object_list(holder, src=0)
+            metrics = holder[0]
+        return metrics
 
     def _end_epoch(self, pos: _Position, metrics: dict[str, float], start_micro: int, train_time: float,
                    eval_time: float, reached_max: bool) -> None:
@@ -401,11 +413,18 @@ class Trainer:
     def _save_last(self, pos: _Position, rng: dict | None = None) -> None:
         """Collective: gather every rank's RNG state; rank 0 writes last.pt.
 
-        Every rank checks the (replicated) weights for NaN/inf, so all ranks fail together.
+        Every rank checks the (replicated) weights for NaN/inf, so all ranks fail together; one host
+        sync reads the check of every tensor.
         """
-        rngs = gather_objects(rng if rng is not None else capture_rng(), self.dist)
+        rng = rng if rng is not None else capture_rng()
+        rngs = [rng]
+        if self.dist.enabled:
+            rngs = [None] * self.dist.world_size
+            dist.all_gather_object(rngs, rng)
         trainable = self.module.trainable_state_dict()
-        bad = [k for k, v in trainable.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        names = [k for k, v in trainable.items() if v.is_floating_point()]
+        finite = torch.stack([torch.isfinite(trainable[k]).all() for k in names]).tolist() if names else []
+        bad = [k for k, ok in zip(names, finite) if not ok]
         if bad:
             raise TrainingError(f"non-finite trainable weights ({bad[0]}) at optimiser step {pos.global_step}; "
                                 f"{ckpt.last_path(self.run_dir)} was left untouched")

@@ -26,12 +26,14 @@ class ResumableSampler(DistributedSampler):
     """Seeded, shardable, mid-epoch-resumable sampler over ``range(num_samples)``.
 
     The epoch's permutation is seeded with :attr:`epoch_seed` (``seed × 100 003 + epoch``), which
-    the training DataLoader's own generator follows too.
+    the training DataLoader's own generator follows too. ``num_samples`` and ``seed`` keep
+    DistributedSampler's meaning (samples per rank; the scaled seed).
     """
 
     def __init__(self, num_samples: int, batch_size: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, shuffle: bool = True) -> None:
-        # DistributedSampler seeds epoch e with ``seed + e``: the run's seed scaled keeps runs apart
+        # DistributedSampler seeds epoch e with ``seed + e``; scaling the run's seed keeps (seed, epoch)
+        # pairs apart (seed 1, epoch 0 would otherwise reuse seed 0, epoch 1) and the engine's orders as they were
         super().__init__(range(int(num_samples)), num_replicas=world_size, rank=rank, shuffle=shuffle,
                          seed=int(seed) * 100_003)
         self.batch_size = int(batch_size)

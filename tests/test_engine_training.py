@@ -5,14 +5,19 @@ from __future__ import annotations
 import io
 import json
 import math
+import sys
+from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
 from rich.console import Console
 from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.overrides import TorchFunctionMode
 
 from engine_toys import ToyData, ToyTask, params_of
 from mora_retrieval.data.collate import collate_skip_none
+import mora_retrieval.engine
 from mora_retrieval.engine import Trainer, TrainConfig, TrainingInterrupted, lr_factor, resume_or_fail
 from mora_retrieval.engine.checkpoint import best_path, last_path, load_checkpoint
 from mora_retrieval.engine.sampling import ResumableSampler
@@ -335,3 +340,56 @@ def test_an_empty_batch_adds_no_gradient(tmp_path):
     check = ToyTask()
     (check(first) / 2).backward()
     torch.testing.assert_close(grads[0], check.net[0].weight.grad)
+
+
+#: Calls that wait for a CUDA device: reading a value on the host, or ``torch.tensor`` copying a host
+#: value to the device from pageable memory.
+HOST_SYNCS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy", "tensor"}
+ENGINE_DIR = Path(mora_retrieval.engine.__file__).parent
+#: torch's own dispatch frames between a Tensor method and its caller.
+DISPATCH_FILES = {Path(torch.__file__).parent / name for name in ("overrides.py", "_tensor.py")}
+
+
+class _EngineTensorCalls(TorchFunctionMode):
+    """Records host reads and ``Tensor.to`` calls written in the engine's code. Reads inside torch (AdamW's
+    step counter and the DataLoader's seed live on the host) or in the task are not the engine's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: Counter = Counter()
+        self.moves: list[bool] = []  # non_blocking of each Tensor.to in to_device
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in HOST_SYNCS or name == "to":
+            frame = sys._getframe(1)
+            while frame is not None and Path(frame.f_code.co_filename) in DISPATCH_FILES:
+                frame = frame.f_back
+            if frame is not None and Path(frame.f_code.co_filename).parent == ENGINE_DIR:
+                where = frame.f_code.co_qualname
+                if name == "to" and where == "to_device":
+                    self.moves.append(kwargs.get("non_blocking", False))
+                elif name != "to":
+                    self.reads[(where, name)] += 1
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("log_every,accum", [(5, 1), (100, 1), (2, 2)])
+def test_host_reads_only_at_log_points_and_checkpoints(tmp_path, log_every, accum):
+    """The GPU contract, checked on CPU: the step loop reads the loss only at log points (every
+    ``log_every`` optimiser steps and at the end of each epoch, one read each), the
+    checkpoint's NaN check is one read, and every batch tensor moves with ``non_blocking=True``."""
+    epochs, steps_per_epoch = 3, 12 // accum
+    config = cfg(epochs=epochs, log_every=log_every, grad_accum=accum)
+    calls = _EngineTensorCalls()
+    with calls:
+        fit(ToyTask(script=[3.0, 2.0, 1.0]), tmp_path, config)  # improves every epoch: 3 best checkpoints
+    log_points = sum(1 for step in range(1, epochs * steps_per_epoch + 1)
+                     if step % log_every == 0 or step % steps_per_epoch == 0)
+    assert dict(calls.reads) == {
+        ("Trainer._sync_window", "tolist"): log_points,
+        ("Trainer._save_last", "tolist"): epochs,  # finiteness of all trainable tensors at once
+        ("save_best.<locals>.<dictcomp>", "cpu"): epochs * 5,  # best.safetensors: 5 trainable tensors
+    }
+    assert calls.moves == [True] * (epochs * 12 * 2)  # x and y of every micro-batch

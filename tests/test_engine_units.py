@@ -10,6 +10,7 @@ import torch
 
 from engine_toys import ToyTask
 from mora_retrieval.engine import ResumableSampler, TrainConfig, lr_factor, to_device
+from mora_retrieval.engine.sampling import build_loader
 from mora_retrieval.engine.schedule import build_scheduler
 from mora_retrieval.errors import TrainingError
 
@@ -76,6 +77,16 @@ def test_sampler_is_seeded_sharded_and_resumable():
     full = ResumableSampler(n, 4, seed=5)
     full.set_epoch(1)
     assert list(resumed) == list(full)[8:] and len(resumed) == n - 8
+    # the order of epoch e is the permutation seeded with seed * 100003 + e (runs keep their data order)
+    expected = torch.randperm(n, generator=torch.Generator().manual_seed(5 * 100_003 + 1)).tolist()
+    assert full.epoch_order() == expected and full.epoch_seed == 5 * 100_003 + 1
+
+
+@pytest.mark.parametrize("device,pinned", [("cpu", False), ("cuda", True), ("cuda:1", True)])
+def test_loader_pins_batches_for_cuda_only(device, pinned):
+    """Pinned batches let ``to_device``'s non-blocking copies overlap with the GPU; on CPU pinning is waste."""
+    loader = build_loader(list(range(8)), ResumableSampler(8, 2), None, 0, torch.device(device))
+    assert loader.pin_memory is pinned and loader.drop_last and loader.batch_size == 2
 
 
 def test_to_device_nested():

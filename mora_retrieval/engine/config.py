@@ -15,9 +15,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from ..device import PRECISIONS
 from ..errors import TrainingError
-
-PRECISIONS = ("auto", "bf16", "fp32")
 
 #: Fields whose change alters the computation; a resume must keep them identical.
 TRAINING_FIELDS = (

@@ -50,42 +50,8 @@ def detect() -> DistInfo:
     return DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def init_if_needed(info: DistInfo, device: torch.device) -> bool:
-    """Start the default process group for a torchrun job; True if this call created it."""
-    if not info.enabled or dist.is_initialized():
-        return False
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return True
-
-
-def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Sum ``tensor`` over ranks in place (no-op for a single process)."""
-    if info.enabled:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
-def broadcast_object(obj, info: DistInfo):
-    """Rank 0's ``obj`` on every rank."""
-    if not info.enabled:
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
-
-
-def gather_objects(obj, info: DistInfo) -> list:
-    """``[obj of rank 0, obj of rank 1, …]`` on every rank."""
-    if not info.enabled:
-        return [obj]
-    out = [None] * info.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def barrier(info: DistInfo) -> None:
+    """Wait for every rank (no-op for a single process)."""
     if info.enabled:
         dist.barrier()
 
@@ -99,7 +65,12 @@ def process_group(device_spec: str = "auto") -> Iterator[DistInfo]:
     inside the recipe's context every trainer finds the group initialised and leaves it alone.
     """
     info = detect()
-    created = init_if_needed(info, resolve_device(device_spec, info.local_rank))
+    created = info.enabled and not dist.is_initialized()
+    if created:
+        device = resolve_device(device_spec, info.local_rank)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     try:
         yield info
     finally:

@@ -1,12 +1,12 @@
 """Data order, loading and device transfer for the training loop.
 
-The order of an epoch is a pure function of ``(seed, epoch)``: a seeded permutation of the
-dataset, padded by wrapping around to a multiple of the world size, of which rank ``r`` takes
-positions ``r, r + W, r + 2W, …`` (as ``DistributedSampler`` does). With per-process batch
-``b``, the ``k``-th batches of all ranks together are exactly positions ``[kbW, (k+1)bW)`` of the
-permutation, so ``W`` processes with batch ``b`` see the same samples per step as one process
-with batch ``bW``. A sampler can start mid-epoch (``start_batch``), which is how ``--resume``
-continues an interrupted epoch on the very same samples.
+The order of an epoch is :class:`~torch.utils.data.DistributedSampler`'s: a permutation seeded
+by ``(seed, epoch)``, padded by wrapping around to a multiple of the world size, of which rank
+``r`` takes positions ``r, r + W, r + 2W, …``. With per-process batch ``b``, the ``k``-th
+batches of all ranks together are exactly positions ``[kbW, (k+1)bW)`` of the permutation, so
+``W`` processes with batch ``b`` see the same samples per step as one process with batch
+``bW``. The sampler can start mid-epoch (``start_batch``), which is how ``--resume`` continues
+an interrupted epoch on the very same samples.
 
 Exact resume holds for datasets whose items are a function of the index. Random augmentations
 drawn inside DataLoader workers use per-epoch worker seeds, which a mid-epoch resume does not
@@ -15,68 +15,62 @@ line up again sample by sample.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable, Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
-class ResumableSampler(Sampler[int]):
-    """Seeded, shardable, mid-epoch-resumable sampler over ``range(num_samples)``."""
+class ResumableSampler(DistributedSampler):
+    """Seeded, shardable, mid-epoch-resumable sampler over ``range(num_samples)``.
+
+    The epoch's permutation is seeded with :attr:`epoch_seed` (``seed × 100 003 + epoch``), which
+    the training DataLoader's own generator follows too. ``num_samples`` and ``seed`` keep
+    DistributedSampler's meaning (samples per rank; the scaled seed).
+    """
 
     def __init__(self, num_samples: int, batch_size: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, shuffle: bool = True) -> None:
-        self.num_samples = int(num_samples)
+        # DistributedSampler seeds epoch e with ``seed + e``; scaling the run's seed keeps (seed, epoch)
+        # pairs apart (seed 1, epoch 0 would otherwise reuse seed 0, epoch 1) and the engine's orders as they were
+        super().__init__(range(int(num_samples)), num_replicas=world_size, rank=rank, shuffle=shuffle,
+                         seed=int(seed) * 100_003)
         self.batch_size = int(batch_size)
-        self.seed = int(seed)
-        self.rank = int(rank)
-        self.world_size = int(world_size)
-        self.shuffle = shuffle
-        self.epoch = 0
         self.start_batch = 0
+
+    @property
+    def epoch_seed(self) -> int:
+        return self.seed + self.epoch
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Select the epoch's order and skip its first ``start_batch`` per-rank batches."""
-        self.epoch = int(epoch)
+        super().set_epoch(int(epoch))
         self.start_batch = int(start_batch)
 
     def epoch_order(self) -> list[int]:
         """This rank's whole order for the current epoch (before skipping)."""
-        if self.shuffle:
-            gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(self.num_samples, generator=gen).tolist()
-        else:
-            order = list(range(self.num_samples))
-        per_rank = -(-self.num_samples // self.world_size)  # ceil
-        padded = per_rank * self.world_size
-        order = order + order[: padded - len(order)] if order else order
-        return order[self.rank:padded:self.world_size]
+        return list(super().__iter__())
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.epoch_order()[self.start_batch * self.batch_size:])
+        return itertools.islice(super().__iter__(), self.start_batch * self.batch_size, None)
 
     def __len__(self) -> int:
-        return max(0, -(-self.num_samples // self.world_size) - self.start_batch * self.batch_size)
+        return max(0, self.num_samples - self.start_batch * self.batch_size)
 
 
 def build_loader(dataset: Dataset, sampler: ResumableSampler, collate_fn: Callable | None,
-                 num_workers: int, pin_memory: bool) -> DataLoader:
-    """Training DataLoader: drop_last, persistent workers, and its own seeded generator.
+                 num_workers: int, device: torch.device) -> DataLoader:
+    """Training DataLoader: drop_last, persistent workers, pinned batches for a CUDA device (so
+    :func:`to_device` copies them asynchronously), and its own generator, seeded per epoch with
+    ``sampler.epoch_seed`` by the trainer.
 
     The explicit generator keeps DataLoader bookkeeping (worker base seeds) off the global
     torch RNG, which the training step owns (dropout and the like).
     """
-    return DataLoader(
-        dataset,
-        batch_size=sampler.batch_size,
-        sampler=sampler,
-        collate_fn=collate_fn,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        drop_last=True,
-        persistent_workers=num_workers > 0,
-        generator=torch.Generator().manual_seed(sampler.seed),
-    )
+    return DataLoader(dataset, batch_size=sampler.batch_size, sampler=sampler, collate_fn=collate_fn,
+                      num_workers=num_workers, pin_memory=device.type == "cuda", drop_last=True,
+                      persistent_workers=num_workers > 0, generator=torch.Generator())
 
 
 def to_device(batch: Any, device: torch.device | str) -> Any:

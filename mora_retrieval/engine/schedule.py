@@ -9,6 +9,7 @@ number ``s`` (0-based) uses
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -23,17 +24,8 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-class WarmupCosine:
-    """Callable for ``LambdaLR``; its two int attributes are what the scheduler state keeps."""
-
-    def __init__(self, total_steps: int, warmup_ratio: float) -> None:
-        self.total_steps = int(total_steps)
-        self.warmup_steps = int(math.floor(warmup_ratio * total_steps))
-
-    def __call__(self, step: int) -> float:
-        return lr_factor(step, self.total_steps, self.warmup_steps)
-
-
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
     """A ``LambdaLR`` following :func:`lr_factor`; call ``.step()`` after each optimiser step."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(total_steps, warmup_ratio))
+    warmup_steps = math.floor(warmup_ratio * total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(lr_factor, total_steps=total_steps, warmup_steps=warmup_steps))

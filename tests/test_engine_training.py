@@ -185,6 +185,8 @@ def test_resume_checks(tmp_path):
         fit(ToyTask(), tmp_path, cfg(epochs=1, lr=0.01), resume=True)
     with pytest.raises(TrainingError, match="task settings changed \\(rank\\)"):
         fit(ToyTask(), tmp_path, cfg(epochs=1), resume=True, extra_config={"rank": 4})
+    with pytest.raises(TrainingError, match="cannot resume: the training set had 48 samples, now 40"):
+        fit(ToyTask(), tmp_path, cfg(epochs=1), ToyData(40), resume=True)
     # settings that do not change training may differ
     assert resume_or_fail(tmp_path, cfg(epochs=1, log_every=1, num_workers=2, patience=3)).name == "last.pt"
     (last_path(tmp_path)).write_bytes(b"garbage")

@@ -2,7 +2,7 @@
 
 Layout of ``<run>/`` (the names are defined here; :mod:`mora_retrieval.runs` adds the recipes'):
 
-- ``config.json``: ``{"train": TrainConfig, "resolved": {device, precision, world_size,
+- ``config.json``: ``{"train": TrainConfig, "resolved": {device, precision, world_size, train_samples,
   effective_batch_size}, "extra": <the caller's extra_config>}``;
 - ``metrics.jsonl``: one JSON object per finished epoch (rewritten whole, atomically);
 - ``checkpoints/last.pt``: resumable state (``torch.save``; read back with ``weights_only=True``):
@@ -82,12 +82,13 @@ def load_best(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def resume_or_fail(run_dir: Path, config: TrainConfig, extra_config: dict | None = None,
-                   world_size: int = 1) -> Path:
+                   world_size: int = 1, train_samples: int | None = None) -> Path:
     """Path of ``last.pt`` if ``run_dir`` can be resumed with this setup, else a one-line error.
 
     A resume must keep :data:`~mora_retrieval.engine.config.TRAINING_FIELDS`, the number of
-    processes and the caller's ``extra_config`` (put only settings that define the model and
-    data there); device, workers, logging, checkpoint cadence and patience may change.
+    processes, the size of the training set (the data order and the schedule follow it) and the
+    caller's ``extra_config`` (put only settings that define the model and data there); device,
+    workers, logging, checkpoint cadence and patience may change.
     """
     run_dir = Path(run_dir)
     try:
@@ -107,6 +108,10 @@ def resume_or_fail(run_dir: Path, config: TrainConfig, extra_config: dict | None
     old_world = saved.get("resolved", {}).get("world_size", 1)
     if old_world != world_size:
         raise TrainingError(f"{where}: cannot resume: the run used {old_world} process(es), now {world_size}")
+    old_samples = saved.get("resolved", {}).get("train_samples")  # absent in runs of older versions
+    if None not in (old_samples, train_samples) and old_samples != train_samples:
+        raise TrainingError(f"{where}: cannot resume: the training set had {old_samples} samples, now "
+                            f"{train_samples} (the data changed; use a new run folder)")
     old_extra = saved.get("extra") or {}
     new_extra = json.loads(json.dumps(extra_config or {}))  # tuples → lists, as on disk
     if old_extra != new_extra:

@@ -150,7 +150,8 @@ class Trainer:
         cfg, info = self.config, self.dist
         state = None
         if resume:
-            state = ckpt.load_checkpoint(ckpt.resume_or_fail(self.run_dir, cfg, self.extra_config, info.world_size))
+            state = ckpt.load_checkpoint(ckpt.resume_or_fail(self.run_dir, cfg, self.extra_config, info.world_size,
+                                                             len(self.dataset)))
         elif ckpt.last_path(self.run_dir).exists():
             raise TrainingError(f"{self.run_dir}: already holds a run (checkpoints/last.pt); "
                                 f"resume it or choose a new run folder")
@@ -210,7 +211,7 @@ class Trainer:
         return {
             "train": cfg.to_dict(),
             "resolved": {"device": str(self.device), "precision": self.precision, "world_size": info.world_size,
-                         "num_workers": self.num_workers,
+                         "num_workers": self.num_workers, "train_samples": len(self.dataset),
                          "effective_batch_size": cfg.batch_size * cfg.grad_accum * info.world_size,
                          "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps},
             "extra": self.extra_config,

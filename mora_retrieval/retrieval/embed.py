@@ -187,10 +187,6 @@ class _BatchFiles:
         return batch
 
 
-def _as_is(batch: LoadedBatch) -> LoadedBatch:
-    return batch
-
-
 # --------------------------------------------------------------------------- device side
 
 
@@ -364,16 +360,9 @@ def embed_paths(
     draft = int(encoder.preprocess_cfg.get("size", 0)) if decode == "pil-draft" else None
     dataset = _BatchFiles(paths, encoder.preprocess, raw_jpeg=decode == "tensor-jpeg", draft_size=draft)
     workers = config.workers if batches else 0
-    loader = DataLoader(
-        dataset,
-        batch_size=None,
-        sampler=batches,
-        num_workers=workers,
-        collate_fn=_as_is,
-        pin_memory=on_cuda,
-        persistent_workers=False,
-        prefetch_factor=4 if workers > 0 else None,
-    )
+    # batch_size=None: each item is a whole LoadedBatch, which the default conversion passes as is
+    loader = DataLoader(dataset, batch_size=None, sampler=batches, num_workers=workers, pin_memory=on_cuda,
+                        prefetch_factor=4 if workers > 0 else None)
     cfg = encoder.preprocess_cfg
     mean_std = (dataset.split[1], dataset.split[2]) if dataset.split else (cfg["mean"], cfg["std"])
     stager = _Stager(encoder, paths, mean_std)

@@ -178,6 +178,23 @@ def test_uint8_transform_then_normalize_equals_the_float_transform(resize_mode):
         normalize_uint8(batch.long(), spec.mean, spec.std)
 
 
+@pytest.mark.gpu
+def test_normalize_uint8_on_cuda_matches_the_cpu_without_a_host_sync():
+    spec = PreprocessSpec(size=32, mean=(0.4, 0.45, 0.5), std=(0.2, 0.25, 0.3))
+    batch = torch.stack([make_uint8_transform(spec)(_gradient(w, 40)) for w in (50, 90)])
+    want = normalize_uint8(batch, spec.mean, spec.std)
+    pinned, floats = batch.pin_memory(), batch.cuda().float()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # from here, any host sync raises
+    try:
+        on_device = normalize_uint8(pinned, spec.mean, spec.std, device="cuda")
+        half = normalize_uint8(floats, spec.mean, spec.std, dtype=torch.bfloat16)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert on_device.device.type == "cuda" and torch.allclose(on_device.cpu(), want, atol=1e-6)
+    assert half.dtype == torch.bfloat16 and ((half.float().cpu() - want).abs() <= want.abs() * 2 ** -8).all()
+
+
 def test_split_transform_gives_the_uint8_stage_and_statistics():
     spec = PreprocessSpec(size=24, mean=(0.4, 0.45, 0.5), std=(0.2, 0.25, 0.3), targetpad_ratio=1.25)
     uint8_stage, mean, std = split_transform(make_transform(spec))

@@ -279,19 +279,21 @@ def normalize_uint8(pixels: torch.Tensor, mean: Sequence[float] | torch.Tensor, 
 
     ``pixels`` is uint8, or a float tensor holding 0..255 values (the batched resize's output,
     :func:`.tensor_preprocess.resize_crop`). Moved to ``device`` (default: where ``pixels`` is)
-    before the float conversion, so uint8 moves a quarter of the float bytes. ``mean`` and
-    ``std`` may be tensors already on that device (nothing is copied then); nothing waits for
-    the device. The float32 arithmetic is torchvision's (``ToTensor`` then ``Normalize``), so
-    on the CPU the result is bit-identical to :func:`make_transform`'s; ``dtype`` (e.g.
-    bfloat16) only rounds the result.
+    before the float conversion, so uint8 moves a quarter of the float bytes. Every copy to the
+    device is non-blocking (also of ``mean`` and ``std``, sequences or tensors): the host never
+    waits for the device here. The float32 arithmetic is torchvision's (``ToTensor`` then
+    ``Normalize``), so on the CPU the result is bit-identical to :func:`make_transform`'s;
+    ``dtype`` (e.g. bfloat16) only rounds the result.
     """
     if pixels.dtype != torch.uint8 and not pixels.dtype.is_floating_point:
         raise TypeError(f"normalize_uint8 expects uint8 (or float 0..255) pixels, got {pixels.dtype}")
     if device is not None:
         pixels = pixels.to(device, non_blocking=True)
+    # a tensor made from a sequence with device= would be a blocking copy (a host sync on CUDA)
+    mean, std = (torch.as_tensor(v, dtype=torch.float32).to(pixels.device, non_blocking=True).view(-1, 1, 1)
+                 for v in (mean, std))
     out = pixels.to(torch.float32).div(255)  # out of place: a float32 input stays as it was
-    out.sub_(torch.as_tensor(mean, dtype=torch.float32, device=out.device).view(-1, 1, 1))
-    out.div_(torch.as_tensor(std, dtype=torch.float32, device=out.device).view(-1, 1, 1))
+    out.sub_(mean).div_(std)
     return out if dtype == torch.float32 else out.to(dtype)
 
 

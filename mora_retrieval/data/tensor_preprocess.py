@@ -137,8 +137,7 @@ def preprocess_decoded(images: Sequence[Any], cfg: dict[str, Any], dtype: Any = 
                        mean_std: tuple[Any, Any] | None = None) -> tuple[Any, list[int]]:
     """The model's preprocessing (``cfg``: size, mean, std, interpolation, resize_mode) of
     decoded uint8 ``[3, h, w]`` images, batched, on their device: ``([B, 3, S, S] in dtype, order)``
-    with ``order`` as in :func:`resize_crop`. ``mean_std``: the two as tensors on that device
-    (default: ``cfg``'s, copied there on each call)."""
+    with ``order`` as in :func:`resize_crop`. ``mean_std``: the statistics (default: ``cfg``'s)."""
     pixels, order = resize_crop(images, int(cfg["size"]), str(cfg.get("resize_mode", "shortest")),
                                 str(cfg.get("interpolation", "bicubic")))
     mean, std = mean_std if mean_std is not None else (cfg["mean"], cfg["std"])

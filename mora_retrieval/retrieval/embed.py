@@ -212,8 +212,7 @@ class _Stager:
         self.device = str(encoder.device)
         self.dtype = encoder.dtype
         self.cfg = encoder.preprocess_cfg
-        self.mean = torch.tensor(mean_std[0], dtype=torch.float32, device=self.device)
-        self.std = torch.tensor(mean_std[1], dtype=torch.float32, device=self.device)
+        self.mean_std = mean_std
         self.stream = torch.cuda.Stream(device=self.device) if self.device.startswith("cuda") else None
 
     def prepare(self, loaded: LoadedBatch) -> _Prepared:
@@ -234,13 +233,12 @@ class _Stager:
             bad.extend((loaded.jpeg_positions[i], message) for i, message in failed)
             good = [i for i, img in enumerate(decoded) if img is not None]
             if good:
-                batch, order = preprocess_decoded([decoded[i] for i in good], self.cfg, self.dtype,
-                                                  (self.mean, self.std))
+                batch, order = preprocess_decoded([decoded[i] for i in good], self.cfg, self.dtype, self.mean_std)
                 parts.append(batch)
                 positions.extend(loaded.jpeg_positions[good[j]] for j in order)
         if loaded.images is not None:
             parts.append(loaded.images.to(self.device, non_blocking=True).to(self.dtype) if loaded.normalized
-                         else normalize_uint8(loaded.images, self.mean, self.std, self.dtype, self.device))
+                         else normalize_uint8(loaded.images, *self.mean_std, self.dtype, self.device))
             positions.extend(loaded.image_positions)
         images = parts[0] if len(parts) == 1 else (torch.cat(parts) if parts else None)
         return _Prepared(positions, images, bad)

@@ -380,8 +380,7 @@ def _resume_state(path: Path, state: dict[str, Any]) -> dict[str, Any] | None:
 
 def _discard(*paths: Path) -> None:
     for p in paths:
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
+        p.unlink(missing_ok=True)
 
 
 def _human(n: float) -> str:

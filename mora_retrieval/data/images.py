@@ -292,7 +292,7 @@ def normalize_uint8(pixels: torch.Tensor, mean: Sequence[float] | torch.Tensor, 
     # a tensor made from a sequence with device= would be a blocking copy (a host sync on CUDA)
     mean, std = (torch.as_tensor(v, dtype=torch.float32).to(pixels.device, non_blocking=True).view(-1, 1, 1)
                  for v in (mean, std))
-    out = pixels.to(torch.float32).div(255)  # out of place: a float32 input stays as it was
+    out = pixels.to(torch.float32, copy=True).div_(255)  # a copy: a float32 input stays as it was
     out.sub_(mean).div_(std)
     return out if dtype == torch.float32 else out.to(dtype)
 

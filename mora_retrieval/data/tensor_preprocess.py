@@ -1,13 +1,9 @@
 """The model's eval preprocessing on image tensors: batched JPEG decoding, resize, crop, normalise.
 
-The tensor counterpart of the PIL pipeline in :mod:`.images`, for batches that are decoded on
-the encoder's device (nvJPEG on CUDA; the same code runs with ``device="cpu"``, which is how the
-tests cover it). :func:`decode_jpegs` decodes a batch's JPEG files, held back to back in one
-uint8 buffer, in one call; :func:`preprocess_decoded` resizes the decoded images in groups of one
-source shape (:func:`plan_resize_groups`: one ``interpolate`` per group), centre-crops them with
-torchvision's rounding and normalises them with :func:`.images.normalize_uint8`, all on their
-device and without waiting for it. The resize implements open_clip's ``shortest`` and ``squash``
-modes with bicubic or bilinear interpolation (:data:`BATCHED_RESIZE_MODES`, :data:`INTERPOLATIONS`).
+The tensor counterpart of the PIL pipeline in :mod:`.images`, run on the encoder's device (nvJPEG
+on CUDA; the same code with ``device="cpu"`` is what the tests cover): :func:`decode_jpegs`, then
+:func:`preprocess_decoded`. The resize implements open_clip's ``shortest`` and ``squash`` modes
+(:data:`BATCHED_RESIZE_MODES`) with bicubic or bilinear interpolation.
 """
 
 from __future__ import annotations

@@ -259,11 +259,8 @@ class _Stager:
 @contextlib.contextmanager
 def _cpu_threads(threads: int | None) -> Iterator[None]:
     """Temporarily limit torch's intra-op threads (``None``: leave them)."""
-    if threads is None:
-        yield
-        return
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads or before)
     try:
         yield
     finally:

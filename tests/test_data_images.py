@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from mora_retrieval.data.base import ImageDataset
-from mora_retrieval.data.images import (BadImageLog, PreprocessSpec, TargetPad,
+from mora_retrieval.data.images import (BadImageLog, PreprocessSpec, TargetPad, load_batch,
                                         load_image, make_transform, make_uint8_transform, normalize_uint8,
-                                        preprocess_spec, require_files)
+                                        preprocess_spec, require_files, split_transform)
 from mora_retrieval.errors import DataError
 
 # CLIP's published normalisation statistics (OpenAI's CLIP repository), written out here so the
@@ -168,8 +168,72 @@ def test_uint8_transform_then_normalize_equals_the_float_transform(resize_mode):
     assert half.dtype == torch.bfloat16 and ref.shape == (2, 3, 32, 32)
     # bfloat16 keeps 8 significant bits (7 stored): round-to-nearest is off by at most 2**-8 relative
     assert ((half.float() - ref).abs() <= ref.abs() * 2 ** -8).all()
+    # float pixels holding the same 0..255 values (the batched resize's output) give the same
+    # bits, with mean and std given as tensors; the input is left as it was
+    floats = batch.float()
+    mean, std = torch.tensor(spec.mean), torch.tensor(spec.std)
+    assert torch.equal(normalize_uint8(floats, mean, std), ref) and torch.equal(floats, batch.float())
+    assert torch.equal(normalize_uint8(floats, mean, std, dtype=torch.bfloat16), half)
     with pytest.raises(TypeError, match="uint8"):
-        normalize_uint8(ref, spec.mean, spec.std)
+        normalize_uint8(batch.long(), spec.mean, spec.std)
+
+
+@pytest.mark.gpu
+def test_normalize_uint8_on_cuda_matches_the_cpu_without_a_host_sync():
+    spec = PreprocessSpec(size=32, mean=(0.4, 0.45, 0.5), std=(0.2, 0.25, 0.3))
+    batch = torch.stack([make_uint8_transform(spec)(_gradient(w, 40)) for w in (50, 90)])
+    want = normalize_uint8(batch, spec.mean, spec.std)
+    pinned, floats = batch.pin_memory(), batch.cuda().float()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # from here, any host sync raises
+    try:
+        on_device = normalize_uint8(pinned, spec.mean, spec.std, device="cuda")
+        half = normalize_uint8(floats, spec.mean, spec.std, dtype=torch.bfloat16)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert on_device.device.type == "cuda" and torch.allclose(on_device.cpu(), want, atol=1e-6)
+    assert half.dtype == torch.bfloat16 and ((half.float().cpu() - want).abs() <= want.abs() * 2 ** -8).all()
+
+
+def test_split_transform_gives_the_uint8_stage_and_statistics():
+    spec = PreprocessSpec(size=24, mean=(0.4, 0.45, 0.5), std=(0.2, 0.25, 0.3), targetpad_ratio=1.25)
+    uint8_stage, mean, std = split_transform(make_transform(spec))
+    assert (mean, std) == (spec.mean, spec.std)
+    img = _gradient(70, 30).convert("L")  # a grey image still gives three channels
+    pixels = uint8_stage(img)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 24, 24)
+    assert torch.equal(normalize_uint8(pixels, mean, std), make_transform(spec)(img))
+    assert split_transform(lambda img: img) is None
+    assert split_transform(make_uint8_transform(spec)) is None  # no ToTensor + Normalize at its end
+
+
+def test_load_batch_gives_one_tensor_with_bad_rows_listed(tmp_path):
+    spec = PreprocessSpec(size=8, mean=0.5, std=0.5)
+    paths = []
+    for i, (w, h) in enumerate([(20, 10), (9, 9)]):
+        paths.append(str(tmp_path / f"{i}.png"))
+        _gradient(w, h).save(paths[-1])
+    (tmp_path / "bad.png").write_text("garbage")
+    transform = make_uint8_transform(spec)
+    pixels, bad = load_batch([paths[0], str(tmp_path / "bad.png"), paths[1]], transform)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 3, 8, 8)
+    assert torch.equal(pixels[0], transform(load_image(paths[0])))
+    assert torch.equal(pixels[2], transform(load_image(paths[1])))
+    assert not pixels[1].any() and [row for row, _ in bad] == [1] and "bad.png: unreadable or corrupt" in bad[0][1]
+    assert load_batch([str(tmp_path / "bad.png")], transform) == (None, [(0, bad[0][1])])
+    floats, _ = load_batch(paths, make_transform(spec))  # any transform: its dtype, its shape
+    assert floats.dtype == torch.float32 and torch.equal(floats[1], make_transform(spec)(load_image(paths[1])))
+    with pytest.raises(DataError, match=r"1\.png: the preprocessing gives \[3, 9, 9\] pixels"):
+        load_batch(paths, lambda img: torch.from_numpy(np.array(img)).permute(2, 0, 1))
+
+
+def test_load_image_draft_decodes_jpegs_at_a_reduced_scale(tmp_path):
+    Image.new("RGB", (400, 300), (200, 30, 60)).save(tmp_path / "big.jpg")
+    assert load_image(tmp_path / "big.jpg", draft=32).size == (50, 38)  # 1/8: the smallest covering 32 px
+    assert load_image(tmp_path / "big.jpg", draft=200).size == (400, 300)  # 1/2 would give 150 < 200
+    assert load_image(tmp_path / "big.jpg").size == (400, 300)
+    Image.new("RGB", (400, 300), (200, 30, 60)).save(tmp_path / "big.png")
+    assert load_image(tmp_path / "big.png", draft=32).size == (400, 300)  # not a JPEG: full size
 
 
 def test_load_image_converts_and_reports_errors(tmp_path):

@@ -243,6 +243,9 @@ def test_bad_images_stop_the_build_or_are_skipped_and_counted(tmp_path, caplog):
     assert [name for name, _ in cache.bad] == [str(bad)] and "unreadable or corrupt" in cache.bad[0][1]
     assert cache.ok.tolist() == [True, True, True, False] + [True] * (len(paths) - 4)
     assert int(np.asarray(cache.pixels[3]).max()) == 0
+    # the bad image alone in its chunk: a chunk of zeros, the same cache
+    alone = prepare_images(paths, SPEC, tmp_path / "one" / "x-16x16.npy", skip_bad_images=True, workers=0, chunk=1)
+    assert np.array_equal(np.asarray(alone.pixels), np.asarray(cache.pixels)) and alone.ok.tolist() == cache.ok.tolist()
     view = PreparedImageDataset(cache)
     assert view[3] is None and view[4] is not None
     batch = next(iter(DataLoader(view, batch_size=len(view), collate_fn=collate_skip_none)))

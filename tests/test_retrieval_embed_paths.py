@@ -1,8 +1,9 @@
 """The embedding pipeline's two decoding paths, run on the CPU.
 
 The tensor-decode path (``gpu_decode``: one byte buffer per batch, batched JPEG decoding,
-grouped resizes) runs the same code with ``device="cpu"`` as on CUDA; it is checked against the
-model's PIL preprocessing (open_clip's transform) on the same files.
+grouped resizes; :mod:`mora_retrieval.data.tensor_preprocess`) runs the same code with
+``device="cpu"`` as on CUDA; it is checked against the model's PIL preprocessing (open_clip's
+transform) on the same files.
 """
 
 from __future__ import annotations
@@ -20,23 +21,17 @@ from retrieval_fixtures import write_tiny_checkpoint
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import functional as TF
 
-from mora_retrieval.data.images import load_image
-from mora_retrieval.errors import DataError, MoraError
-from mora_retrieval.retrieval.embed import (
-    EmbedConfig,
-    LoadedBatch,
-    _BatchFiles,
-    batch_plan,
+from mora_retrieval.data.images import load_image, split_transform
+from mora_retrieval.data.tensor_preprocess import (
     crop_origin,
-    decode_path,
     decode_jpegs,
-    embed_paths,
     plan_resize_groups,
     preprocess_decoded,
     resize_crop,
     resized_shape,
-    split_transform,
 )
+from mora_retrieval.errors import DataError, MoraError
+from mora_retrieval.retrieval.embed import EmbedConfig, LoadedBatch, _BatchFiles, batch_plan, decode_path, embed_paths
 from mora_retrieval.retrieval.encoder import load_encoder
 
 SHAPES = [(64, 48), (48, 64), (300, 200), (40, 30), (33, 90), (64, 48), (32, 32), (300, 200), (64, 48)]  # (w, h)
@@ -120,7 +115,7 @@ def test_batch_plan_keeps_batches_inside_chunks():
 
 
 def test_split_transform_and_tensor_decode_switch(encoder):
-    pil_stage, mean, std = split_transform(encoder.preprocess)
+    _, mean, std = split_transform(encoder.preprocess)
     assert mean == pytest.approx(encoder.preprocess_cfg["mean"]) and std == pytest.approx(encoder.preprocess_cfg["std"])
     assert split_transform(lambda img: img) is None
     cfg = encoder.preprocess_cfg
@@ -147,7 +142,7 @@ def test_split_transform_and_tensor_decode_switch(encoder):
 def test_tensor_preprocessing_matches_pil_preprocessing(files, size):
     """Batched resize + crop of decoded tensors vs open_clip's PIL transform, same files."""
     transform = open_clip.image_transform(size, is_train=False)
-    pil_stage, mean, std = split_transform(transform)
+    uint8_stage, mean, std = split_transform(transform)
     cfg = {"size": size, "mean": mean, "std": std, "interpolation": "bicubic", "resize_mode": "shortest"}
     decoded = [_decode(p) for p in files]
     pixels, order = resize_crop(decoded, size, max_group=2)  # several groups, some split
@@ -157,7 +152,7 @@ def test_tensor_preprocessing_matches_pil_preprocessing(files, size):
     for row, i in enumerate(order):
         img = load_image(files[i])
         assert np.array_equal(decoded[i].permute(1, 2, 0).numpy(), np.asarray(img))  # same decoder output
-        ref = torch.from_numpy(np.asarray(pil_stage(img)).transpose(2, 0, 1).astype(np.float32))
+        ref = uint8_stage(img).float()
         diff = (pixels[row] - ref).abs()
         assert diff.mean() < 0.35 and diff.max() <= 12, (files[i], diff.mean(), diff.max())  # PIL rounds between passes
     batch, order = preprocess_decoded(decoded, cfg)
@@ -213,8 +208,9 @@ def test_workers_send_one_buffer_per_batch(files, encoder, tmp_path):
     cpu = _BatchFiles(paths[:5], encoder.preprocess, raw_jpeg=False)[[0, 1, 2, 3, 4]]
     assert cpu.jpeg_data is None and cpu.image_positions == [0, 1, 2, 3, 4] and not cpu.normalized
     assert cpu.images.dtype == torch.uint8 and cpu.images.is_contiguous()
-    pil_stage, _, _ = split_transform(encoder.preprocess)
-    assert np.array_equal(cpu.images[1].permute(1, 2, 0).numpy(), np.asarray(pil_stage(load_image(files[1]))))
+    uint8_stage, _, _ = split_transform(encoder.preprocess)
+    assert torch.equal(cpu.images[1], uint8_stage(load_image(files[1])))
+    assert torch.equal(raw.images[1], uint8_stage(load_image(fake)))  # the bad file's row is left out
     # a transform that cannot be split ships its float output, still one tensor per batch
     opaque = _BatchFiles(paths[:2], lambda img: encoder.preprocess(img), raw_jpeg=False)[[0, 1]]
     assert opaque.normalized and opaque.images.dtype == torch.float32 and opaque.images.shape == (2, 3, 32, 32)

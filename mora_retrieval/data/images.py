@@ -15,9 +15,11 @@ mode) into a frozen :class:`PreprocessSpec`; kind ``"targetpad"`` adds CLIP4CIR'
 symmetrically with black up to ``long_side / ratio`` on the short side. :func:`make_transform`
 turns a spec into open_clip's own eval transform (targetpad in front when asked), and
 :func:`make_uint8_transform` into the same pipeline stopped before the float conversion and
-normalisation (what the prepared-image cache stores, see :mod:`.prepared`).
-``make_transform("clip" | "targetpad", size)`` (the older form) uses open_clip's default
-statistics (OpenAI's), whatever the model.
+normalisation (what the prepared-image cache stores, see :mod:`.prepared`; :func:`split_transform`
+splits any transform ending in ``ToTensor`` + ``Normalize`` so). :func:`normalize_uint8`, the
+toolkit's one pixel normalisation, finishes such pixels on any device. :func:`load_batch` decodes
+a DataLoader worker's batch into one tensor. ``make_transform("clip" | "targetpad", size)`` (the
+older form) uses open_clip's default statistics (OpenAI's), whatever the model.
 """
 
 from __future__ import annotations
@@ -48,14 +50,18 @@ RESIZE_MODES = ("shortest", "longest", "squash")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Decode ``path`` fully and return it as an RGB PIL image, or raise a one-line DataError."""
+def load_image(path: str | os.PathLike, draft: int | None = None) -> Image.Image:
+    """Decode ``path`` fully and return it as an RGB PIL image, or raise a one-line DataError.
+
+    ``draft``: let libjpeg decode a JPEG at the smallest 1/2, 1/4 or 1/8 scale whose sides are
+    still at least ``draft`` pixels (PIL's draft mode; other formats decode at full size).
+    """
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{path}: is a folder (expected an image file)")
     if not path.is_file():
         raise DataError(f"{path}: image file not found")
-    return _decode(path, path)
+    return _decode(path, path, draft)
 
 
 def decode_image_bytes(data: bytes, origin: str) -> Image.Image:
@@ -63,9 +69,11 @@ def decode_image_bytes(data: bytes, origin: str) -> Image.Image:
     return _decode(io.BytesIO(data), origin)
 
 
-def _decode(source: Path | io.BytesIO, origin: str | Path) -> Image.Image:
+def _decode(source: Path | io.BytesIO, origin: str | Path, draft: int | None = None) -> Image.Image:
     try:
         with Image.open(source) as img:
+            if draft:
+                img.draft("RGB", (draft, draft))
             img.load()
             return img.convert("RGB")
     except Exception as exc:  # PIL raises many types for truncated or foreign files
@@ -224,50 +232,91 @@ def _spec_of(kind: str | PreprocessSpec, image_size: int | None) -> PreprocessSp
     return PreprocessSpec.from_open_clip({"size": image_size}, targetpad_ratio=ratio)
 
 
-def _pil_steps(spec: PreprocessSpec) -> tuple[list[Callable], ToTensor, Normalize]:
-    """open_clip's eval transform of ``spec`` split into its PIL steps (targetpad first when
-    asked), its ToTensor and its Normalize."""
-    *steps, to_tensor, normalize = image_transform_v2(spec.open_clip_cfg(), is_train=False).transforms
-    if not isinstance(to_tensor, ToTensor) or not isinstance(normalize, Normalize):
-        raise RuntimeError(f"open_clip's eval transform no longer ends with ToTensor, Normalize: {to_tensor}, {normalize}")
-    if spec.targetpad_ratio is not None:
-        steps.insert(0, TargetPad(spec.targetpad_ratio))
-    return steps, to_tensor, normalize
-
-
 def make_transform(kind: str | PreprocessSpec, image_size: int | None = None) -> Callable[[Image.Image], torch.Tensor]:
-    """The eval transform: PIL image -> normalised float ``[3, H, W]`` tensor.
+    """The eval transform: PIL image -> normalised float ``[3, H, W]`` tensor (open_clip's own,
+    with the targetpad in front when the spec asks for it).
 
     ``make_transform(spec)`` follows a :class:`PreprocessSpec` (see :func:`preprocess_spec`).
     ``make_transform("clip" | "targetpad", size)`` is the older form, with open_clip's default
     (OpenAI) statistics whatever the model.
     """
-    steps, to_tensor, normalize = _pil_steps(_spec_of(kind, image_size))
-    return Compose([*steps, to_tensor, normalize])
+    spec = _spec_of(kind, image_size)
+    transform = image_transform_v2(spec.open_clip_cfg(), is_train=False)
+    if spec.targetpad_ratio is not None:
+        transform.transforms.insert(0, TargetPad(spec.targetpad_ratio))
+    return transform
+
+
+def split_transform(transform: Callable) -> tuple[Compose, tuple[float, ...], tuple[float, ...]] | None:
+    """``(uint8_stage, mean, std)`` of a torchvision ``Compose`` ending in ``ToTensor`` +
+    ``Normalize`` (open_clip's eval transform and :func:`make_transform`'s are), else ``None``.
+
+    ``uint8_stage`` maps a PIL image to the uint8 ``[3, H, W]`` tensor of the pixels that the
+    ``ToTensor`` step would receive; ``normalize_uint8(uint8_stage(img), mean, std)`` is then
+    ``transform(img)``, bit for bit on the CPU.
+    """
+    steps = getattr(transform, "transforms", None)
+    if not isinstance(steps, list) or len(steps) < 2:
+        return None
+    to_tensor, normalize = steps[-2], steps[-1]
+    if not isinstance(to_tensor, ToTensor) or not isinstance(normalize, Normalize):
+        return None
+    return Compose([*steps[:-2], PILToTensor()]), tuple(map(float, normalize.mean)), tuple(map(float, normalize.std))
 
 
 def make_uint8_transform(spec: PreprocessSpec) -> Callable[[Image.Image], torch.Tensor]:
     """``spec``'s transform up to, not including, ToTensor and Normalize: PIL image -> uint8
-    ``[3, H, W]`` (open_clip's steps end in an RGB conversion). :func:`normalize_uint8` finishes it
-    (on any device)."""
-    steps, _, _ = _pil_steps(spec)
-    return Compose([*steps, PILToTensor()])
+    ``[3, H, W]``. :func:`normalize_uint8` finishes it (on any device)."""
+    split = split_transform(make_transform(spec))
+    if split is None:
+        raise RuntimeError("open_clip's eval transform no longer ends with ToTensor, Normalize")
+    return split[0]
 
 
-def normalize_uint8(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+def normalize_uint8(pixels: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor,
                     dtype: torch.dtype = torch.float32, device: str | torch.device | None = None) -> torch.Tensor:
-    """uint8 images ``[..., 3, H, W]`` -> ``(x / 255 - mean) / std`` as ``dtype``, on ``device``.
+    """Pixel values ``[..., 3, H, W]`` in 0..255 -> ``(x / 255 - mean) / std`` as ``dtype``, on ``device``.
 
-    Moved to ``device`` (default: where ``batch`` is) as uint8, a quarter of the float bytes.
-    The float32 arithmetic is torchvision's (``ToTensor`` then ``Normalize``), so on the CPU
-    the result is bit-identical to :func:`make_transform`'s; ``dtype`` (e.g. bfloat16) only
-    rounds the result.
+    ``pixels`` is uint8, or a float tensor holding 0..255 values (the batched resize's output,
+    :func:`.tensor_preprocess.resize_crop`). Moved to ``device`` (default: where ``pixels`` is)
+    before the float conversion, so uint8 moves a quarter of the float bytes. Every copy to the
+    device is non-blocking (also of ``mean`` and ``std``, sequences or tensors): the host never
+    waits for the device here. The float32 arithmetic is torchvision's (``ToTensor`` then
+    ``Normalize``), so on the CPU the result is bit-identical to :func:`make_transform`'s;
+    ``dtype`` (e.g. bfloat16) only rounds the result.
     """
-    if batch.dtype != torch.uint8:
-        raise TypeError(f"normalize_uint8 expects a uint8 tensor, got {batch.dtype}")
+    if pixels.dtype != torch.uint8 and not pixels.dtype.is_floating_point:
+        raise TypeError(f"normalize_uint8 expects uint8 (or float 0..255) pixels, got {pixels.dtype}")
     if device is not None:
-        batch = batch.to(device, non_blocking=True)
-    out = batch.to(torch.float32).div_(255)
-    out.sub_(torch.as_tensor(mean, dtype=torch.float32, device=out.device).view(-1, 1, 1))
-    out.div_(torch.as_tensor(std, dtype=torch.float32, device=out.device).view(-1, 1, 1))
+        pixels = pixels.to(device, non_blocking=True)
+    # a tensor made from a sequence with device= would be a blocking copy (a host sync on CUDA)
+    mean, std = (torch.as_tensor(v, dtype=torch.float32).to(pixels.device, non_blocking=True).view(-1, 1, 1)
+                 for v in (mean, std))
+    out = pixels.to(torch.float32, copy=True).div_(255)  # a copy: a float32 input stays as it was
+    out.sub_(mean).div_(std)
     return out if dtype == torch.float32 else out.to(dtype)
+
+
+def load_batch(paths: Sequence[str], transform: Callable[[Image.Image], torch.Tensor], draft: int | None = None
+               ) -> tuple[torch.Tensor | None, list[tuple[int, str]]]:
+    """Decode and transform the images of ``paths`` into ONE tensor ``[n, ...]`` (what a DataLoader
+    worker sends per batch: one shared-memory buffer, not one per image).
+
+    Rows of files that do not decode stay zeros and are listed as ``(row, one-line message)``;
+    the tensor is None when no file decodes. ``draft`` as in :func:`load_image`.
+    """
+    out: torch.Tensor | None = None
+    bad: list[tuple[int, str]] = []
+    for row, path in enumerate(paths):
+        try:
+            image = transform(load_image(path, draft))
+        except DataError as exc:
+            bad.append((row, str(exc)))
+            continue
+        if out is None:
+            out = torch.zeros((len(paths), *image.shape), dtype=image.dtype)
+        elif image.shape != out.shape[1:]:
+            raise DataError(f"{path}: the preprocessing gives {list(image.shape)} pixels, the batch's first image "
+                            f"{list(out.shape[1:])} (the transform must give one size)")
+        out[row] = image
+    return out, bad

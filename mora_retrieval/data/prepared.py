@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..device import default_workers
 from ..errors import DataError
 from ..fileio import atomic_write, read_json
-from .images import PreprocessSpec, load_image, make_uint8_transform, normalize_uint8, require_files
+from .images import PreprocessSpec, load_batch, make_uint8_transform, normalize_uint8, require_files
 
 try:  # POSIX file locks; elsewhere concurrent builders are not serialised
     import fcntl
@@ -56,7 +56,7 @@ except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["FORMAT_VERSION", "ImageList", "PreparedImages", "PreparedImageDataset", "default_prepared_dir",
-           "normalize_uint8", "open_prepared", "prepare_images", "prepared_path", "stale_reason"]
+           "open_prepared", "prepare_images", "prepared_path", "stale_reason"]
 
 FORMAT_VERSION = 1
 PREPARED_DIR = "prepared"
@@ -338,14 +338,10 @@ class _ChunkDecoder(Dataset):
     def __getitem__(self, k: int) -> tuple[int, torch.Tensor, list[tuple[int, str]]]:
         first = self.start + k * self.chunk
         paths = self.paths[first:first + self.chunk]
-        out = np.zeros((len(paths), 3, *self.spec.size), dtype=np.uint8)
-        bad = []
-        for j, path in enumerate(paths):
-            try:
-                out[j] = self.transform(load_image(path)).numpy()
-            except DataError as exc:
-                bad.append((j, str(exc)))
-        return first, torch.from_numpy(out), bad
+        pixels, bad = load_batch(paths, self.transform)
+        if pixels is None:  # not one image of the chunk decodes
+            pixels = torch.zeros((len(paths), 3, *self.spec.size), dtype=torch.uint8)
+        return first, pixels, bad
 
 
 @contextlib.contextmanager
@@ -384,8 +380,7 @@ def _resume_state(path: Path, state: dict[str, Any]) -> dict[str, Any] | None:
 
 def _discard(*paths: Path) -> None:
     for p in paths:
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
+        p.unlink(missing_ok=True)
 
 
 def _human(n: float) -> str:

@@ -9,12 +9,11 @@ processes costs a shared-memory segment of its own.
   ``[B, 3, S, S]`` tensor and is normalised in the main process. The values are exactly those
   of the model's preprocessing (``ToTensor`` + ``Normalize`` of the same uint8 pixels).
 * Tensor-decode path (``gpu_decode``, on by default with CUDA): workers only read the files;
-  a batch's JPEG bytes arrive as one uint8 buffer plus offsets and are decoded together by
-  ``torchvision.io.decode_jpeg`` on the encoder's device (nvJPEG on CUDA), then resized in
-  batches (:func:`plan_resize_groups`: one ``interpolate`` per group of same-size images),
-  cropped and normalised there (:func:`preprocess_decoded`). Files that are not JPEGs are
-  decoded and preprocessed by the workers as on the CPU path, in the same batch. With
-  ``device="cpu"`` the same code runs on the CPU (that is how the tests cover it).
+  a batch's JPEG bytes arrive as one uint8 buffer plus offsets and are decoded, resized,
+  cropped and normalised together on the encoder's device (nvJPEG on CUDA;
+  :mod:`~mora_retrieval.data.tensor_preprocess`). Files that are not JPEGs are decoded and
+  preprocessed by the workers as on the CPU path, in the same batch. With ``device="cpu"`` the
+  same code runs on the CPU (that is how the tests cover it).
 
 Batches are prepared in the encoder's dtype (bf16 on CUDA, see :mod:`.encoder`) and encoded by
 ``Encoder.encode_images``, the method single queries use. On CUDA the next batch is decoded on a
@@ -52,25 +51,17 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import DataLoader
-from torchvision import transforms as T
-from torchvision.io import ImageReadMode, decode_jpeg
 
-from ..data.images import decode_image_bytes, load_image
+from ..data.images import INTERPOLATIONS, load_batch, load_image, normalize_uint8, split_transform
+from ..data.tensor_preprocess import BATCHED_RESIZE_MODES, JPEG_SIGNATURE, decode_jpegs, preprocess_decoded
 from ..device import available_cores, default_workers
 from ..errors import DataError, MoraError
 from ..fileio import read_json, write_json
 from .index import save_npy
 
 PROGRESS_FILE = "progress.json"
-JPEG_SUFFIXES = (".jpg", ".jpeg")
-JPEG_SIGNATURE = b"\xff\xd8\xff"  # SOI marker followed by the first segment's marker
-RESIZE_MODES = ("shortest", "squash")  # resize modes the tensor-decode path implements
-INTERPOLATIONS = ("bicubic", "bilinear")
-MAX_RESIZE_GROUP = 64  # images per batched interpolate (bounds the float32 working set)
-
+_load_jpeg_draft = load_image  # the old name of load_image(path, draft), still imported by a test
 
 
 @dataclass
@@ -104,57 +95,7 @@ class Reporter(Protocol):
     def advance(self, count: int) -> None: ...
 
 
-# --------------------------------------------------------------------------- plans (pure)
-
-
-def resized_shape(height: int, width: int, size: int, mode: str = "shortest") -> tuple[int, int]:
-    """``(h, w)`` after the model's resize: short side to ``size`` (as torchvision's
-    ``Resize(int)``, long side truncated) or, for ``squash``, ``size x size``."""
-    if mode == "squash":
-        return size, size
-    if mode != "shortest":
-        raise MoraError(f"resize mode '{mode}' has no batched implementation (expected one of: {', '.join(RESIZE_MODES)})")
-    short, long = (width, height) if width <= height else (height, width)
-    new_long = int(size * long / short)
-    return (new_long, size) if width <= height else (size, new_long)
-
-
-def crop_origin(height: int, width: int, size: int) -> tuple[int, int]:
-    """``(top, left)`` of the centred ``size x size`` window (torchvision's ``center_crop`` rounding)."""
-    return int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
-
-
-@dataclass(frozen=True)
-class ResizeGroup:
-    """Images of one source shape, resized by one batched ``interpolate`` and cropped alike."""
-
-    indices: tuple[int, ...]  # positions in the batch
-    source: tuple[int, int]  # (h, w) as decoded
-    resized: tuple[int, int]  # (h, w) after the resize (== source: no resize needed)
-    crop: tuple[int, int]  # (top, left) of the size x size window in the resized image
-
-
-def plan_resize_groups(
-    shapes: Sequence[tuple[int, int]], size: int, mode: str = "shortest", max_group: int = MAX_RESIZE_GROUP
-) -> list[ResizeGroup]:
-    """Group a batch's images by decoded ``(h, w)``: one resize per group of at most ``max_group``.
-
-    Groups come in order of each shape's first appearance, indices ascending; every index
-    appears exactly once.
-    """
-    by_shape: dict[tuple[int, int], list[int]] = {}
-    for i, (h, w) in enumerate(shapes):
-        if h < 1 or w < 1:
-            raise MoraError(f"image {i} of the batch has an empty shape {(h, w)}")
-        by_shape.setdefault((int(h), int(w)), []).append(i)
-    groups = []
-    step = max(1, int(max_group))
-    for (h, w), indices in by_shape.items():
-        rh, rw = resized_shape(h, w, size, mode)
-        top, left = crop_origin(rh, rw, size)
-        for s in range(0, len(indices), step):
-            groups.append(ResizeGroup(tuple(indices[s : s + step]), (h, w), (rh, rw), (top, left)))
-    return groups
+# --------------------------------------------------------------------------- the plan (pure)
 
 
 def batch_plan(n: int, chunk_size: int, batch_size: int, pending: Sequence[int]) -> list[list[int]]:
@@ -165,21 +106,6 @@ def batch_plan(n: int, chunk_size: int, batch_size: int, pending: Sequence[int])
         stop = min(n, (c + 1) * chunk_size)
         batches.extend(list(range(s, min(stop, s + step))) for s in range(c * chunk_size, stop, step))
     return batches
-
-
-def split_transform(transform: Callable) -> tuple[Callable, list[float], list[float]] | None:
-    """``(pil_stage, mean, std)`` of a torchvision ``Compose`` ending in ``ToTensor`` +
-    ``Normalize`` (open_clip's eval transform and the toolkit's targetpad are), else ``None``.
-
-    ``pil_stage`` maps a PIL image to the PIL image the ``ToTensor`` step would receive.
-    """
-    steps = getattr(transform, "transforms", None)
-    if not isinstance(steps, list) or len(steps) < 2:
-        return None
-    to_tensor, normalize = steps[-2], steps[-1]
-    if not isinstance(to_tensor, T.ToTensor) or not isinstance(normalize, T.Normalize):
-        return None
-    return T.Compose(steps[:-2]), [float(x) for x in normalize.mean], [float(x) for x in normalize.std]
 
 
 # --------------------------------------------------------------------------- workers
@@ -208,158 +134,60 @@ class LoadedBatch:
 
 
 class _BatchFiles:
-    """Dataset whose items are whole batches: ``dataset[positions] -> LoadedBatch``."""
+    """Dataset whose items are whole batches: ``dataset[positions] -> LoadedBatch``.
 
-    def __init__(self, paths: Sequence[str], transform: Callable, raw_jpeg: bool, draft_size: int | None = None) -> None:
+    With ``raw_jpeg`` the JPEG files are only read; every other file is decoded here, by the
+    uint8 stage of ``transform`` (:func:`split_transform`) or, when it cannot be split, by the
+    whole of it. ``draft_size``: decode JPEGs in PIL's draft mode (see :func:`load_image`).
+    """
+
+    def __init__(self, paths: Sequence[str], transform: Callable, raw_jpeg: bool,
+                 draft_size: int | None = None) -> None:
         self.paths = list(paths)
-        self.transform = transform
         self.split = split_transform(transform)
+        self.transform = self.split[0] if self.split else transform
         self.raw_jpeg = raw_jpeg
         self.draft_size = draft_size
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def _decode(self, path: str, data: bytes | None) -> Any:
-        if data is not None:
-            return decode_image_bytes(data, path)
-        if self.draft_size and path.lower().endswith(JPEG_SUFFIXES):
-            return _load_jpeg_draft(path, self.draft_size)
-        return load_image(path)
-
     def __getitem__(self, positions: Sequence[int]) -> LoadedBatch:
         batch = LoadedBatch()
-        ready: list[Any] = []
         blobs: list[bytes] = []
+        decode: list[int] = []  # positions decoded here
         for position in positions:
+            if not self.raw_jpeg:
+                decode.append(position)
+                continue
             path = self.paths[position]
             try:
-                data = None
-                if self.raw_jpeg:
-                    with open(path, "rb") as handle:
-                        data = handle.read()
-                    if not data:
-                        raise DataError(f"{path}: unreadable or corrupt image (empty file)")
-                    if data.startswith(JPEG_SIGNATURE):
-                        batch.jpeg_positions.append(position)
-                        blobs.append(data)
-                        continue
-                image = self._decode(path, data)
-                ready.append(_pixels(self.split[0](image)) if self.split else self.transform(image))
-                batch.image_positions.append(position)
-            except DataError as exc:
-                batch.bad.append((position, str(exc)))
+                with open(path, "rb") as handle:
+                    data = handle.read()
             except OSError as exc:
                 batch.bad.append((position, f"{path}: unreadable image ({exc.__class__.__name__}: {exc})"))
-        if ready and self.split:
-            h, w = ready[0].shape[:2]
-            if any(pixels.shape != ready[0].shape for pixels in ready):
-                raise MoraError(f"the model's preprocessing gives images of different sizes ({ready[0].shape} and others)")
-            out = np.empty((len(ready), 3, h, w), dtype=np.uint8)
-            for i, pixels in enumerate(ready):
-                out[i] = pixels.transpose(2, 0, 1)
-            batch.images = torch.from_numpy(out)
-        elif ready:
-            batch.images, batch.normalized = torch.stack(ready), True
+                continue
+            if data.startswith(JPEG_SIGNATURE):
+                batch.jpeg_positions.append(position)
+                blobs.append(data)
+            else:  # read again by PIL: rare in a JPEG gallery, and the file is in the page cache
+                decode.append(position)
+        if decode:
+            images, bad = load_batch([self.paths[p] for p in decode], self.transform, self.draft_size)
+            batch.bad.extend((decode[row], message) for row, message in bad)
+            failed = {row for row, _ in bad}
+            keep = [row for row in range(len(decode)) if row not in failed]
+            if keep:
+                batch.images = images[keep] if bad else images
+                batch.image_positions = [decode[row] for row in keep]
+                batch.normalized = self.split is None
         if blobs:
             batch.jpeg_offsets = np.cumsum([0] + [len(b) for b in blobs]).tolist()
             batch.jpeg_data = torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8)
         return batch
 
 
-def _pixels(image: Any) -> np.ndarray:
-    """``[h, w, 3]`` uint8 pixels of a PIL image."""
-    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
-
-
-def _as_is(batch: LoadedBatch) -> LoadedBatch:
-    return batch
-
-
-def _load_jpeg_draft(path: str, size: int) -> Any:
-    """Decode a JPEG at the smallest DCT scale whose sides are still >= ``size``."""
-    try:
-        with Image.open(path) as img:
-            img.draft("RGB", (size, size))
-            img.load()
-            return img.convert("RGB")
-    except Exception as exc:  # PIL raises many types for truncated or foreign files
-        raise DataError(f"{path}: unreadable or corrupt image ({exc.__class__.__name__}: {exc})") from None
-
-
 # --------------------------------------------------------------------------- device side
-
-
-def decode_jpegs(data: Any, offsets: Sequence[int], paths: Sequence[str], device: str) -> tuple[list[Any], list[tuple[int, str]]]:
-    """Decode the JPEGs held back to back in ``data`` (uint8) on ``device``, in one call.
-
-    Returns uint8 ``[3, h, w]`` images (``None`` for failures) and ``(index, message)`` per
-    failure. When the batched call fails, each file is retried alone and then with PIL, so one
-    bad file only costs itself, and a JPEG the tensor decoder cannot read (e.g. CMYK on some
-    nvJPEG versions) is still decoded.
-    """
-    blobs = [data[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
-    if not blobs:
-        return [], []
-    try:
-        return list(decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device)), []
-    except RuntimeError:
-        pass
-    images: list[Any] = []
-    bad: list[tuple[int, str]] = []
-    for i, (blob, path) in enumerate(zip(blobs, paths)):
-        try:
-            images.append(decode_jpeg(blob, mode=ImageReadMode.RGB, device=device))
-            continue
-        except RuntimeError as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-        try:
-            pixels = np.asarray(decode_image_bytes(blob.numpy().tobytes(), path))
-            images.append(torch.from_numpy(pixels.transpose(2, 0, 1).copy()).to(device))
-        except DataError as exc:
-            images.append(None)
-            bad.append((i, f"{exc} (tensor JPEG decoder: {reason})"))
-    return images, bad
-
-
-def resize_crop(images: Sequence[Any], size: int, mode: str = "shortest", interpolation: str = "bicubic",
-                max_group: int = MAX_RESIZE_GROUP) -> tuple[Any, list[int]]:
-    """Resize and centre-crop uint8 ``[3, h, w]`` images of any sizes: ``(pixels, order)``.
-
-    ``pixels`` is float32 ``[B, 3, size, size]`` in 0..255, rounded as the uint8 result of the
-    PIL preprocessing would be; row ``j`` is ``images[order[j]]``. Same-size images are
-    resized together (:func:`plan_resize_groups`) and land in consecutive rows, so the batch
-    is assembled from slice copies alone (no index tensor, nothing that waits for the device).
-    """
-    out = torch.empty((len(images), 3, size, size), dtype=torch.float32, device=images[0].device)
-    order: list[int] = []
-    for group in plan_resize_groups([tuple(img.shape[-2:]) for img in images], size, mode, max_group):
-        x = torch.stack([images[i] for i in group.indices]).float()
-        if group.resized != group.source:
-            x = F.interpolate(x, size=group.resized, mode=interpolation, antialias=True, align_corners=False)
-        top, left = group.crop
-        out[len(order) : len(order) + len(group.indices)] = x[:, :, top : top + size, left : left + size].clamp_(0, 255).round_()
-        order.extend(group.indices)
-    return out, order
-
-
-def normalize_pixels(pixels: Any, mean: Any, std: Any, dtype: Any) -> Any:
-    """``(pixels / 255 - mean) / std`` in float32 (the order of ``ToTensor`` + ``Normalize``), cast to ``dtype``."""
-    return pixels.float().div(255).sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1)).to(dtype)
-
-
-def preprocess_decoded(images: Sequence[Any], cfg: dict[str, Any], dtype: Any = None,
-                       mean_std: tuple[Any, Any] | None = None) -> tuple[Any, list[int]]:
-    """The model's preprocessing (``cfg``: size, mean, std, interpolation, resize_mode) of
-    decoded uint8 ``[3, h, w]`` images, batched, on their device: ``([B, 3, S, S] in dtype, order)``
-    with ``order`` as in :func:`resize_crop`. ``mean_std``: the two as tensors on that device."""
-    if mean_std is None:
-        device = images[0].device
-        mean_std = (torch.tensor(cfg["mean"], dtype=torch.float32, device=device),
-                    torch.tensor(cfg["std"], dtype=torch.float32, device=device))
-    pixels, order = resize_crop(images, int(cfg["size"]), str(cfg.get("resize_mode", "shortest")),
-                                str(cfg.get("interpolation", "bicubic")))
-    return normalize_pixels(pixels, mean_std[0], mean_std[1], dtype or torch.float32), order
 
 
 @dataclass
@@ -384,8 +212,7 @@ class _Stager:
         self.device = str(encoder.device)
         self.dtype = encoder.dtype
         self.cfg = encoder.preprocess_cfg
-        self.mean = torch.tensor(mean_std[0], dtype=torch.float32, device=self.device)
-        self.std = torch.tensor(mean_std[1], dtype=torch.float32, device=self.device)
+        self.mean_std = mean_std
         self.stream = torch.cuda.Stream(device=self.device) if self.device.startswith("cuda") else None
 
     def prepare(self, loaded: LoadedBatch) -> _Prepared:
@@ -406,12 +233,12 @@ class _Stager:
             bad.extend((loaded.jpeg_positions[i], message) for i, message in failed)
             good = [i for i, img in enumerate(decoded) if img is not None]
             if good:
-                batch, order = preprocess_decoded([decoded[i] for i in good], self.cfg, self.dtype, (self.mean, self.std))
+                batch, order = preprocess_decoded([decoded[i] for i in good], self.cfg, self.dtype, self.mean_std)
                 parts.append(batch)
                 positions.extend(loaded.jpeg_positions[good[j]] for j in order)
         if loaded.images is not None:
-            images = loaded.images.to(self.device, non_blocking=True)
-            parts.append(images.to(self.dtype) if loaded.normalized else normalize_pixels(images, self.mean, self.std, self.dtype))
+            parts.append(loaded.images.to(self.device, non_blocking=True).to(self.dtype) if loaded.normalized
+                         else normalize_uint8(loaded.images, *self.mean_std, self.dtype, self.device))
             positions.extend(loaded.image_positions)
         images = parts[0] if len(parts) == 1 else (torch.cat(parts) if parts else None)
         return _Prepared(positions, images, bad)
@@ -432,11 +259,8 @@ class _Stager:
 @contextlib.contextmanager
 def _cpu_threads(threads: int | None) -> Iterator[None]:
     """Temporarily limit torch's intra-op threads (``None``: leave them)."""
-    if threads is None:
-        yield
-        return
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads or before)
     try:
         yield
     finally:
@@ -468,11 +292,12 @@ def decode_path(config: EmbedConfig, device: str, cfg: dict[str, Any]) -> str:
     """How :func:`embed_paths` decodes JPEGs (what the index manifest records): ``tensor-jpeg``,
     batched on ``device`` (``gpu_decode``; ``None``: on CUDA when :func:`preprocess_decoded`
     implements the model's preprocessing ``cfg``), else ``pil-draft`` (``fast_jpeg``) or ``pil``."""
-    supported = (str(cfg.get("resize_mode", "shortest")) in RESIZE_MODES
+    supported = (str(cfg.get("resize_mode", "shortest")) in BATCHED_RESIZE_MODES
                  and str(cfg.get("interpolation", "bicubic")) in INTERPOLATIONS)
     if config.gpu_decode and not supported:
         raise MoraError(
-            f"GPU JPEG decoding implements resize modes {', '.join(RESIZE_MODES)} with {' or '.join(INTERPOLATIONS)} "
+            f"GPU JPEG decoding implements resize modes {', '.join(BATCHED_RESIZE_MODES)} with "
+            f"{' or '.join(INTERPOLATIONS)} "
             f"interpolation; the model uses {cfg.get('resize_mode')!r} / {cfg.get('interpolation')!r}: turn gpu_decode off"
         )
     if config.gpu_decode or (config.gpu_decode is None and str(device).startswith("cuda") and supported):
@@ -530,17 +355,11 @@ def embed_paths(
     draft = int(encoder.preprocess_cfg.get("size", 0)) if decode == "pil-draft" else None
     dataset = _BatchFiles(paths, encoder.preprocess, raw_jpeg=decode == "tensor-jpeg", draft_size=draft)
     workers = config.workers if batches else 0
-    loader = DataLoader(
-        dataset,
-        batch_size=None,
-        sampler=batches,
-        num_workers=workers,
-        collate_fn=_as_is,
-        pin_memory=on_cuda,
-        persistent_workers=False,
-        prefetch_factor=4 if workers > 0 else None,
-    )
-    mean_std = (dataset.split[1], dataset.split[2]) if dataset.split else (encoder.preprocess_cfg["mean"], encoder.preprocess_cfg["std"])
+    # batch_size=None: each item is a whole LoadedBatch, which the default conversion passes as is
+    loader = DataLoader(dataset, batch_size=None, sampler=batches, num_workers=workers, pin_memory=on_cuda,
+                        prefetch_factor=4 if workers > 0 else None)
+    cfg = encoder.preprocess_cfg
+    mean_std = (dataset.split[1], dataset.split[2]) if dataset.split else (cfg["mean"], cfg["std"])
     stager = _Stager(encoder, paths, mean_std)
 
     encoded = 0

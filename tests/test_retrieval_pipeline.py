@@ -68,13 +68,13 @@ def test_embeddings_equal_direct_encoding(world):
 def test_fast_jpeg_decodes_at_reduced_scale(world, tmp_path):
     from PIL import Image
 
-    from mora_retrieval.retrieval.embed import _load_jpeg_draft
+    from mora_retrieval.data.images import load_image
 
     big = tmp_path / "big.jpg"
     Image.new("RGB", (400, 300), (200, 30, 60)).save(big)
-    small = _load_jpeg_draft(str(big), 32)
+    small = load_image(str(big), draft=32)
     assert small.size == (50, 38)  # 1/8 scale: the smallest whose sides still cover 32 px
-    assert _load_jpeg_draft(str(big), 200).size == (400, 300)  # 1/2 would give 150 < 200
+    assert load_image(str(big), draft=200).size == (400, 300)  # 1/2 would give 150 < 200
     paths = [it.path for it in world["items"]]  # fixture images are too small to be reduced
     fast = embed_paths(world["encoder"], paths, EmbedConfig(batch_size=4, workers=0, fast_jpeg=True))
     assert np.array_equal(fast.features, np.asarray(world["full"].embeddings))

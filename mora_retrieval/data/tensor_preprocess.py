@@ -17,7 +17,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.functional import pil_to_tensor
 
 from ..errors import DataError, MoraError
-from .images import INTERPOLATIONS, decode_image_bytes, normalize_uint8
+from .images import decode_image_bytes, normalize_uint8
 
 JPEG_SIGNATURE = b"\xff\xd8\xff"  # SOI marker followed by the first segment's marker
 BATCHED_RESIZE_MODES = ("shortest", "squash")  # the resize modes implemented here

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ..data.images import INTERPOLATIONS, load_batch, load_image, normalize_uint8, split_transform
+from ..data.images import INTERPOLATIONS, load_batch, normalize_uint8, split_transform
 from ..data.tensor_preprocess import BATCHED_RESIZE_MODES, JPEG_SIGNATURE, decode_jpegs, preprocess_decoded
 from ..device import available_cores, default_workers
 from ..errors import DataError, MoraError
@@ -61,7 +61,6 @@ from ..fileio import read_json, write_json
 from .index import save_npy
 
 PROGRESS_FILE = "progress.json"
-_load_jpeg_draft = load_image  # the old name of load_image(path, draft), still imported by a test
 
 
 @dataclass

@@ -95,6 +95,18 @@ def read_json(path: str | os.PathLike, what: str = "JSON file", error: type[Mora
         raise error(f"{path}: not a valid {what} ({exc.__class__.__name__}: {exc})") from None
 
 
+def read_matching_json(path: str | os.PathLike, expected: dict[str, Any]) -> dict[str, Any] | None:
+    """The JSON object in ``path`` if it is there, parses, and holds every key of ``expected`` with
+    its value (a resume record of the same work); otherwise None."""
+    try:
+        recorded = read_json(path)
+    except MoraError:
+        return None
+    if not isinstance(recorded, dict) or any(recorded.get(k) != v for k, v in expected.items()):
+        return None
+    return recorded
+
+
 def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
     """Save a flat ``{name: tensor}`` dict as safetensors, atomically."""
     payload = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)

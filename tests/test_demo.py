@@ -53,30 +53,6 @@ def test_coco_chance_is_the_share_of_random_top_k_sets_holding_a_relevant_image(
     assert expected["R@10"] == 100.0
 
 
-def test_write_png_writes_the_figure_whole_or_not_at_all(tmp_path):
-    """The one way the toolkit writes a figure (training curves, the report's PNGs)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from PIL import Image
-
-    from mora_retrieval.fileio import write_png
-
-    figure = Figure(figsize=(3, 2), dpi=50)
-    FigureCanvasAgg(figure)
-    figure.subplots().plot([1, 2], [3, 4])
-    with Image.open(write_png(figure, tmp_path / "sub" / "plot.png")) as image:
-        assert (image.format, image.size) == ("PNG", (150, 100))
-
-    class FailingFigure:
-        def savefig(self, handle, format):
-            handle.write(b"\x89PNG half")
-            raise RuntimeError("renderer failed")
-
-    with pytest.raises(RuntimeError):
-        write_png(FailingFigure(), tmp_path / "sub" / "broken.png")
-    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["plot.png"]
-
-
 def test_demo_smallest_size_end_to_end_and_its_chance_verdict(tmp_path):
     import open_clip
 

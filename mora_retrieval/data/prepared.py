@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..device import default_workers
 from ..errors import DataError
-from ..fileio import atomic_write, read_json
+from ..fileio import atomic_write, read_json, read_matching_json
 from .images import PreprocessSpec, load_batch, make_uint8_transform, normalize_uint8, require_files
 
 try:  # POSIX file locks; elsewhere concurrent builders are not serialised
@@ -363,11 +363,8 @@ def _resume_state(path: Path, state: dict[str, Any]) -> dict[str, Any] | None:
     progress, partial = _progress_file(path), _partial(path)
     if not (progress.is_file() and partial.is_file()):
         return None
-    try:
-        recorded = read_json(progress, "prepared-image build progress", error=DataError)
-    except DataError:
-        return None
-    if not isinstance(recorded, dict) or any(recorded.get(k) != v for k, v in state.items()):
+    recorded = read_matching_json(progress, state)
+    if recorded is None:
         return None
     try:
         pixels = np.load(partial, mmap_mode="r", allow_pickle=False)

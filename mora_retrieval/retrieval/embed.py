@@ -57,7 +57,7 @@ from ..data.images import INTERPOLATIONS, load_batch, normalize_uint8, split_tra
 from ..data.tensor_preprocess import BATCHED_RESIZE_MODES, JPEG_SIGNATURE, decode_jpegs, preprocess_decoded
 from ..device import available_cores, default_workers
 from ..errors import DataError, MoraError
-from ..fileio import read_json, write_json
+from ..fileio import read_matching_json, write_json
 from .index import save_npy
 
 PROGRESS_FILE = "progress.json"
@@ -268,16 +268,11 @@ def _cpu_threads(threads: int | None) -> Iterator[None]:
 
 def _load_progress(work_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
     """The recorded chunks if ``progress.json`` matches ``state``; else a fresh record."""
-    path = work_dir / PROGRESS_FILE
-    if path.is_file():
-        try:
-            recorded = read_json(path, "embedding progress file")
-        except Exception:
-            recorded = None
-        if isinstance(recorded, dict) and all(recorded.get(k) == v for k, v in state.items()):
-            done = recorded.get("done", {})
-            if all((work_dir / _part_name(int(c))).is_file() for c in done):
-                return {**state, "done": done}
+    recorded = read_matching_json(work_dir / PROGRESS_FILE, state)
+    if recorded is not None:
+        done = recorded.get("done", {})
+        if all((work_dir / _part_name(int(c))).is_file() for c in done):
+            return {**state, "done": done}
     for stale in work_dir.glob("part-*.npy"):
         stale.unlink()
     return {**state, "done": {}}

@@ -42,8 +42,6 @@ def serve_cmd(
     console = make_console(stderr=True)
     if not 0 <= port <= 65535:
         raise MoraError(f"--port {port}: expected 0..65535")
-    if max_batch < 1:
-        raise MoraError(f"--max-batch {max_batch}: expected at least 1")
     config = ServeConfig(max_upload_mb=max_upload_mb, max_batch=max_batch)
     folder = load_index_folder(index)
     app = create_app(folder, encoder.load(folder.manifest), index_label=str(index), config=config)

@@ -458,3 +458,14 @@ def test_serve_command_end_to_end_with_the_public_address_warning(world):
         except subprocess.TimeoutExpired:
             proc.kill()
     assert proc.returncode == 0
+
+
+@pytest.mark.parametrize(("limits", "message"), [({"max_batch": 0}, "--max-batch 0: expected at least 1"),
+                                                 ({"max_upload_mb": 0}, "--max-upload-mb 0: expected a positive"),
+                                                 ({"default_k": 0}, "default k 0: expected 1..")])
+def test_serve_config_refuses_bad_limits_before_anything_is_loaded(limits, message):
+    from mora_retrieval.errors import MoraError
+    from mora_retrieval.retrieval.serve import ServeConfig
+
+    with pytest.raises(MoraError, match=message):
+        ServeConfig(**limits)

@@ -74,6 +74,8 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if not self.max_upload_mb > 0:
             raise MoraError(f"--max-upload-mb {self.max_upload_mb}: expected a positive number")
+        if self.max_batch < 1:
+            raise MoraError(f"--max-batch {self.max_batch}: expected at least 1")
         if not 1 <= self.default_k <= MAX_K:
             raise MoraError(f"default k {self.default_k}: expected 1..{MAX_K}")
 

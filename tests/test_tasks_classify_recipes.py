@@ -223,3 +223,15 @@ def test_pretrain_settings_layers(tmp_path):
     s = build_settings(str(tmp_path / "run"), tmp_path / "cfg.json", {"train": {"epochs": 5}, "coco_root": "coco"})
     assert (s.arch, s.val_split, s.coco_root, s.train_split) == ("mora-small", None, "coco", "train2017")
     assert (s.train.lr, s.train.epochs, s.train.batch_size, s.train.weight_decay) == (0.01, 5, 128, 0.1)
+
+
+@pytest.mark.parametrize(("types", "ratios", "bad"), [(("text", "video"), (0.5,), "video"),
+                                                      (("both",), (0.0, 1.5), "0.0, 1.5"), ((), (0.5,), "")])
+def test_grid_refuses_bad_cells_before_writing(tmp_path, types, ratios, bad):
+    from mora_retrieval.engine import TrainConfig
+    from mora_retrieval.tasks.classify import ClassifySettings, run_grid
+
+    settings = ClassifySettings(dataset="hateful_memes", data_root=str(tmp_path / "none"), arch="mora-tiny")
+    with pytest.raises(TrainingError, match=rf"--grid-types must be from text,image,both .*\(bad: {bad}\)"):
+        run_grid(settings, TrainConfig(), tmp_path / "grid", ratios=ratios, types=types)
+    assert not (tmp_path / "grid").exists()

@@ -187,6 +187,10 @@ def run_grid(settings: ClassifySettings, train_config: TrainConfig, out_dir: str
     holding another method's run is refused); with ``resume`` an interrupted cell is continued.
     Writes ``grid.md`` and ``grid.csv`` in ``out_dir`` and returns the rows.
     """
+    bad = [t for t in types if t not in GRID_TYPES] + [str(r) for r in ratios if not 0.0 < r <= 1.0]
+    if bad or not types or not ratios:
+        raise TrainingError(f"--grid-types must be from {','.join(GRID_TYPES)} and --grid-ratios in (0, 1] "
+                            f"(bad: {', '.join(bad)})")
     out_dir = Path(out_dir)
     plan = [(out_dir, settings)] if not methods else [(out_dir / m.adapter.method, m) for m in methods]
     names = [base.adapter.method for _, base in plan]

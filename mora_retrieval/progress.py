@@ -2,14 +2,18 @@
 
 :class:`ProgressBar` is the one rich bar: description, bar, done/total, the caller's columns,
 throughput with its unit (samples/s, img/s), elapsed time and ETA. It is off when there is no
-console, when the console is quiet, or when it is not a terminal (log files, CI): every method
-then does nothing. :class:`TrainProgress` adds what a training run prints besides the bar: one
-line per epoch (also without a terminal) and the table of the best epoch.
+console or when the console is quiet. On a console that is not a terminal (log files, a cluster
+job's stderr) it prints, instead of the bar, one plain line at most every ``log_every`` seconds
+(count, throughput, ETA), so a long job shows its progress in its log. :class:`TrainProgress`
+adds what a training run prints besides the bar: one line per epoch and the table of the best
+epoch.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import datetime
+import time
+from typing import Any, Callable
 
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
@@ -37,10 +41,20 @@ class ProgressBar:
     ``columns`` are rich text-column templates shown after the count (e.g. ``"loss {task.fields[loss]}"``).
     """
 
-    def __init__(self, console: Console | None, description: str, unit: str, *columns: str) -> None:
+    #: Seconds between two plain progress lines on a console that is not a terminal.
+    log_every: float = 60.0
+    #: What the count counts, in the plain lines (e.g. "steps"; the description usually says it).
+    count_noun: str = ""
+
+    def __init__(self, console: Console | None, description: str, unit: str, *columns: str,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.console = console
         self.description = description
+        self.unit = unit
         self.live = console is not None and console.is_terminal and not console.quiet
+        self.logs = console is not None and not console.is_terminal and not console.quiet
+        self._clock = clock
+        self._log = {"total": 0, "done": 0, "start_done": 0, "scale": 1, "start": 0.0, "last": 0.0}
         self._progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             *(TextColumn(template) for template in columns), Throughput(unit),
@@ -62,6 +76,9 @@ class ProgressBar:
         if self._progress is not None:
             note = f" (resumed at {completed})" if completed else ""
             self._task = self._progress.add_task(self.description + note, total=total, completed=completed, **fields)
+        now = self._clock()
+        self._log.update(total=total, done=completed, start_done=completed, scale=fields.get("scale", 1), start=now,
+                         last=now)
 
     def advance(self, count: int = 1, **changes: Any) -> None:
         """``count`` more done; ``changes`` update the description or the task's fields."""
@@ -69,11 +86,31 @@ class ProgressBar:
             self._progress.advance(self._task, count)
             if changes:
                 self.update(**changes)
+        elif self.logs:
+            if changes:
+                self.update(**changes)
+            self._log["done"] += count
+            now = self._clock()
+            if now - self._log["last"] >= self.log_every:
+                self._log["last"] = now
+                self.console.print(self.log_line(now), highlight=False)
 
     def update(self, **changes: Any) -> None:
         """Change the description or the task's fields."""
         if self._task is not None:
             self._progress.update(self._task, **changes)
+        elif "description" in changes:
+            self.description = changes["description"]
+
+    def log_line(self, now: float) -> str:
+        """The plain progress line: ``description: done/total, throughput unit, ETA h:mm:ss``."""
+        log = self._log
+        seconds = max(now - log["start"], 1e-9)
+        rate = (log["done"] - log["start_done"]) / seconds  # steps per second, this process
+        left = datetime.timedelta(seconds=round((log["total"] - log["done"]) / rate)) if rate > 0 else "–"
+        noun = f" {self.count_noun}" if self.count_noun else ""
+        return (f"{self.description}: {log['done']:,}/{log['total']:,}{noun}, {rate * log['scale']:,.1f} {self.unit}, "
+                f"ETA {left}")
 
 
 class TrainProgress(ProgressBar):
@@ -81,9 +118,13 @@ class TrainProgress(ProgressBar):
     (epoch, steps, last synced loss, samples/s, ETA), one line per epoch and the final table.
     Nothing at all with ``quiet``."""
 
-    def __init__(self, console: Console | None, quiet: bool, enabled: bool = True) -> None:
+    count_noun = "steps"
+
+    def __init__(self, console: Console | None, quiet: bool, enabled: bool = True,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         console = None if quiet or not enabled else (console or Console())
-        super().__init__(console, "train", "samples/s", "loss {task.fields[loss]}")
+        super().__init__(console, "train", "samples/s", "loss {task.fields[loss]}", clock=clock)
+        self._loss = "–"
 
     def start(self, total_steps: int, done_steps: int, samples_per_step: int, epoch: int) -> None:
         super().start(total_steps, done_steps, scale=samples_per_step, loss="–")
@@ -93,8 +134,11 @@ class TrainProgress(ProgressBar):
         if epoch is not None:
             changes["description"] = f"epoch {epoch}"
         if loss is not None:
-            changes["loss"] = f"{loss:.4f}"
+            changes["loss"] = self._loss = f"{loss:.4f}"
         super().update(**changes)
+
+    def log_line(self, now: float) -> str:
+        return f"{super().log_line(now)}, loss {self._loss}"
 
     def print(self, message: str) -> None:
         if self.console is not None:

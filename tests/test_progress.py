@@ -142,3 +142,33 @@ def test_cli_bars_on_a_terminal_show_their_unit_and_eta(tmp_path):
         bars = [line for line in re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", result.output).splitlines()
                 if description in line and "img/s" in line and "ETA" in line]
         assert bars, (description, result.output)
+
+
+def test_without_a_terminal_a_plain_line_at_most_every_log_every_seconds():
+    clock = [0.0]
+    console, out = _console(terminal=False)
+    with ProgressBar(console, "embedding 100 images", "img/s", clock=lambda: clock[0]) as bar:
+        bar.log_every = 10.0
+        bar.start(100, completed=20)  # a resumed run: the rate counts this process's work only
+        for t in (5.0, 10.0, 15.0):
+            clock[0] = t
+            bar.advance(10)
+    # one line at t=10: 20 images in 10 s, 60 left at 2 images/s
+    assert out.getvalue().splitlines() == ["embedding 100 images: 40/100, 2.0 img/s, ETA 0:00:30"]
+
+    clock[0] = 0.0
+    console, out = _console(terminal=False)
+    with TrainProgress(console, quiet=False, clock=lambda: clock[0]) as progress:
+        progress.log_every = 60.0
+        progress.start(total_steps=100, done_steps=0, samples_per_step=8, epoch=1)
+        progress.update(epoch=2, loss=0.25)
+        for step in range(1, 31):
+            clock[0] = 2.0 * step
+            progress.advance()
+    assert out.getvalue().splitlines() == ["epoch 2: 30/100 steps, 4.0 samples/s, ETA 0:02:20, loss 0.2500"]
+    for console, out in (_console(terminal=False, quiet=True), _console(terminal=True)):  # quiet; a bar instead
+        with ProgressBar(console, "x", "img/s", clock=lambda: clock[0]) as bar:
+            bar.log_every = 0.0
+            bar.start(2)
+            bar.advance(2)
+        assert "x: 2/2" not in _plain(out)

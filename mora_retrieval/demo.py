@@ -248,8 +248,12 @@ def cir_verdict(cir: dict[str, dict], full_lr: float) -> str:
             mine, theirs = cir["mora"][key]["avg"], cir[other][key]["avg"]
             word = "higher than" if mine > theirs else ("lower than" if mine < theirs else "equal to")
             parts.append(f"{how}: MoRA {mine:.2f} is {word} {name} {theirs:.2f}")
-    return ("CIRR val avg on this world (one seed, one small synthetic world; it says nothing about real data): "
+    text = ("CIRR val avg on this world (one seed, one small synthetic world; it says nothing about real data): "
             + "; ".join(parts) + ".")
+    if any("lower than LoRA" in part for part in parts):
+        text += (" MoRA's adapted weight starts near 2·W0, as in the paper; the README (Method and protocol choices) "
+                 "shows what the w/ W0 ablation, --adapter subtract_base, does on this world.")
+    return text
 
 
 def chance_note(below: list[str]) -> str:

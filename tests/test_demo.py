@@ -26,7 +26,9 @@ def test_demo_verdict_states_each_comparison_exactly():
     assert "Combiner: MoRA 63.50 is equal to LoRA (same rank, same budget) 63.50" in text
     assert "summed features: MoRA 44.00 is lower than full fine-tuning (lr 0.0001) 46.25" in text
     assert "Combiner: MoRA 63.50 is lower than full fine-tuning (lr 0.0001) 66.00" in text
-    assert "beats" not in text
+    assert "beats" not in text and "subtract_base" not in text  # MoRA is not below LoRA here
+    cir["lora"]["val_combiner"]["avg"] = 64.0
+    assert "--adapter subtract_base" in cir_verdict(cir, 1e-4)  # below LoRA: the pointer to the w/ W0 ablation
 
 
 def test_coco_chance_is_the_share_of_random_top_k_sets_holding_a_relevant_image():

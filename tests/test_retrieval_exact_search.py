@@ -79,12 +79,16 @@ def test_rerank_restores_the_float32_order_of_near_ties():
     assert low.unique().numel() < 40  # float16 scores alone do tie
 
 
-def test_folder_search_caches_the_gallery_and_matches_faiss(tmp_path):
-    emb = _unit(300, 32, 5)
-    items = [Item(f"/x/{i}.jpg", i, (1,), 1) for i in range(300)]
+def _flat_folder(tmp_path, n: int, dim: int, seed: int):
+    """A Flat index folder of ``n`` random unit vectors, loaded back."""
+    items = [Item(f"/x/{i}.jpg", i, (1,), 1) for i in range(n)]
     info = {"arch": "mora-tiny", "fingerprint": "f", "source": {}, "preprocess": {}}
-    write_index_folder(tmp_path / "idx", emb, items, spec=IndexSpec("Flat"), encoder_info=info)
-    folder = load_index_folder(tmp_path / "idx")
+    write_index_folder(tmp_path / "idx", _unit(n, dim, seed), items, spec=IndexSpec("Flat"), encoder_info=info)
+    return load_index_folder(tmp_path / "idx")
+
+
+def test_folder_search_caches_the_gallery_and_matches_faiss(tmp_path):
+    folder = _flat_folder(tmp_path, 300, 32, seed=5)
     queries = _unit(37, 32, 6)
     scores, rows = search_exact_torch(folder, queries, 12, "cpu")
     faiss_scores, faiss_rows = search_vectors(folder, queries, 12)  # FAISS IndexFlatIP on the CPU
@@ -98,11 +102,7 @@ def test_folder_search_caches_the_gallery_and_matches_faiss(tmp_path):
 
 @pytest.mark.gpu
 def test_cuda_exact_search_equals_brute_force(tmp_path):
-    emb = _unit(5000, 64, 7)
-    items = [Item(f"/x/{i}.jpg", i, (1,), 1) for i in range(5000)]
-    info = {"arch": "mora-tiny", "fingerprint": "f", "source": {}, "preprocess": {}}
-    write_index_folder(tmp_path / "idx", emb, items, spec=IndexSpec("Flat"), encoder_info=info)
-    folder = load_index_folder(tmp_path / "idx")
+    folder = _flat_folder(tmp_path, 5000, 64, seed=7)
     queries = _unit(1500, 64, 8)
     ref_scores, ref_rows = _brute(queries, np.asarray(folder.embeddings, np.float32), 10)
     scores, rows = search_exact_torch(folder, queries, 10, "cuda")

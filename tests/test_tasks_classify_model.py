@@ -42,6 +42,14 @@ def _memes_fixture(root, n: int = 12) -> None:
         (root / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
 
 
+def _memes_settings(tmp_path, n: int = 12, missing: str = "none", **kwargs) -> ClassifySettings:
+    """Settings of a mora-tiny run on a fresh :func:`_memes_fixture` under ``tmp_path / "memes"``."""
+    _memes_fixture(tmp_path / "memes", n=n)
+    return ClassifySettings(**{"dataset": "hateful_memes", "data_root": str(tmp_path / "memes"), "arch": "mora-tiny",
+                               "pretrained": None, "missing": missing, "missing_store": str(tmp_path / "store"),
+                               **kwargs})
+
+
 def _classifier(tiny_model, method: str = "mora", out: int = 2, seed: int = 0):
     import copy
 
@@ -67,12 +75,9 @@ def test_collate_tokenises_and_drops_skipped_items(tiny_model):
 
 
 def test_a_batch_of_only_bad_images_is_passed_over_in_evaluation(tiny_model, tmp_path):
-    _memes_fixture(tmp_path / "memes", n=6)
+    settings = _memes_settings(tmp_path, n=6, skip_bad_images=True)
     for meme in ("te000", "te001"):  # the whole first batch of 2
         (tmp_path / "memes" / "img" / f"{meme}.png").write_bytes(b"not a png")
-    settings = ClassifySettings(dataset="hateful_memes", data_root=str(tmp_path / "memes"), arch="mora-tiny",
-                                pretrained=None, missing="none", missing_store=str(tmp_path / "store"),
-                                skip_bad_images=True)
     data = scenario_data(settings, "test", "none", tiny_model.preprocess)
     collate = ClassifyCollate(tiny_model.tokenizer)
     assert collate([data[0], data[1]]) is None
@@ -93,9 +98,7 @@ def test_losses_match_their_definitions():
 
 def test_missing_inputs_reach_the_encoders_exactly_as_assigned(tmp_path, tiny_model):
     """Spy on encode_image/encode_text: ones images and "" tokens exactly where the stored codes say."""
-    _memes_fixture(tmp_path / "memes")
-    settings = ClassifySettings(dataset="hateful-memes", data_root=str(tmp_path / "memes"), arch="mora-tiny",
-                                pretrained=None, missing="both:0.5", missing_store=str(tmp_path / "store"))
+    settings = _memes_settings(tmp_path, missing="both:0.5", dataset="hateful-memes")
     data = scenario_data(settings, "train", "both:0.5", tiny_model.preprocess)
     codes = data.codes.copy()
     assert (codes == 1).sum() == 3 and (codes == 2).sum() == 3 and (codes == 0).sum() == 6
@@ -143,9 +146,7 @@ def test_eval_on_merged_model_equals_eval_on_adapted_model(tmp_path, tiny_model)
     from mora_retrieval.adapters import export_checkpoint, merge_adapters
     from mora_retrieval.model.backbone import load_backbone
 
-    _memes_fixture(tmp_path / "memes")
-    settings = ClassifySettings(dataset="hateful_memes", data_root=str(tmp_path / "memes"), arch="mora-tiny",
-                                pretrained=None, missing="both:0.5", missing_store=str(tmp_path / "store"))
+    settings = _memes_settings(tmp_path, missing="both:0.5")
     data = scenario_data(settings, "test", "both:0.5", tiny_model.preprocess)
     classifier = _classifier(tiny_model)
     gen = torch.Generator().manual_seed(1)
@@ -173,9 +174,7 @@ def test_eval_on_merged_model_equals_eval_on_adapted_model(tmp_path, tiny_model)
 
 
 def test_module_forward_loss_and_trainable_state(tiny_model, tmp_path):
-    _memes_fixture(tmp_path / "memes", n=4)
-    settings = ClassifySettings(dataset="hateful_memes", data_root=str(tmp_path / "memes"), arch="mora-tiny",
-                                pretrained=None, missing="none", missing_store=str(tmp_path / "store"))
+    settings = _memes_settings(tmp_path, n=4)
     data = scenario_data(settings, "val", "none", tiny_model.preprocess)
     collate = ClassifyCollate(tiny_model.tokenizer)
     module = ClassifyModule(_classifier(tiny_model), "binary", data, collate, eval_batch_size=2)
@@ -222,9 +221,7 @@ def test_scenarios_and_run_config_errors(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_bf16_autocast_eval_on_cuda_is_close_to_fp32_on_cpu(tmp_path, tiny_model):
-    _memes_fixture(tmp_path / "memes", n=6)
-    settings = ClassifySettings(dataset="hateful_memes", data_root=str(tmp_path / "memes"), arch="mora-tiny",
-                                pretrained=None, missing="both:0.5", missing_store=str(tmp_path / "store"))
+    settings = _memes_settings(tmp_path, n=6, missing="both:0.5")
     data = scenario_data(settings, "test", "both:0.5", tiny_model.preprocess)
     collate = ClassifyCollate(tiny_model.tokenizer)
     classifier = _classifier(tiny_model)

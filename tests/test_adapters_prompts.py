@@ -159,13 +159,13 @@ def test_each_sample_uses_the_prompts_of_its_missing_case(tiny_model, method, mo
     module = prompt_module(model)
     images, tokens = _inputs(tiny_model)
     seen = []
-    original = type(module).select
+    original = type(module).insert  # every per-case lookup uses the cases insert is given
 
-    def spy(self, table, cases):
+    def spy(self, tower, layer, x, prepared, cases):
         seen.append(cases.tolist())
-        return original(self, table, cases)
+        return original(self, tower, layer, x, prepared, cases)
 
-    monkeypatch.setattr(type(module), "select", spy)
+    monkeypatch.setattr(type(module), "insert", spy)
     cases = torch.tensor([2, 0, 1])
     batch = _encode(model, images, tokens, cases)
     assert seen and all(s == [2, 0, 1] for s in seen)

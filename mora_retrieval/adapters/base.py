@@ -1,9 +1,8 @@
-"""The projection interface: one ``ProjectionAdapter`` per adapted square projection.
-
-An adapter owns its trainable tensors and a pure weight function ``W' = weight(W0)`` (which
-adapter a method builds is its registered rule, ``methods.py``). The weight is attached to
-open_clip's attention with ``torch.nn.utils.parametrize`` (``inject.py``), so the model's own
-forward code runs unchanged and merging is a single evaluation of the weight function.
+"""What the projection adapters share: an adapter is an ``nn.Module`` per adapted square projection
+whose ``forward(W0)`` is its pure weight function ``W'`` (which adapter a method builds is its
+registered rule, ``methods.py``). The weight is attached to open_clip's attention with
+``torch.nn.utils.parametrize`` (``inject.py``), so the model's own forward code runs unchanged and
+merging is a single evaluation of the weight function.
 """
 
 from __future__ import annotations
@@ -14,14 +13,10 @@ import torch
 from torch import nn
 
 
-def column_norm(weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """L2 norm of each input column of a ``[d_out, d_in]`` weight, clamped below at ``eps`` (MoRA)."""
-    return weight.norm(dim=0).clamp_min(eps)
-
-
-def row_norm(weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """L2 norm of each output row of a ``[d_out, d_in]`` weight, clamped below at ``eps`` (DoRA)."""
-    return weight.norm(dim=1).clamp_min(eps)
+def clamped_norm(weight: torch.Tensor, dim: int, eps: float = 1e-5) -> torch.Tensor:
+    """L2 norms of a ``[d_out, d_in]`` weight along ``dim``, clamped below at ``eps``: ``dim=0`` gives
+    one per input column (MoRA), ``dim=1`` one per output row (DoRA)."""
+    return weight.norm(dim=dim).clamp_min(eps)
 
 
 def low_rank_pair(w0: torch.Tensor, r: int) -> tuple[nn.Parameter, nn.Parameter]:
@@ -29,13 +24,6 @@ def low_rank_pair(w0: torch.Tensor, r: int) -> tuple[nn.Parameter, nn.Parameter]
     d_out, d_in = w0.shape
     a = torch.randn(r, d_in, dtype=w0.dtype, device=w0.device) / math.sqrt(r)
     return nn.Parameter(a), nn.Parameter(torch.zeros(d_out, r, dtype=w0.dtype, device=w0.device))
-
-
-class ProjectionAdapter(nn.Module):
-    """Base class: maps the frozen weight ``W0`` of one projection to its adapted weight."""
-
-    def forward(self, w0: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
 
 
 class AdaptedWeight(nn.Module):
@@ -46,7 +34,7 @@ class AdaptedWeight(nn.Module):
     through unchanged.
     """
 
-    def __init__(self, row_blocks: dict[str, tuple[int, int]], adapters: dict[str, ProjectionAdapter]):
+    def __init__(self, row_blocks: dict[str, tuple[int, int]], adapters: dict[str, nn.Module]):
         super().__init__()
         self.row_blocks = dict(row_blocks)
         self.projections = nn.ModuleDict(adapters)

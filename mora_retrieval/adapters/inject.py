@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 
 from ..model.backbone import weights_fingerprint
 from ..errors import AdapterError
-from .base import AdaptedWeight, ProjectionAdapter
+from .base import AdaptedWeight
 from .config import AdapterConfig, resolve_layers
 from .methods import AdapterMethod, get_method, register
 
@@ -161,7 +161,7 @@ def add_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
     return model
 
 
-def iter_projection_adapters(model: nn.Module) -> Iterator[tuple[str, ProjectionAdapter]]:
+def iter_projection_adapters(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Yield ``("{tower}.{block}.{proj}", adapter)`` for every adapted projection, in a stable order."""
     for tower, module in towers(model).items():
         for index, block in enumerate(module.resblocks):

@@ -12,31 +12,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import ProjectionAdapter, low_rank_pair, row_norm
+from .base import clamped_norm, low_rank_pair
 from .methods import AdapterMethod, register
 
 
-class LoRAAdapter(ProjectionAdapter):
+class LoRAAdapter(nn.Module):
     def __init__(self, w0: torch.Tensor, r: int, alpha: float):
         super().__init__()
         self.scale = alpha / r
         self.A, self.B = low_rank_pair(w0, r)
 
-    def delta(self) -> torch.Tensor:
-        return self.scale * (self.B @ self.A)
-
     def forward(self, w0: torch.Tensor) -> torch.Tensor:
-        return w0 + self.delta()
+        return w0 + self.scale * (self.B @ self.A)
 
 
 class DoRAAdapter(LoRAAdapter):
     def __init__(self, w0: torch.Tensor, r: int, alpha: float):
         super().__init__(w0, r, alpha)
-        self.m = nn.Parameter(row_norm(w0.detach()).clone())
+        self.m = nn.Parameter(clamped_norm(w0.detach(), dim=1).clone())
 
     def forward(self, w0: torch.Tensor) -> torch.Tensor:
-        adapted = w0 + self.delta()
-        return (self.m / row_norm(adapted).detach())[:, None] * adapted
+        adapted = super().forward(w0)
+        return (self.m / clamped_norm(adapted, dim=1).detach())[:, None] * adapted
 
 
 register(AdapterMethod("lora", specific=("A", "B"),

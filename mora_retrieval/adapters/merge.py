@@ -1,12 +1,10 @@
 """Fold adapters into plain weights (and back) and export open_clip checkpoints.
 
-``merge_adapters`` evaluates every weight function once and writes the result into the base
-weight (the parametrization is dropped and the module gets its own class back), then removes
-the adapter root: what is left is the open_clip model class of the original architecture,
-with no adapter modules or parametrizations, hence no inference overhead. As PEFT's safe merge,
-it checks every merged weight for NaN and inf first. With ``reversible=True`` it keeps the
-adapters and base weights outside the state dict, so ``unmerge_adapters`` restores the adapted
-model without reloading it (as PEFT's ``merge_adapter`` / ``unmerge_adapter``).
+``merge_adapters`` evaluates every weight function once, writes the result into the base weight
+and removes the adapter root: what is left is the plain open_clip model, with no inference
+overhead. Like PEFT's safe merge it checks the merged weights for NaN and inf first; with
+``reversible=True`` it keeps what ``unmerge_adapters`` needs to restore the adapted model (like
+PEFT's ``merge_adapter`` / ``unmerge_adapter``).
 """
 
 from __future__ import annotations
@@ -62,8 +60,8 @@ def merge_adapters(model: nn.Module, reversible: bool = False) -> nn.Module:
 
     A model without adapters (or trained with ``bitfit``/``full``) is returned as it is, with
     its adapter root removed. All parameters end up trainable again, like a fresh open_clip model.
-    A merged weight with NaN or inf raises :class:`AdapterError` and leaves the model unmerged.
-    Prompt methods (``dcp``, ``mmp``) are refused: they change the computation, not the weights.
+    A merged weight with NaN or inf raises :class:`AdapterError` and leaves the model unmerged;
+    so does a prompt method (:func:`require_mergeable`).
     """
     root = getattr(model, ROOT_ATTR, None)
     if root is not None:
@@ -130,13 +128,23 @@ def export_checkpoint(model: nn.Module, path: str | Path, arch: str | None = Non
     if has_adapters(model) or any(parametrized_weights(model)):
         raise AdapterError(f"{path}: merge the adapters before exporting a checkpoint (merge_adapters(model))")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if path.suffix not in CHECKPOINT_SUFFIXES:
-        return _export_folder(model, state, path, arch)
     if path.suffix == ".safetensors":
         save_tensors(path, state, metadata={"format": "open_clip"})
-    else:  # .pt, .pth, .bin
+    elif path.suffix in CHECKPOINT_SUFFIXES:  # .pt, .pth, .bin
         with atomic_write(path, "wb") as handle:
             torch.save(state, handle)
+    else:
+        if arch is None:
+            raise AdapterError(f"{path}: a checkpoint folder needs the architecture name "
+                               "(or end the path in .safetensors)")
+        register_model_configs()
+        if (config := open_clip.get_model_config(arch)) is None:
+            raise AdapterError(f"{path}: unknown architecture {arch!r}")
+        preprocess = {k: list(v) if isinstance(v, tuple) else v
+                      for k, v in dict(getattr(model.visual, "preprocess_cfg", {}) or {}).items()}
+        make_dirs(path, "checkpoint folder")
+        save_tensors(path / LOCAL_DIR_WEIGHTS, state, metadata={"format": "open_clip"})
+        write_json(path / LOCAL_DIR_CONFIG, {"model_cfg": config, "preprocess_cfg": preprocess})
     return path
 
 
@@ -157,21 +165,6 @@ def _recorded_weights(adapter_dir: Path, meta: dict) -> str:
             return str(candidate)
     raise AdapterError(f"{adapter_dir}: the recorded base weights {recorded} are not found; pass --pretrained with "
                        f"that file (fingerprint {fingerprint})")
-
-
-def _export_folder(model: nn.Module, state: dict, folder: Path, arch: str | None) -> Path:
-    if arch is None:
-        raise AdapterError(f"{folder}: a checkpoint folder needs the architecture name (or end the path in .safetensors)")
-    register_model_configs()
-    config = open_clip.get_model_config(arch)
-    if config is None:
-        raise AdapterError(f"{folder}: unknown architecture {arch!r}")
-    preprocess = {k: list(v) if isinstance(v, tuple) else v
-                  for k, v in dict(getattr(model.visual, "preprocess_cfg", {}) or {}).items()}
-    make_dirs(folder, "checkpoint folder")
-    save_tensors(folder / LOCAL_DIR_WEIGHTS, state, metadata={"format": "open_clip"})
-    write_json(folder / LOCAL_DIR_CONFIG, {"model_cfg": config, "preprocess_cfg": preprocess})
-    return folder
 
 
 def merge_adapter_folder(

@@ -21,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-from .base import ProjectionAdapter, column_norm, low_rank_pair
+from .base import clamped_norm, low_rank_pair
 from .methods import AdapterMethod, register
 
 
@@ -41,24 +41,18 @@ class SharedSlot(nn.Module):
         if coupling == "learned":
             self.gram = nn.Parameter(torch.eye(r_shared, dtype=dtype, device=device))
 
-    def factor(self, tower: str) -> torch.Tensor:
-        return self.vision if tower == "visual" else self.text
-
-    def coupling(self, tower: str) -> torch.Tensor | None:
-        if self.coupling_kind == "none":
-            return None
-        if self.coupling_kind == "learned":
-            return self.gram
-        source = self.factor(tower if self.coupling_kind == "own" else ("text" if tower == "visual" else "visual"))
-        return source @ source.T
-
     def delta(self, tower: str) -> torch.Tensor:
         """``ΔS`` for ``tower``: a ``d × d`` matrix in that tower's width."""
-        s, middle = self.factor(tower), self.coupling(tower)
-        return s.T @ s if middle is None else s.T @ middle @ s
+        own, other = (self.vision, self.text) if tower == "visual" else (self.text, self.vision)
+        if self.coupling_kind == "none":
+            return own.T @ own
+        if self.coupling_kind == "learned":
+            return own.T @ self.gram @ own
+        source = own if self.coupling_kind == "own" else other
+        return own.T @ (source @ source.T) @ own
 
 
-class MoRAAdapter(ProjectionAdapter):
+class MoRAAdapter(nn.Module):
     """One adapted projection of MoRA (or of one of its ablations); ``w0`` is square (``inject.py`` checks)."""
 
     def __init__(self, w0: torch.Tensor, r: int, alpha: float, slot: SharedSlot, tower: str,
@@ -68,7 +62,7 @@ class MoRAAdapter(ProjectionAdapter):
         # The slot is owned by the model's adapter root; keep an unregistered reference so its
         # parameters are not duplicated in every projection's state.
         object.__setattr__(self, "_slot", slot)
-        magnitude = column_norm(w0.detach()).clone()
+        magnitude = clamped_norm(w0.detach(), dim=0).clone()
         if specific:
             self.A, self.B = low_rank_pair(w0, r)
             self.m_specific = nn.Parameter(magnitude.clone())
@@ -76,10 +70,10 @@ class MoRAAdapter(ProjectionAdapter):
 
     def forward(self, w0: torch.Tensor) -> torch.Tensor:
         shared = w0 + self.alpha * self._slot.delta(self.tower)
-        out = self.m_shared * (shared / column_norm(shared))
+        out = self.m_shared * (shared / clamped_norm(shared, dim=0))
         if self.specific:
             specific = w0 + self.alpha * (self.B @ self.A)
-            out = out + self.m_specific * (specific / column_norm(specific))
+            out = out + self.m_specific * (specific / clamped_norm(specific, dim=0))
         return out - w0 if self.subtract_base else out
 
 

@@ -5,10 +5,9 @@ Both methods add learnable tokens (*prompts*) to the hidden sequence of the firs
 1 text missing, 2 image missing: the codes of ``data/missing.py``). The backbone stays frozen.
 
 * ``mmp``, missing-aware prompts (Lee et al., CVPR 2023, input-level prompts, here on CLIP):
-  block ``i < N`` prepends its own ``P`` tokens for the sample's case; the tokens added by
-  earlier blocks stay, so from block ``N - 1`` on the sequence carries ``N·P`` prompt tokens.
-  Tensors ``tokens.visual`` ``[3, N, P, d_v]`` and ``tokens.text`` ``[3, N, P, d_t]``
-  (case, block, token, width), drawn from ``N(0, 0.02²)``.
+  block ``i < N`` prepends its own ``P`` tokens (drawn from ``N(0, 0.02²)``) for the sample's
+  case; the tokens added by earlier blocks stay, so from block ``N - 1`` on the sequence carries
+  ``N·P`` prompt tokens (tensor names and shapes: ``io.py``).
 * ``dcp``, deep correlated prompts (Hu et al., NeurIPS 2024): ``P`` tokens in three parts of
   ``k = P/3``:
 
@@ -92,30 +91,22 @@ class PromptModule(nn.Module):
     this module, so ``copy.deepcopy`` of the model gives a copy whose hooks use the copied prompts.
     """
 
-    def __init__(self, length: int, depth: int, widths: dict[str, int], depths: dict[str, int]) -> None:
+    def __init__(self, depth: int, depths: dict[str, int]) -> None:
         super().__init__()
         if depth > min(depths.values()):
             raise AdapterError(f"prompt_depth={depth} exceeds the shallower tower (vision {depths['visual']}, "
                                f"text {depths['text']} blocks)")
-        self.length, self.depth, self.widths = int(length), int(depth), dict(widths)
+        self.depth = int(depth)
         self.cases: torch.Tensor | None = None  # set by missing_cases() for one forward
         self._runs: dict[str, _TowerRun] = {}
-
-    # ------------------------------------------------------------------ subclass interface
 
     def prepare(self, tower: str, cases: torch.Tensor) -> Any:
         return None
 
-    def insert(self, tower: str, layer: int, x: torch.Tensor, prefix: int, prepared: Any,
+    def insert(self, tower: str, layer: int, x: torch.Tensor, prepared: Any,
                cases: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         """``x`` ``[N, prefix + L, D]`` → the input of block ``layer`` with its prompts in front."""
         raise NotImplementedError
-
-    def select(self, table: torch.Tensor, cases: torch.Tensor) -> torch.Tensor:
-        """Row ``cases[b]`` of ``table`` for each sample ``b`` (every per-case lookup goes through here)."""
-        return table[cases]
-
-    # ------------------------------------------------------------------ hooks
 
     def attach(self, towers: dict[str, nn.Module]) -> None:
         """Hook every block of both towers (to grow the attention mask) and the towers themselves."""
@@ -125,16 +116,15 @@ class PromptModule(nn.Module):
             for index, block in enumerate(transformer.resblocks):
                 block.register_forward_pre_hook(partial(self._enter_block, tower, index), with_kwargs=True)
 
-    def _batch_cases(self, n: int, device: torch.device) -> torch.Tensor:
-        if self.cases is None:
-            return torch.zeros(n, dtype=torch.long, device=device)
-        if tuple(self.cases.shape) != (n,):
-            raise AdapterError(f"the missing cases name {tuple(self.cases.shape)} samples but the batch has {n}")
-        return self.cases.to(device=device, dtype=torch.long, non_blocking=True)
-
     def _start(self, tower: str, transformer: nn.Module, args: tuple, kwargs: dict) -> None:
         x = args[0] if args else kwargs["x"]  # open_clip's Transformer takes and returns [N, L, D]
-        cases = self._batch_cases(x.shape[0], x.device)
+        n = x.shape[0]
+        if self.cases is None:
+            cases = torch.zeros(n, dtype=torch.long, device=x.device)
+        elif tuple(self.cases.shape) != (n,):
+            raise AdapterError(f"the missing cases name {tuple(self.cases.shape)} samples but the batch has {n}")
+        else:
+            cases = self.cases.to(device=x.device, dtype=torch.long, non_blocking=True)
         self._runs[tower] = _TowerRun(cases, self.prepare(tower, cases), x.shape[1],
                                       getattr(transformer, "batch_first", True))
 
@@ -146,7 +136,7 @@ class PromptModule(nn.Module):
         x, rest = args[0], list(args[1:])
         if layer < self.depth:
             nld = x if run.batch_first else x.transpose(0, 1)
-            nld = self.insert(tower, layer, nld, run.prefix, run.prepared, run.cases)
+            nld = self.insert(tower, layer, nld, run.prepared, run.cases)
             run.prefix = nld.shape[1] - run.length
             x = nld if run.batch_first else nld.transpose(0, 1)
         if run.prefix:
@@ -177,12 +167,12 @@ class MissingAwarePrompts(PromptModule):
 
     def __init__(self, length: int, depth: int, widths: dict[str, int], depths: dict[str, int],
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
-        super().__init__(length, depth, widths, depths)
+        super().__init__(depth, depths)
         self.tokens = nn.ParameterDict({tower: _normal(NUM_CASES, depth, length, width, dtype=dtype, device=device)
                                         for tower, width in widths.items()})
 
-    def insert(self, tower, layer, x, prefix, prepared, cases):
-        return torch.cat([self.select(self.tokens[tower][:, layer], cases).to(x.dtype), x], dim=1)
+    def insert(self, tower, layer, x, prepared, cases):
+        return torch.cat([self.tokens[tower][:, layer][cases].to(x.dtype), x], dim=1)
 
 
 def _mlp(d_in: int, d_out: int, dtype=None, device=None) -> nn.Sequential:
@@ -203,7 +193,7 @@ class CorrelatedPrompts(PromptModule):
         if length % 3:
             raise AdapterError(f"dcp needs prompt_length divisible by 3 (correlated, modal and dynamic parts), "
                                f"got {length}")
-        super().__init__(length, depth, widths, depths)
+        super().__init__(depth, depths)
         k, d_v, d_t = length // 3, widths["visual"], widths["text"]
         joint, kw = d_v + d_t, {"dtype": dtype, "device": device}
         self.part = k
@@ -233,27 +223,16 @@ class CorrelatedPrompts(PromptModule):
     def prepare(self, tower, cases):
         return self.correlated()[tower], self.modal_proj[tower](self.modal)
 
-    def insert(self, tower, layer, x, prefix, prepared, cases):
+    def insert(self, tower, layer, x, prepared, cases):
         correlated, modal = prepared
-        own = self.select(correlated[layer], cases).to(x.dtype)
+        own = correlated[layer][cases].to(x.dtype)
         if layer > 0:
             return torch.cat([own, x[:, self.part:]], dim=1)
         attn = self.query_attn[tower]
         dtype = x.dtype if torch.is_autocast_enabled(x.device.type) else attn.in_proj_weight.dtype
         keys = x.to(dtype)
-        dynamic = attn(self.select(self.queries[tower], cases).to(dtype), keys, keys, need_weights=False)[0]
-        return torch.cat([own, self.select(modal, cases).to(x.dtype), dynamic.to(x.dtype), x], dim=1)
-
-
-def _check_cases(cases: torch.Tensor) -> torch.Tensor:
-    cases = torch.as_tensor(cases)
-    if cases.dim() != 1 or cases.dtype.is_floating_point or cases.dtype == torch.bool:
-        raise AdapterError(f"missing cases must be a 1-D integer tensor (0 complete, 1 text missing, 2 image missing), "
-                           f"got {cases.dtype} of shape {tuple(cases.shape)}")
-    if cases.numel() and (int(cases.min()) < 0 or int(cases.max()) >= NUM_CASES):
-        raise AdapterError(f"missing cases must be 0 (complete), 1 (text missing) or 2 (image missing), "
-                           f"got values in [{int(cases.min())}, {int(cases.max())}]")
-    return cases
+        dynamic = attn(self.queries[tower][cases].to(dtype), keys, keys, need_weights=False)[0]
+        return torch.cat([own, modal[cases].to(x.dtype), dynamic.to(x.dtype), x], dim=1)
 
 
 def prompt_module(model: nn.Module) -> PromptModule | None:
@@ -271,19 +250,21 @@ def missing_cases(model: nn.Module, cases: torch.Tensor | None) -> Iterator[None
     if module is None or cases is None:
         yield
         return
-    previous, module.cases = module.cases, _check_cases(cases)
+    cases = torch.as_tensor(cases)
+    if cases.dim() != 1 or cases.dtype.is_floating_point or cases.dtype == torch.bool:
+        raise AdapterError(f"missing cases must be a 1-D integer tensor (0 complete, 1 text missing, 2 image missing), "
+                           f"got {cases.dtype} of shape {tuple(cases.shape)}")
+    if cases.numel() and (int(cases.min()) < 0 or int(cases.max()) >= NUM_CASES):
+        raise AdapterError(f"missing cases must be 0 (complete), 1 (text missing) or 2 (image missing), "
+                           f"got values in [{int(cases.min())}, {int(cases.max())}]")
+    previous, module.cases = module.cases, cases
     try:
         yield
     finally:
         module.cases = previous
 
 
-def _factory(cls: type[PromptModule]):
-    def make(config, widths, depths, dtype=None, device=None) -> PromptModule:
-        length, depth = config.resolved_prompts()
-        return cls(length, depth, widths, depths, dtype=dtype, device=device)
-    return make
-
-
-register(AdapterMethod("dcp", make_prompts=_factory(CorrelatedPrompts), prompt_defaults=(36, 6), mergeable=False))
-register(AdapterMethod("mmp", make_prompts=_factory(MissingAwarePrompts), prompt_defaults=(16, 6), mergeable=False))
+register(AdapterMethod("dcp", prompt_defaults=(36, 6), mergeable=False,
+                       make_prompts=lambda c, *shape, **kw: CorrelatedPrompts(*c.resolved_prompts(), *shape, **kw)))
+register(AdapterMethod("mmp", prompt_defaults=(16, 6), mergeable=False,
+                       make_prompts=lambda c, *shape, **kw: MissingAwarePrompts(*c.resolved_prompts(), *shape, **kw)))

@@ -143,7 +143,8 @@ def load_backbone(
                 cache_dir=cache_dir,
             )
     except Exception as exc:  # open_clip raises RuntimeError, AssertionError, pickle/safetensors errors
-        first = _first_sentence(str(exc)) or exc.__class__.__name__
+        text = str(exc)
+        first = _first_sentence(text) or exc.__class__.__name__
         if kind == "tag":
             raise BackboneError(
                 f"could not download '{pretrained}' weights for {arch} (offline?): download the open_clip "
@@ -157,7 +158,7 @@ def load_backbone(
                     f"{where}: refused to load: the file holds pickled Python objects besides tensors, and "
                     f"only weights are read (torch.load weights_only=True); if you trust the file, re-save its "
                     f"state dict with safetensors") from None
-            if _is_shape_mismatch(exc):
+            if isinstance(exc, (AssertionError, KeyError)) or "state_dict" in text or "size mismatch" in text:
                 raise BackboneError(f"{where}: not a checkpoint of {arch} ({first})") from None
             raise BackboneError(f"{where}: unreadable checkpoint ({exc.__class__.__name__}: {first})") from None
         raise
@@ -177,12 +178,6 @@ def _without_open_clip_random_weights_log() -> Iterator[None]:
         yield
     finally:
         root.removeFilter(keep)
-
-
-def _is_shape_mismatch(exc: Exception) -> bool:
-    """Whether loading failed because the tensors belong to another architecture."""
-    text = str(exc)
-    return isinstance(exc, (AssertionError, KeyError)) or "state_dict" in text or "size mismatch" in text
 
 
 def weights_fingerprint(model_or_state: Any, length: int = 16) -> str:

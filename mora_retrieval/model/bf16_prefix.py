@@ -4,16 +4,12 @@ Under autocast, frozen fp32 blocks still pay for LayerNorms in fp32 and a cast o
 at every linear; a bf16 copy of those blocks run with autocast *disabled* avoids both (on an
 H100 the stage-1 step of ViT-B-16 was about 1.1x faster that way, see BENCHMARKS.md).
 
-:class:`Bf16Prefix` keeps a bf16 copy of the first ``depth`` blocks of a transformer (those
-without a trainable parameter), cast once, *outside* the module tree: the fp32 weights stay in
-place untouched, so state-dict keys, merging and the exported checkpoint are unchanged, and the
-copy takes no part in ``.to()``, ``state_dict()`` or the optimiser. Inside :meth:`Bf16Prefix.active`
-the transformer's block list is, for the duration of one forward, the bf16 prefix (input cast
-to bf16, attention mask cast, autocast off, output cast back to float32) followed by the
-adapted blocks, which keep their fp32 master weights under the caller's autocast.
-
-The copy is made when first used, on the device of the fp32 blocks (they are frozen: their weights
-do not change while it is in use).
+:class:`Bf16Prefix` casts that copy once, when first used, on the device of the fp32 blocks, and
+keeps it *outside* the module tree: the frozen fp32 weights stay in place untouched, so state-dict
+keys, merging and the exported checkpoint are unchanged, and the copy takes no part in ``.to()``,
+``state_dict()`` or the optimiser. Inside :meth:`Bf16Prefix.active` the transformer's block list
+is, for one forward, the bf16 prefix followed by the adapted blocks, which keep their fp32 master
+weights under the caller's autocast.
 """
 
 from __future__ import annotations
@@ -63,15 +59,6 @@ class Bf16Prefix:
     def usable(self) -> bool:
         return self.depth > 0
 
-    def _blocks(self) -> _Bf16Blocks:
-        if self._copy is None:
-            blocks = [copy.deepcopy(block).to(torch.bfloat16) for block in self.transformer.resblocks[:self.depth]]
-            for block in blocks:
-                block.requires_grad_(False)
-            weight_dtype = next(self.transformer.resblocks[0].parameters()).dtype
-            self._copy = _Bf16Blocks(blocks, weight_dtype).eval()
-        return self._copy
-
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
         """Inside the block, the transformer runs its frozen prefix from the bf16 copy."""
@@ -79,8 +66,11 @@ class Bf16Prefix:
             yield
             return
         blocks = self.transformer.resblocks
+        if self._copy is None:
+            bf16 = [copy.deepcopy(block).to(torch.bfloat16).requires_grad_(False) for block in blocks[:self.depth]]
+            self._copy = _Bf16Blocks(bf16, next(blocks[0].parameters()).dtype).eval()
         # The copy is part of the module tree only inside this block (one forward).
-        self.transformer._modules["resblocks"] = nn.ModuleList([self._blocks(), *blocks[self.depth:]])
+        self.transformer._modules["resblocks"] = nn.ModuleList([self._copy, *blocks[self.depth:]])
         try:
             yield
         finally:

@@ -9,9 +9,6 @@ returns. Features come out as float32 and stay on the device they were computed 
 ``precision="bf16"`` autocasts a model kept in fp32 (training's validation). A model whose weights
 were cast once (the retrieval encoder, bf16 on CUDA) runs with the default ``"fp32"``, i.e. without
 autocast, its image batches given in the weights' dtype.
-
-The composed query (CLIP4CIR) is ``normalize(image + text)`` of the *raw* (unnormalised)
-features, or the Combiner's output when one is given.
 """
 
 from __future__ import annotations
@@ -85,10 +82,8 @@ def encode_texts(model: nn.Module, tokenizer: Callable, texts: Sequence[str], de
 
 
 def composed_query(image_raw: torch.Tensor, text_raw: torch.Tensor, combiner: nn.Module | None = None) -> torch.Tensor:
-    """The CIR query of raw features: the Combiner when given, else ``normalize(image + text)``.
-
-    A single text row is paired with every image row.
-    """
+    """The CIR query (CLIP4CIR) of *raw* (unnormalised) features: the Combiner when given, else
+    ``normalize(image + text)``. A single text row is paired with every image row."""
     if text_raw.shape[0] == 1 and image_raw.shape[0] > 1:
         text_raw = text_raw.expand(image_raw.shape[0], -1)
     if combiner is not None:

@@ -5,9 +5,6 @@
 ``N(0, 0.02)`` with a zero bias (docs/protocols.md §3). Feature scaling: ``"normalized"`` (default)
 L2-normalises each tower's embedding before concatenating, so both halves have the same scale
 whatever the backbone; ``"raw"`` concatenates the unnormalised embeddings.
-
-:func:`save_head` writes ``weight`` and ``bias`` as safetensors with the task, the feature mode
-and the class names in the metadata; :func:`load_head` reads it back (nothing is unpickled).
 """
 
 from __future__ import annotations
@@ -70,7 +67,8 @@ class CLIPClassifier(nn.Module):
 
 
 def save_head(head: LinearHead, path: str | os.PathLike, task: str, class_names: list[str], features: str) -> Path:
-    """Write the linear head as safetensors (``weight``, ``bias``) with its metadata."""
+    """Write the linear head as safetensors (``weight``, ``bias``) with the task, the feature mode and
+    the class names in the metadata."""
     path = Path(path)
     save_tensors(path, {"weight": head.linear.weight, "bias": head.linear.bias},
                  metadata={"format": HEAD_FORMAT, "task": task, "features": features,
@@ -79,7 +77,8 @@ def save_head(head: LinearHead, path: str | os.PathLike, task: str, class_names:
 
 
 def load_head(path: str | os.PathLike) -> tuple[LinearHead, dict[str, Any]]:
-    """``(LinearHead, {"task", "features", "class_names"})`` from :func:`save_head`'s file."""
+    """``(LinearHead, {"task", "features", "class_names"})`` from :func:`save_head`'s file (nothing is
+    unpickled)."""
     path = Path(path)
     tensors, meta = load_tensors_and_metadata(path, "classifier head", error=TrainingError)
     weight, bias = tensors.get("weight"), tensors.get("bias")

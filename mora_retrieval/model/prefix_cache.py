@@ -28,16 +28,8 @@ class _StopAfterPrefix(Exception):
 
 def frozen_prefix_depth(transformer: nn.Module) -> int:
     """How many leading blocks of ``transformer`` have no trainable parameter."""
-    depth = 0
-    for block in transformer.resblocks:
-        if any(p.requires_grad for p in block.parameters()):
-            break
-        depth += 1
-    return depth
-
-
-def _to_nld(transformer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return x if getattr(transformer, "batch_first", True) else x.transpose(0, 1)
+    trainable = (i for i, block in enumerate(transformer.resblocks) if any(p.requires_grad for p in block.parameters()))
+    return next(trainable, len(transformer.resblocks))
 
 
 @torch.no_grad()
@@ -46,7 +38,7 @@ def run_prefix(tower: Callable[[], torch.Tensor], transformer: nn.Module, depth:
     captured: dict[str, torch.Tensor] = {}
 
     def stop(module, args, output):
-        captured["x"] = _to_nld(transformer, output)
+        captured["x"] = output if getattr(transformer, "batch_first", True) else output.transpose(0, 1)
         raise _StopAfterPrefix
 
     handle = transformer.resblocks[depth - 1].register_forward_hook(stop)

@@ -1,10 +1,8 @@
 """Attach adapters to open_clip's attention, freeze everything else, and walk them back.
 
-Works on open_clip's attention as it is: ``nn.MultiheadAttention`` (a fused
-``in_proj_weight`` whose row blocks are q, k, v; ``out_proj.weight`` is read directly and
-``out_proj.forward`` is never called) and open_clip's own ``Attention`` (same parameter
-names). Weights are replaced through ``torch.nn.utils.parametrize``, so the forward code of
-open_clip is untouched and every access sees the adapted weight.
+Works on ``nn.MultiheadAttention`` and open_clip's own ``Attention`` as they are: a fused
+``in_proj_weight`` whose row blocks are q, k, v, and an ``out_proj.weight`` read directly
+(``out_proj.forward`` is never called).
 """
 
 from __future__ import annotations

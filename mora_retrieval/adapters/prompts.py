@@ -25,11 +25,8 @@ Both methods add learnable tokens (*prompts*) to the hidden sequence of the firs
 Prompts stay in the sequence up to the tower's last block and are cut from its output, so the
 tower's pooling (the class token; the text's end-of-text position, found from the token ids)
 reads the same positions as without prompts. In the text tower the causal mask is extended: text
-tokens see every prompt, prompts see each other and never the text.
-
-The per-sample cases reach the hooks through :func:`missing_cases` (a context manager that sets
-them on the model for one forward); without it every sample counts as complete. Prompts change
-the computation, not the weights: these methods cannot be merged.
+tokens see every prompt, prompts see each other and never the text. The per-sample cases reach
+the hooks through :func:`missing_cases`.
 """
 
 from __future__ import annotations
@@ -242,10 +239,9 @@ def prompt_module(model: nn.Module) -> PromptModule | None:
 
 @contextlib.contextmanager
 def missing_cases(model: nn.Module, cases: torch.Tensor | None) -> Iterator[None]:
-    """Within the block, the prompts of ``model`` follow ``cases`` (one code per sample of the batch).
-
-    A no-op for models without prompts and for ``cases=None`` (every sample complete).
-    """
+    """Within the block, the prompts of ``model`` follow ``cases`` (one code per sample of the batch; set
+    on the model for the forwards inside). A no-op for models without prompts and for ``cases=None``
+    (every sample complete)."""
     module = prompt_module(model)
     if module is None or cases is None:
         yield

@@ -72,14 +72,13 @@ def start_after_prefix(transformer: nn.Module, depth: int, hidden: torch.Tensor)
 DEVICE_BUDGET_SHARE = 0.5
 
 
-def cache_placement(nbytes: int, device_type: str, free_device_bytes: int | None,
-                    budget_share: float = DEVICE_BUDGET_SHARE) -> str:
-    """Where a cache of ``nbytes`` lives: ``"device"`` (CUDA, within ``budget_share`` of the free
-    memory), ``"pinned"`` (CUDA, too large: page-locked host memory, copied per batch) or
+def cache_placement(nbytes: int, device_type: str, free_device_bytes: int | None) -> str:
+    """Where a cache of ``nbytes`` lives: ``"device"`` (CUDA, within :data:`DEVICE_BUDGET_SHARE` of
+    the free memory), ``"pinned"`` (CUDA, too large: page-locked host memory, copied per batch) or
     ``"cpu"`` (training on the CPU)."""
     if device_type != "cuda":
         return "cpu"
-    if free_device_bytes is not None and nbytes <= budget_share * free_device_bytes:
+    if free_device_bytes is not None and nbytes <= DEVICE_BUDGET_SHARE * free_device_bytes:
         return "device"
     return "pinned"
 
@@ -91,14 +90,9 @@ def cache_dtype(device_type: str, computed: torch.dtype) -> torch.dtype:
 
 
 class FrozenPrefixCache:
-    """Hidden states of one tower's frozen prefix for ``rows`` samples, dense and indexed by row.
-
-    One ``[rows, L, D]`` tensor, allocated at the first fill (when L and D are known) in
-    :func:`cache_dtype` and placed by :func:`cache_placement` for the training ``device``
-    (``memory_budget`` overrides the free device memory it compares against); a CPU bool mask
-    ``filled`` says which rows hold states. :meth:`encode` gathers a batch's rows with one index
-    and runs the prefix only for the rows not yet filled.
-    """
+    """Hidden states of one tower's frozen prefix for ``rows`` samples: one ``[rows, L, D]`` tensor,
+    allocated at the first fill in :func:`cache_dtype` and placed by :func:`cache_placement`
+    (``memory_budget`` stands in for the free device memory); ``filled`` (CPU bool) marks its rows."""
 
     def __init__(self, transformer: nn.Module, rows: int, device: str | torch.device = "cpu",
                  memory_budget: int | None = None):

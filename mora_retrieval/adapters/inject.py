@@ -178,10 +178,7 @@ def parametrized_weights(model: nn.Module) -> Iterator[tuple[str, nn.Module, str
 
 def trainable_share(*modules: nn.Module) -> tuple[int, int, float]:
     """``(trainable, total, percent)`` over the distinct parameters of ``modules`` (e.g. model, head)."""
-    seen: dict[int, nn.Parameter] = {}
-    for module in modules:
-        for param in module.parameters():
-            seen.setdefault(id(param), param)
-    total = sum(p.numel() for p in seen.values())
-    trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
+    params = {id(p): p for module in modules for p in module.parameters()}.values()
+    total = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
     return trainable, total, 100.0 * trainable / max(total, 1)

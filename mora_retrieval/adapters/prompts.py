@@ -70,12 +70,8 @@ def _extend_mask(mask: torch.Tensor, prefix: int) -> torch.Tensor:
         raise AdapterError(f"prompt adapters support a square 2-D attention mask (open_clip's causal text mask), "
                            f"got shape {tuple(mask.shape)}")
     total = prefix + mask.shape[0]
-    if mask.dtype == torch.bool:
-        out = torch.zeros(total, total, dtype=torch.bool, device=mask.device)
-        out[:prefix, prefix:] = True
-    else:
-        out = torch.zeros(total, total, dtype=mask.dtype, device=mask.device)
-        out[:prefix, prefix:] = float("-inf")
+    out = torch.zeros(total, total, dtype=mask.dtype, device=mask.device)
+    out[:prefix, prefix:] = True if mask.dtype == torch.bool else float("-inf")
     out[prefix:, prefix:] = mask
     return out
 

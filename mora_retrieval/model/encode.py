@@ -1,10 +1,8 @@
 """Features from an open_clip model: images, texts and the composed query, batched, under autocast.
 
-Every feature extraction of the toolkit runs through here: CIR validation and the Combiner's
-cached features, the classifier's evaluation, pretraining's validation and the retrieval
-encoder. :func:`collect` is the one loop: it runs a step over the batches of a loader under
-``torch.no_grad()`` and :func:`~mora_retrieval.device.autocast` and concatenates what the step
-returns. Features come out as float32 and stay on the device they were computed on.
+Every feature extraction of the toolkit runs through :func:`collect`, the one loop over batches
+(under ``torch.no_grad()`` and :func:`~mora_retrieval.device.autocast`). Features come out as
+float32 and stay on the device they were computed on.
 
 ``precision="bf16"`` autocasts a model kept in fp32 (training's validation). A model whose weights
 were cast once (the retrieval encoder, bf16 on CUDA) runs with the default ``"fp32"``, i.e. without

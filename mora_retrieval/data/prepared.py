@@ -60,6 +60,8 @@ __all__ = ["FORMAT_VERSION", "ImageList", "PreparedImages", "PreparedImageDatase
 
 FORMAT_VERSION = 1
 PREPARED_DIR = "prepared"
+#: What decodes and resamples the pixels; another version may give other pixels.
+DECODER = {"pillow": PIL.__version__}
 Progress = Callable[[int, int], None]
 
 _log = logging.getLogger(__name__)
@@ -72,18 +74,13 @@ def _existing(path: Path) -> Path:
     return path
 
 
-def _writable(folder: Path) -> bool:
-    """Whether ``folder`` (or, if absent, its nearest existing parent) accepts new files."""
-    folder = _existing(folder)
-    return folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
-
-
 def default_prepared_dir(data_root: str | os.PathLike) -> Path:
     """``<data_root>/prepared`` if it can be written, else a per-root folder in the user cache
     (``$XDG_CACHE_HOME`` or ``~/.cache``, then ``mora-retrieval/prepared/<root name>-<hash>``).
     Creates nothing."""
     root = Path(data_root).resolve()
-    if _writable(root / PREPARED_DIR):
+    writable = _existing(root / PREPARED_DIR)  # the folder, or if absent its nearest existing parent
+    if writable.is_dir() and os.access(writable, os.W_OK | os.X_OK):
         return root / PREPARED_DIR
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     digest = hashlib.sha256(str(root).encode()).hexdigest()[:12]
@@ -165,11 +162,6 @@ class ImageList:
         return "the image list's record does not match its hash"
 
 
-def _decoder() -> dict[str, str]:
-    """What decodes and resamples the pixels; another version may give other pixels."""
-    return {"pillow": PIL.__version__}
-
-
 def _spec_difference(spec: PreprocessSpec, recorded: Any) -> str:
     try:
         old = PreprocessSpec.from_dict(recorded).to_dict()
@@ -212,8 +204,8 @@ def stale_reason(path: str | os.PathLike, images: ImageList, spec: PreprocessSpe
         return f"its data file {path.name} changed after the build"
     if meta.get("preprocess_key") != spec.key():
         return _spec_difference(spec, meta.get("preprocess"))
-    if meta.get("decoder") != _decoder():
-        return f"it was decoded with {meta.get('decoder')}, this environment has {_decoder()}"
+    if meta.get("decoder") != DECODER:
+        return f"it was decoded with {meta.get('decoder')}, this environment has {DECODER}"
     recorded = meta.get("images") if isinstance(meta.get("images"), dict) else {}
     if recorded.get("key") != images.key():
         return images.difference(recorded)
@@ -301,18 +293,6 @@ class PreparedImageDataset(Dataset):
         return [image if ok else None for image, ok in zip(images, self.prepared.ok[rows])]
 
 
-def _open_checked(path: Path, meta: dict[str, Any], skip_bad_images: bool) -> PreparedImages:
-    prepared = PreparedImages(path, meta)
-    prepared.pixels  # noqa: B018 - map the file now, so a damaged one fails here
-    if prepared.bad:
-        name, reason = prepared.bad[0]
-        if not skip_bad_images:
-            raise DataError(f"{reason} [{len(prepared.bad)} bad image(s) recorded in {_sidecar(path)}; fix them or "
-                            f"skip bad images]")
-        _log.warning("%s: %d bad image(s) skipped, their rows are not ok (first: %s)", path, len(prepared.bad), reason)
-    return prepared
-
-
 def open_prepared(path: str | os.PathLike, images: ImageList, spec: PreprocessSpec,
                   skip_bad_images: bool = False) -> PreparedImages:
     """Open the cache at ``path`` if it serves ``images`` under ``spec``; else one DataError
@@ -321,7 +301,15 @@ def open_prepared(path: str | os.PathLike, images: ImageList, spec: PreprocessSp
     reason = stale_reason(path, images, spec)
     if reason is not None:
         raise DataError(f"{path}: prepared-image cache cannot be used: {reason}")
-    return _open_checked(path, read_json(_sidecar(path), "prepared-image sidecar", error=DataError), skip_bad_images)
+    prepared = PreparedImages(path, read_json(_sidecar(path), "prepared-image sidecar", error=DataError))
+    prepared.pixels  # noqa: B018 - map the file now, so a damaged one fails here
+    if prepared.bad:
+        name, reason = prepared.bad[0]
+        if not skip_bad_images:
+            raise DataError(f"{reason} [{len(prepared.bad)} bad image(s) recorded in {_sidecar(path)}; fix them or "
+                            f"skip bad images]")
+        _log.warning("%s: %d bad image(s) skipped, their rows are not ok (first: %s)", path, len(prepared.bad), reason)
+    return prepared
 
 
 class _ChunkDecoder(Dataset):
@@ -399,11 +387,11 @@ def _check_space(path: Path, needed: int) -> None:
 
 
 def _build(path: Path, images: ImageList, spec: PreprocessSpec, skip_bad_images: bool, workers: int,
-           chunk: int, progress: Progress | None) -> dict[str, Any]:
-    """Build (or resume building) the cache at ``path``; return its sidecar record."""
+           chunk: int, progress: Progress | None) -> None:
+    """Build (or resume building) the cache at ``path``."""
     shape = [len(images), 3, *spec.size]
     state = {"format": FORMAT_VERSION, "shape": shape, "preprocess_key": spec.key(), "images_key": images.key(),
-             "decoder": _decoder()}
+             "decoder": DECODER}
     _discard(_sidecar(path), path)  # from here on, no cache at this path validates until the end
     partial, progress_file = _partial(path), _progress_file(path)
     recorded = _resume_state(path, state)
@@ -434,25 +422,15 @@ def _build(path: Path, images: ImageList, spec: PreprocessSpec, skip_bad_images:
     del pixels
     os.replace(partial, path)
     meta = {"format": FORMAT_VERSION, "shape": shape, "dtype": "uint8", "preprocess": spec.to_dict(),
-            "preprocess_key": spec.key(), "decoder": _decoder(), "images": images.to_dict(),
+            "preprocess_key": spec.key(), "decoder": DECODER, "images": images.to_dict(),
             "bad": {"count": len(bad_rows), "rows": bad_rows, "reasons": bad_reasons}, "data": _file_stat(path)}
     _write_compact_json(_sidecar(path), meta)
     _discard(progress_file)
-    return meta
 
 
-def prepare_images(
-    paths: Sequence[str | os.PathLike],
-    spec: PreprocessSpec,
-    path: str | os.PathLike,
-    *,
-    names: Sequence[str] | None = None,
-    skip_bad_images: bool = False,
-    rebuild: bool = True,
-    workers: int | None = None,
-    chunk: int = 64,
-    progress: Progress | None = None,
-) -> PreparedImages:
+def prepare_images(paths: Sequence[str | os.PathLike], spec: PreprocessSpec, path: str | os.PathLike, *,
+                   names: Sequence[str] | None = None, skip_bad_images: bool = False, rebuild: bool = True,
+                   workers: int | None = None, chunk: int = 64, progress: Progress | None = None) -> PreparedImages:
     """The cache at ``path`` (a ``.npy`` file; see :func:`prepared_path`) for these images under
     ``spec``: opened if it is valid, else built (``rebuild=True``) or refused with a DataError.
 
@@ -469,16 +447,14 @@ def prepare_images(
     if not len(images):
         raise DataError(f"{path}: no images to prepare")
     reason = stale_reason(path, images, spec)
-    if reason is None:
-        return open_prepared(path, images, spec, skip_bad_images)
-    if not rebuild:
+    if reason is not None and not rebuild:
         raise DataError(f"{path}: prepared-image cache cannot be used: {reason} (allow a rebuild, or delete it)")
-    _check_space(path, len(images) * 3 * spec.size[0] * spec.size[1])
-    with _build_lock(path):
-        reason = stale_reason(path, images, spec)  # another process may have built it meanwhile
-        if reason is None:
-            return open_prepared(path, images, spec, skip_bad_images)
-        _log.info("%s: preparing %d images (%s)", path, len(images), reason)
-        meta = _build(path, images, spec, skip_bad_images, default_workers() if workers is None else workers, chunk,
-                      progress)
-    return _open_checked(path, meta, skip_bad_images)
+    if reason is not None:
+        _check_space(path, len(images) * 3 * spec.size[0] * spec.size[1])
+        with _build_lock(path):
+            reason = stale_reason(path, images, spec)  # another process may have built it meanwhile
+            if reason is not None:
+                _log.info("%s: preparing %d images (%s)", path, len(images), reason)
+                _build(path, images, spec, skip_bad_images, default_workers() if workers is None else workers, chunk,
+                       progress)
+    return open_prepared(path, images, spec, skip_bad_images)

@@ -105,13 +105,10 @@ class MissingAssignments:
     def __init__(self, store_dir: str | os.PathLike) -> None:
         self.store_dir = Path(store_dir)
 
-    def path_for(self, dataset_name: str, split: str, spec: MissingSpec) -> Path:
-        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{dataset_name}__{split}__{spec.key()}")
-        return self.store_dir / f"{safe}.json"
-
     def get(self, dataset_name: str, split: str, n: int, spec: MissingSpec) -> np.ndarray:
         """The stored codes for this key, drawing and storing them on first use."""
-        path = self.path_for(dataset_name, split, spec)
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{dataset_name}__{split}__{spec.key()}")
+        path = self.store_dir / f"{safe}.json"
         if path.exists():
             data = read_json(path, "missing-modality assignment file", error=DataError)
             codes = data.get("codes") if isinstance(data, dict) else None
@@ -158,8 +155,7 @@ class WithMissingModality(Dataset):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
-    def _blank(self, image: Any) -> Any:
-        self._blank_check(image)
+    def _blank(self, image: torch.Tensor) -> torch.Tensor:
         if self.missing_image == "ones":
             return torch.ones_like(image)
         shape = tuple(image.shape)
@@ -173,26 +169,20 @@ class WithMissingModality(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         code = int(self.codes[index])
         if code == IMAGE_MISSING and self._image_like is not None and hasattr(self.dataset, "item_without_image"):
-            item = dict(self.dataset.item_without_image(index))
-            item["image"] = self._blank(self._image_like)
-            item["missing"] = code
-            return item
-        item = self.dataset[index]
-        if item is None:
-            return None
-        item = dict(item)
-        if "image" in item:
-            self._blank_check(item["image"])
-            if self._image_like is None:
-                self._image_like = item["image"]
+            item = {**self.dataset.item_without_image(index), "image": self._image_like}  # blanked below
+        else:
+            item = self.dataset[index]
+            if item is None:
+                return None
+            item = dict(item)
+            if "image" in item:
+                if not isinstance(item["image"], torch.Tensor):
+                    raise DataError("WithMissingModality needs a dataset whose transform returns tensors")
+                if self._image_like is None:
+                    self._image_like = item["image"]
         if code == TEXT_MISSING:
             item["text" if "text" in item else "caption"] = ""
         elif code == IMAGE_MISSING:
             item["image"] = self._blank(item["image"])
         item["missing"] = code
         return item
-
-    @staticmethod
-    def _blank_check(image: Any) -> None:
-        if not isinstance(image, torch.Tensor):
-            raise DataError("WithMissingModality needs a dataset whose transform returns tensors")

@@ -43,12 +43,8 @@ def _read_table(path: Path) -> Any:
 
 
 def _guess_name(path: Path) -> str | None:
-    stem = path.stem.lower()
-    for key, name in (("food101", "food101"), ("mmimdb", "mmimdb"), ("hatememes", "hateful_memes"),
-                      ("hateful_memes", "hateful_memes")):
-        if stem.startswith(key):
-            return name
-    return None
+    stem = path.stem.lower().replace("hatememes", "hateful_memes")
+    return next((name for name in _KNOWN if stem.startswith(name)), None)
 
 
 def resolve_arrow_file(path_or_dir: str | os.PathLike, split: str | None) -> Path:

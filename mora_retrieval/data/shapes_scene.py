@@ -104,19 +104,14 @@ def object_polygon(obj: Obj, scale: float, y_offset: float = 0.0) -> list[tuple[
         return [(cx, cy - r), (cx + 0.95 * r, cy + 0.8 * r), (cx - 0.95 * r, cy + 0.8 * r)]
     if obj.shape == "diamond":
         return [(cx, cy - r), (cx + 0.75 * r, cy), (cx, cy + r), (cx - 0.75 * r, cy)]
-    if obj.shape == "star":
-        pts = []
-        for k in range(10):
-            rad = r if k % 2 == 0 else 0.45 * r
-            a = -np.pi / 2 + k * np.pi / 5
-            pts.append((cx + rad * np.cos(a), cy + rad * np.sin(a)))
-        return pts
+    if obj.shape == "star":  # ten points, alternating between the outer and the inner radius
+        radii_angles = [(r if k % 2 == 0 else 0.45 * r, -np.pi / 2 + k * np.pi / 5) for k in range(10)]
+        return [(cx + rad * np.cos(a), cy + rad * np.sin(a)) for rad, a in radii_angles]
     raise ValueError(f"unknown shape {obj.shape!r}")
 
 
 def polygon_area(points: list[tuple[float, float]]) -> float:
-    xs = np.array([p[0] for p in points])
-    ys = np.array([p[1] for p in points])
+    xs, ys = np.array(points).T
     return float(0.5 * abs(np.dot(xs, np.roll(ys, -1)) - np.dot(ys, np.roll(xs, -1))))
 
 

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import open_clip
 import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.transforms import Compose, Normalize, PILToTensor, ToTensor
 
 from ..errors import DataError
@@ -125,13 +125,8 @@ class TargetPad:
         if max(w, h) / min(w, h) < self.ratio:
             return image
         target = max(w, h) / self.ratio
-        pad_w = max(int((target - w) / 2), 0)
-        pad_h = max(int((target - h) / 2), 0)
-        if pad_w == 0 and pad_h == 0:
-            return image
-        canvas = Image.new(image.mode, (w + 2 * pad_w, h + 2 * pad_h), 0)
-        canvas.paste(image, (pad_w, pad_h))
-        return canvas
+        pad_w, pad_h = max(int((target - w) / 2), 0), max(int((target - h) / 2), 0)
+        return ImageOps.expand(image, (pad_w, pad_h, pad_w, pad_h), fill=0)
 
 
 def _triple(values: Any, what: str) -> tuple[float, float, float]:

@@ -1,34 +1,31 @@
 """The prepared-image cache: decode and preprocess a split's images once, read pixels every epoch.
 
-One cache holds the images of one split at one input size: the decoded image after the PIL
-part of the model's preprocessing (targetpad when asked, resize, centre crop; see
-:func:`.images.make_uint8_transform`), as uint8 ``[N, 3, H, W]`` in a single ``.npy`` file that
-is opened memory-mapped. Reading an image is a slice of that file; the float conversion and
-normalisation run on the batch, on the training device (:func:`normalize_uint8`), bit-identical
-on the CPU to the PIL transform's output.
+One cache holds the images of one split at one input size after the PIL part of the model's
+preprocessing (:func:`.images.make_uint8_transform`), as uint8 ``[N, 3, H, W]`` in one ``.npy``
+file opened memory-mapped. Reading an image is a slice of that file; :func:`normalize_uint8`
+finishes the batch on the training device, bit-identical on the CPU to the PIL transform.
 
 Beside the data file ``<name>-<H>x<W>.npy`` a JSON sidecar ``<name>-<H>x<W>.json`` records the
-preprocessing (its fields and their hash), the image list (names, sizes and modification times,
-and their hash), the Pillow version that decoded them, the data file's size and time, and the
-bad images. A cache is used only when all of these match today's; otherwise it is rebuilt, or
-refused with one line naming the file and what differs.
+preprocessing, the image list (names, sizes, modification times), the Pillow version, the data
+file's size and time, and the bad images. A cache is used only when all of these match today's;
+otherwise it is rebuilt, or refused with one line naming the file and what differs.
 
-Building runs a DataLoader whose workers each decode one chunk of images into one uint8 batch
-tensor; the main process writes chunks into ``<file>.partial`` and records its progress in
-``<name>-<H>x<W>.partial.json`` after each. The data file is renamed into place and the
-sidecar written last, so a build that is killed never leaves a cache that validates; the next
-build with the same images and preprocessing resumes after the last recorded chunk. Concurrent
-builders of the same file (e.g. several ranks) take turns on a lock file, and the later ones
-find the cache built.
+Building runs a DataLoader whose workers each decode one chunk of images into one uint8 tensor;
+the main process writes chunks into ``<file>.partial`` and records its progress in
+``<name>-<H>x<W>.partial.json`` after each. The data file is renamed into place and the sidecar
+written last, so a killed build never leaves a cache that validates, and the next build with the
+same images and preprocessing resumes after the last recorded chunk. Concurrent builders of the
+same file (e.g. several ranks) take turns on a lock file; the later ones find the cache built.
 
 Bad images: by default the first image that does not decode stops the build with a one-line
-DataError. With ``skip_bad_images`` its pixels are zeros, its row is marked not ok, and the
-count and first file are logged as a warning; the dataset view returns ``None`` for it.
+DataError. With ``skip_bad_images`` its pixels are zeros and its row is marked not ok (logged
+as a warning); the dataset view returns ``None`` for it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -106,10 +103,6 @@ def _progress_file(path: Path) -> Path:
     return path.with_name(path.stem + ".partial.json")
 
 
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, separators=(",", ":")).encode()).hexdigest()
-
-
 @dataclass(frozen=True)
 class ImageList:
     """The images of a cache, in row order: unique names, their files, sizes and times."""
@@ -138,7 +131,8 @@ class ImageList:
 
     def key(self) -> str:
         """SHA-256 over the names, sizes and modification times (not the folder they live in)."""
-        return _digest([self.names, self.sizes, self.mtimes_ns])
+        record = json.dumps([self.names, self.sizes, self.mtimes_ns], separators=(",", ":"))
+        return hashlib.sha256(record.encode()).hexdigest()
 
     def to_dict(self) -> dict[str, Any]:
         return {"count": len(self), "key": self.key(), "names": list(self.names), "sizes": list(self.sizes),
@@ -230,33 +224,31 @@ class PreparedImages:
         self.ok[np.asarray(bad.get("rows", []), dtype=np.int64)] = False
         self.bad: list[tuple[str, str]] = [(self.names[r], why) for r, why in zip(bad.get("rows", []), bad.get("reasons", []))]
         self._shape = tuple(meta["shape"])
-        self._rows: dict[str, int] | None = None
-        self._pixels: np.ndarray | None = None
 
-    @property
+    @functools.cached_property
     def pixels(self) -> np.ndarray:
         """The memory-mapped uint8 array ``[N, 3, H, W]``."""
-        if self._pixels is None:
-            try:
-                pixels = np.load(self.path, mmap_mode="r", allow_pickle=False)
-            except (OSError, ValueError) as exc:
-                raise DataError(f"{self.path}: unreadable prepared-image file ({exc})") from None
-            if pixels.dtype != np.uint8 or pixels.shape != self._shape:
-                raise DataError(f"{self.path}: holds {pixels.dtype} {list(pixels.shape)}, its sidecar says uint8 "
-                                f"{list(self._shape)}")
-            self._pixels = pixels
-        return self._pixels
+        try:
+            pixels = np.load(self.path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{self.path}: unreadable prepared-image file ({exc})") from None
+        if pixels.dtype != np.uint8 or pixels.shape != self._shape:
+            raise DataError(f"{self.path}: holds {pixels.dtype} {list(pixels.shape)}, its sidecar says uint8 "
+                            f"{list(self._shape)}")
+        return pixels
 
     def __len__(self) -> int:
         return len(self.names)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_pixels": None}
+        return {k: v for k, v in self.__dict__.items() if k != "pixels"}
+
+    @functools.cached_property
+    def _rows(self) -> dict[str, int]:
+        return {n: i for i, n in enumerate(self.names)}
 
     def row(self, name: str) -> int:
         """The row of the image called ``name`` (a DataError if there is none)."""
-        if self._rows is None:
-            self._rows = {n: i for i, n in enumerate(self.names)}
         try:
             return self._rows[name]
         except KeyError:

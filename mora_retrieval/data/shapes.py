@@ -158,6 +158,7 @@ def _write_coco(root: Path, spec: WorldSize, seed: int, image_size: int, tick: P
         counts[split] = {"images": n, "instances": len(instances), "captions": len(captions)}
     return counts
 
+
 FOOD_CLASSES = tuple(f"{c}_{s}" for c in COLOUR_NAMES for s in SHAPES)
 _TITLE_TEMPLATES = ("the {c} one", "a {c} shape", "look at the {c} shape", "it is {c}",
                     "a picture of the {c} one", "the {c} shape in the picture")
@@ -184,6 +185,7 @@ def _write_food(root: Path, spec: WorldSize, seed: int, image_size: int, tick: P
             csv.writer(handle, lineterminator="\n").writerows(rows)
         counts[split] = {"images": n, "classes": len({r[2] for r in rows})}
     return counts
+
 
 _PLOT_TEMPLATES = ("a story about {x}", "{x} meet on a long journey", "this film follows {x}",
                    "the life of {x}", "{x} and what happens next")
@@ -223,6 +225,7 @@ def _write_mmimdb(root: Path, spec: WorldSize, seed: int, image_size: int, tick:
         counts[split] = {"movies": n, "samples": plots_total}
     write_json(root / "split.json", splits)
     return counts
+
 
 _MEME_TEMPLATES = ("look at this {z} {c} {s}", "when the {s} is {z}", "such a {z} {c} {s}",
                    "nobody likes a {z} {s}", "me and my {z} {c} {s}")

@@ -168,11 +168,10 @@ class PreprocessSpec:
             raise DataError(f"targetpad ratio must be at least 1, got {self.targetpad_ratio}")
 
     @classmethod
-    def from_open_clip(cls, cfg: Mapping[str, Any] | PreprocessCfg, targetpad_ratio: float | None = None) -> "PreprocessSpec":
-        """From an open_clip preprocessing config (a ``PreprocessCfg`` or its dict; open_clip's
-        defaults fill the missing keys). Eval treats interpolation ``"random"`` as bicubic, as
-        open_clip does."""
-        full = merge_preprocess_dict(PreprocessCfg(), dict(cfg) if isinstance(cfg, Mapping) else asdict(cfg))
+    def from_open_clip(cls, cfg: Mapping[str, Any], targetpad_ratio: float | None = None) -> "PreprocessSpec":
+        """From an open_clip preprocessing config dict (open_clip's defaults fill the missing keys).
+        Eval treats interpolation ``"random"`` as bicubic, as open_clip does."""
+        full = merge_preprocess_dict(PreprocessCfg(), cfg)
         interpolation = "bicubic" if full["interpolation"] == "random" else full["interpolation"]
         return cls(size=full["size"], mean=full["mean"], std=full["std"], interpolation=interpolation,
                    resize_mode=full["resize_mode"], fill_color=int(full["fill_color"]), targetpad_ratio=targetpad_ratio)
@@ -190,14 +189,11 @@ class PreprocessSpec:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
 
-def preprocess_spec(model: Any, kind: str = "clip", targetpad_ratio: float = TARGETPAD_RATIO) -> PreprocessSpec:
-    """The eval preprocessing of an open_clip ``model`` (its ``visual.preprocess_cfg``).
-
-    ``kind="targetpad"`` adds CLIP4CIR's targetpad with ``targetpad_ratio`` in front.
-    """
-    cfg = dict(open_clip.get_model_preprocess_cfg(model))
-    ratio = targetpad_ratio if require_choice(kind, TRANSFORM_KINDS, "transform kind") == "targetpad" else None
-    return PreprocessSpec.from_open_clip(cfg, targetpad_ratio=ratio)
+def preprocess_spec(model: Any, kind: str = "clip") -> PreprocessSpec:
+    """The eval preprocessing of an open_clip ``model`` (its ``visual.preprocess_cfg``);
+    ``kind="targetpad"`` adds CLIP4CIR's targetpad in front."""
+    ratio = TARGETPAD_RATIO if require_choice(kind, TRANSFORM_KINDS, "transform kind") == "targetpad" else None
+    return PreprocessSpec.from_open_clip(open_clip.get_model_preprocess_cfg(model), targetpad_ratio=ratio)
 
 
 def make_transform(kind: str | PreprocessSpec, image_size: int | None = None) -> Callable[[Image.Image], torch.Tensor]:

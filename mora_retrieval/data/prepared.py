@@ -52,9 +52,6 @@ try:  # POSIX file locks; elsewhere concurrent builders are not serialised
 except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["FORMAT_VERSION", "ImageList", "PreparedImages", "PreparedImageDataset", "default_prepared_dir",
-           "open_prepared", "prepare_images", "prepared_path", "stale_reason"]
-
 FORMAT_VERSION = 1
 PREPARED_DIR = "prepared"
 #: What decodes and resamples the pixels; another version may give other pixels.

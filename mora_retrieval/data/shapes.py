@@ -306,7 +306,3 @@ def generate_shapes_world(out_dir: str | os.PathLike, size: str = "tiny", seed: 
 def read_world_manifest(out_dir: str | os.PathLike) -> dict:
     """The ``shapes_world.json`` written by :func:`generate_shapes_world`."""
     return read_json(Path(out_dir) / MANIFEST, "shapes world manifest", error=DataError)
-
-
-__all__ = ["generate_shapes_world", "read_world_manifest", "WORLD_SIZES", "WorldSize", "PARTS", "FOOD_CLASSES",
-           "mmimdb_genres"]

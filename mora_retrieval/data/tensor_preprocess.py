@@ -24,11 +24,8 @@ MAX_RESIZE_GROUP = 64  # images per batched interpolate (bounds the float32 work
 
 
 def plan_resize_groups(shapes: Sequence[tuple[int, int]], max_group: int = MAX_RESIZE_GROUP) -> list[tuple[int, ...]]:
-    """Group a batch's images by decoded ``(h, w)``: one resize per group of at most ``max_group``.
-
-    Groups (tuples of batch positions, ascending) come in order of each shape's first appearance;
-    every position appears exactly once.
-    """
+    """Batch positions grouped by decoded ``(h, w)``, at most ``max_group`` per group (one resize
+    each): groups in order of each shape's first appearance, positions ascending."""
     by_shape: dict[tuple[int, int], list[int]] = {}
     for i, (h, w) in enumerate(shapes):
         if h < 1 or w < 1:

@@ -57,11 +57,8 @@ class Scene:
         return [s for s in range(len(POSITIONS)) if s not in used]
 
 
-# ---------------------------------------------------------------- sampling
-
-
-def random_object(rng: np.random.Generator, shape: str, colour: str, slot: int, size: str | None = None) -> Obj:
-    size = size or SIZES[rng.integers(2)]
+def random_object(rng: np.random.Generator, shape: str, colour: str, slot: int) -> Obj:
+    size = SIZES[rng.integers(2)]
     dx, dy = (int(v) for v in rng.integers(-3, 4, size=2))
     return Obj(shape, colour, size, slot, dx, dy)
 
@@ -70,19 +67,15 @@ def random_scene(rng: np.random.Generator, n_objects: int | None = None, *, colo
                  must: tuple[Obj, ...] = ()) -> Scene:
     """A scene with ``n_objects`` (default 1–3) objects of distinct shapes, plus the ``must`` objects."""
     n = int(rng.integers(1, 4)) if n_objects is None else n_objects
-    objects = list(must)
-    taken_shapes = {o.shape for o in objects}
-    free = [s for s in range(4) if s not in {o.slot for o in objects}]
+    objects, given = list(must), Scene(must, "")
+    free = given.free_slots()
     rng.shuffle(free)
-    shapes = [s for s in SHAPES if s not in taken_shapes]
+    shapes = [s for s in SHAPES if s not in given.shapes()]
     rng.shuffle(shapes)
     for i in range(max(n - len(objects), 0)):
         objects.append(random_object(rng, shapes[i], colours[rng.integers(len(colours))], free[i]))
     objects.sort(key=lambda o: o.slot)
     return Scene(tuple(objects), BACKGROUND_NAMES[rng.integers(len(BACKGROUND_NAMES))], bool(rng.random() < 0.3))
-
-
-# ---------------------------------------------------------------- geometry and drawing
 
 
 def _centre_radius(obj: Obj, scale: float, y_offset: float) -> tuple[float, float, float]:
@@ -137,9 +130,6 @@ def render(scene: Scene, size: int, rng: np.random.Generator, height: int | None
     return img
 
 
-# ---------------------------------------------------------------- words
-
-
 def article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
@@ -175,8 +165,6 @@ def scene_captions(scene: Scene, rng: np.random.Generator, n: int = 5) -> list[s
         captions.append(template)
     return captions
 
-
-# ---------------------------------------------------------------- CIRR edits
 
 EDIT_KINDS = ("colour", "shape", "add", "remove", "size", "background")
 

@@ -85,13 +85,12 @@ class ArrowClassification(ClassificationDataset):
         multilabel = bool(raw_labels) and isinstance(raw_labels[0], list)
         self.name = (name or _guess_name(self.file) or "arrow").replace("-", "_")
         self.task, names = _KNOWN.get(self.name, ("multilabel" if multilabel else "multiclass", None))
-        if self.task == "multiclass" and names is None:
-            count = num_classes or (101 if self.name == "food101" else None)
+        if names is None:  # the class indices as names
+            known = len(raw_labels[0]) if self.task == "multilabel" else 101 if self.name == "food101" else None
+            count = num_classes or known
             if count is None:
                 raise DataError(f"{self.file}: unknown dataset {self.name!r}: pass num_classes")
             names = [str(i) for i in range(count)]
-        elif names is None:
-            names = [str(i) for i in range(num_classes or len(raw_labels[0]))]
         self.class_names = list(names)
         self.rows: list[int] = []
         for row, (texts, label) in enumerate(zip(raw_texts, raw_labels)):

@@ -43,7 +43,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import DataError
-from ..fileio import read_json, write_json
+from ..fileio import check_can_create, read_json, write_json
 from .images import require_choice
 from .mmimdb import MMIMDB_GENRES
 from .shapes_scene import (COLOUR_NAMES, SHAPES, Obj, Scene, distinct_edits, join_phrases, noun_phrase, object_polygon, polygon_area,
@@ -277,9 +277,7 @@ def generate_shapes_world(out_dir: str | os.PathLike, size: str = "tiny", seed: 
     require_choice(size, WORLD_SIZES, "shapes-world size")
     if image_size < 16:
         raise DataError(f"image size {image_size} is too small for the shapes world (need at least 16)")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out}: exists and is not a folder")
+    out = check_can_create(out_dir, "folder for the shapes world")
     ours = (out / MANIFEST).is_file()
     for part in PARTS:
         if (out / part).exists() and not ours:

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from mora_retrieval.data.images import make_transform
-from mora_retrieval.data.missing import MissingAssignments, MissingSpec, WithMissingModality, assign_missing
+from mora_retrieval.data.missing import MissingSpec, WithMissingModality, assign_missing, stored_missing_codes
 from mora_retrieval.errors import DataError
 
 
@@ -56,9 +56,9 @@ def test_reproducible_and_seeded():
 
 
 def test_assignments_stored_and_reused(tmp_path):
-    store = MissingAssignments(tmp_path / "missing")
+    store = tmp_path / "missing"
     spec = MissingSpec.parse("both:0.7", seed=1)
-    codes = store.get("food101", "train", 50, spec)
+    codes = stored_missing_codes(store, "food101", "train", 50, spec)
     files = list((tmp_path / "missing").glob("*.json"))
     assert len(files) == 1
     data = json.loads(files[0].read_text())
@@ -67,15 +67,15 @@ def test_assignments_stored_and_reused(tmp_path):
     # reuse: the stored codes win even if the file was edited by hand
     data["codes"][0] = 2 if data["codes"][0] != 2 else 0
     files[0].write_text(json.dumps(data))
-    again = store.get("food101", "train", 50, spec)
+    again = stored_missing_codes(store, "food101", "train", 50, spec)
     assert again[0] == data["codes"][0] and again[0] != codes[0]
     # other keys get their own files
-    store.get("food101", "test", 20, spec)
-    store.get("food101", "train", 50, MissingSpec.parse("both:0.7:0.3", seed=1))
-    store.get("food101", "train", 50, MissingSpec.parse("both:0.7", seed=2))
+    stored_missing_codes(store, "food101", "test", 20, spec)
+    stored_missing_codes(store, "food101", "train", 50, MissingSpec.parse("both:0.7:0.3", seed=1))
+    stored_missing_codes(store, "food101", "train", 50, MissingSpec.parse("both:0.7", seed=2))
     assert len(list((tmp_path / "missing").glob("*.json"))) == 4
     with pytest.raises(DataError, match="stored for 50 samples but food101/train has 51"):
-        store.get("food101", "train", 51, spec)
+        stored_missing_codes(store, "food101", "train", 51, spec)
 
 
 class _Toy(torch.utils.data.Dataset):

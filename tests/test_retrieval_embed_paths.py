@@ -22,14 +22,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import functional as TF
 
 from mora_retrieval.data.images import load_image, split_transform
-from mora_retrieval.data.tensor_preprocess import (
-    crop_origin,
-    decode_jpegs,
-    plan_resize_groups,
-    preprocess_decoded,
-    resize_crop,
-    resized_shape,
-)
+from mora_retrieval.data.tensor_preprocess import decode_jpegs, plan_resize_groups, preprocess_decoded, resize_crop
 from mora_retrieval.errors import DataError, MoraError
 from mora_retrieval.retrieval.embed import EmbedConfig, LoadedBatch, _BatchFiles, batch_plan, decode_path, embed_paths
 from mora_retrieval.retrieval.encoder import load_encoder
@@ -80,32 +73,28 @@ def _decode(path):
 # ----------------------------------------------------------------------------- plans
 
 
-def test_resized_shape_and_crop_follow_torchvision():
-    for h, w in [(480, 640), (640, 480), (427, 640), (31, 97), (32, 32), (10, 11), (1, 500)]:
-        for size in (32, 224):
-            img = torch.zeros(1, h, w)
-            assert tuple(TF.resize(img, size, antialias=True).shape[-2:]) == resized_shape(h, w, size), (h, w, size)
-            rh, rw = resized_shape(h, w, size)
-            marked = torch.arange(rh * rw, dtype=torch.float32).view(1, rh, rw)
-            top, left = crop_origin(rh, rw, size)
-            assert torch.equal(TF.center_crop(marked, [size, size]), marked[:, top : top + size, left : left + size])
-    assert resized_shape(480, 640, 224, "squash") == (224, 224)
+def test_grouped_resize_crop_matches_torchvision_per_image():
+    shapes = [(480, 640), (640, 480), (427, 640), (31, 97), (32, 32), (10, 11), (1, 50), (480, 640)]
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in shapes]
+    for size, mode in ((32, "shortest"), (224, "shortest"), (32, "squash")):
+        pixels, order = resize_crop(images, size, mode, "bilinear")
+        for row, i in enumerate(order):
+            ref = TF.resize(images[i].float(), size if mode == "shortest" else [size, size], antialias=True)
+            assert torch.equal(pixels[row], TF.center_crop(ref, [size, size]).clamp(0, 255).round()), (shapes[i], size)
     with pytest.raises(MoraError, match="longest"):
-        resized_shape(480, 640, 224, "longest")
+        resize_crop(images, 224, "longest")
 
 
 def test_resize_groups_cover_every_image_once_by_shape():
     shapes = [(48, 64), (64, 48), (48, 64), (200, 300), (48, 64), (64, 48), (32, 32)]
-    groups = plan_resize_groups(shapes, 32)
-    assert [g.indices for g in groups] == [(0, 2, 4), (1, 5), (3,), (6,)]  # first-appearance order
-    assert all(shapes[i] == g.source for g in groups for i in g.indices)
-    assert groups[0].resized == (32, 42) and groups[0].crop == (0, 5)
-    assert groups[3].resized == groups[3].source == (32, 32)  # nothing to resize
-    split = plan_resize_groups(shapes, 32, max_group=2)
-    assert [g.indices for g in split] == [(0, 2), (4,), (1, 5), (3,), (6,)]
-    assert sorted(i for g in split for i in g.indices) == list(range(len(shapes)))
+    groups = plan_resize_groups(shapes)
+    assert groups == [(0, 2, 4), (1, 5), (3,), (6,)]  # first-appearance order
+    assert all(len({shapes[i] for i in g}) == 1 for g in groups)
+    split = plan_resize_groups(shapes, max_group=2)
+    assert split == [(0, 2), (4,), (1, 5), (3,), (6,)]
+    assert sorted(i for g in split for i in g) == list(range(len(shapes)))
     with pytest.raises(MoraError, match="empty shape"):
-        plan_resize_groups([(0, 5)], 32)
+        plan_resize_groups([(0, 5)])
 
 
 def test_batch_plan_keeps_batches_inside_chunks():

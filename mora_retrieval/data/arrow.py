@@ -43,12 +43,8 @@ def _read_table(path: Path) -> Any:
 
 
 def _guess_name(path: Path) -> str | None:
-    stem = path.stem.lower()
-    for key, name in (("food101", "food101"), ("mmimdb", "mmimdb"), ("hatememes", "hateful_memes"),
-                      ("hateful_memes", "hateful_memes")):
-        if stem.startswith(key):
-            return name
-    return None
+    stem = path.stem.lower().replace("hatememes", "hateful_memes")
+    return next((name for name in _KNOWN if stem.startswith(name)), None)
 
 
 def resolve_arrow_file(path_or_dir: str | os.PathLike, split: str | None) -> Path:
@@ -89,13 +85,12 @@ class ArrowClassification(ClassificationDataset):
         multilabel = bool(raw_labels) and isinstance(raw_labels[0], list)
         self.name = (name or _guess_name(self.file) or "arrow").replace("-", "_")
         self.task, names = _KNOWN.get(self.name, ("multilabel" if multilabel else "multiclass", None))
-        if self.task == "multiclass" and names is None:
-            count = num_classes or (101 if self.name == "food101" else None)
+        if names is None:  # the class indices as names
+            known = len(raw_labels[0]) if self.task == "multilabel" else 101 if self.name == "food101" else None
+            count = num_classes or known
             if count is None:
                 raise DataError(f"{self.file}: unknown dataset {self.name!r}: pass num_classes")
             names = [str(i) for i in range(count)]
-        elif names is None:
-            names = [str(i) for i in range(num_classes or len(raw_labels[0]))]
         self.class_names = list(names)
         self.rows: list[int] = []
         for row, (texts, label) in enumerate(zip(raw_texts, raw_labels)):

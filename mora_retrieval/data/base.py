@@ -72,9 +72,7 @@ class ClassificationDataset(ImageDataset):
 
     def label_tensor(self, index: int) -> Any:
         """The label as a tensor: ``long`` scalar, or a ``float`` multi-hot vector."""
-        if self.task == "multilabel":
-            return torch.tensor(self.labels[index], dtype=torch.float32)
-        return torch.tensor(self.labels[index], dtype=torch.long)
+        return torch.tensor(self.labels[index], dtype=torch.float32 if self.task == "multilabel" else torch.long)
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         return self._item(self.paths[index], **self.item_without_image(index))

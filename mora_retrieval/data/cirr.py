@@ -18,8 +18,6 @@ from .base import ImageDataset
 from .images import require_choice, require_dir, require_files
 
 CIRR_SPLITS = ("train", "val", "test1")
-_TRIPLET_KEYS = ("pairid", "reference", "caption", "img_set")
-_TARGET_KEYS = ("target_hard",)
 
 
 def read_image_split(root: str | os.PathLike, split: str) -> dict[str, Path]:
@@ -68,7 +66,7 @@ class CIRRTriplets(ImageDataset):
         records = read_json(path, "CIRR caption file (a list of triplets)", error=DataError)
         if not isinstance(records, list):
             raise DataError(f"{path}: expected a JSON list of triplets")
-        required = _TRIPLET_KEYS + (_TARGET_KEYS if self.has_targets else ())
+        required = ("pairid", "reference", "caption", "img_set") + (("target_hard",) if self.has_targets else ())
         used: set[str] = set()
         for i, rec in enumerate(records):
             missing = [k for k in required if not isinstance(rec, dict) or k not in rec]

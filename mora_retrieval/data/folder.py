@@ -14,6 +14,7 @@ from ..errors import DataError
 from .base import ImageDataset
 from .images import IMAGE_EXTENSIONS, require_dir
 
+
 class ImageCaptionFolder(ImageDataset):
     """Items ``{"image", "caption", "image_id", "index"}``; ``image_id`` is the image's relative path."""
 

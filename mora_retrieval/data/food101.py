@@ -76,7 +76,8 @@ class Food101(ClassificationDataset):
         self.split = require_choice(split, FOOD101_SPLITS, "Food-101 split")
         self.root = require_dir(root, "Food-101 root")
         source = "test" if split == "test" else "train"
-        rows = read_titles(self.root / "texts" / f"{source}_titles.csv")
+        titles = self.root / "texts" / f"{source}_titles.csv"
+        rows = read_titles(titles)
         folders = sorted({p.name for s in ("train", "test") if (self.root / "images" / s).is_dir()
                           for p in (self.root / "images" / s).iterdir() if p.is_dir()})
         self.class_names = folders or sorted({cls for _, _, cls in rows})
@@ -86,8 +87,7 @@ class Food101(ClassificationDataset):
             rows = [r for r in rows if (r[0] in val) == (split == "val")]
         for name, title, cls in rows:
             if cls not in index:
-                raise DataError(f"{self.root / 'texts' / f'{source}_titles.csv'}: class {cls!r} of {name} "
-                                f"has no folder under {self.root / 'images'}")
+                raise DataError(f"{titles}: class {cls!r} of {name} has no folder under {self.root / 'images'}")
             self.paths.append(self.root / "images" / source / cls / name)
             self.texts.append(title)
             self.labels.append(index[cls])

@@ -1,25 +1,18 @@
-"""Image decoding, the bad-image policy, and the two preprocessing pipelines.
+"""Image decoding, the bad-image policy, and the model's preprocessing.
 
 Bad images. Every dataset checks up front that all its image files exist (a missing file is a
 :class:`DataError` naming it). Whether a file *decodes* is checked lazily, when an item is read:
 by default a corrupt file raises ``DataError("<path>: unreadable or corrupt image (...)")``;
 with ``skip_bad_images=True`` the item comes back as ``None``, the file is recorded in the
-dataset's ``bad_images`` log (``.count``, ``.paths``) and a warning is logged. Batch such
-datasets with :func:`~mora_retrieval.data.collate.collate_skip_none`. With DataLoader workers each worker keeps its own log
-copy; the warnings still reach the log output.
+dataset's ``bad_images`` log and a warning is logged (batch with
+:func:`~mora_retrieval.data.collate.collate_skip_none`). DataLoader workers each keep their own
+log copy; the warnings still reach the log output.
 
-Preprocessing comes from the model. :func:`preprocess_spec` reads a model's open_clip
-preprocessing config (``model.visual.preprocess_cfg``: size, mean, std, interpolation, resize
-mode) into a frozen :class:`PreprocessSpec`; kind ``"targetpad"`` adds CLIP4CIR's targetpad
-(docs/protocols.md §4): images whose aspect ratio is at least ``ratio`` (1.25) are first padded
-symmetrically with black up to ``long_side / ratio`` on the short side. :func:`make_transform`
-turns a spec into open_clip's own eval transform (targetpad in front when asked), and
-:func:`make_uint8_transform` into the same pipeline stopped before the float conversion and
-normalisation (what the prepared-image cache stores, see :mod:`.prepared`; :func:`split_transform`
-splits any transform ending in ``ToTensor`` + ``Normalize`` so). :func:`normalize_uint8`, the
-toolkit's one pixel normalisation, finishes such pixels on any device. :func:`load_batch` decodes
-a DataLoader worker's batch into one tensor. ``make_transform("clip" | "targetpad", size)`` (the
-older form) uses open_clip's default statistics (OpenAI's), whatever the model.
+Preprocessing comes from the model: :func:`preprocess_spec` reads its open_clip preprocessing
+config into a :class:`PreprocessSpec`, :func:`make_transform` turns that into open_clip's own eval
+transform (with CLIP4CIR's targetpad in front when asked, docs/protocols.md §4), and
+:func:`make_uint8_transform` into the same pipeline stopped before the float conversion, which
+:func:`normalize_uint8`, the toolkit's one pixel normalisation, finishes on any device.
 """
 
 from __future__ import annotations
@@ -35,7 +28,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import open_clip
 import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.transforms import Compose, Normalize, PILToTensor, ToTensor
 
 from ..errors import DataError
@@ -132,13 +125,8 @@ class TargetPad:
         if max(w, h) / min(w, h) < self.ratio:
             return image
         target = max(w, h) / self.ratio
-        pad_w = max(int((target - w) / 2), 0)
-        pad_h = max(int((target - h) / 2), 0)
-        if pad_w == 0 and pad_h == 0:
-            return image
-        canvas = Image.new(image.mode, (w + 2 * pad_w, h + 2 * pad_h), 0)
-        canvas.paste(image, (pad_w, pad_h))
-        return canvas
+        pad_w, pad_h = max(int((target - w) / 2), 0), max(int((target - h) / 2), 0)
+        return ImageOps.expand(image, (pad_w, pad_h, pad_w, pad_h), fill=0)
 
 
 def _triple(values: Any, what: str) -> tuple[float, float, float]:
@@ -180,11 +168,10 @@ class PreprocessSpec:
             raise DataError(f"targetpad ratio must be at least 1, got {self.targetpad_ratio}")
 
     @classmethod
-    def from_open_clip(cls, cfg: Mapping[str, Any] | PreprocessCfg, targetpad_ratio: float | None = None) -> "PreprocessSpec":
-        """From an open_clip preprocessing config (a ``PreprocessCfg`` or its dict; open_clip's
-        defaults fill the missing keys). Eval treats interpolation ``"random"`` as bicubic, as
-        open_clip does."""
-        full = merge_preprocess_dict(PreprocessCfg(), dict(cfg) if isinstance(cfg, Mapping) else asdict(cfg))
+    def from_open_clip(cls, cfg: Mapping[str, Any], targetpad_ratio: float | None = None) -> "PreprocessSpec":
+        """From an open_clip preprocessing config dict (open_clip's defaults fill the missing keys).
+        Eval treats interpolation ``"random"`` as bicubic, as open_clip does."""
+        full = merge_preprocess_dict(PreprocessCfg(), cfg)
         interpolation = "bicubic" if full["interpolation"] == "random" else full["interpolation"]
         return cls(size=full["size"], mean=full["mean"], std=full["std"], interpolation=interpolation,
                    resize_mode=full["resize_mode"], fill_color=int(full["fill_color"]), targetpad_ratio=targetpad_ratio)
@@ -201,35 +188,12 @@ class PreprocessSpec:
         """SHA-256 (hex) of the fields: equal keys, equal preprocessing."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
-    def open_clip_cfg(self) -> PreprocessCfg:
-        """The open_clip config of everything but the targetpad."""
-        return PreprocessCfg(size=self.size, mean=self.mean, std=self.std, interpolation=self.interpolation,
-                             resize_mode=self.resize_mode, fill_color=self.fill_color)
 
-
-def check_transform_kind(kind: str) -> str:
-    return require_choice(kind, TRANSFORM_KINDS, "transform kind")
-
-
-def preprocess_spec(model: Any, kind: str = "clip", targetpad_ratio: float = TARGETPAD_RATIO) -> PreprocessSpec:
-    """The eval preprocessing of an open_clip ``model`` (its ``visual.preprocess_cfg``).
-
-    ``kind="targetpad"`` adds CLIP4CIR's targetpad with ``targetpad_ratio`` in front.
-    """
-    cfg = dict(open_clip.get_model_preprocess_cfg(model))
-    ratio = targetpad_ratio if check_transform_kind(kind) == "targetpad" else None
-    return PreprocessSpec.from_open_clip(cfg, targetpad_ratio=ratio)
-
-
-def _spec_of(kind: str | PreprocessSpec, image_size: int | None) -> PreprocessSpec:
-    if isinstance(kind, PreprocessSpec):
-        if image_size is not None:
-            raise TypeError("make_transform(spec) takes no image_size: the spec holds the size")
-        return kind
-    if image_size is None:
-        raise TypeError(f"make_transform({kind!r}, image_size) needs the image size")
-    ratio = TARGETPAD_RATIO if check_transform_kind(kind) == "targetpad" else None
-    return PreprocessSpec.from_open_clip({"size": image_size}, targetpad_ratio=ratio)
+def preprocess_spec(model: Any, kind: str = "clip") -> PreprocessSpec:
+    """The eval preprocessing of an open_clip ``model`` (its ``visual.preprocess_cfg``);
+    ``kind="targetpad"`` adds CLIP4CIR's targetpad in front."""
+    ratio = TARGETPAD_RATIO if require_choice(kind, TRANSFORM_KINDS, "transform kind") == "targetpad" else None
+    return PreprocessSpec.from_open_clip(open_clip.get_model_preprocess_cfg(model), targetpad_ratio=ratio)
 
 
 def make_transform(kind: str | PreprocessSpec, image_size: int | None = None) -> Callable[[Image.Image], torch.Tensor]:
@@ -240,8 +204,18 @@ def make_transform(kind: str | PreprocessSpec, image_size: int | None = None) ->
     ``make_transform("clip" | "targetpad", size)`` is the older form, with open_clip's default
     (OpenAI) statistics whatever the model.
     """
-    spec = _spec_of(kind, image_size)
-    transform = image_transform_v2(spec.open_clip_cfg(), is_train=False)
+    if isinstance(kind, PreprocessSpec):
+        if image_size is not None:
+            raise TypeError("make_transform(spec) takes no image_size: the spec holds the size")
+        spec = kind
+    elif image_size is None:
+        raise TypeError(f"make_transform({kind!r}, image_size) needs the image size")
+    else:
+        ratio = TARGETPAD_RATIO if require_choice(kind, TRANSFORM_KINDS, "transform kind") == "targetpad" else None
+        spec = PreprocessSpec.from_open_clip({"size": image_size}, targetpad_ratio=ratio)
+    cfg = PreprocessCfg(size=spec.size, mean=spec.mean, std=spec.std, interpolation=spec.interpolation,
+                        resize_mode=spec.resize_mode, fill_color=spec.fill_color)
+    transform = image_transform_v2(cfg, is_train=False)
     if spec.targetpad_ratio is not None:
         transform.transforms.insert(0, TargetPad(spec.targetpad_ratio))
     return transform
@@ -277,13 +251,11 @@ def normalize_uint8(pixels: torch.Tensor, mean: Sequence[float] | torch.Tensor, 
                     dtype: torch.dtype = torch.float32, device: str | torch.device | None = None) -> torch.Tensor:
     """Pixel values ``[..., 3, H, W]`` in 0..255 -> ``(x / 255 - mean) / std`` as ``dtype``, on ``device``.
 
-    ``pixels`` is uint8, or a float tensor holding 0..255 values (the batched resize's output,
-    :func:`.tensor_preprocess.resize_crop`). Moved to ``device`` (default: where ``pixels`` is)
-    before the float conversion, so uint8 moves a quarter of the float bytes. Every copy to the
-    device is non-blocking (also of ``mean`` and ``std``, sequences or tensors): the host never
-    waits for the device here. The float32 arithmetic is torchvision's (``ToTensor`` then
-    ``Normalize``), so on the CPU the result is bit-identical to :func:`make_transform`'s;
-    ``dtype`` (e.g. bfloat16) only rounds the result.
+    ``pixels`` is uint8, or float holding 0..255 (:func:`.tensor_preprocess.resize_crop`'s output).
+    They move to ``device`` (default: where they are) before the float conversion, so uint8 moves a
+    quarter of the bytes; every copy is non-blocking, so the host never waits for the device. The
+    float32 arithmetic is torchvision's ``ToTensor`` + ``Normalize``: bit-identical on the CPU to
+    :func:`make_transform`'s; ``dtype`` (e.g. bfloat16) only rounds the result.
     """
     if pixels.dtype != torch.uint8 and not pixels.dtype.is_floating_point:
         raise TypeError(f"normalize_uint8 expects uint8 (or float 0..255) pixels, got {pixels.dtype}")

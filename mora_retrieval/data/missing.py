@@ -7,7 +7,7 @@ their *image*, default 0.5; no sample loses both). :func:`assign_missing` draws 
 modality, ``round(s·that)`` of them the image. The draw depends only on ``n`` and the spec (its
 seed included).
 
-:class:`MissingAssignments` draws once per (dataset, split, type, ratio, both-split, seed) and
+:func:`stored_missing_codes` draws once per (dataset, split, type, ratio, both-split, seed) and
 stores the codes as JSON in a folder, so every later run (train, val, test, other scenarios)
 sees the same samples missing. :class:`WithMissingModality` applies codes to a dataset: a missing
 text becomes ``""``; a missing image becomes a tensor of ones (``"ones"``, the paper) or the
@@ -99,37 +99,30 @@ def assign_missing(n: int, spec: MissingSpec) -> np.ndarray:
     return codes
 
 
-class MissingAssignments:
-    """Draw-once, reuse-forever storage of codes: one JSON file per (dataset, split, spec)."""
-
-    def __init__(self, store_dir: str | os.PathLike) -> None:
-        self.store_dir = Path(store_dir)
-
-    def path_for(self, dataset_name: str, split: str, spec: MissingSpec) -> Path:
-        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{dataset_name}__{split}__{spec.key()}")
-        return self.store_dir / f"{safe}.json"
-
-    def get(self, dataset_name: str, split: str, n: int, spec: MissingSpec) -> np.ndarray:
-        """The stored codes for this key, drawing and storing them on first use."""
-        path = self.path_for(dataset_name, split, spec)
-        if path.exists():
-            data = read_json(path, "missing-modality assignment file", error=DataError)
-            codes = data.get("codes") if isinstance(data, dict) else None
-            if not isinstance(codes, list) or any(c not in (0, 1, 2) for c in codes):
-                raise DataError(f"{path}: expected a JSON object with a 'codes' list of 0/1/2")
-            if len(codes) != n:
-                raise DataError(f"{path}: stored for {len(codes)} samples but {dataset_name}/{split} has {n}; "
-                                f"the dataset changed: delete the file to draw again")
-            return np.asarray(codes, dtype=np.int8)
-        codes = assign_missing(n, spec)
-        write_json(path, {
-            "dataset": dataset_name, "split": split, "spec": str(spec), "kind": spec.kind,
-            "ratio": spec.ratio, "both_image_share": spec.both_image_share, "seed": spec.seed,
-            "n": n, "counts": dict(zip(("complete", "text_missing", "image_missing"),
-                                       np.bincount(codes, minlength=3).tolist())),
-            "codes": codes.tolist(),
-        })
-        return codes
+def stored_missing_codes(store_dir: str | os.PathLike, dataset_name: str, split: str, n: int,
+                         spec: MissingSpec) -> np.ndarray:
+    """The codes stored in ``store_dir`` for (dataset, split, spec), drawn and stored on first use
+    (one JSON file per key: drawn once, reused by every later run)."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{dataset_name}__{split}__{spec.key()}")
+    path = Path(store_dir) / f"{safe}.json"
+    if path.exists():
+        data = read_json(path, "missing-modality assignment file", error=DataError)
+        codes = data.get("codes") if isinstance(data, dict) else None
+        if not isinstance(codes, list) or any(c not in (0, 1, 2) for c in codes):
+            raise DataError(f"{path}: expected a JSON object with a 'codes' list of 0/1/2")
+        if len(codes) != n:
+            raise DataError(f"{path}: stored for {len(codes)} samples but {dataset_name}/{split} has {n}; "
+                            f"the dataset changed: delete the file to draw again")
+        return np.asarray(codes, dtype=np.int8)
+    codes = assign_missing(n, spec)
+    write_json(path, {
+        "dataset": dataset_name, "split": split, "spec": str(spec), "kind": spec.kind,
+        "ratio": spec.ratio, "both_image_share": spec.both_image_share, "seed": spec.seed,
+        "n": n, "counts": dict(zip(("complete", "text_missing", "image_missing"),
+                                   np.bincount(codes, minlength=3).tolist())),
+        "codes": codes.tolist(),
+    })
+    return codes
 
 
 class WithMissingModality(Dataset):
@@ -158,8 +151,7 @@ class WithMissingModality(Dataset):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
-    def _blank(self, image: Any) -> Any:
-        self._blank_check(image)
+    def _blank(self, image: torch.Tensor) -> torch.Tensor:
         if self.missing_image == "ones":
             return torch.ones_like(image)
         shape = tuple(image.shape)
@@ -173,26 +165,20 @@ class WithMissingModality(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         code = int(self.codes[index])
         if code == IMAGE_MISSING and self._image_like is not None and hasattr(self.dataset, "item_without_image"):
-            item = dict(self.dataset.item_without_image(index))
-            item["image"] = self._blank(self._image_like)
-            item["missing"] = code
-            return item
-        item = self.dataset[index]
-        if item is None:
-            return None
-        item = dict(item)
-        if "image" in item:
-            self._blank_check(item["image"])
-            if self._image_like is None:
-                self._image_like = item["image"]
+            item = {**self.dataset.item_without_image(index), "image": self._image_like}  # blanked below
+        else:
+            item = self.dataset[index]
+            if item is None:
+                return None
+            item = dict(item)
+            if "image" in item:
+                if not isinstance(item["image"], torch.Tensor):
+                    raise DataError("WithMissingModality needs a dataset whose transform returns tensors")
+                if self._image_like is None:
+                    self._image_like = item["image"]
         if code == TEXT_MISSING:
             item["text" if "text" in item else "caption"] = ""
         elif code == IMAGE_MISSING:
             item["image"] = self._blank(item["image"])
         item["missing"] = code
         return item
-
-    @staticmethod
-    def _blank_check(image: Any) -> None:
-        if not isinstance(image, torch.Tensor):
-            raise DataError("WithMissingModality needs a dataset whose transform returns tensors")

@@ -13,7 +13,6 @@ other genres are dropped.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Callable
 
 from ..errors import DataError
@@ -46,13 +45,6 @@ def genres_to_multihot(genres: list[str]) -> list[float]:
     return vec
 
 
-def _movie_files(root: Path, movie_id: str) -> tuple[Path, Path]:
-    """``(json, jpeg)`` paths of a movie in whichever of the two layouts ``root`` uses."""
-    if (root / "dataset").is_dir():
-        return root / "dataset" / f"{movie_id}.json", root / "dataset" / f"{movie_id}.jpeg"
-    return root / "labels" / f"{movie_id}.json", root / "images" / f"{movie_id}.jpeg"
-
-
 class MMIMDb(ClassificationDataset):
     """MM-IMDb (multilabel, 23 genres): ``split`` in train | val | test."""
 
@@ -65,7 +57,11 @@ class MMIMDb(ClassificationDataset):
         self.split = require_choice(split, MMIMDB_SPLITS, "MM-IMDb split")
         self.root = require_dir(root, "MM-IMDb root")
         self.class_names = list(MMIMDB_GENRES)
-        if not (self.root / "dataset").is_dir() and not (self.root / "labels").is_dir():
+        if (self.root / "dataset").is_dir():
+            meta_dir = image_dir = self.root / "dataset"
+        elif (self.root / "labels").is_dir():
+            meta_dir, image_dir = self.root / "labels", self.root / "images"
+        else:
             raise DataError(f"{self.root}: MM-IMDb movies not found (expected dataset/ or images/ + labels/)")
         split_path = self.root / "split.json"
         splits = read_json(split_path, "MM-IMDb split file", error=DataError)
@@ -74,7 +70,7 @@ class MMIMDb(ClassificationDataset):
             raise DataError(f"{split_path}: expected a JSON object with a list of movie ids under {key!r}")
         self.movie_ids: list[str] = []
         for movie_id in splits[key]:
-            meta_path, image_path = _movie_files(self.root, str(movie_id))
+            meta_path, image_path = meta_dir / f"{movie_id}.json", image_dir / f"{movie_id}.jpeg"
             meta = read_json(meta_path, "MM-IMDb movie file", error=DataError)
             if not isinstance(meta, dict) or not isinstance(meta.get("genres", []), list):
                 raise DataError(f"{meta_path}: expected a JSON object with 'plot' and a 'genres' list")

@@ -1,34 +1,31 @@
 """The prepared-image cache: decode and preprocess a split's images once, read pixels every epoch.
 
-One cache holds the images of one split at one input size: the decoded image after the PIL
-part of the model's preprocessing (targetpad when asked, resize, centre crop; see
-:func:`.images.make_uint8_transform`), as uint8 ``[N, 3, H, W]`` in a single ``.npy`` file that
-is opened memory-mapped. Reading an image is a slice of that file; the float conversion and
-normalisation run on the batch, on the training device (:func:`normalize_uint8`), bit-identical
-on the CPU to the PIL transform's output.
+One cache holds the images of one split at one input size after the PIL part of the model's
+preprocessing (:func:`.images.make_uint8_transform`), as uint8 ``[N, 3, H, W]`` in one ``.npy``
+file opened memory-mapped. Reading an image is a slice of that file; :func:`normalize_uint8`
+finishes the batch on the training device, bit-identical on the CPU to the PIL transform.
 
 Beside the data file ``<name>-<H>x<W>.npy`` a JSON sidecar ``<name>-<H>x<W>.json`` records the
-preprocessing (its fields and their hash), the image list (names, sizes and modification times,
-and their hash), the Pillow version that decoded them, the data file's size and time, and the
-bad images. A cache is used only when all of these match today's; otherwise it is rebuilt, or
-refused with one line naming the file and what differs.
+preprocessing, the image list (names, sizes, modification times), the Pillow version, the data
+file's size and time, and the bad images. A cache is used only when all of these match today's;
+otherwise it is rebuilt, or refused with one line naming the file and what differs.
 
-Building runs a DataLoader whose workers each decode one chunk of images into one uint8 batch
-tensor; the main process writes chunks into ``<file>.partial`` and records its progress in
-``<name>-<H>x<W>.partial.json`` after each. The data file is renamed into place and the
-sidecar written last, so a build that is killed never leaves a cache that validates; the next
-build with the same images and preprocessing resumes after the last recorded chunk. Concurrent
-builders of the same file (e.g. several ranks) take turns on a lock file, and the later ones
-find the cache built.
+Building runs a DataLoader whose workers each decode one chunk of images into one uint8 tensor;
+the main process writes chunks into ``<file>.partial`` and records its progress in
+``<name>-<H>x<W>.partial.json`` after each. The data file is renamed into place and the sidecar
+written last, so a killed build never leaves a cache that validates, and the next build with the
+same images and preprocessing resumes after the last recorded chunk. Concurrent builders of the
+same file (e.g. several ranks) take turns on a lock file; the later ones find the cache built.
 
 Bad images: by default the first image that does not decode stops the build with a one-line
-DataError. With ``skip_bad_images`` its pixels are zeros, its row is marked not ok, and the
-count and first file are logged as a warning; the dataset view returns ``None`` for it.
+DataError. With ``skip_bad_images`` its pixels are zeros and its row is marked not ok (logged
+as a warning); the dataset view returns ``None`` for it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -55,11 +52,10 @@ try:  # POSIX file locks; elsewhere concurrent builders are not serialised
 except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["FORMAT_VERSION", "ImageList", "PreparedImages", "PreparedImageDataset", "default_prepared_dir",
-           "open_prepared", "prepare_images", "prepared_path", "stale_reason"]
-
 FORMAT_VERSION = 1
 PREPARED_DIR = "prepared"
+#: What decodes and resamples the pixels; another version may give other pixels.
+DECODER = {"pillow": PIL.__version__}
 Progress = Callable[[int, int], None]
 
 _log = logging.getLogger(__name__)
@@ -72,18 +68,13 @@ def _existing(path: Path) -> Path:
     return path
 
 
-def _writable(folder: Path) -> bool:
-    """Whether ``folder`` (or, if absent, its nearest existing parent) accepts new files."""
-    folder = _existing(folder)
-    return folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
-
-
 def default_prepared_dir(data_root: str | os.PathLike) -> Path:
     """``<data_root>/prepared`` if it can be written, else a per-root folder in the user cache
     (``$XDG_CACHE_HOME`` or ``~/.cache``, then ``mora-retrieval/prepared/<root name>-<hash>``).
     Creates nothing."""
     root = Path(data_root).resolve()
-    if _writable(root / PREPARED_DIR):
+    writable = _existing(root / PREPARED_DIR)  # the folder, or if absent its nearest existing parent
+    if writable.is_dir() and os.access(writable, os.W_OK | os.X_OK):
         return root / PREPARED_DIR
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     digest = hashlib.sha256(str(root).encode()).hexdigest()[:12]
@@ -107,10 +98,6 @@ def _partial(path: Path) -> Path:
 
 def _progress_file(path: Path) -> Path:
     return path.with_name(path.stem + ".partial.json")
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, separators=(",", ":")).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -141,7 +128,8 @@ class ImageList:
 
     def key(self) -> str:
         """SHA-256 over the names, sizes and modification times (not the folder they live in)."""
-        return _digest([self.names, self.sizes, self.mtimes_ns])
+        record = json.dumps([self.names, self.sizes, self.mtimes_ns], separators=(",", ":"))
+        return hashlib.sha256(record.encode()).hexdigest()
 
     def to_dict(self) -> dict[str, Any]:
         return {"count": len(self), "key": self.key(), "names": list(self.names), "sizes": list(self.sizes),
@@ -163,11 +151,6 @@ class ImageList:
         if changed:
             return f"{len(changed)} image file(s) changed since the build (first: {self.paths[changed[0]]})"
         return "the image list's record does not match its hash"
-
-
-def _decoder() -> dict[str, str]:
-    """What decodes and resamples the pixels; another version may give other pixels."""
-    return {"pillow": PIL.__version__}
 
 
 def _spec_difference(spec: PreprocessSpec, recorded: Any) -> str:
@@ -212,8 +195,8 @@ def stale_reason(path: str | os.PathLike, images: ImageList, spec: PreprocessSpe
         return f"its data file {path.name} changed after the build"
     if meta.get("preprocess_key") != spec.key():
         return _spec_difference(spec, meta.get("preprocess"))
-    if meta.get("decoder") != _decoder():
-        return f"it was decoded with {meta.get('decoder')}, this environment has {_decoder()}"
+    if meta.get("decoder") != DECODER:
+        return f"it was decoded with {meta.get('decoder')}, this environment has {DECODER}"
     recorded = meta.get("images") if isinstance(meta.get("images"), dict) else {}
     if recorded.get("key") != images.key():
         return images.difference(recorded)
@@ -238,33 +221,31 @@ class PreparedImages:
         self.ok[np.asarray(bad.get("rows", []), dtype=np.int64)] = False
         self.bad: list[tuple[str, str]] = [(self.names[r], why) for r, why in zip(bad.get("rows", []), bad.get("reasons", []))]
         self._shape = tuple(meta["shape"])
-        self._rows: dict[str, int] | None = None
-        self._pixels: np.ndarray | None = None
 
-    @property
+    @functools.cached_property
     def pixels(self) -> np.ndarray:
         """The memory-mapped uint8 array ``[N, 3, H, W]``."""
-        if self._pixels is None:
-            try:
-                pixels = np.load(self.path, mmap_mode="r", allow_pickle=False)
-            except (OSError, ValueError) as exc:
-                raise DataError(f"{self.path}: unreadable prepared-image file ({exc})") from None
-            if pixels.dtype != np.uint8 or pixels.shape != self._shape:
-                raise DataError(f"{self.path}: holds {pixels.dtype} {list(pixels.shape)}, its sidecar says uint8 "
-                                f"{list(self._shape)}")
-            self._pixels = pixels
-        return self._pixels
+        try:
+            pixels = np.load(self.path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{self.path}: unreadable prepared-image file ({exc})") from None
+        if pixels.dtype != np.uint8 or pixels.shape != self._shape:
+            raise DataError(f"{self.path}: holds {pixels.dtype} {list(pixels.shape)}, its sidecar says uint8 "
+                            f"{list(self._shape)}")
+        return pixels
 
     def __len__(self) -> int:
         return len(self.names)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_pixels": None}
+        return {k: v for k, v in self.__dict__.items() if k != "pixels"}
+
+    @functools.cached_property
+    def _rows(self) -> dict[str, int]:
+        return {n: i for i, n in enumerate(self.names)}
 
     def row(self, name: str) -> int:
         """The row of the image called ``name`` (a DataError if there is none)."""
-        if self._rows is None:
-            self._rows = {n: i for i, n in enumerate(self.names)}
         try:
             return self._rows[name]
         except KeyError:
@@ -301,18 +282,6 @@ class PreparedImageDataset(Dataset):
         return [image if ok else None for image, ok in zip(images, self.prepared.ok[rows])]
 
 
-def _open_checked(path: Path, meta: dict[str, Any], skip_bad_images: bool) -> PreparedImages:
-    prepared = PreparedImages(path, meta)
-    prepared.pixels  # noqa: B018 - map the file now, so a damaged one fails here
-    if prepared.bad:
-        name, reason = prepared.bad[0]
-        if not skip_bad_images:
-            raise DataError(f"{reason} [{len(prepared.bad)} bad image(s) recorded in {_sidecar(path)}; fix them or "
-                            f"skip bad images]")
-        _log.warning("%s: %d bad image(s) skipped, their rows are not ok (first: %s)", path, len(prepared.bad), reason)
-    return prepared
-
-
 def open_prepared(path: str | os.PathLike, images: ImageList, spec: PreprocessSpec,
                   skip_bad_images: bool = False) -> PreparedImages:
     """Open the cache at ``path`` if it serves ``images`` under ``spec``; else one DataError
@@ -321,7 +290,15 @@ def open_prepared(path: str | os.PathLike, images: ImageList, spec: PreprocessSp
     reason = stale_reason(path, images, spec)
     if reason is not None:
         raise DataError(f"{path}: prepared-image cache cannot be used: {reason}")
-    return _open_checked(path, read_json(_sidecar(path), "prepared-image sidecar", error=DataError), skip_bad_images)
+    prepared = PreparedImages(path, read_json(_sidecar(path), "prepared-image sidecar", error=DataError))
+    prepared.pixels  # noqa: B018 - map the file now, so a damaged one fails here
+    if prepared.bad:
+        name, reason = prepared.bad[0]
+        if not skip_bad_images:
+            raise DataError(f"{reason} [{len(prepared.bad)} bad image(s) recorded in {_sidecar(path)}; fix them or "
+                            f"skip bad images]")
+        _log.warning("%s: %d bad image(s) skipped, their rows are not ok (first: %s)", path, len(prepared.bad), reason)
+    return prepared
 
 
 class _ChunkDecoder(Dataset):
@@ -399,11 +376,11 @@ def _check_space(path: Path, needed: int) -> None:
 
 
 def _build(path: Path, images: ImageList, spec: PreprocessSpec, skip_bad_images: bool, workers: int,
-           chunk: int, progress: Progress | None) -> dict[str, Any]:
-    """Build (or resume building) the cache at ``path``; return its sidecar record."""
+           chunk: int, progress: Progress | None) -> None:
+    """Build (or resume building) the cache at ``path``."""
     shape = [len(images), 3, *spec.size]
     state = {"format": FORMAT_VERSION, "shape": shape, "preprocess_key": spec.key(), "images_key": images.key(),
-             "decoder": _decoder()}
+             "decoder": DECODER}
     _discard(_sidecar(path), path)  # from here on, no cache at this path validates until the end
     partial, progress_file = _partial(path), _progress_file(path)
     recorded = _resume_state(path, state)
@@ -434,25 +411,15 @@ def _build(path: Path, images: ImageList, spec: PreprocessSpec, skip_bad_images:
     del pixels
     os.replace(partial, path)
     meta = {"format": FORMAT_VERSION, "shape": shape, "dtype": "uint8", "preprocess": spec.to_dict(),
-            "preprocess_key": spec.key(), "decoder": _decoder(), "images": images.to_dict(),
+            "preprocess_key": spec.key(), "decoder": DECODER, "images": images.to_dict(),
             "bad": {"count": len(bad_rows), "rows": bad_rows, "reasons": bad_reasons}, "data": _file_stat(path)}
     _write_compact_json(_sidecar(path), meta)
     _discard(progress_file)
-    return meta
 
 
-def prepare_images(
-    paths: Sequence[str | os.PathLike],
-    spec: PreprocessSpec,
-    path: str | os.PathLike,
-    *,
-    names: Sequence[str] | None = None,
-    skip_bad_images: bool = False,
-    rebuild: bool = True,
-    workers: int | None = None,
-    chunk: int = 64,
-    progress: Progress | None = None,
-) -> PreparedImages:
+def prepare_images(paths: Sequence[str | os.PathLike], spec: PreprocessSpec, path: str | os.PathLike, *,
+                   names: Sequence[str] | None = None, skip_bad_images: bool = False, rebuild: bool = True,
+                   workers: int | None = None, chunk: int = 64, progress: Progress | None = None) -> PreparedImages:
     """The cache at ``path`` (a ``.npy`` file; see :func:`prepared_path`) for these images under
     ``spec``: opened if it is valid, else built (``rebuild=True``) or refused with a DataError.
 
@@ -469,16 +436,14 @@ def prepare_images(
     if not len(images):
         raise DataError(f"{path}: no images to prepare")
     reason = stale_reason(path, images, spec)
-    if reason is None:
-        return open_prepared(path, images, spec, skip_bad_images)
-    if not rebuild:
+    if reason is not None and not rebuild:
         raise DataError(f"{path}: prepared-image cache cannot be used: {reason} (allow a rebuild, or delete it)")
-    _check_space(path, len(images) * 3 * spec.size[0] * spec.size[1])
-    with _build_lock(path):
-        reason = stale_reason(path, images, spec)  # another process may have built it meanwhile
-        if reason is None:
-            return open_prepared(path, images, spec, skip_bad_images)
-        _log.info("%s: preparing %d images (%s)", path, len(images), reason)
-        meta = _build(path, images, spec, skip_bad_images, default_workers() if workers is None else workers, chunk,
-                      progress)
-    return _open_checked(path, meta, skip_bad_images)
+    if reason is not None:
+        _check_space(path, len(images) * 3 * spec.size[0] * spec.size[1])
+        with _build_lock(path):
+            reason = stale_reason(path, images, spec)  # another process may have built it meanwhile
+            if reason is not None:
+                _log.info("%s: preparing %d images (%s)", path, len(images), reason)
+                _build(path, images, spec, skip_bad_images, default_workers() if workers is None else workers, chunk,
+                       progress)
+    return open_prepared(path, images, spec, skip_bad_images)

@@ -12,13 +12,12 @@ from .hateful_memes import HatefulMemes
 from .mmimdb import MMIMDb
 
 DATASET_CLASSES = {"food101": Food101, "mmimdb": MMIMDb, "hateful_memes": HatefulMemes}
-CLASSIFICATION_DATASETS = tuple(DATASET_CLASSES)
 
 
 def canonical_name(name: str) -> str:
     """``hateful-memes`` → ``hateful_memes`` etc.; unknown names raise DataError."""
     key = name.strip().lower().replace("-", "_")
-    if key not in CLASSIFICATION_DATASETS:
+    if key not in DATASET_CLASSES:
         raise DataError(f"unknown dataset {name!r} (expected one of: food101, mmimdb, hateful-memes)")
     return key
 

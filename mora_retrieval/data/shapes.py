@@ -31,7 +31,6 @@ Sizes (``tiny`` for tests, ``small``, ``medium`` for the demo) are in :data:`WOR
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import shutil
@@ -44,7 +43,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import DataError
-from ..fileio import read_json, write_json
+from ..fileio import check_can_create, read_json, write_json
 from .images import require_choice
 from .mmimdb import MMIMDB_GENRES
 from .shapes_scene import (COLOUR_NAMES, SHAPES, Obj, Scene, distinct_edits, join_phrases, noun_phrase, object_polygon, polygon_area,
@@ -89,9 +88,6 @@ def _save(img, path: Path, fmt: str) -> None:
     img.save(path, format=fmt, **({"quality": 92} if fmt == "JPEG" else {}))
 
 
-# ---------------------------------------------------------------- CIRR
-
-
 def _write_cirr(root: Path, spec: WorldSize, seed: int, image_size: int, tick: Progress) -> dict:
     counts = {}
     for split, prefix, groups in zip(("train", "val", "test1"), ("train", "dev", "test1"), spec.cirr_groups):
@@ -123,9 +119,6 @@ def _write_cirr(root: Path, spec: WorldSize, seed: int, image_size: int, tick: P
         write_json(root / "image_splits" / f"split.rc2.{split}.json", image_split)
         counts[split] = {"images": len(image_split), "triplets": len(records)}
     return counts
-
-
-# ---------------------------------------------------------------- COCO
 
 
 def _write_coco(root: Path, spec: WorldSize, seed: int, image_size: int, tick: Progress) -> dict:
@@ -166,8 +159,6 @@ def _write_coco(root: Path, spec: WorldSize, seed: int, image_size: int, tick: P
     return counts
 
 
-# ---------------------------------------------------------------- Food-101
-
 FOOD_CLASSES = tuple(f"{c}_{s}" for c in COLOUR_NAMES for s in SHAPES)
 _TITLE_TEMPLATES = ("the {c} one", "a {c} shape", "look at the {c} shape", "it is {c}",
                     "a picture of the {c} one", "the {c} shape in the picture")
@@ -189,16 +180,12 @@ def _write_food(root: Path, spec: WorldSize, seed: int, image_size: int, tick: P
             tick("food101", 1)
             title = _TITLE_TEMPLATES[int(rng.integers(len(_TITLE_TEMPLATES)))].format(c=colour)
             rows.append((name, title, cls))
-        buf = io.StringIO()
-        csv.writer(buf, lineterminator="\n").writerows(rows)
-        path = root / "texts" / f"{split}_titles.csv"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(buf.getvalue(), encoding="utf-8")
+        (root / "texts").mkdir(parents=True, exist_ok=True)
+        with open(root / "texts" / f"{split}_titles.csv", "w", encoding="utf-8", newline="") as handle:
+            csv.writer(handle, lineterminator="\n").writerows(rows)
         counts[split] = {"images": n, "classes": len({r[2] for r in rows})}
     return counts
 
-
-# ---------------------------------------------------------------- MM-IMDb
 
 _PLOT_TEMPLATES = ("a story about {x}", "{x} meet on a long journey", "this film follows {x}",
                    "the life of {x}", "{x} and what happens next")
@@ -239,8 +226,6 @@ def _write_mmimdb(root: Path, spec: WorldSize, seed: int, image_size: int, tick:
     write_json(root / "split.json", splits)
     return counts
 
-
-# ---------------------------------------------------------------- Hateful Memes
 
 _MEME_TEMPLATES = ("look at this {z} {c} {s}", "when the {s} is {z}", "such a {z} {c} {s}",
                    "nobody likes a {z} {s}", "me and my {z} {c} {s}")
@@ -292,16 +277,14 @@ def generate_shapes_world(out_dir: str | os.PathLike, size: str = "tiny", seed: 
     require_choice(size, WORLD_SIZES, "shapes-world size")
     if image_size < 16:
         raise DataError(f"image size {image_size} is too small for the shapes world (need at least 16)")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out}: exists and is not a folder")
+    out = check_can_create(out_dir, "folder for the shapes world")
     ours = (out / MANIFEST).is_file()
     for part in PARTS:
         if (out / part).exists() and not ours:
             raise DataError(f"{out / part}: already exists and is not part of a shapes world; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     spec, tick = WORLD_SIZES[size], progress or (lambda part, n: None)
-    roots, counts = {}, {}
+    counts = {}
     tmp = Path(tempfile.mkdtemp(prefix=".shapes-", dir=out))
     try:
         for part in PARTS:
@@ -310,19 +293,14 @@ def generate_shapes_world(out_dir: str | os.PathLike, size: str = "tiny", seed: 
             if (out / part).exists():
                 shutil.rmtree(out / part)
             os.replace(tmp / part, out / part)
-            roots[part] = out / part
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     write_json(out / MANIFEST, {"generator": "mora-retrieval shapes world", "size": size, "seed": seed,
                                 "image_size": image_size, "sizes": asdict(spec),
                                 "parts": {p: {"root": p, "splits": counts[p]} for p in PARTS}})
-    return roots
+    return {part: out / part for part in PARTS}
 
 
 def read_world_manifest(out_dir: str | os.PathLike) -> dict:
     """The ``shapes_world.json`` written by :func:`generate_shapes_world`."""
     return read_json(Path(out_dir) / MANIFEST, "shapes world manifest", error=DataError)
-
-
-__all__ = ["generate_shapes_world", "read_world_manifest", "WORLD_SIZES", "WorldSize", "PARTS", "FOOD_CLASSES",
-           "mmimdb_genres"]

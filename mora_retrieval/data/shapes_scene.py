@@ -57,11 +57,8 @@ class Scene:
         return [s for s in range(len(POSITIONS)) if s not in used]
 
 
-# ---------------------------------------------------------------- sampling
-
-
-def random_object(rng: np.random.Generator, shape: str, colour: str, slot: int, size: str | None = None) -> Obj:
-    size = size or SIZES[rng.integers(2)]
+def random_object(rng: np.random.Generator, shape: str, colour: str, slot: int) -> Obj:
+    size = SIZES[rng.integers(2)]
     dx, dy = (int(v) for v in rng.integers(-3, 4, size=2))
     return Obj(shape, colour, size, slot, dx, dy)
 
@@ -70,19 +67,15 @@ def random_scene(rng: np.random.Generator, n_objects: int | None = None, *, colo
                  must: tuple[Obj, ...] = ()) -> Scene:
     """A scene with ``n_objects`` (default 1–3) objects of distinct shapes, plus the ``must`` objects."""
     n = int(rng.integers(1, 4)) if n_objects is None else n_objects
-    objects = list(must)
-    taken_shapes = {o.shape for o in objects}
-    free = [s for s in range(4) if s not in {o.slot for o in objects}]
+    objects, given = list(must), Scene(must, "")
+    free = given.free_slots()
     rng.shuffle(free)
-    shapes = [s for s in SHAPES if s not in taken_shapes]
+    shapes = [s for s in SHAPES if s not in given.shapes()]
     rng.shuffle(shapes)
     for i in range(max(n - len(objects), 0)):
         objects.append(random_object(rng, shapes[i], colours[rng.integers(len(colours))], free[i]))
     objects.sort(key=lambda o: o.slot)
     return Scene(tuple(objects), BACKGROUND_NAMES[rng.integers(len(BACKGROUND_NAMES))], bool(rng.random() < 0.3))
-
-
-# ---------------------------------------------------------------- geometry and drawing
 
 
 def _centre_radius(obj: Obj, scale: float, y_offset: float) -> tuple[float, float, float]:
@@ -104,19 +97,14 @@ def object_polygon(obj: Obj, scale: float, y_offset: float = 0.0) -> list[tuple[
         return [(cx, cy - r), (cx + 0.95 * r, cy + 0.8 * r), (cx - 0.95 * r, cy + 0.8 * r)]
     if obj.shape == "diamond":
         return [(cx, cy - r), (cx + 0.75 * r, cy), (cx, cy + r), (cx - 0.75 * r, cy)]
-    if obj.shape == "star":
-        pts = []
-        for k in range(10):
-            rad = r if k % 2 == 0 else 0.45 * r
-            a = -np.pi / 2 + k * np.pi / 5
-            pts.append((cx + rad * np.cos(a), cy + rad * np.sin(a)))
-        return pts
+    if obj.shape == "star":  # ten points, alternating between the outer and the inner radius
+        radii_angles = [(r if k % 2 == 0 else 0.45 * r, -np.pi / 2 + k * np.pi / 5) for k in range(10)]
+        return [(cx + rad * np.cos(a), cy + rad * np.sin(a)) for rad, a in radii_angles]
     raise ValueError(f"unknown shape {obj.shape!r}")
 
 
 def polygon_area(points: list[tuple[float, float]]) -> float:
-    xs = np.array([p[0] for p in points])
-    ys = np.array([p[1] for p in points])
+    xs, ys = np.array(points).T
     return float(0.5 * abs(np.dot(xs, np.roll(ys, -1)) - np.dot(ys, np.roll(xs, -1))))
 
 
@@ -140,9 +128,6 @@ def render(scene: Scene, size: int, rng: np.random.Generator, height: int | None
         arr = np.asarray(img, dtype=np.int16) + rng.integers(-10, 11, size=(height, size, 3), dtype=np.int16)
         img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
     return img
-
-
-# ---------------------------------------------------------------- words
 
 
 def article(word: str) -> str:
@@ -180,8 +165,6 @@ def scene_captions(scene: Scene, rng: np.random.Generator, n: int = 5) -> list[s
         captions.append(template)
     return captions
 
-
-# ---------------------------------------------------------------- CIRR edits
 
 EDIT_KINDS = ("colour", "shape", "add", "remove", "size", "background")
 

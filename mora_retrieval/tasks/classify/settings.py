@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ...adapters import AdapterConfig, get_method
-from ...data.missing import MISSING_IMAGE_FILLS, MissingAssignments, MissingSpec, WithMissingModality
+from ...data.missing import MISSING_IMAGE_FILLS, MissingSpec, WithMissingModality, stored_missing_codes
 from ...data.registry import canonical_name, get_classification_dataset
 from ...engine import TrainConfig
 from ...errors import TrainingError
@@ -207,5 +207,5 @@ def scenario_data(settings: ClassifySettings, split: str, scenario: str, transfo
     dataset = get_classification_dataset(settings.dataset, settings.data_root, split, transform=transform,
                                          skip_bad_images=settings.skip_bad_images)
     spec = MissingSpec.parse(scenario, seed=settings.missing_seed)
-    codes = MissingAssignments(settings.store()).get(dataset.name, split, len(dataset), spec)
+    codes = stored_missing_codes(settings.store(), dataset.name, split, len(dataset), spec)
     return WithMissingModality(dataset, codes, missing_image=settings.missing_image)

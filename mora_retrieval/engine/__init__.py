@@ -1,9 +1,7 @@
 """The training engine: one loop (AdamW, warm-up + cosine, bf16, DDP, resume) for every task.
 
-Modules: :mod:`.config` (``TrainConfig``), :mod:`.module` (``TrainModule``, what a task
-implements), :mod:`.trainer` (``Trainer``), :mod:`.checkpoint` (the engine's run folder and the
-resume check), :mod:`.sampling` (the resumable sampler), :mod:`.schedule`, :mod:`.rng`,
-:mod:`.distributed`, :mod:`.interrupt`, :mod:`.curves` (console output: :mod:`mora_retrieval.progress`).
+A task implements :class:`TrainModule`; :class:`Trainer` trains it with a :class:`TrainConfig` into the
+run folder described in :mod:`.checkpoint`.
 """
 
 from .checkpoint import resume_or_fail

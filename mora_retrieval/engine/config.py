@@ -1,13 +1,7 @@
 """``TrainConfig``: every setting of the training engine, as one typed dataclass.
 
-The resolved config is written to ``<run>/config.json`` (under ``"train"``) and checked again
-on ``--resume``: the fields in :data:`TRAINING_FIELDS` change what training computes, so a
-resumed run must keep them (and the number of processes); the others (device, workers,
-logging, checkpoint cadence, patience) may change between an interrupted run and its resume.
-
-Batch semantics: ``batch_size`` is the micro-batch of ONE process (one DataLoader batch); an
-optimiser step sees ``batch_size × grad_accum × world_size`` samples (the effective batch,
-also recorded in ``config.json``).
+``batch_size`` is the micro-batch of ONE process (one DataLoader batch); an optimiser step sees
+``batch_size × grad_accum × world_size`` samples (the effective batch, recorded in ``config.json``).
 """
 
 from __future__ import annotations
@@ -19,19 +13,8 @@ from ..device import PRECISIONS
 from ..errors import TrainingError
 
 #: Fields whose change alters the computation; a resume must keep them identical.
-TRAINING_FIELDS = (
-    "epochs",
-    "batch_size",
-    "lr",
-    "weight_decay",
-    "betas",
-    "eps",
-    "warmup_ratio",
-    "grad_accum",
-    "seed",
-    "max_grad_norm",
-    "max_steps",
-)
+TRAINING_FIELDS = ("epochs", "batch_size", "lr", "weight_decay", "betas", "eps", "warmup_ratio", "grad_accum", "seed",
+                   "max_grad_norm", "max_steps")
 
 
 @dataclass
@@ -61,20 +44,13 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many optimiser steps (also shortens the schedule)
 
     def __post_init__(self) -> None:
-        self.betas = tuple(float(b) for b in self.betas)  # JSON gives lists
-        self.validate()
-
-    def validate(self) -> None:
         """Raise a one-line :class:`TrainingError` for an impossible setting."""
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
-                    "log_every": self.log_every}
-        for name, value in positive.items():
-            if int(value) != value or value < 1:
-                raise TrainingError(f"train config: {name} must be a positive integer, got {value!r}")
-        for name in ("checkpoint_every", "max_steps", "patience"):
-            value = getattr(self, name)
-            if value is not None and (int(value) != value or value < 1):
-                raise TrainingError(f"train config: {name} must be a positive integer or None, got {value!r}")
+        self.betas = tuple(float(b) for b in self.betas)  # JSON gives lists
+        for name in ("epochs", "batch_size", "grad_accum", "log_every", "checkpoint_every", "max_steps", "patience"):
+            value, optional = getattr(self, name), name in ("checkpoint_every", "max_steps", "patience")
+            if not (optional and value is None) and (int(value) != value or value < 1):
+                expected = "a positive integer or None" if optional else "a positive integer"
+                raise TrainingError(f"train config: {name} must be {expected}, got {value!r}")
         if self.lr <= 0 or self.eps <= 0 or self.weight_decay < 0:
             raise TrainingError(f"train config: need lr > 0, eps > 0, weight_decay >= 0 "
                                 f"(got {self.lr}, {self.eps}, {self.weight_decay})")
@@ -106,9 +82,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (betas as a list)."""
-        out = asdict(self)
-        out["betas"] = list(self.betas)
-        return out
+        return {**asdict(self), "betas": list(self.betas)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
@@ -118,8 +92,3 @@ class TrainConfig:
         if unknown:
             raise TrainingError(f"train config: unknown field(s) {', '.join(unknown)}")
         return cls(**data)
-
-    def training_signature(self) -> dict[str, Any]:
-        """The subset of fields that a resumed run must keep unchanged."""
-        full = self.to_dict()
-        return {name: full[name] for name in TRAINING_FIELDS}

@@ -1,13 +1,10 @@
-"""``torchrun`` support: detect the launch, pick the device, set up and tear down the group.
+"""``torchrun`` support: detect the launch, hold the process group.
 
-Under ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set) the engine initialises the
-default process group (``nccl`` on CUDA, ``gloo`` on CPU) unless the caller already did, wraps
-the task in ``DistributedDataParallel`` and shards the data with the sampler. Only rank 0
-writes files and prints. Validation runs on rank 0 alone (on the unwrapped module); its
-metrics are broadcast so every rank takes the same best/early-stopping decisions.
-
-DDP runs with ``find_unused_parameters=False``: every trainable parameter must take part in
-each forward (frozen weights need no gradient and are ignored by DDP).
+Under ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set) the engine creates the default
+process group (``nccl`` on CUDA, ``gloo`` on CPU) unless the caller did, wraps the task in
+``DistributedDataParallel`` (``find_unused_parameters=False``: every trainable parameter must take
+part in each forward) and shards the data. Only rank 0 writes files and prints; it validates alone
+and broadcasts the metrics, so every rank takes the same best/early-stopping decisions.
 """
 
 from __future__ import annotations

@@ -71,11 +71,8 @@ def has_record(run_dir: str | os.PathLike) -> bool:
 
 
 def resumable(engine_dir: str | os.PathLike, resume: bool) -> bool:
-    """Whether to resume the engine run in ``engine_dir``: asked for, and something to resume.
-
-    With ``resume`` and no resumable checkpoint yet (e.g. the run was stopped before its first
-    one, or a later stage never started), training starts afresh.
-    """
+    """Whether to resume the engine run in ``engine_dir``: asked for, and a checkpoint to resume (without
+    one, e.g. a run stopped before its first or a stage that never started, training starts afresh)."""
     return resume and last_path(Path(engine_dir)).is_file()
 
 
@@ -106,11 +103,8 @@ class FinishedRun:
     @classmethod
     def open(cls, run_dir: str | os.PathLike, error: type[MoraError] = MoraError, tasks: tuple[str, ...] = (),
              needs: str = "") -> "FinishedRun":
-        """Read ``config.json``; it must name the architecture (``arch``) and, given ``tasks``, one of them.
-
-        ``needs`` ends the error for another task with what the caller needs (e.g. which commands write
-        such runs); a run of a wanted task without ``arch`` has not finished.
-        """
+        """Read ``config.json``; it must name the architecture (``arch``) and, given ``tasks``, one of them
+        (``needs`` ends the error for another task, e.g. which commands write such runs)."""
         path = Path(run_dir)
         if not path.is_dir():
             raise error(f"{path}: run folder not found (expected a folder with {CONFIG_FILE})")
@@ -197,6 +191,7 @@ class FinishedRun:
             backbone = load_backbone(self.arch, str(merged), device=device)
         else:
             backbone = self.load_base(device)
-            backbone.model = load_merged(backbone.model, adapter, self.arch, check_fingerprint=False)  # load_base checked
+            # load_base checked the fingerprint
+            backbone.model = load_merged(backbone.model, adapter, self.arch, check_fingerprint=False)
         backbone.model.eval()
         return backbone

@@ -11,7 +11,7 @@ import torch
 from engine_toys import ToyTask
 from mora_retrieval.engine import ResumableSampler, TrainConfig, lr_factor, to_device
 from mora_retrieval.engine.sampling import build_loader
-from mora_retrieval.engine.schedule import build_scheduler
+from mora_retrieval.engine.config import build_scheduler
 from mora_retrieval.errors import TrainingError
 
 

@@ -5,13 +5,10 @@ run folder described in :mod:`.checkpoint`.
 """
 
 from .checkpoint import resume_or_fail
-from .config import TRAINING_FIELDS, TrainConfig
-from .interrupt import TrainingInterrupted
+from .config import TRAINING_FIELDS, TrainConfig, lr_factor
 from .module import TrainModule
-from .rng import seed_everything
-from .sampling import ResumableSampler, to_device
-from .schedule import lr_factor
-from .trainer import Trainer, TrainResult
+from .sampling import ResumableSampler, seed_everything, to_device
+from .trainer import Trainer, TrainingInterrupted, TrainResult
 
 __all__ = [
     "TRAINING_FIELDS", "ResumableSampler", "TrainConfig", "TrainModule", "TrainResult", "Trainer",

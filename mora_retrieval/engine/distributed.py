@@ -39,12 +39,11 @@ class DistInfo:
 
 def detect() -> DistInfo:
     """Read the torchrun environment (a plain ``python`` run is rank 0 of 1)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if world <= 1:
-        return DistInfo()
-    return DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", 0)))
+    return DistInfo(int(os.environ["RANK"]), world, local_rank) if world > 1 else DistInfo()
 
 
 def barrier(info: DistInfo) -> None:

@@ -20,6 +20,12 @@ A ``None`` batch (:func:`~mora_retrieval.data.collate.collate_skip_none` skipped
 image) keeps its place in the epoch, so resume stays exact, adds no loss or gradient (its group steps
 on the others' ``loss / grad_accum``) and is counted as ``empty_batches`` in ``metrics.jsonl``. With
 several processes it is an error: one rank cannot skip a batch alone.
+
+Ctrl-C (SIGINT, or SIGTERM) asks the loop to stop at the next safe point: after an optimiser step
+(single process) or at a log point (``torchrun``: the ranks agree through the loss all-reduce), where
+it writes ``last.pt`` and raises :class:`TrainingInterrupted`. A second Ctrl-C, or a
+``KeyboardInterrupt`` from the task, interrupts at once; a single process then rolls back to the last
+finished optimiser step and saves that.
 """
 
 from __future__ import annotations
@@ -29,11 +35,13 @@ import itertools
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Callable
+from types import FrameType, SimpleNamespace
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -45,18 +53,40 @@ from ..errors import TrainingError
 from ..fileio import atomic_write, load_tensors, write_json
 from ..progress import TrainProgress
 from . import checkpoint as ckpt
-from .config import TrainConfig
+from .config import TrainConfig, build_scheduler
 from .curves import plot_curves
 from .distributed import barrier, detect, process_group
-from .interrupt import TrainingInterrupted, stop_requests
 from .module import TrainModule
-from .rng import capture_rng, restore_rng, seed_everything
-from .sampling import ResumableSampler, build_loader, to_device
-from .schedule import build_scheduler
+from .sampling import ResumableSampler, build_loader, capture_rng, restore_rng, seed_everything, to_device
 
 
 #: Seconds between two drawings of curves.png after epochs.
 PLOT_INTERVAL_S = 30.0
+
+
+class TrainingInterrupted(TrainingError):
+    """Training stopped on request after writing a resumable checkpoint."""
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[SimpleNamespace]:
+    """Install SIGINT/SIGTERM handlers (main thread only) that set the yielded flag's ``requested``."""
+    flag = SimpleNamespace(requested=False)
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        if flag.requested and signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        flag.requested = True
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {signum: signal.signal(signum, handle) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 @dataclass
@@ -214,8 +244,7 @@ class Trainer:
         except (ValueError, KeyError, RuntimeError) as exc:
             raise TrainingError(f"{ckpt.last_path(self.run_dir)}: optimiser state does not fit this model "
                                 f"({exc.__class__.__name__})") from None
-        rng = state["rng"]
-        restore_rng(rng[self.dist.rank] if self.dist.rank < len(rng) else rng[0])
+        restore_rng(state["rng"][self.dist.rank])  # resume_or_fail checked the number of processes
         known = _Position.__dataclass_fields__
         return _Position(**{k: v for k, v in state["position"].items() if k in known})
 

@@ -72,12 +72,11 @@ def default_workers() -> int:
     return 0 if cores <= 1 else min(8, cores)
 
 
-def resolve_device(spec: str | torch.device | None = "auto", rank: int | None = None) -> torch.device:
-    """:func:`device_for` on this machine (``rank`` defaults to ``LOCAL_RANK``)."""
+def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """:func:`device_for` on this machine, for this process's ``LOCAL_RANK``."""
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
-    rank = int(os.environ.get("LOCAL_RANK", 0)) if rank is None else rank
-    return torch.device(device_for(str(spec) if spec else None, rank, count, world))
+    return torch.device(device_for(str(spec) if spec else None, int(os.environ.get("LOCAL_RANK", 0)), count, world))
 
 
 def resolve_precision(precision: str | None, device: torch.device) -> str:
@@ -98,5 +97,5 @@ def autocast(device: torch.device, precision: str):
 
 
 def inference_dtype(device: torch.device, precision: str | None = "auto") -> torch.dtype:
-    """Weights' dtype for pure inference: bf16 on CUDA under "auto"/"bf16", fp32 otherwise."""
+    """Weights' dtype for pure inference: bf16 for precision "bf16" (auto: on CUDA), else fp32."""
     return torch.bfloat16 if resolve_precision(precision, device) == "bf16" else torch.float32

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from .adapters import load_merged, read_adapter_config
-from .engine.checkpoint import CONFIG_FILE, last_path
+from .engine.checkpoint import CONFIG_FILE, LAST_FILE
 from .errors import BackboneError, MoraError
 from .fileio import read_json, write_json
 from .model.backbone import Backbone, load_backbone, weights_fingerprint
@@ -73,7 +73,7 @@ def has_record(run_dir: str | os.PathLike) -> bool:
 def resumable(engine_dir: str | os.PathLike, resume: bool) -> bool:
     """Whether to resume the engine run in ``engine_dir``: asked for, and a checkpoint to resume (without
     one, e.g. a run stopped before its first or a stage that never started, training starts afresh)."""
-    return resume and last_path(Path(engine_dir)).is_file()
+    return resume and (Path(engine_dir) / LAST_FILE).is_file()
 
 
 def finite(obj: Any) -> Any:

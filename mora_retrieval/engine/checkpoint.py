@@ -32,18 +32,6 @@ METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
 
 
-def last_path(run_dir: Path) -> Path:
-    return Path(run_dir) / LAST_FILE
-
-
-def best_path(run_dir: Path) -> Path:
-    return Path(run_dir) / BEST_FILE
-
-
-def curves_path(run_dir: Path) -> Path:
-    return Path(run_dir) / CURVES_FILE
-
-
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write a resumable checkpoint atomically (a crash never leaves half a file)."""
     state = {"format": CHECKPOINT_FORMAT, **state}
@@ -104,7 +92,7 @@ def resume_or_fail(run_dir: Path, config: TrainConfig, extra_config: dict | None
         changed = sorted(k for k in set(old_extra) | set(new_extra) if old_extra.get(k) != new_extra.get(k))
         raise TrainingError(f"{where}: cannot resume: task settings changed ({', '.join(changed)}); "
                             f"use a new run folder")
-    path = last_path(run_dir)
+    path = Path(run_dir) / LAST_FILE
     if not path.is_file():
         raise TrainingError(f"{path}: checkpoint not found (nothing to resume)")
     return path

@@ -27,11 +27,8 @@ TRAINING_FIELDS = ("epochs", "batch_size", "lr", "weight_decay", "betas", "eps",
 
 @dataclass
 class TrainConfig:
-    """Optimiser, schedule, precision, data loading and bookkeeping of one training run.
-
-    Defaults follow the paper's recipe (docs/protocols.md §1): AdamW with betas (0.9, 0.98), eps 1e-8,
-    lr 1e-2, weight decay 0.02, 10% linear warm-up then cosine decay to 0 (per optimiser step).
-    """
+    """Optimiser, schedule, precision, data loading and bookkeeping of one training run; the defaults
+    are the paper's recipe (docs/protocols.md §1)."""
 
     epochs: int = 20
     batch_size: int = 256

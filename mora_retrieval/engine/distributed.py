@@ -26,7 +26,6 @@ class DistInfo:
 
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -39,11 +38,10 @@ class DistInfo:
 
 def detect() -> DistInfo:
     """Read the torchrun environment (a plain ``python`` run is rank 0 of 1)."""
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+        return DistInfo(dist.get_rank(), dist.get_world_size())
     world = int(os.environ.get("WORLD_SIZE", 1))
-    return DistInfo(int(os.environ["RANK"]), world, local_rank) if world > 1 else DistInfo()
+    return DistInfo(int(os.environ["RANK"]), world) if world > 1 else DistInfo()
 
 
 def barrier(info: DistInfo) -> None:
@@ -63,7 +61,7 @@ def process_group(device_spec: str = "auto") -> Iterator[DistInfo]:
     info = detect()
     created = info.enabled and not dist.is_initialized()
     if created:
-        device = resolve_device(device_spec, info.local_rank)
+        device = resolve_device(device_spec)
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")

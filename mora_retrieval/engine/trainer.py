@@ -143,7 +143,7 @@ class Trainer:
         self.quiet = quiet
         self.extra_config = extra_config or {}
         self.dist = detect()
-        self.device = resolve_device(config.device, self.dist.local_rank)
+        self.device = resolve_device(config.device)
         self.precision = resolve_precision(config.precision, self.device)
         self.num_workers = resolve_num_workers(config.num_workers, self.device, self.dist.world_size)
         module.precision, module.num_workers = self.precision, self.num_workers
@@ -157,7 +157,7 @@ class Trainer:
     def restore_best(self) -> bool:
         """After :meth:`fit`: load the best epoch's trainable state into the module. Without a best epoch
         (no finite validation metric) the last weights stay, with a warning, and the answer is False."""
-        best = ckpt.best_path(self.run_dir)
+        best = self.run_dir / ckpt.BEST_FILE
         if not best.is_file():
             if self.console is not None and not self.quiet and self.dist.is_main:
                 self.console.print("[yellow]no epoch had a finite validation metric; keeping the last weights[/]")
@@ -172,7 +172,7 @@ class Trainer:
         if resume:
             state = ckpt.load_checkpoint(ckpt.resume_or_fail(self.run_dir, cfg, self.extra_config, info.world_size,
                                                              len(self.dataset)))
-        elif ckpt.last_path(self.run_dir).exists():
+        elif (self.run_dir / ckpt.LAST_FILE).exists():
             raise TrainingError(f"{self.run_dir}: already holds a run (checkpoints/last.pt); "
                                 f"resume it or choose a new run folder")
 
@@ -228,7 +228,7 @@ class Trainer:
             raise
         self._plot(pos, force=True)
         barrier(info)
-        best = ckpt.best_path(self.run_dir)
+        best = self.run_dir / ckpt.BEST_FILE
         result = TrainResult(best_metric=pos.best_metric, best_epoch=pos.best_epoch, history=list(pos.history),
                              stopped_early=pos.stopped_early, best_checkpoint=best if best.is_file() else None,
                              global_step=pos.global_step)
@@ -242,7 +242,7 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
         except (ValueError, KeyError, RuntimeError) as exc:
-            raise TrainingError(f"{ckpt.last_path(self.run_dir)}: optimiser state does not fit this model "
+            raise TrainingError(f"{self.run_dir / ckpt.LAST_FILE}: optimiser state does not fit this model "
                                 f"({exc.__class__.__name__})") from None
         restore_rng(state["rng"][self.dist.rank])  # resume_or_fail checked the number of processes
         known = _Position.__dataclass_fields__
@@ -351,7 +351,7 @@ class Trainer:
             dist.all_reduce(vec)
         total, n, stops = vec.tolist()
         if not math.isfinite(total):
-            last = ckpt.last_path(self.run_dir)
+            last = self.run_dir / ckpt.LAST_FILE
             kept = (f"{last} (the last good state) was left untouched" if last.exists()
                     else "no checkpoint had been written yet")
             raise TrainingError(
@@ -412,7 +412,7 @@ class Trainer:
         pos.finished = pos.stopped_early or reached_max or pos.epoch >= cfg.epochs
         if info.is_main:
             if improved:
-                ckpt.save_best(ckpt.best_path(self.run_dir), module.trainable_state_dict(), record["epoch"],
+                ckpt.save_best(self.run_dir / ckpt.BEST_FILE, module.trainable_state_dict(), record["epoch"],
                                module.main_metric, value)
             with atomic_write(self.run_dir / ckpt.METRICS_FILE, "w") as handle:
                 handle.writelines(json.dumps(entry) + "\n" for entry in pos.history)
@@ -427,7 +427,7 @@ class Trainer:
         if not self.dist.is_main or not pos.history:
             return
         if force or time.monotonic() - self._last_plot >= PLOT_INTERVAL_S:
-            plot_curves(pos.history, ckpt.curves_path(self.run_dir), self.module.main_metric)
+            plot_curves(pos.history, self.run_dir / ckpt.CURVES_FILE, self.module.main_metric)
             self._last_plot = time.monotonic()
 
     def _save_last(self, pos: _Position, rng: dict | None = None) -> None:
@@ -444,10 +444,10 @@ class Trainer:
         bad = [k for k, ok in zip(names, finite) if not ok]
         if bad:
             raise TrainingError(f"non-finite trainable weights ({bad[0]}) at optimiser step {pos.global_step}; "
-                                f"{ckpt.last_path(self.run_dir)} was left untouched")
+                                f"{self.run_dir / ckpt.LAST_FILE} was left untouched")
         if not self.dist.is_main:
             return
-        ckpt.save_checkpoint(ckpt.last_path(self.run_dir), {
+        ckpt.save_checkpoint(self.run_dir / ckpt.LAST_FILE, {
             "trainable": trainable,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -458,4 +458,4 @@ class Trainer:
     def _interrupted(self, pos: _Position) -> TrainingInterrupted:
         return TrainingInterrupted(
             f"interrupted in epoch {pos.epoch + 1} after optimiser step {pos.global_step}/{self.total_steps}; "
-            f"resumable checkpoint {ckpt.last_path(self.run_dir)}: run the same command with --resume to continue")
+            f"resumable checkpoint {self.run_dir / ckpt.LAST_FILE}: run the same command with --resume to continue")

@@ -44,10 +44,9 @@ def device_for(spec: str | None, local_rank: int, cuda_count: int, world_size: i
 
 
 def default_num_workers(device_type: str, cores: int, local_world_size: int = 1) -> int:
-    """DataLoader workers for ``num_workers=None``: on CUDA, the cores this process's share of the
-    node leaves after the main process (at most 8), so decoding keeps up with the GPU; on CPU, 0,
-    since workers there take cores from the model itself (and the prepared-image cache leaves them
-    little to do)."""
+    """DataLoader workers for ``num_workers=None``: on CUDA, this process's share of the node's cores
+    less one (at most 8), so decoding keeps up with the GPU; on CPU 0, as workers would take cores
+    from the model itself (and the prepared-image cache leaves them little to do)."""
     if device_type != "cuda":
         return 0
     return max(0, min(8, cores // max(local_world_size, 1) - 1))

@@ -34,10 +34,8 @@ class Throughput(ProgressColumn):
 
 
 class ProgressBar:
-    """One progress bar on ``console``; a context manager, and the embedding pipeline's reporter.
-
-    ``columns`` are rich text-column templates shown after the count (e.g. ``"loss {task.fields[loss]}"``).
-    """
+    """One progress bar on ``console``, as a context manager (and the embedding pipeline's reporter);
+    ``columns`` are rich text-column templates shown after the count (``"loss {task.fields[loss]}"``)."""
 
     #: Seconds between two plain progress lines on a console that is not a terminal.
     log_every: float = 60.0

@@ -159,10 +159,8 @@ class FinishedRun:
 
     def load_base(self, device: str = "cpu") -> Backbone:
         """The backbone the run started from, in eval mode: its ``pretrained`` weights, or random weights re-drawn
-        from the run's training seed, as training drew them (the global random state is left as it was).
-
-        Checked against the base-weight fingerprint ``adapter/`` recorded, so a run is never compared with, or
-        merged onto, other weights (e.g. a pretrained file that changed since)."""
+        from the run's training seed as training drew them (the global random state is left as it was). Checked
+        against the base-weight fingerprint ``adapter/`` recorded: a run is never merged onto other weights."""
         with torch.random.fork_rng(), warnings.catch_warnings():
             if self.pretrained is None and self.seed is not None:
                 warnings.filterwarnings("ignore", message=".*randomly initialised.*")  # the run's own draw
@@ -179,10 +177,8 @@ class FinishedRun:
 
     def load_model(self, device: str = "cpu") -> Backbone:
         """The run's final weights, in eval mode: ``merged.safetensors``, or, where only ``adapter/`` was kept,
-        the adapter merged onto the run's base weights (:meth:`load_base`). An unfinished run is refused
-        (never replaced by its base weights).
-
-        A prompt method's adapter (``dcp``, ``mmp``), which cannot be merged, stays loaded unmerged."""
+        the adapter merged onto the run's base weights (:meth:`load_base`; a prompt method's adapter, which
+        cannot be merged, stays unmerged). An unfinished run is refused, never replaced by its base weights."""
         merged, adapter = self.find(MERGED_FILE), self.find(ADAPTER_DIR)
         if merged is None and adapter is None:
             raise self.error(f"{self.path}: the run has not finished (neither {MERGED_FILE} nor {ADAPTER_DIR}/ is "

@@ -52,12 +52,9 @@ def barrier(info: DistInfo) -> None:
 
 @contextlib.contextmanager
 def process_group(device_spec: str = "auto") -> Iterator[DistInfo]:
-    """The torchrun process group, for the duration of the context (created here unless it exists).
-
-    ``Trainer.fit`` holds it for one training; a recipe with several (e.g. two stages) holds it
-    across them, since re-creating the default group between stages can deadlock the rendezvous:
-    inside the recipe's context every trainer finds the group initialised and leaves it alone.
-    """
+    """The torchrun process group for the duration of the context, created here unless it exists.
+    ``Trainer.fit`` holds it for one training; a recipe with several (two stages) holds it across them,
+    since re-creating the default group between stages can deadlock the rendezvous."""
     info = detect()
     created = info.enabled and not dist.is_initialized()
     if created:

@@ -7,15 +7,11 @@ device. It names its validation metric (``main_metric``, ``higher_is_better``) a
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from ..errors import TrainingError
-
-if TYPE_CHECKING:
-    from .config import TrainConfig
+from .config import TrainConfig
 
 
 class TrainModule(nn.Module):
@@ -35,7 +31,7 @@ class TrainModule(nn.Module):
         """Validation metrics; must contain ``main_metric``."""
         raise NotImplementedError
 
-    def optimizer_param_groups(self, config: "TrainConfig") -> list[dict]:
+    def optimizer_param_groups(self, config: TrainConfig) -> list[dict]:
         """AdamW parameter groups: weight decay on >=2-D trainable tensors (LoRA/MoRA factors, heads),
         none on biases, norms and 1-D magnitude vectors."""
         trainable = [param for param in self.parameters() if param.requires_grad]

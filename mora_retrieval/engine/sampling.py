@@ -1,4 +1,4 @@
-"""Data order, loading and device transfer for the training loop.
+"""Data order, loading, device transfer and RNG state for the training loop.
 
 The order of an epoch is :class:`~torch.utils.data.DistributedSampler`'s: a seeded permutation,
 padded to a multiple of the world size ``W``, of which rank ``r`` takes positions ``r, r + W, …``.
@@ -6,9 +6,8 @@ With per-process batch ``b`` the ``k``-th batches of all ranks are positions ``[
 ``W`` processes with batch ``b`` see the samples one process sees with batch ``bW``. Starting
 mid-epoch (``start_batch``) lets ``--resume`` continue on the very same samples; exactly so for
 datasets whose items are a function of the index (random augmentations in DataLoader workers use
-per-epoch worker seeds, which a mid-epoch resume does not line up again). The RNG states of every
-generator the loop touches are captured in plain types and tensors, so ``last.pt`` loads with
-``torch.load(weights_only=True)``.
+per-epoch worker seeds, which a mid-epoch resume does not line up again). RNG states are captured
+in plain types and tensors, so ``last.pt`` loads with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations

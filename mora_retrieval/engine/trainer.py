@@ -120,11 +120,8 @@ class _Position:
 
 
 class Trainer:
-    """Train a :class:`TrainModule` on ``train_dataset`` into ``run_dir``.
-
-    ``extra_config`` (JSON-ready) is stored in ``config.json`` and must match on resume;
-    ``quiet`` silences all console output (rank 0 is the only rank that prints anyway).
-    """
+    """Train a :class:`TrainModule` on ``train_dataset`` into ``run_dir``. ``extra_config`` (JSON-ready) is
+    stored in ``config.json`` and must match on resume; ``quiet`` silences the console (rank 0's only)."""
 
     def __init__(self, module: TrainModule, config: TrainConfig, run_dir: str | Path, train_dataset: Dataset,
                  collate_fn: Callable | None = None, console=None, *, extra_config: dict | None = None,

@@ -60,11 +60,13 @@ class ProgressBar:
         self._task: Any = None
 
     def __enter__(self) -> "ProgressBar":
-        self._progress.start()
+        if self.live:  # older rich prints a blank line when even a disabled Progress stops
+            self._progress.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._progress.stop()
+        if self.live:
+            self._progress.stop()
 
     def start(self, total: int, completed: int = 0, **fields: Any) -> None:
         """Show the task; work done before (a resumed run) is noted and not counted in the throughput."""

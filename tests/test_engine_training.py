@@ -281,7 +281,7 @@ def _empty_batch_data(config: TrainConfig, epoch_batches: dict[int, list[int]]) 
     bad = set()
     for epoch, batches in epoch_batches.items():
         sampler.set_epoch(epoch)
-        order = sampler.epoch_order()
+        order = list(sampler)
         for b in batches:
             bad.update(order[b * config.batch_size:(b + 1) * config.batch_size])
     return _BadBatches(48, bad)
@@ -292,7 +292,7 @@ def _empty_batches_per_epoch(data: _BadBatches, config: TrainConfig) -> list[int
     counts = []
     for epoch in range(config.epochs):
         sampler.set_epoch(epoch)
-        order = sampler.epoch_order()
+        order = list(sampler)
         batches = [order[k:k + config.batch_size] for k in range(0, 48, config.batch_size)]
         counts.append(sum(all(i in data.bad for i in batch) for batch in batches))
     return counts
@@ -338,7 +338,7 @@ def test_an_empty_batch_adds_no_gradient(tmp_path):
     finally:
         hook.remove()
     assert len(grads) == 6 and grads[2] is None and all(g is not None for i, g in enumerate(grads) if i != 2)
-    first = collate_skip_none([data[i] for i in ResumableSampler(48, 4, config.seed).epoch_order()[:4]])
+    first = collate_skip_none([data[i] for i in list(ResumableSampler(48, 4, config.seed))[:4]])
     check = ToyTask()
     (check(first) / 2).backward()
     torch.testing.assert_close(grads[0], check.net[0].weight.grad)

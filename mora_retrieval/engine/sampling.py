@@ -43,10 +43,6 @@ class ResumableSampler(DistributedSampler):
         super().set_epoch(int(epoch))
         self.start_batch = int(start_batch)
 
-    def epoch_order(self) -> list[int]:
-        """This rank's whole order for the current epoch (before skipping)."""
-        return list(super().__iter__())
-
     def __iter__(self) -> Iterator[int]:
         return itertools.islice(super().__iter__(), self.start_batch * self.batch_size, None)
 

@@ -39,7 +39,7 @@ from scipy.stats import hypergeom
 from .analysis import AnalyzeConfig, analyze_run
 from .data.shapes import PARTS, generate_shapes_world, read_world_manifest
 from .engine import TrainConfig
-from .engine.checkpoint import curves_path
+from .engine.checkpoint import CURVES_FILE
 from .fileio import read_json, write_json
 from .report import Section, write_report
 from .retrieval.build import BuildConfig, build_index
@@ -326,12 +326,12 @@ def _write_report(path: Path, data: dict, chance_note_text: str, cir, classify, 
     cls.table("Test", ["model", result["metric"], "majority baseline"],
               [["MoRA (merged)", result["test"], result["majority_baseline"]]])
     curves = Section("Training curves")
-    curves.images.append(("contrastive pretraining", curves_path(Path(checkpoint).parent / PRETRAIN_DIR)))
+    curves.images.append(("contrastive pretraining", Path(checkpoint).parent / PRETRAIN_DIR / CURVES_FILE))
     for method in CIR_LABELS:
         run = Path(cir[method]["run"])
-        curves.images.append((f"CIR {method}: stage 1", curves_path(run / STAGE1_DIR)))
-        curves.images.append((f"CIR {method}: Combiner", curves_path(run / STAGE2_DIR)))
-    curves.images.append(("classification", curves_path(Path(classify["run"]))))
+        curves.images.append((f"CIR {method}: stage 1", run / STAGE1_DIR / CURVES_FILE))
+        curves.images.append((f"CIR {method}: Combiner", run / STAGE2_DIR / CURVES_FILE))
+    curves.images.append(("classification", Path(classify["run"]) / CURVES_FILE))
     query = data["search"]
     gallery = Section("A composed search", notes=[f"Query: {query['image']} + \"{query['text']}\" against the "
                                                   "CLIP4CIR + MoRA index of the COCO-format val images."])

@@ -1,16 +1,13 @@
 """The one rule for device and precision, used by every command and library entry point.
 
 Device ``"auto"`` (every command's default) is ``cuda:LOCAL_RANK`` when CUDA is available and
-``cpu`` otherwise; ``LOCAL_RANK`` is 0 outside ``torchrun``. ``"cuda"`` without an index means
-the same GPU as ``"auto"``. Under ``torchrun`` with more processes per node than visible GPUs,
-``"auto"`` and ``"cuda"`` stop with one line saying what to do (``--nproc_per_node`` at most the
-GPU count, or ``--device cpu``, which runs the ranks on CPU with gloo) instead of asking CUDA for
-a device that does not exist.
+``cpu`` otherwise (``LOCAL_RANK`` is 0 outside ``torchrun``); ``"cuda"`` is the same GPU. Under
+``torchrun`` with more processes per node than GPUs they stop with one line saying what to do
+instead of asking CUDA for a device that does not exist. :func:`device_for` is the rule as a pure
+function of the GPU count, tested without GPUs.
 
 Precision ``"auto"`` is ``"bf16"`` on CUDA and ``"fp32"`` on CPU. Training runs bf16 as autocast
 over fp32 master weights (:func:`autocast`); inference may cast its weights to bf16 once.
-
-:func:`device_for` is the rule as a pure function of the GPU count, so it is tested without GPUs.
 """
 
 from __future__ import annotations
@@ -28,35 +25,28 @@ PRECISIONS = ("auto", "bf16", "fp32")
 def device_for(spec: str | None, local_rank: int, cuda_count: int, world_size: int = 1) -> str:
     """The device string for ``spec`` on a process with ``local_rank``, given ``cuda_count`` GPUs."""
     spec = (spec or "auto").strip().lower()
-    if spec == "cpu":
+    if spec == "cpu" or (spec == "auto" and cuda_count == 0):
         return "cpu"
-    if spec == "auto" and cuda_count == 0:
-        return "cpu"
-    if spec in ("auto", "cuda"):
-        if cuda_count == 0:
-            raise DeviceError(f"device {spec!r} requested but CUDA is not available (use --device cpu)")
-        if local_rank >= cuda_count:
-            raise DeviceError(
-                f"rank {local_rank} of this node has no GPU: {cuda_count} visible for {world_size} processes; "
-                f"start torchrun with --nproc_per_node {cuda_count} or fewer, or pass --device cpu (gloo)")
-        return f"cuda:{local_rank}"
+    if spec not in ("auto", "cuda") and not (spec.startswith("cuda:") and spec[5:].isdigit()):
+        raise DeviceError(f"unknown device {spec!r} (use auto, cpu, cuda or cuda:N)")
+    if cuda_count == 0:
+        raise DeviceError(f"device {spec!r} requested but CUDA is not available (use --device cpu)")
     if spec.startswith("cuda:"):
-        index = spec.split(":", 1)[1]
-        if not index.isdigit():
-            raise DeviceError(f"unknown device {spec!r} (use auto, cpu, cuda or cuda:N)")
-        if cuda_count == 0:
-            raise DeviceError(f"device {spec!r} requested but CUDA is not available (use --device cpu)")
-        if int(index) >= cuda_count:
-            raise DeviceError(f"device {spec!r} does not exist: {cuda_count} GPU(s) visible (cuda:0 … cuda:{cuda_count - 1})")
+        if int(spec[5:]) >= cuda_count:
+            raise DeviceError(f"device {spec!r} does not exist: {cuda_count} GPU(s) visible "
+                              f"(cuda:0 … cuda:{cuda_count - 1})")
         return spec
-    raise DeviceError(f"unknown device {spec!r} (use auto, cpu, cuda or cuda:N)")
+    if local_rank >= cuda_count:
+        raise DeviceError(f"rank {local_rank} of this node has no GPU: {cuda_count} visible for {world_size} "
+                          f"processes; start torchrun with --nproc_per_node {cuda_count} or fewer, or pass --device "
+                          f"cpu (gloo)")
+    return f"cuda:{local_rank}"
 
 
 def default_num_workers(device_type: str, cores: int, local_world_size: int = 1) -> int:
-    """DataLoader workers for ``num_workers=None``: on CUDA, the cores this process's share of the
-    node leaves after the main process (at most 8), so decoding keeps up with the GPU; on CPU, 0,
-    since workers there take cores from the model itself (and the prepared-image cache leaves them
-    little to do)."""
+    """DataLoader workers for ``num_workers=None``: on CUDA, this process's share of the node's cores
+    less one (at most 8), so decoding keeps up with the GPU; on CPU 0, as workers would take cores
+    from the model itself (and the prepared-image cache leaves them little to do)."""
     if device_type != "cuda":
         return 0
     return max(0, min(8, cores // max(local_world_size, 1) - 1))
@@ -81,18 +71,11 @@ def default_workers() -> int:
     return 0 if cores <= 1 else min(8, cores)
 
 
-def local_rank() -> int:
-    """This process's ``LOCAL_RANK`` under torchrun, 0 otherwise."""
-    return int(os.environ.get("LOCAL_RANK", 0))
-
-
-def resolve_device(spec: str | torch.device | None = "auto", rank: int | None = None) -> torch.device:
-    """:func:`device_for` on this machine (``rank`` defaults to ``LOCAL_RANK``)."""
-    if isinstance(spec, torch.device):
-        spec = str(spec)
+def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """:func:`device_for` on this machine, for this process's ``LOCAL_RANK``."""
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
-    return torch.device(device_for(spec, local_rank() if rank is None else rank, count, world))
+    return torch.device(device_for(str(spec) if spec else None, int(os.environ.get("LOCAL_RANK", 0)), count, world))
 
 
 def resolve_precision(precision: str | None, device: torch.device) -> str:
@@ -113,5 +96,5 @@ def autocast(device: torch.device, precision: str):
 
 
 def inference_dtype(device: torch.device, precision: str | None = "auto") -> torch.dtype:
-    """Weights' dtype for pure inference: bf16 on CUDA under "auto"/"bf16", fp32 otherwise."""
+    """Weights' dtype for pure inference: bf16 for precision "bf16" (auto: on CUDA), else fp32."""
     return torch.bfloat16 if resolve_precision(precision, device) == "bf16" else torch.float32

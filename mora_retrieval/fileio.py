@@ -1,8 +1,7 @@
 """Atomic file writes and safe (non-pickle) tensor I/O.
 
-Every file the toolkit writes goes through :func:`atomic_write`: the content is written to a
-temporary file in the same folder, flushed, fsynced and renamed over the target, so a crash or
-Ctrl-C never leaves a half-written file behind.
+Every file the toolkit writes goes through :func:`atomic_write` (a temporary file in the same folder,
+fsynced and renamed over the target), so a crash or Ctrl-C never leaves a half-written file behind.
 """
 
 from __future__ import annotations
@@ -40,18 +39,17 @@ def make_dirs(path: str | os.PathLike, what: str = "folder") -> Path:
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
-    """Open a temporary file beside ``path``; on success rename it over ``path``.
-
-    A folder at ``path``, or a file where a parent folder should be, raises a one-line MoraError
-    before anything is written.
-    """
+    """Open a temporary file beside ``path``; on success rename it over ``path``. A folder at ``path``,
+    or a file where a parent folder should be, raises a one-line MoraError before anything is written."""
     path = Path(path)
     if path.is_dir():
         raise MoraError(f"{path}: is a folder (expected a file name to write)")
     make_dirs(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+        mask = os.umask(0)
+        os.umask(mask)
+        os.fchmod(fd, 0o666 & ~mask)  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
@@ -61,12 +59,6 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -1,12 +1,10 @@
 """Console progress of every long loop (training, evaluation, embedding, dataset writing).
 
 :class:`ProgressBar` is the one rich bar: description, bar, done/total, the caller's columns,
-throughput with its unit (samples/s, img/s), elapsed time and ETA. It is off when there is no
-console or when the console is quiet. On a console that is not a terminal (log files, a cluster
-job's stderr) it prints, instead of the bar, one plain line at most every ``log_every`` seconds
-(count, throughput, ETA), so a long job shows its progress in its log. :class:`TrainProgress`
-adds what a training run prints besides the bar: one line per epoch and the table of the best
-epoch.
+throughput with its unit, elapsed time and ETA; nothing without a console or on a quiet one. On a
+console that is not a terminal (a log file, a cluster job's stderr) it prints instead one plain line
+at most every ``log_every`` seconds. :class:`TrainProgress` adds a training run's epoch lines and
+the table of the best epoch.
 """
 
 from __future__ import annotations
@@ -36,10 +34,8 @@ class Throughput(ProgressColumn):
 
 
 class ProgressBar:
-    """One progress bar on ``console``; a context manager, and the embedding pipeline's reporter.
-
-    ``columns`` are rich text-column templates shown after the count (e.g. ``"loss {task.fields[loss]}"``).
-    """
+    """One progress bar on ``console``, as a context manager (and the embedding pipeline's reporter);
+    ``columns`` are rich text-column templates shown after the count (``"loss {task.fields[loss]}"``)."""
 
     #: Seconds between two plain progress lines on a console that is not a terminal.
     log_every: float = 60.0
@@ -54,69 +50,56 @@ class ProgressBar:
         self.live = console is not None and console.is_terminal and not console.quiet
         self.logs = console is not None and not console.is_terminal and not console.quiet
         self._clock = clock
-        self._log = {"total": 0, "done": 0, "start_done": 0, "scale": 1, "start": 0.0, "last": 0.0}
+        self._last_log = 0.0
+        # the task counts for the plain lines too; only a live bar is drawn
         self._progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             *(TextColumn(template) for template in columns), Throughput(unit),
             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            console=console) if self.live else None
+            console=console, get_time=clock, disable=not self.live)
         self._task: Any = None
 
     def __enter__(self) -> "ProgressBar":
-        if self._progress is not None:
+        if self.live:  # older rich prints a blank line when even a disabled Progress stops
             self._progress.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._progress is not None:
+        if self.live:
             self._progress.stop()
 
     def start(self, total: int, completed: int = 0, **fields: Any) -> None:
         """Show the task; work done before (a resumed run) is noted and not counted in the throughput."""
-        if self._progress is not None:
-            note = f" (resumed at {completed})" if completed else ""
-            self._task = self._progress.add_task(self.description + note, total=total, completed=completed, **fields)
-        now = self._clock()
-        self._log.update(total=total, done=completed, start_done=completed, scale=fields.get("scale", 1), start=now,
-                         last=now)
+        note = f" (resumed at {completed})" if completed and self.live else ""
+        self._task = self._progress.add_task(self.description + note, total=total, completed=completed,
+                                             start_done=completed, **fields)
+        self._last_log = self._clock()
 
     def advance(self, count: int = 1, **changes: Any) -> None:
         """``count`` more done; ``changes`` update the description or the task's fields."""
-        if self._task is not None:
-            self._progress.advance(self._task, count)
-            if changes:
-                self.update(**changes)
-        elif self.logs:
-            if changes:
-                self.update(**changes)
-            self._log["done"] += count
-            now = self._clock()
-            if now - self._log["last"] >= self.log_every:
-                self._log["last"] = now
-                self.console.print(self.log_line(now), highlight=False)
+        self.update(**changes)
+        self._progress.advance(self._task, count)
+        if self.logs and (now := self._clock()) - self._last_log >= self.log_every:
+            self._last_log = now
+            self.console.print(self.log_line(now), highlight=False)
 
     def update(self, **changes: Any) -> None:
-        """Change the description or the task's fields."""
-        if self._task is not None:
+        if changes:
             self._progress.update(self._task, **changes)
-        elif "description" in changes:
-            self.description = changes["description"]
 
     def log_line(self, now: float) -> str:
-        """The plain progress line: ``description: done/total, throughput unit, ETA h:mm:ss``."""
-        log = self._log
-        seconds = max(now - log["start"], 1e-9)
-        rate = (log["done"] - log["start_done"]) / seconds  # steps per second, this process
-        left = datetime.timedelta(seconds=round((log["total"] - log["done"]) / rate)) if rate > 0 else "–"
+        """``description: done/total, throughput unit, ETA h:mm:ss``."""
+        task = self._progress.tasks[-1]
+        rate = (task.completed - task.fields["start_done"]) / max(now - task.start_time, 1e-9)  # this process
+        left = datetime.timedelta(seconds=round((task.total - task.completed) / rate)) if rate > 0 else "–"
         noun = f" {self.count_noun}" if self.count_noun else ""
-        return (f"{self.description}: {log['done']:,}/{log['total']:,}{noun}, {rate * log['scale']:,.1f} {self.unit}, "
-                f"ETA {left}")
+        return (f"{task.description}: {task.completed:,}/{task.total:,}{noun}, "
+                f"{rate * task.fields.get('scale', 1):,.1f} {self.unit}, ETA {left}")
 
 
 class TrainProgress(ProgressBar):
     """The console output of :class:`~mora_retrieval.engine.trainer.Trainer` (rank 0 only): the bar
-    (epoch, steps, last synced loss, samples/s, ETA), one line per epoch and the final table.
-    Nothing at all with ``quiet``."""
+    (epoch, steps, last synced loss, samples/s, ETA), one line per epoch and the final table."""
 
     count_noun = "steps"
 
@@ -124,7 +107,6 @@ class TrainProgress(ProgressBar):
                  clock: Callable[[], float] = time.monotonic) -> None:
         console = None if quiet or not enabled else (console or Console())
         super().__init__(console, "train", "samples/s", "loss {task.fields[loss]}", clock=clock)
-        self._loss = "–"
 
     def start(self, total_steps: int, done_steps: int, samples_per_step: int, epoch: int) -> None:
         super().start(total_steps, done_steps, scale=samples_per_step, loss="–")
@@ -134,11 +116,11 @@ class TrainProgress(ProgressBar):
         if epoch is not None:
             changes["description"] = f"epoch {epoch}"
         if loss is not None:
-            changes["loss"] = self._loss = f"{loss:.4f}"
+            changes["loss"] = f"{loss:.4f}"
         super().update(**changes)
 
     def log_line(self, now: float) -> str:
-        return f"{super().log_line(now)}, loss {self._loss}"
+        return f"{super().log_line(now)}, loss {self._progress.tasks[-1].fields['loss']}"
 
     def print(self, message: str) -> None:
         if self.console is not None:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from .adapters import load_merged, read_adapter_config
-from .engine.checkpoint import CONFIG_FILE, last_path
+from .engine.checkpoint import CONFIG_FILE, LAST_FILE
 from .errors import BackboneError, MoraError
 from .fileio import read_json, write_json
 from .model.backbone import Backbone, load_backbone, weights_fingerprint
@@ -71,12 +71,9 @@ def has_record(run_dir: str | os.PathLike) -> bool:
 
 
 def resumable(engine_dir: str | os.PathLike, resume: bool) -> bool:
-    """Whether to resume the engine run in ``engine_dir``: asked for, and something to resume.
-
-    With ``resume`` and no resumable checkpoint yet (e.g. the run was stopped before its first
-    one, or a later stage never started), training starts afresh.
-    """
-    return resume and last_path(Path(engine_dir)).is_file()
+    """Whether to resume the engine run in ``engine_dir``: asked for, and a checkpoint to resume (without
+    one, e.g. a run stopped before its first or a stage that never started, training starts afresh)."""
+    return resume and (Path(engine_dir) / LAST_FILE).is_file()
 
 
 def finite(obj: Any) -> Any:
@@ -106,11 +103,8 @@ class FinishedRun:
     @classmethod
     def open(cls, run_dir: str | os.PathLike, error: type[MoraError] = MoraError, tasks: tuple[str, ...] = (),
              needs: str = "") -> "FinishedRun":
-        """Read ``config.json``; it must name the architecture (``arch``) and, given ``tasks``, one of them.
-
-        ``needs`` ends the error for another task with what the caller needs (e.g. which commands write
-        such runs); a run of a wanted task without ``arch`` has not finished.
-        """
+        """Read ``config.json``; it must name the architecture (``arch``) and, given ``tasks``, one of them
+        (``needs`` ends the error for another task, e.g. which commands write such runs)."""
         path = Path(run_dir)
         if not path.is_dir():
             raise error(f"{path}: run folder not found (expected a folder with {CONFIG_FILE})")
@@ -165,10 +159,8 @@ class FinishedRun:
 
     def load_base(self, device: str = "cpu") -> Backbone:
         """The backbone the run started from, in eval mode: its ``pretrained`` weights, or random weights re-drawn
-        from the run's training seed, as training drew them (the global random state is left as it was).
-
-        Checked against the base-weight fingerprint ``adapter/`` recorded, so a run is never compared with, or
-        merged onto, other weights (e.g. a pretrained file that changed since)."""
+        from the run's training seed as training drew them (the global random state is left as it was). Checked
+        against the base-weight fingerprint ``adapter/`` recorded: a run is never merged onto other weights."""
         with torch.random.fork_rng(), warnings.catch_warnings():
             if self.pretrained is None and self.seed is not None:
                 warnings.filterwarnings("ignore", message=".*randomly initialised.*")  # the run's own draw
@@ -185,10 +177,8 @@ class FinishedRun:
 
     def load_model(self, device: str = "cpu") -> Backbone:
         """The run's final weights, in eval mode: ``merged.safetensors``, or, where only ``adapter/`` was kept,
-        the adapter merged onto the run's base weights (:meth:`load_base`). An unfinished run is refused
-        (never replaced by its base weights).
-
-        A prompt method's adapter (``dcp``, ``mmp``), which cannot be merged, stays loaded unmerged."""
+        the adapter merged onto the run's base weights (:meth:`load_base`; a prompt method's adapter, which
+        cannot be merged, stays unmerged). An unfinished run is refused, never replaced by its base weights."""
         merged, adapter = self.find(MERGED_FILE), self.find(ADAPTER_DIR)
         if merged is None and adapter is None:
             raise self.error(f"{self.path}: the run has not finished (neither {MERGED_FILE} nor {ADAPTER_DIR}/ is "
@@ -197,6 +187,7 @@ class FinishedRun:
             backbone = load_backbone(self.arch, str(merged), device=device)
         else:
             backbone = self.load_base(device)
-            backbone.model = load_merged(backbone.model, adapter, self.arch, check_fingerprint=False)  # load_base checked
+            # load_base checked the fingerprint
+            backbone.model = load_merged(backbone.model, adapter, self.arch, check_fingerprint=False)
         backbone.model.eval()
         return backbone

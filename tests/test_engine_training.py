@@ -19,7 +19,7 @@ from engine_toys import ToyData, ToyTask, params_of
 from mora_retrieval.data.collate import collate_skip_none
 import mora_retrieval.engine
 from mora_retrieval.engine import Trainer, TrainConfig, TrainingInterrupted, lr_factor, resume_or_fail
-from mora_retrieval.engine.checkpoint import best_path, last_path, load_checkpoint
+from mora_retrieval.engine.checkpoint import BEST_FILE, LAST_FILE, load_checkpoint
 from mora_retrieval.engine.sampling import ResumableSampler
 from mora_retrieval.errors import DeviceError, TrainingError
 from mora_retrieval.fileio import load_tensors
@@ -72,7 +72,7 @@ def test_interrupt_then_resume_is_bit_exact(tmp_path, uninterrupted, accum, inte
 
     with pytest.raises(TrainingInterrupted, match="--resume"):
         fit(ToyTask(dropout=0.3, interrupt_at=interrupt_at), tmp_path / "b", config)
-    state = load_checkpoint(last_path(tmp_path / "b"))
+    state = load_checkpoint(tmp_path / "b" / LAST_FILE)
     # rolled back to the last finished optimiser step before the failing forward
     done = interrupt_at - 1
     assert state["position"]["global_step"] == done // accum
@@ -106,10 +106,10 @@ def test_nan_guard_keeps_last_good_checkpoint(tmp_path):
     config = cfg(log_every=100, checkpoint_every=16)
     with pytest.raises(TrainingError, match=r"non-finite training loss \(nan\) in epoch 2, optimiser steps 13-16"):
         fit(ToyTask(nan_at=14), tmp_path, config)
-    state = load_checkpoint(last_path(tmp_path))  # still the end of epoch 1, loadable
+    state = load_checkpoint(tmp_path / LAST_FILE)  # still the end of epoch 1, loadable
     assert state["position"]["epoch"] == 1 and state["position"]["global_step"] == 12
     assert all(torch.isfinite(v).all() for v in state["trainable"].values())
-    best = load_tensors(best_path(tmp_path))
+    best = load_tensors(tmp_path / BEST_FILE)
     assert all(torch.equal(best[k], state["trainable"][k]) for k in best)
     task = ToyTask()
     task.load_trainable_state_dict(state["trainable"])
@@ -168,8 +168,8 @@ def test_run_folder_files(tmp_path):
     assert [r["val"]["mse"] for r in records] == [r["val"]["mse"] for r in result.history]
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # frozen weights are in neither checkpoint
-    last = load_checkpoint(last_path(tmp_path))
-    for keys in (set(last["trainable"]), set(load_tensors(best_path(tmp_path)))):
+    last = load_checkpoint(tmp_path / LAST_FILE)
+    for keys in (set(last["trainable"]), set(load_tensors(tmp_path / BEST_FILE))):
         assert keys == {"net.0.weight", "net.0.bias", "net.3.weight", "net.3.bias", "scale"}
     text = out.getvalue()  # not a terminal: no bar, one line per epoch, then the table
     assert "epoch 1: train loss" in text and "epoch 2: train loss" in text and "best epoch" in text
@@ -189,7 +189,7 @@ def test_resume_checks(tmp_path):
         fit(ToyTask(), tmp_path, cfg(epochs=1), ToyData(40), resume=True)
     # settings that do not change training may differ
     assert resume_or_fail(tmp_path, cfg(epochs=1, log_every=1, num_workers=2, patience=3)).name == "last.pt"
-    (last_path(tmp_path)).write_bytes(b"garbage")
+    (tmp_path / LAST_FILE).write_bytes(b"garbage")
     with pytest.raises(TrainingError, match="not a readable engine checkpoint"):
         fit(ToyTask(), tmp_path, cfg(epochs=1), resume=True)
 
@@ -281,7 +281,7 @@ def _empty_batch_data(config: TrainConfig, epoch_batches: dict[int, list[int]]) 
     bad = set()
     for epoch, batches in epoch_batches.items():
         sampler.set_epoch(epoch)
-        order = sampler.epoch_order()
+        order = list(sampler)
         for b in batches:
             bad.update(order[b * config.batch_size:(b + 1) * config.batch_size])
     return _BadBatches(48, bad)
@@ -292,7 +292,7 @@ def _empty_batches_per_epoch(data: _BadBatches, config: TrainConfig) -> list[int
     counts = []
     for epoch in range(config.epochs):
         sampler.set_epoch(epoch)
-        order = sampler.epoch_order()
+        order = list(sampler)
         batches = [order[k:k + config.batch_size] for k in range(0, 48, config.batch_size)]
         counts.append(sum(all(i in data.bad for i in batch) for batch in batches))
     return counts
@@ -338,7 +338,7 @@ def test_an_empty_batch_adds_no_gradient(tmp_path):
     finally:
         hook.remove()
     assert len(grads) == 6 and grads[2] is None and all(g is not None for i, g in enumerate(grads) if i != 2)
-    first = collate_skip_none([data[i] for i in ResumableSampler(48, 4, config.seed).epoch_order()[:4]])
+    first = collate_skip_none([data[i] for i in list(ResumableSampler(48, 4, config.seed))[:4]])
     check = ToyTask()
     (check(first) / 2).backward()
     torch.testing.assert_close(grads[0], check.net[0].weight.grad)

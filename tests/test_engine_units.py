@@ -11,7 +11,7 @@ import torch
 from engine_toys import ToyTask
 from mora_retrieval.engine import ResumableSampler, TrainConfig, lr_factor, to_device
 from mora_retrieval.engine.sampling import build_loader
-from mora_retrieval.engine.schedule import build_scheduler
+from mora_retrieval.engine.config import build_scheduler
 from mora_retrieval.errors import TrainingError
 
 
@@ -79,7 +79,7 @@ def test_sampler_is_seeded_sharded_and_resumable():
     assert list(resumed) == list(full)[8:] and len(resumed) == n - 8
     # the order of epoch e is the permutation seeded with seed * 100003 + e (runs keep their data order)
     expected = torch.randperm(n, generator=torch.Generator().manual_seed(5 * 100_003 + 1)).tolist()
-    assert full.epoch_order() == expected and full.epoch_seed == 5 * 100_003 + 1
+    assert list(full) == expected and full.epoch_seed == 5 * 100_003 + 1
 
 
 @pytest.mark.parametrize("device,pinned", [("cpu", False), ("cuda", True), ("cuda:1", True)])

@@ -1,19 +1,14 @@
 """The training engine: one loop (AdamW, warm-up + cosine, bf16, DDP, resume) for every task.
 
-Modules: :mod:`.config` (``TrainConfig``), :mod:`.module` (``TrainModule``, what a task
-implements), :mod:`.trainer` (``Trainer``), :mod:`.checkpoint` (the engine's run folder and the
-resume check), :mod:`.sampling` (the resumable sampler), :mod:`.schedule`, :mod:`.rng`,
-:mod:`.distributed`, :mod:`.interrupt`, :mod:`.curves` (console output: :mod:`mora_retrieval.progress`).
+A task implements :class:`TrainModule`; :class:`Trainer` trains it with a :class:`TrainConfig` into the
+run folder described in :mod:`.checkpoint`.
 """
 
 from .checkpoint import resume_or_fail
-from .config import TRAINING_FIELDS, TrainConfig
-from .interrupt import TrainingInterrupted
+from .config import TRAINING_FIELDS, TrainConfig, lr_factor
 from .module import TrainModule
-from .rng import seed_everything
-from .sampling import ResumableSampler, to_device
-from .schedule import lr_factor
-from .trainer import Trainer, TrainResult
+from .sampling import ResumableSampler, seed_everything, to_device
+from .trainer import Trainer, TrainingInterrupted, TrainResult
 
 __all__ = [
     "TRAINING_FIELDS", "ResumableSampler", "TrainConfig", "TrainModule", "TrainResult", "Trainer",

@@ -3,7 +3,7 @@
 Layout of ``<run>/`` (the names are defined here; :mod:`mora_retrieval.runs` adds the recipes'):
 
 - ``config.json``: ``{"train": TrainConfig, "resolved": {device, precision, world_size, train_samples,
-  effective_batch_size}, "extra": <the caller's extra_config>}``;
+  effective_batch_size, steps...}, "extra": <the caller's extra_config>}``;
 - ``metrics.jsonl``: one JSON object per finished epoch (rewritten whole, atomically);
 - ``checkpoints/last.pt``: resumable state (``torch.save``; read back with ``weights_only=True``):
   trainable state, optimiser, scheduler, position (epoch, micro-batch within the epoch, global
@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from ..errors import MoraError, TrainingError
-from ..fileio import atomic_write, load_tensors, read_json, save_tensors
-from .config import TrainConfig
+from ..fileio import atomic_write, read_json, save_tensors
+from .config import TRAINING_FIELDS, TrainConfig
 
 CHECKPOINT_FORMAT = "mora-engine-checkpoint/1"
 CONFIG_FILE = "config.json"
@@ -30,26 +30,6 @@ LAST_FILE = "checkpoints/last.pt"
 BEST_FILE = "checkpoints/best.safetensors"
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
-
-
-def config_path(run_dir: Path) -> Path:
-    return Path(run_dir) / CONFIG_FILE
-
-
-def last_path(run_dir: Path) -> Path:
-    return Path(run_dir) / LAST_FILE
-
-
-def best_path(run_dir: Path) -> Path:
-    return Path(run_dir) / BEST_FILE
-
-
-def metrics_path(run_dir: Path) -> Path:
-    return Path(run_dir) / METRICS_FILE
-
-
-def curves_path(run_dir: Path) -> Path:
-    return Path(run_dir) / CURVES_FILE
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -76,11 +56,6 @@ def save_best(path: Path, trainable: dict[str, torch.Tensor], epoch: int, metric
     save_tensors(path, tensors, metadata={"epoch": str(epoch), "metric": metric, "value": repr(value)})
 
 
-def load_best(run_dir: Path) -> dict[str, torch.Tensor]:
-    """The best epoch's trainable state of a run folder."""
-    return load_tensors(best_path(run_dir), "best checkpoint", error=TrainingError)
-
-
 def resume_or_fail(run_dir: Path, config: TrainConfig, extra_config: dict | None = None,
                    world_size: int = 1, train_samples: int | None = None) -> Path:
     """Path of ``last.pt`` if ``run_dir`` can be resumed with this setup, else a one-line error.
@@ -90,18 +65,17 @@ def resume_or_fail(run_dir: Path, config: TrainConfig, extra_config: dict | None
     caller's ``extra_config`` (put only settings that define the model and data there); device,
     workers, logging, checkpoint cadence and patience may change.
     """
-    run_dir = Path(run_dir)
+    where = Path(run_dir) / CONFIG_FILE
     try:
-        saved = read_json(config_path(run_dir), "run config")
+        saved = read_json(where, "run config")
     except MoraError as exc:
         raise TrainingError(f"cannot resume: {exc}") from None
-    where = config_path(run_dir)
     try:
-        old = TrainConfig.from_dict(saved["train"]).training_signature()
+        old = TrainConfig.from_dict(saved["train"]).to_dict()
     except (KeyError, TypeError) as exc:
         raise TrainingError(f"{where}: malformed run config ({exc})") from None
-    new = config.training_signature()
-    for key in old:
+    new = config.to_dict()
+    for key in TRAINING_FIELDS:
         if old[key] != new[key]:
             raise TrainingError(f"{where}: cannot resume: {key} was {old[key]!r}, now {new[key]!r} "
                                 f"(this changes training; use a new run folder)")
@@ -118,7 +92,7 @@ def resume_or_fail(run_dir: Path, config: TrainConfig, extra_config: dict | None
         changed = sorted(k for k in set(old_extra) | set(new_extra) if old_extra.get(k) != new_extra.get(k))
         raise TrainingError(f"{where}: cannot resume: task settings changed ({', '.join(changed)}); "
                             f"use a new run folder")
-    path = last_path(run_dir)
+    path = Path(run_dir) / LAST_FILE
     if not path.is_file():
         raise TrainingError(f"{path}: checkpoint not found (nothing to resume)")
     return path

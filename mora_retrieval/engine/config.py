@@ -1,46 +1,34 @@
-"""``TrainConfig``: every setting of the training engine, as one typed dataclass.
+"""``TrainConfig``: every setting of the training engine, and the learning-rate schedule it sets.
 
-The resolved config is written to ``<run>/config.json`` (under ``"train"``) and checked again
-on ``--resume``: the fields in :data:`TRAINING_FIELDS` change what training computes, so a
-resumed run must keep them (and the number of processes); the others (device, workers,
-logging, checkpoint cadence, patience) may change between an interrupted run and its resume.
+``batch_size`` is the micro-batch of ONE process (one DataLoader batch); an optimiser step sees
+``batch_size × grad_accum × world_size`` samples (the effective batch, recorded in ``config.json``).
 
-Batch semantics: ``batch_size`` is the micro-batch of ONE process (one DataLoader batch); an
-optimiser step sees ``batch_size × grad_accum × world_size`` samples (the effective batch,
-also recorded in ``config.json``).
+The schedule is stepped once per optimiser step. With ``T`` total steps and ``W = floor(warmup_ratio · T)``
+warm-up steps, update ``s`` (0-based) uses ``lr · (s + 1) / W`` for ``s < W`` (the first update already
+moves; the W-th reaches ``lr``), then ``lr · ½ (1 + cos(π (s − W) / (T − W)))``, which is 0 at ``s = T``.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
+
+import torch
 
 from ..device import PRECISIONS
 from ..errors import TrainingError
 
 #: Fields whose change alters the computation; a resume must keep them identical.
-TRAINING_FIELDS = (
-    "epochs",
-    "batch_size",
-    "lr",
-    "weight_decay",
-    "betas",
-    "eps",
-    "warmup_ratio",
-    "grad_accum",
-    "seed",
-    "max_grad_norm",
-    "max_steps",
-)
+TRAINING_FIELDS = ("epochs", "batch_size", "lr", "weight_decay", "betas", "eps", "warmup_ratio", "grad_accum", "seed",
+                   "max_grad_norm", "max_steps")
 
 
 @dataclass
 class TrainConfig:
-    """Optimiser, schedule, precision, data loading and bookkeeping of one training run.
-
-    Defaults follow the paper's recipe (docs/protocols.md §1): AdamW with betas (0.9, 0.98), eps 1e-8,
-    lr 1e-2, weight decay 0.02, 10% linear warm-up then cosine decay to 0 (per optimiser step).
-    """
+    """Optimiser, schedule, precision, data loading and bookkeeping of one training run; the defaults
+    are the paper's recipe (docs/protocols.md §1)."""
 
     epochs: int = 20
     batch_size: int = 256
@@ -61,20 +49,13 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many optimiser steps (also shortens the schedule)
 
     def __post_init__(self) -> None:
-        self.betas = tuple(float(b) for b in self.betas)  # JSON gives lists
-        self.validate()
-
-    def validate(self) -> None:
         """Raise a one-line :class:`TrainingError` for an impossible setting."""
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
-                    "log_every": self.log_every}
-        for name, value in positive.items():
-            if int(value) != value or value < 1:
-                raise TrainingError(f"train config: {name} must be a positive integer, got {value!r}")
-        for name in ("checkpoint_every", "max_steps", "patience"):
-            value = getattr(self, name)
-            if value is not None and (int(value) != value or value < 1):
-                raise TrainingError(f"train config: {name} must be a positive integer or None, got {value!r}")
+        self.betas = tuple(float(b) for b in self.betas)  # JSON gives lists
+        for name in ("epochs", "batch_size", "grad_accum", "log_every", "checkpoint_every", "max_steps", "patience"):
+            value, optional = getattr(self, name), name in ("checkpoint_every", "max_steps", "patience")
+            if not (optional and value is None) and (int(value) != value or value < 1):
+                expected = "a positive integer or None" if optional else "a positive integer"
+                raise TrainingError(f"train config: {name} must be {expected}, got {value!r}")
         if self.lr <= 0 or self.eps <= 0 or self.weight_decay < 0:
             raise TrainingError(f"train config: need lr > 0, eps > 0, weight_decay >= 0 "
                                 f"(got {self.lr}, {self.eps}, {self.weight_decay})")
@@ -106,20 +87,28 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (betas as a list)."""
-        out = asdict(self)
-        out["betas"] = list(self.betas)
-        return out
+        return {**asdict(self), "betas": list(self.betas)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         """Inverse of :meth:`to_dict`; unknown keys are a one-line :class:`TrainingError`."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
         if unknown:
             raise TrainingError(f"train config: unknown field(s) {', '.join(unknown)}")
         return cls(**data)
 
-    def training_signature(self) -> dict[str, Any]:
-        """The subset of fields that a resumed run must keep unchanged."""
-        full = self.to_dict()
-        return {name: full[name] for name in TRAINING_FIELDS}
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Multiplier of the base learning rate for the 0-based optimiser update ``step``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
+    """A ``LambdaLR`` following :func:`lr_factor`; call ``.step()`` after each optimiser step."""
+    warmup_steps = math.floor(warmup_ratio * total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(lr_factor, total_steps=total_steps, warmup_steps=warmup_steps))

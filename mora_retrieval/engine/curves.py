@@ -1,11 +1,10 @@
-"""``curves.png``: train loss and validation metrics per epoch (matplotlib, Agg, no pyplot)."""
+"""``curves.png``: train loss and validation metrics per epoch (matplotlib, no pyplot)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ..fileio import write_png
@@ -14,7 +13,6 @@ from ..fileio import write_png
 def plot_curves(history: list[dict[str, Any]], path: Path, main_metric: str) -> None:
     """Two panels (train loss; validation metrics) written atomically to ``path``."""
     fig = Figure(figsize=(10, 4), dpi=80)
-    FigureCanvasAgg(fig)
     loss_ax, val_ax = fig.subplots(1, 2)
     epochs = [record["epoch"] for record in history]
     loss_ax.plot(epochs, [record["train_loss"] for record in history], marker="o")
@@ -23,7 +21,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path, main_metric: str) -> 
     for name in names:
         points = [(r["epoch"], r["val"][name]) for r in history if name in r["val"]]
         style = {"linewidth": 2.5} if name == main_metric else {"linewidth": 1, "alpha": 0.8}
-        val_ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name, **style)
+        val_ax.plot(*zip(*points), marker="o", label=name, **style)
     val_ax.set(title=f"validation (main: {main_metric})", xlabel="epoch")
     if names:
         val_ax.legend(fontsize="small")

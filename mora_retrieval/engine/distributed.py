@@ -1,13 +1,10 @@
-"""``torchrun`` support: detect the launch, pick the device, set up and tear down the group.
+"""``torchrun`` support: detect the launch, hold the process group.
 
-Under ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set) the engine initialises the
-default process group (``nccl`` on CUDA, ``gloo`` on CPU) unless the caller already did, wraps
-the task in ``DistributedDataParallel`` and shards the data with the sampler. Only rank 0
-writes files and prints. Validation runs on rank 0 alone (on the unwrapped module); its
-metrics are broadcast so every rank takes the same best/early-stopping decisions.
-
-DDP runs with ``find_unused_parameters=False``: every trainable parameter must take part in
-each forward (frozen weights need no gradient and are ignored by DDP).
+Under ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set) the engine creates the default
+process group (``nccl`` on CUDA, ``gloo`` on CPU) unless the caller did, wraps the task in
+``DistributedDataParallel`` (``find_unused_parameters=False``: every trainable parameter must take
+part in each forward) and shards the data. Only rank 0 writes files and prints; it validates alone
+and broadcasts the metrics, so every rank takes the same best/early-stopping decisions.
 """
 
 from __future__ import annotations
@@ -29,7 +26,6 @@ class DistInfo:
 
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -43,11 +39,9 @@ class DistInfo:
 def detect() -> DistInfo:
     """Read the torchrun environment (a plain ``python`` run is rank 0 of 1)."""
     if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+        return DistInfo(dist.get_rank(), dist.get_world_size())
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if world <= 1:
-        return DistInfo()
-    return DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", 0)))
+    return DistInfo(int(os.environ["RANK"]), world) if world > 1 else DistInfo()
 
 
 def barrier(info: DistInfo) -> None:
@@ -58,16 +52,13 @@ def barrier(info: DistInfo) -> None:
 
 @contextlib.contextmanager
 def process_group(device_spec: str = "auto") -> Iterator[DistInfo]:
-    """The torchrun process group, for the duration of the context (created here unless it exists).
-
-    ``Trainer.fit`` holds it for one training; a recipe with several (e.g. two stages) holds it
-    across them, since re-creating the default group between stages can deadlock the rendezvous:
-    inside the recipe's context every trainer finds the group initialised and leaves it alone.
-    """
+    """The torchrun process group for the duration of the context, created here unless it exists.
+    ``Trainer.fit`` holds it for one training; a recipe with several (two stages) holds it across them,
+    since re-creating the default group between stages can deadlock the rendezvous."""
     info = detect()
     created = info.enabled and not dist.is_initialized()
     if created:
-        device = resolve_device(device_spec, info.local_rank)
+        device = resolve_device(device_spec)
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")

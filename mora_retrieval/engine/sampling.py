@@ -1,23 +1,22 @@
-"""Data order, loading and device transfer for the training loop.
+"""Data order, loading, device transfer and RNG state for the training loop.
 
-The order of an epoch is :class:`~torch.utils.data.DistributedSampler`'s: a permutation seeded
-by ``(seed, epoch)``, padded by wrapping around to a multiple of the world size, of which rank
-``r`` takes positions ``r, r + W, r + 2W, …``. With per-process batch ``b``, the ``k``-th
-batches of all ranks together are exactly positions ``[kbW, (k+1)bW)`` of the permutation, so
-``W`` processes with batch ``b`` see the same samples per step as one process with batch
-``bW``. The sampler can start mid-epoch (``start_batch``), which is how ``--resume`` continues
-an interrupted epoch on the very same samples.
-
-Exact resume holds for datasets whose items are a function of the index. Random augmentations
-drawn inside DataLoader workers use per-epoch worker seeds, which a mid-epoch resume does not
-line up again sample by sample.
+The order of an epoch is :class:`~torch.utils.data.DistributedSampler`'s: a seeded permutation,
+padded to a multiple of the world size ``W``, of which rank ``r`` takes positions ``r, r + W, …``.
+With per-process batch ``b`` the ``k``-th batches of all ranks are positions ``[kbW, (k+1)bW)``, so
+``W`` processes with batch ``b`` see the samples one process sees with batch ``bW``. Starting
+mid-epoch (``start_batch``) lets ``--resume`` continue on the very same samples; exactly so for
+datasets whose items are a function of the index (random augmentations in DataLoader workers use
+per-epoch worker seeds, which a mid-epoch resume does not line up again). RNG states are captured
+in plain types and tensors, so ``last.pt`` loads with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
 import itertools
+import random
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -25,17 +24,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 class ResumableSampler(DistributedSampler):
     """Seeded, shardable, mid-epoch-resumable sampler over ``range(num_samples)``.
 
-    The epoch's permutation is seeded with :attr:`epoch_seed` (``seed × 100 003 + epoch``), which
-    the training DataLoader's own generator follows too. ``num_samples`` and ``seed`` keep
-    DistributedSampler's meaning (samples per rank; the scaled seed).
+    The epoch's permutation is seeded with :attr:`epoch_seed` (``seed × 100 003 + epoch``; scaling keeps
+    (seed, epoch) pairs apart), which the training DataLoader's generator follows too. The attributes
+    ``num_samples`` and ``seed`` keep DistributedSampler's meaning (samples per rank; the scaled seed).
     """
 
-    def __init__(self, num_samples: int, batch_size: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, shuffle: bool = True) -> None:
-        # DistributedSampler seeds epoch e with ``seed + e``; scaling the run's seed keeps (seed, epoch)
-        # pairs apart (seed 1, epoch 0 would otherwise reuse seed 0, epoch 1) and the engine's orders as they were
-        super().__init__(range(int(num_samples)), num_replicas=world_size, rank=rank, shuffle=shuffle,
-                         seed=int(seed) * 100_003)
+    def __init__(self, num_samples: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        super().__init__(range(int(num_samples)), num_replicas=world_size, rank=rank, seed=int(seed) * 100_003)
         self.batch_size = int(batch_size)
         self.start_batch = 0
 
@@ -48,10 +43,6 @@ class ResumableSampler(DistributedSampler):
         super().set_epoch(int(epoch))
         self.start_batch = int(start_batch)
 
-    def epoch_order(self) -> list[int]:
-        """This rank's whole order for the current epoch (before skipping)."""
-        return list(super().__iter__())
-
     def __iter__(self) -> Iterator[int]:
         return itertools.islice(super().__iter__(), self.start_batch * self.batch_size, None)
 
@@ -61,13 +52,9 @@ class ResumableSampler(DistributedSampler):
 
 def build_loader(dataset: Dataset, sampler: ResumableSampler, collate_fn: Callable | None,
                  num_workers: int, device: torch.device) -> DataLoader:
-    """Training DataLoader: drop_last, persistent workers, pinned batches for a CUDA device (so
-    :func:`to_device` copies them asynchronously), and its own generator, seeded per epoch with
-    ``sampler.epoch_seed`` by the trainer.
-
-    The explicit generator keeps DataLoader bookkeeping (worker base seeds) off the global
-    torch RNG, which the training step owns (dropout and the like).
-    """
+    """Training DataLoader: drop_last, persistent workers, pinned batches on CUDA (for :func:`to_device`'s
+    asynchronous copies), and its own generator (seeded per epoch by the trainer), which keeps worker
+    base seeds off the global torch RNG that the training step owns (dropout and the like)."""
     return DataLoader(dataset, batch_size=sampler.batch_size, sampler=sampler, collate_fn=collate_fn,
                       num_workers=num_workers, pin_memory=device.type == "cuda", drop_last=True,
                       persistent_workers=num_workers > 0, generator=torch.Generator())
@@ -79,8 +66,39 @@ def to_device(batch: Any, device: torch.device | str) -> Any:
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
         return {key: to_device(value, device) for key, value in batch.items()}
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(to_device(value, device) for value in batch))
     if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(value, device) for value in batch)
+        moved = [to_device(value, device) for value in batch]
+        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)  # namedtuple or not
     return batch
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's global generator and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def capture_rng() -> dict[str, Any]:
+    """Snapshot of the python, numpy, torch and cuda generator states."""
+    _, key, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "gauss": gauss},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng` (the cuda part only where CUDA is present)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", numpy_state["key"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and len(state.get("cuda", ())) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,35 +1,31 @@
 """``Trainer``: the one training loop behind every task (CIR stage 1/2, classification).
 
-Per optimiser step: ``grad_accum`` micro-batches (forward under autocast, ``loss / grad_accum``
-backward, DDP gradient sync on the last one only), optional gradient clipping, AdamW step,
-scheduler step. Once per epoch: validation, ``metrics.jsonl``, best checkpoint, early stopping,
-``last.pt``; ``curves.png`` after an epoch when the last drawing is 30 s old, and at the end
-(also after an interruption). The folder layout is described in :mod:`.checkpoint`.
+An optimiser step takes ``grad_accum`` micro-batches (forward under autocast, ``loss / grad_accum``
+backward, DDP gradient sync on the last one only), optional gradient clipping, AdamW and the
+scheduler. An epoch is ``floor(batches per rank / grad_accum)`` steps: the partial last batch and an
+unfinished accumulation group are skipped. After each epoch: validation, ``metrics.jsonl``, the best
+checkpoint, early stopping, ``last.pt``; ``curves.png`` when the last drawing is ``PLOT_INTERVAL_S``
+old (drawing costs ~0.5 s), and at the end, also after an interruption. Layout: :mod:`.checkpoint`.
 
-Host syncs: the loss stays on the device and is read only at log points: every ``log_every``
-optimiser steps, before each checkpoint and at the end of an epoch. The non-finite-loss guard
-fires at those points: it raises :class:`TrainingError` naming the epoch and step window and
-leaves ``last.pt`` as it was (the in-memory state is never saved once a NaN/inf was seen).
+GPU syncs (tests/test_engine_training.py counts the engine's host reads on CPU): none between log
+points. Batches come pinned on CUDA and move with ``non_blocking=True``, the loss adds up on the
+device, clipping and AdamW (``capturable=False`` keeps its step counters on the host) read nothing
+back. A log point (every ``log_every`` steps, before a checkpoint, at the end of an epoch) is one
+sync; there a NaN/inf loss raises :class:`TrainingError` naming the epoch and steps, and ``last.pt``
+is left as it was. Writing ``last.pt`` is one sync (NaN/inf check of every trainable tensor) plus
+``torch.save``'s copies. Host work per step: the scheduler, the progress bar and, in a single
+process, the RNG snapshot for a Ctrl-C rollback (~0.1 ms).
 
-GPU audit of the step (read from the code; tests/test_engine_training.py counts the engine's reads
-on CPU). Between log points: 0 syncs per optimiser step. Batches come pinned (``pin_memory`` on
-CUDA) and move with ``non_blocking=True``; the loss adds up on the device; clipping and AdamW
-(``capturable=False`` keeps its step counters on the host) read nothing back. A log point: 1 sync
-(was 3: two pageable ``torch.tensor(..., device=)`` copies, then the read), so 0.02 per step on
-average at the default ``log_every=50`` (was 0.06). Writing ``last.pt``: 1 sync for the NaN/inf
-check of every trainable tensor (was one per tensor), plus the copies ``torch.save`` makes.
-Per-step host work: the RNG snapshot for a Ctrl-C rollback (single process only; ~0.1 ms on a
-loaded CPU, mostly NumPy's state), the scheduler step, the progress bar. fp32 casts: the loss once
-per micro-batch (was twice; a no-op for an fp32 loss), divided by ``grad_accum`` only above 1.
+A ``None`` batch (:func:`~mora_retrieval.data.collate.collate_skip_none` skipped every item as a bad
+image) keeps its place in the epoch, so resume stays exact, adds no loss or gradient (its group steps
+on the others' ``loss / grad_accum``) and is counted as ``empty_batches`` in ``metrics.jsonl``. With
+several processes it is an error: one rank cannot skip a batch alone.
 
-The epoch length is ``floor(batches per rank / grad_accum)`` optimiser steps; micro-batches
-that would not complete an accumulation group are skipped, like the partial last batch.
-
-A ``None`` batch (a collate such as :func:`~mora_retrieval.data.collate.collate_skip_none` found
-every item skipped as a bad image) is consumed without a forward: it adds no loss and no gradient
-(its group steps on the others' ``loss / grad_accum``), keeps its place in the epoch, so resume
-stays exact, and is counted as ``empty_batches`` in ``metrics.jsonl``. Several processes cannot
-skip one rank's batch alone, so there it is an error.
+Ctrl-C (SIGINT, or SIGTERM) asks the loop to stop at the next safe point: after an optimiser step
+(single process) or at a log point (``torchrun``: the ranks agree through the loss all-reduce), where
+it writes ``last.pt`` and raises :class:`TrainingInterrupted`. A second Ctrl-C, or a
+``KeyboardInterrupt`` from the task, interrupts at once; a single process then rolls back to the last
+finished optimiser step and saves that.
 """
 
 from __future__ import annotations
@@ -39,10 +35,13 @@ import itertools
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from types import FrameType, SimpleNamespace
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -51,21 +50,43 @@ from torch.utils.data import Dataset
 
 from ..device import autocast, available_cores, resolve_device, resolve_num_workers, resolve_precision
 from ..errors import TrainingError
-from ..fileio import atomic_write, write_json
+from ..fileio import atomic_write, load_tensors, write_json
 from ..progress import TrainProgress
 from . import checkpoint as ckpt
-from .config import TrainConfig
+from .config import TrainConfig, build_scheduler
 from .curves import plot_curves
 from .distributed import barrier, detect, process_group
-from .interrupt import StopFlag, TrainingInterrupted
 from .module import TrainModule
-from .rng import capture_rng, restore_rng, seed_everything
-from .sampling import ResumableSampler, build_loader, to_device
-from .schedule import build_scheduler
+from .sampling import ResumableSampler, build_loader, capture_rng, restore_rng, seed_everything, to_device
 
 
-#: curves.png is redrawn after an epoch when the previous drawing is at least this old.
+#: Seconds between two drawings of curves.png after epochs.
 PLOT_INTERVAL_S = 30.0
+
+
+class TrainingInterrupted(TrainingError):
+    """Training stopped on request after writing a resumable checkpoint."""
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[SimpleNamespace]:
+    """Install SIGINT/SIGTERM handlers (main thread only) that set the yielded flag's ``requested``."""
+    flag = SimpleNamespace(requested=False)
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        if flag.requested and signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        flag.requested = True
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {signum: signal.signal(signum, handle) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 @dataclass
@@ -99,11 +120,8 @@ class _Position:
 
 
 class Trainer:
-    """Train a :class:`TrainModule` on ``train_dataset`` into ``run_dir``.
-
-    ``extra_config`` (JSON-ready) is stored in ``config.json`` and must match on resume;
-    ``quiet`` silences all console output (rank 0 is the only rank that prints anyway).
-    """
+    """Train a :class:`TrainModule` on ``train_dataset`` into ``run_dir``. ``extra_config`` (JSON-ready) is
+    stored in ``config.json`` and must match on resume; ``quiet`` silences the console (rank 0's only)."""
 
     def __init__(self, module: TrainModule, config: TrainConfig, run_dir: str | Path, train_dataset: Dataset,
                  collate_fn: Callable | None = None, console=None, *, extra_config: dict | None = None,
@@ -113,7 +131,6 @@ class Trainer:
         if not hasattr(train_dataset, "__len__") or not hasattr(train_dataset, "__getitem__"):
             raise TrainingError(f"training set {type(train_dataset).__name__} must be a map-style dataset "
                                 f"(__len__ and __getitem__)")
-        config.validate()
         self.module = module
         self.config = config
         self.run_dir = Path(run_dir)
@@ -123,7 +140,7 @@ class Trainer:
         self.quiet = quiet
         self.extra_config = extra_config or {}
         self.dist = detect()
-        self.device = resolve_device(config.device, self.dist.local_rank)
+        self.device = resolve_device(config.device)
         self.precision = resolve_precision(config.precision, self.device)
         self.num_workers = resolve_num_workers(config.num_workers, self.device, self.dist.world_size)
         module.precision, module.num_workers = self.precision, self.num_workers
@@ -131,28 +148,28 @@ class Trainer:
     # ------------------------------------------------------------------ public
     def fit(self, resume: bool = False) -> TrainResult:
         """Train (or continue an interrupted run with ``resume=True``) and return the outcome."""
-        with process_group(self.config.device), StopFlag() as stop:
+        with process_group(self.config.device), stop_requests() as stop:
             return self._fit(resume, stop)
 
     def restore_best(self) -> bool:
-        """After :meth:`fit`: load the best epoch's trainable state into the module. When no epoch had
-        a finite validation metric (no best epoch, e.g. no validation set) the last weights stay,
-        with a warning, and the answer is False."""
-        if not ckpt.best_path(self.run_dir).is_file():
+        """After :meth:`fit`: load the best epoch's trainable state into the module. Without a best epoch
+        (no finite validation metric) the last weights stay, with a warning, and the answer is False."""
+        best = self.run_dir / ckpt.BEST_FILE
+        if not best.is_file():
             if self.console is not None and not self.quiet and self.dist.is_main:
                 self.console.print("[yellow]no epoch had a finite validation metric; keeping the last weights[/]")
             return False
-        self.module.load_trainable_state_dict(ckpt.load_best(self.run_dir))
+        self.module.load_trainable_state_dict(load_tensors(best, "best checkpoint", error=TrainingError))
         return True
 
     # ------------------------------------------------------------------ setup
-    def _fit(self, resume: bool, stop: StopFlag) -> TrainResult:
+    def _fit(self, resume: bool, stop: SimpleNamespace) -> TrainResult:
         cfg, info = self.config, self.dist
         state = None
         if resume:
             state = ckpt.load_checkpoint(ckpt.resume_or_fail(self.run_dir, cfg, self.extra_config, info.world_size,
                                                              len(self.dataset)))
-        elif ckpt.last_path(self.run_dir).exists():
+        elif (self.run_dir / ckpt.LAST_FILE).exists():
             raise TrainingError(f"{self.run_dir}: already holds a run (checkpoints/last.pt); "
                                 f"resume it or choose a new run folder")
 
@@ -160,9 +177,8 @@ class Trainer:
         sampler = ResumableSampler(len(self.dataset), cfg.batch_size, cfg.seed, info.rank, info.world_size)
         cfg.check_fits(len(self.dataset), "training set", info.world_size)
         self.steps_per_epoch = cfg.steps_per_epoch(len(self.dataset), info.world_size)
-        self.total_steps = cfg.epochs * self.steps_per_epoch
-        if cfg.max_steps is not None:
-            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.total_steps = min(cfg.epochs * self.steps_per_epoch, cfg.max_steps or math.inf)
+        samples_per_step = cfg.batch_size * cfg.grad_accum * info.world_size
 
         groups = [g for g in self.module.optimizer_param_groups(cfg) if g["params"]]
         self.params = [p for g in groups for p in g["params"]]
@@ -178,22 +194,30 @@ class Trainer:
             pos = _Position()
             seed_everything(cfg.seed + info.rank)
             if info.is_main:
-                write_json(ckpt.config_path(self.run_dir), self._config_record())
+                write_json(self.run_dir / ckpt.CONFIG_FILE, {
+                    "train": cfg.to_dict(),
+                    "resolved": {"device": str(self.device), "precision": self.precision,
+                                 "world_size": info.world_size, "num_workers": self.num_workers,
+                                 "train_samples": len(self.dataset), "effective_batch_size": samples_per_step,
+                                 "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps},
+                    "extra": self.extra_config,
+                })
 
         self.model = self.module
         if info.enabled:
             self.model = DistributedDataParallel(
                 self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=False)
-        if self.device.type == "cpu":
-            _leave_cores_for_workers(self.num_workers, info.world_size)
+        if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            # ranks and DataLoader workers share the cores: OpenMP threads spinning while other processes
+            # hold them can slow a step by an order of magnitude (an explicit OMP_NUM_THREADS is kept)
+            torch.set_num_threads(max(1, available_cores() // info.world_size - self.num_workers))
         loader = build_loader(self.dataset, sampler, self.collate_fn, self.num_workers, self.device)
         self.progress = TrainProgress(self.console, self.quiet, enabled=info.is_main)
         self._last_plot = time.monotonic()
         try:
             with self.progress:
-                self.progress.start(self.total_steps, pos.global_step,
-                                    cfg.batch_size * cfg.grad_accum * info.world_size, pos.epoch + 1)
+                self.progress.start(self.total_steps, pos.global_step, samples_per_step, pos.epoch + 1)
                 while not pos.finished:
                     self._run_epoch(pos, sampler, loader, stop)
         except TrainingInterrupted:
@@ -201,21 +225,13 @@ class Trainer:
             raise
         self._plot(pos, force=True)
         barrier(info)
-        result = self._result(pos)
+        best = self.run_dir / ckpt.BEST_FILE
+        result = TrainResult(best_metric=pos.best_metric, best_epoch=pos.best_epoch, history=list(pos.history),
+                             stopped_early=pos.stopped_early, best_checkpoint=best if best.is_file() else None,
+                             global_step=pos.global_step)
         if info.is_main:
             self.progress.final_table(result, self.module.main_metric)
         return result
-
-    def _config_record(self) -> dict[str, Any]:
-        cfg, info = self.config, self.dist
-        return {
-            "train": cfg.to_dict(),
-            "resolved": {"device": str(self.device), "precision": self.precision, "world_size": info.world_size,
-                         "num_workers": self.num_workers, "train_samples": len(self.dataset),
-                         "effective_batch_size": cfg.batch_size * cfg.grad_accum * info.world_size,
-                         "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps},
-            "extra": self.extra_config,
-        }
 
     def _restore(self, state: dict[str, Any]) -> _Position:
         self.module.load_trainable_state_dict(state["trainable"])
@@ -223,17 +239,16 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
         except (ValueError, KeyError, RuntimeError) as exc:
-            raise TrainingError(f"{ckpt.last_path(self.run_dir)}: optimiser state does not fit this model "
+            raise TrainingError(f"{self.run_dir / ckpt.LAST_FILE}: optimiser state does not fit this model "
                                 f"({exc.__class__.__name__})") from None
-        rng = state["rng"]
-        restore_rng(rng[self.dist.rank] if self.dist.rank < len(rng) else rng[0])
+        restore_rng(state["rng"][self.dist.rank])  # resume_or_fail checked the number of processes
         known = _Position.__dataclass_fields__
         return _Position(**{k: v for k, v in state["position"].items() if k in known})
 
     # ------------------------------------------------------------------ loop
-    def _run_epoch(self, pos: _Position, sampler: ResumableSampler, loader, stop: StopFlag) -> None:
+    def _run_epoch(self, pos: _Position, sampler: ResumableSampler, loader, stop: SimpleNamespace) -> None:
         cfg, info = self.config, self.dist
-        accum = cfg.grad_accum
+        accum, max_steps = cfg.grad_accum, cfg.max_steps or math.inf
         limit = self.steps_per_epoch * accum
         start_micro = pos.micro_batch
         sampler.set_epoch(pos.epoch, start_batch=start_micro)
@@ -246,7 +261,7 @@ class Trainer:
         window_count = window_steps = 0
         boundary_rng = capture_rng() if not info.enabled else None
         t_start = time.perf_counter()
-        reached_max = cfg.max_steps is not None and pos.global_step >= cfg.max_steps
+        reached_max = pos.global_step >= max_steps
         remaining = 0 if reached_max else limit - start_micro
         stop_pending = False  # a stop the ranks agreed on at the epoch's last step
         updating = False
@@ -287,7 +302,7 @@ class Trainer:
                 pos.empty_batches += group_empty
                 group_empty = 0
                 self.progress.advance()
-                reached_max = cfg.max_steps is not None and pos.global_step >= cfg.max_steps
+                reached_max = pos.global_step >= max_steps
                 end = reached_max or pos.micro_batch >= limit
                 ckpt_due = cfg.checkpoint_every is not None and pos.global_step % cfg.checkpoint_every == 0
                 log_due = pos.global_step % cfg.log_every == 0 or end or ckpt_due
@@ -312,9 +327,13 @@ class Trainer:
             t_eval = time.perf_counter()
             metrics = self._evaluate()
         except KeyboardInterrupt:
-            if updating:
-                raise  # mid-update: parameters and optimiser may disagree; keep the last checkpoint
-            self._save_after_keyboard_interrupt(pos, window, window_count, window_steps, boundary_rng)
+            if updating or boundary_rng is None:
+                raise  # mid-update (parameters and optimiser may disagree), or ranks that cannot agree here
+            # single process: roll back to the last finished optimiser step and save it
+            self.optimizer.zero_grad(set_to_none=True)
+            pos.micro_batch -= pos.micro_batch % accum
+            self._sync_window(pos, window, window_count, window_steps, False)
+            self._save_last(pos, rng=boundary_rng)
             raise self._interrupted(pos) from None
         self._end_epoch(pos, metrics, start_micro, train_time, time.perf_counter() - t_eval, reached_max)
         if (stop_pending or (stop.requested and not info.enabled)) and not pos.finished:
@@ -329,7 +348,7 @@ class Trainer:
             dist.all_reduce(vec)
         total, n, stops = vec.tolist()
         if not math.isfinite(total):
-            last = ckpt.last_path(self.run_dir)
+            last = self.run_dir / ckpt.LAST_FILE
             kept = (f"{last} (the last good state) was left untouched" if last.exists()
                     else "no checkpoint had been written yet")
             raise TrainingError(
@@ -390,9 +409,10 @@ class Trainer:
         pos.finished = pos.stopped_early or reached_max or pos.epoch >= cfg.epochs
         if info.is_main:
             if improved:
-                ckpt.save_best(ckpt.best_path(self.run_dir), module.trainable_state_dict(), record["epoch"],
+                ckpt.save_best(self.run_dir / ckpt.BEST_FILE, module.trainable_state_dict(), record["epoch"],
                                module.main_metric, value)
-            self._write_metrics(pos.history)
+            with atomic_write(self.run_dir / ckpt.METRICS_FILE, "w") as handle:
+                handle.writelines(json.dumps(entry) + "\n" for entry in pos.history)
             self._plot(pos, force=False)
             self.progress.epoch_line(record)
             if pos.stopped_early:
@@ -401,25 +421,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ files
     def _plot(self, pos: _Position, force: bool) -> None:
-        """Redraw curves.png at the end of fit, or after an epoch if the last drawing is
-        ``PLOT_INTERVAL_S`` old (drawing costs ~0.5 s; short epochs would pay it every time)."""
         if not self.dist.is_main or not pos.history:
             return
         if force or time.monotonic() - self._last_plot >= PLOT_INTERVAL_S:
-            plot_curves(pos.history, ckpt.curves_path(self.run_dir), self.module.main_metric)
+            plot_curves(pos.history, self.run_dir / ckpt.CURVES_FILE, self.module.main_metric)
             self._last_plot = time.monotonic()
 
-    def _write_metrics(self, history: list[dict[str, Any]]) -> None:
-        with atomic_write(ckpt.metrics_path(self.run_dir), "w") as handle:
-            for record in history:
-                handle.write(json.dumps(record) + "\n")
-
     def _save_last(self, pos: _Position, rng: dict | None = None) -> None:
-        """Collective: gather every rank's RNG state; rank 0 writes last.pt.
-
-        Every rank checks the (replicated) weights for NaN/inf, so all ranks fail together; one host
-        sync reads the check of every tensor.
-        """
+        """Collective: gather every rank's RNG state; rank 0 writes last.pt. Every rank checks the
+        (replicated) weights for NaN/inf, so all ranks fail together."""
         rng = rng if rng is not None else capture_rng()
         rngs = [rng]
         if self.dist.enabled:
@@ -431,10 +441,10 @@ class Trainer:
         bad = [k for k, ok in zip(names, finite) if not ok]
         if bad:
             raise TrainingError(f"non-finite trainable weights ({bad[0]}) at optimiser step {pos.global_step}; "
-                                f"{ckpt.last_path(self.run_dir)} was left untouched")
+                                f"{self.run_dir / ckpt.LAST_FILE} was left untouched")
         if not self.dist.is_main:
             return
-        ckpt.save_checkpoint(ckpt.last_path(self.run_dir), {
+        ckpt.save_checkpoint(self.run_dir / ckpt.LAST_FILE, {
             "trainable": trainable,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -442,36 +452,7 @@ class Trainer:
             "rng": rngs,
         })
 
-    def _save_after_keyboard_interrupt(self, pos: _Position, window: torch.Tensor, count: int, steps: int,
-                                       boundary_rng: dict | None) -> None:
-        """Roll back to the last finished optimiser step and save it (single process only)."""
-        if self.dist.enabled or boundary_rng is None:
-            raise KeyboardInterrupt  # ranks cannot agree here; the last periodic checkpoint stays
-        self.optimizer.zero_grad(set_to_none=True)
-        pos.micro_batch -= pos.micro_batch % self.config.grad_accum
-        self._sync_window(pos, window, count, steps, False)
-        self._save_last(pos, rng=boundary_rng)
-
     def _interrupted(self, pos: _Position) -> TrainingInterrupted:
         return TrainingInterrupted(
             f"interrupted in epoch {pos.epoch + 1} after optimiser step {pos.global_step}/{self.total_steps}; "
-            f"resumable checkpoint {ckpt.last_path(self.run_dir)}: run the same command with --resume to continue")
-
-    def _result(self, pos: _Position) -> TrainResult:
-        best = ckpt.best_path(self.run_dir)
-        return TrainResult(best_metric=pos.best_metric, best_epoch=pos.best_epoch, history=list(pos.history),
-                           stopped_early=pos.stopped_early, best_checkpoint=best if best.is_file() else None,
-                           global_step=pos.global_step)
-
-
-
-def _leave_cores_for_workers(num_workers: int, world_size: int) -> None:
-    """On CPU, cap torch's intra-op threads so ranks and DataLoader workers don't oversubscribe.
-
-    Each of ``world_size`` processes gets ``cores / world_size - num_workers`` threads (at least
-    one). OpenMP threads spinning while other processes hold the cores can slow a step by an
-    order of magnitude. An explicit ``OMP_NUM_THREADS`` is left alone.
-    """
-    if "OMP_NUM_THREADS" in os.environ:
-        return
-    torch.set_num_threads(max(1, available_cores() // max(world_size, 1) - num_workers))
+            f"resumable checkpoint {self.run_dir / ckpt.LAST_FILE}: run the same command with --resume to continue")

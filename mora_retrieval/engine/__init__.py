@@ -7,7 +7,8 @@ run folder described in :mod:`.checkpoint`.
 from .checkpoint import resume_or_fail
 from .config import TRAINING_FIELDS, TrainConfig, lr_factor
 from .module import TrainModule
-from .sampling import ResumableSampler, seed_everything, to_device
+from .rng import seed_everything
+from .sampling import ResumableSampler, to_device
 from .trainer import Trainer, TrainingInterrupted, TrainResult
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""Data order, loading, device transfer and RNG state for the training loop.
+"""Data order, loading and device transfer for the training loop.
 
 The order of an epoch is :class:`~torch.utils.data.DistributedSampler`'s: a seeded permutation,
 padded to a multiple of the world size ``W``, of which rank ``r`` takes positions ``r, r + W, …``.
@@ -6,17 +6,14 @@ With per-process batch ``b`` the ``k``-th batches of all ranks are positions ``[
 ``W`` processes with batch ``b`` see the samples one process sees with batch ``bW``. Starting
 mid-epoch (``start_batch``) lets ``--resume`` continue on the very same samples; exactly so for
 datasets whose items are a function of the index (random augmentations in DataLoader workers use
-per-epoch worker seeds, which a mid-epoch resume does not line up again). RNG states are captured
-in plain types and tensors, so ``last.pt`` loads with ``torch.load(weights_only=True)``.
+per-epoch worker seeds, which a mid-epoch resume does not line up again).
 """
 
 from __future__ import annotations
 
 import itertools
-import random
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -70,35 +67,3 @@ def to_device(batch: Any, device: torch.device | str) -> Any:
         moved = [to_device(value, device) for value in batch]
         return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)  # namedtuple or not
     return batch
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's ``random``, NumPy's global generator and torch (CPU and every CUDA device)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def capture_rng() -> dict[str, Any]:
-    """Snapshot of the python, numpy, torch and cuda generator states."""
-    _, key, pos, has_gauss, gauss = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "gauss": gauss},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    """Inverse of :func:`capture_rng` (the cuda part only where CUDA is present)."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    numpy_state = state["numpy"]
-    np.random.set_state(("MT19937", numpy_state["key"].numpy().astype(np.uint32), numpy_state["pos"],
-                         numpy_state["has_gauss"], numpy_state["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and len(state.get("cuda", ())) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])

@@ -57,7 +57,8 @@ from .config import TrainConfig, build_scheduler
 from .curves import plot_curves
 from .distributed import barrier, detect, process_group
 from .module import TrainModule
-from .sampling import ResumableSampler, build_loader, capture_rng, restore_rng, seed_everything, to_device
+from .rng import capture_rng, restore_rng, seed_everything
+from .sampling import ResumableSampler, build_loader, to_device
 
 
 #: Seconds between two drawings of curves.png after epochs.

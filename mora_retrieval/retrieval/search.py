@@ -3,11 +3,8 @@
 The query model must be the one the index was built with: :func:`check_encoder` compares the
 encoder's weights fingerprint with the manifest's and refuses a mismatch. Search runs on
 FAISS (on the GPU when the installed faiss has GPU support). On a CUDA machine without GPU
-FAISS, an exact (``Flat``) index is searched with torch (:func:`exact_search`): the stored
-float16 embeddings (the values the index holds) go to the GPU once and stay there; queries are
-scored in tiles of at most :data:`SCORE_TILE_BYTES` (never a full ``[Q, N]`` float32 score
-matrix), each tile keeps its top candidates, and the candidates are re-scored in float32, so
-the returned scores are the exact inner products with the stored vectors.
+FAISS, an exact (``Flat``) index is searched with torch (:func:`exact_search`) over the stored
+float16 embeddings, which go to the GPU once and stay there.
 
 :func:`search_many` answers a list of :class:`Query` (what a server receives) with one image
 forward and one text forward for the whole list, then one index search; :func:`search` is one
@@ -68,11 +65,8 @@ RERANK_MARGIN = 32  # extra candidates per query kept from low-precision scores 
 
 @dataclass(frozen=True)
 class SearchPlan:
-    """How :func:`exact_search` tiles a ``[Q, N]`` score matrix.
-
-    ``query_rows`` queries are scored against ``gallery_rows`` gallery vectors at a time;
-    each query keeps ``candidates`` rows (``>= k``) for the final float32 re-ranking.
-    """
+    """``query_rows`` queries are scored against ``gallery_rows`` gallery vectors at a time;
+    each query keeps ``candidates`` rows (``>= k``) for the final float32 re-ranking."""
 
     query_rows: int
     gallery_rows: int
@@ -111,12 +105,14 @@ def plan_exact_search(
 
 
 def exact_search(gallery: Any, queries: Any, k: int, plan: SearchPlan | None = None) -> tuple[Any, Any]:
-    """Exact inner-product top ``k`` with torch: ``(scores float32 [Q, k], rows int64 [Q, k])``.
+    """Exact inner-product top ``k`` with torch: ``(scores float32 [Q, k], rows int64 [Q, k])``,
+    by decreasing score.
 
     ``gallery`` ``[N, d]`` (float16, bfloat16 or float32) and ``queries`` ``[Q, d]`` are on the
-    same device; scores are computed in the gallery's dtype tile by tile (:func:`plan_exact_search`),
-    each tile keeps its top candidates, and the candidates are re-scored in float32. Results
-    stay on the device (no host synchronisation). Rows are sorted by decreasing score.
+    same device. Scores are computed in the gallery's dtype tile by tile (never a full ``[Q, N]``
+    float32 matrix), each tile keeps its top candidates, and the candidates are re-scored in
+    float32: the returned scores are the exact inner products with the stored vectors. Results
+    stay on the device (no host synchronisation).
     """
     n, q = int(gallery.shape[0]), int(queries.shape[0])
     k = min(int(k), n)
@@ -176,10 +172,6 @@ def search_exact_torch(folder: IndexFolder, queries: np.ndarray, k: int, device:
     return scores.numpy(), rows.numpy()
 
 
-def _use_torch_exact(folder: IndexFolder) -> bool:
-    return folder.manifest.get("index_type") == "Flat" and torch.cuda.is_available() and faiss.get_num_gpus() == 0
-
-
 def search_vectors(folder: IndexFolder, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """``(scores, rows)`` of the top ``k`` rows for each query (float32 ``[Q, d]``).
 
@@ -191,7 +183,7 @@ def search_vectors(folder: IndexFolder, queries: np.ndarray, k: int) -> tuple[np
     if int(k) < 1:
         raise IndexFolderError(f"k must be at least 1, got {k}")
     k = min(int(k), folder.count)
-    if _use_torch_exact(folder):
+    if folder.manifest.get("index_type") == "Flat" and torch.cuda.is_available() and faiss.get_num_gpus() == 0:
         return search_exact_torch(folder, queries, k, "cuda")
     if folder.index is None:
         raise IndexFolderError(f"{folder.path}: index not loaded")
@@ -223,10 +215,6 @@ class Query:
     k: int = 10
     image_label: str | None = None
 
-    @property
-    def mode(self) -> str:
-        return query_mode(self.image is not None, self.text is not None)
-
 
 def query_mode(has_image: bool, has_text: bool) -> str:
     """``composed``, ``image`` or ``text``."""
@@ -239,30 +227,23 @@ def encode_queries(encoder: Any, queries: Sequence[Query]) -> np.ndarray:
     """The ``[len(queries), d]`` float32 query features, one batched forward per modality."""
     if not queries:
         raise MoraError("no queries to encode")
-    for q in queries:
-        if q.image is None and q.text is None:
-            raise MoraError(EMPTY_QUERY)
+    if any(q.image is None and q.text is None for q in queries):
+        raise MoraError(EMPTY_QUERY)
     with_image = [i for i, q in enumerate(queries) if q.image is not None]
     with_text = [i for i, q in enumerate(queries) if q.text is not None]
-    img_raw = txt_raw = None
+    image_raw: dict[int, Any] = {}  # query position -> raw feature
+    text_raw: dict[int, Any] = {}
     if with_image:
         batch = torch.stack([encoder.preprocess(queries[i].image) for i in with_image])
-        img_raw = encoder.encode_images(batch, normalize=False)
+        image_raw = dict(zip(with_image, encoder.encode_images(batch, normalize=False)))
     if with_text:
-        txt_raw = encoder.encode_texts([queries[i].text for i in with_text], normalize=False)
-    img_pos = {q: n for n, q in enumerate(with_image)}
-    txt_pos = {q: n for n, q in enumerate(with_text)}
-    out: list[Any] = [None] * len(queries)
-    composed = [i for i in with_image if i in txt_pos]
+        text_raw = dict(zip(with_text, encoder.encode_texts([queries[i].text for i in with_text], normalize=False)))
+    composed = [i for i in with_image if i in text_raw]
+    out = {i: F.normalize(raw, dim=-1) for i, raw in {**text_raw, **image_raw}.items() if i not in composed}
     if composed:
-        feats = encoder.encode_composed(img_raw[[img_pos[i] for i in composed]], txt_raw[[txt_pos[i] for i in composed]])
-        for n, i in enumerate(composed):
-            out[i] = feats[n]
-    for i in range(len(queries)):
-        if out[i] is None:
-            raw = img_raw[img_pos[i]] if i in img_pos else txt_raw[txt_pos[i]]
-            out[i] = F.normalize(raw, dim=-1)
-    return torch.stack(out).float().cpu().numpy()
+        out.update(zip(composed, encoder.encode_composed(torch.stack([image_raw[i] for i in composed]),
+                                                         torch.stack([text_raw[i] for i in composed]))))
+    return torch.stack([out[i] for i in range(len(queries))]).float().cpu().numpy()
 
 
 def search_many(folder: IndexFolder, encoder: Any, queries: Sequence[Query]) -> list[list[Hit]]:

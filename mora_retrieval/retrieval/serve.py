@@ -286,22 +286,19 @@ class _App:
         upload, row = form.get("image"), form.get("row")
         if isinstance(upload, str):
             raise RequestError(400, "image: expected a file upload")
+        data = b"" if upload is None else await upload.read()  # empty without a filename: a file input left empty
+        if upload is not None and not data and upload.filename:
+            raise RequestError(400, f"upload {upload.filename!r}: empty file")
         image = label = None
-        if upload is not None:
-            data = await upload.read()
-            if not data and not upload.filename:
-                upload = None  # a form's file input left empty
-            elif not data:
-                raise RequestError(400, f"upload {upload.filename!r}: empty file")
-            else:
-                if row not in (None, ""):
-                    raise RequestError(400, "give an image upload or a row, not both")
-                label = upload.filename or "upload"
-                try:
-                    image = await run_in_threadpool(_decode_upload, data, label, self.config.max_image_pixels)
-                except DataError as exc:
-                    raise RequestError(400, str(exc)) from None
-        if upload is None and row not in (None, ""):
+        if data:
+            if row not in (None, ""):
+                raise RequestError(400, "give an image upload or a row, not both")
+            label = upload.filename or "upload"
+            try:
+                image = await run_in_threadpool(_decode_upload, data, label, self.config.max_image_pixels)
+            except DataError as exc:
+                raise RequestError(400, str(exc)) from None
+        elif row not in (None, ""):
             index = _parse_int(row, "row")
             if not 0 <= index < self.folder.count:
                 raise RequestError(400, f"row {index}: not in the index (rows 0..{self.folder.count - 1})")

@@ -1,51 +1,41 @@
 """The embedding pipeline: batched, overlapped, resumable, shardable.
 
-Transport. DataLoader workers read and decode whole batches: each batch crosses the worker
-queue as at most two tensors (never one per image), because every tensor sent between
-processes costs a shared-memory segment of its own.
+Transport. DataLoader workers send each batch as at most two tensors, never one per image:
+every tensor crossing the worker queue costs a shared-memory segment of its own.
 
 * CPU path (the default without CUDA): workers decode with PIL and run the PIL part of the
-  model's preprocessing (resize, centre crop); the batch arrives as one uint8
-  ``[B, 3, S, S]`` tensor and is normalised in the main process. The values are exactly those
-  of the model's preprocessing (``ToTensor`` + ``Normalize`` of the same uint8 pixels).
-* Tensor-decode path (``gpu_decode``, on by default with CUDA): workers only read the files;
-  a batch's JPEG bytes arrive as one uint8 buffer plus offsets and are decoded, resized,
-  cropped and normalised together on the encoder's device (nvJPEG on CUDA;
-  :mod:`~mora_retrieval.data.tensor_preprocess`). Files that are not JPEGs are decoded and
-  preprocessed by the workers as on the CPU path, in the same batch. With ``device="cpu"`` the
-  same code runs on the CPU (that is how the tests cover it).
+  model's preprocessing (resize, centre crop); the uint8 ``[B, 3, S, S]`` batch is normalised in
+  the main process, giving exactly the values of the model's preprocessing.
+* Tensor-decode path (``gpu_decode``, on by default with CUDA): workers only read the files; a
+  batch's JPEG bytes arrive as one uint8 buffer plus offsets and are decoded, resized, cropped
+  and normalised together on the encoder's device (nvJPEG on CUDA;
+  :mod:`~mora_retrieval.data.tensor_preprocess`, which retries a rejected JPEG with PIL). Other
+  files are decoded by the workers as on the CPU path, in the same batch. With ``device="cpu"``
+  the same code runs on the CPU (that is how the tests cover it).
 
-Batches are prepared in the encoder's dtype (bf16 on CUDA, see :mod:`.encoder`) and encoded by
-``Encoder.encode_images``, the method single queries use. On CUDA the next batch is decoded on a
-side CUDA stream while the current one is encoded, and the host waits for the device only when
-a chunk is written.
+Batches are prepared in the encoder's dtype and encoded by ``Encoder.encode_images``, the method
+single queries use. On CUDA the next batch is decoded on a side stream while the current one is
+encoded; the host waits for the device only when a chunk is written.
 
-Resuming. Work is cut into *chunks* of ``chunk_size`` images. Each finished chunk is written
-to ``<work_dir>/part-NNNNN.npy`` (float16 features) and recorded in
-``<work_dir>/progress.json`` together with the weights fingerprint and a digest of the item
-list. A rerun with the same model and items skips the recorded chunks; anything else starts
-over. All writes are atomic, so an interrupted run never leaves a half-written chunk.
+Resuming. Work is cut into chunks of ``chunk_size`` images, each written atomically to
+``<work_dir>/part-NNNNN.npy`` (float16) and recorded in ``<work_dir>/progress.json`` with the
+weights fingerprint and a digest of the item list. A rerun with the same model and items skips
+the recorded chunks; anything else starts over.
 
-Fast JPEG decoding (``fast_jpeg``, off by default): on the CPU path, JPEGs are decoded by
-libjpeg directly at the smallest 1/2, 1/4 or 1/8 scale that still covers the model's input
-size (PIL's draft mode), before the usual resize and crop. It makes decoding several times
-cheaper for small input sizes; the features differ slightly from the reference preprocessing
-(a DCT-domain downscale precedes the bicubic one), so an index and its queries should use
-the same setting.
+``fast_jpeg`` (CPU path, off by default): libjpeg decodes JPEGs at the smallest 1/2, 1/4 or 1/8
+scale that still covers the model's input size (PIL's draft mode), several times cheaper for
+small inputs; the features differ slightly from the reference preprocessing, so an index and its
+queries should use the same setting.
 
-CPU threads: with DataLoader workers on a CPU-only run, the encoding process limits torch to
-the cores the workers leave free (restored afterwards), so decoding and encoding do not fight
-over the same cores.
-
-Bad images: by default the first unreadable image stops the run with a one-line DataError;
-with ``skip_bad_images`` it is left out and its position recorded. A JPEG that the tensor
-decoder rejects is retried with PIL before it counts as bad.
+With DataLoader workers on a CPU-only run, torch is limited to the cores the workers leave free.
+The first unreadable image stops the run with a one-line DataError; with ``skip_bad_images`` it
+is left out and its position recorded.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
@@ -112,7 +102,7 @@ def batch_plan(n: int, chunk_size: int, batch_size: int, pending: Sequence[int])
 
 @dataclass
 class LoadedBatch:
-    """What a worker sends for one batch: at most two tensors, whatever the batch size."""
+    """What a worker sends for one batch."""
 
     image_positions: list[int] = field(default_factory=list)
     images: Any = None  # uint8 [b, 3, S, S] (resized, cropped) or float32 normalised; None when empty
@@ -124,12 +114,8 @@ class LoadedBatch:
 
     def pin_memory(self) -> "LoadedBatch":
         """Called by the DataLoader's pinning thread (``pin_memory=True``)."""
-        pinned = LoadedBatch(**self.__dict__)
-        if self.images is not None:
-            pinned.images = self.images.pin_memory()
-        if self.jpeg_data is not None:
-            pinned.jpeg_data = self.jpeg_data.pin_memory()
-        return pinned
+        return replace(self, images=None if self.images is None else self.images.pin_memory(),
+                       jpeg_data=None if self.jpeg_data is None else self.jpeg_data.pin_memory())
 
 
 class _BatchFiles:
@@ -200,11 +186,8 @@ class _Prepared:
 
 
 class _Stager:
-    """Turns a :class:`LoadedBatch` into a :class:`_Prepared` on the encoder's device.
-
-    On CUDA the work runs on a side stream, so the next batch is decoded while the default
-    stream encodes the current one; :meth:`hand_over` makes the default stream wait for it.
-    """
+    """Turns a :class:`LoadedBatch` into a :class:`_Prepared` on the encoder's device (on CUDA on
+    a side stream; :meth:`hand_over` makes the encoding stream wait for it)."""
 
     def __init__(self, encoder: Any, paths: Sequence[str], mean_std: tuple[list[float], list[float]]) -> None:
         self.paths = paths
@@ -215,8 +198,7 @@ class _Stager:
         self.stream = torch.cuda.Stream(device=self.device) if self.device.startswith("cuda") else None
 
     def prepare(self, loaded: LoadedBatch) -> _Prepared:
-        context = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
-        with context:
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
             prepared = self._prepare(loaded)
             if self.stream is not None:
                 prepared.ready = self.stream.record_event()
@@ -329,14 +311,8 @@ def embed_paths(
     if work_dir is not None:
         work_dir = Path(work_dir)
         work_dir.mkdir(parents=True, exist_ok=True)
-        state = {
-            "fingerprint": encoder.fingerprint,
-            "count": n,
-            "chunk_size": chunk_size,
-            "run_key": run_key,
-            "normalize": config.normalize,
-        }
-        progress = _load_progress(work_dir, state)
+        progress = _load_progress(work_dir, {"fingerprint": encoder.fingerprint, "count": n, "chunk_size": chunk_size,
+                                             "run_key": run_key, "normalize": config.normalize})
     done: dict[str, Any] = progress["done"]
     chunk_feats: dict[int, np.ndarray] = {}
     chunk_skipped: dict[int, list[int]] = {int(c): list(v.get("skipped", [])) for c, v in done.items()}
@@ -361,12 +337,10 @@ def embed_paths(
     pieces: list[tuple[np.ndarray, Any]] = []  # (positions, device features) of the current chunk
 
     def flush(chunk: int) -> None:
-        order_pos = np.concatenate([p for p, _ in pieces]) if pieces else np.zeros(0, np.int64)
+        feats = np.zeros((0, dim), out_dtype)
         if pieces:  # the only host-device synchronisation of the run
-            feats = torch.cat([f for _, f in pieces]).float().cpu().numpy()
-        else:
-            feats = np.zeros((0, dim), np.float32)
-        feats = feats[np.argsort(order_pos, kind="stable")].astype(out_dtype)
+            order = np.argsort(np.concatenate([p for p, _ in pieces]), kind="stable")
+            feats = torch.cat([f for _, f in pieces]).float().cpu().numpy()[order].astype(out_dtype)
         chunk_feats[chunk] = feats
         if work_dir is not None:
             save_npy(work_dir / _part_name(chunk), feats)
@@ -408,21 +382,17 @@ def embed_paths(
     if current is not None:
         flush(current)
 
-    features, positions_out, skipped = [], [], []
+    skipped = sorted(p for bad in chunk_skipped.values() for p in bad)
+    features = []
     for c in range(n_chunks):
-        feats = chunk_feats.get(c)
-        if feats is None:
-            feats = np.load(work_dir / _part_name(c), allow_pickle=False)
-        bad = set(chunk_skipped.get(c, []))
-        kept = np.asarray([p for p in range(c * chunk_size, min(n, (c + 1) * chunk_size)) if p not in bad], np.int64)
-        if kept.shape[0] != feats.shape[0]:
-            raise DataError(f"{work_dir / _part_name(c)}: holds {feats.shape[0]} features, expected {kept.shape[0]}")
+        feats = chunk_feats[c] if c in chunk_feats else np.load(work_dir / _part_name(c), allow_pickle=False)
+        expected = min(n, (c + 1) * chunk_size) - c * chunk_size - len(chunk_skipped.get(c, []))
+        if feats.shape[0] != expected:
+            raise DataError(f"{work_dir / _part_name(c)}: holds {feats.shape[0]} features, expected {expected}")
         features.append(feats)
-        positions_out.append(kept)
-        skipped.extend(sorted(bad))
     return EmbedResult(
         features=np.concatenate(features) if features else np.zeros((0, dim), out_dtype),
-        positions=np.concatenate(positions_out) if positions_out else np.zeros(0, np.int64),
+        positions=np.setdiff1d(np.arange(n, dtype=np.int64), skipped),
         skipped=skipped,
         encoded=encoded,
     )

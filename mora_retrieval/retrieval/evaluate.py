@@ -82,19 +82,15 @@ def recall_at_k(
     else:
         rankings = arr.astype(np.int64)
     relevance = relevance.copy()
+    valid = rankings >= 0
     if query_rows is not None:
         query_rows = np.asarray(query_rows, dtype=np.int64)
         relevance[np.arange(q), query_rows] = False
+        valid &= rankings != query_rows[:, None]
     has_relevant = relevance.any(axis=1)
-    hits = {k: 0 for k in ks}
-    for i in np.flatnonzero(has_relevant):
-        ranked = rankings[i]
-        ranked = ranked[ranked >= 0]
-        if query_rows is not None:
-            ranked = ranked[ranked != query_rows[i]]
-        rel = relevance[i, ranked]
-        for k in ks:
-            hits[k] += bool(rel[:k].any())
+    rel = np.take_along_axis(relevance, np.where(valid, rankings, 0), axis=1) & valid
+    rank = np.cumsum(valid, axis=1)  # 1-based rank among the valid entries
+    hits = {k: int((rel & (rank <= k)).any(axis=1)[has_relevant].sum()) for k in ks}
     return RecallResult(ks, hits, int(has_relevant.sum()), int(q - has_relevant.sum()))
 
 

@@ -96,16 +96,12 @@ def _ivf_lists(factory: str) -> int | None:
 
 def default_search_params(factory: str) -> str:
     """Sensible ``nprobe``/``efSearch`` for a factory string (see the module docstring)."""
-    params = []
     nlist = _ivf_lists(factory)
     if nlist:
         nprobe = max(16, nlist // 16)
-        params.append(f"nprobe={nprobe}")
-        if re.search(r"IVF\d+_HNSW", factory):
-            params.append(f"quantizer_efSearch={2 * nprobe}")
-    elif "HNSW" in factory:
-        params.append("efSearch=128")
-    return ",".join(params)
+        quantizer = f",quantizer_efSearch={2 * nprobe}" if re.search(r"IVF\d+_HNSW", factory) else ""
+        return f"nprobe={nprobe}{quantizer}"
+    return "efSearch=128" if "HNSW" in factory else ""
 
 
 def choose_index_type(count: int) -> IndexSpec:

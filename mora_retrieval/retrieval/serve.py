@@ -395,10 +395,8 @@ def create_app(folder: IndexFolder, encoder: Any, *, index_label: str | None = N
         Route("/images/{row}", handlers.image, methods=["GET"]),
         Route("/healthz", handlers.healthz, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, lifespan=handlers.lifespan,
-                    exception_handlers={HTTPException: _http_error, Exception: _server_error})
-    app.state.handlers = handlers
-    return app
+    return Starlette(routes=routes, lifespan=handlers.lifespan,
+                     exception_handlers={HTTPException: _http_error, Exception: _server_error})
 
 
 def open_socket(host: str, port: int) -> socket.socket:

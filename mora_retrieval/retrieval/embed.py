@@ -185,53 +185,29 @@ class _Prepared:
     ready: Any = None  # CUDA event recorded on the side stream after the preparation
 
 
-class _Stager:
-    """Turns a :class:`LoadedBatch` into a :class:`_Prepared` on the encoder's device (on CUDA on
-    a side stream; :meth:`hand_over` makes the encoding stream wait for it)."""
-
-    def __init__(self, encoder: Any, paths: Sequence[str], mean_std: tuple[list[float], list[float]]) -> None:
-        self.paths = paths
-        self.device = str(encoder.device)
-        self.dtype = encoder.dtype
-        self.cfg = encoder.preprocess_cfg
-        self.mean_std = mean_std
-        self.stream = torch.cuda.Stream(device=self.device) if self.device.startswith("cuda") else None
-
-    def prepare(self, loaded: LoadedBatch) -> _Prepared:
-        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
-            prepared = self._prepare(loaded)
-            if self.stream is not None:
-                prepared.ready = self.stream.record_event()
-        return prepared
-
-    def _prepare(self, loaded: LoadedBatch) -> _Prepared:
+def _prepare(loaded: LoadedBatch, encoder: Any, paths: Sequence[str], mean_std: tuple[Any, Any],
+             stream: Any) -> _Prepared:
+    """``loaded`` decoded and normalised on the encoder's device, on the side ``stream`` when given."""
+    device, dtype = str(encoder.device), encoder.dtype
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
         positions: list[int] = []
         parts: list[Any] = []
         bad = list(loaded.bad)
         if loaded.jpeg_positions:
             decoded, failed = decode_jpegs(loaded.jpeg_data, loaded.jpeg_offsets,
-                                           [self.paths[p] for p in loaded.jpeg_positions], self.device)
+                                           [paths[p] for p in loaded.jpeg_positions], device)
             bad.extend((loaded.jpeg_positions[i], message) for i, message in failed)
             good = [i for i, img in enumerate(decoded) if img is not None]
             if good:
-                batch, order = preprocess_decoded([decoded[i] for i in good], self.cfg, self.dtype, self.mean_std)
+                batch, order = preprocess_decoded([decoded[i] for i in good], encoder.preprocess_cfg, dtype, mean_std)
                 parts.append(batch)
                 positions.extend(loaded.jpeg_positions[good[j]] for j in order)
         if loaded.images is not None:
-            parts.append(loaded.images.to(self.device, non_blocking=True).to(self.dtype) if loaded.normalized
-                         else normalize_uint8(loaded.images, *self.mean_std, self.dtype, self.device))
+            parts.append(loaded.images.to(device, non_blocking=True).to(dtype) if loaded.normalized
+                         else normalize_uint8(loaded.images, *mean_std, dtype, device))
             positions.extend(loaded.image_positions)
         images = parts[0] if len(parts) == 1 else (torch.cat(parts) if parts else None)
-        return _Prepared(positions, images, bad)
-
-    def hand_over(self, prepared: _Prepared) -> None:
-        """Make the current stream wait for ``prepared`` (no host sync)."""
-        if prepared.ready is None:
-            return
-        current = torch.cuda.current_stream(self.device)
-        current.wait_event(prepared.ready)
-        if prepared.images is not None:
-            prepared.images.record_stream(current)
+        return _Prepared(positions, images, bad, None if stream is None else stream.record_event())
 
 
 # --------------------------------------------------------------------------- the run
@@ -330,7 +306,7 @@ def embed_paths(
                         prefetch_factor=4 if workers > 0 else None)
     cfg = encoder.preprocess_cfg
     mean_std = (dataset.split[1], dataset.split[2]) if dataset.split else (cfg["mean"], cfg["std"])
-    stager = _Stager(encoder, paths, mean_std)
+    stream = torch.cuda.Stream(device=encoder.device) if on_cuda else None
 
     encoded = 0
     current: int | None = None
@@ -363,7 +339,10 @@ def embed_paths(
         for position, _ in prepared.bad:
             chunk_skipped.setdefault(chunk, []).append(position)
         if prepared.images is not None:
-            stager.hand_over(prepared)
+            if prepared.ready is not None:  # the encoding stream waits for the side stream (no host sync)
+                current = torch.cuda.current_stream(encoder.device)
+                current.wait_event(prepared.ready)
+                prepared.images.record_stream(current)
             feats = encoder.encode_images(prepared.images, normalize=config.normalize)
             pieces.append((np.asarray(prepared.positions, dtype=np.int64), feats))
         encoded += len(positions)
@@ -376,7 +355,7 @@ def embed_paths(
         for loaded in loader:
             if waiting is not None:
                 consume(waiting)  # queued on the device; the next batch is decoded meanwhile
-            waiting = stager.prepare(loaded)
+            waiting = _prepare(loaded, encoder, paths, mean_std, stream)
         if waiting is not None:
             consume(waiting)
     if current is not None:

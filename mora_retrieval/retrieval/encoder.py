@@ -121,8 +121,7 @@ def load_encoder(
         source = {"arch": arch, "pretrained": None}
     if arch is None:
         raise BackboneError("no architecture given (use --model ARCH, --checkpoint FOLDER or --run DIR)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # random weights warn; the index records them as such
+    with warnings.catch_warnings(action="ignore"):  # random weights warn; the index records them as such
         if run is not None:
             backbone = finished.load_model()
         else:
@@ -135,14 +134,12 @@ def load_encoder(
         source["adapter"] = str(Path(adapter).resolve())
     comb = None
     if combiner is not None:
-        comb = load_combiner(combiner)
+        comb = load_combiner(combiner).to(device=device, dtype=torch.float32).eval()
         source["combiner"] = str(Path(combiner).resolve())
     model = model.eval()
     fingerprint = weights_fingerprint(model)  # of the weights as loaded, before the cast
     dtype = dtype or inference_dtype(dev)
     model = model.to(device=device, dtype=dtype)
-    if comb is not None:
-        comb = comb.to(device=device, dtype=torch.float32).eval()
     return Encoder(
         model=model,
         preprocess=backbone.preprocess,

@@ -85,14 +85,13 @@ def plan_exact_search(
     k: int,
     score_bytes: int,
     budget_bytes: int = SCORE_TILE_BYTES,
-    rerank_margin: int = RERANK_MARGIN,
 ) -> SearchPlan:
     """Tile sizes such that ``query_rows * gallery_rows * score_bytes <= budget_bytes``.
 
     The whole gallery is one tile column whenever one query row of scores fits the budget
     (the usual case: 1M float16 scores are 2 MB); queries then go ``budget / row`` at a time.
-    With float32 scores the candidates are exactly ``k``; with lower precision ``k +
-    rerank_margin`` (at most ``n_gallery``), so that rounding cannot push a true top-k row out.
+    With float32 scores the candidates are exactly ``k``; with lower precision ``k +``
+    :data:`RERANK_MARGIN` (at most ``n_gallery``), so that rounding cannot push a true top-k row out.
     """
     if n_queries < 1 or n_gallery < 1 or k < 1:
         raise ValueError(f"empty search: {n_queries} queries, {n_gallery} gallery rows, k={k}")
@@ -100,7 +99,7 @@ def plan_exact_search(
     gallery_rows = min(n_gallery, cells)
     query_rows = max(1, min(n_queries, cells // gallery_rows))
     k = min(k, n_gallery)
-    candidates = k if score_bytes >= 4 else min(n_gallery, k + rerank_margin)
+    candidates = k if score_bytes >= 4 else min(n_gallery, k + RERANK_MARGIN)
     return SearchPlan(query_rows, gallery_rows, candidates)
 
 
@@ -144,9 +143,8 @@ def exact_search(gallery: Any, queries: Any, k: int, plan: SearchPlan | None = N
     return torch.cat(out_scores), torch.cat(out_rows)
 
 
-def device_gallery(folder: IndexFolder, device: str, dtype: Any = None) -> Any:
-    """The folder's stored float16 embeddings as a tensor on ``device``, made once and cached."""
-    dtype = dtype or torch.float16
+def device_gallery(folder: IndexFolder, device: str, dtype: Any) -> Any:
+    """The folder's stored float16 embeddings as a ``dtype`` tensor on ``device``, made once and cached."""
     key = ("exact_gallery", str(device), str(dtype))
     gallery = folder.cache.get(key)
     if gallery is None:

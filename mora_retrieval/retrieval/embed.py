@@ -340,9 +340,9 @@ def embed_paths(
             chunk_skipped.setdefault(chunk, []).append(position)
         if prepared.images is not None:
             if prepared.ready is not None:  # the encoding stream waits for the side stream (no host sync)
-                current = torch.cuda.current_stream(encoder.device)
-                current.wait_event(prepared.ready)
-                prepared.images.record_stream(current)
+                encoding_stream = torch.cuda.current_stream(encoder.device)
+                encoding_stream.wait_event(prepared.ready)
+                prepared.images.record_stream(encoding_stream)
             feats = encoder.encode_images(prepared.images, normalize=config.normalize)
             pieces.append((np.asarray(prepared.positions, dtype=np.int64), feats))
         encoded += len(positions)

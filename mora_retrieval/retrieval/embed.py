@@ -47,7 +47,7 @@ from ..data.images import INTERPOLATIONS, load_batch, normalize_uint8, split_tra
 from ..data.tensor_preprocess import BATCHED_RESIZE_MODES, JPEG_SIGNATURE, decode_jpegs, preprocess_decoded
 from ..device import available_cores, default_workers
 from ..errors import DataError, MoraError
-from ..fileio import read_matching_json, write_json
+from ..fileio import make_dirs, read_matching_json, write_json
 from .index import save_npy
 
 PROGRESS_FILE = "progress.json"
@@ -285,8 +285,7 @@ def embed_paths(
 
     progress: dict[str, Any] = {"done": {}}
     if work_dir is not None:
-        work_dir = Path(work_dir)
-        work_dir.mkdir(parents=True, exist_ok=True)
+        work_dir = make_dirs(work_dir, "folder for the embedding chunks")
         progress = _load_progress(work_dir, {"fingerprint": encoder.fingerprint, "count": n, "chunk_size": chunk_size,
                                              "run_key": run_key, "normalize": config.normalize})
     done: dict[str, Any] = progress["done"]
@@ -321,7 +320,7 @@ def embed_paths(
         if work_dir is not None:
             save_npy(work_dir / _part_name(chunk), feats)
             done[str(chunk)] = {"count": int(feats.shape[0]), "skipped": sorted(chunk_skipped.get(chunk, []))}
-            write_json(work_dir / PROGRESS_FILE, {**progress, "done": done})
+            write_json(work_dir / PROGRESS_FILE, progress)  # ``done`` is ``progress["done"]``
         pieces.clear()
         if on_chunk is not None:
             on_chunk(chunk)

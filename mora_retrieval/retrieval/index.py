@@ -40,7 +40,7 @@ import numpy as np
 
 import mora_retrieval
 from ..errors import IndexFolderError, MoraError
-from ..fileio import atomic_write, read_json, write_json
+from ..fileio import atomic_write, make_dirs, read_json, write_json
 from .items import Item
 
 MANIFEST_FILE = "manifest.json"
@@ -219,8 +219,7 @@ def write_index_folder(
     ``encoder_info`` holds :data:`ENCODER_KEYS` (``arch``, ``fingerprint`` and ``source`` at least;
     other keys are ignored). The manifest is written last, so a folder with a manifest is complete.
     """
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    path = make_dirs(path, "index folder")
     embeddings = np.asarray(embeddings, dtype=np.float16)
     if embeddings.ndim != 2 or embeddings.shape[0] != len(items):
         raise IndexFolderError(f"{path}: {embeddings.shape[0]} embeddings for {len(items)} items")

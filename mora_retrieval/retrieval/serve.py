@@ -422,12 +422,11 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
-def run_server(app: Starlette, sock: socket.socket, log_level: str = "info") -> None:
+def run_server(app: Starlette, sock: socket.socket) -> None:
     """Serve ``app`` on ``sock`` until interrupted (uvicorn)."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
-    server.run(sockets=[sock])
+    uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)).run(sockets=[sock])
 
 
 @contextlib.contextmanager

@@ -79,14 +79,6 @@ class Encoder:
         return embed_dim(self.model)
 
 
-def preprocess_config(model: Any) -> dict[str, Any]:
-    """The model's eval preprocessing as plain data (size, mean, std, interpolation, resize mode),
-    as the index manifest records it."""
-    spec = preprocess_spec(model)
-    return {"size": spec.size[0], "mean": list(spec.mean), "std": list(spec.std), "interpolation": spec.interpolation,
-            "resize_mode": spec.resize_mode}
-
-
 def load_encoder(
     arch: str | None,
     pretrained: str | None = None,
@@ -140,6 +132,9 @@ def load_encoder(
     fingerprint = weights_fingerprint(model)  # of the weights as loaded, before the cast
     dtype = dtype or inference_dtype(dev)
     model = model.to(device=device, dtype=dtype)
+    spec = preprocess_spec(model)  # recorded in the index manifest as these plain fields
+    preprocess_cfg = {"size": spec.size[0], "mean": list(spec.mean), "std": list(spec.std),
+                      "interpolation": spec.interpolation, "resize_mode": spec.resize_mode}
     return Encoder(
         model=model,
         preprocess=backbone.preprocess,
@@ -148,7 +143,7 @@ def load_encoder(
         fingerprint=fingerprint,
         source=source,
         combiner=comb,
-        preprocess_cfg=preprocess_config(model),
+        preprocess_cfg=preprocess_cfg,
         dtype=dtype,
     )
 

@@ -27,6 +27,7 @@ import torch
 
 from ..errors import IndexFolderError, MoraError
 from .embed import EmbedConfig, embed_paths
+from .index import ITEMS_FILE
 from .items import Item
 from .search import check_encoder, search_vectors
 
@@ -165,7 +166,7 @@ def evaluate_queries(
     folder: Any, queries: np.ndarray, rule: RelevanceRule, ks: Sequence[int] = (1, 5, 10), block: int = 1024
 ) -> RecallResult:
     """Recall@K of ``queries[i]`` (the query of gallery row ``i``) against the index."""
-    table = CategoryTable.from_items(folder.items, str(folder.path / "items.jsonl"))
+    table = CategoryTable.from_items(folder.items, str(folder.path / ITEMS_FILE))
     n = folder.count
     if queries.shape[0] != n:
         raise IndexFolderError(f"{folder.path}: {queries.shape[0]} queries for {n} gallery images")

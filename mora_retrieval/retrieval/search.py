@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..data.images import load_image
 from ..errors import IndexFolderError, MoraError
-from .index import IndexFolder
+from .index import MANIFEST_FILE, IndexFolder
 from .items import Item
 
 
@@ -52,7 +52,7 @@ def check_encoder(folder: IndexFolder, encoder: Any) -> None:
         if not any(source.get(k) for k in ("pretrained", "checkpoint", "adapter", "run")):
             hint = "it was built with random weights, which cannot be reloaded: rebuild it from a checkpoint file"
         raise IndexFolderError(
-            f"{folder.path / 'manifest.json'}: index was built with weights {expected} "
+            f"{folder.path / MANIFEST_FILE}: index was built with weights {expected} "
             f"({folder.manifest.get('arch')}), the query model has {encoder.fingerprint}; {hint}"
         )
     if encoder.dim != folder.dim:

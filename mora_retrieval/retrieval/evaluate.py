@@ -196,11 +196,8 @@ def cir_queries(folder: Any, encoder: Any, embed: Any = None, reporter: Any = No
                      **recorded_decoding(folder.manifest))
     raw = embed_paths(encoder, [it.path for it in folder.items], config, reporter=reporter).features
     text = encoder.encode_texts([""], normalize=False)
-    out = [
-        encoder.encode_composed(torch.from_numpy(raw[s : s + batch]), text).float().cpu().numpy()
-        for s in range(0, raw.shape[0], batch)
-    ]
-    return np.concatenate(out).astype(np.float32)
+    return np.concatenate([encoder.encode_composed(torch.from_numpy(raw[s : s + batch]), text).cpu().numpy()
+                           for s in range(0, raw.shape[0], batch)])  # float32, as encode_composed gives
 
 
 def evaluate_coco(

@@ -15,6 +15,7 @@ JSON answer of ``mora-ret search --json`` and ``POST /api/search``.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -185,15 +186,11 @@ def search_vectors(folder: IndexFolder, queries: np.ndarray, k: int) -> tuple[np
         return search_exact_torch(folder, queries, k, "cuda")
     if folder.index is None:
         raise IndexFolderError(f"{folder.path}: index not loaded")
-    index = folder.index
-
     if faiss.get_num_gpus() > 0 and not folder.cache.get("faiss_on_gpu"):
-        try:
-            folder.index = index = faiss.index_cpu_to_all_gpus(index)
-        except RuntimeError:
-            pass  # index types without a GPU implementation stay on the CPU
+        with contextlib.suppress(RuntimeError):  # index types without a GPU implementation stay on the CPU
+            folder.index = faiss.index_cpu_to_all_gpus(folder.index)
         folder.cache["faiss_on_gpu"] = True
-    scores, rows = index.search(queries, k)
+    scores, rows = folder.index.search(queries, k)
     scores = np.where(rows < 0, -np.inf, scores).astype(np.float32)
     return scores, rows.astype(np.int64)
 

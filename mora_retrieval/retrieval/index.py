@@ -225,8 +225,7 @@ def write_index_folder(
         raise IndexFolderError(f"{path}: {embeddings.shape[0]} embeddings for {len(items)} items")
     index = build_faiss_index(embeddings, spec)
     manifest_path = path / MANIFEST_FILE
-    if manifest_path.exists():
-        manifest_path.unlink()  # the folder is incomplete until the new manifest lands
+    manifest_path.unlink(missing_ok=True)  # the folder is incomplete until the new manifest lands
     save_npy(path / EMBEDDINGS_FILE, embeddings)
     write_items(path / ITEMS_FILE, items)
     with atomic_write(path / INDEX_FILE, "wb") as handle:

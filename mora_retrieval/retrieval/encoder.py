@@ -119,15 +119,11 @@ def load_encoder(
         else:
             backbone = load_backbone(arch, pretrained=str(checkpoint) if checkpoint is not None else pretrained)
     model = backbone.model
-    if checkpoint is not None:
-        source["checkpoint"] = str(Path(checkpoint).resolve())
     if adapter is not None:
         model = load_merged(model, adapter, arch=arch)  # prompt methods (dcp, mmp) stay unmerged
-        source["adapter"] = str(Path(adapter).resolve())
-    comb = None
-    if combiner is not None:
-        comb = load_combiner(combiner).to(device=device, dtype=torch.float32).eval()
-        source["combiner"] = str(Path(combiner).resolve())
+    comb = None if combiner is None else load_combiner(combiner).to(device=device, dtype=torch.float32).eval()
+    source.update({key: str(Path(value).resolve()) for key, value in
+                   (("checkpoint", checkpoint), ("adapter", adapter), ("combiner", combiner)) if value is not None})
     model = model.eval()
     fingerprint = weights_fingerprint(model)  # of the weights as loaded, before the cast
     dtype = dtype or inference_dtype(dev)

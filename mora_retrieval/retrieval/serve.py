@@ -49,7 +49,7 @@ from starlette.routing import Route
 
 from ..data.images import decode_image_bytes, load_image
 from ..errors import DataError, MoraError
-from .gallery import thumbnail_jpeg
+from .gallery import THUMBNAIL, thumbnail_jpeg
 from .index import IndexFolder
 from .search import EMPTY_QUERY, Query, check_encoder, search_many, search_payload, text_is_truncated
 
@@ -68,7 +68,7 @@ class ServeConfig:
     max_image_pixels: int = 50_000_000  # uploads larger than this are refused before decoding
     max_batch: int = 32  # queries encoded together
     default_k: int = 10
-    thumbnail_px: int = 256
+    thumbnail_px: int = THUMBNAIL
     thumbnail_cache: int = 1024  # thumbnails kept in memory
 
     def __post_init__(self) -> None:

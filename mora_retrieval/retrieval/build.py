@@ -25,7 +25,8 @@ import numpy as np
 
 from ..errors import IndexFolderError, MoraError
 from ..fileio import check_can_create, read_json, write_json
-from .embed import EmbedConfig, Reporter, decode_path, embed_paths
+from ..progress import ProgressBar
+from .embed import EmbedConfig, decode_path, embed_paths
 from .index import (
     EMBEDDINGS_FILE,
     MANIFEST_FILE,
@@ -128,7 +129,7 @@ def build_index(
     config: BuildConfig | None = None,
     *,
     collection: dict[str, Any] | None = None,
-    reporter: Reporter | None = None,
+    reporter: ProgressBar | None = None,
     on_chunk: Any = None,
 ) -> BuildResult:
     """Embed ``items`` and write the index folder ``out`` (or this process's part of it)."""

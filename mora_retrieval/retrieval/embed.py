@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -48,6 +48,7 @@ from ..data.tensor_preprocess import BATCHED_RESIZE_MODES, JPEG_SIGNATURE, decod
 from ..device import available_cores, default_workers
 from ..errors import DataError, MoraError
 from ..fileio import make_dirs, read_matching_json, write_json
+from ..progress import ProgressBar
 from .index import save_npy
 
 PROGRESS_FILE = "progress.json"
@@ -74,14 +75,6 @@ class EmbedResult:
     positions: np.ndarray  # [kept] int64 positions in the input path list
     skipped: list[int]  # positions of bad images left out
     encoded: int  # images encoded by this call (resumed chunks excluded)
-
-
-class Reporter(Protocol):
-    """Progress sink: ``start`` once, then ``advance`` per encoded batch."""
-
-    def start(self, total: int, completed: int) -> None: ...
-
-    def advance(self, count: int) -> None: ...
 
 
 # --------------------------------------------------------------------------- the plan (pure)
@@ -264,14 +257,15 @@ def embed_paths(
     *,
     work_dir: str | Path | None = None,
     run_key: str = "",
-    reporter: Reporter | None = None,
+    reporter: ProgressBar | None = None,
     on_chunk: Callable[[int], None] | None = None,
 ) -> EmbedResult:
     """Embed every image of ``paths`` with ``encoder`` (a :class:`~.encoder.Encoder`).
 
     With ``work_dir`` the run is resumable (see the module docstring); ``run_key`` (e.g. a
-    digest of the item list) must match for recorded chunks to be reused. ``on_chunk(c)`` is
-    called after chunk ``c`` is safely on disk.
+    digest of the item list) must match for recorded chunks to be reused. ``reporter`` (anything
+    with ProgressBar's ``start``/``advance``) gets ``start`` once, then ``advance`` per batch.
+    ``on_chunk(c)`` is called after chunk ``c`` is safely on disk.
     """
     config = config or EmbedConfig()
     paths = [str(p) for p in paths]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,13 +25,13 @@ import numpy as np
 
 from ..errors import IndexFolderError, MoraError
 from ..fileio import check_can_create, read_json, write_json
-from .embed import EmbedConfig, Reporter, decode_path, embed_paths
+from ..progress import ProgressBar
+from .embed import EmbedConfig, decode_path, embed_paths
 from .index import (
     EMBEDDINGS_FILE,
     MANIFEST_FILE,
     ITEMS_FILE,
     IndexFolder,
-    build_faiss_index,
     check_index_spec,
     load_embeddings,
     read_manifest,
@@ -55,7 +55,7 @@ class BuildConfig:
     index_type: str = "auto"
     search_params: str | None = None
     shard: tuple[int, int] | None = None
-    embed: EmbedConfig | None = None
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
     overwrite: bool = False  # replace a finished index built with another model
 
 
@@ -83,15 +83,8 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return i, n
 
 
-def shard_bounds(count: int, shard: tuple[int, int]) -> tuple[int, int]:
-    """The contiguous block of rows of shard ``i`` of ``n``."""
-    i, n = shard
-    return i * count // n, (i + 1) * count // n
-
-
-def encoder_info(encoder: Any, embed: EmbedConfig | None = None) -> dict[str, Any]:
+def encoder_info(encoder: Any, embed: EmbedConfig) -> dict[str, Any]:
     """The manifest fields that describe the model, its dtype and the decoding used."""
-    embed = embed or EmbedConfig()
     return {
         "arch": encoder.source.get("arch"),
         "fingerprint": encoder.fingerprint,
@@ -136,60 +129,48 @@ def build_index(
     config: BuildConfig | None = None,
     *,
     collection: dict[str, Any] | None = None,
-    reporter: Reporter | None = None,
+    reporter: ProgressBar | None = None,
     on_chunk: Any = None,
 ) -> BuildResult:
     """Embed ``items`` and write the index folder ``out`` (or this process's part of it)."""
     config = config or BuildConfig()
-    embed_cfg = config.embed or EmbedConfig()
     out = Path(out)
     items = list(items)
+    n = len(items)
     if not items:
         raise IndexFolderError(f"{out}: nothing to index (the collection is empty)")
     check_output_folder(out, encoder.fingerprint, config.overwrite)
-    shard = config.shard if config.shard and config.shard[1] > 1 else None
-    check_index_spec(resolve_index_type(config.index_type, len(items), config.search_params), len(items), encoder.dim)
-    lo, hi = shard_bounds(len(items), shard) if shard else (0, len(items))
-    part_dir = out / PARTS_DIR / f"{shard[0]}-of-{shard[1]}" if shard else None
+    check_index_spec(resolve_index_type(config.index_type, n, config.search_params), n, encoder.dim)
+    shard, n_shards = config.shard if config.shard and config.shard[1] > 1 else (0, 1)
+    lo, hi = shard * n // n_shards, (shard + 1) * n // n_shards
+    part_dir = out / PARTS_DIR / f"{shard}-of-{n_shards}" if n_shards > 1 else None
     work = part_dir / "chunks" if part_dir else out / WORK_DIR
     mine = items[lo:hi]
-    result = embed_paths(encoder, [it.path for it in mine], embed_cfg, work_dir=work, run_key=items_digest(mine),
+    result = embed_paths(encoder, [it.path for it in mine], config.embed, work_dir=work, run_key=items_digest(mine),
                          reporter=reporter, on_chunk=on_chunk)
     kept = [mine[p] for p in result.positions]
     skipped = [mine[p].path for p in result.skipped]
     _check_finite(result.features, kept, out)
+    info = encoder_info(encoder, config.embed)
     if part_dir is None:
         spec = resolve_index_type(config.index_type, len(kept), config.search_params)
         folder = write_index_folder(out, result.features, kept, spec=spec, collection=collection, skipped=skipped,
-                                    encoder_info=encoder_info(encoder, embed_cfg))
+                                    encoder_info=info)
         shutil.rmtree(work, ignore_errors=True)
         return BuildResult(folder, result.encoded, skipped)
 
     (part_dir / PART_FILE).unlink(missing_ok=True)
     save_npy(part_dir / EMBEDDINGS_FILE, result.features)
     write_items(part_dir / ITEMS_FILE, kept)
-    write_json(
-        part_dir / PART_FILE,
-        {
-            "shard": list(shard),
-            "rows": [lo, hi],
-            "total_items": len(items),
-            "items_digest": items_digest(items),
-            "count": len(kept),
-            "skipped": skipped,
-            "encoder": encoder_info(encoder, embed_cfg),
-            "collection": collection or {},
-        },
-    )
+    write_json(part_dir / PART_FILE, {
+        "shard": [shard, n_shards], "rows": [lo, hi], "total_items": n, "items_digest": items_digest(items),
+        "count": len(kept), "skipped": skipped, "encoder": info, "collection": collection or {},
+    })
     shutil.rmtree(work, ignore_errors=True)
     folder = None
-    if _all_parts_complete(out, shard[1]):
+    if all((out / PARTS_DIR / f"{i}-of-{n_shards}" / PART_FILE).is_file() for i in range(n_shards)):
         folder = merge_parts(out, config.index_type, config.search_params)
     return BuildResult(folder, result.encoded, skipped, part_dir)
-
-
-def _all_parts_complete(out: Path, n: int) -> bool:
-    return all((out / PARTS_DIR / f"{i}-of-{n}" / PART_FILE).is_file() for i in range(n))
 
 
 def _embedding_setup(part: dict[str, Any]) -> str:
@@ -231,8 +212,5 @@ def merge_parts(out: str | Path, index_type: str = "auto", search_params: str | 
         items.extend(part_items)
         skipped.extend(meta.get("skipped", []))
     spec = resolve_index_type(index_type, len(items), search_params)
-    index = build_faiss_index([np.asarray(e, dtype=np.float32) for e in embeddings], spec)
-    return write_index_folder(
-        out, np.concatenate([np.asarray(e) for e in embeddings]), items, spec=spec,
-        encoder_info=first["encoder"], collection=first.get("collection"), skipped=skipped, index=index,
-    )
+    return write_index_folder(out, np.concatenate(embeddings), items, spec=spec, encoder_info=first["encoder"],
+                              collection=first.get("collection"), skipped=skipped)

@@ -1,53 +1,43 @@
 """The embedding pipeline: batched, overlapped, resumable, shardable.
 
-Transport. DataLoader workers read and decode whole batches: each batch crosses the worker
-queue as at most two tensors (never one per image), because every tensor sent between
-processes costs a shared-memory segment of its own.
+Transport. DataLoader workers send each batch as at most two tensors, never one per image:
+every tensor crossing the worker queue costs a shared-memory segment of its own.
 
 * CPU path (the default without CUDA): workers decode with PIL and run the PIL part of the
-  model's preprocessing (resize, centre crop); the batch arrives as one uint8
-  ``[B, 3, S, S]`` tensor and is normalised in the main process. The values are exactly those
-  of the model's preprocessing (``ToTensor`` + ``Normalize`` of the same uint8 pixels).
-* Tensor-decode path (``gpu_decode``, on by default with CUDA): workers only read the files;
-  a batch's JPEG bytes arrive as one uint8 buffer plus offsets and are decoded, resized,
-  cropped and normalised together on the encoder's device (nvJPEG on CUDA;
-  :mod:`~mora_retrieval.data.tensor_preprocess`). Files that are not JPEGs are decoded and
-  preprocessed by the workers as on the CPU path, in the same batch. With ``device="cpu"`` the
-  same code runs on the CPU (that is how the tests cover it).
+  model's preprocessing (resize, centre crop); the uint8 ``[B, 3, S, S]`` batch is normalised in
+  the main process, giving exactly the values of the model's preprocessing.
+* Tensor-decode path (``gpu_decode``, on by default with CUDA): workers only read the files; a
+  batch's JPEG bytes arrive as one uint8 buffer plus offsets and are decoded, resized, cropped
+  and normalised together on the encoder's device (nvJPEG on CUDA;
+  :mod:`~mora_retrieval.data.tensor_preprocess`, which retries a rejected JPEG with PIL). Other
+  files are decoded by the workers as on the CPU path, in the same batch. With ``device="cpu"``
+  the same code runs on the CPU (that is how the tests cover it).
 
-Batches are prepared in the encoder's dtype (bf16 on CUDA, see :mod:`.encoder`) and encoded by
-``Encoder.encode_images``, the method single queries use. On CUDA the next batch is decoded on a
-side CUDA stream while the current one is encoded, and the host waits for the device only when
-a chunk is written.
+Batches are prepared in the encoder's dtype and encoded by ``Encoder.encode_images``, the method
+single queries use. On CUDA the next batch is decoded on a side stream while the current one is
+encoded; the host waits for the device only when a chunk is written.
 
-Resuming. Work is cut into *chunks* of ``chunk_size`` images. Each finished chunk is written
-to ``<work_dir>/part-NNNNN.npy`` (float16 features) and recorded in
-``<work_dir>/progress.json`` together with the weights fingerprint and a digest of the item
-list. A rerun with the same model and items skips the recorded chunks; anything else starts
-over. All writes are atomic, so an interrupted run never leaves a half-written chunk.
+Resuming. Work is cut into chunks of ``chunk_size`` images, each written atomically to
+``<work_dir>/part-NNNNN.npy`` (float16) and recorded in ``<work_dir>/progress.json`` with the
+weights fingerprint and a digest of the item list. A rerun with the same model and items skips
+the recorded chunks; anything else starts over.
 
-Fast JPEG decoding (``fast_jpeg``, off by default): on the CPU path, JPEGs are decoded by
-libjpeg directly at the smallest 1/2, 1/4 or 1/8 scale that still covers the model's input
-size (PIL's draft mode), before the usual resize and crop. It makes decoding several times
-cheaper for small input sizes; the features differ slightly from the reference preprocessing
-(a DCT-domain downscale precedes the bicubic one), so an index and its queries should use
-the same setting.
+``fast_jpeg`` (CPU path, off by default): libjpeg decodes JPEGs at the smallest 1/2, 1/4 or 1/8
+scale that still covers the model's input size (PIL's draft mode), several times cheaper for
+small inputs; the features differ slightly from the reference preprocessing, so an index and its
+queries should use the same setting.
 
-CPU threads: with DataLoader workers on a CPU-only run, the encoding process limits torch to
-the cores the workers leave free (restored afterwards), so decoding and encoding do not fight
-over the same cores.
-
-Bad images: by default the first unreadable image stops the run with a one-line DataError;
-with ``skip_bad_images`` it is left out and its position recorded. A JPEG that the tensor
-decoder rejects is retried with PIL before it counts as bad.
+With DataLoader workers on a CPU-only run, torch is limited to the cores the workers leave free.
+The first unreadable image stops the run with a one-line DataError; with ``skip_bad_images`` it
+is left out and its position recorded.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -57,7 +47,8 @@ from ..data.images import INTERPOLATIONS, load_batch, normalize_uint8, split_tra
 from ..data.tensor_preprocess import BATCHED_RESIZE_MODES, JPEG_SIGNATURE, decode_jpegs, preprocess_decoded
 from ..device import available_cores, default_workers
 from ..errors import DataError, MoraError
-from ..fileio import read_matching_json, write_json
+from ..fileio import make_dirs, read_matching_json, write_json
+from ..progress import ProgressBar
 from .index import save_npy
 
 PROGRESS_FILE = "progress.json"
@@ -86,14 +77,6 @@ class EmbedResult:
     encoded: int  # images encoded by this call (resumed chunks excluded)
 
 
-class Reporter(Protocol):
-    """Progress sink: ``start`` once, then ``advance`` per encoded batch."""
-
-    def start(self, total: int, completed: int) -> None: ...
-
-    def advance(self, count: int) -> None: ...
-
-
 # --------------------------------------------------------------------------- the plan (pure)
 
 
@@ -112,7 +95,7 @@ def batch_plan(n: int, chunk_size: int, batch_size: int, pending: Sequence[int])
 
 @dataclass
 class LoadedBatch:
-    """What a worker sends for one batch: at most two tensors, whatever the batch size."""
+    """What a worker sends for one batch."""
 
     image_positions: list[int] = field(default_factory=list)
     images: Any = None  # uint8 [b, 3, S, S] (resized, cropped) or float32 normalised; None when empty
@@ -124,12 +107,8 @@ class LoadedBatch:
 
     def pin_memory(self) -> "LoadedBatch":
         """Called by the DataLoader's pinning thread (``pin_memory=True``)."""
-        pinned = LoadedBatch(**self.__dict__)
-        if self.images is not None:
-            pinned.images = self.images.pin_memory()
-        if self.jpeg_data is not None:
-            pinned.jpeg_data = self.jpeg_data.pin_memory()
-        return pinned
+        return replace(self, images=None if self.images is None else self.images.pin_memory(),
+                       jpeg_data=None if self.jpeg_data is None else self.jpeg_data.pin_memory())
 
 
 class _BatchFiles:
@@ -199,57 +178,29 @@ class _Prepared:
     ready: Any = None  # CUDA event recorded on the side stream after the preparation
 
 
-class _Stager:
-    """Turns a :class:`LoadedBatch` into a :class:`_Prepared` on the encoder's device.
-
-    On CUDA the work runs on a side stream, so the next batch is decoded while the default
-    stream encodes the current one; :meth:`hand_over` makes the default stream wait for it.
-    """
-
-    def __init__(self, encoder: Any, paths: Sequence[str], mean_std: tuple[list[float], list[float]]) -> None:
-        self.paths = paths
-        self.device = str(encoder.device)
-        self.dtype = encoder.dtype
-        self.cfg = encoder.preprocess_cfg
-        self.mean_std = mean_std
-        self.stream = torch.cuda.Stream(device=self.device) if self.device.startswith("cuda") else None
-
-    def prepare(self, loaded: LoadedBatch) -> _Prepared:
-        context = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
-        with context:
-            prepared = self._prepare(loaded)
-            if self.stream is not None:
-                prepared.ready = self.stream.record_event()
-        return prepared
-
-    def _prepare(self, loaded: LoadedBatch) -> _Prepared:
+def _prepare(loaded: LoadedBatch, encoder: Any, paths: Sequence[str], mean_std: tuple[Any, Any],
+             stream: Any) -> _Prepared:
+    """``loaded`` decoded and normalised on the encoder's device, on the side ``stream`` when given."""
+    device, dtype = str(encoder.device), encoder.dtype
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
         positions: list[int] = []
         parts: list[Any] = []
         bad = list(loaded.bad)
         if loaded.jpeg_positions:
             decoded, failed = decode_jpegs(loaded.jpeg_data, loaded.jpeg_offsets,
-                                           [self.paths[p] for p in loaded.jpeg_positions], self.device)
+                                           [paths[p] for p in loaded.jpeg_positions], device)
             bad.extend((loaded.jpeg_positions[i], message) for i, message in failed)
             good = [i for i, img in enumerate(decoded) if img is not None]
             if good:
-                batch, order = preprocess_decoded([decoded[i] for i in good], self.cfg, self.dtype, self.mean_std)
+                batch, order = preprocess_decoded([decoded[i] for i in good], encoder.preprocess_cfg, dtype, mean_std)
                 parts.append(batch)
                 positions.extend(loaded.jpeg_positions[good[j]] for j in order)
         if loaded.images is not None:
-            parts.append(loaded.images.to(self.device, non_blocking=True).to(self.dtype) if loaded.normalized
-                         else normalize_uint8(loaded.images, *self.mean_std, self.dtype, self.device))
+            parts.append(loaded.images.to(device, non_blocking=True).to(dtype) if loaded.normalized
+                         else normalize_uint8(loaded.images, *mean_std, dtype, device))
             positions.extend(loaded.image_positions)
         images = parts[0] if len(parts) == 1 else (torch.cat(parts) if parts else None)
-        return _Prepared(positions, images, bad)
-
-    def hand_over(self, prepared: _Prepared) -> None:
-        """Make the current stream wait for ``prepared`` (no host sync)."""
-        if prepared.ready is None:
-            return
-        current = torch.cuda.current_stream(self.device)
-        current.wait_event(prepared.ready)
-        if prepared.images is not None:
-            prepared.images.record_stream(current)
+        return _Prepared(positions, images, bad, None if stream is None else stream.record_event())
 
 
 # --------------------------------------------------------------------------- the run
@@ -306,14 +257,15 @@ def embed_paths(
     *,
     work_dir: str | Path | None = None,
     run_key: str = "",
-    reporter: Reporter | None = None,
+    reporter: ProgressBar | None = None,
     on_chunk: Callable[[int], None] | None = None,
 ) -> EmbedResult:
     """Embed every image of ``paths`` with ``encoder`` (a :class:`~.encoder.Encoder`).
 
     With ``work_dir`` the run is resumable (see the module docstring); ``run_key`` (e.g. a
-    digest of the item list) must match for recorded chunks to be reused. ``on_chunk(c)`` is
-    called after chunk ``c`` is safely on disk.
+    digest of the item list) must match for recorded chunks to be reused. ``reporter`` (anything
+    with ProgressBar's ``start``/``advance``) gets ``start`` once, then ``advance`` per batch.
+    ``on_chunk(c)`` is called after chunk ``c`` is safely on disk.
     """
     config = config or EmbedConfig()
     paths = [str(p) for p in paths]
@@ -327,16 +279,9 @@ def embed_paths(
 
     progress: dict[str, Any] = {"done": {}}
     if work_dir is not None:
-        work_dir = Path(work_dir)
-        work_dir.mkdir(parents=True, exist_ok=True)
-        state = {
-            "fingerprint": encoder.fingerprint,
-            "count": n,
-            "chunk_size": chunk_size,
-            "run_key": run_key,
-            "normalize": config.normalize,
-        }
-        progress = _load_progress(work_dir, state)
+        work_dir = make_dirs(work_dir, "folder for the embedding chunks")
+        progress = _load_progress(work_dir, {"fingerprint": encoder.fingerprint, "count": n, "chunk_size": chunk_size,
+                                             "run_key": run_key, "normalize": config.normalize})
     done: dict[str, Any] = progress["done"]
     chunk_feats: dict[int, np.ndarray] = {}
     chunk_skipped: dict[int, list[int]] = {int(c): list(v.get("skipped", [])) for c, v in done.items()}
@@ -354,24 +299,22 @@ def embed_paths(
                         prefetch_factor=4 if workers > 0 else None)
     cfg = encoder.preprocess_cfg
     mean_std = (dataset.split[1], dataset.split[2]) if dataset.split else (cfg["mean"], cfg["std"])
-    stager = _Stager(encoder, paths, mean_std)
+    stream = torch.cuda.Stream(device=encoder.device) if on_cuda else None
 
     encoded = 0
     current: int | None = None
     pieces: list[tuple[np.ndarray, Any]] = []  # (positions, device features) of the current chunk
 
     def flush(chunk: int) -> None:
-        order_pos = np.concatenate([p for p, _ in pieces]) if pieces else np.zeros(0, np.int64)
+        feats = np.zeros((0, dim), out_dtype)
         if pieces:  # the only host-device synchronisation of the run
-            feats = torch.cat([f for _, f in pieces]).float().cpu().numpy()
-        else:
-            feats = np.zeros((0, dim), np.float32)
-        feats = feats[np.argsort(order_pos, kind="stable")].astype(out_dtype)
+            order = np.argsort(np.concatenate([p for p, _ in pieces]), kind="stable")
+            feats = torch.cat([f for _, f in pieces]).float().cpu().numpy()[order].astype(out_dtype)
         chunk_feats[chunk] = feats
         if work_dir is not None:
             save_npy(work_dir / _part_name(chunk), feats)
             done[str(chunk)] = {"count": int(feats.shape[0]), "skipped": sorted(chunk_skipped.get(chunk, []))}
-            write_json(work_dir / PROGRESS_FILE, {**progress, "done": done})
+            write_json(work_dir / PROGRESS_FILE, progress)  # ``done`` is ``progress["done"]``
         pieces.clear()
         if on_chunk is not None:
             on_chunk(chunk)
@@ -389,7 +332,10 @@ def embed_paths(
         for position, _ in prepared.bad:
             chunk_skipped.setdefault(chunk, []).append(position)
         if prepared.images is not None:
-            stager.hand_over(prepared)
+            if prepared.ready is not None:  # the encoding stream waits for the side stream (no host sync)
+                encoding_stream = torch.cuda.current_stream(encoder.device)
+                encoding_stream.wait_event(prepared.ready)
+                prepared.images.record_stream(encoding_stream)
             feats = encoder.encode_images(prepared.images, normalize=config.normalize)
             pieces.append((np.asarray(prepared.positions, dtype=np.int64), feats))
         encoded += len(positions)
@@ -402,27 +348,23 @@ def embed_paths(
         for loaded in loader:
             if waiting is not None:
                 consume(waiting)  # queued on the device; the next batch is decoded meanwhile
-            waiting = stager.prepare(loaded)
+            waiting = _prepare(loaded, encoder, paths, mean_std, stream)
         if waiting is not None:
             consume(waiting)
     if current is not None:
         flush(current)
 
-    features, positions_out, skipped = [], [], []
+    skipped = sorted(p for bad in chunk_skipped.values() for p in bad)
+    features = []
     for c in range(n_chunks):
-        feats = chunk_feats.get(c)
-        if feats is None:
-            feats = np.load(work_dir / _part_name(c), allow_pickle=False)
-        bad = set(chunk_skipped.get(c, []))
-        kept = np.asarray([p for p in range(c * chunk_size, min(n, (c + 1) * chunk_size)) if p not in bad], np.int64)
-        if kept.shape[0] != feats.shape[0]:
-            raise DataError(f"{work_dir / _part_name(c)}: holds {feats.shape[0]} features, expected {kept.shape[0]}")
+        feats = chunk_feats[c] if c in chunk_feats else np.load(work_dir / _part_name(c), allow_pickle=False)
+        expected = min(n, (c + 1) * chunk_size) - c * chunk_size - len(chunk_skipped.get(c, []))
+        if feats.shape[0] != expected:
+            raise DataError(f"{work_dir / _part_name(c)}: holds {feats.shape[0]} features, expected {expected}")
         features.append(feats)
-        positions_out.append(kept)
-        skipped.extend(sorted(bad))
     return EmbedResult(
         features=np.concatenate(features) if features else np.zeros((0, dim), out_dtype),
-        positions=np.concatenate(positions_out) if positions_out else np.zeros(0, np.int64),
+        positions=np.setdiff1d(np.arange(n, dtype=np.int64), skipped),
         skipped=skipped,
         encoded=encoded,
     )

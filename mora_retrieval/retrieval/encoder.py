@@ -1,31 +1,25 @@
 """One encoder interface over a plain, adapted or merged open_clip model.
 
-:func:`load_encoder` accepts exactly one weight source on top of ``arch``:
+:func:`load_encoder` accepts at most one weight source on top of ``arch`` and ``pretrained`` (an
+open_clip tag or checkpoint file; ``None``: random weights):
 
-* ``pretrained`` alone – an open_clip tag or checkpoint file (``None``: random weights);
-* ``adapter=DIR``      – an adapter folder, loaded onto ``pretrained`` and merged into it;
-* ``checkpoint=FILE``  – a merged open_clip checkpoint (overrides ``pretrained``);
-* ``run=DIR``          – a training run folder: arch/pretrained from ``config.json``, then
-  ``merged.safetensors`` if present (else ``adapter/`` merged onto the base), plus the
-  run's ``combiner.safetensors`` if present.
+* ``adapter=DIR``     – an adapter folder, merged onto ``pretrained``; a prompt method's adapter
+  (``dcp``, ``mmp``) cannot be merged and stays loaded, every query counting as complete;
+* ``checkpoint=FILE`` – a merged open_clip checkpoint (or the folder ``mora-ret merge -o`` writes);
+* ``run=DIR``         – a training run folder: arch/pretrained from ``config.json``, then
+  ``merged.safetensors`` if present (else ``adapter/`` merged onto the base), plus the run's
+  ``combiner.safetensors`` if present.
 
-An adapter of a prompt method (``dcp``, ``mmp``), which cannot be merged, stays loaded unmerged;
-its samples count as complete (both modalities), the case of every retrieval query.
+Precision. The model is held in one inference dtype (:func:`~mora_retrieval.device.inference_dtype`:
+bf16 on CUDA, fp32 on CPU; ``dtype=`` overrides it). The weights fingerprint is taken before the
+cast, so it names the weights, not their precision. Gallery images, query images, texts and
+composed queries all run these weights without autocast (open_clip casts the text attention mask
+to the activations' dtype; its LayerNorm accumulates in float32). Images are cast to ``dtype`` on
+the way in; features come out as float32, L2-normalised unless ``normalize=False``.
 
-Precision. The model is held in one inference dtype, decided once when it is loaded
-(:func:`~mora_retrieval.device.inference_dtype`: bf16 on CUDA, fp32 on CPU; ``dtype=`` overrides
-it, e.g. to run the bf16 path on a CPU). The weights fingerprint is taken before the cast, so
-it names the weights, not their precision. Gallery images (the embedding pipeline), query
-images, texts and composed queries all run these same weights, without autocast: every layer
-runs in ``dtype`` (open_clip casts the text attention mask to the activations' dtype, and its
-LayerNorm runs in the input's dtype, accumulating in float32 internally). Images of any float
-dtype are cast to ``dtype`` on the way in; features come out as float32.
-
-Features returned by ``encode_images``/``encode_texts`` are L2-normalised unless
-``normalize=False``. The composed query uses the Combiner when one is loaded, else
-``normalize(image_raw + text_raw)``. The Combiner is small and stays in float32: it takes the
-float32 raw features, so a composed query gets the same arithmetic whether its image feature
-came from the pipeline (``eval --mode cir``) or from a single query.
+The composed query uses the Combiner when one is loaded, else ``normalize(image_raw + text_raw)``.
+The Combiner stays in float32 and takes the float32 raw features, so a composed query gets the same
+arithmetic whether its image feature came from the pipeline (``eval --mode cir``) or a single query.
 """
 
 from __future__ import annotations
@@ -74,8 +68,7 @@ class Encoder:
 
     def encode_composed(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         """Composed query feature from *raw* (unnormalised) image and text features (one text
-        row is paired with every image row): the Combiner when present, else ``normalize(image + text)``.
-        Both go in as float32 (see the module docstring)."""
+        row is paired with every image row), as the module docstring says."""
         with torch.inference_mode():
             return composed_query(image_features.float().to(self.device), text_features.float().to(self.device),
                                   self.combiner).float()
@@ -84,14 +77,6 @@ class Encoder:
     def dim(self) -> int:
         """Dimension of the joint embedding space."""
         return embed_dim(self.model)
-
-
-def preprocess_config(model: Any) -> dict[str, Any]:
-    """The model's eval preprocessing as plain data (size, mean, std, interpolation, resize mode),
-    as the index manifest records it."""
-    spec = preprocess_spec(model)
-    return {"size": spec.size[0], "mean": list(spec.mean), "std": list(spec.std), "interpolation": spec.interpolation,
-            "resize_mode": spec.resize_mode}
 
 
 def load_encoder(
@@ -119,7 +104,7 @@ def load_encoder(
         arch = finished.arch
         combiner = combiner if combiner is not None else finished.find(COMBINER_FILE)
         source = {"arch": arch, "pretrained": finished.pretrained, "run": str(finished.path.resolve())}
-    if checkpoint is not None and Path(checkpoint).is_dir():  # a self-describing folder (`mora-ret merge -o DIR`)
+    if checkpoint is not None and Path(checkpoint).is_dir():
         folder_arch = local_dir_arch(checkpoint)
         if folder_arch is None:
             raise BackboneError(f"{checkpoint}: not a checkpoint folder (expected open_clip_config.json, as "
@@ -128,28 +113,24 @@ def load_encoder(
         source = {"arch": arch, "pretrained": None}
     if arch is None:
         raise BackboneError("no architecture given (use --model ARCH, --checkpoint FOLDER or --run DIR)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # random weights warn; the index records them as such
+    with warnings.catch_warnings(action="ignore"):  # random weights warn; the index records them as such
         if run is not None:
             backbone = finished.load_model()
         else:
             backbone = load_backbone(arch, pretrained=str(checkpoint) if checkpoint is not None else pretrained)
     model = backbone.model
-    if checkpoint is not None:
-        source["checkpoint"] = str(Path(checkpoint).resolve())
     if adapter is not None:
         model = load_merged(model, adapter, arch=arch)  # prompt methods (dcp, mmp) stay unmerged
-        source["adapter"] = str(Path(adapter).resolve())
-    comb = None
-    if combiner is not None:
-        comb = load_combiner(combiner)
-        source["combiner"] = str(Path(combiner).resolve())
+    comb = None if combiner is None else load_combiner(combiner).to(device=device, dtype=torch.float32).eval()
+    source.update({key: str(Path(value).resolve()) for key, value in
+                   (("checkpoint", checkpoint), ("adapter", adapter), ("combiner", combiner)) if value is not None})
     model = model.eval()
     fingerprint = weights_fingerprint(model)  # of the weights as loaded, before the cast
     dtype = dtype or inference_dtype(dev)
     model = model.to(device=device, dtype=dtype)
-    if comb is not None:
-        comb = comb.to(device=device, dtype=torch.float32).eval()
+    spec = preprocess_spec(model)  # recorded in the index manifest as these plain fields
+    preprocess_cfg = {"size": spec.size[0], "mean": list(spec.mean), "std": list(spec.std),
+                      "interpolation": spec.interpolation, "resize_mode": spec.resize_mode}
     return Encoder(
         model=model,
         preprocess=backbone.preprocess,
@@ -158,7 +139,7 @@ def load_encoder(
         fingerprint=fingerprint,
         source=source,
         combiner=comb,
-        preprocess_cfg=preprocess_config(model),
+        preprocess_cfg=preprocess_cfg,
         dtype=dtype,
     )
 

@@ -27,6 +27,7 @@ import torch
 
 from ..errors import IndexFolderError, MoraError
 from .embed import EmbedConfig, embed_paths
+from .index import ITEMS_FILE
 from .items import Item
 from .search import check_encoder, search_vectors
 
@@ -82,19 +83,15 @@ def recall_at_k(
     else:
         rankings = arr.astype(np.int64)
     relevance = relevance.copy()
+    valid = rankings >= 0
     if query_rows is not None:
         query_rows = np.asarray(query_rows, dtype=np.int64)
         relevance[np.arange(q), query_rows] = False
+        valid &= rankings != query_rows[:, None]
     has_relevant = relevance.any(axis=1)
-    hits = {k: 0 for k in ks}
-    for i in np.flatnonzero(has_relevant):
-        ranked = rankings[i]
-        ranked = ranked[ranked >= 0]
-        if query_rows is not None:
-            ranked = ranked[ranked != query_rows[i]]
-        rel = relevance[i, ranked]
-        for k in ks:
-            hits[k] += bool(rel[:k].any())
+    rel = np.take_along_axis(relevance, np.where(valid, rankings, 0), axis=1) & valid
+    rank = np.cumsum(valid, axis=1)  # 1-based rank among the valid entries
+    hits = {k: int((rel & (rank <= k)).any(axis=1)[has_relevant].sum()) for k in ks}
     return RecallResult(ks, hits, int(has_relevant.sum()), int(q - has_relevant.sum()))
 
 
@@ -169,7 +166,7 @@ def evaluate_queries(
     folder: Any, queries: np.ndarray, rule: RelevanceRule, ks: Sequence[int] = (1, 5, 10), block: int = 1024
 ) -> RecallResult:
     """Recall@K of ``queries[i]`` (the query of gallery row ``i``) against the index."""
-    table = CategoryTable.from_items(folder.items, str(folder.path / "items.jsonl"))
+    table = CategoryTable.from_items(folder.items, str(folder.path / ITEMS_FILE))
     n = folder.count
     if queries.shape[0] != n:
         raise IndexFolderError(f"{folder.path}: {queries.shape[0]} queries for {n} gallery images")
@@ -199,11 +196,8 @@ def cir_queries(folder: Any, encoder: Any, embed: Any = None, reporter: Any = No
                      **recorded_decoding(folder.manifest))
     raw = embed_paths(encoder, [it.path for it in folder.items], config, reporter=reporter).features
     text = encoder.encode_texts([""], normalize=False)
-    out = [
-        encoder.encode_composed(torch.from_numpy(raw[s : s + batch]), text).float().cpu().numpy()
-        for s in range(0, raw.shape[0], batch)
-    ]
-    return np.concatenate(out).astype(np.float32)
+    return np.concatenate([encoder.encode_composed(torch.from_numpy(raw[s : s + batch]), text).cpu().numpy()
+                           for s in range(0, raw.shape[0], batch)])  # float32, as encode_composed gives
 
 
 def evaluate_coco(

@@ -41,14 +41,10 @@ def thumbnail_jpeg(path: str | Path, size: int = THUMBNAIL) -> bytes:
     return buffer.getvalue()
 
 
-def thumbnail_data_uri(path: str | Path, size: int = THUMBNAIL) -> str:
-    """:func:`thumbnail_jpeg` as a base64 ``data:`` URI."""
-    return "data:image/jpeg;base64," + base64.b64encode(thumbnail_jpeg(path, size)).decode("ascii")
-
-
 def _figure(path: str, caption: str, css: str = "") -> str:
     try:
-        img = f'<img src="{thumbnail_data_uri(path)}" alt="{html.escape(Path(path).name)}">'
+        data = base64.b64encode(thumbnail_jpeg(path)).decode("ascii")
+        img = f'<img src="data:image/jpeg;base64,{data}" alt="{html.escape(Path(path).name)}">'
     except MoraError as exc:
         img = f'<div class="missing">{html.escape(str(exc)[:120])}</div>'
     return f'<figure class="{css}">{img}<figcaption>{caption}</figcaption></figure>'

@@ -28,7 +28,6 @@ load): IVF ``nprobe = max(16, nlist/16)``; HNSW ``efSearch = 128``; an HNSW quan
 from __future__ import annotations
 
 import datetime as _dt
-import io
 import json
 import math
 import re
@@ -41,7 +40,7 @@ import numpy as np
 
 import mora_retrieval
 from ..errors import IndexFolderError, MoraError
-from ..fileio import atomic_write, read_json, write_json
+from ..fileio import atomic_write, make_dirs, read_json, write_json
 from .items import Item
 
 MANIFEST_FILE = "manifest.json"
@@ -97,16 +96,12 @@ def _ivf_lists(factory: str) -> int | None:
 
 def default_search_params(factory: str) -> str:
     """Sensible ``nprobe``/``efSearch`` for a factory string (see the module docstring)."""
-    params = []
     nlist = _ivf_lists(factory)
     if nlist:
         nprobe = max(16, nlist // 16)
-        params.append(f"nprobe={nprobe}")
-        if re.search(r"IVF\d+_HNSW", factory):
-            params.append(f"quantizer_efSearch={2 * nprobe}")
-    elif "HNSW" in factory:
-        params.append("efSearch=128")
-    return ",".join(params)
+        quantizer = f",quantizer_efSearch={2 * nprobe}" if re.search(r"IVF\d+_HNSW", factory) else ""
+        return f"nprobe={nprobe}{quantizer}"
+    return "efSearch=128" if "HNSW" in factory else ""
 
 
 def choose_index_type(count: int) -> IndexSpec:
@@ -122,8 +117,8 @@ def choose_index_type(count: int) -> IndexSpec:
 
 def resolve_index_type(index_type: str, count: int, search_params: str | None = None) -> IndexSpec:
     """``auto`` or a factory string, with explicit search parameters taking precedence."""
-    spec = choose_index_type(count) if index_type in ("", "auto") else IndexSpec(index_type, default_search_params(index_type))
-    return IndexSpec(spec.factory, spec.search_params if search_params is None else search_params)
+    factory = choose_index_type(count).factory if index_type in ("", "auto") else index_type
+    return IndexSpec(factory, default_search_params(factory) if search_params is None else search_params)
 
 
 def apply_search_params(index: Any, params: str, where: str = "index") -> None:
@@ -157,48 +152,30 @@ def check_index_spec(spec: IndexSpec, count: int, dim: int) -> Any:
     return index
 
 
-def build_faiss_index(
-    parts: Sequence[np.ndarray] | np.ndarray,
-    spec: IndexSpec,
-    seed: int = 0,
-    max_train_per_list: int = 256,
-) -> Any:
-    """Build an inner-product FAISS index over ``parts`` (arrays added one after the other).
-
-    Trainable indexes (IVF, PQ) are trained on a random sample drawn across all parts.
-    """
-    if isinstance(parts, np.ndarray):
-        parts = [parts]
-    parts = [p for p in parts if p.shape[0] > 0]
-    if not parts:
+def build_faiss_index(embeddings: np.ndarray, spec: IndexSpec) -> Any:
+    """The inner-product FAISS index of ``spec`` over ``embeddings`` (any float dtype, added as
+    float32 in blocks); trainable indexes are trained as the module docstring says."""
+    total = int(embeddings.shape[0])
+    if total == 0:
         raise IndexFolderError("cannot build an index over zero images")
-    total = sum(int(p.shape[0]) for p in parts)
-    index = check_index_spec(spec, total, int(parts[0].shape[1]))
+    index = check_index_spec(spec, total, int(embeddings.shape[1]))
     if not index.is_trained:
-        n_train = min(total, max_train_per_list * (_ivf_lists(spec.factory) or 256))
-        rng = np.random.default_rng(seed)
-        chosen = np.sort(rng.choice(total, size=n_train, replace=False))
-        offsets = np.cumsum([0] + [p.shape[0] for p in parts])
-        sample = np.concatenate(
-            [np.asarray(p[chosen[(chosen >= lo) & (chosen < hi)] - lo], dtype=np.float32) for p, lo, hi in zip(parts, offsets[:-1], offsets[1:])]
-        )
+        n_train = min(total, 256 * (_ivf_lists(spec.factory) or 256))
+        chosen = np.sort(np.random.default_rng(0).choice(total, size=n_train, replace=False))
         try:
-            index.train(np.ascontiguousarray(sample))
+            index.train(np.ascontiguousarray(embeddings[chosen], dtype=np.float32))
         except RuntimeError as exc:
             raise IndexFolderError(f"'{spec.factory}': training failed on {n_train} vectors ({_first_line(exc)})") from None
-    for part in parts:
-        for start in range(0, part.shape[0], 65536):
-            index.add(np.ascontiguousarray(part[start : start + 65536], dtype=np.float32))
+    for start in range(0, total, 65536):
+        index.add(np.ascontiguousarray(embeddings[start : start + 65536], dtype=np.float32))
     apply_search_params(index, spec.search_params, spec.factory)
     return index
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
     """``np.save`` (no pickles) through an atomic write."""
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
     with atomic_write(path, "wb") as handle:
-        handle.write(buffer.getvalue())
+        np.save(handle, array, allow_pickle=False)
 
 
 def write_items(path: Path, items: Sequence[Item]) -> None:
@@ -227,13 +204,6 @@ def read_items(path: Path) -> list[Item]:
     return items
 
 
-def write_faiss(path: Path, index: Any) -> None:
-    """faiss.write_index through an atomic write."""
-    data = faiss.serialize_index(index)
-    with atomic_write(path, "wb") as handle:
-        handle.write(data.tobytes())
-
-
 def write_index_folder(
     path: str | Path,
     embeddings: np.ndarray,
@@ -243,26 +213,23 @@ def write_index_folder(
     encoder_info: dict[str, Any],
     collection: dict[str, Any] | None = None,
     skipped: Sequence[str] = (),
-    index: Any = None,
 ) -> IndexFolder:
-    """Write a complete index folder; ``index`` is built from ``embeddings`` when not given.
+    """Build the index over ``embeddings`` and write a complete index folder.
 
-    ``encoder_info`` holds :data:`ENCODER_KEYS` (``arch``, ``fingerprint`` and ``source`` at least).
-    The manifest is written last, so a folder with a manifest is complete.
+    ``encoder_info`` holds :data:`ENCODER_KEYS` (``arch``, ``fingerprint`` and ``source`` at least;
+    other keys are ignored). The manifest is written last, so a folder with a manifest is complete.
     """
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    path = make_dirs(path, "index folder")
     embeddings = np.asarray(embeddings, dtype=np.float16)
     if embeddings.ndim != 2 or embeddings.shape[0] != len(items):
         raise IndexFolderError(f"{path}: {embeddings.shape[0]} embeddings for {len(items)} items")
-    if index is None:
-        index = build_faiss_index(embeddings.astype(np.float32), spec)
+    index = build_faiss_index(embeddings, spec)
     manifest_path = path / MANIFEST_FILE
-    if manifest_path.exists():
-        manifest_path.unlink()  # the folder is incomplete until the new manifest lands
+    manifest_path.unlink(missing_ok=True)  # the folder is incomplete until the new manifest lands
     save_npy(path / EMBEDDINGS_FILE, embeddings)
     write_items(path / ITEMS_FILE, items)
-    write_faiss(path / INDEX_FILE, index)
+    with atomic_write(path / INDEX_FILE, "wb") as handle:
+        handle.write(faiss.serialize_index(index).tobytes())
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -311,16 +278,6 @@ def load_embeddings(path: Path) -> np.ndarray:
     return array
 
 
-def read_faiss(path: Path) -> Any:
-    """faiss.read_index with one-line errors."""
-    if not path.is_file():
-        raise IndexFolderError(f"{path}: FAISS index file not found")
-    try:
-        return faiss.read_index(str(path))
-    except RuntimeError as exc:
-        raise IndexFolderError(f"{path}: corrupt or unreadable FAISS index ({_first_line(exc)})") from None
-
-
 def load_index_folder(path: str | Path, load_index: bool = True) -> IndexFolder:
     """Load and cross-check an index folder: every file present, counts and dims agree."""
     path = Path(path)
@@ -334,10 +291,16 @@ def load_index_folder(path: str | Path, load_index: bool = True) -> IndexFolder:
         raise IndexFolderError(f"{path / EMBEDDINGS_FILE}: shape {tuple(embeddings.shape)}, the manifest says ({count}, {dim})")
     index = None
     if load_index:
-        index = read_faiss(path / INDEX_FILE)
+        index_file = path / INDEX_FILE
+        if not index_file.is_file():
+            raise IndexFolderError(f"{index_file}: FAISS index file not found")
+        try:
+            index = faiss.read_index(str(index_file))
+        except RuntimeError as exc:
+            raise IndexFolderError(f"{index_file}: corrupt or unreadable FAISS index ({_first_line(exc)})") from None
         if index.ntotal != count or index.d != dim:
             raise IndexFolderError(
-                f"{path / INDEX_FILE}: holds {index.ntotal} vectors of dim {index.d}, the manifest says {count} of dim {dim}"
+                f"{index_file}: holds {index.ntotal} vectors of dim {index.d}, the manifest says {count} of dim {dim}"
             )
         apply_search_params(index, manifest.get("search_params", ""), str(path / MANIFEST_FILE))
     return IndexFolder(path=path, manifest=manifest, items=items, embeddings=embeddings, index=index)
@@ -347,13 +310,6 @@ def rebuild_index(path: str | Path, index_type: str = "auto", search_params: str
     """Rebuild ``index.faiss`` of a folder from its stored embeddings (no re-encoding)."""
     folder = load_index_folder(path, load_index=False)
     spec = resolve_index_type(index_type, folder.count, search_params)
-    info = {k: folder.manifest[k] for k in ENCODER_KEYS if k in folder.manifest}
-    return write_index_folder(
-        folder.path,
-        np.array(folder.embeddings),
-        folder.items,
-        spec=spec,
-        encoder_info=info,
-        collection=folder.manifest.get("collection"),
-        skipped=folder.manifest.get("skipped", ()),
-    )
+    return write_index_folder(folder.path, np.array(folder.embeddings), folder.items, spec=spec,
+                              encoder_info=folder.manifest, collection=folder.manifest.get("collection"),
+                              skipped=folder.manifest.get("skipped", ()))

@@ -4,25 +4,19 @@ An :class:`Item` is one image: its path and, for COCO, its image id, the set of 
 annotated category ids and its primary category (the category with the largest total
 annotated area; ties go to the smaller id). Those labels are what ``eval coco`` needs, so
 they are stored in the index folder (``items.jsonl``) and eval needs nothing else.
-
-* :func:`coco_items` – the docs/protocols.md §5 gallery: every image of a split with at least one
-  instance annotation, ordered by image id.
-* :func:`folder_items` – every image under a folder (recursive, common extensions), sorted
-  by relative path.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
 from ..data.coco import COCOImages
-from ..data.images import IMAGE_EXTENSIONS
+from ..data.images import IMAGE_EXTENSIONS, require_dir
 from ..errors import DataError
-
 
 
 @dataclass(frozen=True)
@@ -31,13 +25,11 @@ class Item:
 
     path: str
     image_id: int | None = None
-    categories: tuple[int, ...] = field(default_factory=tuple)
+    categories: tuple[int, ...] = ()
     primary_category: int | None = None
 
     def to_row(self, row: int) -> dict:
-        data = asdict(self)
-        data["categories"] = list(self.categories)
-        return {"row": row, **data}
+        return {"row": row, **asdict(self)}
 
     @classmethod
     def from_row(cls, data: dict) -> "Item":
@@ -50,7 +42,8 @@ class Item:
 
 
 def coco_items(root: str | Path, split: str = "val2017") -> list[Item]:
-    """The COCO gallery of ``split`` under ``root`` (``annotations/instances_{split}.json``)."""
+    """The docs/protocols.md §5 gallery of ``split`` under ``root``: every image with at least one
+    instance annotation (``annotations/instances_{split}.json``), ordered by image id."""
     images = COCOImages(root, split=split, require_instances=True)
     return [
         Item(
@@ -65,9 +58,7 @@ def coco_items(root: str | Path, split: str = "val2017") -> list[Item]:
 
 def folder_items(root: str | Path) -> list[Item]:
     """Every image file under ``root`` (recursive), sorted by relative path."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"{root}: image folder not found")
+    root = require_dir(root, "image folder")
     paths = sorted(
         (p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
         key=lambda p: p.relative_to(root).as_posix(),

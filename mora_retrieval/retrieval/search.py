@@ -3,11 +3,8 @@
 The query model must be the one the index was built with: :func:`check_encoder` compares the
 encoder's weights fingerprint with the manifest's and refuses a mismatch. Search runs on
 FAISS (on the GPU when the installed faiss has GPU support). On a CUDA machine without GPU
-FAISS, an exact (``Flat``) index is searched with torch (:func:`exact_search`): the stored
-float16 embeddings (the values the index holds) go to the GPU once and stay there; queries are
-scored in tiles of at most :data:`SCORE_TILE_BYTES` (never a full ``[Q, N]`` float32 score
-matrix), each tile keeps its top candidates, and the candidates are re-scored in float32, so
-the returned scores are the exact inner products with the stored vectors.
+FAISS, an exact (``Flat``) index is searched with torch (:func:`exact_search`) over the stored
+float16 embeddings, which go to the GPU once and stay there.
 
 :func:`search_many` answers a list of :class:`Query` (what a server receives) with one image
 forward and one text forward for the whole list, then one index search; :func:`search` is one
@@ -18,6 +15,7 @@ JSON answer of ``mora-ret search --json`` and ``POST /api/search``.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,7 +27,7 @@ import torch.nn.functional as F
 
 from ..data.images import load_image
 from ..errors import IndexFolderError, MoraError
-from .index import IndexFolder
+from .index import MANIFEST_FILE, IndexFolder
 from .items import Item
 
 
@@ -55,7 +53,7 @@ def check_encoder(folder: IndexFolder, encoder: Any) -> None:
         if not any(source.get(k) for k in ("pretrained", "checkpoint", "adapter", "run")):
             hint = "it was built with random weights, which cannot be reloaded: rebuild it from a checkpoint file"
         raise IndexFolderError(
-            f"{folder.path / 'manifest.json'}: index was built with weights {expected} "
+            f"{folder.path / MANIFEST_FILE}: index was built with weights {expected} "
             f"({folder.manifest.get('arch')}), the query model has {encoder.fingerprint}; {hint}"
         )
     if encoder.dim != folder.dim:
@@ -68,11 +66,8 @@ RERANK_MARGIN = 32  # extra candidates per query kept from low-precision scores 
 
 @dataclass(frozen=True)
 class SearchPlan:
-    """How :func:`exact_search` tiles a ``[Q, N]`` score matrix.
-
-    ``query_rows`` queries are scored against ``gallery_rows`` gallery vectors at a time;
-    each query keeps ``candidates`` rows (``>= k``) for the final float32 re-ranking.
-    """
+    """``query_rows`` queries are scored against ``gallery_rows`` gallery vectors at a time;
+    each query keeps ``candidates`` rows (``>= k``) for the final float32 re-ranking."""
 
     query_rows: int
     gallery_rows: int
@@ -91,14 +86,13 @@ def plan_exact_search(
     k: int,
     score_bytes: int,
     budget_bytes: int = SCORE_TILE_BYTES,
-    rerank_margin: int = RERANK_MARGIN,
 ) -> SearchPlan:
     """Tile sizes such that ``query_rows * gallery_rows * score_bytes <= budget_bytes``.
 
     The whole gallery is one tile column whenever one query row of scores fits the budget
     (the usual case: 1M float16 scores are 2 MB); queries then go ``budget / row`` at a time.
-    With float32 scores the candidates are exactly ``k``; with lower precision ``k +
-    rerank_margin`` (at most ``n_gallery``), so that rounding cannot push a true top-k row out.
+    With float32 scores the candidates are exactly ``k``; with lower precision ``k +``
+    :data:`RERANK_MARGIN` (at most ``n_gallery``), so that rounding cannot push a true top-k row out.
     """
     if n_queries < 1 or n_gallery < 1 or k < 1:
         raise ValueError(f"empty search: {n_queries} queries, {n_gallery} gallery rows, k={k}")
@@ -106,17 +100,19 @@ def plan_exact_search(
     gallery_rows = min(n_gallery, cells)
     query_rows = max(1, min(n_queries, cells // gallery_rows))
     k = min(k, n_gallery)
-    candidates = k if score_bytes >= 4 else min(n_gallery, k + rerank_margin)
+    candidates = k if score_bytes >= 4 else min(n_gallery, k + RERANK_MARGIN)
     return SearchPlan(query_rows, gallery_rows, candidates)
 
 
 def exact_search(gallery: Any, queries: Any, k: int, plan: SearchPlan | None = None) -> tuple[Any, Any]:
-    """Exact inner-product top ``k`` with torch: ``(scores float32 [Q, k], rows int64 [Q, k])``.
+    """Exact inner-product top ``k`` with torch: ``(scores float32 [Q, k], rows int64 [Q, k])``,
+    by decreasing score.
 
     ``gallery`` ``[N, d]`` (float16, bfloat16 or float32) and ``queries`` ``[Q, d]`` are on the
-    same device; scores are computed in the gallery's dtype tile by tile (:func:`plan_exact_search`),
-    each tile keeps its top candidates, and the candidates are re-scored in float32. Results
-    stay on the device (no host synchronisation). Rows are sorted by decreasing score.
+    same device. Scores are computed in the gallery's dtype tile by tile (never a full ``[Q, N]``
+    float32 matrix), each tile keeps its top candidates, and the candidates are re-scored in
+    float32: the returned scores are the exact inner products with the stored vectors. Results
+    stay on the device (no host synchronisation).
     """
     n, q = int(gallery.shape[0]), int(queries.shape[0])
     k = min(int(k), n)
@@ -148,9 +144,8 @@ def exact_search(gallery: Any, queries: Any, k: int, plan: SearchPlan | None = N
     return torch.cat(out_scores), torch.cat(out_rows)
 
 
-def device_gallery(folder: IndexFolder, device: str, dtype: Any = None) -> Any:
-    """The folder's stored float16 embeddings as a tensor on ``device``, made once and cached."""
-    dtype = dtype or torch.float16
+def device_gallery(folder: IndexFolder, device: str, dtype: Any) -> Any:
+    """The folder's stored float16 embeddings as a ``dtype`` tensor on ``device``, made once and cached."""
     key = ("exact_gallery", str(device), str(dtype))
     gallery = folder.cache.get(key)
     if gallery is None:
@@ -176,10 +171,6 @@ def search_exact_torch(folder: IndexFolder, queries: np.ndarray, k: int, device:
     return scores.numpy(), rows.numpy()
 
 
-def _use_torch_exact(folder: IndexFolder) -> bool:
-    return folder.manifest.get("index_type") == "Flat" and torch.cuda.is_available() and faiss.get_num_gpus() == 0
-
-
 def search_vectors(folder: IndexFolder, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """``(scores, rows)`` of the top ``k`` rows for each query (float32 ``[Q, d]``).
 
@@ -191,19 +182,15 @@ def search_vectors(folder: IndexFolder, queries: np.ndarray, k: int) -> tuple[np
     if int(k) < 1:
         raise IndexFolderError(f"k must be at least 1, got {k}")
     k = min(int(k), folder.count)
-    if _use_torch_exact(folder):
+    if folder.manifest.get("index_type") == "Flat" and torch.cuda.is_available() and faiss.get_num_gpus() == 0:
         return search_exact_torch(folder, queries, k, "cuda")
     if folder.index is None:
         raise IndexFolderError(f"{folder.path}: index not loaded")
-    index = folder.index
-
     if faiss.get_num_gpus() > 0 and not folder.cache.get("faiss_on_gpu"):
-        try:
-            folder.index = index = faiss.index_cpu_to_all_gpus(index)
-        except RuntimeError:
-            pass  # index types without a GPU implementation stay on the CPU
+        with contextlib.suppress(RuntimeError):  # index types without a GPU implementation stay on the CPU
+            folder.index = faiss.index_cpu_to_all_gpus(folder.index)
         folder.cache["faiss_on_gpu"] = True
-    scores, rows = index.search(queries, k)
+    scores, rows = folder.index.search(queries, k)
     scores = np.where(rows < 0, -np.inf, scores).astype(np.float32)
     return scores, rows.astype(np.int64)
 
@@ -223,10 +210,6 @@ class Query:
     k: int = 10
     image_label: str | None = None
 
-    @property
-    def mode(self) -> str:
-        return query_mode(self.image is not None, self.text is not None)
-
 
 def query_mode(has_image: bool, has_text: bool) -> str:
     """``composed``, ``image`` or ``text``."""
@@ -239,30 +222,23 @@ def encode_queries(encoder: Any, queries: Sequence[Query]) -> np.ndarray:
     """The ``[len(queries), d]`` float32 query features, one batched forward per modality."""
     if not queries:
         raise MoraError("no queries to encode")
-    for q in queries:
-        if q.image is None and q.text is None:
-            raise MoraError(EMPTY_QUERY)
+    if any(q.image is None and q.text is None for q in queries):
+        raise MoraError(EMPTY_QUERY)
     with_image = [i for i, q in enumerate(queries) if q.image is not None]
     with_text = [i for i, q in enumerate(queries) if q.text is not None]
-    img_raw = txt_raw = None
+    image_raw: dict[int, Any] = {}  # query position -> raw feature
+    text_raw: dict[int, Any] = {}
     if with_image:
         batch = torch.stack([encoder.preprocess(queries[i].image) for i in with_image])
-        img_raw = encoder.encode_images(batch, normalize=False)
+        image_raw = dict(zip(with_image, encoder.encode_images(batch, normalize=False)))
     if with_text:
-        txt_raw = encoder.encode_texts([queries[i].text for i in with_text], normalize=False)
-    img_pos = {q: n for n, q in enumerate(with_image)}
-    txt_pos = {q: n for n, q in enumerate(with_text)}
-    out: list[Any] = [None] * len(queries)
-    composed = [i for i in with_image if i in txt_pos]
+        text_raw = dict(zip(with_text, encoder.encode_texts([queries[i].text for i in with_text], normalize=False)))
+    composed = [i for i in with_image if i in text_raw]
+    out = {i: F.normalize(raw, dim=-1) for i, raw in {**text_raw, **image_raw}.items() if i not in composed}
     if composed:
-        feats = encoder.encode_composed(img_raw[[img_pos[i] for i in composed]], txt_raw[[txt_pos[i] for i in composed]])
-        for n, i in enumerate(composed):
-            out[i] = feats[n]
-    for i in range(len(queries)):
-        if out[i] is None:
-            raw = img_raw[img_pos[i]] if i in img_pos else txt_raw[txt_pos[i]]
-            out[i] = F.normalize(raw, dim=-1)
-    return torch.stack(out).float().cpu().numpy()
+        out.update(zip(composed, encoder.encode_composed(torch.stack([image_raw[i] for i in composed]),
+                                                         torch.stack([text_raw[i] for i in composed]))))
+    return torch.stack([out[i] for i in range(len(queries))]).float().cpu().numpy()
 
 
 def search_many(folder: IndexFolder, encoder: Any, queries: Sequence[Query]) -> list[list[Hit]]:

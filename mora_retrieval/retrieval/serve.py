@@ -49,7 +49,7 @@ from starlette.routing import Route
 
 from ..data.images import decode_image_bytes, load_image
 from ..errors import DataError, MoraError
-from .gallery import thumbnail_jpeg
+from .gallery import THUMBNAIL, thumbnail_jpeg
 from .index import IndexFolder
 from .search import EMPTY_QUERY, Query, check_encoder, search_many, search_payload, text_is_truncated
 
@@ -68,7 +68,7 @@ class ServeConfig:
     max_image_pixels: int = 50_000_000  # uploads larger than this are refused before decoding
     max_batch: int = 32  # queries encoded together
     default_k: int = 10
-    thumbnail_px: int = 256
+    thumbnail_px: int = THUMBNAIL
     thumbnail_cache: int = 1024  # thumbnails kept in memory
 
     def __post_init__(self) -> None:
@@ -80,12 +80,8 @@ class ServeConfig:
             raise MoraError(f"default k {self.default_k}: expected 1..{MAX_K}")
 
 
-class RequestError(Exception):
-    """A client error: HTTP ``status`` and a one-line message."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+class RequestError(HTTPException):
+    """A client error: HTTP status and a one-line message (``detail``)."""
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -144,12 +140,6 @@ def _decode_upload(data: bytes, name: str, max_pixels: int) -> Any:
     return decode_image_bytes(data, origin)
 
 
-@dataclass
-class _Pending:
-    query: Query
-    future: asyncio.Future
-
-
 class QueryQueue:
     """Requests from an asyncio server, answered in batches by one worker thread.
 
@@ -164,9 +154,8 @@ class QueryQueue:
         self.answer = answer
         self.max_batch = max_batch
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # batch size -> how many ran
-        self._queue: asyncio.Queue[_Pending] | None = None
+        self._queue: asyncio.Queue[tuple[Query, asyncio.Future]] | None = None
         self._worker: asyncio.Task | None = None
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
 
     async def __aenter__(self) -> "QueryQueue":
         self._queue = asyncio.Queue()
@@ -175,15 +164,11 @@ class QueryQueue:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            try:
-                await self._worker
-            except asyncio.CancelledError:
-                pass
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-        self._worker = self._executor = self._queue = None
+        self._worker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._worker
+        self._executor.shutdown(wait=True)
+        self._worker = self._queue = None
 
     @property
     def waiting(self) -> int:
@@ -195,7 +180,7 @@ class QueryQueue:
         if self._queue is None:
             raise RuntimeError("QueryQueue is not running (use it as an async context manager)")
         future = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(query, future))
+        await self._queue.put((query, future))
         return await future
 
     def _answer_each(self, batch: list[Query]) -> list[Any]:
@@ -224,18 +209,18 @@ class QueryQueue:
                 pending.append(self._queue.get_nowait())
             self.batch_sizes[len(pending)] += 1
             try:
-                results = await loop.run_in_executor(self._executor, self._answer_each, [p.query for p in pending])
+                results = await loop.run_in_executor(self._executor, self._answer_each, [q for q, _ in pending])
             except asyncio.CancelledError:
-                for p in pending:
-                    p.future.cancel()
+                for _, future in pending:
+                    future.cancel()
                 raise
-            for p, result in zip(pending, results):
-                if p.future.done():  # the client went away
+            for (_, future), result in zip(pending, results):
+                if future.done():  # the client went away
                     continue
                 if isinstance(result, Exception):
-                    p.future.set_exception(result)
+                    future.set_exception(result)
                 else:
-                    p.future.set_result(result)
+                    future.set_result(result)
 
 
 class _App:
@@ -247,15 +232,13 @@ class _App:
         self.names = category_names(folder.manifest)
         self.page = _static("index.html")
         self.assets = {name: _static(name) for name in STATIC_FILES}
-        self.thumbnail = functools.lru_cache(maxsize=config.thumbnail_cache)(self._thumbnail)
-
-    # ------------------------------------------------------------------ queries
-    def answer(self, queries: list[Query]) -> list[Any]:
-        return search_many(self.folder, self.encoder, queries)
+        self.thumbnail = functools.lru_cache(maxsize=config.thumbnail_cache)(
+            lambda row: thumbnail_jpeg(folder.items[row].path, config.thumbnail_px))
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        async with QueryQueue(self.answer, max_batch=self.config.max_batch) as queue:
+        answer = functools.partial(search_many, self.folder, self.encoder)
+        async with QueryQueue(answer, max_batch=self.config.max_batch) as queue:
             self.queue = queue
             yield
         self.queue = None
@@ -303,22 +286,19 @@ class _App:
         upload, row = form.get("image"), form.get("row")
         if isinstance(upload, str):
             raise RequestError(400, "image: expected a file upload")
+        data = b"" if upload is None else await upload.read()  # empty without a filename: a file input left empty
+        if upload is not None and not data and upload.filename:
+            raise RequestError(400, f"upload {upload.filename!r}: empty file")
         image = label = None
-        if upload is not None:
-            data = await upload.read()
-            if not data and not upload.filename:
-                upload = None  # a form's file input left empty
-            elif not data:
-                raise RequestError(400, f"upload {upload.filename!r}: empty file")
-            else:
-                if row not in (None, ""):
-                    raise RequestError(400, "give an image upload or a row, not both")
-                label = upload.filename or "upload"
-                try:
-                    image = await run_in_threadpool(_decode_upload, data, label, self.config.max_image_pixels)
-                except DataError as exc:
-                    raise RequestError(400, str(exc)) from None
-        if upload is None and row not in (None, ""):
+        if data:
+            if row not in (None, ""):
+                raise RequestError(400, "give an image upload or a row, not both")
+            label = upload.filename or "upload"
+            try:
+                image = await run_in_threadpool(_decode_upload, data, label, self.config.max_image_pixels)
+            except DataError as exc:
+                raise RequestError(400, str(exc)) from None
+        elif row not in (None, ""):
             index = _parse_int(row, "row")
             if not 0 <= index < self.folder.count:
                 raise RequestError(400, f"row {index}: not in the index (rows 0..{self.folder.count - 1})")
@@ -351,9 +331,6 @@ class _App:
                             headers=headers)
 
     # ------------------------------------------------------------------ pages and images
-    def _thumbnail(self, row: int) -> bytes:
-        return thumbnail_jpeg(self.folder.items[row].path, self.config.thumbnail_px)
-
     async def image(self, request: Request) -> Response:
         text = request.path_params["row"]
         if not text.isdigit() or not int(text) < self.folder.count:
@@ -367,16 +344,9 @@ class _App:
     async def info(self, request: Request) -> Response:
         m = self.folder.manifest
         return JSONResponse({
-            "index": self.label,
-            "model": m.get("arch"),
-            "fingerprint": m.get("fingerprint"),
-            "source": m.get("source"),
-            "count": self.folder.count,
-            "index_type": m.get("index_type"),
-            "dim": self.folder.dim,
-            "metric": m.get("metric"),
-            "created": m.get("created"),
-            "collection": m.get("collection", {}),
+            "index": self.label, "model": m.get("arch"), "fingerprint": m.get("fingerprint"), "source": m.get("source"),
+            "count": self.folder.count, "index_type": m.get("index_type"), "dim": self.folder.dim,
+            "metric": m.get("metric"), "created": m.get("created"), "collection": m.get("collection", {}),
             "composed_with": "combiner" if self.encoder.combiner is not None else "sum",
             "device": str(self.encoder.device),
             "categories": {str(k): v for k, v in sorted(self.names.items())},
@@ -399,15 +369,12 @@ class _App:
         return Response(self.assets[name], media_type=STATIC_FILES[name])
 
 
-async def _request_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RequestError)
-    return _error(exc.status, str(exc))
-
-
 async def _http_error(request: Request, exc: Exception) -> Response:
+    """Our :class:`RequestError` messages as they are; Starlette's routing errors in words."""
     assert isinstance(exc, HTTPException)
-    message = {404: f"{request.url.path}: not found", 405: f"{request.method} {request.url.path}: method not allowed"}
-    return _error(exc.status_code, message.get(exc.status_code, str(exc.detail)), headers=exc.headers)
+    routing = {404: f"{request.url.path}: not found", 405: f"{request.method} {request.url.path}: method not allowed"}
+    message = exc.detail if isinstance(exc, RequestError) else routing.get(exc.status_code, str(exc.detail))
+    return _error(exc.status_code, message, headers=exc.headers)
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
@@ -428,10 +395,8 @@ def create_app(folder: IndexFolder, encoder: Any, *, index_label: str | None = N
         Route("/images/{row}", handlers.image, methods=["GET"]),
         Route("/healthz", handlers.healthz, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, lifespan=handlers.lifespan, exception_handlers={
-        RequestError: _request_error, HTTPException: _http_error, Exception: _server_error})
-    app.state.handlers = handlers
-    return app
+    return Starlette(routes=routes, lifespan=handlers.lifespan,
+                     exception_handlers={HTTPException: _http_error, Exception: _server_error})
 
 
 def open_socket(host: str, port: int) -> socket.socket:
@@ -457,12 +422,11 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
-def run_server(app: Starlette, sock: socket.socket, log_level: str = "info") -> None:
+def run_server(app: Starlette, sock: socket.socket) -> None:
     """Serve ``app`` on ``sock`` until interrupted (uvicorn)."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
-    server.run(sockets=[sock])
+    uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)).run(sockets=[sock])
 
 
 @contextlib.contextmanager

@@ -38,6 +38,7 @@ class PretrainSettings(SettingsRecord):
     """What to pretrain on what. ``coco_root`` or ``folder`` (not both)."""
 
     TASK = "pretrain"
+    NESTED = {"train": TrainConfig}
 
     run_dir: str
     arch: str = "mora-tiny"
@@ -49,10 +50,6 @@ class PretrainSettings(SettingsRecord):
     val_folder: str | None = None
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, batch_size=128, lr=1e-3,
                                                                    weight_decay=0.1))
-
-    def __post_init__(self) -> None:
-        if isinstance(self.train, dict):
-            self.train = TrainConfig.from_dict(self.train)
 
 
 def build_settings(run_dir: str, config_file: str | Path | None = None,
@@ -139,8 +136,7 @@ def pretrain(settings: PretrainSettings, resume: bool = False, console=None, qui
     info = detect()
     backbone = load_backbone(settings.arch, settings.init)
     model = backbone.model
-    for param in model.parameters():
-        param.requires_grad_(True)
+    model.requires_grad_(True)
     transform = make_transform("clip", image_size_of(model))
     train_set, val_set = _datasets(settings, transform)
     module = ContrastivePretraining(model, backbone.tokenizer, val_set, info.rank, info.world_size)

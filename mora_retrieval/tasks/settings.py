@@ -20,13 +20,19 @@ from ..fileio import read_json
 class SettingsRecord:
     """``to_dict`` / ``from_dict`` of a recipe's settings dataclass (the run record, the layers' base).
 
-    Nested configs (``AdapterConfig``, ``TrainConfig``) are written with their own ``to_dict``;
-    the subclass's ``__post_init__`` turns such dicts back into configs. ``TASK`` (if set) is
+    Nested configs (``AdapterConfig``, ``TrainConfig``) are written with their own ``to_dict``; the
+    fields in ``NESTED`` (name: config class) are read back from such dicts. ``TASK`` (if set) is
     written as the record's ``task`` key; the fields in ``NOT_RECORDED`` are left out.
     """
 
     TASK: ClassVar[str | None] = None
     NOT_RECORDED: ClassVar[tuple[str, ...]] = ("run_dir",)
+    NESTED: ClassVar[dict[str, Any]] = {}
+
+    def __post_init__(self) -> None:
+        for name, config_class in self.NESTED.items():
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, config_class.from_dict(getattr(self, name)))
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {} if self.TASK is None else {"task": self.TASK}
@@ -75,12 +81,6 @@ def method_of(config: dict[str, Any], overrides: dict[str, Any] | None, default:
         if method is not None:
             return method
     return default
-
-
-def with_new_keys(record: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    """A run's recorded settings, plus the top-level ``defaults`` keys added to the recipe since
-    the run was started (so that resuming an older run accepts today's options)."""
-    return {**{key: value for key, value in defaults.items() if key not in record}, **record}
 
 
 def layered(defaults: dict[str, Any], config: dict[str, Any], overrides: dict[str, Any] | None,

@@ -15,7 +15,7 @@ from typing import Any
 from ...adapters import AdapterConfig, get_method
 from ...engine import TrainConfig
 from ...runs import has_record, read_record
-from ..settings import SettingsRecord, layered, method_of, read_config_file, with_new_keys
+from ..settings import SettingsRecord, layered, method_of, read_config_file
 
 
 @dataclass
@@ -23,6 +23,7 @@ class CIRSettings(SettingsRecord):
     """Everything ``train_cirr`` needs; ``stage2=None`` skips the Combiner."""
 
     TASK = "cir"
+    NESTED = {"adapter": AdapterConfig, "stage1": TrainConfig, "stage2": TrainConfig}
 
     data_root: str
     run_dir: str
@@ -51,13 +52,8 @@ class CIRSettings(SettingsRecord):
         return cls(data_root=data_root, run_dir=run_dir, adapter=adapter, stage1=stage1, stage2=stage2, **overrides)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.data_root = str(self.data_root)
-        if isinstance(self.adapter, dict):
-            self.adapter = AdapterConfig.from_dict(self.adapter)
-        if isinstance(self.stage1, dict):
-            self.stage1 = TrainConfig.from_dict(self.stage1)
-        if isinstance(self.stage2, dict):
-            self.stage2 = TrainConfig.from_dict(self.stage2)
 
 
 def build_settings(data_root: str, run_dir: str, method: str | None = None, config_file: str | Path | None = None,
@@ -73,7 +69,8 @@ def build_settings(data_root: str, run_dir: str, method: str | None = None, conf
         overrides["adapter"] = {**overrides.get("adapter", {}), "method": method}
     no_combiner = [layer.pop("no_combiner", None) for layer in (config, overrides)]
     defaults = CIRSettings.with_defaults(data_root, run_dir, method_of(config, overrides)).to_dict()
-    base = with_new_keys(read_record(run_dir), defaults) if resume and has_record(run_dir) else defaults
+    # resuming an older run: its record, plus the top-level keys the recipe has gained since
+    base = {**defaults, **read_record(run_dir)} if resume and has_record(run_dir) else defaults
     merged = layered(base, config, overrides, str(config_file))
     merged["data_root"] = str(data_root)  # paths may change on resume (a moved dataset)
     if any(no_combiner):

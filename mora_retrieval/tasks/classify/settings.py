@@ -1,30 +1,22 @@
 """Settings of a classification run: per-dataset defaults, the settings layers, data under a scenario.
 
-Defaults (docs/protocols.md §1, the paper's released configuration):
-
-============== ======== ====== ======= ====== ===== ===== ===== ======
-dataset        r, r_s   α      targets layers lr    wd    batch epochs
-============== ======== ====== ======= ====== ===== ===== ===== ======
-food101        4, 4     0.01   q, v    2      1e-2  0.02  256   20
-mmimdb         4, 4     0.001  q, k    2      1e-2  0.02  256   20
-hateful_memes  8, 8     0.1    k, v    2      1e-2  0.1   16    5
-============== ======== ====== ======= ====== ===== ===== ===== ======
-
-α is MoRA's strength and applies to MoRA and its ablations; LoRA/DoRA keep their own default
-(α = r, i.e. scale 1) unless ``alpha`` is given. The backbone defaults to ViT-B-16 with the
-``openai`` weights, as in the paper.
+Defaults: :data:`DATASET_DEFAULTS` (docs/protocols.md §1, the paper's released configuration). α is
+MoRA's strength and applies to MoRA and its ablations; LoRA/DoRA keep their own default (α = r, i.e.
+scale 1) unless ``alpha`` is given. The backbone defaults to ViT-B-16 with the ``openai`` weights.
 
 Scenarios: ``missing`` (training), ``val_missing`` (model selection; default = the training
 scenario, so the test scenario never influences which epoch is kept) and ``test_missing``
 (default = the training scenario). Assignments are drawn once and stored per (dataset, split,
 scenario, seed) in ``missing_store``: default ``<data-root>/missing_assignments``, or, when the
 data root is not writable, ``~/.cache/mora-retrieval/missing_assignments/<dataset>-<hash of the
-root>`` (decided when the data is first read: building settings writes nothing). ``missing_seed`` (default 0) is independent of the training seed, so runs with
-different training seeds see the same samples missing.
+root>`` (decided when the data is first read: building settings writes nothing). ``missing_seed``
+(default 0) is independent of the training seed, so runs with different training seeds see the
+same samples missing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import MISSING, dataclass, fields
@@ -81,20 +73,6 @@ def default_train_config(dataset: str, **overrides: Any) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def default_missing_store(data_root: str | os.PathLike, dataset: str) -> Path:
-    """``<data_root>/missing_assignments`` if writable (created), else a per-root folder in the user cache."""
-    root = Path(data_root).resolve()
-    store = root / "missing_assignments"
-    try:
-        store.mkdir(parents=True, exist_ok=True)
-        if os.access(store, os.W_OK):
-            return store
-    except OSError:
-        pass
-    digest = hashlib.sha256(str(root).encode()).hexdigest()[:12]
-    return Path.home() / ".cache" / "mora-retrieval" / "missing_assignments" / f"{dataset}-{digest}"
-
-
 @dataclass
 class ClassifySettings(SettingsRecord):
     """Everything that defines a classification run besides the optimiser (``TrainConfig``).
@@ -104,6 +82,7 @@ class ClassifySettings(SettingsRecord):
     """
 
     NOT_RECORDED = ()
+    NESTED = {"adapter": AdapterConfig}
 
     dataset: str
     data_root: str
@@ -127,10 +106,9 @@ class ClassifySettings(SettingsRecord):
             self.pretrained = str(Path(self.pretrained).resolve())
         if self.pretrained in ("", "none"):
             self.pretrained = None
+        super().__post_init__()
         if self.adapter is None:
             self.adapter = default_adapter_config(self.dataset)
-        elif isinstance(self.adapter, dict):
-            self.adapter = AdapterConfig.from_dict(self.adapter)
         for spec in (self.missing, self.val_missing, self.test_missing):
             if spec is not None:
                 MissingSpec.parse(spec)  # validates
@@ -155,10 +133,17 @@ class ClassifySettings(SettingsRecord):
         return {"train": train, "val": val, "test": test}
 
     def store(self) -> Path:
-        """The folder of the missing-modality assignments (the default one is created here)."""
+        """The folder of the missing-modality assignments (see the module docstring); the default one is created."""
         if self.missing_store is not None:
             return Path(self.missing_store)
-        return default_missing_store(self.data_root, self.dataset)
+        root = Path(self.data_root).resolve()
+        store = root / "missing_assignments"
+        with contextlib.suppress(OSError):
+            store.mkdir(parents=True, exist_ok=True)
+            if os.access(store, os.W_OK):
+                return store
+        digest = hashlib.sha256(str(root).encode()).hexdigest()[:12]
+        return Path.home() / ".cache" / "mora-retrieval" / "missing_assignments" / f"{self.dataset}-{digest}"
 
     def training_record(self) -> dict[str, Any]:
         """What the engine stores as ``extra`` and checks on resume: the settings that change training."""

@@ -24,14 +24,7 @@ from ...data.collate import CaptionCollate
 from ...engine.module import TrainModule
 from ...model.encode import collect, ordered_loader
 from ...model.heads import CLIPClassifier
-from .metrics import MAIN_METRIC, TASKS, compute_metrics
-
-
-def head_outputs(task: str, num_classes: int) -> int:
-    """Logits per sample: 2 for ``binary``, else one per class."""
-    if task not in TASKS:
-        raise ValueError(f"unknown classification task {task!r}")
-    return 2 if task == "binary" else int(num_classes)
+from .metrics import MAIN_METRIC, compute_metrics
 
 
 def classification_loss(task: str, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

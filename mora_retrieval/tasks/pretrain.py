@@ -1,12 +1,9 @@
 """Contrastive CLIP pretraining from scratch (or continued) on image–caption pairs.
 
-The ordinary CLIP objective (open_clip's ``ClipLoss``: symmetric cross-entropy over
-``logit_scale · image @ textᵀ``, gathered across processes under torchrun), all weights
-trainable. Sources: a COCO-format caption set (``annotations/captions_{split}.json``) or a
-folder of images with sidecar ``.txt`` captions. Validation: text→image and image→text
-Recall@1 over the validation pairs; the best epoch is exported as a plain open_clip checkpoint
-``<run>/pretrained.safetensors``. The demo uses it to give ``mora-tiny``/``mora-small`` real
-weights on the shapes world; it works the same for any architecture.
+The ordinary CLIP objective (open_clip's ``ClipLoss``, gathered across processes under torchrun),
+all weights trainable, on a COCO-format caption set or a folder of images with sidecar ``.txt``
+captions. The epoch with the best validation Recall@1 is exported as a plain open_clip checkpoint
+``<run>/pretrained.safetensors`` (the demo's way to give ``mora-tiny``/``mora-small`` real weights).
 """
 
 from __future__ import annotations

@@ -1,10 +1,4 @@
-"""Settings of a CIR run: the recipe's defaults per adapter method, and the layers over them.
-
-Defaults (docs/protocols.md §1, §4): MoRA and the other adapters use the CIRR row (r = r_s = 4, α 0.01,
-q and v of the last 2 blocks, lr 1e-2, weight decay 0.02, batch 256, 20 epochs); ``full`` (the
-CLIP4CIR baseline) uses lr 2e-6, batch 128, weight decay 0.01. The Combiner: Adam (AdamW with
-no weight decay) at lr 2e-5, batch 512, 20 epochs, ``p = 4d``, ``h = 8d``. All may be overridden.
-"""
+"""Settings of a CIR run: the recipe's defaults per adapter method, and the layers over them."""
 
 from __future__ import annotations
 
@@ -41,7 +35,9 @@ class CIRSettings(SettingsRecord):
 
     @classmethod
     def with_defaults(cls, data_root: str, run_dir: str, method: str = "mora", **overrides: Any) -> "CIRSettings":
-        """The recipe's defaults for ``method`` (see the module docstring), then ``overrides``."""
+        """The recipe's defaults for ``method`` (docs/protocols.md §1, §4: the CIRR row for the adapters,
+        CLIP4CIR's for ``full`` and the Combiner, which is Adam, i.e. AdamW without weight decay),
+        then ``overrides``."""
         adapter = AdapterConfig(method=method, r=4, r_shared=4, alpha=get_method(method).default_alpha,
                                 targets=("q", "v"), layers=2)
         if method == "full":

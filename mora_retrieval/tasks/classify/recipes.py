@@ -34,7 +34,6 @@ from ...errors import TrainingError
 from ...fileio import atomic_write, read_json
 from ...model.backbone import embed_dim, load_backbone
 from ...model.heads import CLIPClassifier, LinearHead, save_head
-from ...progress import ProgressBar
 from ...runs import (ADAPTER_DIR, EVAL_DIR, HEAD_FILE, MERGED_FILE, RESULTS_FILE, resumable, update_record,
                      write_results)
 from .metrics import MAIN_METRIC, majority_baseline
@@ -89,10 +88,9 @@ def train_classifier(settings: ClassifySettings, train_config: TrainConfig, run_
 
     classifier.to(device)
     test_set = scenario_data(settings, "test", scen["test"], backbone.preprocess)
-    with ProgressBar(None if quiet else console, f"test ({scen['test']})", "samples/s") as bar:
-        bar.start(len(test_set))
-        test = evaluate_classifier(classifier, probe.task, test_set, collate, device, settings.eval_batch_size,
-                                   trainer.num_workers, trainer.precision, bar.advance)
+    test = evaluate_classifier(classifier, probe.task, test_set, collate, device, settings.eval_batch_size,
+                               trainer.num_workers, trainer.precision, None if quiet else console,
+                               f"test ({scen['test']})")
     results = {
         **_test_result(settings, probe.task, test, "merged" if mergeable else "unmerged", arch=settings.arch,
                        pretrained=settings.pretrained, scenario=scen),
@@ -138,11 +136,9 @@ def evaluate_run(run_dir: str | os.PathLike, test_missing: str | None = None, da
         settings = replace(settings, data_root=data_root)
     scenario = str(MissingSpec.parse(test_missing)) if test_missing else settings.scenarios["test"]
     dataset = scenario_data(settings, split, scenario, trained.preprocess)
-    with ProgressBar(console, f"{split} ({scenario})", "samples/s") as bar:
-        bar.start(len(dataset))
-        metrics = evaluate_classifier(trained.classifier, trained.task, dataset, ClassifyCollate(trained.tokenizer),
-                                      dev, batch_size or settings.eval_batch_size,
-                                      resolve_num_workers(num_workers, dev), resolve_precision("auto", dev), bar.advance)
+    metrics = evaluate_classifier(trained.classifier, trained.task, dataset, ClassifyCollate(trained.tokenizer), dev,
+                                  batch_size or settings.eval_batch_size, resolve_num_workers(num_workers, dev),
+                                  resolve_precision("auto", dev), console, f"{split} ({scenario})")
     result = {**_test_result(settings, trained.task, metrics, trained.evaluated_on, split=split,
                              scenario={"train": settings.scenarios["train"], "test": scenario}),
               "samples": len(dataset), "missing_counts": _missing_counts(dataset)}
@@ -243,8 +239,7 @@ def write_grid_tables(rows: list[dict[str, Any]], out_dir: Path) -> tuple[Path, 
                 means = []
                 for m in methods:
                     got = [value.get((m, kind, ratio)) for kind in types]
-                    ok = all(v is not None and not (isinstance(v, float) and math.isnan(v)) for v in got)
-                    means.append(_cell(sum(got) / len(got)) if ok else "–")
+                    means.append(_cell(None if None in got else sum(got) / len(got)))  # a NaN cell: NaN, "–"
                 lines.append(f"| {100 * ratio:g}% | average | " + " | ".join(means) + " |")
     with atomic_write(out_dir / "grid.md", "w") as handle:
         handle.write("\n".join(lines) + "\n")

@@ -71,8 +71,8 @@ def read_config_file(path: str | Path | None) -> dict[str, Any]:
     return data
 
 
-def method_of(config: dict[str, Any], overrides: dict[str, Any] | None, default: str = "mora") -> str:
-    """The adapter method: the command line's, else the config file's, else ``default``.
+def method_of(config: dict[str, Any], overrides: dict[str, Any] | None) -> str:
+    """The adapter method: the command line's, else the config file's, else ``mora``.
 
     It is read first because the defaults themselves depend on it (α, learning rate, …).
     """
@@ -80,7 +80,7 @@ def method_of(config: dict[str, Any], overrides: dict[str, Any] | None, default:
         method = (layer.get("adapter") or {}).get("method")
         if method is not None:
             return method
-    return default
+    return "mora"
 
 
 def layered(defaults: dict[str, Any], config: dict[str, Any], overrides: dict[str, Any] | None,
@@ -121,12 +121,10 @@ def differences(saved: dict[str, Any], ours: dict[str, Any], keys: tuple[str, ..
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    """``d`` without its None values, nor the nested dicts left empty."""
     out = {}
     for key, value in d.items():
-        if isinstance(value, dict):
-            value = _drop_none(value)
-            if value:
-                out[key] = value
-        elif value is not None:
+        value = _drop_none(value) if isinstance(value, dict) else value
+        if value is not None and value != {}:
             out[key] = value
     return out

@@ -50,11 +50,8 @@ class Prediction:
 
 
 class Predictor:
-    """A finished run's classifier (merged weights + head, eval mode, on ``device``) with what feeds it.
-
-    A prompt method's run (``dcp``, ``mmp``) keeps its adapter unmerged
-    (:meth:`~mora_retrieval.runs.FinishedRun.load_model`); ``evaluated_on`` says which.
-    """
+    """A finished run's classifier (eval mode, on ``device``) with what feeds it; ``evaluated_on``:
+    ``merged``, or ``unmerged`` for a prompt method (:meth:`~mora_retrieval.runs.FinishedRun.load_model`)."""
 
     def __init__(self, run_dir: str | os.PathLike, device: str | torch.device = "auto") -> None:
         self.device = resolve_device(device)
@@ -75,18 +72,14 @@ class Predictor:
         self.class_names: list[str] = list(record["class_names"])
         self.evaluated_on = "unmerged" if has_adapters(backbone.model) else "merged"
 
-    def _blank_image(self) -> torch.Tensor:
-        size = image_size_of(self.classifier.clip)
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        white = self.preprocess(Image.new("RGB", (size[1], size[0]), (255, 255, 255)))
-        return torch.ones_like(white) if self.settings.missing_image == "ones" else white
-
     def encode_inputs(self, image: str | os.PathLike | Any | None, text: str | None) -> tuple[torch.Tensor, torch.Tensor, int]:
         """``(image batch [1, 3, H, W], tokens [1, L], missing code)`` as the model receives them."""
         if image is None and text is None:
             raise DataError("nothing to classify: give an image, a text, or both")
-        if image is None:
-            pixels, code = self._blank_image(), IMAGE_MISSING
+        if image is None:  # the protocol's missing image: ones, or the transformed white image
+            size = image_size_of(self.classifier.clip)
+            white = self.preprocess(Image.new("RGB", (size, size), (255, 255, 255)))
+            pixels, code = (torch.ones_like(white) if self.settings.missing_image == "ones" else white), IMAGE_MISSING
         else:
             pil = image if isinstance(image, Image.Image) else load_image(image)
             pixels, code = self.preprocess(pil.convert("RGB")), COMPLETE

@@ -16,6 +16,7 @@ so a resumed run rebuilds the very same frozen backbone.
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 import os
 from dataclasses import replace
@@ -177,27 +178,25 @@ def run_grid(settings: ClassifySettings, train_config: TrainConfig, out_dir: str
     rows = []
     for folder, base in plan:
         name = base.adapter.method
-        for kind in types:
-            for ratio in ratios:
-                scenario = f"{kind}:{ratio:g}"
-                cell = folder / f"{kind}-{ratio:g}"
-                done = cell / RESULTS_FILE
-                if done.is_file():
-                    result = read_json(done, "results file", error=TrainingError)
-                    if result.get("method") != name:
-                        raise TrainingError(f"{done}: the cell holds a {result.get('method')!r} run, not {name!r} "
-                                            f"(another grid's folder?); pick another --run-dir")
-                else:
-                    if console is not None and not quiet:
-                        console.rule(f"{base.dataset} · {name}: train = test = {scenario}")
-                    cell_settings = replace(base, missing=scenario, val_missing=None, test_missing=scenario)
-                    result = train_classifier(cell_settings, train_config, cell, resume=resume,
-                                              console=console, quiet=quiet)
-                    if result is None:  # a non-zero rank under torchrun
-                        continue
-                rows.append({"dataset": base.dataset, "method": name, "missing_type": kind,
-                             "ratio": ratio, "metric": result["metric"], "value": result["test_metric"],
-                             "run_dir": str(cell)})
+        for kind, ratio in itertools.product(types, ratios):
+            scenario = f"{kind}:{ratio:g}"
+            cell = folder / f"{kind}-{ratio:g}"
+            done = cell / RESULTS_FILE
+            if done.is_file():
+                result = read_json(done, "results file", error=TrainingError)
+                if result.get("method") != name:
+                    raise TrainingError(f"{done}: the cell holds a {result.get('method')!r} run, not {name!r} "
+                                        f"(another grid's folder?); pick another --run-dir")
+            else:
+                if console is not None and not quiet:
+                    console.rule(f"{base.dataset} · {name}: train = test = {scenario}")
+                cell_settings = replace(base, missing=scenario, val_missing=None, test_missing=scenario)
+                result = train_classifier(cell_settings, train_config, cell, resume=resume, console=console,
+                                          quiet=quiet)
+                if result is None:  # a non-zero rank under torchrun
+                    continue
+            rows.append({"dataset": base.dataset, "method": name, "missing_type": kind, "ratio": ratio,
+                         "metric": result["metric"], "value": result["test_metric"], "run_dir": str(cell)})
     if rows:
         write_grid_tables(rows, out_dir)
     return rows

@@ -56,21 +56,18 @@ DATASET_DEFAULTS = {
 
 
 def default_adapter_config(dataset: str, method: str = "mora", **overrides: Any) -> AdapterConfig:
-    """The dataset's adapter defaults for ``method``; ``None`` overrides are ignored."""
+    """The dataset's adapter defaults for ``method``, then ``overrides``."""
     d = DATASET_DEFAULTS[canonical_name(dataset)]
-    values: dict[str, Any] = {"method": method, "r": d.r, "r_shared": d.r_shared, "targets": d.targets, "layers": d.layers,
-                              "alpha": None if get_method(method).default_alpha is None else d.alpha}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return AdapterConfig(**values)
+    alpha = None if get_method(method).default_alpha is None else d.alpha
+    return AdapterConfig(**{"method": method, "r": d.r, "r_shared": d.r_shared, "targets": d.targets,
+                            "layers": d.layers, "alpha": alpha, **overrides})
 
 
 def default_train_config(dataset: str, **overrides: Any) -> TrainConfig:
-    """The dataset's optimiser defaults as a :class:`TrainConfig`; ``None`` overrides are ignored."""
+    """The dataset's optimiser defaults as a :class:`TrainConfig`, then ``overrides``."""
     d = DATASET_DEFAULTS[canonical_name(dataset)]
-    values: dict[str, Any] = {"epochs": d.epochs, "batch_size": d.batch_size, "lr": d.lr,
-                              "weight_decay": d.weight_decay}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainConfig(**values)
+    return TrainConfig(**{"epochs": d.epochs, "batch_size": d.batch_size, "lr": d.lr, "weight_decay": d.weight_decay,
+                          **overrides})
 
 
 @dataclass

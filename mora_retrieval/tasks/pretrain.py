@@ -51,10 +51,7 @@ class PretrainSettings(SettingsRecord):
 
 def build_settings(run_dir: str, config_file: str | Path | None = None,
                    overrides: dict[str, Any] | None = None) -> PretrainSettings:
-    """The defaults ← the config file ← command-line ``overrides`` (nested dict, None = unset).
-
-    An empty ``val_split`` (``--val-split ''``) skips validation.
-    """
+    """The settings layers (:mod:`.settings`); an empty ``val_split`` (``--val-split ''``) skips validation."""
     merged = layered(PretrainSettings(run_dir).to_dict(), read_config_file(config_file), overrides, str(config_file))
     merged["val_split"] = merged["val_split"] or None
     return PretrainSettings.from_dict(merged, run_dir)

@@ -72,10 +72,8 @@ def read_config_file(path: str | Path | None) -> dict[str, Any]:
 
 
 def method_of(config: dict[str, Any], overrides: dict[str, Any] | None) -> str:
-    """The adapter method: the command line's, else the config file's, else ``mora``.
-
-    It is read first because the defaults themselves depend on it (α, learning rate, …).
-    """
+    """The adapter method: the command line's, else the config file's, else ``mora`` (read first: the
+    defaults depend on it)."""
     for layer in (overrides or {}, config):
         method = (layer.get("adapter") or {}).get("method")
         if method is not None:

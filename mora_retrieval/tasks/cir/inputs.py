@@ -77,11 +77,9 @@ class PreparedTriplets(Dataset):
 class PreparedTripletCollate(CaptionCollate):
     """Items of :class:`PreparedTriplets` -> one batch: ``pixels`` uint8 ``[2B, 3, H, W]`` (the B
     references, then the B targets, read from the map in one gather), ``reference_row``,
-    ``target_row`` and ``index`` as int64 tensors, ``caption`` and its ``tokens``.
-
-    ``read_pixels`` is a flag in shared memory, so persistent DataLoader workers see it change:
-    once cleared (every image's frozen prefix is cached, see
-    :meth:`.stages.CIRStage1.enable_prefix_cache`) batches come without ``pixels``.
+    ``target_row`` and ``index`` as int64 tensors, ``caption`` and its ``tokens``. Once the
+    shared-memory flag ``read_pixels`` is cleared (:meth:`.stages.CIRStage1.enable_prefix_cache`),
+    even persistent DataLoader workers send batches without ``pixels``.
     """
 
     def __init__(self, prepared: PreparedImages, tokenizer: Callable) -> None:

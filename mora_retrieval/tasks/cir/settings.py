@@ -54,11 +54,8 @@ class CIRSettings(SettingsRecord):
 
 def build_settings(data_root: str, run_dir: str, method: str | None = None, config_file: str | Path | None = None,
                    overrides: dict[str, Any] | None = None, resume: bool = False) -> CIRSettings:
-    """Defaults for the method ← the config file ← command-line ``overrides`` (nested dict, None = unset).
-
-    With ``resume`` and an existing run, the run's own config is the base instead of the defaults.
-    ``{"no_combiner": True}`` (either layer) drops stage 2.
-    """
+    """The settings layers (:mod:`..settings`) over the method's defaults, or, with ``resume`` and an
+    existing run, over the run's own config. ``{"no_combiner": True}`` (either layer) drops stage 2."""
     config = read_config_file(config_file)
     overrides = dict(overrides or {})
     if method is not None:

@@ -30,8 +30,7 @@ def top1_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Percentage of rows whose arg-max logit is the label."""
     if len(labels) == 0:
         return math.nan
-    value = multiclass_accuracy(logits.float(), labels.long(), num_classes=logits.shape[1], average="micro",
-                                top_k=1)
+    value = multiclass_accuracy(logits.float(), labels.long(), num_classes=logits.shape[1], average="micro")
     return 100.0 * float(value)
 
 

@@ -125,12 +125,8 @@ def _labels(dataset: Any) -> torch.Tensor:
 def evaluate_run(run_dir: str | os.PathLike, test_missing: str | None = None, data_root: str | None = None,
                  split: str = "test", device: str = "auto", batch_size: int | None = None, num_workers: int | None = None,
                  console: Any = None) -> dict[str, Any]:
-    """Re-test a finished run (merged weights, or a prompt method's unmerged adapter, + head) under another
-    scenario; writes ``eval/…json``.
-
-    ``data_root`` replaces the run's data root (the default assignment store moves with it). A
-    progress bar is shown on ``console`` when it is a terminal.
-    """
+    """Re-test a finished run (:class:`~.predict.Predictor`) under another scenario; writes ``eval/…json``.
+    ``data_root`` replaces the run's data root (the default assignment store moves with it)."""
     trained = Predictor(run_dir, device)
     settings, dev = trained.settings, trained.device
     if data_root is not None:

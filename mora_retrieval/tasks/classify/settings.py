@@ -33,41 +33,27 @@ from ...runs import CONFIG_FILE, FinishedRun
 from ..settings import SettingsRecord, layered, method_of, read_config_file
 
 
-@dataclass(frozen=True)
-class DatasetDefaults:
-    """One row of the defaults table."""
-
-    r: int
-    r_shared: int
-    alpha: float
-    targets: tuple[str, ...]
-    layers: int
-    lr: float
-    weight_decay: float
-    batch_size: int
-    epochs: int
-
-
+#: Per dataset: the adapter's and the optimiser's defaults.
 DATASET_DEFAULTS = {
-    "food101": DatasetDefaults(4, 4, 0.01, ("q", "v"), 2, 1e-2, 0.02, 256, 20),
-    "mmimdb": DatasetDefaults(4, 4, 0.001, ("q", "k"), 2, 1e-2, 0.02, 256, 20),
-    "hateful_memes": DatasetDefaults(8, 8, 0.1, ("k", "v"), 2, 1e-2, 0.1, 16, 5),
+    "food101": ({"r": 4, "r_shared": 4, "alpha": 0.01, "targets": ("q", "v"), "layers": 2},
+                {"lr": 1e-2, "weight_decay": 0.02, "batch_size": 256, "epochs": 20}),
+    "mmimdb": ({"r": 4, "r_shared": 4, "alpha": 0.001, "targets": ("q", "k"), "layers": 2},
+               {"lr": 1e-2, "weight_decay": 0.02, "batch_size": 256, "epochs": 20}),
+    "hateful_memes": ({"r": 8, "r_shared": 8, "alpha": 0.1, "targets": ("k", "v"), "layers": 2},
+                      {"lr": 1e-2, "weight_decay": 0.1, "batch_size": 16, "epochs": 5}),
 }
 
 
 def default_adapter_config(dataset: str, method: str = "mora", **overrides: Any) -> AdapterConfig:
-    """The dataset's adapter defaults for ``method``, then ``overrides``."""
-    d = DATASET_DEFAULTS[canonical_name(dataset)]
-    alpha = None if get_method(method).default_alpha is None else d.alpha
-    return AdapterConfig(**{"method": method, "r": d.r, "r_shared": d.r_shared, "targets": d.targets,
-                            "layers": d.layers, "alpha": alpha, **overrides})
+    """The dataset's adapter defaults for ``method`` (α only for the methods that have one), then ``overrides``."""
+    adapter = DATASET_DEFAULTS[canonical_name(dataset)][0]
+    alpha = None if get_method(method).default_alpha is None else adapter["alpha"]
+    return AdapterConfig(**{**adapter, "method": method, "alpha": alpha, **overrides})
 
 
 def default_train_config(dataset: str, **overrides: Any) -> TrainConfig:
     """The dataset's optimiser defaults as a :class:`TrainConfig`, then ``overrides``."""
-    d = DATASET_DEFAULTS[canonical_name(dataset)]
-    return TrainConfig(**{"epochs": d.epochs, "batch_size": d.batch_size, "lr": d.lr, "weight_decay": d.weight_decay,
-                          **overrides})
+    return TrainConfig(**{**DATASET_DEFAULTS[canonical_name(dataset)][1], **overrides})
 
 
 @dataclass
@@ -155,11 +141,8 @@ class ClassifySettings(SettingsRecord):
 
 def build_settings(dataset: str | None, data_root: str | None, config_file: str | os.PathLike | None = None,
                    overrides: dict[str, Any] | None = None) -> tuple[ClassifySettings, TrainConfig]:
-    """The dataset's defaults ← the config file ← command-line ``overrides`` (nested, None = unset).
-
-    Keys are those of :meth:`ClassifySettings.to_dict` plus ``train`` (a :class:`TrainConfig`);
-    the dataset and the data root come from the arguments, else from the config file.
-    """
+    """The settings layers (:mod:`..settings`) over the dataset's defaults: the keys of :meth:`ClassifySettings.to_dict`
+    and ``train``. The dataset and the data root come from the arguments, else from the config file."""
     config = read_config_file(config_file)
     dataset = dataset or config.get("dataset")
     if dataset is None:

@@ -154,9 +154,8 @@ def cir_inputs(data_root: str | os.PathLike, spec: PreprocessSpec, tokenizer: Ca
         paths = read_image_split(data_root, split)
         images[split] = prepare_images(list(paths.values()), spec, prepared_path(directory, f"cirr-{split}", spec),
                                        names=list(paths), skip_bad_images=skip_bad_images, workers=workers)
-    train_images, val_images = images["train"], images["val"]
-    train = PreparedTriplets(train_triplets.records, train_images)
-    val_records, val_dropped = usable_records(val_triplets.records, val_images)
-    return CIRInputs(train, PreparedTripletCollate(train_images, tokenizer), PreparedGallery(train_images),
-                     PreparedGallery(val_images), val_records, spec, prepared=True,
+    train = PreparedTriplets(train_triplets.records, images["train"])
+    val_records, val_dropped = usable_records(val_triplets.records, images["val"])
+    return CIRInputs(train, PreparedTripletCollate(images["train"], tokenizer), PreparedGallery(images["train"]),
+                     PreparedGallery(images["val"]), val_records, spec, prepared=True,
                      dropped={"train": train.dropped, "val": val_dropped})

@@ -100,13 +100,6 @@ class ClassifySettings(SettingsRecord):
         if self.features not in FEATURE_MODES:
             raise TrainingError(f"features must be normalized or raw, got {self.features!r}")
 
-    @classmethod
-    def defaults(cls, dataset: str, method: str = "mora") -> dict[str, Any]:
-        """The settings of a run on ``dataset`` before any layer, as a dict (``data_root`` unset)."""
-        values = {f.name: f.default for f in fields(cls) if f.default is not MISSING}
-        return {**values, "dataset": canonical_name(dataset), "data_root": None,
-                "adapter": default_adapter_config(dataset, method).to_dict()}
-
     @property
     def scenarios(self) -> dict[str, str]:
         """The scenario of each split, as canonical strings (``str(MissingSpec)``)."""
@@ -147,7 +140,9 @@ def build_settings(dataset: str | None, data_root: str | None, config_file: str 
     dataset = dataset or config.get("dataset")
     if dataset is None:
         raise TrainingError("give the dataset (e.g. mora-ret classify food101 --data-root DIR)")
-    base = {**ClassifySettings.defaults(dataset, method_of(config, overrides)),
+    fixed = {f.name: f.default for f in fields(ClassifySettings) if f.default is not MISSING}
+    base = {**fixed, "dataset": canonical_name(dataset), "data_root": None,  # the defaults before any layer
+            "adapter": default_adapter_config(dataset, method_of(config, overrides)).to_dict(),
             "train": default_train_config(dataset).to_dict()}
     merged = layered(base, config, {**(overrides or {}), "dataset": dataset, "data_root": data_root},
                      str(config_file))

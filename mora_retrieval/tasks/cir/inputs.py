@@ -50,10 +50,8 @@ def usable_records(records: Sequence[dict[str, Any]], prepared: PreparedImages) 
 
 class PreparedTriplets(Dataset):
     """Training triplets over a prepared gallery: item ``i`` -> ``{"reference_row", "target_row",
-    "caption", "index"}`` (no pixels; :class:`PreparedTripletCollate` gathers them per batch).
-
-    ``records`` keeps only the triplets whose images are ok; ``dropped`` counts the others.
-    """
+    "caption", "index"}`` (no pixels: :class:`PreparedTripletCollate` gathers them per batch), of the
+    ``records`` whose images are ok; ``dropped`` counts the others."""
 
     def __init__(self, records: Sequence[dict[str, Any]], prepared: PreparedImages) -> None:
         self.records, self.dropped = usable_records(records, prepared)
@@ -136,12 +134,9 @@ class CIRInputs:
 def cir_inputs(data_root: str | os.PathLike, spec: PreprocessSpec, tokenizer: Callable, *, prepared: bool = True,
                prepared_dir: str | os.PathLike | None = None, skip_bad_images: bool = False,
                workers: int | None = None) -> CIRInputs:
-    """The training and validation inputs of CIRR at ``data_root`` under ``spec``.
-
-    ``prepared``: read the prepared caches of the train and val galleries (built or reused in
-    ``prepared_dir``, default :func:`~mora_retrieval.data.prepared.default_prepared_dir`, with
-    ``workers`` decoding processes); otherwise decode the image files with the PIL transform.
-    """
+    """The training and validation inputs of CIRR at ``data_root`` under ``spec``: the prepared caches
+    (built or reused in ``prepared_dir``, default :func:`~mora_retrieval.data.prepared.default_prepared_dir`,
+    by ``workers`` decoding processes), or, without ``prepared``, the image files."""
     if not prepared:
         kw = {"transform": make_transform(spec), "skip_bad_images": skip_bad_images}
         train, val = CIRRTriplets(data_root, "train", **kw), CIRRTriplets(data_root, "val", **kw)

@@ -213,10 +213,10 @@ class CIRStage1(TrainModule):
                 text = self.model.encode_text(batch["tokens"])
         else:
             image_cache, text_cache = self.prefix_caches
-            if "pixels" not in batch and "reference" not in batch and not image_cache.covers(
-                    self.image_rows(batch).cpu()):
+            rows = self.image_rows(batch)
+            if "pixels" not in batch and "reference" not in batch and not image_cache.covers(rows.cpu()):
                 raise RuntimeError("a batch without pixels has images whose frozen prefix is not cached")
-            features = image_cache.encode(self.model.encode_image, images, self.image_rows(batch))
+            features = image_cache.encode(self.model.encode_image, images, rows)
             text = text_cache.encode(self.model.encode_text, batch["tokens"], batch["index"])
             if self._stop_reading is not None:
                 read_pixels, needed_rows = self._stop_reading

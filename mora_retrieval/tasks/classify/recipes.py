@@ -44,8 +44,8 @@ from .settings import ClassifySettings, scenario_data
 
 
 def _missing_counts(dataset: Any) -> dict[str, int]:
-    counts = np.bincount(dataset.codes, minlength=3).tolist()  # codes: COMPLETE, TEXT_MISSING, IMAGE_MISSING
-    return {"complete": counts[0], "text_missing": counts[1], "image_missing": counts[2]}
+    """How many samples of each missing-modality code (0, 1, 2: ``data.missing.COMPLETE``, …) the dataset holds."""
+    return dict(zip(("complete", "text_missing", "image_missing"), np.bincount(dataset.codes, minlength=3).tolist()))
 
 
 def train_classifier(settings: ClassifySettings, train_config: TrainConfig, run_dir: str | os.PathLike,

@@ -91,15 +91,15 @@ def caption_retrieval_recall(image: torch.Tensor, text: torch.Tensor, image_ids:
     Images are de-duplicated by id; a text→image hit is its own image ranked first, an
     image→text hit is any of its captions ranked first.
     """
-    unique: dict[str, int] = {}
+    first: dict[str, int] = {}  # each image's first caption
     for i, image_id in enumerate(image_ids):
-        unique.setdefault(image_id, i)
-    order = list(unique)
-    gallery = image[[unique[i] for i in order]]
-    owner = torch.tensor([order.index(i) for i in image_ids], device=text.device)
+        first.setdefault(image_id, i)
+    column = {image_id: c for c, image_id in enumerate(first)}
+    gallery = image[list(first.values())]
+    owner = torch.tensor([column[i] for i in image_ids], device=text.device)
     sim = text @ gallery.T  # [captions, images]
     t2i = (sim.argmax(dim=1) == owner).float().mean().item() * 100
-    i2t = (owner[sim.argmax(dim=0)] == torch.arange(len(order), device=text.device)).float().mean().item() * 100
+    i2t = (owner[sim.argmax(dim=0)] == torch.arange(len(first), device=text.device)).float().mean().item() * 100
     return {"t2i_recall@1": t2i, "i2t_recall@1": i2t, "mean_recall@1": (t2i + i2t) / 2}
 
 
@@ -115,12 +115,10 @@ def _datasets(settings: PretrainSettings, transform):
     return train, val
 
 
-def is_pretrained(run_dir: str | Path, settings: PretrainSettings | None = None) -> bool:
-    """Whether ``run_dir`` already holds a finished pretraining (with the same settings, if given)."""
+def is_pretrained(run_dir: str | Path, settings: PretrainSettings) -> bool:
+    """Whether ``run_dir`` already holds a finished pretraining with these settings."""
     run_dir = Path(run_dir)
-    if not (run_dir / PRETRAINED_FILE).is_file() or not has_record(run_dir):
-        return False
-    return settings is None or read_record(run_dir) == settings.to_dict()
+    return (run_dir / PRETRAINED_FILE).is_file() and has_record(run_dir) and read_record(run_dir) == settings.to_dict()
 
 
 def pretrain(settings: PretrainSettings, resume: bool = False, console=None, quiet: bool = False) -> dict[str, Any]:

@@ -129,13 +129,9 @@ class CIRRValidation:
 
 
 class CIRStage1(TrainModule):
-    """Stage 1: adapt the encoders (adapters already injected into ``model``).
-
-    A batch carries either normalised ``reference`` and ``target`` images, or (prepared cache)
-    uint8 ``pixels`` ``[2B, 3, H, W]``, references first, which are normalised here on the
-    batch's device with ``pixel_spec``'s mean and std, in float32 (the model then runs under
-    the engine's autocast).
-    """
+    """Stage 1: adapt the encoders (adapters already injected into ``model``). A batch carries normalised
+    ``reference`` and ``target`` images, or the prepared cache's uint8 ``pixels``, normalised here on the
+    batch's device with ``pixel_spec``, in float32 (the model then runs under the engine's autocast)."""
 
     main_metric = "avg"
     higher_is_better = True
@@ -155,15 +151,13 @@ class CIRStage1(TrainModule):
     def enable_prefix_cache(self, device: str | torch.device = "cpu", image_rows: int = 0, text_rows: int = 0,
                             image_names: Sequence[str] | None = None, memory_budget: int | None = None,
                             stop_reading: tuple[torch.Tensor, torch.Tensor] | None = None) -> bool:
-        """Cache the frozen leading blocks' outputs per image row and per caption (triplet index)
-        across epochs, in dense stores of ``image_rows`` and ``text_rows`` rows
-        (:class:`~mora_retrieval.model.prefix_cache.FrozenPrefixCache`).
+        """Cache the frozen leading blocks' outputs per image row and per caption (triplet index) across
+        epochs, in dense stores of ``image_rows`` and ``text_rows`` rows
+        (:class:`~mora_retrieval.model.prefix_cache.FrozenPrefixCache`); deterministic inputs only.
 
-        Batches of the prepared cache carry image rows; batches of image files carry names,
-        mapped to rows by their position in ``image_names``. Valid only for deterministic inputs
-        (no random augmentation). ``stop_reading`` = ``(read_pixels, needed_rows)``: the shared flag
-        is cleared as soon as the image cache holds every needed row, so later batches come without
-        pixels. Returns whether any tower has a frozen prefix to cache (none with ``full`` or ``bitfit``).
+        Batches of image files carry names, mapped to rows by their position in ``image_names``.
+        ``stop_reading`` = ``(read_pixels, needed_rows)``: the shared flag is cleared once the image cache
+        holds every needed row. Returns whether any tower has a frozen prefix (none with ``full``, ``bitfit``).
         """
         caches = (FrozenPrefixCache(self.model.visual.transformer, image_rows, device, memory_budget),
                   FrozenPrefixCache(self.model.transformer, text_rows, device, memory_budget))

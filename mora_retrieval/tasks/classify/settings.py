@@ -58,11 +58,8 @@ def default_train_config(dataset: str, **overrides: Any) -> TrainConfig:
 
 @dataclass
 class ClassifySettings(SettingsRecord):
-    """Everything that defines a classification run besides the optimiser (``TrainConfig``).
-
-    ``adapter=None`` takes the dataset's defaults; ``missing_store=None`` the default store of
-    the data root, decided by :meth:`store` when the data is read.
-    """
+    """Everything that defines a classification run besides the optimiser (``TrainConfig``);
+    ``adapter=None`` takes the dataset's defaults, ``missing_store=None`` the default :meth:`store`."""
 
     NOT_RECORDED = ()
     NESTED = {"adapter": AdapterConfig}

@@ -60,7 +60,7 @@ def test_prompt_methods_train_and_test_unmerged(trained):
 
 def test_eval_only_reloads_the_unmerged_run_and_feeds_each_sample_its_missing_case(app, trained, monkeypatch):
     from mora_retrieval.model.heads import CLIPClassifier
-    from mora_retrieval.tasks.classify.predict import load_run_classifier
+    from mora_retrieval.tasks.classify import Predictor
     from mora_retrieval.tasks.classify.settings import scenario_data
 
     method, run = trained
@@ -79,7 +79,7 @@ def test_eval_only_reloads_the_unmerged_run_and_feeds_each_sample_its_missing_ca
     assert again["evaluated_on"] == "unmerged"
     assert again["test_metric"] == pytest.approx(results["test_metric"], abs=1e-4)
 
-    trained_classifier = load_run_classifier(run)
+    trained_classifier = Predictor(run, "cpu")
     assert trained_classifier.evaluated_on == "unmerged"
     classifier = trained_classifier.classifier
     dataset = scenario_data(trained_classifier.settings, "test", "both:0.7", trained_classifier.preprocess)
@@ -113,12 +113,12 @@ def test_predict_uses_the_prompts_of_the_missing_input(app, trained, world):
 
 def test_analyze_compares_the_unmerged_prompt_run_with_its_backbone(app, trained):
     from mora_retrieval.analysis.runs import adapted_encoder, original_encoder, read_run
-    from mora_retrieval.tasks.classify.predict import load_run_classifier
+    from mora_retrieval.tasks.classify import Predictor
 
     _, run = trained
     info = read_run(run)
     adapted, original = adapted_encoder(info, "cpu"), original_encoder(info, "cpu")
-    trained_classifier = load_run_classifier(run)
+    trained_classifier = Predictor(run, "cpu")
     tokens = trained_classifier.tokenizer(["a large red circle", "small blue square"])
     with torch.no_grad():
         want = trained_classifier.classifier.clip.encode_text(tokens)  # no missing cases given: every sample complete

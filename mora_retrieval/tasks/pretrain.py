@@ -1,12 +1,9 @@
 """Contrastive CLIP pretraining from scratch (or continued) on image–caption pairs.
 
-The ordinary CLIP objective (open_clip's ``ClipLoss``: symmetric cross-entropy over
-``logit_scale · image @ textᵀ``, gathered across processes under torchrun), all weights
-trainable. Sources: a COCO-format caption set (``annotations/captions_{split}.json``) or a
-folder of images with sidecar ``.txt`` captions. Validation: text→image and image→text
-Recall@1 over the validation pairs; the best epoch is exported as a plain open_clip checkpoint
-``<run>/pretrained.safetensors``. The demo uses it to give ``mora-tiny``/``mora-small`` real
-weights on the shapes world; it works the same for any architecture.
+The ordinary CLIP objective (open_clip's ``ClipLoss``, gathered across processes under torchrun),
+all weights trainable, on a COCO-format caption set or a folder of images with sidecar ``.txt``
+captions. The epoch with the best validation Recall@1 is exported as a plain open_clip checkpoint
+``<run>/pretrained.safetensors`` (the demo's way to give ``mora-tiny``/``mora-small`` real weights).
 """
 
 from __future__ import annotations
@@ -38,6 +35,7 @@ class PretrainSettings(SettingsRecord):
     """What to pretrain on what. ``coco_root`` or ``folder`` (not both)."""
 
     TASK = "pretrain"
+    NESTED = {"train": TrainConfig}
 
     run_dir: str
     arch: str = "mora-tiny"
@@ -50,17 +48,10 @@ class PretrainSettings(SettingsRecord):
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, batch_size=128, lr=1e-3,
                                                                    weight_decay=0.1))
 
-    def __post_init__(self) -> None:
-        if isinstance(self.train, dict):
-            self.train = TrainConfig.from_dict(self.train)
-
 
 def build_settings(run_dir: str, config_file: str | Path | None = None,
                    overrides: dict[str, Any] | None = None) -> PretrainSettings:
-    """The defaults ← the config file ← command-line ``overrides`` (nested dict, None = unset).
-
-    An empty ``val_split`` (``--val-split ''``) skips validation.
-    """
+    """The settings layers (:mod:`.settings`); an empty ``val_split`` (``--val-split ''``) skips validation."""
     merged = layered(PretrainSettings(run_dir).to_dict(), read_config_file(config_file), overrides, str(config_file))
     merged["val_split"] = merged["val_split"] or None
     return PretrainSettings.from_dict(merged, run_dir)
@@ -100,15 +91,15 @@ def caption_retrieval_recall(image: torch.Tensor, text: torch.Tensor, image_ids:
     Images are de-duplicated by id; a text→image hit is its own image ranked first, an
     image→text hit is any of its captions ranked first.
     """
-    unique: dict[str, int] = {}
+    first: dict[str, int] = {}  # each image's first caption
     for i, image_id in enumerate(image_ids):
-        unique.setdefault(image_id, i)
-    order = list(unique)
-    gallery = image[[unique[i] for i in order]]
-    owner = torch.tensor([order.index(i) for i in image_ids], device=text.device)
+        first.setdefault(image_id, i)
+    column = {image_id: c for c, image_id in enumerate(first)}
+    gallery = image[list(first.values())]
+    owner = torch.tensor([column[i] for i in image_ids], device=text.device)
     sim = text @ gallery.T  # [captions, images]
     t2i = (sim.argmax(dim=1) == owner).float().mean().item() * 100
-    i2t = (owner[sim.argmax(dim=0)] == torch.arange(len(order), device=text.device)).float().mean().item() * 100
+    i2t = (owner[sim.argmax(dim=0)] == torch.arange(len(first), device=text.device)).float().mean().item() * 100
     return {"t2i_recall@1": t2i, "i2t_recall@1": i2t, "mean_recall@1": (t2i + i2t) / 2}
 
 
@@ -124,12 +115,10 @@ def _datasets(settings: PretrainSettings, transform):
     return train, val
 
 
-def is_pretrained(run_dir: str | Path, settings: PretrainSettings | None = None) -> bool:
-    """Whether ``run_dir`` already holds a finished pretraining (with the same settings, if given)."""
+def is_pretrained(run_dir: str | Path, settings: PretrainSettings) -> bool:
+    """Whether ``run_dir`` already holds a finished pretraining with these settings."""
     run_dir = Path(run_dir)
-    if not (run_dir / PRETRAINED_FILE).is_file() or not has_record(run_dir):
-        return False
-    return settings is None or read_record(run_dir) == settings.to_dict()
+    return (run_dir / PRETRAINED_FILE).is_file() and has_record(run_dir) and read_record(run_dir) == settings.to_dict()
 
 
 def pretrain(settings: PretrainSettings, resume: bool = False, console=None, quiet: bool = False) -> dict[str, Any]:
@@ -139,8 +128,7 @@ def pretrain(settings: PretrainSettings, resume: bool = False, console=None, qui
     info = detect()
     backbone = load_backbone(settings.arch, settings.init)
     model = backbone.model
-    for param in model.parameters():
-        param.requires_grad_(True)
+    model.requires_grad_(True)
     transform = make_transform("clip", image_size_of(model))
     train_set, val_set = _datasets(settings, transform)
     module = ContrastivePretraining(model, backbone.tokenizer, val_set, info.rank, info.world_size)

@@ -20,13 +20,19 @@ from ..fileio import read_json
 class SettingsRecord:
     """``to_dict`` / ``from_dict`` of a recipe's settings dataclass (the run record, the layers' base).
 
-    Nested configs (``AdapterConfig``, ``TrainConfig``) are written with their own ``to_dict``;
-    the subclass's ``__post_init__`` turns such dicts back into configs. ``TASK`` (if set) is
+    Nested configs (``AdapterConfig``, ``TrainConfig``) are written with their own ``to_dict``; the
+    fields in ``NESTED`` (name: config class) are read back from such dicts. ``TASK`` (if set) is
     written as the record's ``task`` key; the fields in ``NOT_RECORDED`` are left out.
     """
 
     TASK: ClassVar[str | None] = None
     NOT_RECORDED: ClassVar[tuple[str, ...]] = ("run_dir",)
+    NESTED: ClassVar[dict[str, Any]] = {}
+
+    def __post_init__(self) -> None:
+        for name, config_class in self.NESTED.items():
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, config_class.from_dict(getattr(self, name)))
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {} if self.TASK is None else {"task": self.TASK}
@@ -65,22 +71,14 @@ def read_config_file(path: str | Path | None) -> dict[str, Any]:
     return data
 
 
-def method_of(config: dict[str, Any], overrides: dict[str, Any] | None, default: str = "mora") -> str:
-    """The adapter method: the command line's, else the config file's, else ``default``.
-
-    It is read first because the defaults themselves depend on it (α, learning rate, …).
-    """
+def method_of(config: dict[str, Any], overrides: dict[str, Any] | None) -> str:
+    """The adapter method: the command line's, else the config file's, else ``mora`` (read first: the
+    defaults depend on it)."""
     for layer in (overrides or {}, config):
         method = (layer.get("adapter") or {}).get("method")
         if method is not None:
             return method
-    return default
-
-
-def with_new_keys(record: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    """A run's recorded settings, plus the top-level ``defaults`` keys added to the recipe since
-    the run was started (so that resuming an older run accepts today's options)."""
-    return {**{key: value for key, value in defaults.items() if key not in record}, **record}
+    return "mora"
 
 
 def layered(defaults: dict[str, Any], config: dict[str, Any], overrides: dict[str, Any] | None,
@@ -121,12 +119,10 @@ def differences(saved: dict[str, Any], ours: dict[str, Any], keys: tuple[str, ..
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    """``d`` without its None values, nor the nested dicts left empty."""
     out = {}
     for key, value in d.items():
-        if isinstance(value, dict):
-            value = _drop_none(value)
-            if value:
-                out[key] = value
-        elif value is not None:
+        value = _drop_none(value) if isinstance(value, dict) else value
+        if value is not None and value != {}:
             out[key] = value
     return out

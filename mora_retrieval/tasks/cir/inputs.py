@@ -4,11 +4,10 @@ With the prepared cache (the default) each CIRR split's gallery is decoded and p
 once, with the model's own preprocessing (:func:`~mora_retrieval.data.images.preprocess_spec`),
 into a memory-mapped uint8 file (:mod:`mora_retrieval.data.prepared`), reused by every epoch
 and every later run while the images and the preprocessing stay the same. Training items are
-then just rows and a caption (:class:`PreparedTriplets`); :class:`PreparedTripletCollate`
-gathers a batch's reference and target pixels into ONE uint8 tensor ``[2B, 3, H, W]``
-(references first) and tokenises the captions, so a DataLoader worker ships one buffer per
-batch. Normalisation runs on the training device, inside the stage-1 forward. Validation and
-the Combiner's features read the same caches (:class:`PreparedGallery`).
+then just rows and a caption (:class:`PreparedTriplets`), batched into one uint8 tensor
+(:class:`PreparedTripletCollate`, so a DataLoader worker ships one buffer per batch) and
+normalised on the training device, inside the stage-1 forward. Validation and the Combiner's
+features read the same caches (:class:`PreparedGallery`).
 
 Bad images (``skip_bad_images``): their rows are not ok in the cache; the triplets whose
 reference or target is such a row are left out of stage 1, stage 2 and validation, and
@@ -23,7 +22,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Container, Sequence
 
 import numpy as np
@@ -34,20 +32,6 @@ from ...data.cirr import CIRRGallery, CIRRTriplets, read_image_split
 from ...data.collate import CaptionCollate
 from ...data.images import PreprocessSpec, make_transform
 from ...data.prepared import PreparedImages, default_prepared_dir, prepare_images, prepared_path
-
-#: Prefix of the cache files of CIRR's splits (``cirr-train-224x224.npy``, ...).
-CACHE_PREFIX = "cirr"
-
-
-def prepare_cirr_split(data_root: str | os.PathLike, split: str, spec: PreprocessSpec,
-                       directory: str | os.PathLike | None = None, skip_bad_images: bool = False,
-                       workers: int | None = None) -> PreparedImages:
-    """The prepared cache of every image of a CIRR split (built, or reused when still valid);
-    rows are named by the CIRR image names."""
-    paths = read_image_split(data_root, split)
-    directory = default_prepared_dir(data_root) if directory is None else directory
-    return prepare_images(list(paths.values()), spec, prepared_path(directory, f"{CACHE_PREFIX}-{split}", spec),
-                          names=list(paths), skip_bad_images=skip_bad_images, workers=workers)
 
 
 def usable_positions(records: Sequence[dict[str, Any]], known: Container[str]) -> list[int]:
@@ -66,10 +50,8 @@ def usable_records(records: Sequence[dict[str, Any]], prepared: PreparedImages) 
 
 class PreparedTriplets(Dataset):
     """Training triplets over a prepared gallery: item ``i`` -> ``{"reference_row", "target_row",
-    "caption", "index"}`` (no pixels; :class:`PreparedTripletCollate` gathers them per batch).
-
-    ``records`` keeps only the triplets whose images are ok; ``dropped`` counts the others.
-    """
+    "caption", "index"}`` (no pixels: :class:`PreparedTripletCollate` gathers them per batch), of the
+    ``records`` whose images are ok; ``dropped`` counts the others."""
 
     def __init__(self, records: Sequence[dict[str, Any]], prepared: PreparedImages) -> None:
         self.records, self.dropped = usable_records(records, prepared)
@@ -90,30 +72,23 @@ class PreparedTriplets(Dataset):
                 "caption": self.records[index]["caption"], "index": int(index)}
 
 
-class PreparedTripletCollate:
+class PreparedTripletCollate(CaptionCollate):
     """Items of :class:`PreparedTriplets` -> one batch: ``pixels`` uint8 ``[2B, 3, H, W]`` (the B
     references, then the B targets, read from the map in one gather), ``reference_row``,
-    ``target_row`` and ``index`` as int64 tensors, ``caption`` and its ``tokens``.
-
-    ``read_pixels`` is a flag in shared memory, so persistent DataLoader workers see it change:
-    once cleared (every image's frozen prefix is cached, see
-    :meth:`.stages.CIRStage1.stop_reading_pixels_when_cached`) batches come without ``pixels``.
+    ``target_row`` and ``index`` as int64 tensors, ``caption`` and its ``tokens``. Once the
+    shared-memory flag ``read_pixels`` is cleared (:meth:`.stages.CIRStage1.enable_prefix_cache`),
+    even persistent DataLoader workers send batches without ``pixels``.
     """
 
     def __init__(self, prepared: PreparedImages, tokenizer: Callable) -> None:
+        super().__init__(tokenizer)
         self.prepared = prepared
-        self.tokenizer = tokenizer
         self.read_pixels = torch.ones((), dtype=torch.bool).share_memory_()
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        reference = torch.tensor([item["reference_row"] for item in items], dtype=torch.int64)
-        target = torch.tensor([item["target_row"] for item in items], dtype=torch.int64)
-        captions = [item["caption"] for item in items]
-        batch = {"reference_row": reference, "target_row": target,
-                 "index": torch.tensor([item["index"] for item in items], dtype=torch.int64),
-                 "caption": captions, "tokens": self.tokenizer(captions)}
+        batch = super().__call__(items)
         if bool(self.read_pixels):
-            batch["pixels"] = self.prepared.batch(torch.cat([reference, target]).numpy())
+            batch["pixels"] = self.prepared.batch(torch.cat([batch["reference_row"], batch["target_row"]]).numpy())
         return batch
 
 
@@ -159,23 +134,23 @@ class CIRInputs:
 def cir_inputs(data_root: str | os.PathLike, spec: PreprocessSpec, tokenizer: Callable, *, prepared: bool = True,
                prepared_dir: str | os.PathLike | None = None, skip_bad_images: bool = False,
                workers: int | None = None) -> CIRInputs:
-    """The training and validation inputs of CIRR at ``data_root`` under ``spec``.
-
-    ``prepared``: read the prepared caches of the train and val galleries (built or reused in
-    ``prepared_dir``, default :func:`~mora_retrieval.data.prepared.default_prepared_dir`, with
-    ``workers`` decoding processes); otherwise decode the image files with the PIL transform.
-    """
+    """The training and validation inputs of CIRR at ``data_root`` under ``spec``: the prepared caches
+    (built or reused in ``prepared_dir``, default :func:`~mora_retrieval.data.prepared.default_prepared_dir`,
+    by ``workers`` decoding processes), or, without ``prepared``, the image files."""
     if not prepared:
         kw = {"transform": make_transform(spec), "skip_bad_images": skip_bad_images}
         train, val = CIRRTriplets(data_root, "train", **kw), CIRRTriplets(data_root, "val", **kw)
         return CIRInputs(train, CaptionCollate(tokenizer), CIRRGallery(data_root, "train", **kw),
                          CIRRGallery(data_root, "val", **kw), list(val.records), spec, prepared=False)
     train_triplets, val_triplets = CIRRTriplets(data_root, "train"), CIRRTriplets(data_root, "val")
-    directory = Path(default_prepared_dir(data_root) if prepared_dir is None else prepared_dir)
-    train_images, val_images = (prepare_cirr_split(data_root, split, spec, directory, skip_bad_images, workers)
-                                for split in ("train", "val"))
-    train = PreparedTriplets(train_triplets.records, train_images)
-    val_records, val_dropped = usable_records(val_triplets.records, val_images)
-    return CIRInputs(train, PreparedTripletCollate(train_images, tokenizer), PreparedGallery(train_images),
-                     PreparedGallery(val_images), val_records, spec, prepared=True,
+    directory = default_prepared_dir(data_root) if prepared_dir is None else prepared_dir
+    images = {}
+    for split in ("train", "val"):  # cirr-train-<H>x<W>.npy, cirr-val-…; rows named by the CIRR image names
+        paths = read_image_split(data_root, split)
+        images[split] = prepare_images(list(paths.values()), spec, prepared_path(directory, f"cirr-{split}", spec),
+                                       names=list(paths), skip_bad_images=skip_bad_images, workers=workers)
+    train = PreparedTriplets(train_triplets.records, images["train"])
+    val_records, val_dropped = usable_records(val_triplets.records, images["val"])
+    return CIRInputs(train, PreparedTripletCollate(images["train"], tokenizer), PreparedGallery(images["train"]),
+                     PreparedGallery(images["val"]), val_records, spec, prepared=True,
                      dropped={"train": train.dropped, "val": val_dropped})

@@ -18,10 +18,6 @@ RECALL_KS = (1, 5, 10, 50)
 SUBSET_KS = (1, 2, 3)
 
 
-def _index(names: Sequence[str]) -> dict[str, int]:
-    return {name: i for i, name in enumerate(names)}
-
-
 def _ranked_before(sim: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``[q, g]`` mask of the items a stable descending sort of each row puts before ``target``."""
     score = sim.gather(1, target[:, None])
@@ -39,7 +35,7 @@ def cirr_recalls(
     """Recall@{1,5,10,50}, Recall_subset@{1,2,3} (percent) and ``avg`` = (R@5 + R_subset@1) / 2."""
     sim = similarity.detach().float().cpu()
     q, g = sim.shape
-    lookup = _index(gallery_names)
+    lookup = {name: i for i, name in enumerate(gallery_names)}
     rows = torch.arange(q)
     ref = torch.tensor([lookup[n] for n in reference_names])
     tgt = torch.tensor([lookup.get(n, -1) for n in target_names])
@@ -76,7 +72,7 @@ def cirr_rankings(
 ) -> tuple[list[list[str]], list[list[str]]]:
     """Per query: the top ``top`` gallery names and top ``subset_top`` members, reference removed."""
     sim = similarity.detach().float().cpu()
-    lookup = _index(gallery_names)
+    lookup = {name: i for i, name in enumerate(gallery_names)}
     ref = [lookup[n] for n in reference_names]
     order = sim.argsort(dim=1, descending=True, stable=True)[:, : top + 1].tolist()
     full = [[gallery_names[j] for j in row if j != r][:top] for row, r in zip(order, ref)]

@@ -1,10 +1,4 @@
-"""Settings of a CIR run: the recipe's defaults per adapter method, and the layers over them.
-
-Defaults (docs/protocols.md §1, §4): MoRA and the other adapters use the CIRR row (r = r_s = 4, α 0.01,
-q and v of the last 2 blocks, lr 1e-2, weight decay 0.02, batch 256, 20 epochs); ``full`` (the
-CLIP4CIR baseline) uses lr 2e-6, batch 128, weight decay 0.01. The Combiner: Adam (AdamW with
-no weight decay) at lr 2e-5, batch 512, 20 epochs, ``p = 4d``, ``h = 8d``. All may be overridden.
-"""
+"""Settings of a CIR run: the recipe's defaults per adapter method, and the layers over them."""
 
 from __future__ import annotations
 
@@ -15,7 +9,7 @@ from typing import Any
 from ...adapters import AdapterConfig, get_method
 from ...engine import TrainConfig
 from ...runs import has_record, read_record
-from ..settings import SettingsRecord, layered, method_of, read_config_file, with_new_keys
+from ..settings import SettingsRecord, layered, method_of, read_config_file
 
 
 @dataclass
@@ -23,6 +17,7 @@ class CIRSettings(SettingsRecord):
     """Everything ``train_cirr`` needs; ``stage2=None`` skips the Combiner."""
 
     TASK = "cir"
+    NESTED = {"adapter": AdapterConfig, "stage1": TrainConfig, "stage2": TrainConfig}
 
     data_root: str
     run_dir: str
@@ -40,7 +35,9 @@ class CIRSettings(SettingsRecord):
 
     @classmethod
     def with_defaults(cls, data_root: str, run_dir: str, method: str = "mora", **overrides: Any) -> "CIRSettings":
-        """The recipe's defaults for ``method`` (see the module docstring), then ``overrides``."""
+        """The recipe's defaults for ``method`` (docs/protocols.md §1, §4: the CIRR row for the adapters,
+        CLIP4CIR's for ``full`` and the Combiner, which is Adam, i.e. AdamW without weight decay),
+        then ``overrides``."""
         adapter = AdapterConfig(method=method, r=4, r_shared=4, alpha=get_method(method).default_alpha,
                                 targets=("q", "v"), layers=2)
         if method == "full":
@@ -51,29 +48,22 @@ class CIRSettings(SettingsRecord):
         return cls(data_root=data_root, run_dir=run_dir, adapter=adapter, stage1=stage1, stage2=stage2, **overrides)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.data_root = str(self.data_root)
-        if isinstance(self.adapter, dict):
-            self.adapter = AdapterConfig.from_dict(self.adapter)
-        if isinstance(self.stage1, dict):
-            self.stage1 = TrainConfig.from_dict(self.stage1)
-        if isinstance(self.stage2, dict):
-            self.stage2 = TrainConfig.from_dict(self.stage2)
 
 
 def build_settings(data_root: str, run_dir: str, method: str | None = None, config_file: str | Path | None = None,
                    overrides: dict[str, Any] | None = None, resume: bool = False) -> CIRSettings:
-    """Defaults for the method ← the config file ← command-line ``overrides`` (nested dict, None = unset).
-
-    With ``resume`` and an existing run, the run's own config is the base instead of the defaults.
-    ``{"no_combiner": True}`` (either layer) drops stage 2.
-    """
+    """The settings layers (:mod:`..settings`) over the method's defaults, or, with ``resume`` and an
+    existing run, over the run's own config. ``{"no_combiner": True}`` (either layer) drops stage 2."""
     config = read_config_file(config_file)
     overrides = dict(overrides or {})
     if method is not None:
         overrides["adapter"] = {**overrides.get("adapter", {}), "method": method}
     no_combiner = [layer.pop("no_combiner", None) for layer in (config, overrides)]
     defaults = CIRSettings.with_defaults(data_root, run_dir, method_of(config, overrides)).to_dict()
-    base = with_new_keys(read_record(run_dir), defaults) if resume and has_record(run_dir) else defaults
+    # resuming an older run: its record, plus the top-level keys the recipe has gained since
+    base = {**defaults, **read_record(run_dir)} if resume and has_record(run_dir) else defaults
     merged = layered(base, config, overrides, str(config_file))
     merged["data_root"] = str(data_root)  # paths may change on resume (a moved dataset)
     if any(no_combiner):

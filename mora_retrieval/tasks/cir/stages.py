@@ -129,13 +129,9 @@ class CIRRValidation:
 
 
 class CIRStage1(TrainModule):
-    """Stage 1: adapt the encoders (adapters already injected into ``model``).
-
-    A batch carries either normalised ``reference`` and ``target`` images, or (prepared cache)
-    uint8 ``pixels`` ``[2B, 3, H, W]``, references first, which are normalised here on the
-    batch's device with ``pixel_spec``'s mean and std, in float32 (the model then runs under
-    the engine's autocast).
-    """
+    """Stage 1: adapt the encoders (adapters already injected into ``model``). A batch carries normalised
+    ``reference`` and ``target`` images, or the prepared cache's uint8 ``pixels``, normalised here on the
+    batch's device with ``pixel_spec``, in float32 (the model then runs under the engine's autocast)."""
 
     main_metric = "avg"
     higher_is_better = True
@@ -149,25 +145,25 @@ class CIRStage1(TrainModule):
         self.validation = validation
         self.prefix_caches = None
         self._row_of: dict[str, int] | None = None
-        self._read_pixels: torch.Tensor | None = None
-        self._needed_rows: torch.Tensor | None = None
+        self._stop_reading: tuple[torch.Tensor, torch.Tensor] | None = None
         self.bf16_prefixes: tuple[Bf16Prefix, Bf16Prefix] | None = None
 
     def enable_prefix_cache(self, device: str | torch.device = "cpu", image_rows: int = 0, text_rows: int = 0,
-                            image_names: Sequence[str] | None = None, memory_budget: int | None = None) -> bool:
-        """Cache the frozen leading blocks' outputs per image row and per caption (triplet index)
-        across epochs, in dense stores of ``image_rows`` and ``text_rows`` rows
-        (:class:`~mora_retrieval.model.prefix_cache.FrozenPrefixCache`).
+                            image_names: Sequence[str] | None = None, memory_budget: int | None = None,
+                            stop_reading: tuple[torch.Tensor, torch.Tensor] | None = None) -> bool:
+        """Cache the frozen leading blocks' outputs per image row and per caption (triplet index) across
+        epochs, in dense stores of ``image_rows`` and ``text_rows`` rows
+        (:class:`~mora_retrieval.model.prefix_cache.FrozenPrefixCache`); deterministic inputs only.
 
-        Batches of the prepared cache carry image rows; batches of image files carry names,
-        mapped to rows by their position in ``image_names``. Valid only for deterministic inputs
-        (no random augmentation). Returns whether any tower has a frozen prefix to cache (none
-        with ``full`` or ``bitfit``).
+        Batches of image files carry names, mapped to rows by their position in ``image_names``.
+        ``stop_reading`` = ``(read_pixels, needed_rows)``: the shared flag is cleared once the image cache
+        holds every needed row. Returns whether any tower has a frozen prefix (none with ``full``, ``bitfit``).
         """
         caches = (FrozenPrefixCache(self.model.visual.transformer, image_rows, device, memory_budget),
                   FrozenPrefixCache(self.model.transformer, text_rows, device, memory_budget))
         self.prefix_caches = caches if any(c.active for c in caches) else None
         self._row_of = None if image_names is None else {name: i for i, name in enumerate(image_names)}
+        self._stop_reading = stop_reading
         return self.prefix_caches is not None
 
     def enable_bf16_prefix(self) -> bool:
@@ -178,15 +174,6 @@ class CIRStage1(TrainModule):
         prefixes = (Bf16Prefix(self.model.visual.transformer), Bf16Prefix(self.model.transformer))
         self.bf16_prefixes = prefixes if any(p.usable for p in prefixes) else None
         return self.bf16_prefixes is not None
-
-    def stop_reading_pixels_when_cached(self, read_pixels: torch.Tensor, needed_rows: torch.Tensor) -> None:
-        """Clear the shared flag ``read_pixels`` (seen by persistent DataLoader workers) as soon as
-        the image cache holds every row of ``needed_rows``: later batches come without pixels.
-
-        Single process only: under DDP each rank fills only the rows it sees, and the sampler
-        gives it other rows every epoch, so the ranks keep reading pixels.
-        """
-        self._read_pixels, self._needed_rows = read_pixels, needed_rows
 
     def images(self, batch: dict[str, Any]) -> torch.Tensor:
         """The batch's references then targets, normalised, ``[2B, 3, H, W]``; zeros when the
@@ -220,13 +207,15 @@ class CIRStage1(TrainModule):
                 text = self.model.encode_text(batch["tokens"])
         else:
             image_cache, text_cache = self.prefix_caches
-            if "pixels" not in batch and "reference" not in batch and not image_cache.covers(
-                    self.image_rows(batch).cpu()):
+            rows = self.image_rows(batch)
+            if "pixels" not in batch and "reference" not in batch and not image_cache.covers(rows.cpu()):
                 raise RuntimeError("a batch without pixels has images whose frozen prefix is not cached")
-            features = image_cache.encode(self.model.encode_image, images, self.image_rows(batch))
+            features = image_cache.encode(self.model.encode_image, images, rows)
             text = text_cache.encode(self.model.encode_text, batch["tokens"], batch["index"])
-            if self._read_pixels is not None and bool(self._read_pixels) and image_cache.covers(self._needed_rows):
-                self._read_pixels.fill_(False)
+            if self._stop_reading is not None:
+                read_pixels, needed_rows = self._stop_reading
+                if bool(read_pixels) and image_cache.covers(needed_rows):
+                    read_pixels.fill_(False)
         return contrastive_loss(features[:n] + text, features[n:])
 
     def evaluate(self, device: torch.device) -> dict[str, float]:

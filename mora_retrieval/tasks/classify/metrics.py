@@ -22,26 +22,15 @@ import math
 import torch
 from torchmetrics.functional.classification import binary_auroc as _auroc, multiclass_accuracy, multilabel_f1_score
 
-TASKS = ("multiclass", "multilabel", "binary")
-
-#: The metric each task is selected and reported on.
+#: The tasks, and the metric each is selected and reported on.
 MAIN_METRIC = {"multiclass": "accuracy", "multilabel": "macro_f1", "binary": "auroc"}
-
-
-def _check(task: str, logits: torch.Tensor, targets: torch.Tensor) -> None:
-    if task not in TASKS:
-        raise ValueError(f"unknown classification task {task!r} (expected one of {', '.join(TASKS)})")
-    if logits.ndim != 2 or len(logits) != len(targets):
-        raise ValueError(f"logits must be [N, C] with one target per row (got {tuple(logits.shape)} and "
-                         f"{tuple(targets.shape)})")
 
 
 def top1_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Percentage of rows whose arg-max logit is the label."""
     if len(labels) == 0:
         return math.nan
-    value = multiclass_accuracy(logits.float(), labels.long(), num_classes=logits.shape[1], average="micro",
-                                top_k=1)
+    value = multiclass_accuracy(logits.float(), labels.long(), num_classes=logits.shape[1], average="micro")
     return 100.0 * float(value)
 
 
@@ -67,7 +56,11 @@ def binary_auroc(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 def compute_metrics(task: str, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
     """All metrics of ``task``; the key :data:`MAIN_METRIC` ``[task]`` is the one that selects and reports."""
-    _check(task, logits, targets)
+    if task not in MAIN_METRIC:
+        raise ValueError(f"unknown classification task {task!r} (expected one of {', '.join(MAIN_METRIC)})")
+    if logits.ndim != 2 or len(logits) != len(targets):
+        raise ValueError(f"logits must be [N, C] with one target per row (got {tuple(logits.shape)} and "
+                         f"{tuple(targets.shape)})")
     logits, targets = logits.detach().cpu(), targets.detach().cpu()
     if task == "multiclass":
         return {"accuracy": top1_accuracy(logits, targets)}

@@ -1,15 +1,12 @@
 """Missing-modality classification (docs/protocols.md §3): loss, collate, engine task, evaluation.
 
 The model is :class:`~mora_retrieval.model.heads.CLIPClassifier` (a linear head on the
-concatenated image and text embeddings). Binary tasks use two logits with cross-entropy,
-multiclass cross-entropy, multilabel one logit per class with binary cross-entropy.
-
-Tokenisation happens in the DataLoader's ``collate_fn`` (:class:`ClassifyCollate`, picklable, so
-it runs in the worker processes), never in the training step. A missing modality reaches the
-model exactly as the data protocol prepared it (``WithMissingModality``: the empty string, a
-tensor of ones or the transformed white image); nothing is dropped or masked here. Each batch's
-``missing`` codes go to the classifier, which hands them to a prompt-adapted model (``dcp``,
-``mmp``: one prompt set per missing case), in training and in evaluation alike.
+concatenated image and text embeddings; binary tasks have two logits). Tokenisation runs in the
+DataLoader workers (:class:`ClassifyCollate`). A missing modality reaches the model exactly as
+``WithMissingModality`` prepared it (the empty string, a tensor of ones or the transformed white
+image); nothing is dropped or masked here. Each batch's ``missing`` codes go to the classifier,
+which hands them to a prompt-adapted model (``dcp``, ``mmp``: one prompt set per missing case), in
+training and in evaluation alike.
 """
 
 from __future__ import annotations
@@ -24,14 +21,8 @@ from ...data.collate import CaptionCollate
 from ...engine.module import TrainModule
 from ...model.encode import collect, ordered_loader
 from ...model.heads import CLIPClassifier
-from .metrics import MAIN_METRIC, TASKS, compute_metrics
-
-
-def head_outputs(task: str, num_classes: int) -> int:
-    """Logits per sample: 2 for ``binary``, else one per class."""
-    if task not in TASKS:
-        raise ValueError(f"unknown classification task {task!r}")
-    return 2 if task == "binary" else int(num_classes)
+from ...progress import ProgressBar
+from .metrics import MAIN_METRIC, compute_metrics
 
 
 def classification_loss(task: str, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -45,16 +36,16 @@ def classification_loss(task: str, logits: torch.Tensor, targets: torch.Tensor) 
 class ClassifyCollate(CaptionCollate):
     """Batch items ``{image, text, label, index[, missing]}``, tokenising the texts.
 
-    Items that a dataset skipped (``None``, bad images) are dropped. Output keys: ``image``
-    ``[B, 3, H, W]``, ``text``, ``tokens`` ``[B, L]``, ``label``, ``index`` and ``missing`` (0 when
-    the dataset has no missing-modality codes).
+    Items that a dataset skipped (``None``, bad images) are dropped; a batch of only such items is
+    ``None`` (training and evaluation pass over it). Output keys: ``image`` ``[B, 3, H, W]``,
+    ``text``, ``tokens`` ``[B, L]``, ``label``, ``index`` and ``missing`` (0 when the dataset has no
+    missing-modality codes).
     """
 
     def __init__(self, tokenizer: Callable[[list[str]], torch.Tensor]) -> None:
         super().__init__(tokenizer, field="text")
 
     def __call__(self, items: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
-        """The batch, or ``None`` when every item was a skipped bad image (training and evaluation pass over it)."""
         return super().__call__([{"missing": 0, **item} for item in items if item is not None])
 
 
@@ -78,12 +69,8 @@ def predict_logits(classifier: CLIPClassifier, loader: DataLoader, device: torch
 
 
 class ClassifyModule(TrainModule):
-    """The engine task: adapted CLIP + head, trained with the task's loss, validated on its metric.
-
-    ``val_dataset`` yields the same items as the training set (with the validation scenario's
-    missing modalities applied); ``evaluate`` returns every metric of
-    :func:`~mora_retrieval.tasks.classify.metrics.compute_metrics` plus ``loss``.
-    """
+    """The engine task: adapted CLIP + head, trained with the task's loss, validated on its main metric
+    (:func:`evaluate_classifier` of ``val_dataset``, the training items under the validation scenario)."""
 
     higher_is_better = True
 
@@ -108,12 +95,14 @@ class ClassifyModule(TrainModule):
 
 def evaluate_classifier(classifier: CLIPClassifier, task: str, dataset: Dataset, collate: ClassifyCollate,
                         device: torch.device | str, batch_size: int = 256, num_workers: int = 0,
-                        precision: str = "fp32", progress: Callable[[int], None] | None = None
+                        precision: str = "fp32", console: Any = None, description: str = "evaluation"
                         ) -> dict[str, float]:
-    """Metrics (percent) and mean loss of ``classifier`` on ``dataset``."""
+    """Metrics (percent) and mean loss of ``classifier`` on ``dataset``; a progress bar on ``console``."""
     device = torch.device(device)
     loader = ordered_loader(dataset, batch_size, device, num_workers, collate)
-    out = predict_logits(classifier, loader, device, precision, progress)
+    with ProgressBar(console, description, "samples/s") as bar:
+        bar.start(len(dataset))
+        out = predict_logits(classifier, loader, device, precision, bar.advance)
     metrics = compute_metrics(task, out["logits"], out["label"])
     metrics["loss"] = float(classification_loss(task, out["logits"], out["label"]))
     return metrics

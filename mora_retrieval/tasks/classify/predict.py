@@ -18,52 +18,20 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from PIL import Image
 
 from ...adapters import has_adapters
 from ...data.images import load_image
+from ...data.missing import COMPLETE, IMAGE_MISSING, TEXT_MISSING
 from ...device import resolve_device
 from ...errors import DataError, TrainingError
 from ...model.backbone import embed_dim, image_size_of
 from ...model.heads import CLIPClassifier, load_head
 from ...runs import HEAD_FILE, FinishedRun
 from .settings import ClassifySettings, read_run_config
-
-COMPLETE, TEXT_MISSING, IMAGE_MISSING = 0, 1, 2
-
-
-@dataclass
-class TrainedClassifier:
-    """A finished run's classifier (merged weights + head, eval mode) with what feeds it."""
-
-    classifier: CLIPClassifier
-    settings: ClassifySettings
-    preprocess: Callable
-    tokenizer: Callable
-    task: str  # multiclass | multilabel | binary
-    class_names: list[str]
-    evaluated_on: str = "merged"  # "unmerged": a prompt method's adapter (dcp, mmp), which cannot be merged
-
-
-def load_run_classifier(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> TrainedClassifier:
-    """The classifier of a finished run folder, on ``device`` (merged weights; a prompt method's run: its
-    adapter loaded unmerged, see :meth:`~mora_retrieval.runs.FinishedRun.load_model`)."""
-    record = read_run_config(run_dir)
-    run = FinishedRun.open(run_dir, TrainingError)
-    head_path = run.require(HEAD_FILE)
-    head, meta = load_head(head_path)
-    backbone = run.load_model()
-    dim = embed_dim(backbone.model)
-    if head.linear.in_features != 2 * dim:
-        raise TrainingError(f"{head_path}: head takes {head.linear.in_features} features but {run.arch} gives "
-                            f"{2 * dim}")
-    settings = ClassifySettings.from_dict(record)
-    classifier = CLIPClassifier(backbone.model, head, meta.get("features") or settings.features).to(device).eval()
-    return TrainedClassifier(classifier, settings, backbone.preprocess, backbone.tokenizer, record["dataset_task"],
-                             list(record["class_names"]), "unmerged" if has_adapters(backbone.model) else "merged")
 
 
 @dataclass
@@ -82,27 +50,36 @@ class Prediction:
 
 
 class Predictor:
-    """A run's classifier ready for single predictions (eval mode, on ``device``)."""
+    """A finished run's classifier (eval mode, on ``device``) with what feeds it; ``evaluated_on``:
+    ``merged``, or ``unmerged`` for a prompt method (:meth:`~mora_retrieval.runs.FinishedRun.load_model`)."""
 
-    def __init__(self, run_dir: str | os.PathLike, device: str = "auto") -> None:
+    def __init__(self, run_dir: str | os.PathLike, device: str | torch.device = "auto") -> None:
         self.device = resolve_device(device)
-        trained = load_run_classifier(run_dir, self.device)
-        self.classifier, self.settings = trained.classifier, trained.settings
-        self.preprocess, self.tokenizer = trained.preprocess, trained.tokenizer
-        self.task, self.class_names = trained.task, trained.class_names
-
-    def _blank_image(self) -> torch.Tensor:
-        size = image_size_of(self.classifier.clip)
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        white = self.preprocess(Image.new("RGB", (size[1], size[0]), (255, 255, 255)))
-        return torch.ones_like(white) if self.settings.missing_image == "ones" else white
+        record = read_run_config(run_dir)
+        run = FinishedRun.open(run_dir, TrainingError)
+        head_path = run.require(HEAD_FILE)
+        head, meta = load_head(head_path)
+        backbone = run.load_model()
+        dim = embed_dim(backbone.model)
+        if head.linear.in_features != 2 * dim:
+            raise TrainingError(f"{head_path}: head takes {head.linear.in_features} features but {run.arch} gives "
+                                f"{2 * dim}")
+        self.settings = ClassifySettings.from_dict(record)
+        self.classifier = CLIPClassifier(backbone.model, head, meta.get("features") or self.settings.features)
+        self.classifier.to(self.device).eval()
+        self.preprocess, self.tokenizer = backbone.preprocess, backbone.tokenizer
+        self.task: str = record["dataset_task"]  # multiclass | multilabel | binary
+        self.class_names: list[str] = list(record["class_names"])
+        self.evaluated_on = "unmerged" if has_adapters(backbone.model) else "merged"
 
     def encode_inputs(self, image: str | os.PathLike | Any | None, text: str | None) -> tuple[torch.Tensor, torch.Tensor, int]:
         """``(image batch [1, 3, H, W], tokens [1, L], missing code)`` as the model receives them."""
         if image is None and text is None:
             raise DataError("nothing to classify: give an image, a text, or both")
-        if image is None:
-            pixels, code = self._blank_image(), IMAGE_MISSING
+        if image is None:  # the protocol's missing image: ones, or the transformed white image
+            size = image_size_of(self.classifier.clip)
+            white = self.preprocess(Image.new("RGB", (size, size), (255, 255, 255)))
+            pixels, code = (torch.ones_like(white) if self.settings.missing_image == "ones" else white), IMAGE_MISSING
         else:
             pil = image if isinstance(image, Image.Image) else load_image(image)
             pixels, code = self.preprocess(pil.convert("RGB")), COMPLETE
@@ -117,19 +94,11 @@ class Predictor:
         pixels, tokens, code = self.encode_inputs(image, text)
         logits = self.classifier(pixels.to(self.device), tokens.to(self.device),
                                  torch.tensor([code])).float().cpu()[0]
-        if self.task == "multilabel":
-            probs = torch.sigmoid(logits)
-        else:
-            probs = torch.softmax(logits, dim=0)
-        order = torch.argsort(probs, descending=True).tolist()
-        names = self.class_names
-        scores = [(names[i], float(probs[i])) for i in order]
-        if self.task == "multilabel":
-            predicted = [name for name, p in scores if p > 0.5]
-        else:
-            predicted = [scores[0][0]]
-            if self.task == "multiclass":
-                scores = scores[:max(1, top_k)]
+        probs = torch.sigmoid(logits) if self.task == "multilabel" else torch.softmax(logits, dim=0)
+        scores = [(self.class_names[i], float(probs[i])) for i in torch.argsort(probs, descending=True).tolist()]
+        predicted = [name for name, p in scores if p > 0.5] if self.task == "multilabel" else [scores[0][0]]
+        if self.task == "multiclass":
+            scores = scores[:max(1, top_k)]
         inputs = {"image": None if image is None else str(image), "text": text if code != TEXT_MISSING else None}
         return Prediction(self.task, scores, predicted, {0: "none", 1: "text", 2: "image"}[code], inputs)
 

@@ -1,23 +1,13 @@
 """Classification runs: train → keep the best epoch → merge → test; eval-only; the scenario grid.
 
-Run folder (names in :mod:`mora_retrieval.runs`; the engine's ``config.json``, ``metrics.jsonl``,
-``checkpoints/``, ``curves.png``, plus):
-
-- ``adapter/``: the adapter folder of the best epoch (``save_adapters``);
-- ``head.safetensors``: the linear head of the best epoch (``weight``, ``bias``; metadata: task,
-  feature mode, class names);
-- ``merged.safetensors``: the best adapter folded into the backbone, a plain open_clip checkpoint
-  (``open_clip.create_model(arch, pretrained=...)`` loads it); not written for the prompt
-  methods (``dcp``, ``mmp``), which cannot be merged: their runs are tested and loaded unmerged
-  (:meth:`~mora_retrieval.runs.FinishedRun.load_model`);
-- ``results.json``: test metrics on the **merged** model (``evaluated_on``; prompt methods:
-  ``unmerged``) under the test scenario, with the
-  scenarios, dataset, method, best epoch/validation metric, trainable share and the
-  majority-class baseline;
-- ``config.json`` gains, once training is done, a top-level ``classify`` record (every setting,
-  the test scenario included) and top-level ``task``/``arch``/``pretrained`` keys, so ``--run DIR``
-  alone re-creates the model and the data (and retrieval tools can load the merged encoder);
-- ``eval/<split>-<scenario>.json``: each later eval-only (cross-scenario) result.
+The run folder is the engine's (in the folder itself) with the files of :mod:`mora_retrieval.runs`:
+``adapter/`` and ``head.safetensors`` (metadata: task, feature mode, class names) of the best epoch,
+``merged.safetensors`` (none for the prompt methods ``dcp``, ``mmp``, which are tested and loaded
+unmerged), ``results.json`` (test metrics on the merged model, ``evaluated_on``, under the test
+scenario, with the best epoch, trainable share and majority-class baseline) and ``eval/``. Once
+training is done ``config.json`` gains a top-level ``classify`` record (every setting, the test
+scenario included) and ``task``/``arch``/``pretrained`` keys, so ``--run DIR`` alone re-creates the
+model and the data.
 
 The random weights of an architecture without ``pretrained`` are drawn from the training seed,
 so a resumed run rebuilds the very same frozen backbone.
@@ -26,46 +16,36 @@ so a resumed run rebuilds the very same frozen backbone.
 from __future__ import annotations
 
 import csv
-import io
+import itertools
 import math
 import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from ...adapters import add_adapters, export_checkpoint, get_method, merge_adapters, save_adapters, trainable_share
 from ...data.missing import MissingSpec
-from ...device import resolve_device, resolve_num_workers, resolve_precision
+from ...device import resolve_num_workers, resolve_precision
 from ...engine import TrainConfig, Trainer
 from ...engine.distributed import detect
 from ...errors import TrainingError
 from ...fileio import atomic_write, read_json
 from ...model.backbone import embed_dim, load_backbone
 from ...model.heads import CLIPClassifier, LinearHead, save_head
-from ...progress import ProgressBar
 from ...runs import (ADAPTER_DIR, EVAL_DIR, HEAD_FILE, MERGED_FILE, RESULTS_FILE, resumable, update_record,
                      write_results)
 from .metrics import MAIN_METRIC, majority_baseline
-from .model import ClassifyCollate, ClassifyModule, evaluate_classifier, head_outputs
-from .predict import load_run_classifier
+from .model import ClassifyCollate, ClassifyModule, evaluate_classifier
+from .predict import Predictor
 from .settings import ClassifySettings, scenario_data
 
 
 def _missing_counts(dataset: Any) -> dict[str, int]:
-    codes = torch.as_tensor(dataset.codes)
-    return {"complete": int((codes == 0).sum()), "text_missing": int((codes == 1).sum()),
-            "image_missing": int((codes == 2).sum())}
-
-
-def build_classifier(settings: ClassifySettings, seed: int, task: str, num_classes: int):
-    """Backbone (random weights drawn from ``seed`` when there are none), adapters, head."""
-    torch.manual_seed(seed)
-    backbone = load_backbone(settings.arch, settings.pretrained)
-    add_adapters(backbone.model, settings.adapter)
-    head = LinearHead(2 * embed_dim(backbone.model), head_outputs(task, num_classes))
-    return CLIPClassifier(backbone.model, head, settings.features), backbone.preprocess, backbone.tokenizer
+    """How many samples of each missing-modality code (0, 1, 2: ``data.missing.COMPLETE``, …) the dataset holds."""
+    return dict(zip(("complete", "text_missing", "image_missing"), np.bincount(dataset.codes, minlength=3).tolist()))
 
 
 def train_classifier(settings: ClassifySettings, train_config: TrainConfig, run_dir: str | os.PathLike,
@@ -77,10 +57,14 @@ def train_classifier(settings: ClassifySettings, train_config: TrainConfig, run_
     run_dir = Path(run_dir)
     scen = settings.scenarios
     probe = scenario_data(settings, "train", scen["train"], transform=None)
-    classifier, preprocess, tokenizer = build_classifier(settings, train_config.seed, probe.task, probe.num_classes)
-    train_set = scenario_data(settings, "train", scen["train"], preprocess)
-    val_set = scenario_data(settings, "val", scen["val"], preprocess)
-    collate = ClassifyCollate(tokenizer)
+    torch.manual_seed(train_config.seed)
+    backbone = load_backbone(settings.arch, settings.pretrained)
+    add_adapters(backbone.model, settings.adapter)
+    head = LinearHead(2 * embed_dim(backbone.model), 2 if probe.task == "binary" else probe.num_classes)
+    classifier = CLIPClassifier(backbone.model, head, settings.features)
+    train_set = scenario_data(settings, "train", scen["train"], backbone.preprocess)
+    val_set = scenario_data(settings, "val", scen["val"], backbone.preprocess)
+    collate = ClassifyCollate(backbone.tokenizer)
     module = ClassifyModule(classifier, probe.task, val_set, collate, settings.eval_batch_size)
     shares = trainable_share(classifier.clip, classifier.head)
     trainer = Trainer(module, train_config, run_dir, train_set, collate_fn=collate, console=console,
@@ -104,11 +88,10 @@ def train_classifier(settings: ClassifySettings, train_config: TrainConfig, run_
                   dataset=settings.dataset, scenarios=scen, classify=record)
 
     classifier.to(device)
-    test_set = scenario_data(settings, "test", scen["test"], preprocess)
-    with ProgressBar(None if quiet else console, f"test ({scen['test']})", "samples/s") as bar:
-        bar.start(len(test_set))
-        test = evaluate_classifier(classifier, probe.task, test_set, collate, device, settings.eval_batch_size,
-                                   trainer.num_workers, trainer.precision, bar.advance)
+    test_set = scenario_data(settings, "test", scen["test"], backbone.preprocess)
+    test = evaluate_classifier(classifier, probe.task, test_set, collate, device, settings.eval_batch_size,
+                               trainer.num_workers, trainer.precision, None if quiet else console,
+                               f"test ({scen['test']})")
     results = {
         **_test_result(settings, probe.task, test, "merged" if mergeable else "unmerged", arch=settings.arch,
                        pretrained=settings.pretrained, scenario=scen),
@@ -135,32 +118,24 @@ def _test_result(settings: ClassifySettings, task: str, metrics: dict[str, float
 
 
 def _labels(dataset: Any) -> torch.Tensor:
-    """All labels of a (wrapped) classification dataset, without decoding images."""
-    base = dataset.dataset if hasattr(dataset, "codes") else dataset
-    return torch.stack([base.label_tensor(i) for i in range(len(base))])
+    """All labels of a classification dataset, without decoding images."""
+    return torch.stack([dataset.label_tensor(i) for i in range(len(dataset))])
 
 
 def evaluate_run(run_dir: str | os.PathLike, test_missing: str | None = None, data_root: str | None = None,
                  split: str = "test", device: str = "auto", batch_size: int | None = None, num_workers: int | None = None,
                  console: Any = None) -> dict[str, Any]:
-    """Re-test a finished run (merged weights, or a prompt method's unmerged adapter, + head) under another
-    scenario; writes ``eval/…json``.
-
-    ``data_root`` replaces the run's data root (the default assignment store moves with it). A
-    progress bar is shown on ``console`` when it is a terminal.
-    """
-    dev = resolve_device(device)
-    trained = load_run_classifier(run_dir, dev)
-    settings = trained.settings
+    """Re-test a finished run (:class:`~.predict.Predictor`) under another scenario; writes ``eval/…json``.
+    ``data_root`` replaces the run's data root (the default assignment store moves with it)."""
+    trained = Predictor(run_dir, device)
+    settings, dev = trained.settings, trained.device
     if data_root is not None:
         settings = replace(settings, data_root=data_root)
     scenario = str(MissingSpec.parse(test_missing)) if test_missing else settings.scenarios["test"]
     dataset = scenario_data(settings, split, scenario, trained.preprocess)
-    with ProgressBar(console, f"{split} ({scenario})", "samples/s") as bar:
-        bar.start(len(dataset))
-        metrics = evaluate_classifier(trained.classifier, trained.task, dataset, ClassifyCollate(trained.tokenizer),
-                                      dev, batch_size or settings.eval_batch_size,
-                                      resolve_num_workers(num_workers, dev), resolve_precision("auto", dev), bar.advance)
+    metrics = evaluate_classifier(trained.classifier, trained.task, dataset, ClassifyCollate(trained.tokenizer), dev,
+                                  batch_size or settings.eval_batch_size, resolve_num_workers(num_workers, dev),
+                                  resolve_precision("auto", dev), console, f"{split} ({scenario})")
     result = {**_test_result(settings, trained.task, metrics, trained.evaluated_on, split=split,
                              scenario={"train": settings.scenarios["train"], "test": scenario}),
               "samples": len(dataset), "missing_counts": _missing_counts(dataset)}
@@ -199,27 +174,25 @@ def run_grid(settings: ClassifySettings, train_config: TrainConfig, out_dir: str
     rows = []
     for folder, base in plan:
         name = base.adapter.method
-        for kind in types:
-            for ratio in ratios:
-                scenario = f"{kind}:{ratio:g}"
-                cell = folder / f"{kind}-{ratio:g}"
-                done = cell / RESULTS_FILE
-                if done.is_file():
-                    result = read_json(done, "results file", error=TrainingError)
-                    if result.get("method") != name:
-                        raise TrainingError(f"{done}: the cell holds a {result.get('method')!r} run, not {name!r} "
-                                            f"(another grid's folder?); pick another --run-dir")
-                else:
-                    if console is not None and not quiet:
-                        console.rule(f"{base.dataset} · {name}: train = test = {scenario}")
-                    cell_settings = replace(base, missing=scenario, val_missing=None, test_missing=scenario)
-                    result = train_classifier(cell_settings, train_config, cell, resume=resume,
-                                              console=console, quiet=quiet)
-                    if result is None:  # a non-zero rank under torchrun
-                        continue
-                rows.append({"dataset": base.dataset, "method": name, "missing_type": kind,
-                             "ratio": ratio, "metric": result["metric"], "value": result["test_metric"],
-                             "run_dir": str(cell)})
+        for kind, ratio in itertools.product(types, ratios):
+            scenario = f"{kind}:{ratio:g}"
+            cell = folder / f"{kind}-{ratio:g}"
+            done = cell / RESULTS_FILE
+            if done.is_file():
+                result = read_json(done, "results file", error=TrainingError)
+                if result.get("method") != name:
+                    raise TrainingError(f"{done}: the cell holds a {result.get('method')!r} run, not {name!r} "
+                                        f"(another grid's folder?); pick another --run-dir")
+            else:
+                if console is not None and not quiet:
+                    console.rule(f"{base.dataset} · {name}: train = test = {scenario}")
+                cell_settings = replace(base, missing=scenario, val_missing=None, test_missing=scenario)
+                result = train_classifier(cell_settings, train_config, cell, resume=resume, console=console,
+                                          quiet=quiet)
+                if result is None:  # a non-zero rank under torchrun
+                    continue
+            rows.append({"dataset": base.dataset, "method": name, "missing_type": kind, "ratio": ratio,
+                         "metric": result["metric"], "value": result["test_metric"], "run_dir": str(cell)})
     if rows:
         write_grid_tables(rows, out_dir)
     return rows
@@ -235,12 +208,10 @@ def write_grid_tables(rows: list[dict[str, Any]], out_dir: Path) -> tuple[Path, 
     One method: missing types × ratios. Several (the paper's Table 1 shape): one column per
     method, one row per (ratio, missing type), and each ratio's average over its types.
     """
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
     with atomic_write(out_dir / "grid.csv", "w") as handle:
-        handle.write(buf.getvalue())
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
     ratios = sorted({r["ratio"] for r in rows})
     types = list(dict.fromkeys(r["missing_type"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -263,8 +234,7 @@ def write_grid_tables(rows: list[dict[str, Any]], out_dir: Path) -> tuple[Path, 
                 means = []
                 for m in methods:
                     got = [value.get((m, kind, ratio)) for kind in types]
-                    ok = all(v is not None and not (isinstance(v, float) and math.isnan(v)) for v in got)
-                    means.append(_cell(sum(got) / len(got)) if ok else "–")
+                    means.append(_cell(None if None in got else sum(got) / len(got)))  # a NaN cell: NaN, "–"
                 lines.append(f"| {100 * ratio:g}% | average | " + " | ".join(means) + " |")
     with atomic_write(out_dir / "grid.md", "w") as handle:
         handle.write("\n".join(lines) + "\n")

@@ -1,30 +1,22 @@
 """Settings of a classification run: per-dataset defaults, the settings layers, data under a scenario.
 
-Defaults (docs/protocols.md §1, the paper's released configuration):
-
-============== ======== ====== ======= ====== ===== ===== ===== ======
-dataset        r, r_s   α      targets layers lr    wd    batch epochs
-============== ======== ====== ======= ====== ===== ===== ===== ======
-food101        4, 4     0.01   q, v    2      1e-2  0.02  256   20
-mmimdb         4, 4     0.001  q, k    2      1e-2  0.02  256   20
-hateful_memes  8, 8     0.1    k, v    2      1e-2  0.1   16    5
-============== ======== ====== ======= ====== ===== ===== ===== ======
-
-α is MoRA's strength and applies to MoRA and its ablations; LoRA/DoRA keep their own default
-(α = r, i.e. scale 1) unless ``alpha`` is given. The backbone defaults to ViT-B-16 with the
-``openai`` weights, as in the paper.
+Defaults: :data:`DATASET_DEFAULTS` (docs/protocols.md §1, the paper's released configuration). α is
+MoRA's strength and applies to MoRA and its ablations; LoRA/DoRA keep their own default (α = r, i.e.
+scale 1) unless ``alpha`` is given. The backbone defaults to ViT-B-16 with the ``openai`` weights.
 
 Scenarios: ``missing`` (training), ``val_missing`` (model selection; default = the training
 scenario, so the test scenario never influences which epoch is kept) and ``test_missing``
 (default = the training scenario). Assignments are drawn once and stored per (dataset, split,
 scenario, seed) in ``missing_store``: default ``<data-root>/missing_assignments``, or, when the
 data root is not writable, ``~/.cache/mora-retrieval/missing_assignments/<dataset>-<hash of the
-root>`` (decided when the data is first read: building settings writes nothing). ``missing_seed`` (default 0) is independent of the training seed, so runs with
-different training seeds see the same samples missing.
+root>`` (decided when the data is first read: building settings writes nothing). ``missing_seed``
+(default 0) is independent of the training seed, so runs with different training seeds see the
+same samples missing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import MISSING, dataclass, fields
@@ -41,69 +33,36 @@ from ...runs import CONFIG_FILE, FinishedRun
 from ..settings import SettingsRecord, layered, method_of, read_config_file
 
 
-@dataclass(frozen=True)
-class DatasetDefaults:
-    """One row of the defaults table."""
-
-    r: int
-    r_shared: int
-    alpha: float
-    targets: tuple[str, ...]
-    layers: int
-    lr: float
-    weight_decay: float
-    batch_size: int
-    epochs: int
-
-
+#: Per dataset: the adapter's and the optimiser's defaults.
 DATASET_DEFAULTS = {
-    "food101": DatasetDefaults(4, 4, 0.01, ("q", "v"), 2, 1e-2, 0.02, 256, 20),
-    "mmimdb": DatasetDefaults(4, 4, 0.001, ("q", "k"), 2, 1e-2, 0.02, 256, 20),
-    "hateful_memes": DatasetDefaults(8, 8, 0.1, ("k", "v"), 2, 1e-2, 0.1, 16, 5),
+    "food101": ({"r": 4, "r_shared": 4, "alpha": 0.01, "targets": ("q", "v"), "layers": 2},
+                {"lr": 1e-2, "weight_decay": 0.02, "batch_size": 256, "epochs": 20}),
+    "mmimdb": ({"r": 4, "r_shared": 4, "alpha": 0.001, "targets": ("q", "k"), "layers": 2},
+               {"lr": 1e-2, "weight_decay": 0.02, "batch_size": 256, "epochs": 20}),
+    "hateful_memes": ({"r": 8, "r_shared": 8, "alpha": 0.1, "targets": ("k", "v"), "layers": 2},
+                      {"lr": 1e-2, "weight_decay": 0.1, "batch_size": 16, "epochs": 5}),
 }
 
 
 def default_adapter_config(dataset: str, method: str = "mora", **overrides: Any) -> AdapterConfig:
-    """The dataset's adapter defaults for ``method``; ``None`` overrides are ignored."""
-    d = DATASET_DEFAULTS[canonical_name(dataset)]
-    values: dict[str, Any] = {"method": method, "r": d.r, "r_shared": d.r_shared, "targets": d.targets, "layers": d.layers,
-                              "alpha": None if get_method(method).default_alpha is None else d.alpha}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return AdapterConfig(**values)
+    """The dataset's adapter defaults for ``method`` (α only for the methods that have one), then ``overrides``."""
+    adapter = DATASET_DEFAULTS[canonical_name(dataset)][0]
+    alpha = None if get_method(method).default_alpha is None else adapter["alpha"]
+    return AdapterConfig(**{**adapter, "method": method, "alpha": alpha, **overrides})
 
 
 def default_train_config(dataset: str, **overrides: Any) -> TrainConfig:
-    """The dataset's optimiser defaults as a :class:`TrainConfig`; ``None`` overrides are ignored."""
-    d = DATASET_DEFAULTS[canonical_name(dataset)]
-    values: dict[str, Any] = {"epochs": d.epochs, "batch_size": d.batch_size, "lr": d.lr,
-                              "weight_decay": d.weight_decay}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainConfig(**values)
-
-
-def default_missing_store(data_root: str | os.PathLike, dataset: str) -> Path:
-    """``<data_root>/missing_assignments`` if writable (created), else a per-root folder in the user cache."""
-    root = Path(data_root).resolve()
-    store = root / "missing_assignments"
-    try:
-        store.mkdir(parents=True, exist_ok=True)
-        if os.access(store, os.W_OK):
-            return store
-    except OSError:
-        pass
-    digest = hashlib.sha256(str(root).encode()).hexdigest()[:12]
-    return Path.home() / ".cache" / "mora-retrieval" / "missing_assignments" / f"{dataset}-{digest}"
+    """The dataset's optimiser defaults as a :class:`TrainConfig`, then ``overrides``."""
+    return TrainConfig(**{**DATASET_DEFAULTS[canonical_name(dataset)][1], **overrides})
 
 
 @dataclass
 class ClassifySettings(SettingsRecord):
-    """Everything that defines a classification run besides the optimiser (``TrainConfig``).
-
-    ``adapter=None`` takes the dataset's defaults; ``missing_store=None`` the default store of
-    the data root, decided by :meth:`store` when the data is read.
-    """
+    """Everything that defines a classification run besides the optimiser (``TrainConfig``);
+    ``adapter=None`` takes the dataset's defaults, ``missing_store=None`` the default :meth:`store`."""
 
     NOT_RECORDED = ()
+    NESTED = {"adapter": AdapterConfig}
 
     dataset: str
     data_root: str
@@ -127,10 +86,9 @@ class ClassifySettings(SettingsRecord):
             self.pretrained = str(Path(self.pretrained).resolve())
         if self.pretrained in ("", "none"):
             self.pretrained = None
+        super().__post_init__()
         if self.adapter is None:
             self.adapter = default_adapter_config(self.dataset)
-        elif isinstance(self.adapter, dict):
-            self.adapter = AdapterConfig.from_dict(self.adapter)
         for spec in (self.missing, self.val_missing, self.test_missing):
             if spec is not None:
                 MissingSpec.parse(spec)  # validates
@@ -138,13 +96,6 @@ class ClassifySettings(SettingsRecord):
             raise TrainingError(f"--missing-image must be ones or white, got {self.missing_image!r}")
         if self.features not in FEATURE_MODES:
             raise TrainingError(f"features must be normalized or raw, got {self.features!r}")
-
-    @classmethod
-    def defaults(cls, dataset: str, method: str = "mora") -> dict[str, Any]:
-        """The settings of a run on ``dataset`` before any layer, as a dict (``data_root`` unset)."""
-        values = {f.name: f.default for f in fields(cls) if f.default is not MISSING}
-        return {**values, "dataset": canonical_name(dataset), "data_root": None,
-                "adapter": default_adapter_config(dataset, method).to_dict()}
 
     @property
     def scenarios(self) -> dict[str, str]:
@@ -155,10 +106,17 @@ class ClassifySettings(SettingsRecord):
         return {"train": train, "val": val, "test": test}
 
     def store(self) -> Path:
-        """The folder of the missing-modality assignments (the default one is created here)."""
+        """The folder of the missing-modality assignments (see the module docstring); the default one is created."""
         if self.missing_store is not None:
             return Path(self.missing_store)
-        return default_missing_store(self.data_root, self.dataset)
+        root = Path(self.data_root).resolve()
+        store = root / "missing_assignments"
+        with contextlib.suppress(OSError):
+            store.mkdir(parents=True, exist_ok=True)
+            if os.access(store, os.W_OK):
+                return store
+        digest = hashlib.sha256(str(root).encode()).hexdigest()[:12]
+        return Path.home() / ".cache" / "mora-retrieval" / "missing_assignments" / f"{self.dataset}-{digest}"
 
     def training_record(self) -> dict[str, Any]:
         """What the engine stores as ``extra`` and checks on resume: the settings that change training."""
@@ -173,16 +131,15 @@ class ClassifySettings(SettingsRecord):
 
 def build_settings(dataset: str | None, data_root: str | None, config_file: str | os.PathLike | None = None,
                    overrides: dict[str, Any] | None = None) -> tuple[ClassifySettings, TrainConfig]:
-    """The dataset's defaults ← the config file ← command-line ``overrides`` (nested, None = unset).
-
-    Keys are those of :meth:`ClassifySettings.to_dict` plus ``train`` (a :class:`TrainConfig`);
-    the dataset and the data root come from the arguments, else from the config file.
-    """
+    """The settings layers (:mod:`..settings`) over the dataset's defaults: the keys of :meth:`ClassifySettings.to_dict`
+    and ``train``. The dataset and the data root come from the arguments, else from the config file."""
     config = read_config_file(config_file)
     dataset = dataset or config.get("dataset")
     if dataset is None:
         raise TrainingError("give the dataset (e.g. mora-ret classify food101 --data-root DIR)")
-    base = {**ClassifySettings.defaults(dataset, method_of(config, overrides)),
+    fixed = {f.name: f.default for f in fields(ClassifySettings) if f.default is not MISSING}
+    base = {**fixed, "dataset": canonical_name(dataset), "data_root": None,  # the defaults before any layer
+            "adapter": default_adapter_config(dataset, method_of(config, overrides)).to_dict(),
             "train": default_train_config(dataset).to_dict()}
     merged = layered(base, config, {**(overrides or {}), "dataset": dataset, "data_root": data_root},
                      str(config_file))

@@ -37,6 +37,7 @@ import torch
 from scipy.stats import hypergeom
 
 from .analysis import AnalyzeConfig, analyze_run
+from .analysis.section import analysis_section
 from .data.shapes import PARTS, generate_shapes_world, read_world_manifest
 from .engine import TrainConfig
 from .engine.checkpoint import curves_path
@@ -229,7 +230,8 @@ def run_demo(settings: DemoSettings, console=None, quiet: bool = False) -> dict[
     data["analysis"] = str(analysis.files["json"])
     write_json(out / RESULTS_FILE, data)
     note = chance_note(data["not_above_chance"])
-    report = _write_report(out / "report.html", data, note, cir, classify, checkpoint, hits, analysis.section())
+    report = _write_report(out / "report.html", data, note, cir, classify, checkpoint, hits,
+                           analysis_section(analysis.data, analysis.out_dir))
     return {"json": data, "chance_note": note, "report": str(report),
             "serve_command": f"mora-ret serve --index {mora_index['index']}"}
 

@@ -5,13 +5,10 @@ embedding ``μ_t(c)`` of its samples; the category's distance is ``‖μ_v(c) �
 angle ``∠(μ_v(c), μ_t(c))`` in degrees. Both are averaged over categories (unweighted, as in the
 paper). A multilabel sample counts towards every category it carries.
 
-Raw or normalised embeddings. The toolkit reports both; the primary figures are on the **raw**
-embeddings (``encode_image``/``encode_text`` outputs, not L2-normalised), because the paper's
-adapted rows (FFT 22.61, MoRA 9.99) exceed 2, the largest distance two unit vectors can have, so
-they cannot come from normalised features. The paper's original-CLIP row (1.18 at 72.44°) equals
-``√(2 − 2 cos 72.44°)``, the distance between unit vectors at that angle, so that row looks
-normalised; the ``normalized`` variant (each embedding L2-normalised before the means) is there
-to compare with it. The angle hardly depends on the choice (normalising only reweights the means).
+The primary figures are on the **raw** embeddings (``encode_image``/``encode_text`` outputs): the
+paper's adapted rows exceed 2, the largest distance of two unit vectors. ``normalize=True`` (each
+embedding L2-normalised before the means) compares with its original-CLIP row, which looks
+normalised (README, "The embedding analysis").
 """
 
 from __future__ import annotations
@@ -54,10 +51,7 @@ def category_members(labels: Any, num_categories: int | None = None) -> torch.Te
 
 
 def inter_modal_distance(image: Any, text: Any, labels: Any, normalize: bool = False) -> InterModalDistance:
-    """Table 2's measure for paired ``image``/``text`` embeddings ``[N, D]`` with category ``labels``.
-
-    ``normalize=True`` L2-normalises every embedding before the category means.
-    """
+    """Table 2's measure for paired ``image``/``text`` embeddings ``[N, D]`` with category ``labels``."""
     img, txt = as_matrix(image, "image embeddings"), as_matrix(text, "text embeddings")
     if img.shape != txt.shape:
         raise ValueError(f"image {tuple(img.shape)} and text {tuple(txt.shape)} embeddings must be paired")

@@ -77,8 +77,7 @@ class _ImageFiles(ImageDataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
-        image = self._image(self.paths[index])
-        return None if image is None else {"image": image, "index": index}
+        return self._item(self.paths[index], index=index)
 
 
 @dataclass

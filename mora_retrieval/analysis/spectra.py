@@ -19,37 +19,17 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from ..adapters.inject import QKV, towers
-from ..adapters.io import CONFIG_FILE as ADAPTER_CONFIG_FILE, WEIGHTS_FILE as ADAPTER_WEIGHTS_FILE, read_adapter_config
+from ..adapters.io import WEIGHTS_FILE as ADAPTER_WEIGHTS_FILE
 from ..errors import AdapterError
 from ..fileio import load_tensors
 from .vectors import as_matrix
 
 _SHARED_NAME = re.compile(r"^shared\.(?P<slot>[^.]+)\.(?P<tower>vision|text)$")
-
-
-@dataclass(frozen=True)
-class AdapterLayout:
-    """What the spectra need from ``adapter_config.json``: method, adapted projections, slot → blocks."""
-
-    method: str
-    targets: tuple[str, ...]
-    slot_blocks: list[tuple[int | None, int | None]]
-
-
-def read_adapter_layout(adapter_dir: str | Path) -> AdapterLayout:
-    """Method, targets and the ``[vision block, text block]`` of every slot from ``adapter_config.json``."""
-    meta = read_adapter_config(adapter_dir)  # the toolkit's adapter format, else one line
-    adapter = meta["adapter"]
-    if not isinstance(adapter, dict) or "method" not in adapter:
-        raise AdapterError(f"{Path(adapter_dir) / ADAPTER_CONFIG_FILE}: not a mora-retrieval adapter config "
-                           "(no adapter method)")
-    slots = [(pair[0], pair[1]) for pair in meta.get("slots") or []]
-    return AdapterLayout(str(adapter["method"]), tuple(adapter.get("targets") or ()), slots)
 
 
 def read_shared_factors(adapter_dir: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -106,20 +86,19 @@ class SlotSpectra:
     pretrained: dict[str, list[float]]
 
 
-def slot_spectra(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], original_model: Any,
-                 layout: AdapterLayout) -> list[SlotSpectra]:
-    """Spectra of every slot: Grams from ``factors``, pretrained weights from ``original_model``."""
-    out = []
+def slot_spectra(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], original_model: Any, targets: Sequence[str],
+                 slot_blocks: Sequence[Sequence[int | None]]) -> list[SlotSpectra]:
+    """Spectra of every slot: Grams from ``factors``, the ``targets`` projections' pretrained weights from
+    ``original_model``; ``slot_blocks[i]`` is slot ``i``'s ``[vision block, text block]`` (``adapter_config.json``)."""
+    out, blocks = [], {str(i): pair for i, pair in enumerate(slot_blocks)}
     for slot, (s_vision, s_text) in factors.items():
-        index = int(slot) if slot.isdigit() else None
-        vision_block, text_block = (layout.slot_blocks[index] if index is not None and index < len(layout.slot_blocks)
-                                    else (None, None))
+        vision_block, text_block = blocks.get(slot, (None, None))
         top = int(s_vision.shape[0])
         pretrained: dict[str, list[float]] = {}
         for tower, block in (("visual", vision_block), ("text", text_block)):
             if block is None:
                 continue
-            for proj in layout.targets:
+            for proj in targets:
                 weight = projection_weight(original_model, tower, int(block), proj)
                 pretrained[f"{tower}.{proj}"] = singular_spectrum(weight, top).tolist()
         out.append(SlotSpectra(slot, vision_block, text_block, gram_spectrum(s_vision).tolist(),

@@ -10,7 +10,7 @@ import torch
 
 from mora_retrieval.analysis import (embedding_drift, gram_spectrum, inter_modal_distance, modality_gap,
                                      read_shared_factors, singular_spectrum)
-from mora_retrieval.analysis.intermodal import category_members
+from mora_retrieval.analysis.geometry import category_members
 from mora_retrieval.analysis.samples import PairedSamples, spread_indices
 from mora_retrieval.analysis.spectra import projection_weight, slot_spectra
 from mora_retrieval.analysis.tsne import default_perplexity, tsne_2d

@@ -1,13 +1,11 @@
 """Analysis of an adapted model's embedding space against its original backbone (paper §4.4–4.5, app. E).
 
-Pure measures over embeddings and weights (:mod:`.intermodal`, :mod:`.drift`, :mod:`.gap`,
-:mod:`.spectra`, :mod:`.tsne`), each tested against an independent numpy computation, and
+Pure measures over embeddings and weights (:mod:`.geometry`: inter-modal distance, drift, modality
+gap; :mod:`.spectra`, :mod:`.tsne`), each tested against an independent numpy computation, and
 :func:`analyze_run` (:mod:`.run`, behind ``mora-ret analyze``), which applies them to a finished run.
 """
 
-from .drift import Drift, embedding_drift
-from .gap import modality_gap
-from .intermodal import InterModalDistance, inter_modal_distance
+from .geometry import Drift, InterModalDistance, embedding_drift, inter_modal_distance, modality_gap
 from .run import AnalysisResult, AnalyzeConfig, analyze_run
 from .spectra import gram_spectrum, read_shared_factors, singular_spectrum
 

@@ -20,10 +20,8 @@ from ..errors import MoraError
 from ..fileio import check_can_create, write_json
 from ..model.backbone import weights_fingerprint
 from ..report import write_report
-from .drift import embedding_drift
 from .figures import ScatterPanel, plot_scatter_grid, plot_spectra
-from .gap import modality_gap
-from .intermodal import category_members, inter_modal_distance
+from .geometry import category_members, embedding_drift, inter_modal_distance, modality_gap
 from .runs import DEFAULT_SPLIT, image_transform, read_run, run_samples
 from .samples import Embeddings, PairedSamples, encode_samples, spread_indices
 from .section import analysis_section
@@ -67,14 +65,11 @@ class AnalysisResult:
 
 
 def geometry(samples: PairedSamples, embeddings: dict[str, Embeddings]) -> dict[str, Any]:
-    """Inter-modal distance (when the samples have categories), modality gap and drift.
-
-    ``embeddings`` has an ``"original"`` and an ``"adapted"`` entry aligned with ``samples``.
-    """
+    """Inter-modal distance (with categories), modality gap and drift of ``embeddings`` (original, adapted)."""
     adapted, original = embeddings["adapted"], embeddings["original"]
     return {
         "inter_modal": None if samples.labels is None else {
-            m: {variant: asdict(inter_modal_distance(embeddings[m].paired_image(samples), embeddings[m].text,
+            m: {variant: asdict(inter_modal_distance(embeddings[m].image[samples.pair_image], embeddings[m].text,
                                                      samples.labels, normalize=variant == "normalized"))
                 for variant in ("raw", "normalized")}
             for m in MODELS},
@@ -167,10 +162,8 @@ def _spectra(info, original_model: Any, data: dict[str, Any]) -> list:
 
 def _tsne(samples: PairedSamples, embeddings: dict[str, Embeddings], seed: int, data: dict[str, Any],
           console: Any) -> list | None:
-    """The t-SNE panels (None with too few samples); fills ``data["tsne"]``.
-
-    Each tower coloured by class; without classes, the images and captions of each model together.
-    """
+    """The t-SNE panels, each tower coloured by class; without classes, the images and captions of each model
+    together. None with too few samples. Fills ``data["tsne"]``."""
     if len(samples) < MIN_POINTS:
         data["tsne"] = None
         data["notes"].append(f"No t-SNE: fewer than {MIN_POINTS} samples.")

@@ -87,10 +87,6 @@ class Embeddings:
     image: torch.Tensor
     text: torch.Tensor
 
-    def paired_image(self, samples: PairedSamples) -> torch.Tensor:
-        """The image embedding of every text, ``[N, D]``."""
-        return self.image[torch.as_tensor(samples.pair_image, dtype=torch.long)]
-
 
 def encode_samples(models: Mapping[str, Backbone], samples: PairedSamples, transform: Callable, batch_size: int = 64,
                    num_workers: int = 0, skip_bad_images: bool = False

@@ -27,7 +27,7 @@ from ..adapters.inject import QKV, towers
 from ..adapters.io import WEIGHTS_FILE as ADAPTER_WEIGHTS_FILE
 from ..errors import AdapterError
 from ..fileio import load_tensors
-from .vectors import as_matrix
+from .geometry import as_matrix
 
 _SHARED_NAME = re.compile(r"^shared\.(?P<slot>[^.]+)\.(?P<tower>vision|text)$")
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from sklearn.manifold import TSNE
 
-from .vectors import as_matrix, unit_rows
+from .geometry import as_matrix, unit_rows
 
 MIN_POINTS = 5
 

@@ -132,9 +132,7 @@ def _train_cir(settings: DemoSettings, world, checkpoint: Path, method: str, con
     cir.stage1 = replace(cir.stage1, epochs=settings.cir_epochs, **lr, **common)
     cir.stage2 = replace(cir.stage2, epochs=settings.combiner_epochs, lr=1e-3, **common)
     _log(console, f"{CIR_LABELS[method]} -> {run}")
-    results = train_cirr(cir, console=console, quiet=quiet)
-    results["run"] = str(run)
-    return results
+    return {**train_cirr(cir, console=console, quiet=quiet), "run": str(run)}
 
 
 #: The COCO-format evaluation: relevance rule and query modes (the text is missing in both).
@@ -161,9 +159,7 @@ def _classify(settings: DemoSettings, world, checkpoint: Path, console, quiet: b
     train = default_train_config("food101", epochs=settings.classify_epochs, batch_size=settings.classify_batch,
                                  seed=settings.seed, num_workers=settings.workers, log_every=10)
     _log(console, f"missing-modality classification (Food-101 format, both:0.7, MoRA) -> {run}")
-    results = train_classifier(spec, train, run, console=console, quiet=quiet)
-    results["run"] = str(run)
-    return results
+    return {**train_classifier(spec, train, run, console=console, quiet=quiet), "run": str(run)}
 
 
 def run_demo(settings: DemoSettings, console=None, quiet: bool = False) -> dict[str, Any]:

@@ -57,10 +57,8 @@ class PairedSamples:
 
 
 def spread_indices(total: int, limit: int | None) -> np.ndarray:
-    """``limit`` indices evenly spread over ``range(total)`` (all of them when ``limit`` is None or larger).
-
-    Deterministic, and it covers datasets stored class by class.
-    """
+    """``limit`` indices evenly spread over ``range(total)`` (all when ``limit`` is None or larger): deterministic,
+    and it covers datasets stored class by class."""
     if limit is None or limit >= total:
         return np.arange(total)
     return np.unique(np.linspace(0, total - 1, num=limit).round().astype(np.int64))
@@ -112,7 +110,6 @@ def encode_samples(models: Mapping[str, Backbone], samples: PairedSamples, trans
     used = sorted({samples.pair_image[i] for i in pairs})  # the image order of samples.select(pairs)
     rows = torch.tensor([row_of[image] for image in used], dtype=torch.long)
     samples = samples.select(pairs)
-    with torch.no_grad():
-        texts = {name: encode_texts(m.model, m.tokenizer, samples.texts, device, precision).cpu()
-                 for name, m in models.items()}
+    texts = {name: encode_texts(m.model, m.tokenizer, samples.texts, device, precision).cpu()
+             for name, m in models.items()}
     return samples, {name: Embeddings(image=out[name][rows], text=texts[name]) for name in models}

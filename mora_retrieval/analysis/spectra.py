@@ -5,13 +5,10 @@ Gram matrices ``G_v = S_v S_vᵀ`` and ``G_t = S_t S_tᵀ`` (``r_s × r_s``). Th
 in descending order, are normalised to sum to 1. Beside them: the singular values of the
 **pretrained** (original, unadapted) weight ``W0`` of each adapted projection of that slot's vision
 and text blocks (``q``, ``k``, ``v`` rows of ``in_proj_weight``, ``out`` = ``out_proj.weight``),
-normalised by the sum of *all* ``d`` singular values, of which the top ``r_s`` are kept. Each
-spectrum is thus a share of its own total, so an even Gram spectrum (about ``1/r_s`` each) beside
-small pretrained shares shows how much more compactly the Gram matrices hold their information.
-
-Only methods with a shared part (MoRA and its ablations) have spectra. The factors are read from
-the adapter folder's ``adapter.safetensors`` under their public names ``shared.{slot}.vision`` and
-``shared.{slot}.text``, so the analysis does not depend on how adapters are built in memory.
+normalised by the sum of *all* ``d`` singular values, of which the top ``r_s`` are kept: each
+spectrum is a share of its own total. Only methods with a shared part (MoRA and its ablations) have
+spectra; the factors are read from ``adapter.safetensors`` under their public names
+``shared.{slot}.vision`` and ``shared.{slot}.text``, independent of how adapters are built in memory.
 """
 
 from __future__ import annotations

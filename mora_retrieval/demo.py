@@ -218,8 +218,6 @@ def cir_verdict(cir: dict[str, dict], full_lr: float) -> str:
     parts = []
     for other, name in (("lora", "LoRA (same rank, same budget)"), ("full", f"full fine-tuning (lr {full_lr:g})")):
         for key, how in (("val_stage1", "summed features"), ("val_combiner", "Combiner")):
-            if key not in cir["mora"] or key not in cir[other]:
-                continue
             mine, theirs = cir["mora"][key]["avg"], cir[other][key]["avg"]
             word = "higher than" if mine > theirs else ("lower than" if mine < theirs else "equal to")
             parts.append(f"{how}: MoRA {mine:.2f} is {word} {name} {theirs:.2f}")

@@ -19,7 +19,6 @@ MIN_POINTS = 5
 
 
 def default_perplexity(points: int) -> float:
-    """``min(30, (points − 1) / 3)``, at least 1."""
     return float(max(1.0, min(30.0, (points - 1) / 3.0)))
 
 

@@ -24,10 +24,8 @@ from ..model.encode import collect, encode_image_batch, encode_texts, ordered_lo
 
 @dataclass
 class PairedSamples:
-    """Distinct images, texts, the image of each text, and optional per-text labels.
-
-    ``labels``: class indices ``[N]`` or multi-hot ``[N, C]`` (``None`` when the data has no classes).
-    """
+    """Distinct images, texts, the image of each text, and per-text labels: class indices ``[N]`` or multi-hot
+    ``[N, C]`` (``None`` when the data has no classes)."""
 
     image_paths: list[Path]
     texts: list[str]
@@ -89,11 +87,8 @@ class Embeddings:
 def encode_samples(models: Mapping[str, Backbone], samples: PairedSamples, transform: Callable, batch_size: int = 64,
                    num_workers: int = 0, skip_bad_images: bool = False
                    ) -> tuple[PairedSamples, dict[str, Embeddings]]:
-    """Embed every image and text with each model (eval mode, all on one device); raw features.
-
-    Returns the samples that survived (pairs whose image was a skipped bad image are dropped) and
-    ``{name: Embeddings}`` aligned with them.
-    """
+    """Embed every image and text with each model (eval mode, all on one device); raw features. Returns the
+    samples that survived (pairs whose image was a skipped bad image are dropped) and ``{name: Embeddings}``."""
     device = next(next(iter(models.values())).model.parameters()).device
     precision = resolve_precision("auto", device)
 

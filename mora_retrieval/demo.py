@@ -44,6 +44,7 @@ from .retrieval.items import coco_items
 from .retrieval.search import search
 from .runs import PRETRAIN_DIR, PRETRAINED_FILE as CHECKPOINT, RESULTS_FILE, STAGE1_DIR, STAGE2_DIR
 from .tasks.cir import CIRSettings, train_cirr
+from .tasks.cir.metrics import RECALL_KS, SUBSET_KS
 from .tasks.classify import ClassifySettings, train_classifier
 from .tasks.classify.settings import default_adapter_config, default_train_config
 from .tasks.pretrain import PretrainSettings, is_pretrained, pretrain
@@ -238,8 +239,8 @@ def chance_note(below: list[str]) -> str:
 
 def _results(settings, gallery_size: int, cir, retrieval, classify, query: dict, timings: dict) -> dict[str, Any]:
     """The content of ``results.json``: every table with its chance levels, the verdicts and the search."""
-    cirr_chance = {f"recall@{k}": 100.0 * min(k, gallery_size - 1) / (gallery_size - 1) for k in (1, 5, 10, 50)}
-    cirr_chance.update({f"recall_subset@{k}": 100.0 * k / 5 for k in (1, 2, 3)})
+    cirr_chance = {f"recall@{k}": 100.0 * min(k, gallery_size - 1) / (gallery_size - 1) for k in RECALL_KS}
+    cirr_chance.update({f"recall_subset@{k}": 100.0 * k / 5 for k in SUBSET_KS})
     cirr_chance["avg"] = (cirr_chance["recall@5"] + cirr_chance["recall_subset@1"]) / 2
     cirr_rows = {f"{label}, {stage}": cir[method][key] for method, label in CIR_LABELS.items()
                  for stage, key in (("summed features", "val_stage1"), ("Combiner", "val_combiner"))}

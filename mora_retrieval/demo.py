@@ -30,7 +30,7 @@ from scipy.stats import hypergeom
 
 from .analysis import AnalyzeConfig, analyze_run
 from .analysis.section import analysis_section
-from .data.shapes import PARTS, generate_shapes_world, read_world_manifest
+from .data.shapes import MANIFEST, PARTS, generate_shapes_world, read_world_manifest
 from .engine import TrainConfig
 from .engine.checkpoint import curves_path
 from .fileio import read_json, write_json
@@ -98,7 +98,7 @@ def coco_chance(folder: Any, rule: Any, ks=(1, 5, 10)) -> dict[str, float]:
 
 def _world(settings: DemoSettings, console) -> dict[str, Path]:
     root = Path(settings.out) / "world"
-    if (root / "shapes_world.json").is_file():
+    if (root / MANIFEST).is_file():
         manifest = read_world_manifest(root)
         if manifest.get("size") == settings.world and manifest.get("seed") == settings.seed:
             _log(console, f"[dim]shapes world: reusing {root}[/]")

@@ -1,8 +1,6 @@
 """mora-retrieval: composed image retrieval and missing-modality recognition with MoRA.
 
-The package imports nothing heavy at import time; use the submodules:
-``mora_retrieval.model``, ``mora_retrieval.adapters``, ``mora_retrieval.data``,
-``mora_retrieval.engine``, ``mora_retrieval.tasks``, ``mora_retrieval.retrieval``.
+Importing the package is light (no third-party imports); the toolkit is in its submodules.
 """
 
 __version__ = "0.1.0"

@@ -1,26 +1,17 @@
 """The embedded default: the whole pipeline on the generated shapes world, no download needed.
 
-``run_demo`` (``mora-ret demo``):
-
-1. writes the shapes world (all five published layouts) unless the same one is there;
-2. pretrains a small CLIP on its COCO-format captions, from scratch, with the ordinary
-   contrastive objective (``mora-ret pretrain``), cached: a second run reuses it;
-3. trains CLIP4CIR with three encoder updates on the CIRR-format part, under the same budget
-   (epochs, batch, Combiner): MoRA, LoRA (same rank and targets, the recipe's lr) and ``full``
-   fine-tuning at ``full_lr`` (CLIP4CIR's published 2e-6 barely moves a model pretrained from
-   scratch on this world in a few epochs, so it would not be a baseline), then merges;
-4. builds a FAISS index of the COCO-format val images for the pretrained model and the CIR
-   models, and evaluates image-to-image Recall@1/5/10 (text missing) and the CIRR metrics;
-5. trains and tests a missing-modality classifier (MoRA, Food-101 format, ``both:0.7``) and
-   analyses its embedding space against the pretrained model (``mora-ret analyze``);
-6. runs one composed search (a CIRR val reference + its caption) against the MoRA index;
-7. prints a results table and writes ``report.html`` with the tables, chance levels, training
-   curves and the search gallery.
+``run_demo`` (``mora-ret demo``) writes the shapes world (unless the same one is there), pretrains a
+small CLIP on its COCO-format captions from scratch (cached), trains CLIP4CIR on the CIRR-format part
+with MoRA, LoRA (same rank and targets) and ``full`` fine-tuning under one budget (CIRR val metrics), indexes and
+evaluates the COCO-format val images (image-to-image, text missing) for the pretrained and the CIR
+models, trains a missing-modality classifier (MoRA, Food-101 format, ``both:0.7``) and analyses it
+(``mora-ret analyze``), runs one composed search, and writes ``results.json`` and ``report.html``.
+``full`` trains at ``full_lr``: CLIP4CIR's published 2e-6 barely moves a model pretrained from scratch
+on this world in a few epochs, so it would not be a baseline.
 
 Every figure comes from the run. Chance levels: CIRR Recall@K = min(K, gallery − 1) / (gallery − 1),
-Recall_subset@K = K / 5; COCO Recall@K = the exact probability that a random ranking puts a
-relevant image in the top K, averaged over the evaluated queries; classification = the
-majority-class baseline on the test set.
+Recall_subset@K = K / 5; COCO Recall@K: :func:`coco_chance`; classification: the majority-class
+baseline on the test set.
 """
 
 from __future__ import annotations
@@ -29,6 +20,7 @@ import math
 import shutil
 import time
 from dataclasses import dataclass, replace
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +29,8 @@ import torch
 from scipy.stats import hypergeom
 
 from .analysis import AnalyzeConfig, analyze_run
-from .data.shapes import PARTS, generate_shapes_world, read_world_manifest
+from .analysis.section import analysis_section
+from .data.shapes import MANIFEST, PARTS, generate_shapes_world, read_world_manifest
 from .engine import TrainConfig
 from .engine.checkpoint import CURVES_FILE
 from .fileio import read_json, write_json
@@ -51,6 +44,7 @@ from .retrieval.items import coco_items
 from .retrieval.search import search
 from .runs import PRETRAIN_DIR, PRETRAINED_FILE as CHECKPOINT, RESULTS_FILE, STAGE1_DIR, STAGE2_DIR
 from .tasks.cir import CIRSettings, train_cirr
+from .tasks.cir.metrics import RECALL_KS, SUBSET_KS
 from .tasks.classify import ClassifySettings, train_classifier
 from .tasks.classify.settings import default_adapter_config, default_train_config
 from .tasks.pretrain import PretrainSettings, is_pretrained, pretrain
@@ -88,22 +82,10 @@ def _log(console, message: str) -> None:
         console.print(message)
 
 
-class _Clock:
-    """Seconds of each step, from the end of the one before."""
-
-    def __init__(self) -> None:
-        self.steps: dict[str, float] = {}
-        self._last = time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.steps[name], self._last = now - self._last, now
-
-
 def coco_chance(folder: Any, rule: Any, ks=(1, 5, 10)) -> dict[str, float]:
-    """Expected Recall@K (percent) of a random ranking under the protocol of docs/protocols.md §5: a query with
-    m relevant images among the n - 1 others misses all of them in K random draws with the hypergeometric
-    probability C(n - 1 - m, K) / C(n - 1, K)."""
+    """Expected Recall@K (percent) of a random ranking (docs/protocols.md §5), averaged over the queries with a
+    relevant image: a query with m relevant images among the n - 1 others misses all of them in K random draws
+    with the hypergeometric probability C(n - 1 - m, K) / C(n - 1, K)."""
     table = CategoryTable.from_items(folder.items)
     rel = table.relevance(np.arange(folder.count), rule)
     np.fill_diagonal(rel, False)
@@ -116,7 +98,7 @@ def coco_chance(folder: Any, rule: Any, ks=(1, 5, 10)) -> dict[str, float]:
 
 def _world(settings: DemoSettings, console) -> dict[str, Path]:
     root = Path(settings.out) / "world"
-    if (root / "shapes_world.json").is_file():
+    if (root / MANIFEST).is_file():
         manifest = read_world_manifest(root)
         if manifest.get("size") == settings.world and manifest.get("seed") == settings.seed:
             _log(console, f"[dim]shapes world: reusing {root}[/]")
@@ -151,9 +133,7 @@ def _train_cir(settings: DemoSettings, world, checkpoint: Path, method: str, con
     cir.stage1 = replace(cir.stage1, epochs=settings.cir_epochs, **lr, **common)
     cir.stage2 = replace(cir.stage2, epochs=settings.combiner_epochs, lr=1e-3, **common)
     _log(console, f"{CIR_LABELS[method]} -> {run}")
-    results = train_cirr(cir, console=console, quiet=quiet)
-    results["run"] = str(run)
-    return results
+    return {**train_cirr(cir, console=console, quiet=quiet), "run": str(run)}
 
 
 #: The COCO-format evaluation: relevance rule and query modes (the text is missing in both).
@@ -180,15 +160,7 @@ def _classify(settings: DemoSettings, world, checkpoint: Path, console, quiet: b
     train = default_train_config("food101", epochs=settings.classify_epochs, batch_size=settings.classify_batch,
                                  seed=settings.seed, num_workers=settings.workers, log_every=10)
     _log(console, f"missing-modality classification (Food-101 format, both:0.7, MoRA) -> {run}")
-    results = train_classifier(spec, train, run, console=console, quiet=quiet)
-    results["run"] = str(run)
-    return results
-
-
-def _analyze(settings: DemoSettings, classify: dict, console, quiet: bool):
-    _log(console, f"embedding analysis of the classification run (up to {settings.analysis_samples} test samples)")
-    config = AnalyzeConfig(max_samples=settings.analysis_samples, num_workers=settings.workers)
-    return analyze_run(classify["run"], config=config, console=None if quiet else console)
+    return {**train_classifier(spec, train, run, console=console, quiet=quiet), "run": str(run)}
 
 
 def run_demo(settings: DemoSettings, console=None, quiet: bool = False) -> dict[str, Any]:
@@ -196,40 +168,44 @@ def run_demo(settings: DemoSettings, console=None, quiet: bool = False) -> dict[
     "chance_note", "report": its path, "serve_command"}``."""
     torch.manual_seed(settings.seed)
     out = Path(settings.out)
-    clock = _Clock()
+    ends = {"start": time.perf_counter()}  # when each step ended
     world = _world(settings, console)
-    clock.lap("world")
+    ends["world"] = time.perf_counter()
     for stale in ("runs", "indexes"):
         if (out / stale).exists():
             shutil.rmtree(out / stale)
     checkpoint = _pretrain(settings, world, console, quiet)
-    clock.lap("pretrain")
+    ends["pretrain"] = time.perf_counter()
     cir = {method: _train_cir(settings, world, checkpoint, method, console, quiet) for method in CIR_LABELS}
-    clock.lap("cir")
+    ends["cir"] = time.perf_counter()
     retrieval = {"pretrained (no CIR training)": _index_and_eval("pretrained", world, {"pretrained": str(checkpoint)},
                                                                  settings)}
     for method, label in CIR_LABELS.items():
         retrieval[label] = _index_and_eval(f"cir-{method}", world, {"run": cir[method]["run"]}, settings)
-    clock.lap("index+eval")
+    ends["index+eval"] = time.perf_counter()
     classify = _classify(settings, world, checkpoint, console, quiet)
-    clock.lap("classify")
-    analysis = _analyze(settings, classify, console, quiet)
-    clock.lap("analysis")
+    ends["classify"] = time.perf_counter()
+    _log(console, f"embedding analysis of the classification run (up to {settings.analysis_samples} test samples)")
+    config = AnalyzeConfig(max_samples=settings.analysis_samples, num_workers=settings.workers)
+    analysis = analyze_run(classify["run"], config=config, console=None if quiet else console)
+    ends["analysis"] = time.perf_counter()
 
     val = read_json(world["cirr"] / "image_splits" / "split.rc2.val.json", "CIRR split")
     first = read_json(world["cirr"] / "captions" / "cap.rc2.val.json", "CIRR captions")[0]
     query_image = world["cirr"] / val[first["reference"]]
     mora_index = retrieval["CLIP4CIR + MoRA"]
     hits = search(mora_index["folder"], mora_index["encoder"], image=query_image, text=first["caption"], k=8)
-    clock.lap("search")
+    ends["search"] = time.perf_counter()
     query = {"image": str(query_image), "text": first["caption"],
              "hits": [{"rank": h.rank, "score": h.score, "path": h.item.path} for h in hits]}
 
-    data = _results(settings, len(val), cir, retrieval, classify, query, clock)
+    timings = {step: end - start for (_, start), (step, end) in pairwise(ends.items())}
+    data = _results(settings, len(val), cir, retrieval, classify, query, timings)
     data["analysis"] = str(analysis.files["json"])
     write_json(out / RESULTS_FILE, data)
     note = chance_note(data["not_above_chance"])
-    report = _write_report(out / "report.html", data, note, cir, classify, checkpoint, hits, analysis.section())
+    report = _write_report(out / "report.html", data, note, cir, classify, checkpoint, hits,
+                           analysis_section(analysis.data, analysis.out_dir))
     return {"json": data, "chance_note": note, "report": str(report),
             "serve_command": f"mora-ret serve --index {mora_index['index']}"}
 
@@ -243,8 +219,6 @@ def cir_verdict(cir: dict[str, dict], full_lr: float) -> str:
     parts = []
     for other, name in (("lora", "LoRA (same rank, same budget)"), ("full", f"full fine-tuning (lr {full_lr:g})")):
         for key, how in (("val_stage1", "summed features"), ("val_combiner", "Combiner")):
-            if key not in cir["mora"] or key not in cir[other]:
-                continue
             mine, theirs = cir["mora"][key]["avg"], cir[other][key]["avg"]
             word = "higher than" if mine > theirs else ("lower than" if mine < theirs else "equal to")
             parts.append(f"{how}: MoRA {mine:.2f} is {word} {name} {theirs:.2f}")
@@ -263,10 +237,10 @@ def chance_note(below: list[str]) -> str:
     return "Not above chance: " + "; ".join(below) + "."
 
 
-def _results(settings, gallery_size: int, cir, retrieval, classify, query: dict, clock) -> dict[str, Any]:
+def _results(settings, gallery_size: int, cir, retrieval, classify, query: dict, timings: dict) -> dict[str, Any]:
     """The content of ``results.json``: every table with its chance levels, the verdicts and the search."""
-    cirr_chance = {f"recall@{k}": 100.0 * min(k, gallery_size - 1) / (gallery_size - 1) for k in (1, 5, 10, 50)}
-    cirr_chance.update({f"recall_subset@{k}": 100.0 * k / 5 for k in (1, 2, 3)})
+    cirr_chance = {f"recall@{k}": 100.0 * min(k, gallery_size - 1) / (gallery_size - 1) for k in RECALL_KS}
+    cirr_chance.update({f"recall_subset@{k}": 100.0 * k / 5 for k in SUBSET_KS})
     cirr_chance["avg"] = (cirr_chance["recall@5"] + cirr_chance["recall_subset@1"]) / 2
     cirr_rows = {f"{label}, {stage}": cir[method][key] for method, label in CIR_LABELS.items()
                  for stage, key in (("summed features", "val_stage1"), ("Combiner", "val_combiner"))}
@@ -282,8 +256,8 @@ def _results(settings, gallery_size: int, cir, retrieval, classify, query: dict,
     coco_queries = any_index["coco"]["image"]
     return {
         "settings": settings.__dict__,
-        "timings_s": clock.steps,
-        "total_s": sum(clock.steps.values()),
+        "timings_s": timings,
+        "total_s": sum(timings.values()),
         "cirr_val": cirr_rows,
         "cirr_chance": cirr_chance,
         "coco_i2i": coco_rows,
@@ -311,14 +285,12 @@ def _write_report(path: Path, data: dict, chance_note_text: str, cir, classify, 
     cirr = Section("CIRR-format validation (composed image retrieval)",
                    notes=["Recall@K with the reference removed; Recall_subset@K within the 5 other members of the "
                           "query's image set; avg = (R@5 + Rs@1) / 2."])
-    cirr.metrics("CIRR val (percent)", ["recall@1", "recall@5", "recall@10", "recall@50", "recall_subset@1",
-                                        "recall_subset@2", "recall_subset@3", "avg"],
-                 {**data["cirr_val"], "chance": data["cirr_chance"]})
+    cirr.metrics("CIRR val (percent)", list(data["cirr_chance"]), {**data["cirr_val"], "chance": data["cirr_chance"]})
     coco = Section("COCO-format image-to-image retrieval (the text is missing)",
                    notes=[f"Relevance '{RELEVANCE}' (same category set); {data['coco_queries']['evaluated']} queries "
                           f"evaluated, {data['coco_queries']['without_relevant']} had no relevant image and were "
                           "left out. Mode 'image': image embedding; 'cir': composed query with an empty caption."])
-    coco.metrics("Recall@K (percent)", ["R@1", "R@5", "R@10"], {**data["coco_i2i"], "chance": data["coco_chance"]})
+    coco.metrics("Recall@K (percent)", list(data["coco_chance"]), {**data["coco_i2i"], "chance": data["coco_chance"]})
     result = data["classification"]
     cls = Section("Missing-modality classification (Food-101 format)",
                   notes=[f"Train/val/test scenarios: {result['scenario']}; metric {result['metric']} on the "

@@ -33,18 +33,14 @@ class Section:
     embedded_pages: list[str] = field(default_factory=list)
 
     def table(self, caption: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-        self.tables.append((caption, list(header), [[_cell(v) for v in row] for row in rows]))
+        """Floats are shown with two decimals."""
+        cells = [[f"{v:.2f}" if isinstance(v, float) else str(v) for v in row] for row in rows]
+        self.tables.append((caption, list(header), cells))
 
     def metrics(self, caption: str, columns: Sequence[str], results: Mapping[str, Mapping[str, float]]) -> None:
         """A table of named results: one row per model, one column per metric, ``-`` where one is absent."""
         rows = [[name, *(metrics.get(c, "-") for c in columns)] for name, metrics in results.items()]
         self.table(caption, ["model", *columns], rows)
-
-
-def _cell(value: object) -> str:
-    if isinstance(value, float):
-        return f"{value:.2f}"
-    return str(value)
 
 
 def _image(path: Path, caption: str) -> str:

@@ -10,10 +10,9 @@ import torch
 
 from mora_retrieval.analysis import (embedding_drift, gram_spectrum, inter_modal_distance, modality_gap,
                                      read_shared_factors, singular_spectrum)
-from mora_retrieval.analysis.intermodal import category_members
+from mora_retrieval.analysis.geometry import category_members
 from mora_retrieval.analysis.samples import PairedSamples, spread_indices
-from mora_retrieval.analysis.spectra import (AdapterLayout, projection_weight, read_adapter_layout,
-                                             slot_spectra)
+from mora_retrieval.analysis.spectra import projection_weight, slot_spectra
 from mora_retrieval.analysis.tsne import default_perplexity, tsne_2d
 from mora_retrieval.errors import AdapterError
 
@@ -174,6 +173,7 @@ def test_read_shared_factors_reads_only_the_public_shared_names(tmp_path):
 
 def test_slot_spectra_of_a_saved_mora_adapter(tiny_model, tmp_path):
     from mora_retrieval.adapters import AdapterConfig, add_adapters, save_adapters
+    from mora_retrieval.adapters.io import read_adapter_config
 
     model = tiny_model.model
     original = {name: tensor.clone() for name, tensor in model.state_dict().items()}
@@ -184,8 +184,8 @@ def test_slot_spectra_of_a_saved_mora_adapter(tiny_model, tmp_path):
 
     add_adapters(model, AdapterConfig(method="mora", r=2, r_shared=3, targets=("q", "out"), layers=2))
     save_adapters(model, tmp_path / "adapter", arch="mora-tiny")
-    layout = read_adapter_layout(tmp_path / "adapter")
-    assert layout == AdapterLayout("mora", ("q", "out"), [(2, 1), (3, 2)])
+    slot_blocks = read_adapter_config(tmp_path / "adapter")["slots"]
+    assert slot_blocks == [[2, 1], [3, 2]]
     factors = read_shared_factors(tmp_path / "adapter")
     slots = model.mora_adapter.slots
     assert torch.equal(factors["1"][0], slots["1"].vision.detach()) and torch.equal(factors["1"][1], slots["1"].text.detach())
@@ -194,7 +194,7 @@ def test_slot_spectra_of_a_saved_mora_adapter(tiny_model, tmp_path):
 
     plain = open_clip.create_model("mora-tiny")
     plain.load_state_dict(original)
-    spectra = slot_spectra(factors, plain, layout)
+    spectra = slot_spectra(factors, plain, ("q", "out"), slot_blocks)
     assert [(s.slot, s.vision_block, s.text_block) for s in spectra] == [("0", 2, 1), ("1", 3, 2)]
     second = spectra[1]
     assert sorted(second.pretrained) == ["text.out", "text.q", "visual.out", "visual.q"]

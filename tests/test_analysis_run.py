@@ -106,11 +106,11 @@ def test_classification_run_end_to_end(app, mora_run, world, tmp_path):
 
 def test_the_original_model_against_itself_has_no_drift(mora_run):
     from mora_retrieval.analysis.run import geometry
-    from mora_retrieval.analysis.runs import image_transform, original_encoder, read_run, run_samples
+    from mora_retrieval.analysis.runs import image_transform, read_run, run_samples
     from mora_retrieval.analysis.samples import encode_samples, spread_indices
 
     info = read_run(mora_run)
-    original = original_encoder(info, "cpu")
+    original = info.run.load_base("cpu")
     samples = run_samples(info, "test")
     samples = samples.select(spread_indices(len(samples), 12))
     samples, emb = encode_samples({"adapted": original, "original": original}, samples,

@@ -112,12 +112,12 @@ def test_predict_uses_the_prompts_of_the_missing_input(app, trained, world):
 
 
 def test_analyze_compares_the_unmerged_prompt_run_with_its_backbone(app, trained):
-    from mora_retrieval.analysis.runs import adapted_encoder, original_encoder, read_run
+    from mora_retrieval.analysis.runs import read_run
     from mora_retrieval.tasks.classify import Predictor
 
     _, run = trained
     info = read_run(run)
-    adapted, original = adapted_encoder(info, "cpu"), original_encoder(info, "cpu")
+    adapted, original = info.run.load_model("cpu"), info.run.load_base("cpu")
     trained_classifier = Predictor(run, "cpu")
     tokens = trained_classifier.tokenizer(["a large red circle", "small blue square"])
     with torch.no_grad():

@@ -30,9 +30,7 @@ class ScatterPanel:
 
 
 def plot_spectra(spectra: Sequence[SlotSpectra], path: str | Path) -> Path:
-    """One panel per slot (4 to a row): Gram eigenvalues (solid) and pretrained singular values (dashed)."""
-    if not spectra:
-        raise ValueError("no spectra to plot")
+    """One panel per slot (4 to a row, one at least): Gram eigenvalues (solid), pretrained singular values (dashed)."""
     cols = min(SPECTRA_COLUMNS, len(spectra))
     rows = math.ceil(len(spectra) / cols)
     fig = Figure(figsize=(4.2 * cols, 3.6 * rows), dpi=90)

@@ -15,18 +15,17 @@ import numpy as np
 import torch
 
 from ..device import resolve_device
+from ..adapters.io import read_adapter_config
 from ..errors import MoraError
 from ..fileio import check_can_create, write_json
 from ..model.backbone import weights_fingerprint
 from ..report import write_report
-from .drift import embedding_drift
 from .figures import ScatterPanel, plot_scatter_grid, plot_spectra
-from .gap import modality_gap
-from .intermodal import category_members, inter_modal_distance
-from .runs import DEFAULT_SPLIT, adapted_encoder, image_transform, original_encoder, read_run, run_samples
+from .geometry import category_members, embedding_drift, inter_modal_distance, modality_gap
+from .runs import DEFAULT_SPLIT, image_transform, read_run, run_samples
 from .samples import Embeddings, PairedSamples, encode_samples, spread_indices
 from .section import analysis_section
-from .spectra import read_adapter_layout, read_shared_factors, slot_spectra
+from .spectra import read_shared_factors, slot_spectra
 from .tsne import MIN_POINTS, default_perplexity, tsne_2d
 
 FORMAT = "mora-retrieval-analysis"
@@ -64,50 +63,26 @@ class AnalysisResult:
     out_dir: Path
     files: dict[str, Path] = field(default_factory=dict)
 
-    def section(self) -> Any:
-        """The HTML report section (``report.Section``) with the tables and figures."""
-        return analysis_section(self.data, self.out_dir)
-
 
 def geometry(samples: PairedSamples, embeddings: dict[str, Embeddings]) -> dict[str, Any]:
-    """Inter-modal distance (when the samples have categories), modality gap and drift.
-
-    ``embeddings`` has an ``"original"`` and an ``"adapted"`` entry aligned with ``samples``.
-    """
-    out: dict[str, Any] = {"inter_modal": None, "modality_gap": {}, "drift": {}}
-    if samples.labels is not None:
-        out["inter_modal"] = {
-            name: {variant: asdict(inter_modal_distance(emb.paired_image(samples), emb.text, samples.labels,
-                                                        normalize=variant == "normalized"))
-                   for variant in ("raw", "normalized")}
-            for name, emb in ((m, embeddings[m]) for m in MODELS)
-        }
-    out["modality_gap"] = {m: modality_gap(embeddings[m].image, embeddings[m].text) for m in MODELS}
+    """Inter-modal distance (with categories), modality gap and drift of ``embeddings`` (original, adapted)."""
     adapted, original = embeddings["adapted"], embeddings["original"]
-    out["drift"] = {"vision": asdict(embedding_drift(adapted.image, original.image)),
-                    "text": asdict(embedding_drift(adapted.text, original.text))}
-    return out
+    return {
+        "inter_modal": None if samples.labels is None else {
+            m: {variant: asdict(inter_modal_distance(embeddings[m].image[samples.pair_image], embeddings[m].text,
+                                                     samples.labels, normalize=variant == "normalized"))
+                for variant in ("raw", "normalized")}
+            for m in MODELS},
+        "modality_gap": {m: modality_gap(embeddings[m].image, embeddings[m].text) for m in MODELS},
+        "drift": {"vision": asdict(embedding_drift(adapted.image, original.image)),
+                  "text": asdict(embedding_drift(adapted.text, original.text))},
+    }
 
 
 def tsne_groups(samples: PairedSamples) -> np.ndarray:
     """The class of each sample for colouring: its index; multilabel: the first label (−1: none)."""
     members = category_members(samples.labels).numpy()
     return np.where(members.any(axis=1), members.argmax(axis=1), -1)
-
-
-def _tsne_panels(samples: PairedSamples, embeddings: dict[str, Embeddings], seed: int):
-    """Each tower coloured by class; without classes, the images and captions of each model together."""
-    if samples.labels is not None:
-        groups = tsne_groups(samples)
-        return [[ScatterPanel(f"{model}: {tower} embeddings", tsne_2d(getattr(embeddings[model], tower), seed), groups,
-                              samples.class_names) for model in MODELS] for tower in ("image", "text")], "class"
-    row = []
-    for model in MODELS:
-        emb = embeddings[model]
-        groups = np.repeat(np.array([0, 1], dtype=np.int64), [len(emb.image), len(emb.text)])
-        row.append(ScatterPanel(f"{model}: images and captions", tsne_2d(torch.cat([emb.image, emb.text]), seed),
-                                groups, ["reference image", "caption"]))
-    return [row], "modality"
 
 
 def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None, config: AnalyzeConfig | None = None,
@@ -126,14 +101,14 @@ def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None, config: 
     run = info.run
     out = check_can_create(out_dir if out_dir is not None else run.path / "analysis", "folder for --out")
     device = str(resolve_device(config.device))
-    models = {"adapted": adapted_encoder(info, device), "original": original_encoder(info, device)}
+    models = {"adapted": run.load_model(device), "original": run.load_base(device)}
     _say(console, f"encoding {len(samples)} {split} samples ({len(samples.image_paths)} images) with the adapted and "
                   f"the original model on {device}")
     samples, embeddings = encode_samples(models, samples, image_transform(info, models["adapted"]),
                                          config.batch_size, config.num_workers, info.skip_bad_images)
     data: dict[str, Any] = {
         "format": FORMAT, "format_version": 1,
-        "run": str(run.path.resolve()), "task": info.task, "dataset": info.dataset, "method": info.method,
+        "run": str(run.path.resolve()), "task": info.task, "dataset": info.dataset, "method": info.adapter.method,
         "arch": run.arch, "pretrained": run.pretrained, "split": split,
         "original": {"arch": run.arch, "pretrained": run.pretrained, "seed": None if run.pretrained else run.seed,
                      "fingerprint": weights_fingerprint(models["original"].model)},
@@ -156,12 +131,11 @@ def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None, config: 
         figures["spectra"] = plot_spectra(spectra, out / SPECTRA_FILE)
     if panels is not None:
         figures["tsne"] = plot_scatter_grid(panels, out / TSNE_FILE,
-                                            f"t-SNE of the {split} embeddings ({info.method}, {info.dataset})")
+                                            f"t-SNE of the {split} embeddings ({info.adapter.method}, {info.dataset})")
     data["figures"] = {name: path.name for name, path in figures.items()}
     write_json(out / JSON_FILE, data)
-    result = AnalysisResult(data=data, out_dir=out, files={"json": out / JSON_FILE, **figures})
-    result.files["html"] = write_report(out / HTML_FILE, f"Analysis of {run.path.name}", [result.section()])
-    return result
+    html = write_report(out / HTML_FILE, f"Analysis of {run.path.name}", [analysis_section(data, out)])
+    return AnalysisResult(data=data, out_dir=out, files={"json": out / JSON_FILE, **figures, "html": html})
 
 
 def _checked(compute, info, *args):
@@ -174,27 +148,37 @@ def _checked(compute, info, *args):
 
 def _spectra(info, original_model: Any, data: dict[str, Any]) -> list:
     """The Gram spectra of the run's adapter (empty without a shared part); fills ``data["spectra"]``."""
-    layout = read_adapter_layout(info.adapter_dir)
     factors = read_shared_factors(info.adapter_dir)
-    spectra = _checked(slot_spectra, info, factors, original_model, layout) if factors else []
-    data["spectra"] = {"available": bool(spectra), "method": layout.method, "targets": list(layout.targets),
+    method, targets = info.adapter.method, info.adapter.targets
+    slot_blocks = read_adapter_config(info.adapter_dir).get("slots") or []
+    spectra = _checked(slot_spectra, info, factors, original_model, targets, slot_blocks) if factors else []
+    data["spectra"] = {"available": bool(spectra), "method": method, "targets": list(targets),
                        "slots": [asdict(s) for s in spectra]}
     if not spectra:
-        data["notes"].append(f"No Gram spectra: method '{layout.method}' has no shared part (only MoRA and its "
+        data["notes"].append(f"No Gram spectra: method '{method}' has no shared part (only MoRA and its "
                              "ablations have shared factors S_v, S_t).")
     return spectra
 
 
 def _tsne(samples: PairedSamples, embeddings: dict[str, Embeddings], seed: int, data: dict[str, Any],
           console: Any) -> list | None:
-    """The t-SNE panels (None with too few samples); fills ``data["tsne"]``."""
+    """The t-SNE panels, each tower coloured by class; without classes, the images and captions of each model
+    together. None with too few samples. Fills ``data["tsne"]``."""
     if len(samples) < MIN_POINTS:
         data["tsne"] = None
         data["notes"].append(f"No t-SNE: fewer than {MIN_POINTS} samples.")
         return None
     _say(console, "t-SNE")
-    panels, colour = _tsne_panels(samples, embeddings, seed)
-    points = len(samples) + (len(samples.image_paths) if colour == "modality" else 0)
+    if samples.labels is not None:
+        colour, points, groups = "class", len(samples), tsne_groups(samples)
+        panels = [[ScatterPanel(f"{m}: {tower} embeddings", tsne_2d(getattr(embeddings[m], tower), seed), groups,
+                                samples.class_names) for m in MODELS] for tower in ("image", "text")]
+    else:
+        colour, points = "modality", len(samples.image_paths) + len(samples)
+        groups = np.repeat(np.array([0, 1], dtype=np.int64), [len(samples.image_paths), len(samples)])
+        both = {m: torch.cat([embeddings[m].image, embeddings[m].text]) for m in MODELS}
+        panels = [[ScatterPanel(f"{m}: images and captions", tsne_2d(both[m], seed), groups,
+                                ["reference image", "caption"]) for m in MODELS]]
     data["tsne"] = {"colour": colour, "seed": seed, "features": "L2-normalised", "points_per_panel": points,
                     "perplexity": default_perplexity(points)}
     return panels

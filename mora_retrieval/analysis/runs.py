@@ -1,19 +1,10 @@
-"""Finished runs as the analysis sees them: the two models, the samples and the image transform.
+"""Finished runs as the analysis sees them: settings, the two models, the samples and the image transform.
 
-This is the only module of :mod:`mora_retrieval.analysis` that imports ``mora_retrieval.tasks``
-(the settings classes of classification and CIR runs). Reading the run folder and its models is
-:class:`~mora_retrieval.runs.FinishedRun`'s:
-
-* The **adapted** model is the run's final model (``FinishedRun.load_model``: the merged checkpoint;
-  for a prompt method (``dcp``, ``mmp``), which cannot be merged, the adapter loaded unmerged onto
-  the rebuilt backbone, with every sample complete: the analysis embeds complete samples).
-* The **original** model is the backbone the run started from (``FinishedRun.load_base``): its
-  pretrained weights, or, trained without them, random weights re-drawn from the run's seed exactly
-  as training drew them; checked against the base-weight fingerprint the adapter folder recorded,
-  so the comparison is never made against the wrong backbone.
-* The **samples**: a classification run's split (every sample complete: image and text; the
-  categories are the classes); a CIR run's CIRR split (each triplet's reference image and
-  caption; no categories).
+The only module of :mod:`mora_retrieval.analysis` that imports ``mora_retrieval.tasks`` (the
+settings of classification and CIR runs). The adapted model is ``FinishedRun.load_model`` (a prompt
+method's adapter stays unmerged, with every sample complete), the original one ``FinishedRun.load_base``.
+The samples: a classification run's split (image and text; the categories are the classes); a CIR
+run's CIRR split (each triplet's reference image and caption; no categories).
 """
 
 from __future__ import annotations
@@ -24,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from ..adapters import get_method
+from ..adapters import AdapterConfig, get_method
 from ..adapters.io import CONFIG_FILE as ADAPTER_CONFIG_FILE
 from ..data.cirr import CIRR_SPLITS, CIRRTriplets
 from ..data.images import make_transform, preprocess_spec
@@ -46,7 +37,7 @@ class AnalysisRun:
     """A finished classification or CIR run with the settings the analysis reads beyond ``FinishedRun``'s."""
 
     run: FinishedRun
-    method: str
+    adapter: AdapterConfig
     dataset: str
     data_root: str
     transform: str | None  # CIR's image transform; None: the model's own eval preprocessing
@@ -74,21 +65,11 @@ def read_run(run_dir: str | Path) -> AnalysisRun:
         except (KeyError, TypeError, ValueError) as exc:
             raise TrainingError(f"{run.path / RUN_CONFIG}: not a valid CIR run config ({exc})") from None
         dataset, transform = "cirr", settings.transform
-    info = AnalysisRun(run, settings.adapter.method, dataset, settings.data_root, transform, settings.skip_bad_images)
-    if get_method(info.method).mergeable:  # a prompt method's run (dcp, mmp) keeps only its adapter
+    info = AnalysisRun(run, settings.adapter, dataset, settings.data_root, transform, settings.skip_bad_images)
+    if get_method(info.adapter.method).mergeable:  # a prompt method's run (dcp, mmp) keeps only its adapter
         run.require(MERGED_FILE)
     run.require(f"{ADAPTER_DIR}/{ADAPTER_CONFIG_FILE}")
     return info
-
-
-def adapted_encoder(info: AnalysisRun, device: str) -> Backbone:
-    """The run's final model (see the module docstring), on ``device``."""
-    return info.run.load_model(device)
-
-
-def original_encoder(info: AnalysisRun, device: str) -> Backbone:
-    """The backbone the run started from (see the module docstring), on ``device``."""
-    return info.run.load_base(device)
 
 
 def run_samples(info: AnalysisRun, split: str, data_root: str | None = None) -> PairedSamples:

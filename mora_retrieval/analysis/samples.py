@@ -24,10 +24,8 @@ from ..model.encode import collect, encode_image_batch, encode_texts, ordered_lo
 
 @dataclass
 class PairedSamples:
-    """Distinct images, texts, the image of each text, and optional per-text labels.
-
-    ``labels``: class indices ``[N]`` or multi-hot ``[N, C]`` (``None`` when the data has no classes).
-    """
+    """Distinct images, texts, the image of each text, and per-text labels: class indices ``[N]`` or multi-hot
+    ``[N, C]`` (``None`` when the data has no classes)."""
 
     image_paths: list[Path]
     texts: list[str]
@@ -57,10 +55,8 @@ class PairedSamples:
 
 
 def spread_indices(total: int, limit: int | None) -> np.ndarray:
-    """``limit`` indices evenly spread over ``range(total)`` (all of them when ``limit`` is None or larger).
-
-    Deterministic, and it covers datasets stored class by class.
-    """
+    """``limit`` indices evenly spread over ``range(total)`` (all when ``limit`` is None or larger): deterministic,
+    and it covers datasets stored class by class."""
     if limit is None or limit >= total:
         return np.arange(total)
     return np.unique(np.linspace(0, total - 1, num=limit).round().astype(np.int64))
@@ -77,8 +73,7 @@ class _ImageFiles(ImageDataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
-        image = self._image(self.paths[index])
-        return None if image is None else {"image": image, "index": index}
+        return self._item(self.paths[index], index=index)
 
 
 @dataclass
@@ -88,19 +83,12 @@ class Embeddings:
     image: torch.Tensor
     text: torch.Tensor
 
-    def paired_image(self, samples: PairedSamples) -> torch.Tensor:
-        """The image embedding of every text, ``[N, D]``."""
-        return self.image[torch.as_tensor(samples.pair_image, dtype=torch.long)]
-
 
 def encode_samples(models: Mapping[str, Backbone], samples: PairedSamples, transform: Callable, batch_size: int = 64,
                    num_workers: int = 0, skip_bad_images: bool = False
                    ) -> tuple[PairedSamples, dict[str, Embeddings]]:
-    """Embed every image and text with each model (eval mode, all on one device); raw features.
-
-    Returns the samples that survived (pairs whose image was a skipped bad image are dropped) and
-    ``{name: Embeddings}`` aligned with them.
-    """
+    """Embed every image and text with each model (eval mode, all on one device); raw features. Returns the
+    samples that survived (pairs whose image was a skipped bad image are dropped) and ``{name: Embeddings}``."""
     device = next(next(iter(models.values())).model.parameters()).device
     precision = resolve_precision("auto", device)
 
@@ -117,7 +105,6 @@ def encode_samples(models: Mapping[str, Backbone], samples: PairedSamples, trans
     used = sorted({samples.pair_image[i] for i in pairs})  # the image order of samples.select(pairs)
     rows = torch.tensor([row_of[image] for image in used], dtype=torch.long)
     samples = samples.select(pairs)
-    with torch.no_grad():
-        texts = {name: encode_texts(m.model, m.tokenizer, samples.texts, device, precision).cpu()
-                 for name, m in models.items()}
+    texts = {name: encode_texts(m.model, m.tokenizer, samples.texts, device, precision).cpu()
+             for name, m in models.items()}
     return samples, {name: Embeddings(image=out[name][rows], text=texts[name]) for name in models}

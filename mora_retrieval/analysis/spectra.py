@@ -5,13 +5,10 @@ Gram matrices ``G_v = S_v S_vᵀ`` and ``G_t = S_t S_tᵀ`` (``r_s × r_s``). Th
 in descending order, are normalised to sum to 1. Beside them: the singular values of the
 **pretrained** (original, unadapted) weight ``W0`` of each adapted projection of that slot's vision
 and text blocks (``q``, ``k``, ``v`` rows of ``in_proj_weight``, ``out`` = ``out_proj.weight``),
-normalised by the sum of *all* ``d`` singular values, of which the top ``r_s`` are kept. Each
-spectrum is thus a share of its own total, so an even Gram spectrum (about ``1/r_s`` each) beside
-small pretrained shares shows how much more compactly the Gram matrices hold their information.
-
-Only methods with a shared part (MoRA and its ablations) have spectra. The factors are read from
-the adapter folder's ``adapter.safetensors`` under their public names ``shared.{slot}.vision`` and
-``shared.{slot}.text``, so the analysis does not depend on how adapters are built in memory.
+normalised by the sum of *all* ``d`` singular values, of which the top ``r_s`` are kept: each
+spectrum is a share of its own total. Only methods with a shared part (MoRA and its ablations) have
+spectra; the factors are read from ``adapter.safetensors`` under their public names
+``shared.{slot}.vision`` and ``shared.{slot}.text``, independent of how adapters are built in memory.
 """
 
 from __future__ import annotations
@@ -19,37 +16,17 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from ..adapters.inject import QKV, towers
-from ..adapters.io import CONFIG_FILE as ADAPTER_CONFIG_FILE, WEIGHTS_FILE as ADAPTER_WEIGHTS_FILE, read_adapter_config
+from ..adapters.io import WEIGHTS_FILE as ADAPTER_WEIGHTS_FILE
 from ..errors import AdapterError
 from ..fileio import load_tensors
-from .vectors import as_matrix
+from .geometry import as_matrix
 
 _SHARED_NAME = re.compile(r"^shared\.(?P<slot>[^.]+)\.(?P<tower>vision|text)$")
-
-
-@dataclass(frozen=True)
-class AdapterLayout:
-    """What the spectra need from ``adapter_config.json``: method, adapted projections, slot → blocks."""
-
-    method: str
-    targets: tuple[str, ...]
-    slot_blocks: list[tuple[int | None, int | None]]
-
-
-def read_adapter_layout(adapter_dir: str | Path) -> AdapterLayout:
-    """Method, targets and the ``[vision block, text block]`` of every slot from ``adapter_config.json``."""
-    meta = read_adapter_config(adapter_dir)  # the toolkit's adapter format, else one line
-    adapter = meta["adapter"]
-    if not isinstance(adapter, dict) or "method" not in adapter:
-        raise AdapterError(f"{Path(adapter_dir) / ADAPTER_CONFIG_FILE}: not a mora-retrieval adapter config "
-                           "(no adapter method)")
-    slots = [(pair[0], pair[1]) for pair in meta.get("slots") or []]
-    return AdapterLayout(str(adapter["method"]), tuple(adapter.get("targets") or ()), slots)
 
 
 def read_shared_factors(adapter_dir: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -106,20 +83,19 @@ class SlotSpectra:
     pretrained: dict[str, list[float]]
 
 
-def slot_spectra(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], original_model: Any,
-                 layout: AdapterLayout) -> list[SlotSpectra]:
-    """Spectra of every slot: Grams from ``factors``, pretrained weights from ``original_model``."""
-    out = []
+def slot_spectra(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], original_model: Any, targets: Sequence[str],
+                 slot_blocks: Sequence[Sequence[int | None]]) -> list[SlotSpectra]:
+    """Spectra of every slot: Grams from ``factors``, the ``targets`` projections' pretrained weights from
+    ``original_model``; ``slot_blocks[i]`` is slot ``i``'s ``[vision block, text block]`` (``adapter_config.json``)."""
+    out, blocks = [], {str(i): pair for i, pair in enumerate(slot_blocks)}
     for slot, (s_vision, s_text) in factors.items():
-        index = int(slot) if slot.isdigit() else None
-        vision_block, text_block = (layout.slot_blocks[index] if index is not None and index < len(layout.slot_blocks)
-                                    else (None, None))
+        vision_block, text_block = blocks.get(slot, (None, None))
         top = int(s_vision.shape[0])
         pretrained: dict[str, list[float]] = {}
         for tower, block in (("visual", vision_block), ("text", text_block)):
             if block is None:
                 continue
-            for proj in layout.targets:
+            for proj in targets:
                 weight = projection_weight(original_model, tower, int(block), proj)
                 pretrained[f"{tower}.{proj}"] = singular_spectrum(weight, top).tolist()
         out.append(SlotSpectra(slot, vision_block, text_block, gram_spectrum(s_vision).tolist(),

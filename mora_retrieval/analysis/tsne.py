@@ -13,13 +13,12 @@ from typing import Any
 import numpy as np
 from sklearn.manifold import TSNE
 
-from .vectors import as_matrix, unit_rows
+from .geometry import as_matrix, unit_rows
 
 MIN_POINTS = 5
 
 
 def default_perplexity(points: int) -> float:
-    """``min(30, (points − 1) / 3)``, at least 1."""
     return float(max(1.0, min(30.0, (points - 1) / 3.0)))
 
 

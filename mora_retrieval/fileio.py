@@ -64,7 +64,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     with atomic_write(path, "w") as handle:
-        json.dump(obj, handle, indent=2, sort_keys=False)
+        json.dump(obj, handle, indent=2)
         handle.write("\n")
 
 

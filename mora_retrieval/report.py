@@ -49,7 +49,8 @@ def _image(path: Path, caption: str) -> str:
            f"<figcaption class='note'>{html.escape(caption)}</figcaption></figure>"
 
 
-def render(title: str, sections: Sequence[Section]) -> str:
+def write_report(path: str | Path, title: str, sections: Sequence[Section]) -> Path:
+    """Write the report atomically and return its path."""
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
     for section in sections:
@@ -62,14 +63,9 @@ def render(title: str, sections: Sequence[Section]) -> str:
             for row in rows:
                 parts.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
             parts.append("</table>")
-        parts.extend(_image(path, caption) for caption, path in section.images if Path(path).is_file())
+        parts.extend(_image(image, caption) for caption, image in section.images if Path(image).is_file())
         parts.extend(f"<iframe srcdoc=\"{html.escape(page, quote=True)}\"></iframe>" for page in section.embedded_pages)
     parts.append("</body></html>\n")
-    return "".join(parts)
-
-
-def write_report(path: str | Path, title: str, sections: Sequence[Section]) -> Path:
-    """Write the report atomically and return its path."""
     with atomic_write(path, "w") as handle:
-        handle.write(render(title, sections))
+        handle.write("".join(parts))
     return Path(path)

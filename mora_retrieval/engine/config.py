@@ -49,7 +49,6 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many optimiser steps (also shortens the schedule)
 
     def __post_init__(self) -> None:
-        """Raise a one-line :class:`TrainingError` for an impossible setting."""
         self.betas = tuple(float(b) for b in self.betas)  # JSON gives lists
         for name in ("epochs", "batch_size", "grad_accum", "log_every", "checkpoint_every", "max_steps", "patience"):
             value, optional = getattr(self, name), name in ("checkpoint_every", "max_steps", "patience")

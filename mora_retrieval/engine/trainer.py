@@ -2,30 +2,24 @@
 
 An optimiser step takes ``grad_accum`` micro-batches (forward under autocast, ``loss / grad_accum``
 backward, DDP gradient sync on the last one only), optional gradient clipping, AdamW and the
-scheduler. An epoch is ``floor(batches per rank / grad_accum)`` steps: the partial last batch and an
-unfinished accumulation group are skipped. After each epoch: validation, ``metrics.jsonl``, the best
-checkpoint, early stopping, ``last.pt``; ``curves.png`` when the last drawing is ``PLOT_INTERVAL_S``
-old (drawing costs ~0.5 s), and at the end, also after an interruption. Layout: :mod:`.checkpoint`.
+scheduler; the partial last batch and an unfinished accumulation group are skipped. After each epoch:
+validation, ``metrics.jsonl``, the best checkpoint, early stopping, ``last.pt``; ``curves.png`` at most
+every ``PLOT_INTERVAL_S`` (drawing costs ~0.5 s) and at the end. Layout: :mod:`.checkpoint`.
 
 GPU syncs (tests/test_engine_training.py counts the engine's host reads on CPU): none between log
-points. Batches come pinned on CUDA and move with ``non_blocking=True``, the loss adds up on the
-device, clipping and AdamW (``capturable=False`` keeps its step counters on the host) read nothing
-back. A log point (every ``log_every`` steps, before a checkpoint, at the end of an epoch) is one
-sync; there a NaN/inf loss raises :class:`TrainingError` naming the epoch and steps, and ``last.pt``
-is left as it was. Writing ``last.pt`` is one sync (NaN/inf check of every trainable tensor) plus
-``torch.save``'s copies. Host work per step: the scheduler, the progress bar and, in a single
-process, the RNG snapshot for a Ctrl-C rollback (~0.1 ms).
+points (AdamW's ``capturable=False`` keeps its step counters on the host). A log point (every
+``log_every`` steps, before a checkpoint, at the end of an epoch) is one sync; there a NaN/inf loss
+raises :class:`TrainingError` and ``last.pt`` is left as it was. Writing ``last.pt`` is one sync (the
+NaN/inf check of the trainable tensors) plus ``torch.save``'s copies.
 
-A ``None`` batch (:func:`~mora_retrieval.data.collate.collate_skip_none` skipped every item as a bad
-image) keeps its place in the epoch, so resume stays exact, adds no loss or gradient (its group steps
-on the others' ``loss / grad_accum``) and is counted as ``empty_batches`` in ``metrics.jsonl``. With
-several processes it is an error: one rank cannot skip a batch alone.
+A ``None`` batch (:func:`~mora_retrieval.data.collate.collate_skip_none` skipped every item) keeps its
+place in the epoch, so resume stays exact, adds no loss or gradient and is counted as ``empty_batches``
+in ``metrics.jsonl``. With several processes it is an error: one rank cannot skip a batch alone.
 
-Ctrl-C (SIGINT, or SIGTERM) asks the loop to stop at the next safe point: after an optimiser step
-(single process) or at a log point (``torchrun``: the ranks agree through the loss all-reduce), where
-it writes ``last.pt`` and raises :class:`TrainingInterrupted`. A second Ctrl-C, or a
-``KeyboardInterrupt`` from the task, interrupts at once; a single process then rolls back to the last
-finished optimiser step and saves that.
+Ctrl-C (SIGINT, or SIGTERM) stops at the next safe point: after an optimiser step (single process) or
+at a log point (``torchrun``: the ranks agree through the loss all-reduce), where ``last.pt`` is written
+and :class:`TrainingInterrupted` raised. A second Ctrl-C, or a ``KeyboardInterrupt`` from the task,
+interrupts at once; a single process then rolls back to the last finished optimiser step and saves that.
 """
 
 from __future__ import annotations
@@ -146,7 +140,6 @@ class Trainer:
         self.num_workers = resolve_num_workers(config.num_workers, self.device, self.dist.world_size)
         module.precision, module.num_workers = self.precision, self.num_workers
 
-    # ------------------------------------------------------------------ public
     def fit(self, resume: bool = False) -> TrainResult:
         """Train (or continue an interrupted run with ``resume=True``) and return the outcome."""
         with process_group(self.config.device), stop_requests() as stop:
@@ -163,7 +156,6 @@ class Trainer:
         self.module.load_trainable_state_dict(load_tensors(best, "best checkpoint", error=TrainingError))
         return True
 
-    # ------------------------------------------------------------------ setup
     def _fit(self, resume: bool, stop: SimpleNamespace) -> TrainResult:
         cfg, info = self.config, self.dist
         state = None
@@ -181,7 +173,7 @@ class Trainer:
         self.total_steps = min(cfg.epochs * self.steps_per_epoch, cfg.max_steps or math.inf)
         samples_per_step = cfg.batch_size * cfg.grad_accum * info.world_size
 
-        groups = [g for g in self.module.optimizer_param_groups(cfg) if g["params"]]
+        groups = self.module.optimizer_param_groups(cfg)
         self.params = [p for g in groups for p in g["params"]]
         if not self.params:
             raise TrainingError(f"{type(self.module).__name__} has no trainable parameters")
@@ -246,7 +238,6 @@ class Trainer:
         known = _Position.__dataclass_fields__
         return _Position(**{k: v for k, v in state["position"].items() if k in known})
 
-    # ------------------------------------------------------------------ loop
     def _run_epoch(self, pos: _Position, sampler: ResumableSampler, loader, stop: SimpleNamespace) -> None:
         cfg, info = self.config, self.dist
         accum, max_steps = cfg.grad_accum, cfg.max_steps or math.inf
@@ -420,7 +411,6 @@ class Trainer:
                 self.progress.print(f"early stopping: no better {module.main_metric} for {pos.bad_epochs} epoch(s)")
         self._save_last(pos)
 
-    # ------------------------------------------------------------------ files
     def _plot(self, pos: _Position, force: bool) -> None:
         if not self.dist.is_main or not pos.history:
             return

@@ -127,9 +127,6 @@ class _BatchFiles:
         self.raw_jpeg = raw_jpeg
         self.draft_size = draft_size
 
-    def __len__(self) -> int:
-        return len(self.paths)
-
     def __getitem__(self, positions: Sequence[int]) -> LoadedBatch:
         batch = LoadedBatch()
         blobs: list[bytes] = []
@@ -263,9 +260,8 @@ def embed_paths(
     """Embed every image of ``paths`` with ``encoder`` (a :class:`~.encoder.Encoder`).
 
     With ``work_dir`` the run is resumable (see the module docstring); ``run_key`` (e.g. a
-    digest of the item list) must match for recorded chunks to be reused. ``reporter`` (anything
-    with ProgressBar's ``start``/``advance``) gets ``start`` once, then ``advance`` per batch.
-    ``on_chunk(c)`` is called after chunk ``c`` is safely on disk.
+    digest of the item list) must match for recorded chunks to be reused. ``on_chunk(c)`` is
+    called after chunk ``c`` is safely on disk.
     """
     config = config or EmbedConfig()
     paths = [str(p) for p in paths]

@@ -77,9 +77,6 @@ class EmbedResult:
     encoded: int  # images encoded by this call (resumed chunks excluded)
 
 
-# --------------------------------------------------------------------------- the plan (pure)
-
-
 def batch_plan(n: int, chunk_size: int, batch_size: int, pending: Sequence[int]) -> list[list[int]]:
     """Batches (lists of positions) covering the ``pending`` chunks; no batch spans two chunks."""
     batches: list[list[int]] = []
@@ -88,9 +85,6 @@ def batch_plan(n: int, chunk_size: int, batch_size: int, pending: Sequence[int])
         stop = min(n, (c + 1) * chunk_size)
         batches.extend(list(range(s, min(stop, s + step))) for s in range(c * chunk_size, stop, step))
     return batches
-
-
-# --------------------------------------------------------------------------- workers
 
 
 @dataclass
@@ -162,9 +156,6 @@ class _BatchFiles:
         return batch
 
 
-# --------------------------------------------------------------------------- device side
-
-
 @dataclass
 class _Prepared:
     """A batch ready to encode: images on the device in the pipeline dtype, and its failures."""
@@ -198,9 +189,6 @@ def _prepare(loaded: LoadedBatch, encoder: Any, paths: Sequence[str], mean_std: 
             positions.extend(loaded.image_positions)
         images = parts[0] if len(parts) == 1 else (torch.cat(parts) if parts else None)
         return _Prepared(positions, images, bad, None if stream is None else stream.record_event())
-
-
-# --------------------------------------------------------------------------- the run
 
 
 @contextlib.contextmanager

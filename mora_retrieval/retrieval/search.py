@@ -166,7 +166,7 @@ def search_vectors(folder: IndexFolder, queries: np.ndarray, k: int) -> tuple[np
 
     Rows are ``-1`` (score ``-inf``) where the index returns fewer than ``k`` results.
     """
-    queries = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
     if queries.ndim != 2 or queries.shape[1] != folder.dim:
         raise IndexFolderError(f"{folder.path}: queries of shape {queries.shape} do not match index dimension {folder.dim}")
     if int(k) < 1:

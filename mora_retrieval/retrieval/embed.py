@@ -245,12 +245,9 @@ def embed_paths(
     reporter: ProgressBar | None = None,
     on_chunk: Callable[[int], None] | None = None,
 ) -> EmbedResult:
-    """Embed every image of ``paths`` with ``encoder`` (a :class:`~.encoder.Encoder`).
-
-    With ``work_dir`` the run is resumable (see the module docstring); ``run_key`` (e.g. a
-    digest of the item list) must match for recorded chunks to be reused. ``on_chunk(c)`` is
-    called after chunk ``c`` is safely on disk.
-    """
+    """Embed every image of ``paths`` with ``encoder`` (a :class:`~.encoder.Encoder`), resumably with
+    ``work_dir`` (see the module docstring) when ``run_key`` (e.g. a digest of the item list) matches;
+    ``on_chunk(c)`` is called after chunk ``c`` is safely on disk."""
     config = config or EmbedConfig()
     paths = [str(p) for p in paths]
     n = len(paths)

@@ -84,11 +84,8 @@ def plan_exact_search(
     budget_bytes: int = SCORE_TILE_BYTES,
 ) -> SearchPlan:
     """Tile sizes such that ``query_rows * gallery_rows * score_bytes <= budget_bytes``, the whole
-    gallery in one tile column where a query row fits (1M float16 scores are 2 MB).
-
-    Lower-precision scores keep :data:`RERANK_MARGIN` extra candidates, so that rounding cannot
-    push a true top-k row out.
-    """
+    gallery in one tile column where a query row fits (1M float16 scores are 2 MB); lower-precision
+    scores keep :data:`RERANK_MARGIN` extra candidates, so that rounding cannot push a true top-k row out."""
     if n_queries < 1 or n_gallery < 1 or k < 1:
         raise ValueError(f"empty search: {n_queries} queries, {n_gallery} gallery rows, k={k}")
     cells = max(1, budget_bytes // max(1, score_bytes))
@@ -162,10 +159,8 @@ def search_exact_torch(folder: IndexFolder, queries: np.ndarray, k: int, device:
 
 
 def search_vectors(folder: IndexFolder, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(scores, rows)`` of the top ``k`` rows for each query (float32 ``[Q, d]``).
-
-    Rows are ``-1`` (score ``-inf``) where the index returns fewer than ``k`` results.
-    """
+    """``(scores, rows)`` of the top ``k`` rows for each query (float32 ``[Q, d]``); rows are ``-1``
+    (score ``-inf``) where the index returns fewer than ``k`` results."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if queries.ndim != 2 or queries.shape[1] != folder.dim:
         raise IndexFolderError(f"{folder.path}: queries of shape {queries.shape} do not match index dimension {folder.dim}")

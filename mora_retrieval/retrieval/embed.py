@@ -77,9 +77,6 @@ class EmbedResult:
     encoded: int  # images encoded by this call (resumed chunks excluded)
 
 
-# --------------------------------------------------------------------------- the plan (pure)
-
-
 def batch_plan(n: int, chunk_size: int, batch_size: int, pending: Sequence[int]) -> list[list[int]]:
     """Batches (lists of positions) covering the ``pending`` chunks; no batch spans two chunks."""
     batches: list[list[int]] = []
@@ -88,9 +85,6 @@ def batch_plan(n: int, chunk_size: int, batch_size: int, pending: Sequence[int])
         stop = min(n, (c + 1) * chunk_size)
         batches.extend(list(range(s, min(stop, s + step))) for s in range(c * chunk_size, stop, step))
     return batches
-
-
-# --------------------------------------------------------------------------- workers
 
 
 @dataclass
@@ -127,9 +121,6 @@ class _BatchFiles:
         self.raw_jpeg = raw_jpeg
         self.draft_size = draft_size
 
-    def __len__(self) -> int:
-        return len(self.paths)
-
     def __getitem__(self, positions: Sequence[int]) -> LoadedBatch:
         batch = LoadedBatch()
         blobs: list[bytes] = []
@@ -165,9 +156,6 @@ class _BatchFiles:
         return batch
 
 
-# --------------------------------------------------------------------------- device side
-
-
 @dataclass
 class _Prepared:
     """A batch ready to encode: images on the device in the pipeline dtype, and its failures."""
@@ -201,9 +189,6 @@ def _prepare(loaded: LoadedBatch, encoder: Any, paths: Sequence[str], mean_std: 
             positions.extend(loaded.image_positions)
         images = parts[0] if len(parts) == 1 else (torch.cat(parts) if parts else None)
         return _Prepared(positions, images, bad, None if stream is None else stream.record_event())
-
-
-# --------------------------------------------------------------------------- the run
 
 
 @contextlib.contextmanager
@@ -260,13 +245,9 @@ def embed_paths(
     reporter: ProgressBar | None = None,
     on_chunk: Callable[[int], None] | None = None,
 ) -> EmbedResult:
-    """Embed every image of ``paths`` with ``encoder`` (a :class:`~.encoder.Encoder`).
-
-    With ``work_dir`` the run is resumable (see the module docstring); ``run_key`` (e.g. a
-    digest of the item list) must match for recorded chunks to be reused. ``reporter`` (anything
-    with ProgressBar's ``start``/``advance``) gets ``start`` once, then ``advance`` per batch.
-    ``on_chunk(c)`` is called after chunk ``c`` is safely on disk.
-    """
+    """Embed every image of ``paths`` with ``encoder`` (a :class:`~.encoder.Encoder`), resumably with
+    ``work_dir`` (see the module docstring) when ``run_key`` (e.g. a digest of the item list) matches;
+    ``on_chunk(c)`` is called after chunk ``c`` is safely on disk."""
     config = config or EmbedConfig()
     paths = [str(p) for p in paths]
     n = len(paths)

@@ -14,8 +14,7 @@ Precision. The model is held in one inference dtype (:func:`~mora_retrieval.devi
 bf16 on CUDA, fp32 on CPU; ``dtype=`` overrides it). The weights fingerprint is taken before the
 cast, so it names the weights, not their precision. Gallery images, query images, texts and
 composed queries all run these weights without autocast (open_clip casts the text attention mask
-to the activations' dtype; its LayerNorm accumulates in float32). Images are cast to ``dtype`` on
-the way in; features come out as float32, L2-normalised unless ``normalize=False``.
+to the activations' dtype; its LayerNorm accumulates in float32).
 
 The composed query uses the Combiner when one is loaded, else ``normalize(image_raw + text_raw)``.
 The Combiner stays in float32 and takes the float32 raw features, so a composed query gets the same
@@ -90,8 +89,7 @@ def load_encoder(
     device: str | None = None,
     dtype: torch.dtype | None = None,
 ) -> Encoder:
-    """Build an :class:`Encoder` from one weight source (see the module docstring); ``dtype``
-    ``None``: the device's inference dtype."""
+    """Build an :class:`Encoder` from one weight source (see the module docstring)."""
     if sum(x is not None for x in (adapter, checkpoint, run)) > 1:
         raise BackboneError("give at most one of --adapter, --checkpoint and --run")
     dev = resolve_device(device)

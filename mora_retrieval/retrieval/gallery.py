@@ -32,8 +32,7 @@ figcaption{font-size:12px;word-break:break-all;margin-top:4px}
 
 
 def thumbnail_jpeg(path: str | Path, size: int = THUMBNAIL) -> bytes:
-    """A JPEG thumbnail of ``path``, at most ``size`` px a side (raises DataError if unreadable);
-    the search page and ``mora-ret serve`` both show these."""
+    """A JPEG thumbnail of ``path``, at most ``size`` px a side (raises DataError if unreadable)."""
     image = load_image(path)
     image.thumbnail((size, size))
     buffer = io.BytesIO()

@@ -134,14 +134,14 @@ def apply_search_params(index: Any, params: str, where: str = "index") -> None:
 def _first_line(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     for line in lines:
-        if line.startswith("Error") or "error" in line.lower():
+        if "error" in line.lower():
             return re.sub(r"^Error in .*? at \S+:\d+: ", "", line)[:200]
     return (lines[0] if lines else exc.__class__.__name__)[:200]
 
 
 def check_index_spec(spec: IndexSpec, count: int, dim: int) -> Any:
     """The empty inner-product index of ``spec``; a bad factory string, or too few vectors to
-    train it, fails in one line (called before any encoding, and again when building)."""
+    train it, fails in one line."""
     try:
         index = faiss.index_factory(dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
@@ -153,8 +153,7 @@ def check_index_spec(spec: IndexSpec, count: int, dim: int) -> Any:
 
 
 def build_faiss_index(embeddings: np.ndarray, spec: IndexSpec) -> Any:
-    """The inner-product FAISS index of ``spec`` over ``embeddings`` (any float dtype, added as
-    float32 in blocks); trainable indexes are trained as the module docstring says."""
+    """The inner-product FAISS index of ``spec`` over ``embeddings``, trained as the module docstring says."""
     total = int(embeddings.shape[0])
     if total == 0:
         raise IndexFolderError("cannot build an index over zero images")
@@ -214,11 +213,8 @@ def write_index_folder(
     collection: dict[str, Any] | None = None,
     skipped: Sequence[str] = (),
 ) -> IndexFolder:
-    """Build the index over ``embeddings`` and write a complete index folder.
-
-    ``encoder_info`` holds :data:`ENCODER_KEYS` (``arch``, ``fingerprint`` and ``source`` at least;
-    other keys are ignored). The manifest is written last, so a folder with a manifest is complete.
-    """
+    """Build the index over ``embeddings`` and write a complete index folder (the manifest last, so a
+    folder with a manifest is complete); ``encoder_info`` may hold other keys than :data:`ENCODER_KEYS`."""
     path = make_dirs(path, "index folder")
     embeddings = np.asarray(embeddings, dtype=np.float16)
     if embeddings.ndim != 2 or embeddings.shape[0] != len(items):

@@ -1,16 +1,12 @@
 """Queries against an index folder: image, text or composed (image + text).
 
-The query model must be the one the index was built with: :func:`check_encoder` compares the
-encoder's weights fingerprint with the manifest's and refuses a mismatch. Search runs on
+The query model must be the one the index was built with (:func:`check_encoder`). Search runs on
 FAISS (on the GPU when the installed faiss has GPU support). On a CUDA machine without GPU
 FAISS, an exact (``Flat``) index is searched with torch (:func:`exact_search`) over the stored
 float16 embeddings, which go to the GPU once and stay there.
 
-:func:`search_many` answers a list of :class:`Query` (what a server receives) with one image
-forward and one text forward for the whole list, then one index search; :func:`search` is one
-query from a file. A query with both parts is composed by ``encoder.encode_composed`` on the raw
-features; a query with one part is that part's normalised feature. :func:`search_payload` is the
-JSON answer of ``mora-ret search --json`` and ``POST /api/search``.
+A query with both parts is composed by ``encoder.encode_composed`` on the raw features; a query
+with one part is that part's normalised feature.
 """
 
 from __future__ import annotations
@@ -87,13 +83,9 @@ def plan_exact_search(
     score_bytes: int,
     budget_bytes: int = SCORE_TILE_BYTES,
 ) -> SearchPlan:
-    """Tile sizes such that ``query_rows * gallery_rows * score_bytes <= budget_bytes``.
-
-    The whole gallery is one tile column whenever one query row of scores fits the budget
-    (the usual case: 1M float16 scores are 2 MB); queries then go ``budget / row`` at a time.
-    With float32 scores the candidates are exactly ``k``; with lower precision ``k +``
-    :data:`RERANK_MARGIN` (at most ``n_gallery``), so that rounding cannot push a true top-k row out.
-    """
+    """Tile sizes such that ``query_rows * gallery_rows * score_bytes <= budget_bytes``, the whole
+    gallery in one tile column where a query row fits (1M float16 scores are 2 MB); lower-precision
+    scores keep :data:`RERANK_MARGIN` extra candidates, so that rounding cannot push a true top-k row out."""
     if n_queries < 1 or n_gallery < 1 or k < 1:
         raise ValueError(f"empty search: {n_queries} queries, {n_gallery} gallery rows, k={k}")
     cells = max(1, budget_bytes // max(1, score_bytes))
@@ -106,13 +98,10 @@ def plan_exact_search(
 
 def exact_search(gallery: Any, queries: Any, k: int, plan: SearchPlan | None = None) -> tuple[Any, Any]:
     """Exact inner-product top ``k`` with torch: ``(scores float32 [Q, k], rows int64 [Q, k])``,
-    by decreasing score.
+    best first, on the device of ``gallery`` and ``queries`` (no host synchronisation).
 
-    ``gallery`` ``[N, d]`` (float16, bfloat16 or float32) and ``queries`` ``[Q, d]`` are on the
-    same device. Scores are computed in the gallery's dtype tile by tile (never a full ``[Q, N]``
-    float32 matrix), each tile keeps its top candidates, and the candidates are re-scored in
-    float32: the returned scores are the exact inner products with the stored vectors. Results
-    stay on the device (no host synchronisation).
+    Tiles are scored in the gallery's dtype (never a full ``[Q, N]`` float32 matrix); the kept
+    candidates are re-scored in float32, so the scores are exact inner products with the stored vectors.
     """
     n, q = int(gallery.shape[0]), int(queries.shape[0])
     k = min(int(k), n)
@@ -155,10 +144,8 @@ def device_gallery(folder: IndexFolder, device: str, dtype: Any) -> Any:
 
 
 def search_exact_torch(folder: IndexFolder, queries: np.ndarray, k: int, device: str) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`exact_search` over the folder's stored embeddings on ``device``, results on the host.
-
-    float16 on CUDA; float32 on CPU (float16 matrix products are slow there).
-    """
+    """:func:`exact_search` over the folder's stored embeddings on ``device`` (float16 on CUDA, float32
+    on CPU, where float16 matrix products are slow), results on the host."""
     on_cuda = str(device).startswith("cuda")
     gallery = device_gallery(folder, device, torch.float16 if on_cuda else torch.float32)
     q = torch.from_numpy(queries)
@@ -172,11 +159,9 @@ def search_exact_torch(folder: IndexFolder, queries: np.ndarray, k: int, device:
 
 
 def search_vectors(folder: IndexFolder, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(scores, rows)`` of the top ``k`` rows for each query (float32 ``[Q, d]``).
-
-    Rows are ``-1`` (score ``-inf``) where the index returns fewer than ``k`` results.
-    """
-    queries = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
+    """``(scores, rows)`` of the top ``k`` rows for each query (float32 ``[Q, d]``); rows are ``-1``
+    (score ``-inf``) where the index returns fewer than ``k`` results."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
     if queries.ndim != 2 or queries.shape[1] != folder.dim:
         raise IndexFolderError(f"{folder.path}: queries of shape {queries.shape} do not match index dimension {folder.dim}")
     if int(k) < 1:
@@ -200,10 +185,8 @@ EMPTY_QUERY = "give a query: an image, a text, or both"
 
 @dataclass(frozen=True)
 class Query:
-    """One query: a decoded RGB image (PIL) and/or a text, and how many hits to return.
-
-    ``image_label`` is what the JSON shows as the query image (a path or an upload's name).
-    """
+    """One query: a decoded RGB image (PIL) and/or a text, how many hits to return, and the
+    query image as the JSON shows it (``image_label``: a path or an upload's name)."""
 
     image: Any = None
     text: str | None = None

@@ -99,11 +99,8 @@ def is_loopback(host: str) -> bool:
 
 
 def category_names(manifest: dict[str, Any], max_bytes: int = 64 << 20) -> dict[int, str]:
-    """COCO category names of the indexed collection, or ``{}`` where they cannot be read cheaply.
-
-    Read from ``<root>/annotations/instances_<split>.json`` as recorded in the manifest; files
-    over ``max_bytes`` (COCO train2017) are not parsed, the page then shows category ids.
-    """
+    """COCO category names of the indexed collection, or ``{}`` where they cannot be read cheaply
+    (annotation files over ``max_bytes``, as COCO train2017's: the page then shows category ids)."""
     collection = manifest.get("collection") or {}
     if "coco" not in (collection.get("kind"), collection.get("dataset")) or not collection.get("root"):
         return {}
@@ -141,12 +138,8 @@ def _decode_upload(data: bytes, name: str, max_pixels: int) -> Any:
 
 
 class QueryQueue:
-    """Requests from an asyncio server, answered in batches by one worker thread.
-
-    ``answer(queries) -> results`` runs in that thread, one call at a time. When a batch fails,
-    its queries are retried one by one, so one bad query cannot fail the others. Use as an async
-    context manager (``async with QueryQueue(...)``) in the server's lifespan.
-    """
+    """The queue of the module docstring, for ``answer(queries) -> results``; a failed batch is retried
+    query by query, so one bad query cannot fail the others. An async context manager (the lifespan)."""
 
     def __init__(self, answer: Callable[[list[Query]], list[Any]], max_batch: int = 32) -> None:
         if max_batch < 1:
@@ -330,7 +323,6 @@ class _App:
         return JSONResponse(search_payload(self.label, self.encoder, hits, image=query.image_label, text=query.text),
                             headers=headers)
 
-    # ------------------------------------------------------------------ pages and images
     async def image(self, request: Request) -> Response:
         text = request.path_params["row"]
         if not text.isdigit() or not int(text) < self.folder.count:

@@ -2,12 +2,14 @@
 
 An optimiser step takes ``grad_accum`` micro-batches (forward under autocast, ``loss / grad_accum``
 backward, DDP gradient sync on the last one only), optional gradient clipping, AdamW and the
-scheduler; the partial last batch and an unfinished accumulation group are skipped. After each epoch:
-validation, ``metrics.jsonl``, the best checkpoint, early stopping, ``last.pt``; ``curves.png`` at most
-every ``PLOT_INTERVAL_S`` (drawing costs ~0.5 s) and at the end. Layout: :mod:`.checkpoint`.
+scheduler. An epoch is ``floor(batches per rank / grad_accum)`` steps: the partial last batch and an
+unfinished accumulation group are skipped. After each epoch: validation, ``metrics.jsonl``, the best
+checkpoint, early stopping, ``last.pt``; ``curves.png`` at most every ``PLOT_INTERVAL_S`` (drawing
+costs ~0.5 s) and at the end. Layout: :mod:`.checkpoint`.
 
 GPU syncs (tests/test_engine_training.py counts the engine's host reads on CPU): none between log
-points (AdamW's ``capturable=False`` keeps its step counters on the host). A log point (every
+points. Batches come pinned on CUDA and move with ``non_blocking=True``, the loss adds up on the
+device, and AdamW (``capturable=False``) keeps its step counters on the host. A log point (every
 ``log_every`` steps, before a checkpoint, at the end of an epoch) is one sync; there a NaN/inf loss
 raises :class:`TrainingError` and ``last.pt`` is left as it was. Writing ``last.pt`` is one sync (the
 NaN/inf check of the trainable tensors) plus ``torch.save``'s copies.

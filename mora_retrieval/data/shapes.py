@@ -111,8 +111,7 @@ def _write_cirr(root: Path, spec: WorldSize, seed: int, image_size: int, tick: P
                        "img_set": {"id": g, "members": members, "reference_rank": members.index(names[0]),
                                    "target_rank": members.index(names[j])}}
                 if split == "test1":
-                    rec = {k: v for k, v in rec.items() if k not in ("target_hard", "target_soft")}
-                    rec["img_set"] = {k: v for k, v in rec["img_set"].items() if k != "target_rank"}
+                    del rec["target_hard"], rec["target_soft"], rec["img_set"]["target_rank"]
                 records.append(rec)
                 pairid += 1
         write_json(root / "captions" / f"cap.rc2.{split}.json", records)

@@ -30,14 +30,13 @@ _KNOWN = {"food101": ("multiclass", None), "mmimdb": ("multilabel", list(MMIMDB_
 
 def _read_table(path: Path) -> Any:
     """A pyarrow Table from an Arrow IPC file or stream."""
-    errors = []
     for open_reader in (pa.ipc.open_file, pa.ipc.open_stream):
         try:
             with pa.memory_map(str(path)) as source:
                 return open_reader(source).read_all()
         except (pa.ArrowInvalid, OSError) as exc:
-            errors.append(f"{exc.__class__.__name__}: {exc}")
-    raise DataError(f"{path}: not an Arrow IPC file or stream ({errors[-1]})")
+            reason = f"{exc.__class__.__name__}: {exc}"
+    raise DataError(f"{path}: not an Arrow IPC file or stream ({reason})")
 
 
 def _guess_name(path: Path) -> str | None:

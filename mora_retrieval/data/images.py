@@ -40,11 +40,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 
 
 def load_image(path: str | os.PathLike, draft: int | None = None) -> Image.Image:
-    """Decode ``path`` fully and return it as an RGB PIL image, or raise a one-line DataError.
-
-    ``draft``: let libjpeg decode a JPEG at the smallest 1/2, 1/4 or 1/8 scale whose sides are
-    still at least ``draft`` pixels (PIL's draft mode; other formats decode at full size).
-    """
+    """Decode ``path`` fully as an RGB PIL image, or raise a one-line DataError. ``draft``: decode a JPEG
+    at the smallest 1/2, 1/4 or 1/8 scale whose sides are still at least ``draft`` pixels (PIL's draft mode)."""
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{path}: is a folder (expected an image file)")
@@ -134,10 +131,8 @@ def _triple(values: Any, what: str) -> tuple[float, float, float]:
 
 @dataclass(frozen=True)
 class PreprocessSpec:
-    """A model's eval preprocessing as plain data, plus CLIP4CIR's targetpad when asked.
-
-    ``size`` is ``(height, width)`` (an int means a square); ``targetpad_ratio`` None means no targetpad.
-    """
+    """A model's eval preprocessing as plain data (``size``: ``(height, width)``, an int means a square),
+    plus CLIP4CIR's targetpad when ``targetpad_ratio`` is set."""
 
     size: tuple[int, int]
     mean: tuple[float, float, float]
@@ -192,10 +187,8 @@ def preprocess_spec(model: Any, kind: str = "clip") -> PreprocessSpec:
 
 def make_transform(kind: str | PreprocessSpec, image_size: int | None = None) -> Callable[[Image.Image], torch.Tensor]:
     """The eval transform of a :class:`PreprocessSpec`: PIL image -> normalised float ``[3, H, W]``.
-
     ``make_transform("clip" | "targetpad", size)``, the older form, uses open_clip's default (OpenAI)
-    statistics whatever the model.
-    """
+    statistics whatever the model."""
     if isinstance(kind, PreprocessSpec):
         if image_size is not None:
             raise TypeError("make_transform(spec) takes no image_size: the spec holds the size")

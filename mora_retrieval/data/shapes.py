@@ -266,12 +266,10 @@ _WRITERS = {"cirr": _write_cirr, "coco": _write_coco, "food101": _write_food,
 
 def generate_shapes_world(out_dir: str | os.PathLike, size: str = "tiny", seed: int = 0, image_size: int = 64,
                           progress: Progress | None = None) -> dict[str, Path]:
-    """Write the world under ``out_dir`` and return ``{part: root}``.
+    """Write the world under ``out_dir`` and return ``{part: root}``; ``progress(part, n)`` follows every image.
 
-    Each part is built in a temporary folder inside ``out_dir`` and moved into place when it is
-    complete; an existing world (one with ``shapes_world.json``) is replaced, any other existing
-    ``out_dir/<part>`` folder is left alone and raises DataError. ``progress(part, n)`` is called
-    after every written image.
+    Each part is built in a temporary folder and moved into place when complete; an existing world
+    (one with ``shapes_world.json``) is replaced, any other existing ``out_dir/<part>`` raises DataError.
     """
     require_choice(size, WORLD_SIZES, "shapes-world size")
     if image_size < 16:

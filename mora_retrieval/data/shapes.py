@@ -2,9 +2,8 @@
 
 ``generate_shapes_world(out_dir, size, seed)`` writes ``out_dir/{cirr,coco,food101,mmimdb,
 hateful_memes}`` exactly as docs/protocols.md §6 describes, so the ordinary loaders read them, plus
-``out_dir/shapes_world.json`` (seed, size, counts). Images show 1–3 objects (5 shapes, 6
-colours, 2 sizes, 4 quadrant positions) on white/gray/black backgrounds, some with light noise
-(see :mod:`.shapes_scene`). The same seed gives the same bytes.
+``out_dir/shapes_world.json`` (seed, size, counts); the images are :mod:`.shapes_scene` scenes.
+The same seed gives the same bytes.
 
 How each part's labels depend on the modalities (so missing modalities really cost accuracy,
 while a linear head on concatenated CLIP features can still learn them):

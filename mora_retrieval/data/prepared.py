@@ -321,11 +321,8 @@ def _build_lock(path: Path) -> Iterator[None]:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        fcntl.flock(handle, fcntl.LOCK_EX)  # closing the file releases the lock
+        yield
 
 
 def _resume_state(path: Path, state: dict[str, Any]) -> dict[str, Any] | None:

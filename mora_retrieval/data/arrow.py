@@ -1,16 +1,14 @@
 """Arrow files of earlier missing-modality work (ViLT-style ``<name>_<split>.arrow``).
 
-Those files hold one row per image with an encoded ``image`` (bytes), a list of texts (``text``,
-or ``plots`` for MM-IMDb) and a ``label`` (a class index, or a 23-long multi-hot list for
-MM-IMDb). Both Arrow IPC flavours are read: the *file* format (what those projects wrote, read
-with pyarrow, memory-mapped) and the *stream* format (``datasets`` cache files, also read with
-pyarrow, so the ``datasets`` package is not needed). As in the published practice, every text of a row is one sample
-(MM-IMDb: one per plot).
+One row per image: an encoded ``image`` (bytes), a list of texts (``text``, or ``plots`` for
+MM-IMDb) and a ``label`` (a class index, or a 23-long multi-hot list for MM-IMDb); every text
+of a row is one sample. Both Arrow IPC formats are read, with pyarrow: *file* (what those
+projects wrote) and *stream* (``datasets`` cache files).
 
-The dataset name (``food101``, ``mmimdb``, ``hateful_memes``; also guessed from the file name,
-where ``hatememes`` means Hateful Memes) sets ``task``, ``num_classes`` and ``class_names``; an
-unknown name needs ``num_classes`` and gets task ``multiclass`` (``multilabel`` for list labels).
-Arrow files carry no class names, so Food-101's are ``"0"`` … ``"100"``.
+The dataset name (``food101``, ``mmimdb``, ``hateful_memes``; else guessed from the file name,
+where ``hatememes`` means Hateful Memes) sets ``task`` and ``class_names``; an unknown name needs
+``num_classes`` and gets task ``multiclass`` (``multilabel`` for list labels). Arrow files carry
+no class names, so Food-101's are ``"0"`` … ``"100"``.
 """
 
 from __future__ import annotations
@@ -32,14 +30,13 @@ _KNOWN = {"food101": ("multiclass", None), "mmimdb": ("multilabel", list(MMIMDB_
 
 def _read_table(path: Path) -> Any:
     """A pyarrow Table from an Arrow IPC file or stream."""
-    errors = []
     for open_reader in (pa.ipc.open_file, pa.ipc.open_stream):
         try:
             with pa.memory_map(str(path)) as source:
                 return open_reader(source).read_all()
         except (pa.ArrowInvalid, OSError) as exc:
-            errors.append(f"{exc.__class__.__name__}: {exc}")
-    raise DataError(f"{path}: not an Arrow IPC file or stream ({errors[-1]})")
+            reason = f"{exc.__class__.__name__}: {exc}"
+    raise DataError(f"{path}: not an Arrow IPC file or stream ({reason})")
 
 
 def _guess_name(path: Path) -> str | None:
@@ -67,20 +64,19 @@ class ArrowClassification(ClassificationDataset):
     """Items ``{"image", "text", "label", "index"}`` from a ViLT-style Arrow file."""
 
     def __init__(self, path_or_dir: str | os.PathLike, split: str | None = None, transform: Callable | None = None,
-                 skip_bad_images: bool = False, name: str | None = None, num_classes: int | None = None,
-                 text_column: str | None = None, image_column: str = "image", label_column: str = "label") -> None:
+                 skip_bad_images: bool = False, name: str | None = None, num_classes: int | None = None) -> None:
         super().__init__(transform, skip_bad_images)
         self.file = resolve_arrow_file(path_or_dir, split)
         self.split = split
         table = _read_table(self.file)
         columns = set(table.column_names)
-        text_column = text_column or next((c for c in ("text", "plots") if c in columns), None)
-        for col in (image_column, label_column, text_column):
+        text_column = next((c for c in ("text", "plots") if c in columns), None)
+        for col in ("image", "label", text_column):
             if col is None or col not in columns:
                 raise DataError(f"{self.file}: column {col or 'text/plots'!r} not found "
                                 f"(has: {', '.join(sorted(columns))})")
-        self._images = table.column(image_column)
-        raw_labels = table.column(label_column).to_pylist()
+        self._images = table.column("image")
+        raw_labels = table.column("label").to_pylist()
         raw_texts = table.column(text_column).to_pylist()
         multilabel = bool(raw_labels) and isinstance(raw_labels[0], list)
         self.name = (name or _guess_name(self.file) or "arrow").replace("-", "_")

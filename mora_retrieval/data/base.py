@@ -16,9 +16,8 @@ _log = logging.getLogger(__name__)
 
 
 class ImageDataset(Dataset):
-    """Base class: ``_image(path)`` decodes under the bad-image policy and applies ``transform``;
-    ``_item`` builds an item on it. ``bad_images`` logs the images skipped so far (always empty
-    unless ``skip_bad_images=True``)."""
+    """Base class: ``_image`` decodes under the bad-image policy and applies ``transform``; ``bad_images``
+    logs the images skipped so far (only with ``skip_bad_images=True``)."""
 
     def __init__(self, transform: Callable | None = None, skip_bad_images: bool = False) -> None:
         self.transform = transform
@@ -26,10 +25,8 @@ class ImageDataset(Dataset):
         self.bad_images = BadImageLog()
 
     def _image(self, path: str | os.PathLike, data: bytes | None = None) -> Any:
-        """The transformed image (PIL if no transform), or ``None`` (logged) if it was bad and skipped.
-
-        With ``data``, decode those bytes and use ``path`` only to name them.
-        """
+        """The transformed image (PIL if no transform), or ``None`` if it was bad and skipped.
+        With ``data``, decode those bytes and use ``path`` only to name them."""
         try:
             image = load_image(path) if data is None else decode_image_bytes(data, str(path))
         except DataError as exc:
@@ -47,11 +44,9 @@ class ImageDataset(Dataset):
 
 
 class ClassificationDataset(ImageDataset):
-    """Image + text + label samples: items ``{"image", "text", "label", "index"}``.
-
-    Subclasses fill ``paths``, ``texts`` and ``labels`` (class indices, or multi-hot lists for
-    ``task == "multilabel"``) and set ``name``, ``task`` and ``class_names``.
-    """
+    """Image + text + label samples: items ``{"image", "text", "label", "index"}``. Subclasses fill
+    ``paths``, ``texts`` and ``labels`` (class indices, or multi-hot lists for ``task == "multilabel"``)
+    and set ``name``, ``task`` and ``class_names``."""
 
     name: str = ""
     task: str = "multiclass"

@@ -53,7 +53,6 @@ class COCOImages(ImageDataset):
         self.image_ids: list[int] = ids
         self.paths: list[Path] = [self.root / split / self.coco.imgs[i]["file_name"] for i in ids]
         require_files(self.paths, "COCO image")
-        self.category_names: dict[int, str] = {c["id"]: c["name"] for c in self.coco.dataset["categories"]}
 
     def __len__(self) -> int:
         return len(self.image_ids)

@@ -8,11 +8,9 @@ from torch.utils.data import default_collate
 
 
 def collate_skip_none(batch: Sequence[Any]) -> Any:
-    """``default_collate`` after dropping the ``None`` items of skipped bad images.
-
-    An all-``None`` batch collates to ``None``, which :class:`~mora_retrieval.engine.Trainer` and
-    :func:`~mora_retrieval.model.encode.collect` pass over (the trainer counts it).
-    """
+    """``default_collate`` after dropping the ``None`` items of skipped bad images; an all-``None`` batch
+    is ``None``, which :class:`~mora_retrieval.engine.Trainer` and :func:`~mora_retrieval.model.encode.collect`
+    pass over."""
     kept = [item for item in batch if item is not None]
     return default_collate(kept) if kept else None
 

@@ -26,9 +26,8 @@ class ImageCaptionFolder(ImageDataset):
         for image in images:
             sidecar = image.with_suffix(".txt")
             if sidecar.is_file():
-                for line in sidecar.read_text(encoding="utf-8").splitlines():
-                    if line.strip():
-                        self.pairs.append((image, line.strip()))
+                lines = sidecar.read_text(encoding="utf-8").splitlines()
+                self.pairs += [(image, line.strip()) for line in lines if line.strip()]
         if not self.pairs:
             raise DataError(f"{self.root}: no image with a sidecar caption file (expected e.g. x.jpg + x.txt)")
 

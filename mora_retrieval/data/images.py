@@ -1,17 +1,13 @@
 """Image decoding, the bad-image policy, and the model's preprocessing.
 
-Bad images. Every dataset checks up front that all its image files exist (a missing file is a
-:class:`DataError` naming it). Whether a file *decodes* is checked lazily, when an item is read:
-by default a corrupt file raises ``DataError("<path>: unreadable or corrupt image (...)")``;
-with ``skip_bad_images=True`` the item comes back as ``None``, the file is recorded in the
-dataset's ``bad_images`` log and a warning is logged (batch with
-:func:`~mora_retrieval.data.collate.collate_skip_none`). DataLoader workers each keep their own
-log copy; the warnings still reach the log output.
+Bad images. Every dataset checks up front that its image files exist; whether one *decodes* is
+checked when its item is read: a corrupt file raises ``DataError("<path>: unreadable or corrupt
+image (...)")``, or with ``skip_bad_images=True`` the item is ``None``, logged as a warning and
+in the dataset's ``bad_images`` (one copy per DataLoader worker).
 
-Preprocessing comes from the model: :func:`preprocess_spec` reads its open_clip preprocessing
-config into a :class:`PreprocessSpec`, :func:`make_transform` turns that into open_clip's own eval
-transform (with CLIP4CIR's targetpad in front when asked, docs/protocols.md §4), and
-:func:`make_uint8_transform` into the same pipeline stopped before the float conversion, which
+Preprocessing comes from the model (:func:`preprocess_spec`): :func:`make_transform` is open_clip's
+own eval transform (with CLIP4CIR's targetpad in front when asked, docs/protocols.md §4),
+:func:`make_uint8_transform` the same stopped before the float conversion, which
 :func:`normalize_uint8`, the toolkit's one pixel normalisation, finishes on any device.
 """
 
@@ -44,11 +40,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 
 
 def load_image(path: str | os.PathLike, draft: int | None = None) -> Image.Image:
-    """Decode ``path`` fully and return it as an RGB PIL image, or raise a one-line DataError.
-
-    ``draft``: let libjpeg decode a JPEG at the smallest 1/2, 1/4 or 1/8 scale whose sides are
-    still at least ``draft`` pixels (PIL's draft mode; other formats decode at full size).
-    """
+    """Decode ``path`` fully as an RGB PIL image, or raise a one-line DataError. ``draft``: decode a JPEG
+    at the smallest 1/2, 1/4 or 1/8 scale whose sides are still at least ``draft`` pixels (PIL's draft mode)."""
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{path}: is a folder (expected an image file)")
@@ -138,12 +131,8 @@ def _triple(values: Any, what: str) -> tuple[float, float, float]:
 
 @dataclass(frozen=True)
 class PreprocessSpec:
-    """A model's eval preprocessing as plain data, plus CLIP4CIR's targetpad when asked.
-
-    ``size`` is ``(height, width)`` (an int means a square). ``targetpad_ratio`` is None for
-    open_clip's plain eval transform. :meth:`key` hashes every field: two specs with equal keys
-    give the same pixels.
-    """
+    """A model's eval preprocessing as plain data (``size``: ``(height, width)``, an int means a square),
+    plus CLIP4CIR's targetpad when ``targetpad_ratio`` is set."""
 
     size: tuple[int, int]
     mean: tuple[float, float, float]
@@ -181,7 +170,7 @@ class PreprocessSpec:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields (tuples as lists)."""
+        """JSON-ready fields."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     def key(self) -> str:
@@ -197,13 +186,9 @@ def preprocess_spec(model: Any, kind: str = "clip") -> PreprocessSpec:
 
 
 def make_transform(kind: str | PreprocessSpec, image_size: int | None = None) -> Callable[[Image.Image], torch.Tensor]:
-    """The eval transform: PIL image -> normalised float ``[3, H, W]`` tensor (open_clip's own,
-    with the targetpad in front when the spec asks for it).
-
-    ``make_transform(spec)`` follows a :class:`PreprocessSpec` (see :func:`preprocess_spec`).
-    ``make_transform("clip" | "targetpad", size)`` is the older form, with open_clip's default
-    (OpenAI) statistics whatever the model.
-    """
+    """The eval transform of a :class:`PreprocessSpec`: PIL image -> normalised float ``[3, H, W]``.
+    ``make_transform("clip" | "targetpad", size)``, the older form, uses open_clip's default (OpenAI)
+    statistics whatever the model."""
     if isinstance(kind, PreprocessSpec):
         if image_size is not None:
             raise TypeError("make_transform(spec) takes no image_size: the spec holds the size")
@@ -222,13 +207,8 @@ def make_transform(kind: str | PreprocessSpec, image_size: int | None = None) ->
 
 
 def split_transform(transform: Callable) -> tuple[Compose, tuple[float, ...], tuple[float, ...]] | None:
-    """``(uint8_stage, mean, std)`` of a torchvision ``Compose`` ending in ``ToTensor`` +
-    ``Normalize`` (open_clip's eval transform and :func:`make_transform`'s are), else ``None``.
-
-    ``uint8_stage`` maps a PIL image to the uint8 ``[3, H, W]`` tensor of the pixels that the
-    ``ToTensor`` step would receive; ``normalize_uint8(uint8_stage(img), mean, std)`` is then
-    ``transform(img)``, bit for bit on the CPU.
-    """
+    """``(uint8_stage, mean, std)`` of a ``Compose`` ending in ``ToTensor`` + ``Normalize``, else ``None``:
+    ``normalize_uint8(uint8_stage(img), mean, std)`` is ``transform(img)``, bit for bit on the CPU."""
     steps = getattr(transform, "transforms", None)
     if not isinstance(steps, list) or len(steps) < 2:
         return None
@@ -239,8 +219,7 @@ def split_transform(transform: Callable) -> tuple[Compose, tuple[float, ...], tu
 
 
 def make_uint8_transform(spec: PreprocessSpec) -> Callable[[Image.Image], torch.Tensor]:
-    """``spec``'s transform up to, not including, ToTensor and Normalize: PIL image -> uint8
-    ``[3, H, W]``. :func:`normalize_uint8` finishes it (on any device)."""
+    """``spec``'s transform before ToTensor and Normalize: PIL image -> uint8 ``[3, H, W]``."""
     split = split_transform(make_transform(spec))
     if split is None:
         raise RuntimeError("open_clip's eval transform no longer ends with ToTensor, Normalize")
@@ -249,13 +228,11 @@ def make_uint8_transform(spec: PreprocessSpec) -> Callable[[Image.Image], torch.
 
 def normalize_uint8(pixels: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor,
                     dtype: torch.dtype = torch.float32, device: str | torch.device | None = None) -> torch.Tensor:
-    """Pixel values ``[..., 3, H, W]`` in 0..255 -> ``(x / 255 - mean) / std`` as ``dtype``, on ``device``.
+    """Pixel values ``[..., 3, H, W]`` (uint8, or float in 0..255) -> ``(x / 255 - mean) / std`` as ``dtype``.
 
-    ``pixels`` is uint8, or float holding 0..255 (:func:`.tensor_preprocess.resize_crop`'s output).
     They move to ``device`` (default: where they are) before the float conversion, so uint8 moves a
-    quarter of the bytes; every copy is non-blocking, so the host never waits for the device. The
-    float32 arithmetic is torchvision's ``ToTensor`` + ``Normalize``: bit-identical on the CPU to
-    :func:`make_transform`'s; ``dtype`` (e.g. bfloat16) only rounds the result.
+    quarter of the bytes, and every copy is non-blocking (no host sync). The float32 arithmetic is
+    torchvision's ``ToTensor`` + ``Normalize``, bit-identical on the CPU; ``dtype`` only rounds the result.
     """
     if pixels.dtype != torch.uint8 and not pixels.dtype.is_floating_point:
         raise TypeError(f"normalize_uint8 expects uint8 (or float 0..255) pixels, got {pixels.dtype}")
@@ -271,11 +248,9 @@ def normalize_uint8(pixels: torch.Tensor, mean: Sequence[float] | torch.Tensor, 
 
 def load_batch(paths: Sequence[str], transform: Callable[[Image.Image], torch.Tensor], draft: int | None = None
                ) -> tuple[torch.Tensor | None, list[tuple[int, str]]]:
-    """Decode and transform the images of ``paths`` into ONE tensor ``[n, ...]`` (what a DataLoader
-    worker sends per batch: one shared-memory buffer, not one per image).
-
-    Rows of files that do not decode stay zeros and are listed as ``(row, one-line message)``;
-    the tensor is None when no file decodes. ``draft`` as in :func:`load_image`.
+    """Decode and transform ``paths`` into ONE tensor ``[n, ...]`` (one shared-memory buffer per
+    DataLoader batch). Rows that do not decode stay zeros and are listed as ``(row, message)``;
+    the tensor is None when none decodes. ``draft`` as in :func:`load_image`.
     """
     out: torch.Tensor | None = None
     bad: list[tuple[int, str]] = []

@@ -84,25 +84,17 @@ class MissingSpec:
 def assign_missing(n: int, spec: MissingSpec) -> np.ndarray:
     """Codes per sample (int8): 0 complete, 1 text missing, 2 image missing."""
     codes = np.zeros(n, dtype=np.int8)
-    if spec.kind == "none" or n == 0:
-        return codes
-    k = round(spec.ratio * n)
+    k = round(spec.ratio * n)  # 0 for "none"
     chosen = np.random.default_rng(spec.seed).permutation(n)[:k]
-    if spec.kind == "text":
-        codes[chosen] = TEXT_MISSING
-    elif spec.kind == "image":
-        codes[chosen] = IMAGE_MISSING
-    else:
-        k_image = round(spec.both_image_share * k)
-        codes[chosen[:k_image]] = IMAGE_MISSING
-        codes[chosen[k_image:]] = TEXT_MISSING
+    k_image = {"text": 0, "image": k}.get(spec.kind, round(spec.both_image_share * k))
+    codes[chosen[:k_image]] = IMAGE_MISSING
+    codes[chosen[k_image:]] = TEXT_MISSING
     return codes
 
 
 def stored_missing_codes(store_dir: str | os.PathLike, dataset_name: str, split: str, n: int,
                          spec: MissingSpec) -> np.ndarray:
-    """The codes stored in ``store_dir`` for (dataset, split, spec), drawn and stored on first use
-    (one JSON file per key: drawn once, reused by every later run)."""
+    """The codes stored in ``store_dir`` for (dataset, split, spec), drawn and stored on first use."""
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{dataset_name}__{split}__{spec.key()}")
     path = Path(store_dir) / f"{safe}.json"
     if path.exists():
@@ -126,11 +118,10 @@ def stored_missing_codes(store_dir: str | os.PathLike, dataset_name: str, split:
 
 
 class WithMissingModality(Dataset):
-    """Wraps a dataset (items with ``image`` and ``text``/``caption``) and applies codes.
+    """Applies codes to a dataset's items (``image`` and ``text``/``caption``) and adds their ``missing`` code.
 
-    Adds a ``missing`` field (the code). Items that the dataset skipped (``None``) stay ``None``.
-    Once one real image has been seen, image-missing samples of datasets that offer
-    ``item_without_image`` are not decoded at all (their image would be replaced anyway).
+    Skipped items (``None``) stay ``None``. Once one real image has been seen, image-missing samples of
+    datasets with ``item_without_image`` are not decoded at all (their image would be replaced anyway).
     """
 
     def __init__(self, dataset: Any, codes: np.ndarray, missing_image: str = "ones") -> None:

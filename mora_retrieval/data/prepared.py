@@ -1,25 +1,22 @@
 """The prepared-image cache: decode and preprocess a split's images once, read pixels every epoch.
 
-One cache holds the images of one split at one input size after the PIL part of the model's
-preprocessing (:func:`.images.make_uint8_transform`), as uint8 ``[N, 3, H, W]`` in one ``.npy``
-file opened memory-mapped. Reading an image is a slice of that file; :func:`normalize_uint8`
-finishes the batch on the training device, bit-identical on the CPU to the PIL transform.
+One cache holds one split's images at one input size after the PIL part of the model's
+preprocessing (:func:`.images.make_uint8_transform`): uint8 ``[N, 3, H, W]`` in one ``.npy`` file,
+opened memory-mapped; :func:`normalize_uint8` finishes a batch on the training device.
 
 Beside the data file ``<name>-<H>x<W>.npy`` a JSON sidecar ``<name>-<H>x<W>.json`` records the
 preprocessing, the image list (names, sizes, modification times), the Pillow version, the data
 file's size and time, and the bad images. A cache is used only when all of these match today's;
 otherwise it is rebuilt, or refused with one line naming the file and what differs.
 
-Building runs a DataLoader whose workers each decode one chunk of images into one uint8 tensor;
-the main process writes chunks into ``<file>.partial`` and records its progress in
-``<name>-<H>x<W>.partial.json`` after each. The data file is renamed into place and the sidecar
-written last, so a killed build never leaves a cache that validates, and the next build with the
-same images and preprocessing resumes after the last recorded chunk. Concurrent builders of the
-same file (e.g. several ranks) take turns on a lock file; the later ones find the cache built.
+A build writes ``<file>.partial`` chunk by chunk (each decoded by a DataLoader worker) and records
+its progress in ``<name>-<H>x<W>.partial.json``. The data file is renamed into place and the
+sidecar written last, so a killed build never leaves a cache that validates, and the next build
+resumes after the last recorded chunk. Concurrent builders (e.g. several ranks) take turns on a
+lock file.
 
-Bad images: by default the first image that does not decode stops the build with a one-line
-DataError. With ``skip_bad_images`` its pixels are zeros and its row is marked not ok (logged
-as a warning); the dataset view returns ``None`` for it.
+Bad images stop the build with a one-line DataError, or with ``skip_bad_images`` are zeros in a
+row marked not ok (a warning is logged), which the dataset view returns as ``None``.
 """
 
 from __future__ import annotations
@@ -73,7 +70,7 @@ def default_prepared_dir(data_root: str | os.PathLike) -> Path:
     (``$XDG_CACHE_HOME`` or ``~/.cache``, then ``mora-retrieval/prepared/<root name>-<hash>``).
     Creates nothing."""
     root = Path(data_root).resolve()
-    writable = _existing(root / PREPARED_DIR)  # the folder, or if absent its nearest existing parent
+    writable = _existing(root / PREPARED_DIR)
     if writable.is_dir() and os.access(writable, os.W_OK | os.X_OK):
         return root / PREPARED_DIR
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
@@ -206,11 +203,8 @@ def stale_reason(path: str | os.PathLike, images: ImageList, spec: PreprocessSpe
 
 
 class PreparedImages:
-    """An opened, validated cache: uint8 pixels ``[N, 3, H, W]`` (memory-mapped, read-only),
-    the image names, the per-image ``ok`` mask and the :class:`PreprocessSpec`.
-
-    Pickles without its pixels (DataLoader workers map the file again), so it is cheap to ship.
-    """
+    """An opened, validated cache: memory-mapped uint8 ``pixels``, the image ``names``, the per-image
+    ``ok`` mask and the ``spec``. Pickles without its pixels (DataLoader workers map the file again)."""
 
     def __init__(self, path: str | os.PathLike, meta: dict[str, Any]) -> None:
         self.path = Path(path)
@@ -262,9 +256,8 @@ class PreparedImages:
 
 
 class PreparedImageDataset(Dataset):
-    """A Dataset over a cache's rows (all, or ``rows``): item -> uint8 ``[3, H, W]`` tensor, or
-    ``None`` for a bad image (batch with :func:`.collate.collate_skip_none`). Batched fetches
-    (``__getitems__``) read the map once per batch."""
+    """A Dataset over a cache's rows (all, or ``rows``): uint8 ``[3, H, W]`` items, ``None`` for a bad
+    image; batched fetches (``__getitems__``) read the map once per batch."""
 
     def __init__(self, prepared: PreparedImages, rows: Sequence[int] | None = None) -> None:
         self.prepared = prepared
@@ -328,11 +321,8 @@ def _build_lock(path: Path) -> Iterator[None]:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        fcntl.flock(handle, fcntl.LOCK_EX)  # closing the file releases the lock
+        yield
 
 
 def _resume_state(path: Path, state: dict[str, Any]) -> dict[str, Any] | None:
@@ -366,8 +356,7 @@ def _human(n: float) -> str:
 
 
 def _check_space(path: Path, needed: int) -> None:
-    """Raise unless the disk holding ``path`` has room for ``needed`` bytes, counting the files
-    a build replaces."""
+    """Raise unless the disk has room for ``needed`` bytes (counting the files a build replaces)."""
     reclaimable = sum(p.stat().st_size for p in (path, _partial(path)) if p.is_file())
     free = shutil.disk_usage(_existing(path.parent)).free + reclaimable
     if free < needed:
@@ -420,12 +409,11 @@ def _build(path: Path, images: ImageList, spec: PreprocessSpec, skip_bad_images:
 def prepare_images(paths: Sequence[str | os.PathLike], spec: PreprocessSpec, path: str | os.PathLike, *,
                    names: Sequence[str] | None = None, skip_bad_images: bool = False, rebuild: bool = True,
                    workers: int | None = None, chunk: int = 64, progress: Progress | None = None) -> PreparedImages:
-    """The cache at ``path`` (a ``.npy`` file; see :func:`prepared_path`) for these images under
-    ``spec``: opened if it is valid, else built (``rebuild=True``) or refused with a DataError.
+    """The cache at ``path`` (see :func:`prepared_path`) for these images under ``spec``: opened if it
+    is valid, else built (``rebuild=True``) or refused with a DataError.
 
-    ``names`` (default: the paths) identify the rows, for :meth:`PreparedImages.row`; they must be
-    unique. ``workers`` DataLoader workers (default :func:`default_workers`) decode ``chunk``
-    images each into one uint8 tensor. ``progress(done, total)`` is called after each chunk.
+    ``names`` (unique; default: the paths) name the rows for :meth:`PreparedImages.row`. ``workers``
+    DataLoader workers decode ``chunk`` images each; ``progress(done, total)`` follows each chunk.
     """
     path = Path(path)
     if path.suffix != ".npy":

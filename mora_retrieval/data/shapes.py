@@ -2,9 +2,8 @@
 
 ``generate_shapes_world(out_dir, size, seed)`` writes ``out_dir/{cirr,coco,food101,mmimdb,
 hateful_memes}`` exactly as docs/protocols.md §6 describes, so the ordinary loaders read them, plus
-``out_dir/shapes_world.json`` (seed, size, counts). Images show 1–3 objects (5 shapes, 6
-colours, 2 sizes, 4 quadrant positions) on white/gray/black backgrounds, some with light noise
-(see :mod:`.shapes_scene`). The same seed gives the same bytes.
+``out_dir/shapes_world.json`` (seed, size, counts); the images are :mod:`.shapes_scene` scenes.
+The same seed gives the same bytes.
 
 How each part's labels depend on the modalities (so missing modalities really cost accuracy,
 while a linear head on concatenated CLIP features can still learn them):
@@ -111,8 +110,7 @@ def _write_cirr(root: Path, spec: WorldSize, seed: int, image_size: int, tick: P
                        "img_set": {"id": g, "members": members, "reference_rank": members.index(names[0]),
                                    "target_rank": members.index(names[j])}}
                 if split == "test1":
-                    rec = {k: v for k, v in rec.items() if k not in ("target_hard", "target_soft")}
-                    rec["img_set"] = {k: v for k, v in rec["img_set"].items() if k != "target_rank"}
+                    del rec["target_hard"], rec["target_soft"], rec["img_set"]["target_rank"]
                 records.append(rec)
                 pairid += 1
         write_json(root / "captions" / f"cap.rc2.{split}.json", records)
@@ -267,12 +265,10 @@ _WRITERS = {"cirr": _write_cirr, "coco": _write_coco, "food101": _write_food,
 
 def generate_shapes_world(out_dir: str | os.PathLike, size: str = "tiny", seed: int = 0, image_size: int = 64,
                           progress: Progress | None = None) -> dict[str, Path]:
-    """Write the world under ``out_dir`` and return ``{part: root}``.
+    """Write the world under ``out_dir`` and return ``{part: root}``; ``progress(part, n)`` follows every image.
 
-    Each part is built in a temporary folder inside ``out_dir`` and moved into place when it is
-    complete; an existing world (one with ``shapes_world.json``) is replaced, any other existing
-    ``out_dir/<part>`` folder is left alone and raises DataError. ``progress(part, n)`` is called
-    after every written image.
+    Each part is built in a temporary folder and moved into place when complete; an existing world
+    (one with ``shapes_world.json``) is replaced, any other existing ``out_dir/<part>`` raises DataError.
     """
     require_choice(size, WORLD_SIZES, "shapes-world size")
     if image_size < 16:

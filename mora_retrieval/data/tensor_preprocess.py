@@ -37,12 +37,11 @@ def plan_resize_groups(shapes: Sequence[tuple[int, int]], max_group: int = MAX_R
 
 def decode_jpegs(data: Any, offsets: Sequence[int], paths: Sequence[str],
                  device: str) -> tuple[list[Any], list[tuple[int, str]]]:
-    """Decode the JPEGs held back to back in ``data`` (uint8) on ``device``, in one call.
+    """Decode the JPEGs held back to back in ``data`` (uint8) on ``device``, in one call: uint8
+    ``[3, h, w]`` images (``None`` for failures) and ``(index, message)`` per failure.
 
-    Returns uint8 ``[3, h, w]`` images (``None`` for failures) and ``(index, message)`` per
-    failure. When the batched call fails, each file is retried alone and then with PIL, so one
-    bad file only costs itself, and a JPEG the tensor decoder cannot read (e.g. CMYK on some
-    nvJPEG versions) is still decoded.
+    When the batched call fails, each file is retried alone and then with PIL, so one bad file only
+    costs itself and a JPEG the tensor decoder cannot read (e.g. CMYK on some nvJPEG) still decodes.
     """
     blobs = [data[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
     if not blobs:
@@ -71,12 +70,9 @@ def resize_crop(images: Sequence[Any], size: int, mode: str = "shortest", interp
                 max_group: int = MAX_RESIZE_GROUP) -> tuple[Any, list[int]]:
     """Resize and centre-crop uint8 ``[3, h, w]`` images of any sizes: ``(pixels, order)``.
 
-    torchvision's ``resize`` (short side to ``size``; ``size x size`` for ``squash``) and
-    ``center_crop``, on float copies: ``pixels`` is float32 ``[B, 3, size, size]`` in 0..255,
-    rounded as the uint8 result of the PIL preprocessing would be; row ``j`` is
-    ``images[order[j]]``. Same-size images are resized together (:func:`plan_resize_groups`) and
-    land in consecutive rows, so the batch is assembled from slice copies alone (no index tensor,
-    nothing that waits for the device).
+    ``pixels`` is float32 ``[B, 3, size, size]`` in 0..255, rounded as the PIL preprocessing's uint8
+    would be; row ``j`` is ``images[order[j]]``. Same-size images are resized together into
+    consecutive rows, so the batch is assembled from slice copies alone (nothing waits for the device).
     """
     if mode not in BATCHED_RESIZE_MODES:
         raise MoraError(f"resize mode '{mode}' has no batched implementation "
@@ -94,9 +90,8 @@ def resize_crop(images: Sequence[Any], size: int, mode: str = "shortest", interp
 
 def preprocess_decoded(images: Sequence[Any], cfg: dict[str, Any], dtype: Any = None,
                        mean_std: tuple[Any, Any] | None = None) -> tuple[Any, list[int]]:
-    """The model's preprocessing (``cfg``: size, mean, std, interpolation, resize_mode) of
-    decoded uint8 ``[3, h, w]`` images, batched, on their device: ``([B, 3, S, S] in dtype, order)``
-    with ``order`` as in :func:`resize_crop`. ``mean_std``: the statistics (default: ``cfg``'s)."""
+    """The model's preprocessing (``cfg``) of decoded uint8 ``[3, h, w]`` images, on their device:
+    ``([B, 3, S, S] in dtype, order)`` as in :func:`resize_crop`; ``mean_std`` default: ``cfg``'s."""
     pixels, order = resize_crop(images, int(cfg["size"]), str(cfg.get("resize_mode", "shortest")),
                                 str(cfg.get("interpolation", "bicubic")))
     mean, std = mean_std if mean_std is not None else (cfg["mean"], cfg["std"])

@@ -72,6 +72,14 @@ def test_hateful_memes_bad_image_and_errors(tmp_path):
     _write(tmp_path / "other.arrow", pa.table({"image": [_png((0, 0, 0))], "caption": [["x"]], "label": [0]}))
     with pytest.raises(DataError, match=r"other\.arrow: column 'text/plots' not found"):
         ArrowClassification(tmp_path / "other.arrow")
+    renamed = ArrowClassification(tmp_path / "other.arrow", num_classes=2, text_column="caption")
+    assert renamed.texts == ["x"] and int(renamed[0]["label"]) == 0
+    _write(tmp_path / "cols.arrow", pa.table({"img": [_png((0, 0, 0))], "caption": [["y"]], "target": [1]}))
+    cols = ArrowClassification(tmp_path / "cols.arrow", num_classes=2, text_column="caption", image_column="img",
+                               label_column="target")
+    assert cols[0]["text"] == "y" and int(cols[0]["label"]) == 1 and cols[0]["image"] is not None
+    with pytest.raises(DataError, match=r"cols\.arrow: column 'image' not found"):
+        ArrowClassification(tmp_path / "cols.arrow", num_classes=2, text_column="caption")
     _write(tmp_path / "hatememes_train.arrow", pa.table({"image": [_png((0, 0, 0))], "text": [["x"]], "label": [5]}))
     with pytest.raises(DataError, match="row 0 has label 5, outside 0..1"):
         ArrowClassification(tmp_path / "hatememes_train.arrow")

@@ -3,7 +3,8 @@
 One row per image: an encoded ``image`` (bytes), a list of texts (``text``, or ``plots`` for
 MM-IMDb) and a ``label`` (a class index, or a 23-long multi-hot list for MM-IMDb); every text
 of a row is one sample. Both Arrow IPC formats are read, with pyarrow: *file* (what those
-projects wrote) and *stream* (``datasets`` cache files).
+projects wrote) and *stream* (``datasets`` cache files). Other column names are passed as
+``image_column``, ``text_column`` and ``label_column``.
 
 The dataset name (``food101``, ``mmimdb``, ``hateful_memes``; else guessed from the file name,
 where ``hatememes`` means Hateful Memes) sets ``task`` and ``class_names``; an unknown name needs
@@ -64,19 +65,20 @@ class ArrowClassification(ClassificationDataset):
     """Items ``{"image", "text", "label", "index"}`` from a ViLT-style Arrow file."""
 
     def __init__(self, path_or_dir: str | os.PathLike, split: str | None = None, transform: Callable | None = None,
-                 skip_bad_images: bool = False, name: str | None = None, num_classes: int | None = None) -> None:
+                 skip_bad_images: bool = False, name: str | None = None, num_classes: int | None = None,
+                 text_column: str | None = None, image_column: str = "image", label_column: str = "label") -> None:
         super().__init__(transform, skip_bad_images)
         self.file = resolve_arrow_file(path_or_dir, split)
         self.split = split
         table = _read_table(self.file)
         columns = set(table.column_names)
-        text_column = next((c for c in ("text", "plots") if c in columns), None)
-        for col in ("image", "label", text_column):
+        text_column = text_column or next((c for c in ("text", "plots") if c in columns), None)
+        for col in (image_column, label_column, text_column):
             if col is None or col not in columns:
                 raise DataError(f"{self.file}: column {col or 'text/plots'!r} not found "
                                 f"(has: {', '.join(sorted(columns))})")
-        self._images = table.column("image")
-        raw_labels = table.column("label").to_pylist()
+        self._images = table.column(image_column)
+        raw_labels = table.column(label_column).to_pylist()
         raw_texts = table.column(text_column).to_pylist()
         multilabel = bool(raw_labels) and isinstance(raw_labels[0], list)
         self.name = (name or _guess_name(self.file) or "arrow").replace("-", "_")

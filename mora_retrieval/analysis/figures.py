@@ -16,7 +16,6 @@ from ..fileio import write_png
 from .spectra import SlotSpectra
 
 _TOWER_LABEL = {"visual": "vision", "text": "text"}
-SPECTRA_COLUMNS = 4
 
 
 @dataclass
@@ -31,7 +30,7 @@ class ScatterPanel:
 
 def plot_spectra(spectra: Sequence[SlotSpectra], path: str | Path) -> Path:
     """One panel per slot (4 to a row, one at least): Gram eigenvalues (solid), pretrained singular values (dashed)."""
-    cols = min(SPECTRA_COLUMNS, len(spectra))
+    cols = min(4, len(spectra))
     rows = math.ceil(len(spectra) / cols)
     fig = Figure(figsize=(4.2 * cols, 3.6 * rows), dpi=90)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()

@@ -1,22 +1,19 @@
 """Embedding geometry (paper §4.4): inter-modal distance (Table 2), drift (Table 3), modality gap.
 
-**Inter-modal distance.** For every category ``c`` with samples, take the mean image embedding
-``μ_v(c)`` and the mean text embedding ``μ_t(c)`` of its samples; the category's distance is
-``‖μ_v(c) − μ_t(c)‖₂`` and its angle ``∠(μ_v(c), μ_t(c))`` in degrees. Both are averaged over
-categories (unweighted, as in the paper). A multilabel sample counts towards every category it
-carries. The primary figures are on the **raw** embeddings (``encode_image``/``encode_text``
-outputs): the paper's adapted rows exceed 2, the largest distance of two unit vectors.
-``normalize=True`` (each embedding L2-normalised before the means) compares with its original-CLIP
-row, which looks normalised (README, "The embedding analysis").
+**Inter-modal distance.** For every category ``c`` with samples (a multilabel sample counts towards
+each of its categories), the distance ``‖μ_v(c) − μ_t(c)‖₂`` and the angle ``∠(μ_v(c), μ_t(c))``
+in degrees between the mean image and the mean text embedding of its samples, averaged over
+categories (unweighted, as in the paper). On the **raw** embeddings: the paper's adapted rows exceed
+2, the largest distance of two unit vectors; ``normalize=True`` (each embedding L2-normalised first)
+compares with its original-CLIP row, which looks normalised.
 
 **Drift.** For one tower, with the adapted embeddings ``a_i`` and the original model's embeddings
-``o_i`` of the same inputs: the mean ``‖a_i − o_i‖₂`` (raw, as in the paper: its figures exceed the
-unit-vector range), the mean angle ``∠(a_i, o_i)`` in degrees, and the mean
-``‖a_i/‖a_i‖ − o_i/‖o_i‖‖₂`` for comparison across models of different embedding scale.
+``o_i`` of the same inputs: the mean ``‖a_i − o_i‖₂`` (raw, as in the paper), the mean angle
+``∠(a_i, o_i)`` in degrees, and the mean ``‖a_i/‖a_i‖ − o_i/‖o_i‖‖₂`` for comparison across models
+of different embedding scale.
 
-**Modality gap** (Liang et al., NeurIPS 2022): ``‖mean_i x̂_i − mean_j ŷ_j‖₂`` over all L2-normalised
-image embeddings ``x`` and text embeddings ``y`` (not necessarily paired or of the same size): the
-distance between the two modalities' centroids on the unit sphere CLIP scores on; 0 to 2.
+**Modality gap** (Liang et al., NeurIPS 2022): ``‖mean_i x̂_i − mean_j ŷ_j‖₂``, the distance between
+the centroids of the L2-normalised image and text embeddings (not necessarily paired); 0 to 2.
 """
 
 from __future__ import annotations
@@ -38,10 +35,7 @@ def as_matrix(values: Any, name: str) -> torch.Tensor:
 
 
 def angle_degrees(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise angle (degrees, in [0, 180]) between the rows of ``a`` and ``b`` (same shape).
-
-    A zero row has no direction: ValueError rather than a silent 90°.
-    """
+    """Row-wise angle (degrees, in [0, 180]) between the rows of ``a`` and ``b``; ValueError for a zero row."""
     norms = a.norm(dim=-1) * b.norm(dim=-1)
     if (norms == 0).any():
         raise ValueError("angle of a zero vector is undefined")

@@ -7,7 +7,7 @@ Output folder (default ``<run>/analysis``): ``analysis.json`` (every number, see
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,7 @@ class AnalysisResult:
 
     data: dict[str, Any]
     out_dir: Path
-    files: dict[str, Path] = field(default_factory=dict)
+    files: dict[str, Path]
 
 
 def geometry(samples: PairedSamples, embeddings: dict[str, Embeddings]) -> dict[str, Any]:
@@ -87,18 +87,16 @@ def tsne_groups(samples: PairedSamples) -> np.ndarray:
 
 def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None, config: AnalyzeConfig | None = None,
                 console: Any = None) -> AnalysisResult:
-    """Analyse a finished classification or CIR run against its original backbone; write the files.
-
-    Every input is checked (run folder, split, data, both models) before anything is written.
-    """
+    """Analyse a finished classification or CIR run against its original backbone; every input is checked (run
+    folder, split, data, both models) before anything is written."""
     config = config or AnalyzeConfig()
     config.validate()
     info = read_run(run_dir)
-    split = config.split or DEFAULT_SPLIT[info.task]
+    run = info.run
+    split = config.split or DEFAULT_SPLIT[run.task]
     samples = run_samples(info, split, config.data_root)
     total = len(samples)
     samples = samples.select(spread_indices(total, config.max_samples))
-    run = info.run
     out = check_can_create(out_dir if out_dir is not None else run.path / "analysis", "folder for --out")
     device = str(resolve_device(config.device))
     models = {"adapted": run.load_model(device), "original": run.load_base(device)}
@@ -108,7 +106,7 @@ def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None, config: 
                                          config.batch_size, config.num_workers, info.skip_bad_images)
     data: dict[str, Any] = {
         "format": FORMAT, "format_version": 1,
-        "run": str(run.path.resolve()), "task": info.task, "dataset": info.dataset, "method": info.adapter.method,
+        "run": str(run.path.resolve()), "task": run.task, "dataset": info.dataset, "method": info.adapter.method,
         "arch": run.arch, "pretrained": run.pretrained, "split": split,
         "original": {"arch": run.arch, "pretrained": run.pretrained, "seed": None if run.pretrained else run.seed,
                      "fingerprint": weights_fingerprint(models["original"].model)},

@@ -1,10 +1,9 @@
 """Finished runs as the analysis sees them: settings, the two models, the samples and the image transform.
 
 The only module of :mod:`mora_retrieval.analysis` that imports ``mora_retrieval.tasks`` (the
-settings of classification and CIR runs). The adapted model is ``FinishedRun.load_model`` (a prompt
-method's adapter stays unmerged, with every sample complete), the original one ``FinishedRun.load_base``.
-The samples: a classification run's split (image and text; the categories are the classes); a CIR
-run's CIRR split (each triplet's reference image and caption; no categories).
+settings of classification and CIR runs). The samples: a classification run's split (image and
+text; the categories are the classes); a CIR run's CIRR split (each triplet's reference image and
+caption; no categories).
 """
 
 from __future__ import annotations
@@ -44,10 +43,6 @@ class AnalysisRun:
     skip_bad_images: bool
 
     @property
-    def task(self) -> str:
-        return self.run.task
-
-    @property
     def adapter_dir(self) -> Path:
         return self.run.path / ADAPTER_DIR
 
@@ -74,10 +69,11 @@ def read_run(run_dir: str | Path) -> AnalysisRun:
 
 def run_samples(info: AnalysisRun, split: str, data_root: str | None = None) -> PairedSamples:
     """The image–text samples of ``split`` (see the module docstring)."""
-    if split not in SPLITS[info.task]:
-        raise DataError(f"--split {split!r}: a {info.task} run has the splits {', '.join(SPLITS[info.task])}")
+    task = info.run.task
+    if split not in SPLITS[task]:
+        raise DataError(f"--split {split!r}: a {task} run has the splits {', '.join(SPLITS[task])}")
     root = data_root or info.data_root
-    if info.task == CLASSIFY:
+    if task == CLASSIFY:
         data = get_classification_dataset(info.dataset, root, split, transform=None,
                                           skip_bad_images=info.skip_bad_images)
         if len(data) == 0:

@@ -1,12 +1,10 @@
 """Gram spectra (paper Figure 4): the shared part's Gram matrices beside the pretrained weights.
 
 For each MoRA layer slot, the shared factors ``S_v [r_s, d_v]`` and ``S_t [r_s, d_t]`` give the
-Gram matrices ``G_v = S_v S_vᵀ`` and ``G_t = S_t S_tᵀ`` (``r_s × r_s``). Their eigenvalues, sorted
-in descending order, are normalised to sum to 1. Beside them: the singular values of the
-**pretrained** (original, unadapted) weight ``W0`` of each adapted projection of that slot's vision
-and text blocks (``q``, ``k``, ``v`` rows of ``in_proj_weight``, ``out`` = ``out_proj.weight``),
-normalised by the sum of *all* ``d`` singular values, of which the top ``r_s`` are kept: each
-spectrum is a share of its own total. Only methods with a shared part (MoRA and its ablations) have
+Gram matrices ``G_v = S_v S_vᵀ`` and ``G_t = S_t S_tᵀ`` (``r_s × r_s``), whose eigenvalues
+(descending) are normalised to sum to 1. Beside them, for each adapted projection of the slot's
+vision and text blocks, the top ``r_s`` singular values of its pretrained weight ``W0``, each divided
+by the sum of all ``d`` of them. Only methods with a shared part (MoRA and its ablations) have
 spectra; the factors are read from ``adapter.safetensors`` under their public names
 ``shared.{slot}.vision`` and ``shared.{slot}.text``, independent of how adapters are built in memory.
 """

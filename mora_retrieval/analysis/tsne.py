@@ -1,7 +1,7 @@
 """t-SNE of embeddings (paper appendix Figure 10), with scikit-learn's ``TSNE``.
 
 The embeddings are L2-normalised first, so t-SNE's Euclidean neighbourhoods follow the cosine
-similarity CLIP is trained and scored with. The perplexity defaults to ``min(30, (n − 1) / 3)``
+similarity CLIP is trained and scored with. The perplexity is ``min(30, (n − 1) / 3)``
 (scikit-learn's default, capped for small sets: it must stay below the number of points);
 initialisation is PCA and the seed is fixed, so a figure is reproducible.
 """
@@ -22,13 +22,11 @@ def default_perplexity(points: int) -> float:
     return float(max(1.0, min(30.0, (points - 1) / 3.0)))
 
 
-def tsne_2d(embeddings: Any, seed: int = 0, perplexity: float | None = None) -> np.ndarray:
+def tsne_2d(embeddings: Any, seed: int = 0) -> np.ndarray:
     """2-D t-SNE coordinates ``[N, 2]`` of the L2-normalised ``embeddings`` ``[N, D]``."""
     x = unit_rows(as_matrix(embeddings, "embeddings")).numpy()
     if x.shape[0] < MIN_POINTS:
         raise ValueError(f"t-SNE needs at least {MIN_POINTS} points, got {x.shape[0]}")
-    perplexity = default_perplexity(x.shape[0]) if perplexity is None else float(perplexity)
-    if not 0 < perplexity < x.shape[0]:
-        raise ValueError(f"perplexity must be in (0, {x.shape[0]}), got {perplexity}")
-    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto", random_state=seed)
+    tsne = TSNE(n_components=2, perplexity=default_perplexity(x.shape[0]), init="pca", learning_rate="auto",
+                random_state=seed)
     return tsne.fit_transform(x).astype(np.float64)

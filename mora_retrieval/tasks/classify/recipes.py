@@ -44,7 +44,7 @@ from .settings import ClassifySettings, scenario_data
 
 
 def _missing_counts(dataset: Any) -> dict[str, int]:
-    """How many samples of each missing-modality code (0, 1, 2: ``data.missing.COMPLETE``, …) the dataset holds."""
+    """How many samples of each missing-modality code the dataset holds."""
     return dict(zip(("complete", "text_missing", "image_missing"), np.bincount(dataset.codes, minlength=3).tolist()))
 
 
@@ -202,7 +202,7 @@ def _cell(value: Any) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
 
 
-def write_grid_tables(rows: list[dict[str, Any]], out_dir: Path) -> tuple[Path, Path]:
+def write_grid_tables(rows: list[dict[str, Any]], out_dir: Path) -> None:
     """``grid.csv`` (one row per cell) and ``grid.md``, atomically.
 
     One method: missing types × ratios. Several (the paper's Table 1 shape): one column per
@@ -238,4 +238,3 @@ def write_grid_tables(rows: list[dict[str, Any]], out_dir: Path) -> tuple[Path, 
                 lines.append(f"| {100 * ratio:g}% | average | " + " | ".join(means) + " |")
     with atomic_write(out_dir / "grid.md", "w") as handle:
         handle.write("\n".join(lines) + "\n")
-    return out_dir / "grid.md", out_dir / "grid.csv"

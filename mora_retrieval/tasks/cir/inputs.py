@@ -108,13 +108,7 @@ class CIRInputs:
     train_gallery: Dataset
     val_gallery: Dataset
     val_records: list[dict[str, Any]]
-    spec: PreprocessSpec
-    prepared: bool
     dropped: dict[str, int] = field(default_factory=dict)  # triplets left out for bad images, per split
-
-    @property
-    def train_records(self) -> list[dict[str, Any]]:
-        return self.train.records
 
 
 def cir_inputs(data_root: str | os.PathLike, spec: PreprocessSpec, tokenizer: Callable, *, prepared: bool = True,
@@ -126,7 +120,7 @@ def cir_inputs(data_root: str | os.PathLike, spec: PreprocessSpec, tokenizer: Ca
         kw = {"transform": make_transform(spec), "skip_bad_images": skip_bad_images}
         train, val = CIRRTriplets(data_root, "train", **kw), CIRRTriplets(data_root, "val", **kw)
         return CIRInputs(train, CaptionCollate(tokenizer), CIRRGallery(data_root, "train", **kw),
-                         CIRRGallery(data_root, "val", **kw), list(val.records), spec, prepared=False)
+                         CIRRGallery(data_root, "val", **kw), list(val.records))
     train_triplets, val_triplets = CIRRTriplets(data_root, "train"), CIRRTriplets(data_root, "val")
     directory = default_prepared_dir(data_root) if prepared_dir is None else prepared_dir
     images = {}
@@ -137,5 +131,4 @@ def cir_inputs(data_root: str | os.PathLike, spec: PreprocessSpec, tokenizer: Ca
     train = PreparedTriplets(train_triplets.records, images["train"])
     val_records, val_dropped = usable_records(val_triplets.records, images["val"])
     return CIRInputs(train, PreparedTripletCollate(images["train"], tokenizer), PreparedGallery(images["train"]),
-                     PreparedGallery(images["val"]), val_records, spec, prepared=True,
-                     dropped={"train": train.dropped, "val": val_dropped})
+                     PreparedGallery(images["val"]), val_records, {"train": train.dropped, "val": val_dropped})

@@ -155,12 +155,10 @@ def run_grid(settings: ClassifySettings, train_config: TrainConfig, out_dir: str
              methods: Sequence[ClassifySettings] | None = None) -> list[dict[str, Any]]:
     """The paper's tables: one run per (type, ratio), trained and tested on that scenario.
 
-    Without ``methods``, the cells use ``settings`` and live in ``out_dir/<type>-<ratio>`` (one
-    method's row of Table 1). ``methods`` (the Table 1 / Table 4 shape) gives one settings per
-    method (the CLI builds each as a run of its own would be); every method gets a cell per scenario in
-    ``out_dir/<method>/<type>-<ratio>``. Cells whose ``results.json`` exists are reused (a cell
-    holding another method's run is refused); with ``resume`` an interrupted cell is continued.
-    Writes ``grid.md`` and ``grid.csv`` in ``out_dir`` and returns the rows.
+    The cells live in ``out_dir/<type>-<ratio>``, or, with ``methods`` (one settings per method, the
+    Table 1 / Table 4 shape), in ``out_dir/<method>/<type>-<ratio>``. A cell whose ``results.json`` exists
+    is reused (one holding another method's run is refused); with ``resume`` an interrupted cell is
+    continued. Writes ``grid.md`` and ``grid.csv`` in ``out_dir`` and returns the rows.
     """
     bad = [t for t in types if t not in GRID_TYPES] + [str(r) for r in ratios if not 0.0 < r <= 1.0]
     if bad or not types or not ratios:

@@ -28,7 +28,7 @@ from ...runs import (ADAPTER_DIR, COMBINER_FILE, MERGED_FILE, RESULTS_FILE, STAG
 from ...engine.config import TRAINING_FIELDS
 from ..settings import differences
 from .inputs import CIRInputs, cir_inputs
-from .metrics import submission_files
+from .metrics import cirr_rankings, submission_files
 from .settings import CIRSettings
 from .stages import CIRRValidation, CIRStage1, CIRStage2, encode_split, triplet_features
 
@@ -190,7 +190,8 @@ def evaluate_cirr_run(run_dir: str | Path, data_root: str | None = None, split: 
     with torch.no_grad():
         if split != "test1":
             return {"split": split, "combiner": combiner is not None, **validation.metrics(feats, combiner)}
-        full, subset = validation.rankings(feats, combiner)
+        full, subset = cirr_rankings(validation.similarity(feats, combiner), feats.names, validation.reference_names,
+                                     [list(r["img_set"]["members"]) for r in validation.records])
     recall, recall_subset = submission_files([r["pairid"] for r in validation.records], full, subset)
     out = Path(out_dir or run_dir)
     write_json(out / "recall_submission.json", recall)

@@ -26,7 +26,7 @@ from ...model.encode import collect, composed_query, encode_images, encode_texts
 from ...model.bf16_prefix import Bf16Prefix
 from ...model.prefix_cache import FrozenPrefixCache
 from .inputs import PreparedGallery, usable_positions
-from .metrics import cirr_rankings, cirr_recalls
+from .metrics import cirr_recalls
 
 LOGIT_SCALE = 100.0
 
@@ -114,11 +114,6 @@ class CIRRValidation:
                             [r["target_hard"] for r in split.records],
                             [list(r["img_set"]["members"]) for r in split.records])
 
-    def rankings(self, feats: SplitFeatures, combiner: nn.Module | None = None) -> tuple[list, list]:
-        """Per query: the top 50 gallery names and the top 3 subset members."""
-        return cirr_rankings(self.similarity(feats, combiner), feats.names, self.reference_names,
-                             [list(r["img_set"]["members"]) for r in self.records])
-
 
 class CIRStage1(TrainModule):
     """Stage 1: adapt the encoders (adapters already injected into ``model``). A batch carries normalised
@@ -141,7 +136,7 @@ class CIRStage1(TrainModule):
         self.bf16_prefixes: tuple[Bf16Prefix, Bf16Prefix] | None = None
 
     def enable_prefix_cache(self, device: str | torch.device = "cpu", image_rows: int = 0, text_rows: int = 0,
-                            image_names: Sequence[str] | None = None, memory_budget: int | None = None,
+                            image_names: Sequence[str] | None = None,
                             stop_reading: tuple[torch.Tensor, torch.Tensor] | None = None) -> bool:
         """Cache the frozen leading blocks' outputs per image row and per caption (triplet index) across
         epochs (:class:`~mora_retrieval.model.prefix_cache.FrozenPrefixCache`); deterministic inputs only.
@@ -150,8 +145,8 @@ class CIRStage1(TrainModule):
         ``stop_reading`` = ``(read_pixels, needed_rows)``: the shared flag is cleared once the image cache
         holds every needed row. Returns whether any tower has a frozen prefix.
         """
-        caches = (FrozenPrefixCache(self.model.visual.transformer, image_rows, device, memory_budget),
-                  FrozenPrefixCache(self.model.transformer, text_rows, device, memory_budget))
+        caches = (FrozenPrefixCache(self.model.visual.transformer, image_rows, device),
+                  FrozenPrefixCache(self.model.transformer, text_rows, device))
         self.prefix_caches = caches if any(c.active for c in caches) else None
         self._row_of = None if image_names is None else {name: i for i, name in enumerate(image_names)}
         self._stop_reading = stop_reading

@@ -62,10 +62,7 @@ def _check_resume(run_dir: Path, settings: CIRSettings) -> None:
 
 def train_cirr(settings: CIRSettings, resume: bool = False, console=None, quiet: bool = False) -> dict[str, Any]:
     """Train stage 1 (and stage 2 unless ``settings.stage2`` is None); return the results dict.
-
-    Under ``torchrun`` every rank runs this; both stages share one process group, only rank 0
-    writes files.
-    """
+    Under ``torchrun`` every rank runs this, in one process group for both stages; only rank 0 writes files."""
     if not get_method(settings.adapter.method).mergeable:
         raise TrainingError(f"train cirr: {settings.adapter.method} is a prompt baseline of the classification tables "
                             f"and cannot be merged, but a CIR run exports a merged encoder; use mora, lora, dora, "
@@ -167,12 +164,8 @@ def train_cirr(settings: CIRSettings, resume: bool = False, console=None, quiet:
 def evaluate_cirr_run(run_dir: str | Path, data_root: str | None = None, split: str = "val",
                       out_dir: str | Path | None = None, device: str | None = None,
                       use_combiner: bool = True) -> dict[str, Any]:
-    """Evaluate a finished run's merged model (and Combiner) on CIRR ``val``, or export ``test1``.
-
-    For ``test1`` (no targets) writes ``recall_submission.json`` and
-    ``recall_subset_submission.json`` (the CIRR server's format) into ``out_dir`` (default: the
-    run folder) and returns their paths.
-    """
+    """Evaluate a finished run's merged model (and Combiner) on CIRR ``val``, or export ``test1`` (no targets):
+    the CIRR server's two submission files, written into ``out_dir`` (default: the run folder)."""
     run = FinishedRun.open(run_dir, TrainingError, tasks=("cir",),
                            needs="eval cirr needs a folder written by `mora-ret train cirr`")
     settings = CIRSettings.from_dict(run.record, str(run_dir))

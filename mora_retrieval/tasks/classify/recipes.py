@@ -51,9 +51,7 @@ def _missing_counts(dataset: Any) -> dict[str, int]:
 def train_classifier(settings: ClassifySettings, train_config: TrainConfig, run_dir: str | os.PathLike,
                      resume: bool = False, console: Any = None, quiet: bool = False) -> dict[str, Any] | None:
     """Train, select the best epoch on validation, merge, test; returns ``results.json``'s content.
-
-    Under ``torchrun`` only rank 0 finishes the run (files, test); other ranks return ``None``.
-    """
+    Under ``torchrun`` only rank 0 finishes the run (files, test); other ranks return ``None``."""
     run_dir = Path(run_dir)
     scen = settings.scenarios
     probe = scenario_data(settings, "train", scen["train"], transform=None)

@@ -58,7 +58,6 @@ class SplitFeatures:
         return self.gallery[[index[name] for name in names]]
 
 
-@torch.no_grad()
 def encode_split(model: nn.Module, tokenizer: Callable, gallery: Dataset, captions: Sequence[str],
                  device: torch.device, precision: str = "fp32", batch_size: int = 256,
                  num_workers: int = 0) -> SplitFeatures:

@@ -27,24 +27,10 @@ from ...runs import (ADAPTER_DIR, COMBINER_FILE, MERGED_FILE, RESULTS_FILE, STAG
                      has_record, read_record, resumable, write_record, write_results)
 from ...engine.config import TRAINING_FIELDS
 from ..settings import differences
-from .inputs import CIRInputs, cir_inputs
+from .inputs import cir_inputs
 from .metrics import cirr_rankings, submission_files
 from .settings import CIRSettings
 from .stages import CIRRValidation, CIRStage1, CIRStage2, encode_split, triplet_features
-
-
-def _enable_prefix_cache(module: CIRStage1, inputs: CIRInputs, prepared: bool, device, distributed: bool,
-                         console) -> None:
-    """--cache-frozen: dense prefix caches over the training images and captions; with the
-    prepared cache and one process, batches stop carrying pixels once every image is cached.
-    (Under DDP each rank fills only the rows it sees, and the sampler gives it other rows every
-    epoch, so the ranks keep reading pixels.)"""
-    gallery = inputs.train_gallery
-    rows, names = (len(gallery.prepared), None) if prepared else (len(gallery.names), gallery.names)
-    stop = (inputs.collate.read_pixels, inputs.train.needed_rows) if prepared and not distributed else None
-    cached = module.enable_prefix_cache(device, rows, len(inputs.train), names, stop_reading=stop)
-    if not cached and console is not None:
-        console.print("[yellow]--cache-frozen: no frozen leading blocks to cache with this adapter method[/]")
 
 
 #: Settings a resumed run must keep; the others (data root, workers, device, …) may change.
@@ -103,9 +89,17 @@ def train_cirr(settings: CIRSettings, resume: bool = False, console=None, quiet:
         trainer = Trainer(module, settings.stage1, run_dir / STAGE1_DIR, inputs.train, inputs.collate,
                           console=console, quiet=quiet, extra_config=extra)
         validation.num_workers = trainer.num_workers  # as resolved by the engine
-        if settings.cache_frozen:
-            _enable_prefix_cache(module, inputs, settings.prepared, trainer.device, info.enabled,
-                                 console if not quiet else None)
+        if settings.cache_frozen:  # dense prefix caches over the training images and captions
+            gallery = inputs.train_gallery
+            rows, names = (len(gallery.prepared), None) if settings.prepared else (len(gallery.names), gallery.names)
+            # With the prepared cache and one process, batches stop carrying pixels once every image is cached
+            # (under DDP each rank fills only the rows it sees, and the sampler gives it other rows every epoch).
+            stop = None
+            if settings.prepared and not info.enabled:
+                stop = (inputs.collate.read_pixels, inputs.train.needed_rows)
+            cached = module.enable_prefix_cache(trainer.device, rows, len(inputs.train), names, stop_reading=stop)
+            if not cached and console is not None and not quiet:
+                console.print("[yellow]--cache-frozen: no frozen leading blocks to cache with this adapter method[/]")
         elif trainer.precision == "bf16":
             module.enable_bf16_prefix()  # the frozen leading blocks in pure bf16
         stage1 = trainer.fit(resume=resumable(run_dir / STAGE1_DIR, resume))

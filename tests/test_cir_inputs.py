@@ -90,7 +90,7 @@ def test_bad_images_leave_their_triplets_out_of_every_stage(world, tiny_model, t
     uses_bad = [r for r in train_records if bad in (r["reference"], r["target_hard"])]
     assert inputs.dropped == {"train": len(uses_bad), "val": 0} and len(uses_bad) >= 1
     assert len(inputs.train) == len(train_records) - len(uses_bad)
-    assert all(bad not in (r["reference"], r["target_hard"]) for r in inputs.train_records)
+    assert all(bad not in (r["reference"], r["target_hard"]) for r in inputs.train.records)
     gallery_names = [inputs.train_gallery[i]["name"] for i in range(len(inputs.train_gallery))]
     assert bad not in gallery_names and len(gallery_names) == len(read_image_split(root, "train")) - 1
 

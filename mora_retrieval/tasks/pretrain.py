@@ -103,18 +103,6 @@ def caption_retrieval_recall(image: torch.Tensor, text: torch.Tensor, image_ids:
     return {"t2i_recall@1": t2i, "i2t_recall@1": i2t, "mean_recall@1": (t2i + i2t) / 2}
 
 
-def _datasets(settings: PretrainSettings, transform):
-    if (settings.coco_root is None) == (settings.folder is None):
-        raise MoraError("pretraining needs exactly one source: --coco-root DIR or --folder DIR")
-    if settings.coco_root is not None:
-        train = COCOCaptions(settings.coco_root, settings.train_split, transform)
-        val = COCOCaptions(settings.coco_root, settings.val_split, transform) if settings.val_split else None
-    else:
-        train = ImageCaptionFolder(settings.folder, transform)
-        val = ImageCaptionFolder(settings.val_folder, transform) if settings.val_folder else None
-    return train, val
-
-
 def is_pretrained(run_dir: str | Path, settings: PretrainSettings) -> bool:
     """Whether ``run_dir`` already holds a finished pretraining with these settings."""
     run_dir = Path(run_dir)
@@ -130,7 +118,14 @@ def pretrain(settings: PretrainSettings, resume: bool = False, console=None, qui
     model = backbone.model
     model.requires_grad_(True)
     transform = make_transform("clip", image_size_of(model))
-    train_set, val_set = _datasets(settings, transform)
+    if (settings.coco_root is None) == (settings.folder is None):
+        raise MoraError("pretraining needs exactly one source: --coco-root DIR or --folder DIR")
+    if settings.coco_root is not None:
+        train_set = COCOCaptions(settings.coco_root, settings.train_split, transform)
+        val_set = COCOCaptions(settings.coco_root, settings.val_split, transform) if settings.val_split else None
+    else:
+        train_set = ImageCaptionFolder(settings.folder, transform)
+        val_set = ImageCaptionFolder(settings.val_folder, transform) if settings.val_folder else None
     module = ContrastivePretraining(model, backbone.tokenizer, val_set, info.rank, info.world_size)
     trainer = Trainer(module, settings.train, engine_dir, train_set, CaptionCollate(backbone.tokenizer),
                       console=console, quiet=quiet, extra_config={"arch": settings.arch, "init": settings.init})

@@ -20,9 +20,8 @@ from ..fileio import read_json
 class SettingsRecord:
     """``to_dict`` / ``from_dict`` of a recipe's settings dataclass (the run record, the layers' base).
 
-    Nested configs (``AdapterConfig``, ``TrainConfig``) are written with their own ``to_dict``; the
-    fields in ``NESTED`` (name: config class) are read back from such dicts. ``TASK`` (if set) is
-    written as the record's ``task`` key; the fields in ``NOT_RECORDED`` are left out.
+    ``NESTED``: the fields read back with their config class's ``from_dict``; ``TASK`` (if set) is
+    written as the ``task`` key; the fields in ``NOT_RECORDED`` are left out.
     """
 
     TASK: ClassVar[str | None] = None
@@ -44,8 +43,7 @@ class SettingsRecord:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], run_dir: str | None = None):
-        """Inverse of :meth:`to_dict`: keys that are no field (``task``) are ignored, absent fields take
-        their defaults; ``run_dir``, which is not recorded, is given here."""
+        """Inverse of :meth:`to_dict` (keys that are no field are ignored); ``run_dir`` is given here."""
         known = {field.name for field in fields(cls)}
         values = {key: value for key, value in data.items() if key in known}
         if run_dir is not None:
@@ -72,8 +70,7 @@ def read_config_file(path: str | Path | None) -> dict[str, Any]:
 
 
 def method_of(config: dict[str, Any], overrides: dict[str, Any] | None) -> str:
-    """The adapter method: the command line's, else the config file's, else ``mora`` (read first: the
-    defaults depend on it)."""
+    """The adapter method: the command line's, else the config file's, else ``mora`` (the defaults depend on it)."""
     for layer in (overrides or {}, config):
         method = (layer.get("adapter") or {}).get("method")
         if method is not None:
@@ -82,9 +79,8 @@ def method_of(config: dict[str, Any], overrides: dict[str, Any] | None) -> str:
 
 
 def layered(defaults: dict[str, Any], config: dict[str, Any], overrides: dict[str, Any] | None,
-            source: str = "config file") -> dict[str, Any]:
-    """``defaults`` updated by ``config`` (checked against the defaults' keys), then by the
-    given (non-None) ``overrides``."""
+            source: str) -> dict[str, Any]:
+    """``defaults`` updated by ``config`` (read from ``source``), then by the given (non-None) ``overrides``."""
     merged = _deep_update(defaults, config, source)
     return _deep_update(merged, _drop_none(overrides or {}), "command line")
 
@@ -119,7 +115,6 @@ def differences(saved: dict[str, Any], ours: dict[str, Any], keys: tuple[str, ..
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
-    """``d`` without its None values, nor the nested dicts left empty."""
     out = {}
     for key, value in d.items():
         value = _drop_none(value) if isinstance(value, dict) else value

@@ -1,21 +1,13 @@
 """What ``train_cirr`` reads: CIRR triplets and galleries, from the prepared-image cache or the image files.
 
-With the prepared cache (the default) each CIRR split's gallery is decoded and preprocessed
-once, with the model's own preprocessing (:func:`~mora_retrieval.data.images.preprocess_spec`),
-into a memory-mapped uint8 file (:mod:`mora_retrieval.data.prepared`), reused by every epoch
-and every later run while the images and the preprocessing stay the same. Training items are
-then just rows and a caption (:class:`PreparedTriplets`), batched into one uint8 tensor
-(:class:`PreparedTripletCollate`, so a DataLoader worker ships one buffer per batch) and
-normalised on the training device, inside the stage-1 forward. Validation and the Combiner's
-features read the same caches (:class:`PreparedGallery`).
+With the prepared cache (the default) each split's gallery is decoded and preprocessed once, with
+the model's own preprocessing, into a memory-mapped uint8 file (:mod:`mora_retrieval.data.prepared`)
+that every epoch and later run reuses; batches carry uint8 pixels (one buffer per batch from a
+DataLoader worker), normalised on the training device. Without it, the image files are decoded every
+epoch with the equivalent PIL transform; on the CPU both give bit-identical pixels.
 
-Bad images (``skip_bad_images``): their rows are not ok in the cache; the triplets whose
-reference or target is such a row are left out of stage 1, stage 2 and validation, and
-counted in :attr:`CIRInputs.dropped`.
-
-Without the cache, the datasets decode the image files every epoch with the equivalent PIL
-transform (:func:`~mora_retrieval.data.images.make_transform` of the same spec); on the CPU
-both give bit-identical pixels.
+Bad images (``skip_bad_images``): the triplets whose reference or target is unreadable are left out
+of stage 1, stage 2 and validation, and counted in :attr:`CIRInputs.dropped`.
 """
 
 from __future__ import annotations
@@ -35,8 +27,7 @@ from ...data.prepared import PreparedImages, default_prepared_dir, prepare_image
 
 
 def usable_positions(records: Sequence[dict[str, Any]], known: Container[str]) -> list[int]:
-    """Positions of the triplets whose reference and target (where the split has targets) are ``known``
-    images: with ``skip_bad_images`` an unreadable image is not, nor is any triplet that needs it."""
+    """Positions of the triplets whose reference and target (where the split has targets) are ``known`` images."""
     return [i for i, r in enumerate(records)
             if r["reference"] in known and r.get("target_hard", r["reference"]) in known]
 
@@ -49,9 +40,8 @@ def usable_records(records: Sequence[dict[str, Any]], prepared: PreparedImages) 
 
 
 class PreparedTriplets(Dataset):
-    """Training triplets over a prepared gallery: item ``i`` -> ``{"reference_row", "target_row",
-    "caption", "index"}`` (no pixels: :class:`PreparedTripletCollate` gathers them per batch), of the
-    ``records`` whose images are ok; ``dropped`` counts the others."""
+    """Training triplets whose images are ok in a prepared gallery, as rows and a caption (no pixels:
+    :class:`PreparedTripletCollate` gathers them per batch); ``dropped`` counts the others."""
 
     def __init__(self, records: Sequence[dict[str, Any]], prepared: PreparedImages) -> None:
         self.records, self.dropped = usable_records(records, prepared)
@@ -73,11 +63,9 @@ class PreparedTriplets(Dataset):
 
 
 class PreparedTripletCollate(CaptionCollate):
-    """Items of :class:`PreparedTriplets` -> one batch: ``pixels`` uint8 ``[2B, 3, H, W]`` (the B
-    references, then the B targets, read from the map in one gather), ``reference_row``,
-    ``target_row`` and ``index`` as int64 tensors, ``caption`` and its ``tokens``. Once the
-    shared-memory flag ``read_pixels`` is cleared (:meth:`.stages.CIRStage1.enable_prefix_cache`),
-    even persistent DataLoader workers send batches without ``pixels``.
+    """Items of :class:`PreparedTriplets` -> a batch with ``pixels`` uint8 ``[2B, 3, H, W]`` (references,
+    then targets, in one gather). Once the shared-memory flag ``read_pixels`` is cleared
+    (:meth:`.stages.CIRStage1.enable_prefix_cache`), even persistent workers send batches without ``pixels``.
     """
 
     def __init__(self, prepared: PreparedImages, tokenizer: Callable) -> None:
@@ -93,8 +81,7 @@ class PreparedTripletCollate(CaptionCollate):
 
 
 class PreparedGallery(Dataset):
-    """The ok images of a prepared split: item -> ``{"row", "name"}``; batch them with
-    :meth:`collate` (one uint8 ``pixels`` tensor per batch) and normalise on the device."""
+    """The ok images of a prepared split; :meth:`collate` batches them into one uint8 ``pixels`` tensor."""
 
     def __init__(self, prepared: PreparedImages) -> None:
         self.prepared = prepared
@@ -114,34 +101,26 @@ class PreparedGallery(Dataset):
 
 @dataclass
 class CIRInputs:
-    """The datasets of a CIR run: stage-1 triplets and their collate, the galleries (train for the
-    Combiner's features, val for validation) and the val triplets' records."""
+    """The datasets of a CIR run: stage-1 triplets and their collate, the train and val galleries, the val records."""
 
     train: Dataset
     collate: Callable
     train_gallery: Dataset
     val_gallery: Dataset
     val_records: list[dict[str, Any]]
-    spec: PreprocessSpec
-    prepared: bool
     dropped: dict[str, int] = field(default_factory=dict)  # triplets left out for bad images, per split
-
-    @property
-    def train_records(self) -> list[dict[str, Any]]:
-        return self.train.records
 
 
 def cir_inputs(data_root: str | os.PathLike, spec: PreprocessSpec, tokenizer: Callable, *, prepared: bool = True,
                prepared_dir: str | os.PathLike | None = None, skip_bad_images: bool = False,
                workers: int | None = None) -> CIRInputs:
-    """The training and validation inputs of CIRR at ``data_root`` under ``spec``: the prepared caches
-    (built or reused in ``prepared_dir``, default :func:`~mora_retrieval.data.prepared.default_prepared_dir`,
-    by ``workers`` decoding processes), or, without ``prepared``, the image files."""
+    """CIRR's training and validation inputs under ``spec``: the prepared caches (built or reused in
+    ``prepared_dir``, default :func:`~mora_retrieval.data.prepared.default_prepared_dir`), or the image files."""
     if not prepared:
         kw = {"transform": make_transform(spec), "skip_bad_images": skip_bad_images}
         train, val = CIRRTriplets(data_root, "train", **kw), CIRRTriplets(data_root, "val", **kw)
         return CIRInputs(train, CaptionCollate(tokenizer), CIRRGallery(data_root, "train", **kw),
-                         CIRRGallery(data_root, "val", **kw), list(val.records), spec, prepared=False)
+                         CIRRGallery(data_root, "val", **kw), list(val.records))
     train_triplets, val_triplets = CIRRTriplets(data_root, "train"), CIRRTriplets(data_root, "val")
     directory = default_prepared_dir(data_root) if prepared_dir is None else prepared_dir
     images = {}
@@ -152,5 +131,4 @@ def cir_inputs(data_root: str | os.PathLike, spec: PreprocessSpec, tokenizer: Ca
     train = PreparedTriplets(train_triplets.records, images["train"])
     val_records, val_dropped = usable_records(val_triplets.records, images["val"])
     return CIRInputs(train, PreparedTripletCollate(images["train"], tokenizer), PreparedGallery(images["train"]),
-                     PreparedGallery(images["val"]), val_records, spec, prepared=True,
-                     dropped={"train": train.dropped, "val": val_dropped})
+                     PreparedGallery(images["val"]), val_records, {"train": train.dropped, "val": val_dropped})

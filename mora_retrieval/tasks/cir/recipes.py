@@ -27,23 +27,10 @@ from ...runs import (ADAPTER_DIR, COMBINER_FILE, MERGED_FILE, RESULTS_FILE, STAG
                      has_record, read_record, resumable, write_record, write_results)
 from ...engine.config import TRAINING_FIELDS
 from ..settings import differences
-from .inputs import CIRInputs, cir_inputs
-from .metrics import submission_files
+from .inputs import cir_inputs
+from .metrics import cirr_rankings, submission_files
 from .settings import CIRSettings
 from .stages import CIRRValidation, CIRStage1, CIRStage2, encode_split, triplet_features
-
-
-def _enable_prefix_cache(module: CIRStage1, inputs: CIRInputs, device, distributed: bool, console) -> None:
-    """--cache-frozen: dense prefix caches over the training images and captions; with the
-    prepared cache and one process, batches stop carrying pixels once every image is cached.
-    (Under DDP each rank fills only the rows it sees, and the sampler gives it other rows every
-    epoch, so the ranks keep reading pixels.)"""
-    gallery = inputs.train_gallery
-    rows, names = (len(gallery.prepared), None) if inputs.prepared else (len(gallery.names), gallery.names)
-    stop = (inputs.collate.read_pixels, inputs.train.needed_rows) if inputs.prepared and not distributed else None
-    cached = module.enable_prefix_cache(device, rows, len(inputs.train), names, stop_reading=stop)
-    if not cached and console is not None:
-        console.print("[yellow]--cache-frozen: no frozen leading blocks to cache with this adapter method[/]")
 
 
 #: Settings a resumed run must keep; the others (data root, workers, device, …) may change.
@@ -61,10 +48,7 @@ def _check_resume(run_dir: Path, settings: CIRSettings) -> None:
 
 def train_cirr(settings: CIRSettings, resume: bool = False, console=None, quiet: bool = False) -> dict[str, Any]:
     """Train stage 1 (and stage 2 unless ``settings.stage2`` is None); return the results dict.
-
-    Under ``torchrun`` every rank runs this; both stages share one process group, only rank 0
-    writes files.
-    """
+    Under ``torchrun`` every rank runs this, in one process group for both stages; only rank 0 writes files."""
     if not get_method(settings.adapter.method).mergeable:
         raise TrainingError(f"train cirr: {settings.adapter.method} is a prompt baseline of the classification tables "
                             f"and cannot be merged, but a CIR run exports a merged encoder; use mora, lora, dora, "
@@ -84,9 +68,10 @@ def train_cirr(settings: CIRSettings, resume: bool = False, console=None, quiet:
         backbone = load_backbone(settings.arch, settings.pretrained)
         model = add_adapters(backbone.model, settings.adapter)
         trainable, total, share = trainable_share(model)
-        inputs = cir_inputs(settings.data_root, preprocess_spec(model, settings.transform), backbone.tokenizer,
-                            prepared=settings.prepared, prepared_dir=settings.prepared_dir,
-                            skip_bad_images=settings.skip_bad_images, workers=settings.stage1.num_workers)
+        spec = preprocess_spec(model, settings.transform)
+        inputs = cir_inputs(settings.data_root, spec, backbone.tokenizer, prepared=settings.prepared,
+                            prepared_dir=settings.prepared_dir, skip_bad_images=settings.skip_bad_images,
+                            workers=settings.stage1.num_workers)
         settings.stage1.check_fits(len(inputs.train), f"{settings.data_root}: CIRR train split", info.world_size)
         if settings.stage2 is not None:
             settings.stage2.check_fits(len(inputs.train), f"{settings.data_root}: CIRR train split (Combiner)",
@@ -98,14 +83,23 @@ def train_cirr(settings: CIRSettings, resume: bool = False, console=None, quiet:
             console.print("[yellow]left out for bad images: "
                           + ", ".join(f"{n} {split} triplet(s)" for split, n in inputs.dropped.items()) + "[/]")
         validation = CIRRValidation(inputs.val_gallery, inputs.val_records, settings.eval_batch_size)
-        module = CIRStage1(model, backbone.tokenizer, validation, pixel_spec=inputs.spec)
+        module = CIRStage1(model, backbone.tokenizer, validation, pixel_spec=spec)
         extra = {"task": "cir-stage1", "arch": settings.arch, "pretrained": settings.pretrained,
                  "adapter": settings.adapter.to_dict()}
         trainer = Trainer(module, settings.stage1, run_dir / STAGE1_DIR, inputs.train, inputs.collate,
                           console=console, quiet=quiet, extra_config=extra)
         validation.num_workers = trainer.num_workers  # as resolved by the engine
-        if settings.cache_frozen:
-            _enable_prefix_cache(module, inputs, trainer.device, info.enabled, console if not quiet else None)
+        if settings.cache_frozen:  # dense prefix caches over the training images and captions
+            gallery = inputs.train_gallery
+            rows, names = (len(gallery.prepared), None) if settings.prepared else (len(gallery.names), gallery.names)
+            # With the prepared cache and one process, batches stop carrying pixels once every image is cached
+            # (under DDP each rank fills only the rows it sees, and the sampler gives it other rows every epoch).
+            stop = None
+            if settings.prepared and not info.enabled:
+                stop = (inputs.collate.read_pixels, inputs.train.needed_rows)
+            cached = module.enable_prefix_cache(trainer.device, rows, len(inputs.train), names, stop_reading=stop)
+            if not cached and console is not None and not quiet:
+                console.print("[yellow]--cache-frozen: no frozen leading blocks to cache with this adapter method[/]")
         elif trainer.precision == "bf16":
             module.enable_bf16_prefix()  # the frozen leading blocks in pure bf16
         stage1 = trainer.fit(resume=resumable(run_dir / STAGE1_DIR, resume))
@@ -131,15 +125,15 @@ def train_cirr(settings: CIRSettings, resume: bool = False, console=None, quiet:
         # encoded once: the stage-1 score and stage 2's validation data
         val_split = validation.encode(merged, backbone.tokenizer, device, precision)
         results["val_stage1"] = validation.metrics(val_split)
-        if not inputs.prepared:  # image files: a bad image shows as a gallery image that was not encoded
+        if not settings.prepared:  # image files: a bad image shows as a gallery image that was not encoded
             results["dropped_triplets"]["val"] = len(inputs.val_records) - len(validation.usable(val_split)[0].records)
 
         if settings.stage2 is not None:
             train_split = encode_split(merged, backbone.tokenizer, inputs.train_gallery,
-                                       [r["caption"] for r in inputs.train_records], device, precision,
+                                       [r["caption"] for r in inputs.train.records], device, precision,
                                        settings.eval_batch_size, trainer.num_workers)
-            train_feats, dropped = triplet_features(train_split, inputs.train_records)
-            if not inputs.prepared:
+            train_feats, dropped = triplet_features(train_split, inputs.train.records)
+            if not settings.prepared:
                 results["dropped_triplets"]["train"] = dropped  # stage 1's batches dropped them too
             if console is not None and not quiet:
                 console.rule(f"stage 2: the Combiner on cached features of {len(train_feats)} triplets")
@@ -164,12 +158,8 @@ def train_cirr(settings: CIRSettings, resume: bool = False, console=None, quiet:
 def evaluate_cirr_run(run_dir: str | Path, data_root: str | None = None, split: str = "val",
                       out_dir: str | Path | None = None, device: str | None = None,
                       use_combiner: bool = True) -> dict[str, Any]:
-    """Evaluate a finished run's merged model (and Combiner) on CIRR ``val``, or export ``test1``.
-
-    For ``test1`` (no targets) writes ``recall_submission.json`` and
-    ``recall_subset_submission.json`` (the CIRR server's format) into ``out_dir`` (default: the
-    run folder) and returns their paths.
-    """
+    """Evaluate a finished run's merged model (and Combiner) on CIRR ``val``, or export ``test1`` (no targets):
+    the CIRR server's two submission files, written into ``out_dir`` (default: the run folder)."""
     run = FinishedRun.open(run_dir, TrainingError, tasks=("cir",),
                            needs="eval cirr needs a folder written by `mora-ret train cirr`")
     settings = CIRSettings.from_dict(run.record, str(run_dir))
@@ -187,7 +177,8 @@ def evaluate_cirr_run(run_dir: str | Path, data_root: str | None = None, split: 
     with torch.no_grad():
         if split != "test1":
             return {"split": split, "combiner": combiner is not None, **validation.metrics(feats, combiner)}
-        full, subset = validation.rankings(feats, combiner)
+        full, subset = cirr_rankings(validation.similarity(feats, combiner), feats.names, validation.reference_names,
+                                     [list(r["img_set"]["members"]) for r in validation.records])
     recall, recall_subset = submission_files([r["pairid"] for r in validation.records], full, subset)
     out = Path(out_dir or run_dir)
     write_json(out / "recall_submission.json", recall)

@@ -2,15 +2,9 @@
 
 Stage 1 (encoder adaptation): query ``normalize(f_img(ref) + f_txt(caption))``, target
 ``normalize(f_img(target))``, cross-entropy over ``100 · query @ targetsᵀ`` with the other
-targets of the (per-process) batch as negatives. Reference and target images go through the
-image tower in one batch.
-
-Stage 2 (Combiner): the merged encoders are frozen; the features of every triplet are computed
-once (:func:`encode_split`, :func:`triplet_features`) and the Combiner trains on them with the same loss.
-
-Validation (both stages) uses the CIRR metrics of :mod:`.metrics` on the val split
-(:class:`CIRRValidation`, also behind ``mora-ret eval cirr``): the gallery is encoded once per
-evaluation and the reference features are looked up in it.
+targets of the (per-process) batch as negatives. Stage 2: the Combiner, with the same loss, on
+the features of the frozen merged encoders, computed once. Validation (:class:`CIRRValidation`)
+encodes the gallery once and looks the reference features up in it.
 """
 
 from __future__ import annotations
@@ -32,7 +26,7 @@ from ...model.encode import collect, composed_query, encode_images, encode_texts
 from ...model.bf16_prefix import Bf16Prefix
 from ...model.prefix_cache import FrozenPrefixCache
 from .inputs import PreparedGallery, usable_positions
-from .metrics import cirr_rankings, cirr_recalls
+from .metrics import cirr_recalls
 
 LOGIT_SCALE = 100.0
 
@@ -64,13 +58,11 @@ class SplitFeatures:
         return self.gallery[[index[name] for name in names]]
 
 
-@torch.no_grad()
 def encode_split(model: nn.Module, tokenizer: Callable, gallery: Dataset, captions: Sequence[str],
                  device: torch.device, precision: str = "fp32", batch_size: int = 256,
                  num_workers: int = 0) -> SplitFeatures:
-    """Encode a split's gallery (items with ``image`` and ``name``, or a prepared gallery whose
-    uint8 pixels are normalised on ``device``) and its captions."""
-    if isinstance(gallery, PreparedGallery):  # one uint8 batch per step, normalised here
+    """Encode a split's gallery (items with ``image`` and ``name``, or a :class:`PreparedGallery`) and its captions."""
+    if isinstance(gallery, PreparedGallery):
         prepared = gallery.prepared
         out = collect(ordered_loader(gallery, batch_size, device, num_workers, collate_fn=gallery.collate),
                       lambda batch: {"features": model.encode_image(prepared.normalize(batch["pixels"], device=device))
@@ -86,7 +78,7 @@ def encode_split(model: nn.Module, tokenizer: Callable, gallery: Dataset, captio
 
 @dataclass
 class CIRRValidation:
-    """A CIRR split ready for evaluation: its gallery (items with ``image`` and ``name``) and triplets."""
+    """A CIRR split ready for evaluation: its gallery and triplets."""
 
     gallery: Dataset
     records: list[dict[str, Any]]  # CIRRTriplets.records (no target_hard in test1)
@@ -98,8 +90,7 @@ class CIRRValidation:
         return [r["reference"] for r in self.records]
 
     def usable(self, feats: SplitFeatures) -> tuple["CIRRValidation", SplitFeatures]:
-        """This split without the queries whose images were skipped as unreadable (see
-        :func:`~.inputs.usable_positions`), and their features; ``self`` when none was."""
+        """This split and its features without the queries whose images were skipped as unreadable."""
         keep = usable_positions(self.records, set(feats.names))
         if len(keep) == len(self.records):
             return self, feats
@@ -116,22 +107,17 @@ class CIRRValidation:
         return F.normalize(query, dim=-1) @ F.normalize(feats.gallery, dim=-1).T
 
     def metrics(self, feats: SplitFeatures, combiner: nn.Module | None = None) -> dict[str, float]:
-        """The CIRR metrics (:func:`~.metrics.cirr_recalls`) of the split's usable queries."""
+        """The CIRR metrics of the split's usable queries."""
         split, feats = self.usable(feats)
         return cirr_recalls(split.similarity(feats, combiner), feats.names, split.reference_names,
                             [r["target_hard"] for r in split.records],
                             [list(r["img_set"]["members"]) for r in split.records])
 
-    def rankings(self, feats: SplitFeatures, combiner: nn.Module | None = None) -> tuple[list, list]:
-        """Per query: the top 50 gallery names and the top 3 subset members (:func:`~.metrics.cirr_rankings`)."""
-        return cirr_rankings(self.similarity(feats, combiner), feats.names, self.reference_names,
-                             [list(r["img_set"]["members"]) for r in self.records])
-
 
 class CIRStage1(TrainModule):
     """Stage 1: adapt the encoders (adapters already injected into ``model``). A batch carries normalised
-    ``reference`` and ``target`` images, or the prepared cache's uint8 ``pixels``, normalised here on the
-    batch's device with ``pixel_spec``, in float32 (the model then runs under the engine's autocast)."""
+    ``reference`` and ``target`` images, or the prepared cache's uint8 ``pixels``, normalised here with
+    ``pixel_spec`` in float32 (the model then runs under the engine's autocast)."""
 
     main_metric = "avg"
     higher_is_better = True
@@ -149,35 +135,32 @@ class CIRStage1(TrainModule):
         self.bf16_prefixes: tuple[Bf16Prefix, Bf16Prefix] | None = None
 
     def enable_prefix_cache(self, device: str | torch.device = "cpu", image_rows: int = 0, text_rows: int = 0,
-                            image_names: Sequence[str] | None = None, memory_budget: int | None = None,
+                            image_names: Sequence[str] | None = None,
                             stop_reading: tuple[torch.Tensor, torch.Tensor] | None = None) -> bool:
         """Cache the frozen leading blocks' outputs per image row and per caption (triplet index) across
-        epochs, in dense stores of ``image_rows`` and ``text_rows`` rows
-        (:class:`~mora_retrieval.model.prefix_cache.FrozenPrefixCache`); deterministic inputs only.
+        epochs (:class:`~mora_retrieval.model.prefix_cache.FrozenPrefixCache`); deterministic inputs only.
 
         Batches of image files carry names, mapped to rows by their position in ``image_names``.
         ``stop_reading`` = ``(read_pixels, needed_rows)``: the shared flag is cleared once the image cache
-        holds every needed row. Returns whether any tower has a frozen prefix (none with ``full``, ``bitfit``).
+        holds every needed row. Returns whether any tower has a frozen prefix.
         """
-        caches = (FrozenPrefixCache(self.model.visual.transformer, image_rows, device, memory_budget),
-                  FrozenPrefixCache(self.model.transformer, text_rows, device, memory_budget))
+        caches = (FrozenPrefixCache(self.model.visual.transformer, image_rows, device),
+                  FrozenPrefixCache(self.model.transformer, text_rows, device))
         self.prefix_caches = caches if any(c.active for c in caches) else None
         self._row_of = None if image_names is None else {name: i for i, name in enumerate(image_names)}
         self._stop_reading = stop_reading
         return self.prefix_caches is not None
 
     def enable_bf16_prefix(self) -> bool:
-        """Run the frozen leading blocks of both towers from bf16 copies with autocast off
-        (:class:`~mora_retrieval.model.bf16_prefix.Bf16Prefix`; for bf16 precision). Not combined
-        with the prefix cache, which skips those blocks after the first epoch anyway. Returns
-        whether any tower has a frozen prefix."""
+        """Run the frozen leading blocks of both towers from bf16 copies with autocast off (bf16 precision;
+        not with the prefix cache, which skips those blocks anyway). Returns whether any tower has one."""
         prefixes = (Bf16Prefix(self.model.visual.transformer), Bf16Prefix(self.model.transformer))
         self.bf16_prefixes = prefixes if any(p.usable for p in prefixes) else None
         return self.bf16_prefixes is not None
 
     def images(self, batch: dict[str, Any]) -> torch.Tensor:
-        """The batch's references then targets, normalised, ``[2B, 3, H, W]``; zeros when the
-        batch comes without pixels (every image's prefix is cached, the stem's output is unused)."""
+        """The batch's references then targets, normalised; zeros when the batch comes without pixels
+        (every image's prefix is cached, the stem's output is unused)."""
         if "reference" in batch:
             return torch.cat([batch["reference"], batch["target"]])
         if self.pixel_spec is None:
@@ -225,9 +208,8 @@ class CIRStage1(TrainModule):
 
 
 def triplet_features(feats: SplitFeatures, records: Sequence[dict[str, Any]]) -> tuple[TensorDataset, int]:
-    """Stage 2's training set: the raw ``(reference, text, target)`` features (on the CPU) of every triplet of
-    ``encode_split(..., [r["caption"] for r in records])``; and how many triplets were left out because
-    an image was skipped as unreadable."""
+    """Stage 2's training set, the raw ``(reference, text, target)`` features (on the CPU) of the triplets
+    ``records`` (``feats.text`` holds their captions'); and how many were left out for unreadable images."""
     keep = usable_positions(records, set(feats.names))
     kept = [records[i] for i in keep]
     data = TensorDataset(feats.of([r["reference"] for r in kept]).cpu(), feats.text[keep].cpu(),

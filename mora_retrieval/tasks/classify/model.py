@@ -1,12 +1,8 @@
 """Missing-modality classification (docs/protocols.md §3): loss, collate, engine task, evaluation.
 
-The model is :class:`~mora_retrieval.model.heads.CLIPClassifier` (a linear head on the
-concatenated image and text embeddings; binary tasks have two logits). Tokenisation runs in the
-DataLoader workers (:class:`ClassifyCollate`). A missing modality reaches the model exactly as
-``WithMissingModality`` prepared it (the empty string, a tensor of ones or the transformed white
-image); nothing is dropped or masked here. Each batch's ``missing`` codes go to the classifier,
-which hands them to a prompt-adapted model (``dcp``, ``mmp``: one prompt set per missing case), in
-training and in evaluation alike.
+A missing modality reaches the model exactly as ``WithMissingModality`` prepared it; nothing is
+dropped or masked here. Each batch's ``missing`` codes go to the classifier, which hands them to a
+prompt-adapted model (``dcp``, ``mmp``: one prompt set per missing case), in training and evaluation.
 """
 
 from __future__ import annotations
@@ -34,12 +30,9 @@ def classification_loss(task: str, logits: torch.Tensor, targets: torch.Tensor) 
 
 
 class ClassifyCollate(CaptionCollate):
-    """Batch items ``{image, text, label, index[, missing]}``, tokenising the texts.
+    """Batch items ``{image, text, label, index[, missing]}``, tokenising the texts (``missing`` defaults to 0).
 
-    Items that a dataset skipped (``None``, bad images) are dropped; a batch of only such items is
-    ``None`` (training and evaluation pass over it). Output keys: ``image`` ``[B, 3, H, W]``,
-    ``text``, ``tokens`` ``[B, L]``, ``label``, ``index`` and ``missing`` (0 when the dataset has no
-    missing-modality codes).
+    Items that a dataset skipped (``None``, bad images) are dropped; a batch of only such items is ``None``.
     """
 
     def __init__(self, tokenizer: Callable[[list[str]], torch.Tensor]) -> None:
@@ -69,8 +62,7 @@ def predict_logits(classifier: CLIPClassifier, loader: DataLoader, device: torch
 
 
 class ClassifyModule(TrainModule):
-    """The engine task: adapted CLIP + head, trained with the task's loss, validated on its main metric
-    (:func:`evaluate_classifier` of ``val_dataset``, the training items under the validation scenario)."""
+    """The engine task: adapted CLIP + head, trained with the task's loss, validated on its main metric."""
 
     higher_is_better = True
 

@@ -1,12 +1,7 @@
 """Load a finished classification run (merged weights + head) and predict one image and/or text.
 
-A prompt-adapted run (``dcp``, ``mmp``) is used unmerged, with the prompts of the input's
-missing case (complete, text missing, image missing).
-
-An absent input is handled exactly like the protocol's missing modality: no text → the empty
-string; no image → a tensor of ones of the model's input shape (or the transformed white image,
-if the run was trained with ``missing_image="white"``). At least one input is required (the
-protocol never drops both).
+A prompt-adapted run (``dcp``, ``mmp``) is used unmerged, with the prompts of the input's missing case.
+An absent input is handled exactly like the protocol's missing modality (at least one is required).
 
 Scores: ``multiclass`` softmax probabilities (the top ``k`` are listed, the first is the
 prediction); ``multilabel`` sigmoid probabilities (predicted: every class above 0.5, as in the macro-F1 metric);
@@ -16,7 +11,7 @@ prediction); ``multilabel`` sigmoid probabilities (predicted: every class above 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +37,7 @@ class Prediction:
     scores: list[tuple[str, float]]
     predicted: list[str]
     missing: str  # "none" | "text" | "image"
-    inputs: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
         return {"task": self.task, "predicted": self.predicted, "missing": self.missing, "inputs": self.inputs,

@@ -44,16 +44,14 @@ from .settings import ClassifySettings, scenario_data
 
 
 def _missing_counts(dataset: Any) -> dict[str, int]:
-    """How many samples of each missing-modality code (0, 1, 2: ``data.missing.COMPLETE``, …) the dataset holds."""
+    """How many samples of each missing-modality code the dataset holds."""
     return dict(zip(("complete", "text_missing", "image_missing"), np.bincount(dataset.codes, minlength=3).tolist()))
 
 
 def train_classifier(settings: ClassifySettings, train_config: TrainConfig, run_dir: str | os.PathLike,
                      resume: bool = False, console: Any = None, quiet: bool = False) -> dict[str, Any] | None:
     """Train, select the best epoch on validation, merge, test; returns ``results.json``'s content.
-
-    Under ``torchrun`` only rank 0 finishes the run (files, test); other ranks return ``None``.
-    """
+    Under ``torchrun`` only rank 0 finishes the run (files, test); other ranks return ``None``."""
     run_dir = Path(run_dir)
     scen = settings.scenarios
     probe = scenario_data(settings, "train", scen["train"], transform=None)
@@ -155,12 +153,10 @@ def run_grid(settings: ClassifySettings, train_config: TrainConfig, out_dir: str
              methods: Sequence[ClassifySettings] | None = None) -> list[dict[str, Any]]:
     """The paper's tables: one run per (type, ratio), trained and tested on that scenario.
 
-    Without ``methods``, the cells use ``settings`` and live in ``out_dir/<type>-<ratio>`` (one
-    method's row of Table 1). ``methods`` (the Table 1 / Table 4 shape) gives one settings per
-    method (the CLI builds each as a run of its own would be); every method gets a cell per scenario in
-    ``out_dir/<method>/<type>-<ratio>``. Cells whose ``results.json`` exists are reused (a cell
-    holding another method's run is refused); with ``resume`` an interrupted cell is continued.
-    Writes ``grid.md`` and ``grid.csv`` in ``out_dir`` and returns the rows.
+    The cells live in ``out_dir/<type>-<ratio>``, or, with ``methods`` (one settings per method, the
+    Table 1 / Table 4 shape), in ``out_dir/<method>/<type>-<ratio>``. A cell whose ``results.json`` exists
+    is reused (one holding another method's run is refused); with ``resume`` an interrupted cell is
+    continued. Writes ``grid.md`` and ``grid.csv`` in ``out_dir`` and returns the rows.
     """
     bad = [t for t in types if t not in GRID_TYPES] + [str(r) for r in ratios if not 0.0 < r <= 1.0]
     if bad or not types or not ratios:
@@ -202,7 +198,7 @@ def _cell(value: Any) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
 
 
-def write_grid_tables(rows: list[dict[str, Any]], out_dir: Path) -> tuple[Path, Path]:
+def write_grid_tables(rows: list[dict[str, Any]], out_dir: Path) -> None:
     """``grid.csv`` (one row per cell) and ``grid.md``, atomically.
 
     One method: missing types × ratios. Several (the paper's Table 1 shape): one column per
@@ -238,4 +234,3 @@ def write_grid_tables(rows: list[dict[str, Any]], out_dir: Path) -> tuple[Path, 
                 lines.append(f"| {100 * ratio:g}% | average | " + " | ".join(means) + " |")
     with atomic_write(out_dir / "grid.md", "w") as handle:
         handle.write("\n".join(lines) + "\n")
-    return out_dir / "grid.md", out_dir / "grid.csv"

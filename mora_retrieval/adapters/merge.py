@@ -56,13 +56,9 @@ def require_mergeable(method: str, where: str | Path | None = None) -> None:
 
 @torch.no_grad()
 def merge_adapters(model: nn.Module, reversible: bool = False) -> nn.Module:
-    """Fold the adapters into the base weights, in place; returns the now plain model.
-
-    A model without adapters (or trained with ``bitfit``/``full``) is returned as it is, with
-    its adapter root removed. All parameters end up trainable again, like a fresh open_clip model.
-    A merged weight with NaN or inf raises :class:`AdapterError` and leaves the model unmerged;
-    so does a prompt method (:func:`require_mergeable`).
-    """
+    """Fold the adapters into the base weights, in place; returns the now plain model, every parameter
+    trainable again. A model without adapters (or trained with ``bitfit``/``full``) only loses its adapter
+    root. NaN or inf in a merged weight, or a prompt method, raises and leaves the model unmerged."""
     root = getattr(model, ROOT_ATTR, None)
     if root is not None:
         require_mergeable(root.config.method)
@@ -95,10 +91,8 @@ def load_merged(model: nn.Module, adapter_dir: str | Path, arch: str | None = No
 
 
 def unmerge_adapters(model: nn.Module) -> nn.Module:
-    """Restore, in place, the adapted model that ``merge_adapters(model, reversible=True)`` merged.
-
-    The merged weights are dropped: changes made to them after merging are lost. Returns ``model``.
-    """
+    """Restore, in place, the adapted model that ``merge_adapters(model, reversible=True)`` merged (changes
+    made to the merged weights are lost); returns ``model``."""
     if UNMERGE_ATTR not in model.__dict__:
         raise AdapterError("the model holds no reversibly merged adapters (merge_adapters(model, reversible=True))")
     root, folded = model.__dict__.pop(UNMERGE_ATTR)
@@ -170,14 +164,9 @@ def _recorded_weights(adapter_dir: Path, meta: dict) -> str:
 def merge_adapter_folder(
     adapter_dir: str | Path, out: str | Path, arch: str | None = None, pretrained: str | None = None
 ) -> dict:
-    """Load a backbone, apply the adapter folder, merge, and export the plain checkpoint.
-
-    ``arch`` and ``pretrained`` default to those recorded in the adapter config (a file recorded
-    by a relative path is looked up from the working directory, then beside the adapter's run
-    folder). ``out`` is a checkpoint file or a self-describing folder (see
-    :func:`export_checkpoint`). Returns a summary (arch, pretrained, method, fingerprint of the
-    merged weights, output path).
-    """
+    """Load a backbone, apply the adapter folder, merge, and export the plain checkpoint to ``out``
+    (:func:`export_checkpoint`); returns a summary. ``arch`` and ``pretrained`` default to those the adapter
+    config records (a relative file is looked up from the working directory, then in the adapter's parent)."""
     meta = read_adapter_config(adapter_dir)
     require_mergeable(str(meta["adapter"].get("method", "mora")), adapter_dir)
     arch = arch or meta.get("arch")

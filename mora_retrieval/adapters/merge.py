@@ -134,8 +134,7 @@ def export_checkpoint(model: nn.Module, path: str | Path, arch: str | None = Non
         register_model_configs()
         if (config := open_clip.get_model_config(arch)) is None:
             raise AdapterError(f"{path}: unknown architecture {arch!r}")
-        preprocess = {k: list(v) if isinstance(v, tuple) else v
-                      for k, v in dict(getattr(model.visual, "preprocess_cfg", {}) or {}).items()}
+        preprocess = getattr(model.visual, "preprocess_cfg", None) or {}  # JSON writes its tuples as lists
         make_dirs(path, "checkpoint folder")
         save_tensors(path / LOCAL_DIR_WEIGHTS, state, metadata={"format": "open_clip"})
         write_json(path / LOCAL_DIR_CONFIG, {"model_cfg": config, "preprocess_cfg": preprocess})

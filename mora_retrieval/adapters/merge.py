@@ -29,12 +29,9 @@ UNMERGE_ATTR = "_mora_unmerge"  # (adapter root, folded weights): a plain attrib
 
 @torch.no_grad()
 def _fold(module: nn.Module, name: str, value: torch.Tensor) -> tuple | None:
-    """Replace a parametrized tensor by ``value`` without touching shared classes; returns what undoes it.
-
-    ``parametrize.remove_parametrizations`` deletes the property from the module's generated
-    class, which ``copy.deepcopy`` shares between copies: merging a copy would break the
-    original. Restoring the module's class instead leaves every other copy intact.
-    """
+    """Replace a parametrized tensor by ``value``; returns what undoes it. ``parametrize.remove_parametrizations``
+    deletes the property from the module's generated class, which ``copy.deepcopy`` shares between copies
+    (merging a copy would break the original); restoring the module's class leaves every other copy intact."""
     parametrizations = module.parametrizations
     if len(parametrizations) > 1:  # not produced by add_adapters; use torch's own removal
         parametrize.remove_parametrizations(module, name, leave_parametrized=True)
@@ -56,9 +53,8 @@ def require_mergeable(method: str, where: str | Path | None = None) -> None:
 
 @torch.no_grad()
 def merge_adapters(model: nn.Module, reversible: bool = False) -> nn.Module:
-    """Fold the adapters into the base weights, in place; returns the now plain model, every parameter
-    trainable again. A model without adapters (or trained with ``bitfit``/``full``) only loses its adapter
-    root. NaN or inf in a merged weight, or a prompt method, raises and leaves the model unmerged."""
+    """Fold the adapters into the base weights, in place; returns the now plain model, every parameter trainable
+    again (a model without adapters, or trained with ``bitfit``/``full``, only loses its adapter root)."""
     root = getattr(model, ROOT_ATTR, None)
     if root is not None:
         require_mergeable(root.config.method)
@@ -110,14 +106,11 @@ cached_adapted_weights = parametrize.cached
 
 
 def export_checkpoint(model: nn.Module, path: str | Path, arch: str | None = None) -> Path:
-    """Write a plain open_clip checkpoint of a merged ``model``.
-
-    A file ``.safetensors`` (recommended) or ``.pt``/``.bin`` (a dict of tensors, loadable with
-    ``torch.load(weights_only=True)``) loads with ``open_clip.create_model(arch, pretrained=path)``.
-    Any other ``path`` is written as a self-describing folder (``open_clip_config.json``, with the
-    architecture ``arch`` and the model's preprocessing, beside ``open_clip_model.safetensors``)
-    that ``open_clip.create_model("local-dir:" + path)`` loads by itself.
-    """
+    """Write a plain open_clip checkpoint of a merged ``model``: a ``.safetensors`` file (recommended) or a
+    ``.pt``/``.pth``/``.bin`` dict of tensors (``torch.load(weights_only=True)``), which load with
+    ``open_clip.create_model(arch, pretrained=path)``; any other ``path`` becomes a self-describing folder
+    (``open_clip_config.json``, with ``arch``'s config and the model's preprocessing, beside
+    ``open_clip_model.safetensors``) that ``open_clip.create_model("local-dir:" + path)`` loads by itself."""
     path = Path(path)
     if has_adapters(model) or any(parametrized_weights(model)):
         raise AdapterError(f"{path}: merge the adapters before exporting a checkpoint (merge_adapters(model))")

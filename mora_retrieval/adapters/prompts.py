@@ -125,9 +125,8 @@ class PromptModule(nn.Module):
 
     @staticmethod
     def _mask(run: _TowerRun, mask: torch.Tensor) -> torch.Tensor:
-        """An ``[L, L]`` attention mask grown to ``[P + L, P + L]`` for the ``P`` prompt tokens in front (once
-        per forward): prompts see each other and never the sequence; the sequence sees every prompt and
-        itself as ``mask`` says. Float masks are additive (``-inf`` blocks), boolean masks block where True."""
+        """``mask`` ``[L, L]`` grown to ``[P + L, P + L]`` for the ``P`` prompts in front (module docstring), once
+        per forward; float masks are additive (``-inf`` blocks), boolean masks block where True."""
         key = (run.prefix, mask.data_ptr(), mask.dtype, mask.device)
         if key not in run.masks:
             if mask.dim() != 2 or mask.shape[0] != mask.shape[1]:

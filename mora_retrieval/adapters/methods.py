@@ -13,9 +13,9 @@ from ..errors import AdapterError
 
 @dataclass(frozen=True)
 class AdapterMethod:
-    """One method's rules. A method with neither ``make_projection`` nor ``make_slot`` adds no modules;
-    the tensors that ``shared``, ``specific`` and ``magnitudes`` name are what ``adapter.safetensors``
-    saves, with the base tensors the method trains."""
+    """One method's rules; a method without factories (``make_*``) adds no modules. The tensors that
+    ``shared``, ``specific`` and ``magnitudes`` name are what ``adapter.safetensors`` saves, with the base
+    tensors the method trains."""
 
     name: str
     default_alpha: float | None = None  # α when the config gives none; None: α = r (LoRA's scale α/r = 1)

@@ -17,6 +17,7 @@ from torch import nn
 from ..errors import MoraError
 from ..fileio import load_tensors_and_metadata, save_tensors
 
+
 class Combiner(nn.Module):
     """Baldrati et al.'s Combiner over ``dim``-d CLIP features."""
 

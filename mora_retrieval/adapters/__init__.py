@@ -5,8 +5,6 @@ prompt baselines DCP and MMP (which cannot be merged).
 >>> save_adapters(model, "run/adapter", arch="ViT-B-16")
 >>> merged = merge_adapters(model)           # a plain open_clip model again
 >>> export_checkpoint(merged, "merged.safetensors")
-
-The methods are registered strategies (``methods.py``): ``list_methods()`` names them.
 """
 
 from .config import PROJECTIONS, AdapterConfig, resolve_layers

@@ -1,8 +1,7 @@
 """What the projection adapters share: an adapter is an ``nn.Module`` per adapted square projection
-whose ``forward(W0)`` is its pure weight function ``W'`` (which adapter a method builds is its
-registered rule, ``methods.py``). The weight is attached to open_clip's attention with
-``torch.nn.utils.parametrize`` (``inject.py``), so the model's own forward code runs unchanged and
-merging is a single evaluation of the weight function.
+whose ``forward(W0)`` is its pure weight function ``W'``. The weight is attached to open_clip's
+attention with ``torch.nn.utils.parametrize`` (``inject.py``), so the model's own forward code runs
+unchanged and merging is a single evaluation of the weight function.
 """
 
 from __future__ import annotations
@@ -14,8 +13,7 @@ from torch import nn
 
 
 def clamped_norm(weight: torch.Tensor, dim: int, eps: float = 1e-5) -> torch.Tensor:
-    """L2 norms of a ``[d_out, d_in]`` weight along ``dim``, clamped below at ``eps``: ``dim=0`` gives
-    one per input column (MoRA), ``dim=1`` one per output row (DoRA)."""
+    """L2 norms of a weight along ``dim`` (0: one per input column, MoRA; 1: one per output row, DoRA), >= ``eps``."""
     return weight.norm(dim=dim).clamp_min(eps)
 
 
@@ -27,12 +25,8 @@ def low_rank_pair(w0: torch.Tensor, r: int) -> tuple[nn.Parameter, nn.Parameter]
 
 
 class AdaptedWeight(nn.Module):
-    """Parametrization of one stored weight holding one or more projections as row blocks.
-
-    ``nn.MultiheadAttention.in_proj_weight`` stacks q, k, v as rows ``[0:d]``, ``[d:2d]``,
-    ``[2d:3d]``; an ``out_proj.weight`` is a single block. Blocks without an adapter pass
-    through unchanged.
-    """
+    """Parametrization of one stored weight whose row blocks are projections (``in_proj_weight``: q, k, v;
+    ``out_proj.weight``: one block); blocks without an adapter pass through unchanged."""
 
     def __init__(self, row_blocks: dict[str, tuple[int, int]], adapters: dict[str, nn.Module]):
         super().__init__()

@@ -18,14 +18,10 @@ class AdapterConfig:
     """Adapter placement and hyper-parameters.
 
     ``layers`` selects the last N blocks of each tower, paired from the end (slot ``j`` of ``n``
-    pairs vision block ``L_v - n + j`` with text block ``L_t - n + j``). ``vision_layers`` and
-    ``text_layers`` give explicit block indices instead (paired in the order given).
-    ``alpha=None`` takes the method's default (``methods.py``): 0.01 for MoRA and its ablations
-    (the deltas are scaled by α directly), ``r`` for LoRA/DoRA (scale α/r = 1, as usual in PEFT).
-
-    Prompt methods (``dcp``, ``mmp``) ignore the projection fields and use ``prompt_length``
-    (tokens added per layer) and ``prompt_depth`` (the first N blocks of each tower get prompts);
-    ``None`` takes the method's default (``prompts.py``).
+    pairs vision block ``L_v - n + j`` with text block ``L_t - n + j``); ``vision_layers`` and
+    ``text_layers`` give explicit block indices instead, paired in the order given. ``None`` for
+    ``alpha``, ``prompt_length`` (tokens added per block) or ``prompt_depth`` (the first N blocks of
+    each tower get prompts) takes the method's default; prompt methods ignore the projection fields.
     """
 
     method: str = "mora"
@@ -85,11 +81,7 @@ class AdapterConfig:
 
 
 def resolve_layers(config: AdapterConfig, depth_vision: int, depth_text: int) -> list[tuple[int | None, int | None]]:
-    """Return the slots as ``(vision_block, text_block)`` pairs; ``None`` where a tower has no block.
-
-    Raises :class:`AdapterError` for out-of-range blocks and, for methods with a shared part,
-    for slots where only one tower is adapted.
-    """
+    """The slots as ``(vision_block, text_block)`` pairs; ``None`` where a tower has no block."""
     shared = bool(get_method(config.method).shared)
     if config.vision_layers is not None or config.text_layers is not None:
         vision, text = list(config.vision_layers or ()), list(config.text_layers or ())

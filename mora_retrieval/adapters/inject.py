@@ -121,12 +121,7 @@ def freeze_for(model: nn.Module, method: AdapterMethod) -> None:
 
 
 def add_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
-    """Inject adapters of ``config.method`` into both towers (in place) and freeze the rest.
-
-    ``bitfit`` and ``full`` add no modules: they only choose what is trainable. Prompt methods
-    (``dcp``, ``mmp``) add their prompt module at ``model.mora_adapter.prompts`` and hook both
-    towers (``prompts.py``). Returns ``model``.
-    """
+    """Inject adapters of ``config.method`` into both towers (in place) and freeze the rest; returns ``model``."""
     method = get_method(config.method)
     if has_adapters(model):
         raise AdapterError("the model already has adapters; merge or reload it before adding others")

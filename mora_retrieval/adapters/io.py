@@ -95,13 +95,8 @@ def read_adapter_config(folder: str | Path) -> dict[str, Any]:
 def load_adapters(
     model: nn.Module, folder: str | Path, arch: str | None = None, check_fingerprint: bool = True
 ) -> nn.Module:
-    """Inject the adapters described in ``folder`` into a plain ``model`` and load their tensors.
-
-    Fails with :class:`AdapterError` (one line) when the folder belongs to another backbone
-    (architecture, tower shapes or base-weight fingerprint) or to another convention of its
-    method, when tensors are missing, extra, of the wrong shape or not finite, or when a file
-    is corrupted.
-    """
+    """Inject the adapters described in ``folder`` into a plain ``model`` and load their tensors; one-line
+    :class:`AdapterError` when the folder belongs to another backbone or is damaged."""
     folder = Path(folder)
     meta = read_adapter_config(folder)
     if arch and meta.get("arch") and meta["arch"] != arch:

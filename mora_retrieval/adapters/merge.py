@@ -29,12 +29,9 @@ UNMERGE_ATTR = "_mora_unmerge"  # (adapter root, folded weights): a plain attrib
 
 @torch.no_grad()
 def _fold(module: nn.Module, name: str, value: torch.Tensor) -> tuple | None:
-    """Replace a parametrized tensor by ``value`` without touching shared classes; returns what undoes it.
-
-    ``parametrize.remove_parametrizations`` deletes the property from the module's generated
-    class, which ``copy.deepcopy`` shares between copies: merging a copy would break the
-    original. Restoring the module's class instead leaves every other copy intact.
-    """
+    """Replace a parametrized tensor by ``value``; returns what undoes it. ``parametrize.remove_parametrizations``
+    deletes the property from the module's generated class, which ``copy.deepcopy`` shares between copies
+    (merging a copy would break the original); restoring the module's class leaves every other copy intact."""
     parametrizations = module.parametrizations
     if len(parametrizations) > 1:  # not produced by add_adapters; use torch's own removal
         parametrize.remove_parametrizations(module, name, leave_parametrized=True)
@@ -56,13 +53,8 @@ def require_mergeable(method: str, where: str | Path | None = None) -> None:
 
 @torch.no_grad()
 def merge_adapters(model: nn.Module, reversible: bool = False) -> nn.Module:
-    """Fold the adapters into the base weights, in place; returns the now plain model.
-
-    A model without adapters (or trained with ``bitfit``/``full``) is returned as it is, with
-    its adapter root removed. All parameters end up trainable again, like a fresh open_clip model.
-    A merged weight with NaN or inf raises :class:`AdapterError` and leaves the model unmerged;
-    so does a prompt method (:func:`require_mergeable`).
-    """
+    """Fold the adapters into the base weights, in place; returns the now plain model, every parameter trainable
+    again (a model without adapters, or trained with ``bitfit``/``full``, only loses its adapter root)."""
     root = getattr(model, ROOT_ATTR, None)
     if root is not None:
         require_mergeable(root.config.method)
@@ -95,10 +87,8 @@ def load_merged(model: nn.Module, adapter_dir: str | Path, arch: str | None = No
 
 
 def unmerge_adapters(model: nn.Module) -> nn.Module:
-    """Restore, in place, the adapted model that ``merge_adapters(model, reversible=True)`` merged.
-
-    The merged weights are dropped: changes made to them after merging are lost. Returns ``model``.
-    """
+    """Restore, in place, the adapted model that ``merge_adapters(model, reversible=True)`` merged (changes
+    made to the merged weights are lost); returns ``model``."""
     if UNMERGE_ATTR not in model.__dict__:
         raise AdapterError("the model holds no reversibly merged adapters (merge_adapters(model, reversible=True))")
     root, folded = model.__dict__.pop(UNMERGE_ATTR)
@@ -116,14 +106,11 @@ cached_adapted_weights = parametrize.cached
 
 
 def export_checkpoint(model: nn.Module, path: str | Path, arch: str | None = None) -> Path:
-    """Write a plain open_clip checkpoint of a merged ``model``.
-
-    A file ``.safetensors`` (recommended) or ``.pt``/``.bin`` (a dict of tensors, loadable with
-    ``torch.load(weights_only=True)``) loads with ``open_clip.create_model(arch, pretrained=path)``.
-    Any other ``path`` is written as a self-describing folder (``open_clip_config.json``, with the
-    architecture ``arch`` and the model's preprocessing, beside ``open_clip_model.safetensors``)
-    that ``open_clip.create_model("local-dir:" + path)`` loads by itself.
-    """
+    """Write a plain open_clip checkpoint of a merged ``model``: a ``.safetensors`` file (recommended) or a
+    ``.pt``/``.pth``/``.bin`` dict of tensors (``torch.load(weights_only=True)``), which load with
+    ``open_clip.create_model(arch, pretrained=path)``; any other ``path`` becomes a self-describing folder
+    (``open_clip_config.json``, with ``arch``'s config and the model's preprocessing, beside
+    ``open_clip_model.safetensors``) that ``open_clip.create_model("local-dir:" + path)`` loads by itself."""
     path = Path(path)
     if has_adapters(model) or any(parametrized_weights(model)):
         raise AdapterError(f"{path}: merge the adapters before exporting a checkpoint (merge_adapters(model))")
@@ -140,8 +127,7 @@ def export_checkpoint(model: nn.Module, path: str | Path, arch: str | None = Non
         register_model_configs()
         if (config := open_clip.get_model_config(arch)) is None:
             raise AdapterError(f"{path}: unknown architecture {arch!r}")
-        preprocess = {k: list(v) if isinstance(v, tuple) else v
-                      for k, v in dict(getattr(model.visual, "preprocess_cfg", {}) or {}).items()}
+        preprocess = getattr(model.visual, "preprocess_cfg", None) or {}  # JSON writes its tuples as lists
         make_dirs(path, "checkpoint folder")
         save_tensors(path / LOCAL_DIR_WEIGHTS, state, metadata={"format": "open_clip"})
         write_json(path / LOCAL_DIR_CONFIG, {"model_cfg": config, "preprocess_cfg": preprocess})
@@ -170,14 +156,9 @@ def _recorded_weights(adapter_dir: Path, meta: dict) -> str:
 def merge_adapter_folder(
     adapter_dir: str | Path, out: str | Path, arch: str | None = None, pretrained: str | None = None
 ) -> dict:
-    """Load a backbone, apply the adapter folder, merge, and export the plain checkpoint.
-
-    ``arch`` and ``pretrained`` default to those recorded in the adapter config (a file recorded
-    by a relative path is looked up from the working directory, then beside the adapter's run
-    folder). ``out`` is a checkpoint file or a self-describing folder (see
-    :func:`export_checkpoint`). Returns a summary (arch, pretrained, method, fingerprint of the
-    merged weights, output path).
-    """
+    """Load a backbone, apply the adapter folder, merge, and export the plain checkpoint to ``out``
+    (:func:`export_checkpoint`); returns a summary. ``arch`` and ``pretrained`` default to those the adapter
+    config records (a relative file is looked up from the working directory, then in the adapter's parent)."""
     meta = read_adapter_config(adapter_dir)
     require_mergeable(str(meta["adapter"].get("method", "mora")), adapter_dir)
     arch = arch or meta.get("arch")

@@ -26,11 +26,9 @@ from .methods import AdapterMethod, register
 
 
 class SharedSlot(nn.Module):
-    """The modality-shared parameters of one layer slot (both towers).
-
-    ``coupling`` is the ``r_s × r_s`` matrix between ``S_mᵀ`` and ``S_m``: ``"other"`` (the other
-    tower's Gram, MoRA), ``"own"`` (``no_shared``), ``"learned"`` or ``"none"`` (``no_gram``).
-    """
+    """The modality-shared parameters of one layer slot (both towers). ``coupling`` is the matrix between
+    ``S_mᵀ`` and ``S_m``: ``"other"`` (the other tower's Gram, MoRA), ``"own"`` (``no_shared``), ``"learned"``
+    or ``"none"`` (``no_gram``)."""
 
     def __init__(self, coupling: str, r_shared: int, d_vision: int, d_text: int, dtype=None, device=None):
         super().__init__()

@@ -60,22 +60,6 @@ class _TowerRun:
     masks: dict = field(default_factory=dict)
 
 
-def _extend_mask(mask: torch.Tensor, prefix: int) -> torch.Tensor:
-    """An ``[L, L]`` attention mask grown to ``[P + L, P + L]`` for ``P`` prompt tokens in front.
-
-    Prompts see each other and never the sequence; the sequence sees every prompt and itself as
-    ``mask`` says. Float masks are additive (``-inf`` blocks), boolean masks block where True.
-    """
-    if mask.dim() != 2 or mask.shape[0] != mask.shape[1]:
-        raise AdapterError(f"prompt adapters support a square 2-D attention mask (open_clip's causal text mask), "
-                           f"got shape {tuple(mask.shape)}")
-    total = prefix + mask.shape[0]
-    out = torch.zeros(total, total, dtype=mask.dtype, device=mask.device)
-    out[:prefix, prefix:] = True if mask.dtype == torch.bool else float("-inf")
-    out[prefix:, prefix:] = mask
-    return out
-
-
 class PromptModule(nn.Module):
     """Base class: inserts prompts into the towers through forward hooks, one set per missing case.
 
@@ -141,9 +125,18 @@ class PromptModule(nn.Module):
 
     @staticmethod
     def _mask(run: _TowerRun, mask: torch.Tensor) -> torch.Tensor:
+        """``mask`` ``[L, L]`` grown to ``[P + L, P + L]`` for the ``P`` prompts in front (module docstring), once
+        per forward; float masks are additive (``-inf`` blocks), boolean masks block where True."""
         key = (run.prefix, mask.data_ptr(), mask.dtype, mask.device)
         if key not in run.masks:
-            run.masks[key] = _extend_mask(mask, run.prefix)
+            if mask.dim() != 2 or mask.shape[0] != mask.shape[1]:
+                raise AdapterError(f"prompt adapters support a square 2-D attention mask (open_clip's causal text "
+                                   f"mask), got shape {tuple(mask.shape)}")
+            total = run.prefix + mask.shape[0]
+            out = torch.zeros(total, total, dtype=mask.dtype, device=mask.device)
+            out[:run.prefix, run.prefix:] = True if mask.dtype == torch.bool else float("-inf")
+            out[run.prefix:, run.prefix:] = mask
+            run.masks[key] = out
         return run.masks[key]
 
     def _finish(self, tower: str, transformer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,6 @@ which plain open_clip loads by itself, the toolkit's own architectures included.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import warnings
@@ -63,10 +62,8 @@ def list_architectures() -> list[str]:
 
 @dataclass
 class Backbone:
-    """An open_clip model with its eval preprocessing and tokenizer.
-
-    Unpacks like open_clip's factory: ``model, preprocess, tokenizer = load_backbone(...)``.
-    """
+    """An open_clip model with its eval preprocessing and tokenizer; unpacks like open_clip's factory:
+    ``model, preprocess, tokenizer = load_backbone(...)``."""
 
     model: Any
     preprocess: Callable
@@ -112,12 +109,8 @@ def load_backbone(
     precision: str = "fp32",
     cache_dir: str | None = None,
 ) -> Backbone:
-    """Create an open_clip model, its eval transform and tokenizer.
-
-    Errors are :class:`BackboneError` with one line: an unknown architecture, a missing or
-    incompatible checkpoint file, or a tag that cannot be downloaded (offline), in which case
-    the message names the local-file alternative.
-    """
+    """Create an open_clip model, its eval transform and tokenizer; errors are one-line :class:`BackboneError`
+    (a tag that cannot be downloaded names the local-file alternative)."""
     register_model_configs()
     if arch.startswith(LOCAL_DIR):
         folder = Path(arch[len(LOCAL_DIR):])
@@ -133,15 +126,16 @@ def load_backbone(
         kind = _classify_pretrained(arch, pretrained)
     if kind == "none":
         warnings.warn(f"{arch}: no pretrained weights given, the model is randomly initialised", stacklevel=2)
+    root_logger = logging.getLogger()
+    root_logger.addFilter(_not_random_weights_log)  # the warning above says it once
     try:
-        with _without_open_clip_random_weights_log():  # the warning above says it once
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                arch,
-                pretrained=None if kind in ("none", "folder") else str(pretrained),
-                device=device,
-                precision=precision,
-                cache_dir=cache_dir,
-            )
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            arch,
+            pretrained=None if kind in ("none", "folder") else str(pretrained),
+            device=device,
+            precision=precision,
+            cache_dir=cache_dir,
+        )
     except Exception as exc:  # open_clip raises RuntimeError, AssertionError, pickle/safetensors errors
         text = str(exc)
         first = _first_sentence(text) or exc.__class__.__name__
@@ -162,30 +156,20 @@ def load_backbone(
                 raise BackboneError(f"{where}: not a checkpoint of {arch} ({first})") from None
             raise BackboneError(f"{where}: unreadable checkpoint ({exc.__class__.__name__}: {first})") from None
         raise
+    finally:
+        root_logger.removeFilter(_not_random_weights_log)
     tokenizer = open_clip.get_tokenizer(arch)
     return Backbone(model=model, preprocess=preprocess, tokenizer=tokenizer, arch=arch, pretrained=pretrained)
 
 
-@contextlib.contextmanager
-def _without_open_clip_random_weights_log() -> Iterator[None]:
-    """Drop open_clip's own "No pretrained weights loaded" log line, which repeats ours."""
-    def keep(record: logging.LogRecord) -> bool:
-        return "No pretrained weights loaded" not in record.getMessage()
-
-    root = logging.getLogger()
-    root.addFilter(keep)
-    try:
-        yield
-    finally:
-        root.removeFilter(keep)
+def _not_random_weights_log(record: logging.LogRecord) -> bool:
+    """Drop open_clip's own "No pretrained weights loaded" log line, which repeats our warning."""
+    return "No pretrained weights loaded" not in record.getMessage()
 
 
 def weights_fingerprint(model_or_state: Any, length: int = 16) -> str:
-    """A short SHA-256 over the names, shapes and values of a model's (or a state dict's) tensors.
-
-    Used to check that an adapter or an index belongs to the weights it is used with.
-    Values are hashed in float32 so the fingerprint does not depend on device or precision.
-    """
+    """A short SHA-256 over the names, shapes and values of a model's (or a state dict's) tensors, the
+    values in float32 so that it does not depend on device or precision."""
     state = model_or_state if isinstance(model_or_state, dict) else model_or_state.state_dict()
     digest = hashlib.sha256()
     for name, tensor in sorted(state.items()):

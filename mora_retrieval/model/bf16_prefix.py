@@ -69,7 +69,6 @@ class Bf16Prefix:
         if self._copy is None:
             bf16 = [copy.deepcopy(block).to(torch.bfloat16).requires_grad_(False) for block in blocks[:self.depth]]
             self._copy = _Bf16Blocks(bf16, next(blocks[0].parameters()).dtype).eval()
-        # The copy is part of the module tree only inside this block (one forward).
         self.transformer._modules["resblocks"] = nn.ModuleList([self._copy, *blocks[self.depth:]])
         try:
             yield

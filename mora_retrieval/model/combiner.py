@@ -1,9 +1,5 @@
-"""The CLIP4CIR Combiner (stage 2): fuses a text and an image feature into one query feature.
-
-Text and image features each pass ``Linear(d, p)`` + ReLU + Dropout(0.5); the two are
-concatenated (text first) and pass ``Linear(2p, h)`` + ReLU + Dropout(0.5) + ``Linear(h, d)``.
-A gate ``λ = sigmoid(MLP(concat))`` mixes the raw inputs back in:
-``out = normalize(branch + λ·text + (1 − λ)·image)``. Baldrati et al. use ``p = 4d``, ``h = 8d``.
+"""The CLIP4CIR Combiner (stage 2, Baldrati et al.): fuses a text and an image feature into one query
+feature, ``normalize(branch + λ·text + (1 − λ)·image)`` with a learned gate ``λ``.
 
 Saved as ``combiner.safetensors`` whose metadata holds the sizes, so it loads without code
 or pickles: :func:`save_combiner` / :func:`load_combiner`.
@@ -20,6 +16,7 @@ from torch import nn
 
 from ..errors import MoraError
 from ..fileio import load_tensors_and_metadata, save_tensors
+
 
 class Combiner(nn.Module):
     """Baldrati et al.'s Combiner over ``dim``-d CLIP features."""

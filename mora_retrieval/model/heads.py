@@ -1,10 +1,8 @@
 """The classification head on CLIP features, and its file.
 
-:class:`CLIPClassifier` concatenates the image and the text embedding of the two CLIP towers
-(``[image | text]``, ``2 × embed_dim``) and applies one :class:`LinearHead`, initialised
-``N(0, 0.02)`` with a zero bias (docs/protocols.md §3). Feature scaling: ``"normalized"`` (default)
-L2-normalises each tower's embedding before concatenating, so both halves have the same scale
-whatever the backbone; ``"raw"`` concatenates the unnormalised embeddings.
+:class:`CLIPClassifier` applies one :class:`LinearHead` (docs/protocols.md §3) to the image and the text
+embedding concatenated (``[image | text]``, ``2 × embed_dim``). ``"normalized"`` features (the default) are
+L2-normalised per tower first, so both halves have the same scale whatever the backbone; ``"raw"`` ones are not.
 """
 
 from __future__ import annotations

@@ -6,11 +6,8 @@ block is the same every epoch. :class:`FrozenPrefixCache` stores it per sample r
 row in the prepared gallery, a caption's triplet index) in one dense tensor and, on later
 epochs, runs only the trainable suffix of the tower.
 
-Both directions use open_clip's own forward code: the prefix is run by the tower itself and
-stopped by a hook after the last frozen block; the suffix is run by the tower with its blocks
-temporarily cut to the trainable ones and a pre-hook that swaps the transformer's input for the
-cached states. Only the transformer blocks are skipped; the stem (patch or token embedding) is
-recomputed, which is cheap.
+Both directions run open_clip's own forward code (:func:`run_prefix`, :func:`start_after_prefix`).
+Only the transformer blocks are skipped; the stem (patch or token embedding) is recomputed, which is cheap.
 """
 
 from __future__ import annotations
@@ -122,11 +119,8 @@ class FrozenPrefixCache:
         if free is None and self.device.type == "cuda":
             free = torch.cuda.mem_get_info(self.device)[0]
         self.placement = cache_placement(nbytes, self.device.type, free)
-        shape = (self.rows, *fresh.shape[1:])
-        if self.placement == "device":
-            self.states = torch.empty(shape, dtype=dtype, device=self.device)
-        else:
-            self.states = torch.empty(shape, dtype=dtype, pin_memory=self.placement == "pinned")
+        self.states = torch.empty((self.rows, *fresh.shape[1:]), dtype=dtype, pin_memory=self.placement == "pinned",
+                                  device=self.device if self.placement == "device" else "cpu")
 
     def gather(self, rows_cpu: torch.Tensor) -> torch.Tensor:
         """The states of ``rows_cpu``. From pinned host memory the rows are gathered into a fresh

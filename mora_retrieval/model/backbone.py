@@ -18,6 +18,7 @@ which plain open_clip loads by itself, the toolkit's own architectures included.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import warnings
@@ -126,16 +127,15 @@ def load_backbone(
         kind = _classify_pretrained(arch, pretrained)
     if kind == "none":
         warnings.warn(f"{arch}: no pretrained weights given, the model is randomly initialised", stacklevel=2)
-    root_logger = logging.getLogger()
-    root_logger.addFilter(_not_random_weights_log)  # the warning above says it once
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            arch,
-            pretrained=None if kind in ("none", "folder") else str(pretrained),
-            device=device,
-            precision=precision,
-            cache_dir=cache_dir,
-        )
+        with _without_open_clip_random_weights_log():  # the warning above says it once
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                arch,
+                pretrained=None if kind in ("none", "folder") else str(pretrained),
+                device=device,
+                precision=precision,
+                cache_dir=cache_dir,
+            )
     except Exception as exc:  # open_clip raises RuntimeError, AssertionError, pickle/safetensors errors
         text = str(exc)
         first = _first_sentence(text) or exc.__class__.__name__
@@ -156,15 +156,23 @@ def load_backbone(
                 raise BackboneError(f"{where}: not a checkpoint of {arch} ({first})") from None
             raise BackboneError(f"{where}: unreadable checkpoint ({exc.__class__.__name__}: {first})") from None
         raise
-    finally:
-        root_logger.removeFilter(_not_random_weights_log)
     tokenizer = open_clip.get_tokenizer(arch)
     return Backbone(model=model, preprocess=preprocess, tokenizer=tokenizer, arch=arch, pretrained=pretrained)
 
 
-def _not_random_weights_log(record: logging.LogRecord) -> bool:
-    """Drop open_clip's own "No pretrained weights loaded" log line, which repeats our warning."""
-    return "No pretrained weights loaded" not in record.getMessage()
+@contextlib.contextmanager
+def _without_open_clip_random_weights_log() -> Iterator[None]:
+    """Drop open_clip's own "No pretrained weights loaded" log line, which repeats our warning. Each call
+    adds a filter of its own, so concurrent loads do not remove each other's."""
+    def keep(record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
 
 
 def weights_fingerprint(model_or_state: Any, length: int = 16) -> str:

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mora_retrieval.errors import TrainingError
+from mora_retrieval.errors import MoraError, TrainingError
 from mora_retrieval.tasks.cir.metrics import cirr_rankings, cirr_recalls, submission_files
 
 
@@ -139,7 +139,7 @@ def test_stage2_loss_uses_the_combiner():
 
 # ------------------------------------------------------------------ settings
 def test_settings_precedence_defaults_file_cli(tmp_path):
-    from mora_retrieval.tasks.cir import build_settings
+    from mora_retrieval.tasks.cir import CIRSettings, build_settings
 
     (tmp_path / "cfg.toml").write_text('arch = "mora-tiny"\n[stage1]\nlr = 0.5\nepochs = 3\n[adapter]\nr = 8\n')
     s = build_settings("root", str(tmp_path / "run"), "mora", tmp_path / "cfg.toml", {"stage1": {"epochs": 7}})
@@ -148,6 +148,13 @@ def test_settings_precedence_defaults_file_cli(tmp_path):
     full = build_settings("root", str(tmp_path / "run"), "full")
     assert full.stage1.lr == 2e-6 and full.stage1.batch_size == 128 and full.adapter.method == "full"
     assert build_settings("root", "r", "mora", overrides={"no_combiner": True}).stage2 is None
+    (tmp_path / "flat.json").write_text('{"stage1": 5}')
+    with pytest.raises(MoraError, match=r"flat\.json: setting 'stage1' is a group of settings, not 5$"):
+        build_settings("root", str(tmp_path / "run"), "mora", tmp_path / "flat.json")
+    with pytest.raises(MoraError, match=r"command line: setting 'stage2' is a group of settings, not 3"):
+        build_settings("root", str(tmp_path / "run"), "mora", overrides={"stage2": 3})
+    with pytest.raises(TypeError, match="stage1 must be given as TrainConfig or a dict, not 5"):
+        CIRSettings(data_root="root", run_dir="run", stage1=5)
 
 
 # ------------------------------------------------------------------ end to end
@@ -314,3 +321,14 @@ def test_no_prefix_to_cache_for_full_fine_tuning(tiny_model):
     model, _, tokenizer = tiny_model
     add_adapters(model, AdapterConfig(method="full"))
     assert not CIRStage1(model, tokenizer, validation=None).enable_prefix_cache()
+
+
+@pytest.mark.parametrize("record", [{"stage1": {"epochs": 1}}, {"data_root": "d", "stage1": 5}])
+def test_a_hand_edited_run_record_is_one_line_error_before_any_weights_load(tmp_path, record):
+    from mora_retrieval.analysis.runs import read_run
+    from mora_retrieval.tasks.cir import evaluate_cirr_run
+
+    (tmp_path / "config.json").write_text(json.dumps({"task": "cir", "arch": "mora-tiny", **record}))
+    for read in (lambda: evaluate_cirr_run(tmp_path, device="cpu"), lambda: read_run(tmp_path)):
+        with pytest.raises(TrainingError, match=r"config\.json: not a valid CIR run config \("):
+            read()

@@ -235,3 +235,15 @@ def test_grid_refuses_bad_cells_before_writing(tmp_path, types, ratios, bad):
     with pytest.raises(TrainingError, match=rf"--grid-types must be from text,image,both .*\(bad: {bad}\)"):
         run_grid(settings, TrainConfig(), tmp_path / "grid", ratios=ratios, types=types)
     assert not (tmp_path / "grid").exists()
+
+
+def test_a_hand_edited_classify_record_is_one_line_error_before_any_weights_load(tmp_path):
+    from mora_retrieval.tasks.classify import Predictor
+
+    record = {"arch": "mora-tiny"}
+    for classify, expected in [({"arch": "mora-tiny"}, "its classify record lacks dataset, dataset_task, class_names"),
+                               ({"dataset": "food101", "dataset_task": "multiclass", "class_names": ["a"],
+                                 "data_root": "d", "adapter": 5}, "adapter must be given as AdapterConfig or a dict")]:
+        (tmp_path / "config.json").write_text(json.dumps({"task": "classify", **record, "classify": classify}))
+        with pytest.raises(TrainingError, match=r"config\.json: not a valid classification run config \(" + expected):
+            Predictor(tmp_path, device="cpu")

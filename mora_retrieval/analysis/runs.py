@@ -21,7 +21,7 @@ from ..data.images import make_transform, preprocess_spec
 from ..data.registry import get_classification_dataset
 from ..errors import DataError, TrainingError
 from ..model.backbone import Backbone
-from ..runs import ADAPTER_DIR, CONFIG_FILE as RUN_CONFIG, MERGED_FILE, FinishedRun
+from ..runs import ADAPTER_DIR, MERGED_FILE, FinishedRun
 from ..tasks.cir.settings import CIRSettings
 from ..tasks.classify.settings import ClassifySettings, read_run_config
 from .samples import PairedSamples
@@ -52,13 +52,10 @@ def read_run(run_dir: str | Path) -> AnalysisRun:
     run = FinishedRun.open(run_dir, TrainingError, tasks=(CLASSIFY, CIR),
                            needs="analyze needs a run folder of `mora-ret classify` or `mora-ret train cirr`")
     if run.task == CLASSIFY:
-        settings = ClassifySettings.from_dict(read_run_config(run.path))
+        settings = ClassifySettings.from_run(run, read_run_config(run.path))
         dataset, transform = settings.dataset, None
     else:
-        try:
-            settings = CIRSettings.from_dict(run.record, str(run.path))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise TrainingError(f"{run.path / RUN_CONFIG}: not a valid CIR run config ({exc})") from None
+        settings = CIRSettings.from_run(run, run_dir=str(run.path))
         dataset, transform = "cirr", settings.transform
     info = AnalysisRun(run, settings.adapter, dataset, settings.data_root, transform, settings.skip_bad_images)
     if get_method(info.adapter.method).mergeable:  # a prompt method's run (dcp, mmp) keeps only its adapter

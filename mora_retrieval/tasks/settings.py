@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from ..errors import MoraError
 from ..fileio import read_json
+from ..runs import CONFIG_FILE, TASK_NAMES, FinishedRun
 
 
 class SettingsRecord:
@@ -30,8 +31,11 @@ class SettingsRecord:
 
     def __post_init__(self) -> None:
         for name, config_class in self.NESTED.items():
-            if isinstance(getattr(self, name), dict):
-                setattr(self, name, config_class.from_dict(getattr(self, name)))
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, config_class.from_dict(value))
+            elif value is not None and not isinstance(value, config_class):
+                raise TypeError(f"{name} must be given as {config_class.__name__} or a dict, not {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {} if self.TASK is None else {"task": self.TASK}
@@ -49,6 +53,16 @@ class SettingsRecord:
         if run_dir is not None:
             values["run_dir"] = run_dir
         return cls(**values)
+
+    @classmethod
+    def from_run(cls, run: FinishedRun, record: dict[str, Any] | None = None, run_dir: str | None = None):
+        """:meth:`from_dict` of what a finished run recorded (default: its whole record); a record that does
+        not fit these settings (a hand-edited ``config.json``, say) is a one-line ``run.error``."""
+        try:
+            return cls.from_dict(run.record if record is None else record, run_dir)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            what = TASK_NAMES.get(run.task or "", run.task)
+            raise run.error(f"{run.path / CONFIG_FILE}: not a valid {what} run config ({exc})") from None
 
 
 def read_config_file(path: str | Path | None) -> dict[str, Any]:
@@ -93,6 +107,8 @@ def _deep_update(base: dict[str, Any], update: dict[str, Any], source: str, wher
             raise MoraError(f"{source}: unknown setting '{where}{key}' (known: {known})")
         if isinstance(value, dict) and isinstance(base[key], dict):
             out[key] = _deep_update(base[key], value, source, f"{where}{key}.")
+        elif isinstance(base[key], dict) and value is not None:
+            raise MoraError(f"{source}: setting '{where}{key}' is a group of settings, not {value!r}")
         else:
             out[key] = value
     return out

@@ -162,7 +162,7 @@ def evaluate_cirr_run(run_dir: str | Path, data_root: str | None = None, split: 
     the CIRR server's two submission files, written into ``out_dir`` (default: the run folder)."""
     run = FinishedRun.open(run_dir, TrainingError, tasks=("cir",),
                            needs="eval cirr needs a folder written by `mora-ret train cirr`")
-    settings = CIRSettings.from_dict(run.record, str(run_dir))
+    settings = CIRSettings.from_run(run, run_dir=str(run_dir))
     dev = resolve_device(device)
     backbone = run.load_model(str(dev))
     model = backbone.model.eval()

@@ -52,6 +52,7 @@ class Predictor:
         self.device = resolve_device(device)
         record = read_run_config(run_dir)
         run = FinishedRun.open(run_dir, TrainingError)
+        self.settings = ClassifySettings.from_run(run, record)
         head_path = run.require(HEAD_FILE)
         head, meta = load_head(head_path)
         backbone = run.load_model()
@@ -59,7 +60,6 @@ class Predictor:
         if head.linear.in_features != 2 * dim:
             raise TrainingError(f"{head_path}: head takes {head.linear.in_features} features but {run.arch} gives "
                                 f"{2 * dim}")
-        self.settings = ClassifySettings.from_dict(record)
         self.classifier = CLIPClassifier(backbone.model, head, meta.get("features") or self.settings.features)
         self.classifier.to(self.device).eval()
         self.preprocess, self.tokenizer = backbone.preprocess, backbone.tokenizer

@@ -156,6 +156,10 @@ def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(record, dict):
         raise TrainingError(f"{run.path / CONFIG_FILE}: the run did not finish (no classify record); "
                             "resume it with --resume")
+    missing = [key for key in ("dataset", "dataset_task", "class_names") if key not in record]
+    if missing:
+        raise TrainingError(f"{run.path / CONFIG_FILE}: not a valid classification run config (its classify "
+                            f"record lacks {', '.join(missing)})")
     return record
 
 

@@ -111,6 +111,8 @@ def is_pretrained(run_dir: str | Path, settings: PretrainSettings) -> bool:
 
 def pretrain(settings: PretrainSettings, resume: bool = False, console=None, quiet: bool = False) -> dict[str, Any]:
     """Train, export ``pretrained.safetensors`` of the best epoch, and return a summary."""
+    if (settings.coco_root is None) == (settings.folder is None):
+        raise MoraError("pretraining needs exactly one source: --coco-root DIR or --folder DIR")
     run_dir = Path(settings.run_dir)
     engine_dir = run_dir / PRETRAIN_DIR
     info = detect()
@@ -118,8 +120,6 @@ def pretrain(settings: PretrainSettings, resume: bool = False, console=None, qui
     model = backbone.model
     model.requires_grad_(True)
     transform = make_transform("clip", image_size_of(model))
-    if (settings.coco_root is None) == (settings.folder is None):
-        raise MoraError("pretraining needs exactly one source: --coco-root DIR or --folder DIR")
     if settings.coco_root is not None:
         train_set = COCOCaptions(settings.coco_root, settings.train_split, transform)
         val_set = COCOCaptions(settings.coco_root, settings.val_split, transform) if settings.val_split else None

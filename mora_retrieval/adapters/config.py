@@ -81,7 +81,8 @@ class AdapterConfig:
 
 
 def resolve_layers(config: AdapterConfig, depth_vision: int, depth_text: int) -> list[tuple[int | None, int | None]]:
-    """The slots as ``(vision_block, text_block)`` pairs; ``None`` where a tower has no block."""
+    """The slots as ``(vision_block, text_block)`` pairs; ``None`` where a tower has no block. Out-of-range
+    blocks, and one-tower slots of a method with a shared part, are an :class:`AdapterError`."""
     shared = bool(get_method(config.method).shared)
     if config.vision_layers is not None or config.text_layers is not None:
         vision, text = list(config.vision_layers or ()), list(config.text_layers or ())

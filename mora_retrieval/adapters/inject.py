@@ -121,7 +121,8 @@ def freeze_for(model: nn.Module, method: AdapterMethod) -> None:
 
 
 def add_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
-    """Inject adapters of ``config.method`` into both towers (in place) and freeze the rest; returns ``model``."""
+    """Inject adapters of ``config.method`` into both towers (in place) and freeze the rest; returns ``model``.
+    ``bitfit`` and ``full`` add no modules; a prompt method adds ``model.mora_adapter.prompts``."""
     method = get_method(config.method)
     if has_adapters(model):
         raise AdapterError("the model already has adapters; merge or reload it before adding others")

@@ -54,7 +54,8 @@ def require_mergeable(method: str, where: str | Path | None = None) -> None:
 @torch.no_grad()
 def merge_adapters(model: nn.Module, reversible: bool = False) -> nn.Module:
     """Fold the adapters into the base weights, in place; returns the now plain model, every parameter trainable
-    again (a model without adapters, or trained with ``bitfit``/``full``, only loses its adapter root)."""
+    again (a model without adapters, or trained with ``bitfit``/``full``, only loses its adapter root). Safe: a
+    merged weight with NaN or inf, or a prompt method, raises :class:`AdapterError` and leaves the model unmerged."""
     root = getattr(model, ROOT_ATTR, None)
     if root is not None:
         require_mergeable(root.config.method)

@@ -155,6 +155,17 @@ def test_settings_precedence_defaults_file_cli(tmp_path):
         build_settings("root", str(tmp_path / "run"), "mora", overrides={"stage2": 3})
     with pytest.raises(TypeError, match="stage1 must be given as TrainConfig or a dict, not 5"):
         CIRSettings(data_root="root", run_dir="run", stage1=5)
+    (tmp_path / "typed.toml").write_text('[stage1]\nlr = 1\n')  # a float setting takes an int
+    assert build_settings("root", str(tmp_path / "run"), "mora", tmp_path / "typed.toml").stage1.lr == 1
+    (tmp_path / "typo.json").write_text('{"stage1": {"epochs": "x"}, "adapter": {"r": 4}}')
+    with pytest.raises(MoraError, match=r"typo\.json: setting 'stage1\.epochs' takes int values \(like 20\), not 'x'$"):
+        build_settings("root", str(tmp_path / "run"), "mora", tmp_path / "typo.json")
+    with pytest.raises(MoraError, match=r"command line: setting 'skip_bad_images' takes bool values"):
+        build_settings("root", str(tmp_path / "run"), "mora", overrides={"skip_bad_images": 1})
+    (tmp_path / "edited").mkdir()
+    (tmp_path / "edited" / "config.json").write_text('{"task": "cir", "data_root": "x", "stage1": {"epochs": "x"}}')
+    with pytest.raises(TrainingError, match=r"edited/config\.json: not a valid CIR run config \(invalid literal"):
+        build_settings("root", str(tmp_path / "edited"), "mora", resume=True)
 
 
 # ------------------------------------------------------------------ end to end

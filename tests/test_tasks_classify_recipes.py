@@ -213,6 +213,10 @@ def test_settings_layers_defaults_file_command_line_and_write_nothing(tmp_path):
     (tmp_path / "typo.json").write_text('{"adapter": {"rank": 8}}')
     with pytest.raises(MoraError, match="typo.json: unknown setting 'adapter.rank'"):
         build_settings("food101", str(root), tmp_path / "typo.json")
+    (tmp_path / "types.json").write_text('{"train": {"lr": "fast"}}')
+    expected = r"types\.json: setting 'train\.lr' takes float values \(like 0\.01\), not 'fast'$"
+    with pytest.raises(MoraError, match=expected):
+        build_settings("food101", str(root), tmp_path / "types.json")
     assert not (tmp_path / "nowhere").exists()
 
 

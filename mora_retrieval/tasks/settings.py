@@ -8,6 +8,7 @@ so a typo never passes silently.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import fields
 from pathlib import Path
@@ -110,8 +111,24 @@ def _deep_update(base: dict[str, Any], update: dict[str, Any], source: str, wher
         elif isinstance(base[key], dict) and value is not None:
             raise MoraError(f"{source}: setting '{where}{key}' is a group of settings, not {value!r}")
         else:
+            _check_kind(base[key], value, source, f"{where}{key}")
             out[key] = value
     return out
+
+
+#: What a layer may give for a setting whose default has this type (a float setting takes an int).
+_KINDS = {bool: (bool,), int: (int,), float: (int, float), str: (str, os.PathLike), list: (list, tuple),
+          tuple: (list, tuple)}
+
+
+def _check_kind(default: Any, value: Any, source: str, key: str) -> None:
+    """A layer's value has its default's kind; None, and any value where the default is None, pass."""
+    kinds = _KINDS.get(type(default))
+    if value is None or kinds is None:
+        return
+    if not isinstance(value, kinds) or (isinstance(value, bool) and type(default) is not bool):
+        raise MoraError(f"{source}: setting '{key}' takes {type(default).__name__} values (like {default!r}), "
+                        f"not {value!r}")
 
 
 def differences(saved: dict[str, Any], ours: dict[str, Any], keys: tuple[str, ...]) -> list[tuple[str, Any, Any]]:

@@ -8,7 +8,8 @@ from typing import Any
 
 from ...adapters import AdapterConfig, get_method
 from ...engine import TrainConfig
-from ...runs import has_record, read_record
+from ...errors import TrainingError
+from ...runs import CONFIG_FILE, has_record, read_record
 from ..settings import SettingsRecord, layered, method_of, read_config_file
 
 
@@ -68,4 +69,7 @@ def build_settings(data_root: str, run_dir: str, method: str | None = None, conf
     merged["data_root"] = str(data_root)  # paths may change on resume (a moved dataset)
     if any(no_combiner):
         merged["stage2"] = None
-    return CIRSettings.from_dict(merged, run_dir)
+    try:
+        return CIRSettings.from_dict(merged, run_dir)
+    except (TypeError, ValueError) as exc:  # the layers are checked as they merge; this is the resumed record
+        raise TrainingError(f"{Path(run_dir) / CONFIG_FILE}: not a valid CIR run config ({exc})") from None

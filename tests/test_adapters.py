@@ -277,6 +277,10 @@ def test_one_tower_slot_cannot_take_the_shared_part(tiny_model):
         ({"method": "loha"}, "unknown adapter method"),
         ({"targets": ("q", "x")}, "subset of q, k, v, out"),
         ({"r": 0}, "ranks must be"),
+        ({"r": "4"}, r"adapter config: r must be int, got '4'$"),
+        ({"alpha": "x"}, r"alpha must be float \| None, got 'x'"),
+        ({"vision_layers": [1, "a"], "text_layers": [1, 2]}, r"vision_layers must be tuple\[int, \.\.\.\] \| None"),
+        ({"prompt_length": True}, r"prompt_length must be int \| None, got True"),
     ],
 )
 def test_bad_configs_are_rejected(kwargs, message):

@@ -52,12 +52,14 @@ def test_config_roundtrip_and_validation():
         TrainConfig(batch_size=0)
     with pytest.raises(TrainingError, match="precision must be one of"):
         TrainConfig(precision="fp16")
-    for bad, message in [({"max_grad_norm": "x"}, "max_grad_norm must be a number or None, got 'x'"),
-                         ({"epochs": None}, "epochs must be a number, got None"),
-                         ({"patience": True}, "patience must be a number or None, got True"),
-                         ({"betas": ["a", 0.9]}, r"betas must be two numbers in \[0, 1\), got \['a', 0\.9\]")]:
+    for bad, message in [({"max_grad_norm": "x"}, r"max_grad_norm must be float \| None, got 'x'$"),
+                         ({"epochs": None}, "epochs must be int, got None"),
+                         ({"epochs": 2.5}, "epochs must be int, got 2.5"),
+                         ({"patience": True}, r"patience must be int \| None, got True"),
+                         ({"betas": ["a", 0.9]}, r"betas must be tuple\[float, float\], got \['a', 0\.9\]")]:
         with pytest.raises(TrainingError, match=message):
             TrainConfig(**bad)
+    assert TrainConfig(lr=1, betas=[0.5, 0.9]).betas == (0.5, 0.9)  # a float takes an int, a tuple a list
     with pytest.raises(TrainingError, match="unknown field"):
         TrainConfig.from_dict({"epochs": 1, "lr_typo": 3})
 

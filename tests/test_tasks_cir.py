@@ -164,7 +164,8 @@ def test_settings_precedence_defaults_file_cli(tmp_path):
         build_settings("root", str(tmp_path / "run"), "mora", overrides={"skip_bad_images": 1})
     (tmp_path / "edited").mkdir()
     (tmp_path / "edited" / "config.json").write_text('{"task": "cir", "data_root": "x", "stage1": {"epochs": "x"}}')
-    with pytest.raises(TrainingError, match=r"edited/config\.json: not a valid CIR run config \(invalid literal"):
+    with pytest.raises(TrainingError, match=r"edited/config\.json: not a valid CIR run config \(train config: epochs "
+                                            r"must be int, got 'x'\)$"):
         build_settings("root", str(tmp_path / "edited"), "mora", resume=True)
 
 

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from itertools import zip_longest
 from typing import Any
 
-from ..errors import AdapterError
+from ..errors import AdapterError, check_field_kinds
 from .methods import get_method
 
 PROJECTIONS = ("q", "k", "v", "out")
@@ -36,6 +36,7 @@ class AdapterConfig:
     prompt_depth: int | None = None
 
     def __post_init__(self) -> None:
+        check_field_kinds(self, AdapterError, "adapter config")
         self.targets = tuple(self.targets)
         self.vision_layers, self.text_layers = (
             None if blocks is None else tuple(int(i) for i in blocks) for blocks in (self.vision_layers, self.text_layers))

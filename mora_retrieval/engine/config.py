@@ -18,12 +18,8 @@ from typing import Any
 import torch
 
 from ..device import PRECISIONS
-from ..errors import TrainingError
+from ..errors import TrainingError, check_field_kinds
 
-#: The numeric fields, and those of them that may be None.
-NUMBERS = ("epochs", "batch_size", "lr", "weight_decay", "eps", "warmup_ratio", "grad_accum", "seed", "patience",
-           "num_workers", "checkpoint_every", "max_grad_norm", "log_every", "max_steps")
-OPTIONAL = ("patience", "num_workers", "checkpoint_every", "max_grad_norm", "max_steps")
 #: Fields whose change alters the computation; a resume must keep them identical.
 TRAINING_FIELDS = ("epochs", "batch_size", "lr", "weight_decay", "betas", "eps", "warmup_ratio", "grad_accum", "seed",
                    "max_grad_norm", "max_steps")
@@ -53,17 +49,10 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many optimiser steps (also shortens the schedule)
 
     def __post_init__(self) -> None:
-        for name in NUMBERS:  # before any comparison: a hand-written config may hold "x" where a number belongs
-            value, optional = getattr(self, name), name in OPTIONAL
-            if isinstance(value, bool) or not (isinstance(value, (int, float)) or (optional and value is None)):
-                raise TrainingError(f"train config: {name} must be a number{' or None' if optional else ''}, "
-                                    f"got {value!r}")
-        try:
-            self.betas = tuple(float(b) for b in self.betas)  # JSON gives lists
-        except (TypeError, ValueError):
-            raise TrainingError(f"train config: betas must be two numbers in [0, 1), got {self.betas!r}") from None
+        check_field_kinds(self, TrainingError, "train config")
+        self.betas = tuple(float(b) for b in self.betas)  # JSON gives lists
         for name in ("epochs", "batch_size", "grad_accum", "log_every", "checkpoint_every", "max_steps", "patience"):
-            value, optional = getattr(self, name), name in OPTIONAL
+            value, optional = getattr(self, name), name in ("checkpoint_every", "max_steps", "patience")
             if not (optional and value is None) and (int(value) != value or value < 1):
                 expected = "a positive integer or None" if optional else "a positive integer"
                 raise TrainingError(f"train config: {name} must be {expected}, got {value!r}")

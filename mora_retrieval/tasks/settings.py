@@ -14,7 +14,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..errors import MoraError
+from ..errors import MoraError, check_field_kinds
 from ..fileio import read_json
 from ..runs import CONFIG_FILE, TASK_NAMES, FinishedRun
 
@@ -31,6 +31,7 @@ class SettingsRecord:
     NESTED: ClassVar[dict[str, Any]] = {}
 
     def __post_init__(self) -> None:
+        check_field_kinds(self, MoraError, "settings")
         for name, config_class in self.NESTED.items():
             value = getattr(self, name)
             if isinstance(value, dict):
@@ -61,7 +62,7 @@ class SettingsRecord:
         not fit these settings (a hand-edited ``config.json``, say) is a one-line ``run.error``."""
         try:
             return cls.from_dict(run.record if record is None else record, run_dir)
-        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        except (MoraError, AttributeError, KeyError, TypeError, ValueError) as exc:
             what = TASK_NAMES.get(run.task or "", run.task)
             raise run.error(f"{run.path / CONFIG_FILE}: not a valid {what} run config ({exc})") from None
 

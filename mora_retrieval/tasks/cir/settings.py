@@ -9,7 +9,7 @@ from typing import Any
 from ...adapters import AdapterConfig, get_method
 from ...engine import TrainConfig
 from ...errors import TrainingError
-from ...runs import CONFIG_FILE, has_record, read_record
+from ...runs import FinishedRun, has_record, read_record
 from ..settings import SettingsRecord, layered, method_of, read_config_file
 
 
@@ -63,13 +63,13 @@ def build_settings(data_root: str, run_dir: str, method: str | None = None, conf
         overrides["adapter"] = {**overrides.get("adapter", {}), "method": method}
     no_combiner = [layer.pop("no_combiner", None) for layer in (config, overrides)]
     defaults = CIRSettings.with_defaults(data_root, run_dir, method_of(config, overrides)).to_dict()
-    # resuming an older run: its record, plus the top-level keys the recipe has gained since
-    base = {**defaults, **read_record(run_dir)} if resume and has_record(run_dir) else defaults
+    base = defaults
+    if resume and has_record(run_dir):  # an older run: its record, plus the top-level keys the recipe has gained since
+        record = FinishedRun(Path(run_dir), read_record(run_dir, TrainingError), TrainingError)
+        CIRSettings.from_run(record, run_dir=run_dir)  # the record alone must make settings (one line naming it)
+        base = {**defaults, **record.record}
     merged = layered(base, config, overrides, str(config_file))
     merged["data_root"] = str(data_root)  # paths may change on resume (a moved dataset)
     if any(no_combiner):
         merged["stage2"] = None
-    try:
-        return CIRSettings.from_dict(merged, run_dir)
-    except (TypeError, ValueError) as exc:  # the layers are checked as they merge; this is the resumed record
-        raise TrainingError(f"{Path(run_dir) / CONFIG_FILE}: not a valid CIR run config ({exc})") from None
+    return CIRSettings.from_dict(merged, run_dir)

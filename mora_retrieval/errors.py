@@ -48,21 +48,23 @@ def check_field_kinds(config: Any, error: type[MoraError], what: str) -> None:
     list, a str a path). Fields of other types (nested configs, ``Any``) are left to their own checks."""
     hints = typing.get_type_hints(type(config))
     for field in dataclasses.fields(config):
-        fits, value = _fits(hints[field.name]), getattr(config, field.name)
+        fits, value = kind_check(hints[field.name]), getattr(config, field.name)
         if fits is not None and not fits(value):
             raise error(f"{what}: {field.name} must be {field.type}, got {value!r}")
 
 
-def _fits(hint: Any) -> Callable[[Any], bool] | None:
-    """A predicate for the values ``hint`` admits, or None where it is not a kind checked here."""
+def kind_check(hint: Any) -> Callable[[Any], bool] | None:
+    """A predicate for the values the type ``hint`` admits, or None where it is not a kind checked here
+    (the one rule of :func:`check_field_kinds` and of the settings layers)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        parts = [_fits(arg) for arg in args]
+        parts = [kind_check(arg) for arg in args]
         return None if None in parts else lambda value: any(fits(value) for fits in parts)
     if origin in (tuple, list):
-        item = _fits(args[0]) if args else None
+        item = kind_check(args[0]) if args else None
         return lambda value: isinstance(value, (tuple, list)) and (item is None or all(map(item, value)))
-    simple = {type(None): (type(None),), bool: (bool,), int: (int,), float: (int, float), str: (str, os.PathLike)}
+    simple = {type(None): (type(None),), bool: (bool,), int: (int,), float: (int, float), str: (str, os.PathLike),
+              list: (list, tuple), tuple: (list, tuple)}
     if hint not in simple:
         return None
     return lambda value: isinstance(value, simple[hint]) and (hint is bool or not isinstance(value, bool))

@@ -8,13 +8,12 @@ so a typo never passes silently.
 
 from __future__ import annotations
 
-import os
 import tomllib
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..errors import MoraError, check_field_kinds
+from ..errors import MoraError, check_field_kinds, kind_check
 from ..fileio import read_json
 from ..runs import CONFIG_FILE, TASK_NAMES, FinishedRun
 
@@ -117,17 +116,11 @@ def _deep_update(base: dict[str, Any], update: dict[str, Any], source: str, wher
     return out
 
 
-#: What a layer may give for a setting whose default has this type (a float setting takes an int).
-_KINDS = {bool: (bool,), int: (int,), float: (int, float), str: (str, os.PathLike), list: (list, tuple),
-          tuple: (list, tuple)}
-
-
 def _check_kind(default: Any, value: Any, source: str, key: str) -> None:
-    """A layer's value has its default's kind; None, and any value where the default is None, pass."""
-    kinds = _KINDS.get(type(default))
-    if value is None or kinds is None:
-        return
-    if not isinstance(value, kinds) or (isinstance(value, bool) and type(default) is not bool):
+    """A layer's value has its default's kind (:func:`~mora_retrieval.errors.kind_check`); None, and any value
+    where the default is None, pass."""
+    fits = None if default is None else kind_check(type(default))
+    if value is not None and fits is not None and not fits(value):
         raise MoraError(f"{source}: setting '{key}' takes {type(default).__name__} values (like {default!r}), "
                         f"not {value!r}")
 

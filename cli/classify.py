@@ -145,6 +145,7 @@ def predict(
 def _eval_only(console, dataset, run_dir, test_missing, data_root, split, device, batch_size, workers) -> None:
     from mora_retrieval.data.registry import canonical_name
     from mora_retrieval.errors import TrainingError
+    from mora_retrieval.runs import EVAL_DIR
     from mora_retrieval.tasks.classify import evaluate_run
     from mora_retrieval.tasks.classify.settings import read_run_config
 
@@ -156,7 +157,7 @@ def _eval_only(console, dataset, run_dir, test_missing, data_root, split, device
     result = evaluate_run(run_dir, test_missing=test_missing, data_root=str(data_root) if data_root else None,
                           split=split, device=device, batch_size=batch_size, num_workers=workers, console=console)
     console.print(_test_table(f"{result['dataset']} {split} — {result['method']}", result))
-    console.print(f"written to {Path(run_dir) / 'eval'}")
+    console.print(f"written to {Path(run_dir) / EVAL_DIR}")
 
 
 PROMPT_KEYS = {"prompt_length", "prompt_depth"}

@@ -52,7 +52,7 @@ def read_run(run_dir: str | Path) -> AnalysisRun:
     run = FinishedRun.open(run_dir, TrainingError, tasks=(CLASSIFY, CIR),
                            needs="analyze needs a run folder of `mora-ret classify` or `mora-ret train cirr`")
     if run.task == CLASSIFY:
-        settings = ClassifySettings.from_run(run, read_run_config(run.path))
+        settings = ClassifySettings.from_run(run, read_run_config(run))
         dataset, transform = settings.dataset, None
     else:
         settings = CIRSettings.from_run(run, run_dir=str(run.path))

@@ -25,8 +25,8 @@ from ...device import resolve_device
 from ...errors import DataError, TrainingError
 from ...model.backbone import embed_dim, image_size_of
 from ...model.heads import CLIPClassifier, load_head
-from ...runs import HEAD_FILE, FinishedRun
-from .settings import ClassifySettings, read_run_config
+from ...runs import HEAD_FILE
+from .settings import ClassifySettings, open_run, read_run_config
 
 
 @dataclass
@@ -50,8 +50,8 @@ class Predictor:
 
     def __init__(self, run_dir: str | os.PathLike, device: str | torch.device = "auto") -> None:
         self.device = resolve_device(device)
-        record = read_run_config(run_dir)
-        run = FinishedRun.open(run_dir, TrainingError)
+        run = open_run(run_dir)
+        record = read_run_config(run)
         self.settings = ClassifySettings.from_run(run, record)
         head_path = run.require(HEAD_FILE)
         head, meta = load_head(head_path)

@@ -148,10 +148,15 @@ def build_settings(dataset: str | None, data_root: str | None, config_file: str 
     return ClassifySettings.from_dict(merged), TrainConfig.from_dict(merged["train"])
 
 
-def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """The classification record of a run folder (``config.json``), or a one-line error."""
-    run = FinishedRun.open(run_dir, TrainingError, tasks=("classify",),
-                           needs="expected a folder written by `mora-ret classify`")
+def open_run(run_dir: str | os.PathLike) -> FinishedRun:
+    """A classification run folder (one-line errors for anything else)."""
+    return FinishedRun.open(run_dir, TrainingError, tasks=("classify",),
+                            needs="expected a folder written by `mora-ret classify`")
+
+
+def read_run_config(run: FinishedRun | str | os.PathLike) -> dict[str, Any]:
+    """The classification record (in ``config.json``) of a run, open or given by its folder; one-line errors."""
+    run = run if isinstance(run, FinishedRun) else open_run(run)
     record = run.record.get("classify")
     if not isinstance(record, dict):
         raise TrainingError(f"{run.path / CONFIG_FILE}: the run did not finish (no classify record); "

@@ -91,3 +91,34 @@ def test_base_weights_are_redrawn_from_the_seed_and_checked(tmp_path):
     for load in (FinishedRun.load_base, FinishedRun.load_model):
         with pytest.raises(BackboneError, match="the run started from base weights .*random weights from seed 8"):
             load(FinishedRun.open(tmp_path))
+
+
+def test_each_run_folder_name_is_written_in_one_module_only():
+    """A run-folder file name (``merged.safetensors``, ``checkpoints/last.pt``…) appears as a string in the
+    module that defines it and nowhere else in the library or the CLI (docstrings and comments aside):
+    everything else uses the constant. (Folder names such as ``adapter`` double as settings keys.)"""
+    import ast
+    from pathlib import Path
+
+    from mora_retrieval import runs
+    from mora_retrieval.adapters import io as adapter_io
+    from mora_retrieval.engine import checkpoint
+
+    owners = {runs: ("MERGED_FILE", "COMBINER_FILE", "HEAD_FILE", "PRETRAINED_FILE", "RESULTS_FILE"),
+              checkpoint: ("CONFIG_FILE", "LAST_FILE", "BEST_FILE", "METRICS_FILE", "CURVES_FILE"),
+              adapter_io: ("CONFIG_FILE", "WEIGHTS_FILE")}
+    owner_of = {getattr(module, name): Path(module.__file__) for module, names in owners.items() for name in names}
+    assert len(owner_of) == 12  # no two names alike
+    root = Path(runs.__file__).parent.parent
+    found = []
+    for path in sorted([*(root / "mora_retrieval").rglob("*.py"), *(root / "cli").rglob("*.py")]):
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                      and node.body and isinstance(node.body[0], ast.Expr)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                text = node.value.strip("/")
+                if text in owner_of and owner_of[text] != path:
+                    found.append(f"{path.relative_to(root)}:{node.lineno}: {node.value!r}")
+    assert not found, "run-folder names written outside the module that defines them:\n" + "\n".join(found)

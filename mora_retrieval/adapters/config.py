@@ -52,7 +52,7 @@ class AdapterConfig:
             raise AdapterError(f"layers must be >= 1 (got {self.layers})")
         for name in PROMPT_FIELDS:
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
+            if value is not None and value < 1:  # check_field_kinds: an int or None
                 raise AdapterError(f"{name} must be a whole number >= 1 (got {value!r})")
 
     def resolved_prompts(self) -> tuple[int, int]:

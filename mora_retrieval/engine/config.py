@@ -53,7 +53,7 @@ class TrainConfig:
         self.betas = tuple(float(b) for b in self.betas)  # JSON gives lists
         for name in ("epochs", "batch_size", "grad_accum", "log_every", "checkpoint_every", "max_steps", "patience"):
             value, optional = getattr(self, name), name in ("checkpoint_every", "max_steps", "patience")
-            if not (optional and value is None) and (int(value) != value or value < 1):
+            if value is not None and value < 1:  # check_field_kinds: an int, None only where optional
                 expected = "a positive integer or None" if optional else "a positive integer"
                 raise TrainingError(f"train config: {name} must be {expected}, got {value!r}")
         if self.lr <= 0 or self.eps <= 0 or self.weight_decay < 0:

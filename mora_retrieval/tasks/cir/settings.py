@@ -65,9 +65,9 @@ def build_settings(data_root: str, run_dir: str, method: str | None = None, conf
     defaults = CIRSettings.with_defaults(data_root, run_dir, method_of(config, overrides)).to_dict()
     base = defaults
     if resume and has_record(run_dir):  # an older run: its record, plus the top-level keys the recipe has gained since
-        record = FinishedRun(Path(run_dir), read_record(run_dir, TrainingError), TrainingError)
-        CIRSettings.from_run(record, run_dir=run_dir)  # the record alone must make settings (one line naming it)
-        base = {**defaults, **record.record}
+        saved = FinishedRun(Path(run_dir), read_record(run_dir, TrainingError), TrainingError)
+        CIRSettings.from_run(saved, run_dir=run_dir)  # the record alone must make settings (one line naming it)
+        base = {**defaults, **saved.record}
     merged = layered(base, config, overrides, str(config_file))
     merged["data_root"] = str(data_root)  # paths may change on resume (a moved dataset)
     if any(no_combiner):
